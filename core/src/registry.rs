@@ -1,0 +1,247 @@
+//! The registry of open streams: creates trackers wired to the worker.
+
+use crate::clock::{Clock, Millis};
+use crate::cursor::StreamKey;
+use crate::slot::{Publisher, Slot};
+use crate::store::{Store, StoreError};
+use crate::tracker::{EventTracker, TrackerConfig};
+use crate::worker::{DeleteError, PersistenceWorker, WorkerConfig, WorkerHandle};
+use core::fmt;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, Weak};
+
+/// Why a registry operation failed.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RegistryError {
+    /// `open` of a stream that already has a live tracker: two trackers would
+    /// race on one cursor.
+    AlreadyOpen(StreamKey),
+    /// `remove` of a stream whose tracker is still alive.
+    StillOpen(StreamKey),
+    /// The store failed.
+    Store(StoreError),
+    /// The persistence worker has stopped.
+    WorkerStopped,
+}
+
+impl fmt::Display for RegistryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RegistryError::AlreadyOpen(key) => write!(f, "stream {key} is already open"),
+            RegistryError::StillOpen(key) => write!(f, "stream {key} is still open"),
+            RegistryError::Store(e) => write!(f, "{e}"),
+            RegistryError::WorkerStopped => f.write_str("the persistence worker has stopped"),
+        }
+    }
+}
+
+impl std::error::Error for RegistryError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RegistryError::Store(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Counters over all streams of a registry and its worker.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Streams with a live tracker.
+    pub open_streams: usize,
+    /// Events passed to `observe`, over all streams ever opened.
+    pub events_observed: u64,
+    /// Duplicates dropped, over all streams ever opened.
+    pub duplicates_dropped: u64,
+    /// Cursors written to the store.
+    pub cursors_written: u64,
+    /// Successful store writes (`save_batch` calls).
+    pub batches: u64,
+    /// Failed store writes.
+    pub failed_batches: u64,
+    /// Streams whose newest cursor waits for a retry.
+    pub retries_pending: u64,
+    /// Failed store writes since the last successful one.
+    pub consecutive_failures: u64,
+    /// The most recent store error.
+    pub last_error: Option<StoreError>,
+    /// Commits that reached a stopped worker and were not persisted.
+    pub rejected_commits: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Shared {
+    open: Mutex<HashMap<StreamKey, Weak<Slot>>>,
+    retired_observed: AtomicU64,
+    retired_duplicates: AtomicU64,
+    rejected: AtomicU64,
+}
+
+impl Shared {
+    fn open(&self) -> std::sync::MutexGuard<'_, HashMap<StreamKey, Weak<Slot>>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called when a tracker goes away: forget its stream, keep its counts.
+    pub(crate) fn close(&self, slot: &Arc<Slot>) {
+        let mut open = self.open();
+        if open
+            .get(&slot.key)
+            .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(slot)))
+        {
+            open.remove(&slot.key);
+        }
+        self.retired_observed
+            .fetch_add(slot.observed.load(Relaxed), Relaxed);
+        self.retired_duplicates
+            .fetch_add(slot.duplicates.load(Relaxed), Relaxed);
+    }
+
+    pub(crate) fn note_rejected(&self) {
+        self.rejected.fetch_add(1, Relaxed);
+    }
+}
+
+/// Opens trackers whose cursors persist through one [`PersistenceWorker`].
+///
+/// `open` seeds the tracker from the store; dropping the tracker closes the
+/// stream (its last commit is still written); `remove` deletes a closed
+/// stream's cursor.
+pub struct Registry<S> {
+    store: S,
+    handle: WorkerHandle,
+    config: TrackerConfig,
+    shared: Arc<Shared>,
+}
+
+/// Settings of a registry and its worker.
+#[derive(Clone, Debug, Default)]
+pub struct Config {
+    /// Settings of every tracker.
+    pub tracker: TrackerConfig,
+    /// Settings of the worker.
+    pub worker: WorkerConfig,
+}
+
+/// A registry and the worker that persists its streams, sharing `store`.
+/// Spawn the worker's [`run`](PersistenceWorker::run) on the host executor.
+pub fn persistence<S: Store + Clone, C: Clock>(
+    store: S,
+    clock: C,
+    config: Config,
+) -> (Registry<S>, PersistenceWorker<S, C>) {
+    let (worker, handle) = PersistenceWorker::with_clock(store.clone(), clock, config.worker);
+    (Registry::new(store, handle, config.tracker), worker)
+}
+
+impl<S: Store> Registry<S> {
+    /// A registry loading from `store` and persisting through `handle`.
+    pub fn new(store: S, handle: WorkerHandle, config: TrackerConfig) -> Self {
+        Registry {
+            store,
+            handle,
+            config,
+            shared: Arc::default(),
+        }
+    }
+
+    /// Opens `key`: a tracker seeded from its stored cursor (if any) whose
+    /// commits are persisted. Fails if the stream is already open, or if the
+    /// stored cursor cannot be loaded (resuming without it would replay or
+    /// skip; the caller decides whether to retry or start fresh with
+    /// [`EventTracker::new`]).
+    pub async fn open(&self, key: StreamKey) -> Result<EventTracker, RegistryError> {
+        if self.handle.is_stopped() {
+            return Err(RegistryError::WorkerStopped);
+        }
+        let slot = Arc::new(Slot::new(key.clone()));
+        {
+            let mut open = self.shared.open();
+            if open.get(&key).is_some_and(|w| w.strong_count() > 0) {
+                return Err(RegistryError::AlreadyOpen(key));
+            }
+            open.insert(key.clone(), Arc::downgrade(&slot));
+        }
+        let publisher = Publisher {
+            slot: slot.clone(),
+            tx: self.handle.tx.clone(),
+            registry: self.shared.clone(),
+        };
+        let mut tracker =
+            EventTracker::with_slot(key.clone(), self.config.clone(), slot, Some(publisher));
+        let stored = self.store.load(&key).await.map_err(RegistryError::Store)?;
+        if let Some(cursor) = stored {
+            tracker.seed(&cursor);
+        }
+        Ok(tracker)
+    }
+
+    /// Deletes the stored cursor of a closed stream, after any pending write
+    /// of it.
+    pub async fn remove(&self, key: &StreamKey) -> Result<(), RegistryError> {
+        if self.is_open(key) {
+            return Err(RegistryError::StillOpen(key.clone()));
+        }
+        self.handle.delete(key.clone()).await.map_err(|e| match e {
+            DeleteError::Stopped => RegistryError::WorkerStopped,
+            DeleteError::Store(e) => RegistryError::Store(e),
+        })
+    }
+
+    /// Whether `key` has a live tracker.
+    pub fn is_open(&self, key: &StreamKey) -> bool {
+        self.shared
+            .open()
+            .get(key)
+            .is_some_and(|w| w.strong_count() > 0)
+    }
+
+    /// The handle of the worker behind this registry.
+    pub fn worker(&self) -> &WorkerHandle {
+        &self.handle
+    }
+
+    /// The store behind this registry.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Counters over every stream and the worker.
+    pub fn stats(&self) -> Stats {
+        let (open_streams, live_observed, live_duplicates) = {
+            let open = self.shared.open();
+            open.values()
+                .filter_map(Weak::upgrade)
+                .fold((0, 0, 0), |(n, o, d), slot| {
+                    (
+                        n + 1,
+                        o + slot.observed.load(Relaxed),
+                        d + slot.duplicates.load(Relaxed),
+                    )
+                })
+        };
+        let worker = self.handle.stats();
+        Stats {
+            open_streams,
+            events_observed: live_observed + self.shared.retired_observed.load(Relaxed),
+            duplicates_dropped: live_duplicates + self.shared.retired_duplicates.load(Relaxed),
+            cursors_written: worker.cursors_written,
+            batches: worker.batches,
+            failed_batches: worker.failed_batches,
+            retries_pending: worker.retries_pending,
+            consecutive_failures: worker.consecutive_failures,
+            last_error: worker.last_error,
+            rejected_commits: self.shared.rejected.load(Relaxed),
+        }
+    }
+
+    /// Shuts the worker down (see [`WorkerHandle::shutdown`]).
+    pub async fn shutdown(&self, deadline: Millis) -> Result<crate::ShutdownReport, RegistryError> {
+        self.handle
+            .shutdown(deadline)
+            .await
+            .map_err(|_| RegistryError::WorkerStopped)
+    }
+}

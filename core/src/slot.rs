@@ -1,0 +1,102 @@
+//! The per-stream hand-off point between a tracker and the worker.
+//!
+//! A tracker writes its newest committed cursor into its slot. Only the write
+//! that finds the slot clean (not yet queued) sends the slot over the channel,
+//! so the worker's queue holds at most one message per live stream however fast
+//! events arrive, and the tracker never waits: the channel is unbounded and the
+//! lock is held only to copy a few bytes. The worker snapshots the slot when it
+//! flushes, which marks it clean again. Coalescing is therefore free: whatever
+//! was written last before the snapshot is what gets persisted.
+
+use crate::clock::Millis;
+use crate::cursor::{Cursor, StreamKey};
+use crate::worker::Msg;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+pub(crate) struct Slot {
+    pub(crate) key: StreamKey,
+    state: Mutex<SlotState>,
+    /// Events seen by the stream's tracker (written only by the tracker).
+    pub(crate) observed: AtomicU64,
+    /// Duplicates dropped by the stream's tracker (written only by the tracker).
+    pub(crate) duplicates: AtomicU64,
+}
+
+#[derive(Default)]
+struct SlotState {
+    last_event_id: String,
+    seq: u64,
+    at: Millis,
+    queued: bool,
+}
+
+impl Slot {
+    pub(crate) fn new(key: StreamKey) -> Self {
+        Slot {
+            key,
+            state: Mutex::new(SlotState::default()),
+            observed: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        // The lock is only held to copy plain data, so a panic cannot leave
+        // the state half-written; recover from poisoning.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stores the newest cursor; returns true when the slot was clean and the
+    /// caller must queue it. Reuses the id buffer, so a warm slot does not
+    /// allocate.
+    pub(crate) fn publish(&self, last_event_id: &str, seq: u64, at: Millis) -> bool {
+        let mut state = self.lock();
+        state.last_event_id.clear();
+        state.last_event_id.push_str(last_event_id);
+        state.seq = seq;
+        state.at = at;
+        !std::mem::replace(&mut state.queued, true)
+    }
+
+    /// Takes the newest cursor and marks the slot clean.
+    pub(crate) fn snapshot(&self) -> Cursor {
+        let mut state = self.lock();
+        state.queued = false;
+        Cursor {
+            key: self.key.clone(),
+            last_event_id: state.last_event_id.clone(),
+            seq: state.seq,
+            at: state.at,
+        }
+    }
+
+    /// Bumps a single-writer counter without a read-modify-write instruction.
+    #[inline]
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+}
+
+/// A tracker's link to the persistence worker.
+pub(crate) struct Publisher {
+    pub(crate) slot: Arc<Slot>,
+    pub(crate) tx: async_channel::Sender<Msg>,
+    pub(crate) registry: Arc<crate::registry::Shared>,
+}
+
+impl Publisher {
+    pub(crate) fn publish(&self, last_event_id: &str, seq: u64, at: Millis) {
+        if self.slot.publish(last_event_id, seq, at)
+            && self.tx.try_send(Msg::Dirty(self.slot.clone())).is_err()
+        {
+            self.registry.note_rejected();
+        }
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.registry.close(&self.slot);
+    }
+}

@@ -1,0 +1,241 @@
+//! Where cursors are persisted.
+//!
+//! Hosts implement [`Store`] over their storage (a state directory, Redis,
+//! IndexedDB). The persistence worker calls `save_batch` at most once per flush
+//! interval with the newest cursor of every dirty stream, so a store sees one
+//! write per flush, not one per event.
+//!
+//! Every store keeps, per key, the cursor with the highest `seq` and ignores
+//! older ones ([`Cursor::supersedes`]); together with the worker's ordering
+//! this is what guarantees that a persisted cursor never moves backwards, even
+//! when writes are retried or several writers race.
+
+use crate::cursor::{Cursor, StreamKey};
+use core::fmt;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+
+/// Why a store operation failed.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreError {
+    /// The backend cannot be reached right now (connection lost, timeout,
+    /// server restarting). Transient.
+    Unavailable(String),
+    /// The backend is out of space or quota. Transient: space may be freed.
+    QuotaExceeded(String),
+    /// Stored data cannot be read (torn, foreign or from a newer version).
+    /// Permanent until someone fixes it; the store must not overwrite it.
+    Corrupt {
+        /// What is corrupt (a file name, a key).
+        what: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// Any other failure of the backend.
+    Backend {
+        /// What failed.
+        message: String,
+        /// Whether retrying may help.
+        transient: bool,
+    },
+}
+
+impl StoreError {
+    /// Whether retrying soon may succeed. The worker retries every failure,
+    /// since it never gives up on the newest cursor, but backs off to its
+    /// maximum delay at once for permanent ones.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Unavailable(_) | StoreError::QuotaExceeded(_) => true,
+            StoreError::Corrupt { .. } => false,
+            StoreError::Backend { transient, .. } => *transient,
+        }
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Unavailable(m) => write!(f, "store unavailable: {m}"),
+            StoreError::QuotaExceeded(m) => write!(f, "store quota exceeded: {m}"),
+            StoreError::Corrupt { what, detail } => {
+                write!(f, "corrupt store data in {what}: {detail}")
+            }
+            StoreError::Backend { message, .. } => write!(f, "store error: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// Durable storage for cursors.
+///
+/// Methods are async without a `Send` bound: browser futures are `!Send`.
+/// Native hosts that need `Send` futures get them from stores whose futures
+/// are `Send`.
+///
+/// Contract:
+/// - `save_batch` writes all cursors or reports an error; it keeps, per key,
+///   whichever of the stored and the given cursor has the higher `seq`. A
+///   batch holds at most one cursor per key.
+/// - `load` returns the newest saved cursor of a key.
+/// - `delete` forgets a key; deleting a missing key is not an error.
+#[allow(async_fn_in_trait)]
+pub trait Store {
+    /// The stored cursor of `key`, if any.
+    async fn load(&self, key: &StreamKey) -> Result<Option<Cursor>, StoreError>;
+    /// Saves every cursor in one write, never moving a key backwards.
+    async fn save_batch(&self, cursors: &[Cursor]) -> Result<(), StoreError>;
+    /// Forgets `key`.
+    async fn delete(&self, key: &StreamKey) -> Result<(), StoreError>;
+}
+
+macro_rules! forward_store {
+    ($($ty:ty),*) => {$(
+        impl<S: Store + ?Sized> Store for $ty {
+            async fn load(&self, key: &StreamKey) -> Result<Option<Cursor>, StoreError> {
+                (**self).load(key).await
+            }
+            async fn save_batch(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
+                (**self).save_batch(cursors).await
+            }
+            async fn delete(&self, key: &StreamKey) -> Result<(), StoreError> {
+                (**self).delete(key).await
+            }
+        }
+    )*};
+}
+
+forward_store!(&S, Rc<S>, Arc<S>);
+
+/// An in-memory store, for tests and for hosts that want dedup without
+/// durability.
+#[derive(Default)]
+pub struct MemStore {
+    inner: Mutex<MemInner>,
+}
+
+#[derive(Default)]
+struct MemInner {
+    cursors: HashMap<StreamKey, Cursor>,
+    batches: u64,
+    cursors_written: u64,
+}
+
+impl MemStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, MemInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The stored cursor of `key`, without awaiting.
+    pub fn get(&self, key: &StreamKey) -> Option<Cursor> {
+        self.inner().cursors.get(key).cloned()
+    }
+
+    /// Every stored cursor.
+    pub fn cursors(&self) -> Vec<Cursor> {
+        self.inner().cursors.values().cloned().collect()
+    }
+
+    /// How many `save_batch` calls succeeded.
+    pub fn batches(&self) -> u64 {
+        self.inner().batches
+    }
+
+    /// How many cursors those batches carried.
+    pub fn cursors_written(&self) -> u64 {
+        self.inner().cursors_written
+    }
+
+    pub(crate) fn save_now(&self, cursors: &[Cursor]) {
+        let mut inner = self.inner();
+        inner.batches += 1;
+        inner.cursors_written += cursors.len() as u64;
+        for cursor in cursors {
+            match inner.cursors.get_mut(&cursor.key) {
+                Some(stored) if !cursor.supersedes(stored) => {}
+                Some(stored) => *stored = cursor.clone(),
+                None => {
+                    inner.cursors.insert(cursor.key.clone(), cursor.clone());
+                }
+            }
+        }
+    }
+}
+
+impl Store for MemStore {
+    async fn load(&self, key: &StreamKey) -> Result<Option<Cursor>, StoreError> {
+        Ok(self.get(key))
+    }
+
+    async fn save_batch(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
+        self.save_now(cursors);
+        Ok(())
+    }
+
+    async fn delete(&self, key: &StreamKey) -> Result<(), StoreError> {
+        self.inner().cursors.remove(key);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Millis;
+    use futures::executor::block_on;
+
+    fn cursor(id: &str, seq: u64) -> Cursor {
+        Cursor {
+            key: StreamKey::new("s", "a"),
+            last_event_id: id.into(),
+            seq,
+            at: Millis(seq),
+        }
+    }
+
+    #[test]
+    fn mem_store_never_moves_backwards() {
+        let store = MemStore::new();
+        block_on(store.save_batch(&[cursor("5", 5)])).unwrap();
+        block_on(store.save_batch(&[cursor("3", 3)])).unwrap();
+        assert_eq!(store.get(&StreamKey::new("s", "a")), Some(cursor("5", 5)));
+        block_on(store.save_batch(&[cursor("6", 6)])).unwrap();
+        let shared = Arc::new(store);
+        let loaded = block_on(shared.load(&StreamKey::new("s", "a"))).unwrap();
+        assert_eq!(loaded, Some(cursor("6", 6)));
+        block_on(shared.delete(&StreamKey::new("s", "a"))).unwrap();
+        assert_eq!(
+            block_on(shared.load(&StreamKey::new("s", "a"))).unwrap(),
+            None
+        );
+        assert_eq!(shared.batches(), 3);
+    }
+
+    #[test]
+    fn transient_classification() {
+        assert!(StoreError::Unavailable("down".into()).is_transient());
+        assert!(StoreError::QuotaExceeded("full".into()).is_transient());
+        assert!(
+            !StoreError::Corrupt {
+                what: "f".into(),
+                detail: "bad".into()
+            }
+            .is_transient()
+        );
+        assert!(
+            !StoreError::Backend {
+                message: "x".into(),
+                transient: false
+            }
+            .is_transient()
+        );
+    }
+}
