@@ -69,6 +69,8 @@ pub struct Stats {
     pub last_error: Option<StoreError>,
     /// Commits that reached a stopped worker and were not persisted.
     pub rejected_commits: u64,
+    /// Messages waiting in the worker's queue.
+    pub queued_messages: usize,
 }
 
 #[derive(Default)]
@@ -234,6 +236,7 @@ impl<S: Store> Registry<S> {
             consecutive_failures: worker.consecutive_failures,
             last_error: worker.last_error,
             rejected_commits: self.shared.rejected.load(Relaxed),
+            queued_messages: worker.queued_messages,
         }
     }
 

@@ -99,6 +99,9 @@ pub struct WorkerStats {
     pub consecutive_failures: u64,
     /// The most recent store error (kept after recovery, for diagnosis).
     pub last_error: Option<StoreError>,
+    /// Messages waiting in the worker's queue; never more than the number of
+    /// live streams plus pending control requests.
+    pub queued_messages: usize,
 }
 
 /// The outcome of [`WorkerHandle::flush`].
@@ -210,7 +213,9 @@ impl WorkerHandle {
 
     /// A snapshot of the worker's counters.
     pub fn stats(&self) -> WorkerStats {
-        lock(&self.shared.stats).clone()
+        let mut stats = lock(&self.shared.stats).clone();
+        stats.queued_messages = self.tx.len();
+        stats
     }
 
     /// Whether the worker has stopped taking cursors.
@@ -597,3 +602,6 @@ impl<S: Store, C: Clock> PersistenceWorker<S, C> {
         report
     }
 }
+
+#[cfg(test)]
+mod tests;
