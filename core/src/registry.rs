@@ -149,8 +149,10 @@ impl<S: Store> Registry<S> {
         }
     }
 
-    /// Opens `key`: a tracker seeded from its stored cursor (if any) whose
-    /// commits are persisted. Fails if the stream is already open, or if the
+    /// Opens `key`: a tracker seeded from its newest cursor (the stored one,
+    /// or one this process committed and has not written yet) whose commits
+    /// are persisted. Only the cursor's id carries over into the new dedup
+    /// window. Fails if the stream is already open, or if the
     /// stored cursor cannot be loaded (resuming without it would replay or
     /// skip; the caller decides whether to retry or start fresh with
     /// [`EventTracker::new`]).
@@ -173,8 +175,17 @@ impl<S: Store> Registry<S> {
         };
         let mut tracker =
             EventTracker::with_slot(key.clone(), self.config.clone(), slot, Some(publisher));
+        // Ask the worker first: a cursor it has not written yet (the stream was
+        // closed and reopened within a flush interval, or the store is
+        // failing) is newer than the store's, and whatever it has written by
+        // the time it answers is visible to the load that follows.
+        let pending = self
+            .handle
+            .pending(key.clone())
+            .await
+            .map_err(|_| RegistryError::WorkerStopped)?;
         let stored = self.store.load(&key).await.map_err(RegistryError::Store)?;
-        if let Some(cursor) = stored {
+        if let Some(cursor) = pending.into_iter().chain(stored).max_by_key(|c| c.seq) {
             tracker.seed(&cursor);
         }
         Ok(tracker)

@@ -59,16 +59,21 @@ impl Slot {
         !std::mem::replace(&mut state.queued, true)
     }
 
-    /// Takes the newest cursor and marks the slot clean.
-    pub(crate) fn snapshot(&self) -> Cursor {
-        let mut state = self.lock();
-        state.queued = false;
+    /// The newest cursor, leaving the slot as it is.
+    pub(crate) fn peek(&self) -> Cursor {
+        let state = self.lock();
         Cursor {
             key: self.key.clone(),
             last_event_id: state.last_event_id.clone(),
             seq: state.seq,
             at: state.at,
         }
+    }
+
+    /// Takes the newest cursor and marks the slot clean.
+    pub(crate) fn snapshot(&self) -> Cursor {
+        self.lock().queued = false;
+        self.peek()
     }
 
     /// Bumps a single-writer counter without a read-modify-write instruction.

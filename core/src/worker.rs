@@ -49,6 +49,7 @@ use crate::cursor::{Cursor, StreamKey};
 use crate::slot::Slot;
 use crate::store::{Store, StoreError};
 use core::fmt;
+use core::future::Future;
 use futures::future::{Either, select};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -149,6 +150,7 @@ type Reply<T> = async_channel::Sender<T>;
 
 pub(crate) enum Msg {
     Dirty(Arc<Slot>),
+    Pending(StreamKey, Reply<Option<Cursor>>),
     Flush(Reply<FlushReport>),
     Delete(StreamKey, Reply<Result<(), StoreError>>),
     Shutdown(Millis, Reply<ShutdownReport>),
@@ -168,6 +170,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Clone)]
 pub struct WorkerHandle {
     pub(crate) tx: async_channel::Sender<Msg>,
+    stop: async_channel::Sender<Millis>,
     shared: Arc<Shared>,
 }
 
@@ -189,12 +192,27 @@ impl WorkerHandle {
     /// returns the same report.
     pub async fn shutdown(&self, deadline: Millis) -> Result<ShutdownReport, WorkerStopped> {
         let (reply, answer) = async_channel::bounded(1);
+        // The signal bounds a store call already in progress by the deadline;
+        // the message, queued behind every earlier commit, starts the shutdown.
+        let _ = self.stop.try_send(deadline);
         if self.tx.send(Msg::Shutdown(deadline, reply)).await.is_ok() {
             if let Ok(report) = answer.recv().await {
                 return Ok(report);
             }
         }
         lock(&self.shared.final_report).clone().ok_or(WorkerStopped)
+    }
+
+    /// The newest cursor of `key` that this worker has not yet written, if
+    /// any. Everything not pending when the answer was given has been
+    /// written, so a store `load` after it sees at least that.
+    pub(crate) async fn pending(&self, key: StreamKey) -> Result<Option<Cursor>, WorkerStopped> {
+        let (reply, answer) = async_channel::bounded(1);
+        self.tx
+            .send(Msg::Pending(key, reply))
+            .await
+            .map_err(|_| WorkerStopped)?;
+        answer.recv().await.map_err(|_| WorkerStopped)
     }
 
     /// Deletes the stored cursor of `key`, after any pending write of it.
@@ -384,6 +402,16 @@ impl Scheduler {
         }
     }
 
+    /// The newest cursor of `key` waiting to be written.
+    pub(crate) fn pending_for(&self, key: &StreamKey) -> Option<Cursor> {
+        self.dirty
+            .iter()
+            .filter(|slot| &slot.key == key)
+            .map(|slot| slot.peek())
+            .chain(self.retries.get(key).map(|r| r.cursor.clone()))
+            .max_by_key(|c| c.seq)
+    }
+
     /// Drops everything pending for `key` (its stream is being deleted).
     pub(crate) fn forget(&mut self, key: &StreamKey) {
         self.retries.remove(key);
@@ -412,6 +440,8 @@ pub struct PersistenceWorker<S, C> {
     store: S,
     clock: C,
     rx: async_channel::Receiver<Msg>,
+    stop: async_channel::Receiver<Millis>,
+    deadline: Option<Millis>,
     sched: Scheduler,
     shared: Arc<Shared>,
     grace: Millis,
@@ -422,16 +452,26 @@ impl<S: Store, C: Clock> PersistenceWorker<S, C> {
     /// Spawn [`run`](Self::run) on the host's executor.
     pub fn with_clock(store: S, clock: C, config: WorkerConfig) -> (Self, WorkerHandle) {
         let (tx, rx) = async_channel::unbounded();
+        let (stop_tx, stop) = async_channel::bounded(1);
         let shared = Arc::new(Shared::default());
         let worker = PersistenceWorker {
             store,
             clock,
             rx,
+            stop,
+            deadline: None,
             sched: Scheduler::new(&config),
             shared: shared.clone(),
             grace: config.shutdown_grace,
         };
-        (worker, WorkerHandle { tx, shared })
+        (
+            worker,
+            WorkerHandle {
+                tx,
+                stop: stop_tx,
+                shared,
+            },
+        )
     }
 
     /// Runs until shut down, then resolves with the shutdown report.
@@ -462,7 +502,7 @@ impl<S: Store, C: Clock> PersistenceWorker<S, C> {
                 }
             }
             if let Some(deadline) = deadline {
-                break deadline;
+                break *self.deadline.get_or_insert(deadline);
             }
             let now = self.clock.now();
             if let Some(batch) = self.sched.poll_batch(now) {
@@ -485,6 +525,9 @@ impl<S: Store, C: Clock> PersistenceWorker<S, C> {
     ) -> Option<Millis> {
         match msg {
             Msg::Dirty(slot) => self.sched.on_dirty(slot),
+            Msg::Pending(key, reply) => {
+                let _ = reply.try_send(self.sched.pending_for(&key));
+            }
             Msg::Flush(reply) => {
                 let now = self.clock.now();
                 let (written, error) = match self.sched.take(now, true) {
@@ -499,7 +542,11 @@ impl<S: Store, C: Clock> PersistenceWorker<S, C> {
             }
             Msg::Delete(key, reply) => {
                 self.sched.forget(&key);
-                let _ = reply.try_send(self.store.delete(&key).await);
+                let delete = self.store.delete(&key);
+                let result = bounded(delete, &self.clock, &self.stop, &mut self.deadline)
+                    .await
+                    .unwrap_or_else(|| Err(cut_off()));
+                let _ = reply.try_send(result);
             }
             Msg::Shutdown(deadline, reply) => {
                 shutdowns.push(reply);
@@ -512,7 +559,10 @@ impl<S: Store, C: Clock> PersistenceWorker<S, C> {
     /// Writes one batch and records the outcome; returns how many cursors
     /// were written and the error, if any.
     async fn write(&mut self, batch: Batch) -> (usize, Option<StoreError>) {
-        let result = self.store.save_batch(&batch.cursors).await;
+        let save = self.store.save_batch(&batch.cursors);
+        let result = bounded(save, &self.clock, &self.stop, &mut self.deadline)
+            .await
+            .unwrap_or_else(|| Err(cut_off()));
         let n = batch.cursors.len();
         self.record(batch, result, self.clock.now())
             .map_or((n, None), |e| (0, Some(e)))
@@ -560,14 +610,8 @@ impl<S: Store, C: Clock> PersistenceWorker<S, C> {
             let last_try = now >= deadline;
             if let Some(batch) = self.sched.take(now, first || last_try) {
                 let n = batch.cursors.len();
-                let outcome = {
-                    let save = pin!(self.store.save_batch(&batch.cursors));
-                    let timeout = pin!(self.clock.sleep_until(deadline));
-                    match select(save, timeout).await {
-                        Either::Left((result, _)) => Some(result),
-                        Either::Right(((), _)) => None,
-                    }
-                };
+                let save = self.store.save_batch(&batch.cursors);
+                let outcome = bounded(save, &self.clock, &self.stop, &mut self.deadline).await;
                 match outcome {
                     Some(result) => {
                         let ok = result.is_ok();
@@ -580,9 +624,7 @@ impl<S: Store, C: Clock> PersistenceWorker<S, C> {
                     }
                     None => {
                         report.unwritten.extend(batch.cursors);
-                        report.last_error = Some(StoreError::Unavailable(
-                            "store did not answer before the shutdown deadline".into(),
-                        ));
+                        report.last_error = Some(cut_off());
                         break;
                     }
                 }
@@ -600,6 +642,34 @@ impl<S: Store, C: Clock> PersistenceWorker<S, C> {
         }
         report.unwritten.extend(self.sched.pending());
         report
+    }
+}
+
+fn cut_off() -> StoreError {
+    StoreError::Unavailable("store did not answer before the shutdown deadline".into())
+}
+
+/// Awaits a store call, but not past the shutdown deadline once one is known,
+/// including one asked for while the call is in progress. `None` when the
+/// deadline cut the call off (it may or may not have taken effect).
+async fn bounded<F: Future, C: Clock>(
+    call: F,
+    clock: &C,
+    stop: &async_channel::Receiver<Millis>,
+    deadline: &mut Option<Millis>,
+) -> Option<F::Output> {
+    let mut call = pin!(call);
+    if deadline.is_none() {
+        match select(call.as_mut(), pin!(stop.recv())).await {
+            Either::Left((out, _)) => return Some(out),
+            Either::Right((Ok(asked), _)) => *deadline = Some(asked),
+            Either::Right((Err(_), _)) => return Some(call.await),
+        }
+    }
+    let timeout = pin!(clock.sleep_until(deadline.unwrap_or(Millis::MAX)));
+    match select(call, timeout).await {
+        Either::Left((out, _)) => Some(out),
+        Either::Right(((), _)) => None,
     }
 }
 

@@ -54,12 +54,22 @@ fn first_write_is_immediate_then_at_most_once_per_interval() {
 
     assert!(a.publish("2", 2, Millis(10)));
     s.on_dirty(a.clone());
-    assert!(!a.publish("3", 3, Millis(20)), "a queued slot is not queued twice");
+    assert!(
+        !a.publish("3", 3, Millis(20)),
+        "a queued slot is not queued twice"
+    );
     assert_eq!(s.poll_timeout(), Some(Millis(250)));
     assert!(s.poll_batch(Millis(249)).is_none());
     let batch = s.poll_batch(Millis(250)).unwrap();
-    assert_eq!(ids(&batch), [("3".to_string(), 3)], "coalesced to the newest");
-    assert!(a.publish("4", 4, Millis(260)), "the snapshot cleaned the slot");
+    assert_eq!(
+        ids(&batch),
+        [("3".to_string(), 3)],
+        "coalesced to the newest"
+    );
+    assert!(
+        a.publish("4", 4, Millis(260)),
+        "the snapshot cleaned the slot"
+    );
 }
 
 #[test]
@@ -341,7 +351,11 @@ fn a_quiet_stream_is_still_flushed() {
     e.deliver(&mut t, "2");
     assert_eq!(e.stored("a").as_deref(), Some("1"), "coalescing window");
     e.advance(250);
-    assert_eq!(e.stored("a").as_deref(), Some("2"), "flushed with no new event");
+    assert_eq!(
+        e.stored("a").as_deref(),
+        Some("2"),
+        "flushed with no new event"
+    );
     assert_eq!(e.mem.batches(), 2);
 }
 
@@ -409,12 +423,19 @@ fn shutdown_resolves_as_soon_as_everything_is_written() {
     e.deliver(&mut t, "1");
     e.deliver(&mut t, "2");
     let report = e.start_shutdown(Millis::from_secs(60));
-    let report = report.borrow().clone().expect("resolved without time passing");
+    let report = report
+        .borrow()
+        .clone()
+        .expect("resolved without time passing");
     assert!(report.is_complete());
     assert_eq!(report.written, 1);
     assert_eq!(e.clock.now(), Millis(0));
     assert_eq!(e.stored("a").as_deref(), Some("2"));
-    assert_eq!(e.report.borrow().as_ref(), Some(&report), "run() returns it too");
+    assert_eq!(
+        e.report.borrow().as_ref(),
+        Some(&report),
+        "run() returns it too"
+    );
 
     // Commits after shutdown are refused and counted.
     e.deliver(&mut t, "3");
@@ -422,7 +443,9 @@ fn shutdown_resolves_as_soon_as_everything_is_written() {
     let again = e.pool.run_until(e.registry.shutdown(Millis(0))).unwrap();
     assert_eq!(again, report);
     assert_eq!(
-        e.pool.run_until(e.registry.open(StreamKey::new("s", "b"))).unwrap_err(),
+        e.pool
+            .run_until(e.registry.open(StreamKey::new("s", "b")))
+            .unwrap_err(),
         RegistryError::WorkerStopped
     );
 }
@@ -437,7 +460,10 @@ fn shutdown_retries_until_the_deadline_then_reports_what_is_missing() {
     let calls_before = e.store.calls();
     while report.borrow().is_none() {
         e.advance(100);
-        assert!(e.clock.now() <= Millis(3100), "shutdown overran its deadline");
+        assert!(
+            e.clock.now() <= Millis(3100),
+            "shutdown overran its deadline"
+        );
     }
     assert!(e.store.calls() > calls_before + 2, "it kept retrying");
     let report = report.borrow().clone().unwrap();
@@ -533,17 +559,28 @@ fn registry_seeds_rejects_double_open_and_removes() {
     e.deliver(&mut t, "2");
     e.deliver(&mut t, "2");
     assert_eq!(
-        e.pool.run_until(e.registry.open(StreamKey::new("s", "a"))).unwrap_err(),
+        e.pool
+            .run_until(e.registry.open(StreamKey::new("s", "a")))
+            .unwrap_err(),
         RegistryError::AlreadyOpen(StreamKey::new("s", "a"))
     );
     assert_eq!(
-        e.pool.run_until(e.registry.remove(&StreamKey::new("s", "a"))).unwrap_err(),
+        e.pool
+            .run_until(e.registry.remove(&StreamKey::new("s", "a")))
+            .unwrap_err(),
         RegistryError::StillOpen(StreamKey::new("s", "a"))
     );
     assert_eq!(e.registry.stats().open_streams, 1);
     drop(t);
     let stats = e.registry.stats();
-    assert_eq!((stats.open_streams, stats.events_observed, stats.duplicates_dropped), (0, 3, 1));
+    assert_eq!(
+        (
+            stats.open_streams,
+            stats.events_observed,
+            stats.duplicates_dropped
+        ),
+        (0, 3, 1)
+    );
 
     e.advance(250);
     let mut t = e.open("a");
@@ -585,5 +622,9 @@ fn remove_is_ordered_after_a_pending_write() {
         .run_until(e.registry.remove(&StreamKey::new("s", "a")))
         .unwrap();
     e.advance(1000);
-    assert_eq!(e.stored("a"), None, "the pending write did not resurrect it");
+    assert_eq!(
+        e.stored("a"),
+        None,
+        "the pending write did not resurrect it"
+    );
 }
