@@ -23,7 +23,7 @@ step "format"
 cargo fmt --all -- --check
 
 step "lint"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
 step "tests (unit, property, simulation, benchmarks in test mode)"
 cargo test --workspace --all-targets --locked 2>&1 | tee -a "$log"
@@ -33,6 +33,13 @@ cargo test --workspace --doc --locked 2>&1 | tee -a "$log"
 
 step "core builds for wasm32-unknown-unknown"
 cargo build -p tidemark-core --target wasm32-unknown-unknown --locked
+
+step "core reads no clock"
+if grep -rnE 'Instant::now|SystemTime::now' core/src; then
+  echo "tidemark-core must take time from its Clock" >&2
+  exit 1
+fi
+echo "none"
 
 step "core depends on no runtime"
 if cargo tree -p tidemark-core -e normal --target all --prefix none --locked |

@@ -102,6 +102,7 @@ mod cursor;
 mod fingerprint;
 #[cfg(any(test, feature = "test-util"))]
 mod flaky;
+pub mod reconnect;
 mod registry;
 mod slot;
 mod store;
@@ -117,6 +118,7 @@ pub use cursor::{Cursor, StreamKey};
 pub use fingerprint::FingerprintKey;
 #[cfg(any(test, feature = "test-util"))]
 pub use flaky::{FlakyConfig, FlakyStore};
+pub use reconnect::{Decision, Failure, GiveUp, ReconnectConfig, ReconnectPolicy};
 pub use registry::{Config, Registry, RegistryError, Stats, persistence};
 pub use store::{MemStore, Store, StoreError};
 pub use tracker::{EventTracker, Observation, TrackerConfig, TrackerStats};

@@ -5,7 +5,7 @@ use crate::cursor::StreamKey;
 use crate::slot::{Publisher, Slot};
 use crate::store::{Store, StoreError};
 use crate::tracker::{EventTracker, TrackerConfig};
-use crate::worker::{DeleteError, PersistenceWorker, WorkerConfig, WorkerHandle};
+use crate::worker::{DeleteError, PersistenceWorker, WorkerConfig, WorkerHandle, WorkerStats};
 use core::fmt;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -55,22 +55,11 @@ pub struct Stats {
     pub events_observed: u64,
     /// Duplicates dropped, over all streams ever opened.
     pub duplicates_dropped: u64,
-    /// Cursors written to the store.
-    pub cursors_written: u64,
-    /// Successful store writes (`save_batch` calls).
-    pub batches: u64,
-    /// Failed store writes.
-    pub failed_batches: u64,
-    /// Streams whose newest cursor waits for a retry.
-    pub retries_pending: u64,
-    /// Failed store writes since the last successful one.
-    pub consecutive_failures: u64,
-    /// The most recent store error.
-    pub last_error: Option<StoreError>,
     /// Commits that reached a stopped worker and were not persisted.
     pub rejected_commits: u64,
-    /// Messages waiting in the worker's queue.
-    pub queued_messages: usize,
+    /// The persistence worker's counters: writes, batches, retries pending,
+    /// consecutive failures, the last store error.
+    pub worker: WorkerStats,
 }
 
 #[derive(Default)]
@@ -235,19 +224,12 @@ impl<S: Store> Registry<S> {
                     )
                 })
         };
-        let worker = self.handle.stats();
         Stats {
             open_streams,
             events_observed: live_observed + self.shared.retired_observed.load(Relaxed),
             duplicates_dropped: live_duplicates + self.shared.retired_duplicates.load(Relaxed),
-            cursors_written: worker.cursors_written,
-            batches: worker.batches,
-            failed_batches: worker.failed_batches,
-            retries_pending: worker.retries_pending,
-            consecutive_failures: worker.consecutive_failures,
-            last_error: worker.last_error,
             rejected_commits: self.shared.rejected.load(Relaxed),
-            queued_messages: worker.queued_messages,
+            worker: self.handle.stats(),
         }
     }
 

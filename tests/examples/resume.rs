@@ -166,9 +166,10 @@ fn main() {
          reconnects; {} store writes and {} failed ones, {:.0} events per write",
         first.delivered.iter().map(Vec::len).sum::<usize>(),
         stats.duplicates_dropped,
-        stats.batches,
-        stats.failed_batches,
-        stats.events_observed as f64 / (stats.batches + stats.failed_batches).max(1) as f64,
+        stats.worker.batches,
+        stats.worker.failed_batches,
+        stats.events_observed as f64
+            / (stats.worker.batches + stats.worker.failed_batches).max(1) as f64,
     );
     println!("crash: the process dies without a shutdown; stored cursors {stored:?}");
     let before_crash = first.delivered;

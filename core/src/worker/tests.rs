@@ -388,7 +388,7 @@ fn queued_messages_never_exceed_live_streams() {
             t.commit();
         }
     }
-    assert_eq!(e.registry.stats().queued_messages, 50);
+    assert_eq!(e.registry.stats().worker.queued_messages, 50);
 }
 
 #[test]
@@ -404,16 +404,16 @@ fn store_outage_never_blocks_and_shows_in_stats() {
     }
     let stats = e.registry.stats();
     assert_eq!(stats.events_observed, 2000);
-    assert_eq!(stats.retries_pending, 1);
-    assert!(stats.consecutive_failures >= 2, "{stats:?}");
-    assert!(stats.last_error.is_some());
+    assert_eq!(stats.worker.retries_pending, 1);
+    assert!(stats.worker.consecutive_failures >= 2, "{stats:?}");
+    assert!(stats.worker.last_error.is_some());
     assert_eq!(e.stored("a"), None);
     e.store.set_down(false);
     e.advance(2000);
     assert_eq!(e.stored("a").as_deref(), Some("2000"));
     let stats = e.registry.stats();
-    assert_eq!(stats.consecutive_failures, 0);
-    assert_eq!(stats.retries_pending, 0);
+    assert_eq!(stats.worker.consecutive_failures, 0);
+    assert_eq!(stats.worker.retries_pending, 0);
 }
 
 #[test]

@@ -1,0 +1,432 @@
+//! When to reconnect, and when to stop trying.
+//!
+//! [`ReconnectPolicy`] is sans-I/O: it is told what happened (connected, a
+//! byte arrived, the server sent `retry:`, the attempt failed) with the time,
+//! and answers with a decision. The resumable stream driver calls it; hosts
+//! with their own loop can too.
+//!
+//! - **Backoff**: capped exponential with additive jitter. The server's
+//!   `retry:` value is a floor: the delay is at least `max(floor, backoff)`,
+//!   and jitter only adds to it (up to half again). `Retry-After` on a 429 or
+//!   503 is honoured the same way.
+//! - **Progress**: any received byte, keep-alive comments included, counts as
+//!   progress and refills the budget of attempts; a stream that gets nothing
+//!   for `max_attempts` attempts in a row stops with an error.
+//! - **Healthy period**: a connection that stayed up for `healthy_after`
+//!   resets the backoff to its first step.
+//! - **Idle watchdog**: no byte for `idle_timeout` (default 45 s, three
+//!   missed 15 s keep-alives) means the connection is dead.
+//! - **Permanent failures** (401, 403, 404, 405, 410 and other 4xx except 408
+//!   and 429, 204 No Content, a wrong content type) stop at once with a clear
+//!   error instead of looping.
+
+use crate::backoff::{Backoff, Rng, random_seed};
+use crate::clock::Millis;
+use core::fmt;
+
+/// Settings of a [`ReconnectPolicy`].
+#[derive(Clone, Debug)]
+pub struct ReconnectConfig {
+    /// Backoff between attempts (default 1 s doubling to 30 s).
+    pub backoff: Backoff,
+    /// Attempts in a row without receiving a single byte before giving up
+    /// (default 10; `None`: never give up).
+    pub max_attempts: Option<u32>,
+    /// A connection without any byte for this long is dead (default 45 s).
+    pub idle_timeout: Millis,
+    /// A connection that lasted this long resets the backoff (default 30 s).
+    pub healthy_after: Millis,
+    /// Seed of the jitter. Default: random per process.
+    pub seed: u64,
+}
+
+impl Default for ReconnectConfig {
+    fn default() -> Self {
+        ReconnectConfig {
+            backoff: Backoff {
+                initial: Millis(1000),
+                max: Millis::from_secs(30),
+            },
+            max_attempts: Some(10),
+            idle_timeout: Millis::from_secs(45),
+            healthy_after: Millis::from_secs(30),
+            seed: random_seed(),
+        }
+    }
+}
+
+/// Why a connection attempt or a connection failed.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The server answered with a non-200 status.
+    Status {
+        /// The HTTP status code.
+        code: u16,
+        /// The `Retry-After` delay, if the server sent one.
+        retry_after: Option<Millis>,
+    },
+    /// The server answered 200 with a content type other than
+    /// `text/event-stream`.
+    ContentType(String),
+    /// The connection could not be made or broke (DNS, refused, reset, TLS,
+    /// the stream ended).
+    Network(String),
+    /// No byte arrived for the idle timeout.
+    Idle(Millis),
+}
+
+impl Failure {
+    /// Whether retrying can help. Client errors other than 408 and 429, 204
+    /// No Content (the server's way of saying "stop") and a wrong content
+    /// type are permanent.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Failure::Status { code, .. } => match code {
+                204 => false,
+                408 | 429 => true,
+                400..=499 => false,
+                _ => true,
+            },
+            Failure::ContentType(_) => false,
+            Failure::Network(_) | Failure::Idle(_) => true,
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Status { code, .. } => write!(f, "server answered HTTP {code}"),
+            Failure::ContentType(ct) => {
+                write!(
+                    f,
+                    "server answered with content type {ct:?}, not text/event-stream"
+                )
+            }
+            Failure::Network(m) => write!(f, "connection failed: {m}"),
+            Failure::Idle(t) => write!(f, "no data for {t}, connection presumed dead"),
+        }
+    }
+}
+
+/// Why the stream stopped reconnecting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GiveUp {
+    /// The failure cannot be fixed by retrying.
+    Permanent(Failure),
+    /// The budget of attempts without progress ran out; the last failure.
+    Exhausted {
+        /// Attempts made in a row without receiving a byte.
+        attempts: u32,
+        /// The last failure.
+        last: Failure,
+    },
+}
+
+impl fmt::Display for GiveUp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GiveUp::Permanent(failure) => write!(f, "{failure} (not retrying)"),
+            GiveUp::Exhausted { attempts, last } => {
+                write!(
+                    f,
+                    "{last} (giving up after {attempts} attempts without data)"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for GiveUp {}
+
+/// What to do after a failure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Reconnect at this time.
+    RetryAt(Millis),
+    /// Stop.
+    GiveUp(GiveUp),
+}
+
+/// Reconnection state of one stream; see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct ReconnectPolicy {
+    config: ReconnectConfig,
+    rng: Rng,
+    /// Backoff step of the next retry (1-based).
+    step: u32,
+    /// Attempts in a row that received nothing.
+    barren: u32,
+    floor: Millis,
+    connected_at: Option<Millis>,
+    last_byte: Millis,
+    got_bytes: bool,
+}
+
+impl ReconnectPolicy {
+    /// A policy with no history.
+    pub fn new(config: ReconnectConfig) -> Self {
+        ReconnectPolicy {
+            rng: Rng::new(config.seed),
+            config,
+            step: 1,
+            barren: 0,
+            floor: Millis::ZERO,
+            connected_at: None,
+            last_byte: Millis::ZERO,
+            got_bytes: false,
+        }
+    }
+
+    /// A connection was established (the response headers were good).
+    pub fn on_connected(&mut self, now: Millis) {
+        self.connected_at = Some(now);
+        self.last_byte = now;
+        self.got_bytes = false;
+    }
+
+    /// Bytes arrived on the connection (any bytes, comments included).
+    pub fn on_bytes(&mut self, now: Millis) {
+        self.last_byte = now;
+        self.got_bytes = true;
+        self.barren = 0;
+    }
+
+    /// The server sent `retry: ms`: the floor of every later delay.
+    pub fn on_retry_hint(&mut self, ms: u64) {
+        self.floor = Millis(ms);
+    }
+
+    /// The server's current `retry:` floor.
+    pub fn retry_floor(&self) -> Millis {
+        self.floor
+    }
+
+    /// When the idle watchdog fires, while connected.
+    pub fn idle_deadline(&self) -> Option<Millis> {
+        self.connected_at
+            .map(|_| self.last_byte.saturating_add(self.config.idle_timeout))
+    }
+
+    /// The idle timeout.
+    pub fn idle_timeout(&self) -> Millis {
+        self.config.idle_timeout
+    }
+
+    /// The connection or the attempt failed at `now`: reconnect when, or stop.
+    pub fn on_failure(&mut self, now: Millis, failure: Failure) -> Decision {
+        let connected_at = self.connected_at.take();
+        if !failure.is_retryable() {
+            return Decision::GiveUp(GiveUp::Permanent(failure));
+        }
+        if connected_at.is_some_and(|at| now.saturating_sub(at) >= self.config.healthy_after) {
+            self.step = 1;
+        }
+        if !self.got_bytes {
+            self.barren += 1;
+        }
+        self.got_bytes = false;
+        if let Some(max) = self.config.max_attempts {
+            if self.barren >= max {
+                return Decision::GiveUp(GiveUp::Exhausted {
+                    attempts: self.barren,
+                    last: failure,
+                });
+            }
+        }
+        let backoff = self.config.backoff.base_delay(self.step);
+        self.step = self.step.saturating_add(1);
+        let asked = match failure {
+            Failure::Status { retry_after, .. } => retry_after.unwrap_or(Millis::ZERO),
+            _ => Millis::ZERO,
+        };
+        let base = backoff.max(self.floor).max(asked);
+        let jitter = self.rng.up_to(base.0 / 2);
+        Decision::RetryAt(now.saturating_add(base).saturating_add(Millis(jitter)))
+    }
+}
+
+/// Parses a `Retry-After` header in its delta-seconds form. The HTTP-date
+/// form needs the wall clock, which the core does not read: hosts convert it.
+pub fn parse_retry_after(value: &str) -> Option<Millis> {
+    let value = value.trim();
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse::<u64>().ok().map(Millis::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> ReconnectPolicy {
+        ReconnectPolicy::new(ReconnectConfig {
+            backoff: Backoff {
+                initial: Millis(1000),
+                max: Millis(8000),
+            },
+            max_attempts: Some(4),
+            idle_timeout: Millis(45_000),
+            healthy_after: Millis(30_000),
+            seed: 5,
+        })
+    }
+
+    fn retry_at(d: Decision) -> Millis {
+        match d {
+            Decision::RetryAt(at) => at,
+            other => panic!("expected a retry, got {other:?}"),
+        }
+    }
+
+    fn net() -> Failure {
+        Failure::Network("reset".into())
+    }
+
+    #[test]
+    fn backoff_grows_with_additive_jitter_and_caps() {
+        let mut p = policy();
+        let mut now = Millis(0);
+        let mut bases = Vec::new();
+        for _ in 0..6 {
+            p.on_connected(now);
+            p.on_bytes(now);
+            let at = retry_at(p.on_failure(now, net()));
+            let delay = at - now;
+            let base = *[1000, 2000, 4000, 8000, 8000, 8000]
+                .get(bases.len())
+                .unwrap();
+            assert!(
+                delay >= Millis(base) && delay <= Millis(base + base / 2),
+                "{delay} for base {base}"
+            );
+            bases.push(base);
+            now = at;
+        }
+    }
+
+    #[test]
+    fn server_retry_is_a_floor_that_jitter_only_adds_to() {
+        let mut p = policy();
+        p.on_retry_hint(20_000);
+        for _ in 0..20 {
+            p.on_connected(Millis(0));
+            p.on_bytes(Millis(0));
+            let delay = retry_at(p.on_failure(Millis(0), net()));
+            assert!(
+                delay >= Millis(20_000) && delay <= Millis(30_000),
+                "{delay}"
+            );
+        }
+        assert_eq!(p.retry_floor(), Millis(20_000));
+    }
+
+    #[test]
+    fn retry_after_is_honoured() {
+        let mut p = policy();
+        let failure = Failure::Status {
+            code: 503,
+            retry_after: Some(Millis(120_000)),
+        };
+        assert!(retry_at(p.on_failure(Millis(0), failure)) >= Millis(120_000));
+        let too_many = Failure::Status {
+            code: 429,
+            retry_after: Some(Millis(5_000)),
+        };
+        assert!(retry_at(p.on_failure(Millis(0), too_many)) >= Millis(5_000));
+    }
+
+    #[test]
+    fn permanent_failures_stop_at_once() {
+        for code in [204, 400, 401, 403, 404, 405, 410] {
+            let failure = Failure::Status {
+                code,
+                retry_after: None,
+            };
+            assert_eq!(
+                policy().on_failure(Millis(0), failure.clone()),
+                Decision::GiveUp(GiveUp::Permanent(failure))
+            );
+        }
+        let ct = Failure::ContentType("text/html".into());
+        assert!(matches!(
+            policy().on_failure(Millis(0), ct),
+            Decision::GiveUp(GiveUp::Permanent(_))
+        ));
+        for code in [408, 429, 500, 502, 503, 504] {
+            let failure = Failure::Status {
+                code,
+                retry_after: None,
+            };
+            assert!(failure.is_retryable(), "{code}");
+        }
+    }
+
+    #[test]
+    fn budget_counts_only_attempts_without_bytes() {
+        let mut p = policy();
+        for _ in 0..3 {
+            retry_at(p.on_failure(Millis(0), net()));
+        }
+        // A connection that delivered even one keep-alive byte refills it.
+        p.on_connected(Millis(0));
+        p.on_bytes(Millis(1));
+        retry_at(p.on_failure(Millis(2), net()));
+        for _ in 0..3 {
+            retry_at(p.on_failure(Millis(0), net()));
+        }
+        match p.on_failure(Millis(0), net()) {
+            Decision::GiveUp(GiveUp::Exhausted { attempts, .. }) => assert_eq!(attempts, 4),
+            other => panic!("expected to give up, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_healthy_period_resets_the_backoff() {
+        let mut p = policy();
+        for _ in 0..3 {
+            retry_at(p.on_failure(Millis(0), net()));
+        }
+        p.on_connected(Millis(100_000));
+        p.on_bytes(Millis(100_000));
+        let delay = retry_at(p.on_failure(Millis(130_000), net())) - Millis(130_000);
+        assert!(
+            delay <= Millis(1500),
+            "reset to the first step, got {delay}"
+        );
+
+        let mut q = policy();
+        for _ in 0..3 {
+            retry_at(q.on_failure(Millis(0), net()));
+        }
+        q.on_connected(Millis(100_000));
+        q.on_bytes(Millis(100_000));
+        let delay = retry_at(q.on_failure(Millis(110_000), net())) - Millis(110_000);
+        assert!(
+            delay >= Millis(8000),
+            "a short connection keeps backing off"
+        );
+    }
+
+    #[test]
+    fn idle_deadline_follows_the_last_byte() {
+        let mut p = policy();
+        assert_eq!(p.idle_deadline(), None);
+        p.on_connected(Millis(1000));
+        assert_eq!(p.idle_deadline(), Some(Millis(46_000)));
+        p.on_bytes(Millis(5000));
+        assert_eq!(p.idle_deadline(), Some(Millis(50_000)));
+        let _ = p.on_failure(Millis(50_000), Failure::Idle(Millis(45_000)));
+        assert_eq!(p.idle_deadline(), None);
+    }
+
+    #[test]
+    fn retry_after_parsing() {
+        assert_eq!(parse_retry_after(" 120 "), Some(Millis(120_000)));
+        assert_eq!(parse_retry_after("-1"), None);
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse_retry_after(""), None);
+    }
+}
