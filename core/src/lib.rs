@@ -19,6 +19,14 @@
 //!   a report.
 //! - [`Registry`]: opens trackers seeded from the store and wired to the
 //!   worker; [`persistence`] builds both.
+//! - [`sse`]: the Server-Sent-Events codec, a sans-I/O WHATWG parser with
+//!   caps on line and event size, and an encoder for servers.
+//! - [`ReconnectPolicy`]: backoff with jitter above the server's `retry:`
+//!   floor, `Retry-After`, a budget of attempts without progress, an idle
+//!   watchdog, and a clear stop on permanent failures.
+//! - [`ResumableStream`]: the client loop both hosts share, generic over a
+//!   host [`Connector`] and [`Clock`]: connect with `Last-Event-ID`, parse,
+//!   drop replays, deliver fresh events, back off, reconnect.
 //! - [`Millis`], [`Clock`], [`Cursor`], [`StreamKey`], [`MemStore`], and behind
 //!   the `test-util` feature `ManualClock` and `FlakyStore`.
 //!
@@ -45,7 +53,9 @@
 //! (see [`tracker`]). The host spawns [`PersistenceWorker::run`] once and calls
 //! [`WorkerHandle::shutdown`] (or [`Registry::shutdown`]) before exiting; the
 //! worker waits on the channel and on the clock and needs nothing else (see
-//! [`worker`]).
+//! [`worker`]). A host that reads SSE over its own HTTP client implements
+//! [`Connector`] and loops on [`ResumableStream::next`], which observes and
+//! commits for it (see [`stream`]).
 //!
 //! # Example
 //!
@@ -105,7 +115,9 @@ mod flaky;
 pub mod reconnect;
 mod registry;
 mod slot;
+pub mod sse;
 mod store;
+pub mod stream;
 pub mod tracker;
 mod window;
 pub mod worker;
@@ -121,6 +133,9 @@ pub use flaky::{FlakyConfig, FlakyStore};
 pub use reconnect::{Decision, Failure, GiveUp, ReconnectConfig, ReconnectPolicy};
 pub use registry::{Config, Registry, RegistryError, Stats, persistence};
 pub use store::{MemStore, Store, StoreError};
+pub use stream::{
+    ConnectRequest, Connector, ResumableStream, StreamConfig, StreamError, StreamStats,
+};
 pub use tracker::{EventTracker, Observation, TrackerConfig, TrackerStats};
 pub use window::MAX_WINDOW;
 pub use worker::{

@@ -64,30 +64,49 @@ pub struct Stats {
 
 #[derive(Default)]
 pub(crate) struct Shared {
-    open: Mutex<HashMap<StreamKey, Weak<Slot>>>,
+    slots: Mutex<Slots>,
     retired_observed: AtomicU64,
     retired_duplicates: AtomicU64,
     rejected: AtomicU64,
 }
 
-impl Shared {
-    fn open(&self) -> std::sync::MutexGuard<'_, HashMap<StreamKey, Weak<Slot>>> {
-        self.open.lock().unwrap_or_else(|e| e.into_inner())
+/// Weak references to the slots of open streams and of closed streams whose
+/// last cursor the worker still holds (see `slot.rs`). Dead entries are
+/// pruned whenever the map has doubled since the last pruning, so the map
+/// stays proportional to the live streams at O(1) amortized cost.
+#[derive(Default)]
+struct Slots {
+    map: HashMap<StreamKey, Weak<Slot>>,
+    prune_at: usize,
+}
+
+impl Slots {
+    fn live(&self, key: &StreamKey) -> Option<Arc<Slot>> {
+        self.map.get(key).and_then(Weak::upgrade)
     }
 
-    /// Called when a tracker goes away: forget its stream, keep its counts.
-    pub(crate) fn close(&self, slot: &Arc<Slot>) {
-        let mut open = self.open();
-        if open
-            .get(&slot.key)
-            .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(slot)))
-        {
-            open.remove(&slot.key);
+    fn insert(&mut self, key: StreamKey, slot: &Arc<Slot>) {
+        if self.map.len() >= self.prune_at {
+            self.map.retain(|_, w| w.strong_count() > 0);
+            self.prune_at = (self.map.len() * 2).max(64);
         }
+        self.map.insert(key, Arc::downgrade(slot));
+    }
+}
+
+impl Shared {
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called when a tracker goes away: the stream is closed; its counts move
+    /// to the registry's totals.
+    pub(crate) fn close(&self, slot: &Slot) {
+        slot.open.store(false, Relaxed);
         self.retired_observed
-            .fetch_add(slot.observed.load(Relaxed), Relaxed);
+            .fetch_add(slot.observed.swap(0, Relaxed), Relaxed);
         self.retired_duplicates
-            .fetch_add(slot.duplicates.load(Relaxed), Relaxed);
+            .fetch_add(slot.duplicates.swap(0, Relaxed), Relaxed);
     }
 
     pub(crate) fn note_rejected(&self) {
@@ -141,7 +160,7 @@ impl<S: Store> Registry<S> {
     /// Opens `key`: a tracker seeded from its newest cursor (the stored one,
     /// or one this process committed and has not written yet) whose commits
     /// are persisted. Only the cursor's id carries over into the new dedup
-    /// window. Fails if the stream is already open, or if the
+    /// window. Needs only the store, not a running worker. Fails if the stream is already open, or if the
     /// stored cursor cannot be loaded (resuming without it would replay or
     /// skip; the caller decides whether to retry or start fresh with
     /// [`EventTracker::new`]).
@@ -149,32 +168,35 @@ impl<S: Store> Registry<S> {
         if self.handle.is_stopped() {
             return Err(RegistryError::WorkerStopped);
         }
-        let slot = Arc::new(Slot::new(key.clone()));
-        {
-            let mut open = self.shared.open();
-            if open.get(&key).is_some_and(|w| w.strong_count() > 0) {
-                return Err(RegistryError::AlreadyOpen(key));
+        let slot = {
+            let mut slots = self.shared.slots();
+            match slots.live(&key) {
+                Some(slot) if slot.open.load(Relaxed) => {
+                    return Err(RegistryError::AlreadyOpen(key));
+                }
+                Some(closing) => closing,
+                None => {
+                    let slot = Arc::new(Slot::new(key.clone()));
+                    slots.insert(key.clone(), &slot);
+                    slot
+                }
             }
-            open.insert(key.clone(), Arc::downgrade(&slot));
-        }
+        };
+        slot.open.store(true, Relaxed);
+        // A closed stream's last commit may not be written yet: its slot
+        // still has it, and it is newer than what the store holds.
+        let unwritten = slot.peek();
         let publisher = Publisher {
-            slot: slot.clone(),
             tx: self.handle.tx.clone(),
             registry: self.shared.clone(),
         };
-        let mut tracker =
-            EventTracker::with_slot(key.clone(), self.config.clone(), slot, Some(publisher));
-        // Ask the worker first: a cursor it has not written yet (the stream was
-        // closed and reopened within a flush interval, or the store is
-        // failing) is newer than the store's, and whatever it has written by
-        // the time it answers is visible to the load that follows.
-        let pending = self
-            .handle
-            .pending(key.clone())
-            .await
-            .map_err(|_| RegistryError::WorkerStopped)?;
+        let mut tracker = EventTracker::with_slot(self.config.clone(), slot, Some(publisher));
         let stored = self.store.load(&key).await.map_err(RegistryError::Store)?;
-        if let Some(cursor) = pending.into_iter().chain(stored).max_by_key(|c| c.seq) {
+        let newest = stored
+            .into_iter()
+            .chain((unwritten.seq > 0).then_some(unwritten))
+            .max_by_key(|c| c.seq);
+        if let Some(cursor) = newest {
             tracker.seed(&cursor);
         }
         Ok(tracker)
@@ -195,9 +217,9 @@ impl<S: Store> Registry<S> {
     /// Whether `key` has a live tracker.
     pub fn is_open(&self, key: &StreamKey) -> bool {
         self.shared
-            .open()
-            .get(key)
-            .is_some_and(|w| w.strong_count() > 0)
+            .slots()
+            .live(key)
+            .is_some_and(|slot| slot.open.load(Relaxed))
     }
 
     /// The handle of the worker behind this registry.
@@ -213,12 +235,14 @@ impl<S: Store> Registry<S> {
     /// Counters over every stream and the worker.
     pub fn stats(&self) -> Stats {
         let (open_streams, live_observed, live_duplicates) = {
-            let open = self.shared.open();
-            open.values()
+            let slots = self.shared.slots();
+            slots
+                .map
+                .values()
                 .filter_map(Weak::upgrade)
                 .fold((0, 0, 0), |(n, o, d), slot| {
                     (
-                        n + 1,
+                        n + usize::from(slot.open.load(Relaxed)),
                         o + slot.observed.load(Relaxed),
                         d + slot.duplicates.load(Relaxed),
                     )

@@ -7,11 +7,17 @@
 //! lock is held only to copy a few bytes. The worker snapshots the slot when it
 //! flushes, which marks it clean again. Coalescing is therefore free: whatever
 //! was written last before the snapshot is what gets persisted.
+//!
+//! The worker holds a slot from the moment it is queued until its cursor is
+//! written (through failed attempts and retries too). The registry keeps only
+//! a weak reference, so while a closed stream still has an unwritten cursor
+//! its slot is alive, and reopening the stream picks the slot up again instead
+//! of seeding from the store, which does not have that cursor yet.
 
 use crate::clock::Millis;
 use crate::cursor::{Cursor, StreamKey};
 use crate::worker::Msg;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 pub(crate) struct Slot {
@@ -21,6 +27,8 @@ pub(crate) struct Slot {
     pub(crate) observed: AtomicU64,
     /// Duplicates dropped by the stream's tracker (written only by the tracker).
     pub(crate) duplicates: AtomicU64,
+    /// Whether a tracker of a registry holds this slot.
+    pub(crate) open: AtomicBool,
 }
 
 #[derive(Default)]
@@ -38,6 +46,7 @@ impl Slot {
             state: Mutex::new(SlotState::default()),
             observed: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
+            open: AtomicBool::new(false),
         }
     }
 
@@ -83,25 +92,18 @@ impl Slot {
     }
 }
 
-/// A tracker's link to the persistence worker.
+/// A tracker's link to the persistence worker and its registry.
 pub(crate) struct Publisher {
-    pub(crate) slot: Arc<Slot>,
     pub(crate) tx: async_channel::Sender<Msg>,
     pub(crate) registry: Arc<crate::registry::Shared>,
 }
 
 impl Publisher {
-    pub(crate) fn publish(&self, last_event_id: &str, seq: u64, at: Millis) {
-        if self.slot.publish(last_event_id, seq, at)
-            && self.tx.try_send(Msg::Dirty(self.slot.clone())).is_err()
+    pub(crate) fn publish(&self, slot: &Arc<Slot>, last_event_id: &str, seq: u64, at: Millis) {
+        if slot.publish(last_event_id, seq, at)
+            && self.tx.try_send(Msg::Dirty(slot.clone())).is_err()
         {
             self.registry.note_rejected();
         }
-    }
-}
-
-impl Drop for Publisher {
-    fn drop(&mut self) {
-        self.registry.close(&self.slot);
     }
 }

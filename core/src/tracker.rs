@@ -89,7 +89,6 @@ pub struct TrackerStats {
 
 /// Dedup window and cursor of one stream. See the [module docs](self).
 pub struct EventTracker {
-    key: StreamKey,
     fingerprint_key: FingerprintKey,
     window: DedupWindow,
     last_event_id: String,
@@ -104,18 +103,15 @@ impl EventTracker {
     /// A tracker with no persistence: dedup and cursor live in memory only.
     /// Trackers that persist come from a [`Registry`](crate::Registry).
     pub fn new(key: StreamKey, config: TrackerConfig) -> Self {
-        let slot = Arc::new(Slot::new(key.clone()));
-        Self::with_slot(key, config, slot, None)
+        Self::with_slot(config, Arc::new(Slot::new(key)), None)
     }
 
     pub(crate) fn with_slot(
-        key: StreamKey,
         config: TrackerConfig,
         slot: Arc<Slot>,
         publisher: Option<Publisher>,
     ) -> Self {
         EventTracker {
-            key,
             fingerprint_key: config.fingerprint_key,
             window: DedupWindow::new(config.window, config.max_age),
             last_event_id: String::new(),
@@ -129,7 +125,7 @@ impl EventTracker {
 
     /// The stream this tracker follows.
     pub fn key(&self) -> &StreamKey {
-        &self.key
+        &self.slot.key
     }
 
     /// Starts from a stored cursor: its id counts as seen, and new cursors
@@ -196,7 +192,7 @@ impl EventTracker {
         }
         self.seq += 1;
         if let Some(publisher) = &self.publisher {
-            publisher.publish(&self.last_event_id, self.seq, self.last_seen);
+            publisher.publish(&self.slot, &self.last_event_id, self.seq, self.last_seen);
         }
     }
 
@@ -219,7 +215,7 @@ impl EventTracker {
     /// uncommitted.
     pub fn cursor(&self) -> Cursor {
         Cursor {
-            key: self.key.clone(),
+            key: self.slot.key.clone(),
             last_event_id: self.last_event_id.clone(),
             seq: self.seq,
             at: self.last_seen,
@@ -241,10 +237,18 @@ impl EventTracker {
     }
 }
 
+impl Drop for EventTracker {
+    fn drop(&mut self) {
+        if let Some(publisher) = &self.publisher {
+            publisher.registry.close(&self.slot);
+        }
+    }
+}
+
 impl core::fmt::Debug for EventTracker {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("EventTracker")
-            .field("key", &self.key)
+            .field("key", &self.slot.key)
             .field("last_event_id", &self.last_event_id)
             .field("seq", &self.seq)
             .field("window_len", &self.window.len())

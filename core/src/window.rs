@@ -25,11 +25,11 @@ const FIRST_RING: usize = 8;
 pub(crate) struct DedupWindow {
     cap: usize,
     max_age: Option<Millis>,
-    ring: Vec<u64>,
-    times: Vec<Millis>,
+    ring: Box<[u64]>,
+    times: Box<[Millis]>,
     head: usize,
     len: usize,
-    index: Vec<u16>,
+    index: Box<[u16]>,
 }
 
 impl DedupWindow {
@@ -39,11 +39,11 @@ impl DedupWindow {
         DedupWindow {
             cap: cap.clamp(1, MAX_WINDOW),
             max_age,
-            ring: Vec::new(),
-            times: Vec::new(),
+            ring: Box::default(),
+            times: Box::default(),
             head: 0,
             len: 0,
-            index: Vec::new(),
+            index: Box::default(),
         }
     }
 
@@ -183,10 +183,10 @@ impl DedupWindow {
             }
             times.resize(new_len, Millis::ZERO);
         }
-        self.ring = ring;
-        self.times = times;
+        self.ring = ring.into_boxed_slice();
+        self.times = times.into_boxed_slice();
         self.head = 0;
-        self.index = vec![EMPTY; (new_len * 2).next_power_of_two()];
+        self.index = vec![EMPTY; (new_len * 2).next_power_of_two()].into_boxed_slice();
         for pos in 0..self.len {
             self.index_insert(self.ring[pos], pos as u16);
         }
@@ -195,7 +195,7 @@ impl DedupWindow {
     /// Heap bytes held, for memory accounting in tests and benchmarks.
     #[cfg(test)]
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.ring.capacity() * 8 + self.times.capacity() * 8 + self.index.capacity() * 2
+        self.ring.len() * 8 + self.times.len() * 8 + self.index.len() * 2
     }
 }
 

@@ -150,7 +150,6 @@ type Reply<T> = async_channel::Sender<T>;
 
 pub(crate) enum Msg {
     Dirty(Arc<Slot>),
-    Pending(StreamKey, Reply<Option<Cursor>>),
     Flush(Reply<FlushReport>),
     Delete(StreamKey, Reply<Result<(), StoreError>>),
     Shutdown(Millis, Reply<ShutdownReport>),
@@ -203,18 +202,6 @@ impl WorkerHandle {
         lock(&self.shared.final_report).clone().ok_or(WorkerStopped)
     }
 
-    /// The newest cursor of `key` that this worker has not yet written, if
-    /// any. Everything not pending when the answer was given has been
-    /// written, so a store `load` after it sees at least that.
-    pub(crate) async fn pending(&self, key: StreamKey) -> Result<Option<Cursor>, WorkerStopped> {
-        let (reply, answer) = async_channel::bounded(1);
-        self.tx
-            .send(Msg::Pending(key, reply))
-            .await
-            .map_err(|_| WorkerStopped)?;
-        answer.recv().await.map_err(|_| WorkerStopped)
-    }
-
     /// Deletes the stored cursor of `key`, after any pending write of it.
     pub(crate) async fn delete(&self, key: StreamKey) -> Result<(), DeleteError> {
         let (reply, answer) = async_channel::bounded(1);
@@ -249,28 +236,40 @@ pub(crate) enum DeleteError {
 
 struct Retry {
     cursor: Cursor,
+    slot: Arc<Slot>,
     attempts: u32,
     generation: u64,
 }
 
-/// One `save_batch` worth of cursors, with the attempt count of each.
+/// One `save_batch` worth of cursors, with the slot and attempt count of
+/// each. Holding the slots keeps a closed stream's slot alive until its
+/// cursor is written (see `slot.rs`).
 #[derive(Default)]
 pub(crate) struct Batch {
     pub(crate) cursors: Vec<Cursor>,
+    slots: Vec<Arc<Slot>>,
     attempts: Vec<u32>,
 }
 
 impl Batch {
-    fn push(&mut self, positions: &mut HashMap<StreamKey, usize>, cursor: Cursor, attempts: u32) {
+    fn push(
+        &mut self,
+        positions: &mut HashMap<StreamKey, usize>,
+        cursor: Cursor,
+        slot: Arc<Slot>,
+        attempts: u32,
+    ) {
         match positions.get(&cursor.key) {
             Some(&i) if self.cursors[i].seq >= cursor.seq => {}
             Some(&i) => {
                 self.cursors[i] = cursor;
+                self.slots[i] = slot;
                 self.attempts[i] = self.attempts[i].max(attempts);
             }
             None => {
                 positions.insert(cursor.key.clone(), self.cursors.len());
                 self.cursors.push(cursor);
+                self.slots.push(slot);
                 self.attempts.push(attempts);
             }
         }
@@ -351,7 +350,7 @@ impl Scheduler {
         for slot in std::mem::take(&mut self.dirty) {
             let cursor = slot.snapshot();
             let attempts = self.retries.remove(&cursor.key).map_or(0, |r| r.attempts);
-            batch.push(&mut positions, cursor, attempts);
+            batch.push(&mut positions, cursor, slot, attempts);
         }
         while let Some(due) = self.next_retry_due() {
             if due > now && !all_retries {
@@ -359,7 +358,7 @@ impl Scheduler {
             }
             let Reverse((_, _, key)) = self.heap.pop().expect("peeked");
             let retry = self.retries.remove(&key).expect("live entry");
-            batch.push(&mut positions, retry.cursor, retry.attempts);
+            batch.push(&mut positions, retry.cursor, retry.slot, retry.attempts);
         }
         if batch.cursors.is_empty() {
             return None;
@@ -372,7 +371,12 @@ impl Scheduler {
     /// for retry unless a newer cursor of their stream is already pending.
     pub(crate) fn on_result(&mut self, batch: Batch, result: &Result<(), StoreError>, now: Millis) {
         let Err(error) = result else { return };
-        for (cursor, attempts) in batch.cursors.into_iter().zip(batch.attempts) {
+        let entries = batch
+            .cursors
+            .into_iter()
+            .zip(batch.slots)
+            .zip(batch.attempts);
+        for ((cursor, slot), attempts) in entries {
             if self
                 .retries
                 .get(&cursor.key)
@@ -395,21 +399,12 @@ impl Scheduler {
                 cursor.key.clone(),
                 Retry {
                     cursor,
+                    slot,
                     attempts,
                     generation,
                 },
             );
         }
-    }
-
-    /// The newest cursor of `key` waiting to be written.
-    pub(crate) fn pending_for(&self, key: &StreamKey) -> Option<Cursor> {
-        self.dirty
-            .iter()
-            .filter(|slot| &slot.key == key)
-            .map(|slot| slot.peek())
-            .chain(self.retries.get(key).map(|r| r.cursor.clone()))
-            .max_by_key(|c| c.seq)
     }
 
     /// Drops everything pending for `key` (its stream is being deleted).
@@ -525,9 +520,6 @@ impl<S: Store, C: Clock> PersistenceWorker<S, C> {
     ) -> Option<Millis> {
         match msg {
             Msg::Dirty(slot) => self.sched.on_dirty(slot),
-            Msg::Pending(key, reply) => {
-                let _ = reply.try_send(self.sched.pending_for(&key));
-            }
             Msg::Flush(reply) => {
                 let now = self.clock.now();
                 let (written, error) = match self.sched.take(now, true) {

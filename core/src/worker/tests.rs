@@ -137,6 +137,7 @@ fn stale_failure_never_replaces_a_newer_retry() {
             seq: 1,
             at: Millis(0),
         },
+        a.clone(),
         0,
     );
     s.on_result(older, &down(), Millis(0));
@@ -609,6 +610,40 @@ fn open_fails_cleanly_when_the_store_cannot_load() {
     assert!(!e.registry.is_open(&StreamKey::new("s", "a")));
     e.store.set_down(false);
     e.open("a");
+}
+
+#[test]
+fn a_closed_stream_with_an_unwritten_cursor_is_reopened_from_it() {
+    let mut e = env(FlakyConfig::default());
+    let mut t = e.open("a");
+    e.deliver(&mut t, "1");
+    e.store.set_down(true);
+    e.deliver(&mut t, "2");
+    e.advance(300);
+    drop(t);
+    assert_eq!(e.registry.stats().worker.retries_pending, 1);
+    e.store.set_down(false);
+    assert_eq!(
+        e.stored("a").as_deref(),
+        Some("1"),
+        "the retry is not due yet"
+    );
+    let mut t = e.open("a");
+    assert_eq!((t.last_event_id(), t.seq()), (Some("2"), 2));
+    e.deliver(&mut t, "3");
+    e.advance(5000);
+    assert_eq!(e.stored("a").as_deref(), Some("3"));
+    drop(t);
+    e.advance(5000);
+    assert_eq!(e.registry.stats().open_streams, 0);
+}
+
+#[test]
+fn open_does_not_need_a_running_worker() {
+    let store = Rc::new(MemStore::new());
+    let (registry, _worker) = persistence(store, ManualClock::new(), Config::default());
+    let tracker = futures::executor::block_on(registry.open(StreamKey::new("s", "a"))).unwrap();
+    assert_eq!(tracker.seq(), 0);
 }
 
 #[test]

@@ -1,0 +1,339 @@
+//! The resumable stream: the client loop both hosts share.
+//!
+//! [`ResumableStream`] connects through a host [`Connector`] (native HTTP,
+//! browser `fetch`), sends the tracker's last event id as `Last-Event-ID`,
+//! parses the body, passes every event through the stream's
+//! [`EventTracker`], and yields only fresh events. When the connection fails
+//! it drops (aborts) it, asks the [`ReconnectPolicy`] when to try again,
+//! sleeps on the [`Clock`], and reconnects from the current cursor.
+//!
+//! # Driving contract
+//!
+//! Call [`ResumableStream::next`] in a loop and hand each event to the
+//! application. The next call to `next` (or an explicit
+//! [`ResumableStream::commit`]) declares the previous event delivered and
+//! moves the cursor: a crash between receiving and handling an event repeats
+//! it, never skips it. `next` is cancel-safe: dropping its future (to select
+//! on a shutdown signal, say) loses nothing; the next call carries on.
+//!
+//! The cursor survives connections: a resumed connection that drops before
+//! any new id arrives resumes from the same id again, and events without an
+//! id never move it. Replays the server sends anyway (a server that rewinds,
+//! or one that ignores `Last-Event-ID` and starts over) are dropped as
+//! duplicates inside the tracker's window.
+
+use crate::clock::{Clock, Millis};
+use crate::reconnect::{Decision, Failure, GiveUp, ReconnectConfig, ReconnectPolicy};
+use crate::sse::{Event, Item, Limits, ParseError, Parser};
+use crate::tracker::EventTracker;
+use core::fmt;
+use futures::future::{Either, select};
+use futures::{Stream, StreamExt};
+use std::pin::pin;
+
+/// What a connector is asked to open.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectRequest<'a> {
+    /// The stream's URL.
+    pub url: &'a str,
+    /// Extra request headers (authorization, MCP session id, ...).
+    pub headers: &'a [(String, String)],
+    /// The `Last-Event-ID` header to send, if any.
+    pub last_event_id: Option<&'a str>,
+}
+
+/// Opens SSE connections for a [`ResumableStream`]; implemented by hosts.
+///
+/// `connect` resolves once the response headers are in: with the body for a
+/// 200 `text/event-stream` response, or with a [`Failure`] (`Status` with
+/// its `Retry-After`, `ContentType`, `Network`). Dropping the body must abort
+/// the connection. No `Send` bound: browser futures are `!Send`.
+#[allow(async_fn_in_trait)]
+pub trait Connector {
+    /// A chunk of body bytes.
+    type Chunk: AsRef<[u8]>;
+    /// The response body; ends when the server closes the stream.
+    type Body: Stream<Item = Result<Self::Chunk, Failure>> + Unpin;
+
+    /// Opens a connection.
+    async fn connect(&self, request: ConnectRequest<'_>) -> Result<Self::Body, Failure>;
+}
+
+/// Why a [`ResumableStream`] stopped.
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamError {
+    /// The reconnect policy gave up.
+    GaveUp(GiveUp),
+    /// The server sent something that breaks the configured limits.
+    Parse(ParseError),
+    /// The stream was closed by [`ResumableStream::close`].
+    Closed,
+}
+
+impl fmt::Display for StreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StreamError::GaveUp(g) => write!(f, "{g}"),
+            StreamError::Parse(e) => write!(f, "malformed stream: {e}"),
+            StreamError::Closed => f.write_str("stream closed"),
+        }
+    }
+}
+
+impl std::error::Error for StreamError {}
+
+/// Settings of a [`ResumableStream`].
+#[derive(Clone, Debug, Default)]
+pub struct StreamConfig {
+    /// Extra request headers sent on every connection.
+    pub headers: Vec<(String, String)>,
+    /// When to reconnect and when to give up.
+    pub reconnect: ReconnectConfig,
+    /// Parser limits on line and event size.
+    pub limits: Limits,
+}
+
+/// Counters of one resumable stream.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StreamStats {
+    /// Connections opened.
+    pub connects: u64,
+    /// Reconnects scheduled after a failure.
+    pub reconnects: u64,
+    /// Fresh events handed out.
+    pub delivered: u64,
+    /// Replayed events dropped.
+    pub duplicates: u64,
+    /// Comment lines (keep-alives) received.
+    pub comments: u64,
+    /// Body bytes received.
+    pub bytes: u64,
+    /// The last connection failure.
+    pub last_failure: Option<Failure>,
+}
+
+enum State<B> {
+    Connect,
+    Wait(Millis),
+    Open(B, Parser),
+    Stopped(StreamError),
+}
+
+/// A stream that resumes across drops; see the [module docs](self).
+pub struct ResumableStream<C: Connector, K> {
+    connector: C,
+    clock: K,
+    tracker: EventTracker,
+    policy: ReconnectPolicy,
+    url: String,
+    headers: Vec<(String, String)>,
+    limits: Limits,
+    state: State<C::Body>,
+    stats: StreamStats,
+}
+
+impl<C: Connector, K: Clock> ResumableStream<C, K> {
+    /// A stream of `url` resuming from `tracker`'s cursor. Nothing happens
+    /// until the first [`next`](Self::next).
+    pub fn new(
+        connector: C,
+        clock: K,
+        url: impl Into<String>,
+        tracker: EventTracker,
+        config: StreamConfig,
+    ) -> Self {
+        ResumableStream {
+            connector,
+            clock,
+            tracker,
+            policy: ReconnectPolicy::new(config.reconnect),
+            url: url.into(),
+            headers: config.headers,
+            limits: config.limits,
+            state: State::Connect,
+            stats: StreamStats::default(),
+        }
+    }
+
+    /// Declares every event handed out so far delivered and moves the cursor.
+    /// `next` does this by itself for the previous event.
+    pub fn commit(&mut self) {
+        self.tracker.commit();
+    }
+
+    /// The next fresh event, reconnecting as needed. Errors are final: once
+    /// the policy gives up or the stream breaks its limits, every later call
+    /// returns the same error.
+    pub async fn next(&mut self) -> Result<Event, StreamError> {
+        self.tracker.commit();
+        loop {
+            match std::mem::replace(&mut self.state, State::Connect) {
+                State::Stopped(error) => {
+                    self.state = State::Stopped(error.clone());
+                    return Err(error);
+                }
+                State::Wait(at) => {
+                    self.state = State::Wait(at);
+                    if self.clock.now() < at {
+                        self.clock.sleep_until(at).await;
+                    }
+                    self.state = State::Connect;
+                }
+                State::Connect => {
+                    let request = ConnectRequest {
+                        url: &self.url,
+                        headers: &self.headers,
+                        last_event_id: self.tracker.last_event_id(),
+                    };
+                    let connected = self.connector.connect(request).await;
+                    let now = self.clock.now();
+                    match connected {
+                        Ok(body) => {
+                            self.stats.connects += 1;
+                            self.policy.on_connected(now);
+                            let parser = match self.tracker.last_event_id() {
+                                Some(id) => Parser::with_last_event_id(self.limits, id),
+                                None => Parser::new(self.limits),
+                            };
+                            self.state = State::Open(body, parser);
+                        }
+                        Err(failure) => self.fail(now, failure),
+                    }
+                }
+                State::Open(body, mut parser) => {
+                    if let Some(event) = self.drain(&mut parser) {
+                        self.state = State::Open(body, parser);
+                        return Ok(event);
+                    }
+                    let deadline = self.policy.idle_deadline().unwrap_or(Millis::MAX);
+                    // Keep the connection in place while waiting, so that a
+                    // cancelled `next` finds it again.
+                    self.state = State::Open(body, parser);
+                    let State::Open(body, _) = &mut self.state else {
+                        unreachable!("just set")
+                    };
+                    let read = {
+                        let chunk = body.next();
+                        let idle = pin!(self.clock.sleep_until(deadline));
+                        match select(chunk, idle).await {
+                            Either::Left((chunk, _)) => Some(chunk),
+                            Either::Right(((), _)) => None,
+                        }
+                    };
+                    let now = self.clock.now();
+                    let State::Open(body, mut parser) =
+                        std::mem::replace(&mut self.state, State::Connect)
+                    else {
+                        unreachable!("only this arm changes the state")
+                    };
+                    match read {
+                        Some(Some(Ok(chunk))) => {
+                            let bytes = chunk.as_ref();
+                            self.stats.bytes += bytes.len() as u64;
+                            self.policy.on_bytes(now);
+                            if let Err(error) = parser.feed(bytes) {
+                                drop(body);
+                                self.state = State::Stopped(StreamError::Parse(error));
+                                return Err(StreamError::Parse(error));
+                            }
+                            self.state = State::Open(body, parser);
+                        }
+                        Some(Some(Err(failure))) => {
+                            drop(body);
+                            self.fail(now, failure);
+                        }
+                        Some(None) => {
+                            // Every complete event was drained before this
+                            // read; an incomplete one at the end is dropped,
+                            // as the specification says.
+                            drop((body, parser));
+                            self.fail(now, Failure::Network("the server closed the stream".into()));
+                        }
+                        None => {
+                            drop(body);
+                            self.fail(now, Failure::Idle(self.policy.idle_timeout()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs parsed items through the tracker until a fresh event comes out.
+    fn drain(&mut self, parser: &mut Parser) -> Option<Event> {
+        let now = self.clock.now();
+        while let Some(item) = parser.next_item() {
+            match item {
+                Item::Event(event) => {
+                    if self.tracker.observe(event.id.as_deref(), now).is_fresh() {
+                        self.stats.delivered += 1;
+                        return Some(event);
+                    }
+                    self.stats.duplicates += 1;
+                }
+                Item::IdOnly(id) => {
+                    // Nothing to deliver, but the cursor moves.
+                    if self.tracker.observe(Some(&id), now).is_fresh() {
+                        self.tracker.commit();
+                    }
+                }
+                Item::Comment(_) => self.stats.comments += 1,
+                Item::Retry(ms) => self.policy.on_retry_hint(ms),
+            }
+        }
+        None
+    }
+
+    /// The connection is gone (already dropped): schedule a retry or stop.
+    fn fail(&mut self, now: Millis, failure: Failure) {
+        self.stats.last_failure = Some(failure.clone());
+        self.state = match self.policy.on_failure(now, failure) {
+            Decision::RetryAt(at) => {
+                self.stats.reconnects += 1;
+                State::Wait(at)
+            }
+            Decision::GiveUp(give_up) => State::Stopped(StreamError::GaveUp(give_up)),
+        };
+    }
+
+    /// Drops the connection; later calls to `next` return
+    /// [`StreamError::Closed`]. The tracker keeps its cursor.
+    pub fn close(&mut self) {
+        self.state = State::Stopped(StreamError::Closed);
+    }
+
+    /// The id a reconnect would send as `Last-Event-ID`.
+    pub fn last_event_id(&self) -> Option<&str> {
+        self.tracker.last_event_id()
+    }
+
+    /// The stream's tracker.
+    pub fn tracker(&self) -> &EventTracker {
+        &self.tracker
+    }
+
+    /// Closes the stream and hands back its tracker (to commit, inspect or
+    /// reuse it).
+    pub fn into_tracker(self) -> EventTracker {
+        self.tracker
+    }
+
+    /// This stream's counters.
+    pub fn stats(&self) -> &StreamStats {
+        &self.stats
+    }
+
+    /// The current `retry:` floor sent by the server.
+    pub fn retry_floor(&self) -> Millis {
+        self.policy.retry_floor()
+    }
+
+    /// Whether a connection is open right now.
+    pub fn is_connected(&self) -> bool {
+        matches!(self.state, State::Open(..))
+    }
+}
+
+#[cfg(test)]
+mod tests;

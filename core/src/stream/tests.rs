@@ -1,0 +1,494 @@
+use super::*;
+use crate::backoff::Backoff;
+use crate::clock::ManualClock;
+use crate::cursor::StreamKey;
+use crate::fingerprint::FingerprintKey;
+use crate::tracker::TrackerConfig;
+use futures::stream::{self, LocalBoxStream};
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+/// One step of a scripted response body.
+#[derive(Clone, Debug)]
+enum Step {
+    Bytes(&'static str),
+    Wait(u64),
+    Fail(&'static str),
+    Hang,
+}
+
+/// What a scripted connection attempt answers.
+enum Answer {
+    Body(Vec<Step>),
+    Refuse(Failure),
+}
+
+/// A connector that plays a script and records what it was asked.
+#[derive(Clone)]
+struct Scripted {
+    clock: ManualClock,
+    answers: Rc<RefCell<VecDeque<Answer>>>,
+    requests: Rc<RefCell<Vec<Request>>>,
+    open_bodies: Rc<Cell<usize>>,
+}
+
+/// One connection attempt as the connector saw it.
+struct Request {
+    at: Millis,
+    last_event_id: Option<String>,
+    /// Bodies still open when the attempt was made.
+    open_bodies: usize,
+}
+
+/// Counts live bodies, so tests can see that a connection was dropped.
+struct Live(Rc<Cell<usize>>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
+impl Scripted {
+    fn new(clock: &ManualClock, answers: Vec<Answer>) -> Self {
+        Scripted {
+            clock: clock.clone(),
+            answers: Rc::new(RefCell::new(answers.into())),
+            requests: Rc::default(),
+            open_bodies: Rc::default(),
+        }
+    }
+
+    fn last_event_ids(&self) -> Vec<Option<String>> {
+        self.requests
+            .borrow()
+            .iter()
+            .map(|r| r.last_event_id.clone())
+            .collect()
+    }
+
+    fn connect_times(&self) -> Vec<Millis> {
+        self.requests.borrow().iter().map(|r| r.at).collect()
+    }
+}
+
+impl Connector for Scripted {
+    type Chunk = Vec<u8>;
+    type Body = LocalBoxStream<'static, Result<Vec<u8>, Failure>>;
+
+    async fn connect(&self, request: ConnectRequest<'_>) -> Result<Self::Body, Failure> {
+        self.requests.borrow_mut().push(Request {
+            at: self.clock.now(),
+            last_event_id: request.last_event_id.map(str::to_owned),
+            open_bodies: self.open_bodies.get(),
+        });
+        let answer = self
+            .answers
+            .borrow_mut()
+            .pop_front()
+            .unwrap_or(Answer::Body(vec![Step::Hang]));
+        let steps = match answer {
+            Answer::Refuse(failure) => return Err(failure),
+            Answer::Body(steps) => steps,
+        };
+        self.open_bodies.set(self.open_bodies.get() + 1);
+        let live = Live(self.open_bodies.clone());
+        let clock = self.clock.clone();
+        let body = stream::unfold(
+            (VecDeque::from(steps), clock, live),
+            |(mut steps, clock, live)| async move {
+                loop {
+                    match steps.pop_front()? {
+                        Step::Bytes(s) => {
+                            return Some((Ok(s.as_bytes().to_vec()), (steps, clock, live)));
+                        }
+                        Step::Fail(m) => {
+                            return Some((Err(Failure::Network(m.into())), (steps, clock, live)));
+                        }
+                        Step::Wait(ms) => {
+                            let until = clock.now() + Millis(ms);
+                            clock.sleep_until(until).await;
+                        }
+                        Step::Hang => futures::future::pending::<()>().await,
+                    }
+                }
+            },
+        );
+        Ok(Box::pin(body))
+    }
+}
+
+fn tracker(window: usize) -> EventTracker {
+    EventTracker::new(
+        StreamKey::new("s", "1"),
+        TrackerConfig {
+            window,
+            max_age: None,
+            fingerprint_key: FingerprintKey::new(1, 2),
+        },
+    )
+}
+
+fn config() -> StreamConfig {
+    StreamConfig {
+        headers: vec![("Authorization".into(), "Bearer t".into())],
+        reconnect: ReconnectConfig {
+            backoff: Backoff {
+                initial: Millis(1000),
+                max: Millis(8000),
+            },
+            max_attempts: Some(3),
+            idle_timeout: Millis(45_000),
+            healthy_after: Millis(30_000),
+            seed: 3,
+        },
+        limits: Limits::default(),
+    }
+}
+
+/// Drives `fut` to completion, jumping virtual time to the next timer
+/// whenever everything waits.
+fn run<F: std::future::Future>(clock: &ManualClock, fut: F) -> F::Output {
+    let mut fut = pin!(fut);
+    let waker = futures::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    loop {
+        if let std::task::Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+            return out;
+        }
+        let next = clock.next_deadline().expect("stuck: nothing to wait for");
+        clock.set(next);
+    }
+}
+
+/// Collects `n` event ids (or data, for events without id).
+fn take(
+    clock: &ManualClock,
+    stream: &mut ResumableStream<Scripted, ManualClock>,
+    n: usize,
+) -> Vec<String> {
+    (0..n)
+        .map(|_| {
+            let event = run(clock, stream.next()).expect("an event");
+            event.id.unwrap_or(event.data)
+        })
+        .collect()
+}
+
+fn body(steps: &[Step]) -> Answer {
+    Answer::Body(steps.to_vec())
+}
+
+fn setup(
+    answers: Vec<Answer>,
+    window: usize,
+) -> (
+    ManualClock,
+    Scripted,
+    ResumableStream<Scripted, ManualClock>,
+) {
+    let clock = ManualClock::new();
+    let connector = Scripted::new(&clock, answers);
+    let stream = ResumableStream::new(
+        connector.clone(),
+        clock.clone(),
+        "http://x/sse",
+        tracker(window),
+        config(),
+    );
+    (clock, connector, stream)
+}
+
+#[test]
+fn delivers_events_and_commits_each_on_the_next_call() {
+    let (clock, _, mut s) = setup(
+        vec![body(&[
+            Step::Bytes("id: 1\ndata: a\n\nid: 2\ndata: b\n\n"),
+            Step::Hang,
+        ])],
+        64,
+    );
+    let first = run(&clock, s.next()).unwrap();
+    assert_eq!((first.id.as_deref(), first.data.as_str()), (Some("1"), "a"));
+    assert_eq!(s.tracker().seq(), 0, "not committed before it is handled");
+    let second = run(&clock, s.next()).unwrap();
+    assert_eq!(second.id.as_deref(), Some("2"));
+    assert_eq!(s.tracker().seq(), 1);
+    s.commit();
+    assert_eq!(s.tracker().seq(), 2);
+    assert_eq!(s.last_event_id(), Some("2"));
+}
+
+#[test]
+fn a_drop_mid_event_resumes_from_the_last_complete_event() {
+    let (clock, conn, mut s) = setup(
+        vec![
+            body(&[
+                Step::Bytes("id: 1\ndata: a\n\nid: 2\ndata: b\n\nid: 3\nda"),
+                Step::Fail("reset"),
+            ]),
+            body(&[Step::Bytes("id: 3\ndata: c\n\n"), Step::Hang]),
+        ],
+        64,
+    );
+    assert_eq!(take(&clock, &mut s, 3), ["1", "2", "3"]);
+    assert_eq!(conn.last_event_ids(), [None, Some("2".into())]);
+    assert_eq!(s.stats().reconnects, 1);
+}
+
+#[test]
+fn replayed_events_are_dropped() {
+    let (clock, _, mut s) = setup(
+        vec![
+            body(&[Step::Bytes(
+                "id: 1\ndata: a\n\nid: 2\ndata: b\n\nid: 3\ndata: c\n\n",
+            )]),
+            body(&[
+                Step::Bytes("id: 2\ndata: b\n\nid: 3\ndata: c\n\nid: 4\ndata: d\n\n"),
+                Step::Hang,
+            ]),
+        ],
+        64,
+    );
+    assert_eq!(take(&clock, &mut s, 4), ["1", "2", "3", "4"]);
+    assert_eq!(s.stats().duplicates, 2);
+}
+
+#[test]
+fn a_server_that_ignores_last_event_id_and_starts_over_is_deduplicated() {
+    let all = "id: 1\ndata: a\n\nid: 2\ndata: b\n\nid: 3\ndata: c\n\nid: 4\ndata: d\n\n";
+    let (clock, conn, mut s) = setup(
+        vec![
+            body(&[Step::Bytes("id: 1\ndata: a\n\nid: 2\ndata: b\n\n")]),
+            body(&[Step::Bytes(all), Step::Hang]),
+        ],
+        64,
+    );
+    assert_eq!(take(&clock, &mut s, 4), ["1", "2", "3", "4"]);
+    assert_eq!(conn.last_event_ids()[1].as_deref(), Some("2"));
+    assert_eq!(s.stats().duplicates, 2);
+}
+
+#[test]
+fn a_resumed_connection_that_drops_before_a_new_id_keeps_the_cursor() {
+    let (clock, conn, mut s) = setup(
+        vec![
+            body(&[Step::Bytes("id: 7\ndata: a\n\n")]),
+            body(&[Step::Bytes(": keep-alive\n\ndata: no id\n\n")]),
+            body(&[Step::Bytes("id: 8\ndata: b\n\n"), Step::Hang]),
+        ],
+        64,
+    );
+    assert_eq!(take(&clock, &mut s, 3), ["7", "no id", "8"]);
+    assert_eq!(
+        conn.last_event_ids(),
+        [None, Some("7".into()), Some("7".into())]
+    );
+    assert_eq!(s.stats().comments, 1);
+}
+
+#[test]
+fn an_empty_id_resets_the_cursor() {
+    let (clock, conn, mut s) = setup(
+        vec![
+            body(&[Step::Bytes("id: 7\ndata: a\n\nid\ndata: b\n\n")]),
+            body(&[Step::Bytes("id: 1\ndata: c\n\n"), Step::Hang]),
+        ],
+        64,
+    );
+    let ids: Vec<_> = (0..3)
+        .map(|_| run(&clock, s.next()).unwrap().data)
+        .collect();
+    assert_eq!(ids, ["a", "b", "c"]);
+    assert_eq!(conn.last_event_ids(), [None, None]);
+}
+
+#[test]
+fn an_id_only_block_moves_the_cursor() {
+    let (clock, conn, mut s) = setup(
+        vec![
+            body(&[Step::Bytes("id: 1\ndata: a\n\nid: 5\n\n")]),
+            body(&[Step::Bytes("id: 6\ndata: b\n\n"), Step::Hang]),
+        ],
+        64,
+    );
+    assert_eq!(take(&clock, &mut s, 2), ["1", "6"]);
+    assert_eq!(conn.last_event_ids()[1].as_deref(), Some("5"));
+}
+
+#[test]
+fn the_server_retry_value_sets_the_reconnect_floor() {
+    let (clock, conn, mut s) = setup(
+        vec![
+            body(&[Step::Bytes("retry: 20000\nid: 1\ndata: a\n\n")]),
+            body(&[Step::Bytes("retry: 2500\n\nid: 2\ndata: b\n\n")]),
+            body(&[Step::Bytes("id: 3\ndata: c\n\n"), Step::Hang]),
+        ],
+        64,
+    );
+    assert_eq!(take(&clock, &mut s, 3), ["1", "2", "3"]);
+    let times = conn.connect_times();
+    let first_gap = times[1] - times[0];
+    assert!(
+        (Millis(20_000)..=Millis(30_000)).contains(&first_gap),
+        "{first_gap}"
+    );
+    let second_gap = times[2] - times[1];
+    assert!(
+        (Millis(2500)..=Millis(3750)).contains(&second_gap),
+        "the floor changed, the backoff is at 2 s: {second_gap}"
+    );
+}
+
+#[test]
+fn status_503_with_retry_after_is_honoured() {
+    let (clock, conn, mut s) = setup(
+        vec![
+            Answer::Refuse(Failure::Status {
+                code: 503,
+                retry_after: Some(Millis::from_secs(60)),
+            }),
+            body(&[Step::Bytes("id: 1\ndata: a\n\n"), Step::Hang]),
+        ],
+        64,
+    );
+    assert_eq!(take(&clock, &mut s, 1), ["1"]);
+    assert!(conn.connect_times()[1] >= Millis::from_secs(60));
+}
+
+#[test]
+fn a_dead_connection_is_detected_and_dropped_before_the_retry() {
+    let (clock, conn, mut s) = setup(
+        vec![
+            body(&[Step::Bytes("id: 1\ndata: a\n\n"), Step::Hang]),
+            body(&[Step::Bytes("id: 2\ndata: b\n\n"), Step::Hang]),
+        ],
+        64,
+    );
+    assert_eq!(take(&clock, &mut s, 2), ["1", "2"]);
+    let requests = conn.requests.borrow();
+    assert!(requests[1].at >= Millis(45_000), "idle timeout is 45 s");
+    assert_eq!(
+        requests[1].open_bodies, 0,
+        "the dead body was dropped before reconnecting"
+    );
+    assert_eq!(s.stats().last_failure, Some(Failure::Idle(Millis(45_000))));
+}
+
+#[test]
+fn keep_alives_keep_a_connection_alive() {
+    let (clock, conn, mut s) = setup(
+        vec![body(&[
+            Step::Wait(30_000),
+            Step::Bytes(":\n"),
+            Step::Wait(30_000),
+            Step::Bytes(":\n"),
+            Step::Wait(30_000),
+            Step::Bytes("id: 1\ndata: a\n\n"),
+            Step::Hang,
+        ])],
+        64,
+    );
+    assert_eq!(take(&clock, &mut s, 1), ["1"]);
+    assert_eq!(conn.requests.borrow().len(), 1);
+}
+
+#[test]
+fn permanent_failures_stop_with_a_clear_error() {
+    for failure in [
+        Failure::Status {
+            code: 404,
+            retry_after: None,
+        },
+        Failure::Status {
+            code: 401,
+            retry_after: None,
+        },
+        Failure::ContentType("text/html".into()),
+    ] {
+        let (clock, conn, mut s) = setup(vec![Answer::Refuse(failure.clone())], 64);
+        let error = run(&clock, s.next()).unwrap_err();
+        assert_eq!(error, StreamError::GaveUp(GiveUp::Permanent(failure)));
+        assert_eq!(
+            run(&clock, s.next()).unwrap_err(),
+            error,
+            "errors are final"
+        );
+        assert_eq!(conn.requests.borrow().len(), 1);
+    }
+}
+
+#[test]
+fn the_budget_of_attempts_without_data_runs_out() {
+    let refuse = || Answer::Refuse(Failure::Network("refused".into()));
+    let (clock, conn, mut s) = setup(vec![refuse(), refuse(), refuse(), refuse()], 64);
+    let error = run(&clock, s.next()).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            StreamError::GaveUp(GiveUp::Exhausted { attempts: 3, .. })
+        ),
+        "{error:?}"
+    );
+    assert_eq!(conn.requests.borrow().len(), 3);
+    assert!(error.to_string().contains("refused"));
+}
+
+#[test]
+fn oversized_lines_stop_the_stream_with_bounded_memory() {
+    let clock = ManualClock::new();
+    let conn = Scripted::new(
+        &clock,
+        vec![body(&[
+            Step::Bytes("id: 1\ndata: a\n\ndata: "),
+            Step::Bytes("xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"),
+            Step::Bytes("xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"),
+            Step::Hang,
+        ])],
+    );
+    let mut cfg = config();
+    cfg.limits = Limits {
+        max_line: 64,
+        max_event: 64,
+    };
+    let mut s = ResumableStream::new(conn, clock.clone(), "http://x", tracker(8), cfg);
+    assert_eq!(run(&clock, s.next()).unwrap().data, "a");
+    assert!(matches!(
+        run(&clock, s.next()).unwrap_err(),
+        StreamError::Parse(_)
+    ));
+}
+
+#[test]
+fn next_is_cancel_safe() {
+    let (clock, _, mut s) = setup(
+        vec![body(&[
+            Step::Wait(1000),
+            Step::Bytes("id: 1\ndata: a\n\n"),
+            Step::Hang,
+        ])],
+        64,
+    );
+    {
+        let mut fut = Box::pin(s.next());
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+    }
+    assert!(s.is_connected(), "the connection survives a dropped next()");
+    assert_eq!(take(&clock, &mut s, 1), ["1"]);
+}
+
+#[test]
+fn close_stops_the_stream() {
+    let (clock, conn, mut s) = setup(
+        vec![body(&[Step::Bytes("id: 1\ndata: a\n\n"), Step::Hang])],
+        64,
+    );
+    assert_eq!(take(&clock, &mut s, 1), ["1"]);
+    s.close();
+    assert_eq!(conn.open_bodies.get(), 0);
+    assert_eq!(run(&clock, s.next()).unwrap_err(), StreamError::Closed);
+    assert_eq!(s.into_tracker().seq(), 1);
+}
