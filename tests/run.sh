@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test of tidemark: formatting, lints, unit, property,
-# simulation and doc tests, benchmarks in test mode, and the wasm build of the
-# core. It installs what it needs when missing and is quick when all is there.
+# simulation and doc tests, benchmarks in test mode, a brief fuzz run, and the
+# wasm build of the core. It installs what it needs when missing and is quick when all is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +30,12 @@ cargo test --workspace --all-targets --locked 2>&1 | tee -a "$log"
 
 step "doc tests"
 cargo test --workspace --doc --locked 2>&1 | tee -a "$log"
+
+step "fuzz target, briefly: seeds and 200,000 random mutations (stable replay)"
+fuzz=core/fuzz/Cargo.toml
+cargo fmt --manifest-path "$fuzz" -- --check
+cargo clippy --manifest-path "$fuzz" --release --locked --bins -- -D warnings
+cargo run --manifest-path "$fuzz" --release --locked --bin replay -- --random 200000
 
 step "core builds for wasm32-unknown-unknown"
 cargo build -p tidemark-core --target wasm32-unknown-unknown --locked

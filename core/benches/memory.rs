@@ -32,7 +32,7 @@
 //! stream, e.g.
 //!
 //! ```text
-//! BIN=$(ls -t /tmp/target-bench/release/deps/memory-* | grep -v '\.d$' | head -1)
+//! BIN=$(ls -t target/release/deps/memory-* | grep -v '\.d$' | head -1)
 //! valgrind --tool=dhat --dhat-out-file=/dev/null $BIN --case ours-idle --streams 5000
 //! valgrind --tool=dhat --dhat-out-file=/dev/null $BIN --case ours-idle --streams 10000
 //! ```
@@ -40,7 +40,7 @@
 //! Targets (asserted, so the program fails when they are missed): at most
 //! 512 B per idle stream and at most 16 KiB per stream with a full window.
 //!
-//! Run: `CARGO_TARGET_DIR=/tmp/target-bench cargo bench -p tidemark-core --bench memory`.
+//! Run: `cargo bench -p tidemark-core --bench memory`.
 //! Without `--bench`, or with `--test` (as `cargo test -p tidemark-core --benches`
 //! runs it), the full cases use 100 streams of 2,048 ids. `--case NAME`
 //! runs one case in this process; `--streams N` and `--ids N` override the

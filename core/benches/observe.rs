@@ -3,9 +3,8 @@
 //!
 //! The tracker is opened from a [`Registry`] wired to a `PersistenceWorker`
 //! (`MemStore`, `ManualClock`, default config). The worker is spawned on a
-//! `LocalPool` that runs only to open the tracker (`Registry::open` asks the
-//! worker for a cursor it has not written yet, so a plain `block_on(open)`
-//! with no worker running never returns); it does not run while timing: a
+//! `LocalPool` that runs only to open the tracker; it does not run while
+//! timing: a
 //! commit only copies the cursor into the stream's slot, and the first commit
 //! queues one channel message, which is what a commit costs between two
 //! flushes. The baseline, built here, is the seed design: a
@@ -22,10 +21,10 @@
 //! time per event. Events run in chunks of 1,024 timed with `Instant`. The
 //! baseline's receiver is drained after every chunk: `seed_baseline` drains
 //! outside the timed region (favouring the baseline: receiving and freeing
-//! the sent strings is not counted; this is the headline comparison), and
-//! `seed_baseline_with_recv` drains inside it (the seed design's full cost).
+//! the sent strings is not counted), and `seed_baseline_with_recv` drains
+//! inside it (the seed design's full cost).
 //!
-//! Run: `CARGO_TARGET_DIR=/tmp/target-bench cargo bench -p tidemark-core --bench observe`
+//! Run: `cargo bench -p tidemark-core --bench observe`
 //! (`cargo test -p tidemark-core --benches` runs every case once).
 //!
 //! Instruction counts: with
@@ -36,7 +35,7 @@
 //! only inside those functions and divide the total by `n`:
 //!
 //! ```text
-//! BIN=$(ls -t /tmp/target-bench/release/deps/observe-* | grep -v '\.d$' | head -1)
+//! BIN=$(ls -t target/release/deps/observe-* | grep -v '\.d$' | head -1)
 //! TIDEMARK_OBSERVE_EVENTS=ours:numeric:200000 valgrind --tool=callgrind \
 //!     --callgrind-out-file=/dev/null --toggle-collect='observe::ours_chunk*' $BIN
 //! TIDEMARK_OBSERVE_EVENTS=seed:numeric:200000 valgrind --tool=callgrind \

@@ -15,7 +15,7 @@
 //! same chunks under `futures::executor::block_on`. A setup pass checks that
 //! both read the same events.
 //!
-//! Run: `CARGO_TARGET_DIR=/tmp/target-sse cargo bench -p tidemark-core --bench parse`
+//! Run: `cargo bench -p tidemark-core --bench parse`
 //! (`cargo test -p tidemark-core --bench parse` parses every case once).
 //!
 //! Instruction counts: with `TIDEMARK_PARSE=<parser>:<input>:<chunk KiB>:<n>`
@@ -24,7 +24,7 @@
 //! collect only there and divide by `n` and by the input size:
 //!
 //! ```text
-//! BIN=$(ls -t /tmp/target-sse/release/deps/parse-* | grep -v '\.d$' | head -1)
+//! BIN=$(ls -t target/release/deps/parse-* | grep -v '\.d$' | head -1)
 //! TIDEMARK_PARSE=tidemark:mcp-small:8:20 valgrind --tool=callgrind \
 //!     --callgrind-out-file=/dev/null --toggle-collect='parse::run_*' $BIN
 //! ```

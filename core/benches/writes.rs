@@ -15,7 +15,7 @@
 //! naive design that writes once per event (1 event per write), and the
 //! asserted target of at least 1,000 events per store write.
 //!
-//! Run: `CARGO_TARGET_DIR=/tmp/target-bench cargo bench -p tidemark-core --bench writes`.
+//! Run: `cargo bench -p tidemark-core --bench writes`.
 //! Without `--bench`, or with `--test` (as `cargo test -p tidemark-core --benches`
 //! runs it), it simulates 1 s instead of 10 s.
 

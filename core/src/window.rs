@@ -107,7 +107,7 @@ impl DedupWindow {
         } else if self.len == self.ring.len() {
             self.grow();
         }
-        let pos = (self.head + self.len) % self.ring.len();
+        let pos = wrap(self.head + self.len, self.ring.len());
         self.ring[pos] = fp;
         if self.max_age.is_some() {
             self.times[pos] = now;
@@ -134,7 +134,7 @@ impl DedupWindow {
             i = (i + 1) & mask;
         }
         self.index_remove(i);
-        self.head = (self.head + 1) % self.ring.len();
+        self.head = wrap(self.head + 1, self.ring.len());
         self.len -= 1;
     }
 
@@ -192,11 +192,17 @@ impl DedupWindow {
         }
     }
 
-    /// Heap bytes held, for memory accounting in tests and benchmarks.
+    /// Heap bytes held, for memory accounting in tests.
     #[cfg(test)]
     pub(crate) fn heap_bytes(&self) -> usize {
         self.ring.len() * 8 + self.times.len() * 8 + self.index.len() * 2
     }
+}
+
+/// `i % n` for `i < 2 * n`, without a division on the hot path.
+#[inline]
+fn wrap(i: usize, n: usize) -> usize {
+    if i >= n { i - n } else { i }
 }
 
 #[cfg(test)]
