@@ -173,8 +173,7 @@ struct Fixture {
     replays: usize,
     ours: EventTracker,
     // Kept alive so the tracker's channel stays open. The worker is spawned
-    // on the pool, which runs only to open the tracker (`open` asks the
-    // worker for a cursor it has not written yet), never while timing.
+    // on the pool, which never runs while timing.
     _registry: Registry<Rc<MemStore>>,
     _pool: LocalPool,
     seed: SeedTracker,
