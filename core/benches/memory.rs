@@ -46,10 +46,12 @@
 //! runs one case in this process; `--streams N` and `--ids N` override the
 //! counts.
 
+mod seed;
+
 use futures::executor::LocalPool;
 use futures::task::LocalSpawnExt;
+use seed::{SeedTracker, WINDOW};
 use std::cell::Cell;
-use std::collections::{HashSet, VecDeque};
 use std::process::Command;
 use std::rc::Rc;
 use tidemark_core::{
@@ -58,7 +60,6 @@ use tidemark_core::{
 };
 
 /// The window of both designs.
-const WINDOW: usize = 1024;
 /// Target: bytes per idle stream.
 const IDLE_TARGET: f64 = 512.0;
 /// Target: bytes per stream with a full window.
@@ -89,32 +90,7 @@ impl Store for NullStore {
 /// The seed design's per-stream state.
 struct SeedStream {
     _key: StreamKey,
-    seen: HashSet<String>,
-    order: VecDeque<String>,
-    last: String,
-    tx: async_channel::Sender<String>,
-}
-
-impl SeedStream {
-    fn observe(&mut self, id: &str) -> bool {
-        if self.seen.contains(id) {
-            return false;
-        }
-        if self.order.len() == WINDOW {
-            if let Some(old) = self.order.pop_front() {
-                self.seen.remove(&old);
-            }
-        }
-        self.seen.insert(id.to_owned());
-        self.order.push_back(id.to_owned());
-        self.last.clear();
-        self.last.push_str(id);
-        true
-    }
-
-    fn commit(&mut self) {
-        let _ = self.tx.try_send(self.last.clone());
-    }
+    tracker: SeedTracker,
 }
 
 #[derive(Copy, Clone, PartialEq, Eq)]
@@ -268,18 +244,15 @@ fn child(case: &Case, streams: usize, ids_per_stream: usize) -> ! {
                 let session = uuid_like(&mut session_rng, &mut session_buf);
                 let mut stream = SeedStream {
                     _key: StreamKey::new(session, "get"),
-                    seen: HashSet::new(),
-                    order: VecDeque::new(),
-                    last: String::new(),
-                    tx: seed_tx.clone(),
+                    tracker: SeedTracker::new(seed_tx.clone()),
                 };
                 for id in &ids {
-                    assert!(stream.observe(id));
-                    stream.commit();
+                    assert!(stream.tracker.observe(id));
+                    stream.tracker.commit();
                 }
                 while seed_rx.try_recv().is_ok() {}
                 if full {
-                    assert_eq!(stream.order.len(), WINDOW);
+                    assert_eq!(stream.tracker.window_len(), WINDOW);
                 }
                 trackers.push(stream);
             }

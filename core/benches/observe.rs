@@ -46,10 +46,12 @@
 //! ("Collected" is the instruction count; drop the `seed_drain` toggle for
 //! the baseline without its receiver.)
 
+mod seed;
+
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use futures::executor::LocalPool;
 use futures::task::LocalSpawnExt;
-use std::collections::{HashSet, VecDeque};
+use seed::{SeedTracker, WINDOW};
 use std::hint::black_box;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -58,7 +60,6 @@ use tidemark_core::{
 };
 
 /// The window of both implementations (the tracker's default).
-const WINDOW: usize = 1024;
 /// Events in the generated id stream (a power of two; cycled).
 const STREAM_LEN: usize = 1 << 16;
 /// Events between two reads of the clock (and baseline drains).
@@ -123,48 +124,6 @@ fn id_stream(kind: IdKind) -> (Vec<String>, usize) {
         ids.push(id);
     }
     (ids, replays)
-}
-
-/// The seed design: ids kept as strings twice, one channel message per fresh
-/// event.
-struct SeedTracker {
-    seen: HashSet<String>,
-    order: VecDeque<String>,
-    last: String,
-    tx: async_channel::Sender<String>,
-}
-
-impl SeedTracker {
-    fn new(tx: async_channel::Sender<String>) -> Self {
-        SeedTracker {
-            seen: HashSet::with_capacity(WINDOW),
-            order: VecDeque::with_capacity(WINDOW),
-            last: String::new(),
-            tx,
-        }
-    }
-
-    #[inline]
-    fn observe(&mut self, id: &str) -> bool {
-        if self.seen.contains(id) {
-            return false;
-        }
-        if self.order.len() == WINDOW {
-            if let Some(old) = self.order.pop_front() {
-                self.seen.remove(&old);
-            }
-        }
-        self.seen.insert(id.to_owned());
-        self.order.push_back(id.to_owned());
-        self.last.clear();
-        self.last.push_str(id);
-        true
-    }
-
-    #[inline]
-    fn commit(&mut self) {
-        let _ = self.tx.try_send(self.last.clone());
-    }
 }
 
 /// One id stream and a tracker of each implementation, ready to run.
@@ -238,7 +197,7 @@ impl Fixture {
         }
         assert_eq!(duplicates, self.replays, "every replay is a duplicate");
         assert_eq!(self.ours.window_len(), WINDOW);
-        assert_eq!(self.seed.order.len(), WINDOW);
+        assert_eq!(self.seed.window_len(), WINDOW);
         assert_eq!(self.ours.last_event_id(), last_fresh);
         seed_drain(&self.seed_rx);
     }

@@ -5,13 +5,13 @@
 //! Run with `cargo run -p tidemark-tests --example resume`.
 
 use futures::executor::LocalPool;
-use futures::task::LocalSpawnExt;
 use std::collections::HashSet;
 use std::rc::Rc;
 use tidemark_core::{
     Clock, Config, EventTracker, FlakyConfig, FlakyStore, ManualClock, MemStore, Millis, Registry,
-    Rng, StreamKey, persistence,
+    Rng, StreamKey,
 };
+use tidemark_tests::start_persistence;
 
 const STREAMS: usize = 3;
 const EVENTS: u64 = 3000;
@@ -63,13 +63,7 @@ struct Lifetime {
 }
 
 fn start(store: &Store, clock: &ManualClock) -> Lifetime {
-    let (registry, worker) = persistence(store.clone(), clock.clone(), Config::default());
-    let mut pool = LocalPool::new();
-    pool.spawner()
-        .spawn_local(async move {
-            worker.run().await;
-        })
-        .unwrap();
+    let (registry, mut pool) = start_persistence(store.clone(), clock, Config::default());
     let mut trackers = Vec::new();
     let mut servers = Vec::new();
     for s in 0..STREAMS {

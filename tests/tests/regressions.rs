@@ -13,14 +13,13 @@
 //!    write returned, so a hung store blocked the shutdown forever. Now a
 //!    shutdown signal bounds every store call in progress.
 
-use futures::executor::LocalPool;
 use futures::task::LocalSpawnExt;
 use std::cell::RefCell;
 use std::rc::Rc;
 use tidemark_core::{
     Clock, Config, EventTracker, FlakyConfig, FlakyStore, ManualClock, MemStore, Millis, StreamKey,
-    persistence,
 };
+use tidemark_tests::start_persistence;
 
 /// Feeds `ids` to the tracker, committing after each fresh one.
 fn receive(tracker: &mut EventTracker, clock: &ManualClock, ids: impl IntoIterator<Item = u64>) {
@@ -40,13 +39,7 @@ fn receive(tracker: &mut EventTracker, clock: &ManualClock, ids: impl IntoIterat
 fn reopen_resumes_from_the_last_commit() {
     let store = Rc::new(MemStore::new());
     let clock = ManualClock::new();
-    let (registry, worker) = persistence(store.clone(), clock.clone(), Config::default());
-    let mut pool = LocalPool::new();
-    pool.spawner()
-        .spawn_local(async move {
-            worker.run().await;
-        })
-        .unwrap();
+    let (registry, mut pool) = start_persistence(store.clone(), &clock, Config::default());
     let key = StreamKey::new("session", "stream");
 
     let mut tracker = pool.run_until(registry.open(key.clone())).unwrap();
@@ -72,13 +65,7 @@ fn reopen_resumes_from_the_last_commit() {
 fn reopened_stream_never_moves_the_stored_id_backwards() {
     let store = Rc::new(MemStore::new());
     let clock = ManualClock::new();
-    let (registry, worker) = persistence(store.clone(), clock.clone(), Config::default());
-    let mut pool = LocalPool::new();
-    pool.spawner()
-        .spawn_local(async move {
-            worker.run().await;
-        })
-        .unwrap();
+    let (registry, mut pool) = start_persistence(store.clone(), &clock, Config::default());
     let key = StreamKey::new("session", "stream");
     let stored_id = || {
         store
@@ -129,13 +116,7 @@ fn shutdown_resolves_by_its_deadline_while_a_write_hangs() {
         clock.clone(),
         FlakyConfig::default(),
     ));
-    let (registry, worker) = persistence(store.clone(), clock.clone(), Config::default());
-    let mut pool = LocalPool::new();
-    pool.spawner()
-        .spawn_local(async move {
-            worker.run().await;
-        })
-        .unwrap();
+    let (registry, mut pool) = start_persistence(store.clone(), &clock, Config::default());
     let key = StreamKey::new("session", "stream");
     let mut tracker = pool.run_until(registry.open(key.clone())).unwrap();
 

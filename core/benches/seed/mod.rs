@@ -1,0 +1,57 @@
+//! The seed design the benches compare against: ids kept as strings twice (a
+//! `HashSet<String>` for lookups, a `VecDeque<String>` for eviction order) and
+//! one channel message per fresh event.
+
+use std::collections::{HashSet, VecDeque};
+
+/// The window both designs use.
+pub const WINDOW: usize = 1024;
+
+/// One stream of the seed design.
+pub struct SeedTracker {
+    seen: HashSet<String>,
+    order: VecDeque<String>,
+    last: String,
+    tx: async_channel::Sender<String>,
+}
+
+impl SeedTracker {
+    /// An empty tracker sending its cursor updates to `tx`.
+    pub fn new(tx: async_channel::Sender<String>) -> Self {
+        SeedTracker {
+            seen: HashSet::new(),
+            order: VecDeque::new(),
+            last: String::new(),
+            tx,
+        }
+    }
+
+    /// Whether `id` is fresh; remembers it.
+    #[inline]
+    pub fn observe(&mut self, id: &str) -> bool {
+        if self.seen.contains(id) {
+            return false;
+        }
+        if self.order.len() == WINDOW {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        self.seen.insert(id.to_owned());
+        self.order.push_back(id.to_owned());
+        self.last.clear();
+        self.last.push_str(id);
+        true
+    }
+
+    /// Sends the cursor to the persistence task.
+    #[inline]
+    pub fn commit(&mut self) {
+        let _ = self.tx.try_send(self.last.clone());
+    }
+
+    /// How many ids the window holds.
+    pub fn window_len(&self) -> usize {
+        self.order.len()
+    }
+}
