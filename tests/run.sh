@@ -41,7 +41,7 @@ step "core builds for wasm32-unknown-unknown"
 cargo build -p tidemark-core --target wasm32-unknown-unknown --locked
 
 step "core reads no clock"
-if grep -rnE 'Instant::now|SystemTime::now' core/src; then
+if grep -rnE '^[^/]*(Instant|SystemTime)::now' core/src; then
   echo "tidemark-core must take time from its Clock" >&2
   exit 1
 fi
