@@ -74,6 +74,9 @@ pub enum Failure {
     Network(String),
     /// No byte arrived for the idle timeout.
     Idle(Millis),
+    /// The request itself cannot work (a malformed URL, an unsupported
+    /// scheme, an invalid header). Permanent.
+    Request(String),
 }
 
 impl Failure {
@@ -88,7 +91,7 @@ impl Failure {
                 400..=499 => false,
                 _ => true,
             },
-            Failure::ContentType(_) => false,
+            Failure::ContentType(_) | Failure::Request(_) => false,
             Failure::Network(_) | Failure::Idle(_) => true,
         }
     }
@@ -106,6 +109,7 @@ impl fmt::Display for Failure {
             }
             Failure::Network(m) => write!(f, "connection failed: {m}"),
             Failure::Idle(t) => write!(f, "no data for {t}, connection presumed dead"),
+            Failure::Request(m) => write!(f, "invalid request: {m}"),
         }
     }
 }
@@ -350,6 +354,8 @@ mod tests {
                 Decision::GiveUp(GiveUp::Permanent(failure))
             );
         }
+        let bad = Failure::Request("unsupported scheme ftp".into());
+        assert!(!bad.is_retryable());
         let ct = Failure::ContentType("text/html".into());
         assert!(matches!(
             policy().on_failure(Millis(0), ct),

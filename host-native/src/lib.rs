@@ -8,15 +8,23 @@
 //! - [`FileStore`]: a crash-safe [`Store`](tidemark_core::Store) in one state
 //!   directory.
 //!
-//! The HTTP connector, the SSE server and the `tidemark` binary (`follow`,
-//! `serve`, `demo`) come next.
+//! - [`HttpConnector`]: the core's `Connector` over hyper's HTTP/1 client
+//!   (plain `http://` so far).
+//! - [`SseServer`]: a small SSE source with replay after `Last-Event-ID`,
+//!   keep-alives, a `retry:` hint and optional dropped connections.
+//!
+//! The `tidemark` binary (`follow`, `serve`, `demo`) comes next.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod clock;
+mod connector;
 mod file_store;
+mod server;
 
 pub use clock::SmolClock;
+pub use connector::{HttpBody, HttpConnector};
 pub use file_store::FileStore;
+pub use server::{ServerConfig, SseServer};
 pub use tidemark_core as core;

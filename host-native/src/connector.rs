@@ -1,0 +1,158 @@
+//! The core's [`Connector`] over hyper's HTTP/1 client on smol.
+
+use futures::Stream;
+use http_body_util::{BodyStream, Empty};
+use hyper::body::Bytes;
+use hyper::header::{
+    ACCEPT, CACHE_CONTROL, CONTENT_TYPE, HOST, HeaderName, HeaderValue, RETRY_AFTER,
+};
+use hyper::{Request, StatusCode, Uri};
+use smol_hyper::rt::FuturesIo;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tidemark_core::reconnect::parse_retry_after;
+use tidemark_core::{ConnectRequest, Connector, Failure};
+
+/// Opens SSE connections over plain HTTP/1.1.
+///
+/// Sends `Accept: text/event-stream`, `Cache-Control: no-cache`, the
+/// `Last-Event-ID` and the configured headers; a response other than a 200
+/// `text/event-stream` becomes a [`Failure`] with the status and its
+/// `Retry-After`. Dropping the body closes the connection.
+#[derive(Clone, Debug)]
+pub struct HttpConnector {
+    /// How long a TCP connect and the response headers may take.
+    pub connect_timeout: Duration,
+}
+
+impl Default for HttpConnector {
+    fn default() -> Self {
+        HttpConnector {
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A response body: its data chunks, and the task driving the connection
+/// (cancelled, closing the socket, when the body is dropped).
+pub struct HttpBody {
+    chunks: Pin<Box<dyn Stream<Item = Result<Bytes, Failure>> + Send>>,
+    _connection: smol::Task<()>,
+}
+
+impl Stream for HttpBody {
+    type Item = Result<Bytes, Failure>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.chunks.as_mut().poll_next(cx)
+    }
+}
+
+fn network(error: impl std::fmt::Display) -> Failure {
+    Failure::Network(error.to_string())
+}
+
+impl Connector for HttpConnector {
+    type Chunk = Bytes;
+    type Body = HttpBody;
+
+    async fn connect(&self, request: ConnectRequest<'_>) -> Result<HttpBody, Failure> {
+        let uri: Uri = request
+            .url
+            .parse()
+            .map_err(|e| Failure::Request(format!("{}: {e}", request.url)))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(Failure::Request(format!(
+                "{}: only http:// URLs are supported so far",
+                request.url
+            )));
+        }
+        let host = uri
+            .host()
+            .ok_or_else(|| Failure::Request(format!("{}: no host", request.url)))?
+            .trim_matches(|c| c == '[' || c == ']')
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(80);
+        let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
+        let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+
+        let mut builder = Request::get(path)
+            .header(HOST, authority)
+            .header(ACCEPT, "text/event-stream")
+            .header(CACHE_CONTROL, "no-cache");
+        if let Some(id) = request.last_event_id {
+            builder = builder.header("last-event-id", id);
+        }
+        for (name, value) in request.headers {
+            let name = HeaderName::try_from(name.as_str())
+                .map_err(|e| Failure::Request(format!("header {name:?}: {e}")))?;
+            let value = HeaderValue::try_from(value.as_str())
+                .map_err(|e| Failure::Request(format!("header {name}: {e}")))?;
+            builder = builder.header(name, value);
+        }
+        let http_request = builder
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| Failure::Request(e.to_string()))?;
+
+        let opening = async {
+            let stream = smol::net::TcpStream::connect((host.as_str(), port))
+                .await
+                .map_err(network)?;
+            stream.set_nodelay(true).map_err(network)?;
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(FuturesIo::new(stream))
+                    .await
+                    .map_err(network)?;
+            let task = smol::spawn(async move {
+                let _ = connection.await;
+            });
+            let response = sender.send_request(http_request).await.map_err(network)?;
+            Ok::<_, Failure>((response, task))
+        };
+        let timeout = async {
+            async_io::Timer::after(self.connect_timeout).await;
+            Err(Failure::Network(format!(
+                "no response within {:?}",
+                self.connect_timeout
+            )))
+        };
+        let (response, task) = smol::future::or(opening, timeout).await?;
+
+        let status = response.status();
+        if status != StatusCode::OK {
+            let retry_after = response
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_retry_after);
+            return Err(Failure::Status {
+                code: status.as_u16(),
+                retry_after,
+            });
+        }
+        let content_type = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let essence = content_type.split(';').next().unwrap_or("").trim();
+        if !essence.eq_ignore_ascii_case("text/event-stream") {
+            return Err(Failure::ContentType(content_type));
+        }
+        let chunks = futures::StreamExt::filter_map(
+            BodyStream::new(response.into_body()),
+            |frame| async move {
+                match frame {
+                    Ok(frame) => frame.into_data().ok().map(Ok),
+                    Err(e) => Some(Err(network(e))),
+                }
+            },
+        );
+        Ok(HttpBody {
+            chunks: Box::pin(chunks),
+            _connection: task,
+        })
+    }
+}

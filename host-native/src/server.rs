@@ -1,0 +1,161 @@
+//! A small SSE source: `GET /events` serves events with ids `1..=count` (each
+//! event's data is its id), replays after `Last-Event-ID`, sends keep-alive
+//! comments while idle and a `retry:` hint, and can drop every connection
+//! after a number of events, to exercise clients.
+
+use futures::{Stream, StreamExt};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::header::{CACHE_CONTROL, CONNECTION, CONTENT_TYPE};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use smol_hyper::rt::FuturesIo;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tidemark_core::sse::{encode_comment, encode_event, encode_retry};
+
+/// What the server serves.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// The last id; `None` serves forever.
+    pub count: Option<u64>,
+    /// Time between two events.
+    pub interval: Duration,
+    /// Close each connection after this many events (chaos for clients).
+    pub drop_every: Option<u64>,
+    /// Send a keep-alive comment after this long without an event.
+    pub keep_alive: Duration,
+    /// The `retry:` hint sent first on every connection, in milliseconds.
+    pub retry_ms: Option<u64>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            count: None,
+            interval: Duration::from_millis(100),
+            drop_every: None,
+            keep_alive: Duration::from_secs(15),
+            retry_ms: Some(1000),
+        }
+    }
+}
+
+/// A bound SSE server; [`run`](SseServer::run) serves until shut down.
+pub struct SseServer {
+    listener: smol::net::TcpListener,
+    config: Arc<ServerConfig>,
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+impl SseServer {
+    /// Binds `addr` (port 0 picks a free port; see [`local_addr`](Self::local_addr)).
+    pub async fn bind(addr: SocketAddr, config: ServerConfig) -> io::Result<Self> {
+        Ok(SseServer {
+            listener: smol::net::TcpListener::bind(addr).await?,
+            config: Arc::new(config),
+        })
+    }
+
+    /// The address the server listens on, with the real port.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts connections until `shutdown` completes; open connections are
+    /// closed with it.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+        let accept = async {
+            let mut connections = Vec::new();
+            loop {
+                let (stream, _) = self.listener.accept().await?;
+                let config = self.config.clone();
+                let service = service_fn(move |request| respond(request, config.clone()));
+                connections.push(smol::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(FuturesIo::new(stream), service)
+                        .await;
+                }));
+                connections.retain(|task: &smol::Task<()>| !task.is_finished());
+            }
+        };
+        smol::future::or(accept, async {
+            shutdown.await;
+            Ok(())
+        })
+        .await
+    }
+}
+
+async fn respond(
+    request: Request<Incoming>,
+    config: Arc<ServerConfig>,
+) -> Result<Response<Body>, Infallible> {
+    if request.method() != Method::GET || request.uri().path() != "/events" {
+        let mut response = Response::new(Full::new(Bytes::from_static(b"not found\n")).boxed());
+        *response.status_mut() = StatusCode::NOT_FOUND;
+        return Ok(response);
+    }
+    let after = request
+        .headers()
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let body = StreamBody::new(events(config.clone(), after).map(|bytes| Ok(Frame::data(bytes))));
+    let mut response = Response::new(BodyExt::boxed(body));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, "text/event-stream".parse().expect("valid"));
+    headers.insert(CACHE_CONTROL, "no-cache".parse().expect("valid"));
+    if config.drop_every.is_some() {
+        headers.insert(CONNECTION, "close".parse().expect("valid"));
+    }
+    Ok(response)
+}
+
+/// The body of one connection: the `retry:` hint, then events after `after`,
+/// keep-alives while idle, and the end after `drop_every` events.
+fn events(config: Arc<ServerConfig>, after: u64) -> impl Stream<Item = Bytes> + Send {
+    struct State {
+        config: Arc<ServerConfig>,
+        next: u64,
+        sent: u64,
+        hinted: bool,
+    }
+    let state = State {
+        config,
+        next: after + 1,
+        sent: 0,
+        hinted: false,
+    };
+    futures::stream::unfold(state, |mut s| async move {
+        let mut out = Vec::new();
+        if !s.hinted {
+            s.hinted = true;
+            if let Some(ms) = s.config.retry_ms {
+                encode_retry(&mut out, ms);
+                return Some((Bytes::from(out), s));
+            }
+        }
+        if s.config.drop_every.is_some_and(|k| s.sent >= k) {
+            return None;
+        }
+        if s.config.count.is_some_and(|n| s.next > n) {
+            // Everything is sent: stay open with keep-alives.
+            async_io::Timer::after(s.config.keep_alive).await;
+            encode_comment(&mut out, "keep-alive");
+            return Some((Bytes::from(out), s));
+        }
+        async_io::Timer::after(s.config.interval).await;
+        let id = s.next.to_string();
+        encode_event(&mut out, None, Some(&id), &id).expect("numeric ids are valid");
+        s.next += 1;
+        s.sent += 1;
+        Some((Bytes::from(out), s))
+    })
+}

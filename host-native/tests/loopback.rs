@@ -1,0 +1,143 @@
+//! The resumable stream over real HTTP on loopback: a server that drops every
+//! connection after a few events, a follower that resumes with
+//! `Last-Event-ID` and persists to a `FileStore`, and a restart in between.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tidemark::{FileStore, HttpConnector, ServerConfig, SmolClock, SseServer};
+use tidemark_core::reconnect::ReconnectConfig;
+use tidemark_core::{
+    Backoff, Clock, Config, Failure, GiveUp, Millis, ResumableStream, StreamConfig, StreamError,
+    StreamKey, persistence,
+};
+
+fn fast_reconnect() -> StreamConfig {
+    StreamConfig {
+        reconnect: ReconnectConfig {
+            backoff: Backoff {
+                initial: Millis(5),
+                max: Millis(50),
+            },
+            ..ReconnectConfig::default()
+        },
+        ..StreamConfig::default()
+    }
+}
+
+async fn start_server(
+    config: ServerConfig,
+) -> (SocketAddr, smol::Task<()>, async_channel::Sender<()>) {
+    let server = SseServer::bind("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap();
+    let addr = server.local_addr().unwrap();
+    let (stop, stopped) = async_channel::bounded::<()>(1);
+    let task = smol::spawn(async move {
+        server
+            .run(async move {
+                let _ = stopped.recv().await;
+            })
+            .await
+            .unwrap();
+    });
+    (addr, task, stop)
+}
+
+/// Follows `url` for `n` events with a tracker from a registry over `dir`,
+/// then shuts down gracefully; returns the ids delivered.
+async fn follow(url: &str, dir: &std::path::Path, n: usize) -> (Vec<u64>, u64) {
+    let clock = SmolClock::new();
+    let store = Arc::new(FileStore::open(dir).unwrap());
+    let (registry, worker) = persistence(store, clock, Config::default());
+    let worker = smol::spawn(worker.run());
+    let tracker = registry
+        .open(StreamKey::new("test", "events"))
+        .await
+        .unwrap();
+    let mut stream = ResumableStream::new(
+        HttpConnector::default(),
+        clock,
+        url,
+        tracker,
+        fast_reconnect(),
+    );
+    let mut ids = Vec::new();
+    while ids.len() < n {
+        let event = stream.next().await.expect("an event");
+        ids.push(event.data.parse().unwrap());
+    }
+    stream.commit();
+    let reconnects = stream.stats().reconnects;
+    drop(stream);
+    let report = registry
+        .shutdown(clock.now() + Millis::from_secs(5))
+        .await
+        .unwrap();
+    assert!(report.is_complete());
+    worker.await;
+    (ids, reconnects)
+}
+
+#[test]
+fn drops_and_a_restart_deliver_every_id_exactly_once() {
+    smol::block_on(async {
+        let (addr, server, stop) = start_server(ServerConfig {
+            count: Some(120),
+            interval: Duration::from_millis(1),
+            drop_every: Some(17),
+            retry_ms: Some(5),
+            ..ServerConfig::default()
+        })
+        .await;
+        let url = format!("http://{addr}/events");
+        let dir = tempfile::tempdir().unwrap();
+        let (first, reconnects) = follow(&url, dir.path(), 50).await;
+        assert!(reconnects >= 2, "the server dropped us {reconnects} times");
+        let (second, _) = follow(&url, dir.path(), 70).await;
+        let all: Vec<u64> = first.into_iter().chain(second).collect();
+        assert_eq!(all, (1..=120).collect::<Vec<_>>());
+        drop(stop);
+        server.await;
+    });
+}
+
+#[test]
+fn permanent_failures_stop_the_stream() {
+    smol::block_on(async {
+        let (addr, _server, _stop) = start_server(ServerConfig::default()).await;
+        let clock = SmolClock::new();
+        let tracker =
+            tidemark_core::EventTracker::new(StreamKey::new("t", "x"), Default::default());
+        let url = format!("http://{addr}/nowhere");
+        let mut stream = ResumableStream::new(
+            HttpConnector::default(),
+            clock,
+            url,
+            tracker,
+            fast_reconnect(),
+        );
+        let error = stream.next().await.unwrap_err();
+        assert_eq!(
+            error,
+            StreamError::GaveUp(GiveUp::Permanent(Failure::Status {
+                code: 404,
+                retry_after: None
+            }))
+        );
+
+        let tracker =
+            tidemark_core::EventTracker::new(StreamKey::new("t", "x"), Default::default());
+        let mut stream = ResumableStream::new(
+            HttpConnector::default(),
+            clock,
+            "https://127.0.0.1/events",
+            tracker,
+            fast_reconnect(),
+        );
+        assert!(matches!(
+            stream.next().await.unwrap_err(),
+            StreamError::GaveUp(GiveUp::Permanent(Failure::Request(_)))
+        ));
+    });
+}
