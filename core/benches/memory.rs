@@ -46,11 +46,11 @@
 //! runs one case in this process; `--streams N` and `--ids N` override the
 //! counts.
 
-mod seed;
+mod common;
 
+use common::{SeedTracker, WINDOW, uuid_like};
 use futures::executor::LocalPool;
 use futures::task::LocalSpawnExt;
-use seed::{SeedTracker, WINDOW};
 use std::cell::Cell;
 use std::process::Command;
 use std::rc::Rc;
@@ -144,23 +144,6 @@ const CASES: [Case; 6] = [
         fill: Fill::Uuid,
     },
 ];
-
-/// Writes a UUID-like id into `buf` and returns it, without allocating.
-fn uuid_like<'a>(rng: &mut Rng, buf: &'a mut [u8; 36]) -> &'a str {
-    use std::io::Write;
-    let (a, b) = (rng.next_u64(), rng.next_u64());
-    write!(
-        &mut buf[..],
-        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0xfff,
-        0x8000 | (b >> 48) & 0x3fff,
-        b & 0xffff_ffff_ffff
-    )
-    .expect("36 bytes");
-    std::str::from_utf8(buf).expect("ascii")
-}
 
 /// `count` distinct ids of the given kind (none when idle).
 fn ids(fill: Fill, count: usize) -> Vec<String> {

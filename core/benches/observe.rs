@@ -46,12 +46,12 @@
 //! ("Collected" is the instruction count; drop the `seed_drain` toggle for
 //! the baseline without its receiver.)
 
-mod seed;
+mod common;
 
+use common::{SeedTracker, WINDOW, uuid_like};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use futures::executor::LocalPool;
 use futures::task::LocalSpawnExt;
-use seed::{SeedTracker, WINDOW};
 use std::hint::black_box;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -108,17 +108,7 @@ fn id_stream(kind: IdKind) -> (Vec<String>, usize) {
         }
         let id = match kind {
             IdKind::Numeric => (10_000 + fresh.len()).to_string(),
-            IdKind::Uuid => {
-                let (a, b) = (rng.next_u64(), rng.next_u64());
-                format!(
-                    "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-                    a >> 32,
-                    (a >> 16) & 0xffff,
-                    a & 0xfff,
-                    0x8000 | (b >> 48) & 0x3fff,
-                    b & 0xffff_ffff_ffff
-                )
-            }
+            IdKind::Uuid => uuid_like(&mut rng, &mut [0; 36]).to_owned(),
         };
         fresh.push(id.clone());
         ids.push(id);

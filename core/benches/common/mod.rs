@@ -1,8 +1,27 @@
-//! The seed design the benches compare against: ids kept as strings twice (a
-//! `HashSet<String>` for lookups, a `VecDeque<String>` for eviction order) and
-//! one channel message per fresh event.
+//! What the benches share: the seed design they compare against (ids kept as
+//! strings twice, a `HashSet<String>` for lookups and a `VecDeque<String>` for
+//! eviction order, and one channel message per fresh event), and the
+//! UUID-like ids they feed it.
 
 use std::collections::{HashSet, VecDeque};
+use tidemark_core::Rng;
+
+/// Writes a UUID-like id into `buf` and returns it, without allocating.
+pub fn uuid_like<'a>(rng: &mut Rng, buf: &'a mut [u8; 36]) -> &'a str {
+    use std::io::Write;
+    let (a, b) = (rng.next_u64(), rng.next_u64());
+    write!(
+        &mut buf[..],
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        0x8000 | (b >> 48) & 0x3fff,
+        b & 0xffff_ffff_ffff
+    )
+    .expect("36 bytes");
+    std::str::from_utf8(buf).expect("ascii")
+}
 
 /// The window both designs use.
 pub const WINDOW: usize = 1024;
