@@ -12,8 +12,11 @@
 //! - **Progress**: any received byte, keep-alive comments included, counts as
 //!   progress and refills the budget of attempts; a stream that gets nothing
 //!   for `max_attempts` attempts in a row stops with an error.
-//! - **Healthy period**: a connection that stayed up for `healthy_after`
-//!   resets the backoff to its first step.
+//! - **Reset**: a connection that received anything, or stayed up for
+//!   `healthy_after`, starts the backoff over at its first step, so a server
+//!   that closes streams routinely (proxies, MCP servers ending a response
+//!   stream) is rejoined promptly; only attempts in a row that receive
+//!   nothing back off exponentially.
 //! - **Idle watchdog**: no byte for `idle_timeout` (default 45 s, three
 //!   missed 15 s keep-alives) means the connection is dead.
 //! - **Permanent failures** (401, 403, 404, 405, 410 and other 4xx except 408
@@ -27,14 +30,15 @@ use core::fmt;
 /// Settings of a [`ReconnectPolicy`].
 #[derive(Clone, Debug)]
 pub struct ReconnectConfig {
-    /// Backoff between attempts (default 1 s doubling to 30 s).
+    /// Backoff between attempts (default 250 ms doubling to 30 s).
     pub backoff: Backoff,
     /// Attempts in a row without receiving a single byte before giving up
     /// (default 10; `None`: never give up).
     pub max_attempts: Option<u32>,
     /// A connection without any byte for this long is dead (default 45 s).
     pub idle_timeout: Millis,
-    /// A connection that lasted this long resets the backoff (default 30 s).
+    /// A connection that lasted this long resets the backoff even if it
+    /// received nothing (default 30 s).
     pub healthy_after: Millis,
     /// Seed of the jitter. Default: random per process.
     pub seed: u64,
@@ -44,7 +48,7 @@ impl Default for ReconnectConfig {
     fn default() -> Self {
         ReconnectConfig {
             backoff: Backoff {
-                initial: Millis(1000),
+                initial: Millis(250),
                 max: Millis::from_secs(30),
             },
             max_attempts: Some(10),
@@ -224,7 +228,9 @@ impl ReconnectPolicy {
         if !failure.is_retryable() {
             return Decision::GiveUp(GiveUp::Permanent(failure));
         }
-        if connected_at.is_some_and(|at| now.saturating_sub(at) >= self.config.healthy_after) {
+        let healthy =
+            connected_at.is_some_and(|at| now.saturating_sub(at) >= self.config.healthy_after);
+        if healthy || self.got_bytes {
             self.step = 1;
         }
         if !self.got_bytes {
@@ -292,11 +298,11 @@ mod tests {
     #[test]
     fn backoff_grows_with_additive_jitter_and_caps() {
         let mut p = policy();
+        p.config.max_attempts = None;
         let mut now = Millis(0);
         let mut bases = Vec::new();
         for _ in 0..6 {
             p.on_connected(now);
-            p.on_bytes(now);
             let at = retry_at(p.on_failure(now, net()));
             let delay = at - now;
             let base = *[1000, 2000, 4000, 8000, 8000, 8000]
@@ -392,11 +398,11 @@ mod tests {
     #[test]
     fn a_healthy_period_resets_the_backoff() {
         let mut p = policy();
+        p.config.max_attempts = None;
         for _ in 0..3 {
             retry_at(p.on_failure(Millis(0), net()));
         }
         p.on_connected(Millis(100_000));
-        p.on_bytes(Millis(100_000));
         let delay = retry_at(p.on_failure(Millis(130_000), net())) - Millis(130_000);
         assert!(
             delay <= Millis(1500),
@@ -404,16 +410,28 @@ mod tests {
         );
 
         let mut q = policy();
+        q.config.max_attempts = None;
         for _ in 0..3 {
             retry_at(q.on_failure(Millis(0), net()));
         }
         q.on_connected(Millis(100_000));
-        q.on_bytes(Millis(100_000));
         let delay = retry_at(q.on_failure(Millis(110_000), net())) - Millis(110_000);
         assert!(
             delay >= Millis(8000),
-            "a short connection keeps backing off"
+            "a short connection that received nothing keeps backing off"
         );
+    }
+
+    #[test]
+    fn a_connection_that_received_data_resets_the_backoff() {
+        let mut p = policy();
+        for _ in 0..3 {
+            retry_at(p.on_failure(Millis(0), net()));
+        }
+        p.on_connected(Millis(50_000));
+        p.on_bytes(Millis(50_001));
+        let delay = retry_at(p.on_failure(Millis(50_002), net())) - Millis(50_002);
+        assert!(delay <= Millis(1500), "back to the first step, got {delay}");
     }
 
     #[test]

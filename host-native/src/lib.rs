@@ -13,7 +13,9 @@
 //! - [`SseServer`]: a small SSE source with replay after `Last-Event-ID`,
 //!   keep-alives, a `retry:` hint and optional dropped connections.
 //!
-//! The `tidemark` binary (`follow`, `serve`, `demo`) comes next.
+//! - [`follow`]: `tidemark follow`, one resumable stream printed as JSON lines.
+//!
+//! The binary's `main` only parses arguments and wires these together.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -21,6 +23,7 @@
 mod clock;
 mod connector;
 mod file_store;
+pub mod follow;
 mod server;
 
 pub use clock::SmolClock;

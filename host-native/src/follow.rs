@@ -1,0 +1,158 @@
+//! `tidemark follow`: one resumable stream, printed as JSON lines.
+
+use crate::{FileStore, HttpConnector, SmolClock};
+use futures::StreamExt;
+use futures::future::{Either, select};
+use std::fmt;
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::pin::pin;
+use std::sync::Arc;
+use tidemark_core::{
+    Clock, Config, Millis, RegistryError, ResumableStream, StoreError, StreamConfig, StreamError,
+    StreamKey, persistence,
+};
+
+/// What to follow and where to keep its cursor.
+#[derive(Clone, Debug)]
+pub struct FollowOptions {
+    /// The SSE URL.
+    pub url: String,
+    /// The state directory of the `FileStore`.
+    pub state: PathBuf,
+    /// The stream's name; the cursor is kept per URL and name.
+    pub stream: String,
+    /// Extra request headers.
+    pub headers: Vec<(String, String)>,
+    /// Stop after this many fresh events.
+    pub max_events: Option<u64>,
+}
+
+/// Why following stopped with an error.
+#[derive(Debug)]
+pub enum FollowError {
+    /// The state directory could not be opened.
+    Store(StoreError),
+    /// The stream could not be opened in the registry.
+    Registry(RegistryError),
+    /// The stream gave up or broke its limits.
+    Stream(StreamError),
+    /// Writing the output failed.
+    Output(io::Error),
+}
+
+impl fmt::Display for FollowError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FollowError::Store(e) => write!(f, "state: {e}"),
+            FollowError::Registry(e) => write!(f, "{e}"),
+            FollowError::Stream(e) => write!(f, "{e}"),
+            FollowError::Output(e) => write!(f, "writing output: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for FollowError {}
+
+/// The default state directory: `$XDG_STATE_HOME/tidemark`, else
+/// `~/.local/state/tidemark`, else `.tidemark` in the working directory.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("tidemark");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/state/tidemark"),
+        None => PathBuf::from(".tidemark"),
+    }
+}
+
+/// Follows the stream, writing each fresh event to `out` as one JSON object
+/// per line (`id`, `event`, `data`) and flushing it before the cursor moves.
+/// Stops after `max_events`, on SIGINT or SIGTERM, or on a permanent error;
+/// in every case it writes the cursor to the state directory before it
+/// returns. Returns the number of events written.
+pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64, FollowError> {
+    let clock = SmolClock::new();
+    let store = Arc::new(FileStore::open(&options.state).map_err(FollowError::Store)?);
+    let (registry, worker) = persistence(store, clock, Config::default());
+    let worker = smol::spawn(worker.run());
+    let tracker = registry
+        .open(StreamKey::new(&options.url, &options.stream))
+        .await
+        .map_err(FollowError::Registry)?;
+    match tracker.last_event_id() {
+        Some(id) => eprintln!(
+            "tidemark: following {} from Last-Event-ID {id}",
+            options.url
+        ),
+        None => eprintln!("tidemark: following {} from the start", options.url),
+    }
+    let config = StreamConfig {
+        headers: options.headers.clone(),
+        ..StreamConfig::default()
+    };
+    let mut stream = ResumableStream::new(
+        HttpConnector::default(),
+        clock,
+        &options.url,
+        tracker,
+        config,
+    );
+    let mut signals =
+        async_signal::Signals::new([async_signal::Signal::Int, async_signal::Signal::Term])
+            .map_err(FollowError::Output)?;
+    let mut written = 0u64;
+    let mut reconnects = 0;
+    let outcome = loop {
+        if options.max_events.is_some_and(|max| written >= max) {
+            break Ok(());
+        }
+        let next = {
+            let event = pin!(stream.next());
+            match select(event, signals.next()).await {
+                Either::Left((event, _)) => Some(event),
+                Either::Right(_) => None,
+            }
+        };
+        if stream.stats().reconnects != reconnects {
+            reconnects = stream.stats().reconnects;
+            if let Some(failure) = &stream.stats().last_failure {
+                eprintln!("tidemark: {failure}; reconnecting ({reconnects})");
+            }
+        }
+        match next {
+            None => {
+                eprintln!("tidemark: stopping on signal");
+                break Ok(());
+            }
+            Some(Err(e)) => break Err(FollowError::Stream(e)),
+            Some(Ok(event)) => {
+                let line = serde_json::json!({
+                    "id": event.id,
+                    "event": event.event,
+                    "data": event.data,
+                });
+                if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+                    break Err(FollowError::Output(e));
+                }
+                written += 1;
+            }
+        }
+    };
+    // Every event written was flushed: it is delivered.
+    stream.commit();
+    drop(stream);
+    match registry.shutdown(clock.now() + Millis::from_secs(5)).await {
+        Ok(report) if !report.is_complete() => eprintln!(
+            "tidemark: could not save the cursor of {} stream(s): {}",
+            report.unwritten.len(),
+            report
+                .last_error
+                .map_or_else(String::new, |e| e.to_string())
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("tidemark: {e}"),
+    }
+    worker.await;
+    outcome.map(|()| written)
+}

@@ -1,0 +1,129 @@
+//! The `tidemark` command: argument parsing and wiring only.
+
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tidemark::follow::{FollowOptions, default_state_dir, follow};
+use tidemark::{ServerConfig, SseServer};
+
+/// Resumable Server-Sent-Events streams.
+#[derive(Parser)]
+#[command(name = "tidemark", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Follow one SSE stream, resuming across drops and restarts; print each
+    /// fresh event as a JSON line.
+    Follow {
+        /// The stream's URL (http://).
+        url: String,
+        /// State directory for the cursor (default: a per-user state directory).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Name of the stream; cursors are kept per URL and name.
+        #[arg(long, default_value = "default")]
+        stream: String,
+        /// Extra request header, as 'Name: value' (repeatable).
+        #[arg(short = 'H', long = "header", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
+        /// Exit after this many fresh events.
+        #[arg(long)]
+        max_events: Option<u64>,
+    },
+    /// Serve GET /events: ids 1..N, replay after Last-Event-ID, keep-alives.
+    Serve {
+        /// Address to listen on; port 0 picks a free port (printed on stdout).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Last event id (default: endless).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Milliseconds between events.
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+        /// Close each connection after this many events.
+        #[arg(long)]
+        drop_every: Option<u64>,
+        /// The `retry:` hint sent to clients, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        retry_ms: u64,
+    },
+}
+
+fn parse_header(value: &str) -> Result<(String, String), String> {
+    match value.split_once(':') {
+        Some((name, value)) if !name.trim().is_empty() => {
+            Ok((name.trim().to_owned(), value.trim().to_owned()))
+        }
+        _ => Err(format!("expected 'Name: value', got {value:?}")),
+    }
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Follow {
+            url,
+            state,
+            stream,
+            headers,
+            max_events,
+        } => {
+            let options = FollowOptions {
+                url,
+                state: state.unwrap_or_else(default_state_dir),
+                stream,
+                headers,
+                max_events,
+            };
+            let mut stdout = std::io::stdout().lock();
+            match smol::block_on(follow(options, &mut stdout)) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tidemark: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Serve {
+            listen,
+            count,
+            interval_ms,
+            drop_every,
+            retry_ms,
+        } => {
+            let config = ServerConfig {
+                count,
+                interval: Duration::from_millis(interval_ms),
+                drop_every,
+                retry_ms: Some(retry_ms),
+                ..ServerConfig::default()
+            };
+            match smol::block_on(serve(listen, config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tidemark: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn serve(listen: SocketAddr, config: ServerConfig) -> std::io::Result<()> {
+    use futures::StreamExt;
+    let server = SseServer::bind(listen, config).await?;
+    println!("{}", server.local_addr()?);
+    let mut signals =
+        async_signal::Signals::new([async_signal::Signal::Int, async_signal::Signal::Term])?;
+    server
+        .run(async move {
+            signals.next().await;
+        })
+        .await
+}

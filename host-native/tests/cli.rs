@@ -1,0 +1,106 @@
+//! The `tidemark` binary end to end on loopback: `serve` with dropped
+//! connections, `follow` across the drops and across a restart.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tidemark");
+
+/// A `tidemark serve` process, killed when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(args: &[&str]) -> Server {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line.trim().to_owned();
+        assert!(addr.starts_with("127.0.0.1:"), "serve printed {line:?}");
+        Server { child, addr }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `tidemark follow` to completion; returns the ids it printed.
+fn follow(url: &str, state: &std::path::Path, max: u64) -> Vec<u64> {
+    let output = Command::new(BIN)
+        .args(["follow", url, "--max-events", &max.to_string()])
+        .arg("--state")
+        .arg(state)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(value["event"], "message");
+            assert_eq!(value["id"], value["data"]);
+            value["data"].as_str().unwrap().parse().unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn follow_resumes_across_drops_and_restarts_exactly_once() {
+    let server = Server::start(&[
+        "--count",
+        "150",
+        "--interval-ms",
+        "1",
+        "--drop-every",
+        "13",
+        "--retry-ms",
+        "5",
+    ]);
+    let url = format!("http://{}/events", server.addr);
+    let state = tempfile::tempdir().unwrap();
+    let first = follow(&url, state.path(), 60);
+    let second = follow(&url, state.path(), 90);
+    let all: Vec<u64> = first.into_iter().chain(second).collect();
+    assert_eq!(all, (1..=150).collect::<Vec<_>>());
+}
+
+#[test]
+fn usage_errors_exit_2_and_failures_exit_1() {
+    let usage = Command::new(BIN).arg("follow").output().unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+    let header = Command::new(BIN)
+        .args(["follow", "http://127.0.0.1:1/", "-H", "no colon"])
+        .output()
+        .unwrap();
+    assert_eq!(header.status.code(), Some(2));
+
+    let server = Server::start(&[]);
+    let state = tempfile::tempdir().unwrap();
+    let missing = Command::new(BIN)
+        .args(["follow", &format!("http://{}/nowhere", server.addr)])
+        .arg("--state")
+        .arg(state.path())
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains("404"), "{stderr}");
+}
