@@ -104,3 +104,38 @@ fn usage_errors_exit_2_and_failures_exit_1() {
     let stderr = String::from_utf8_lossy(&missing.stderr);
     assert!(stderr.contains("404"), "{stderr}");
 }
+
+#[test]
+fn sigint_saves_the_cursor_so_a_restart_repeats_nothing() {
+    let server = Server::start(&["--count", "400", "--interval-ms", "2"]);
+    let url = format!("http://{}/events", server.addr);
+    let state = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["follow", &url])
+        .arg("--state")
+        .arg(state.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut first: Vec<u64> = Vec::new();
+    let parse = |line: String| -> u64 {
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+        value["data"].as_str().unwrap().parse().unwrap()
+    };
+    while first.len() < 20 {
+        first.push(parse(lines.next().unwrap().unwrap()));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    first.extend(lines.map(|line| parse(line.unwrap())));
+    assert!(child.wait().unwrap().success(), "SIGINT is a clean exit");
+    let rest = 400 - first.len() as u64;
+    let second = follow(&url, state.path(), rest);
+    let all: Vec<u64> = first.into_iter().chain(second).collect();
+    assert_eq!(all, (1..=400).collect::<Vec<_>>());
+}
