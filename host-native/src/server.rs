@@ -126,12 +126,14 @@ fn events(config: Arc<ServerConfig>, after: u64) -> impl Stream<Item = Bytes> + 
         next: u64,
         sent: u64,
         hinted: bool,
+        waited: Duration,
     }
     let state = State {
         config,
         next: after + 1,
         sent: 0,
         hinted: false,
+        waited: Duration::ZERO,
     };
     futures::stream::unfold(state, |mut s| async move {
         let mut out = Vec::new();
@@ -151,7 +153,16 @@ fn events(config: Arc<ServerConfig>, after: u64) -> impl Stream<Item = Bytes> + 
             encode_comment(&mut out, "keep-alive");
             return Some((Bytes::from(out), s));
         }
-        async_io::Timer::after(s.config.interval).await;
+        // A gap longer than the keep-alive period is bridged with comments.
+        let remaining = s.config.interval.saturating_sub(s.waited);
+        if remaining > s.config.keep_alive {
+            async_io::Timer::after(s.config.keep_alive).await;
+            s.waited += s.config.keep_alive;
+            encode_comment(&mut out, "keep-alive");
+            return Some((Bytes::from(out), s));
+        }
+        async_io::Timer::after(remaining).await;
+        s.waited = Duration::ZERO;
         let id = s.next.to_string();
         encode_event(&mut out, None, Some(&id), &id).expect("numeric ids are valid");
         s.next += 1;

@@ -141,3 +141,32 @@ fn permanent_failures_stop_the_stream() {
         ));
     });
 }
+
+#[test]
+fn long_gaps_between_events_carry_keep_alives() {
+    smol::block_on(async {
+        let (addr, _server, _stop) = start_server(ServerConfig {
+            count: Some(2),
+            interval: Duration::from_millis(100),
+            keep_alive: Duration::from_millis(30),
+            retry_ms: None,
+            ..ServerConfig::default()
+        })
+        .await;
+        let clock = SmolClock::new();
+        let tracker =
+            tidemark_core::EventTracker::new(StreamKey::new("t", "k"), Default::default());
+        let url = format!("http://{addr}/events");
+        let mut stream = ResumableStream::new(
+            HttpConnector::default(),
+            clock,
+            url,
+            tracker,
+            fast_reconnect(),
+        );
+        assert_eq!(stream.next().await.unwrap().data, "1");
+        assert_eq!(stream.next().await.unwrap().data, "2");
+        assert!(stream.stats().comments >= 4, "{:?}", stream.stats());
+        assert_eq!(stream.stats().connects, 1);
+    });
+}
