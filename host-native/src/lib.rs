@@ -14,6 +14,8 @@
 //!   keep-alives, a `retry:` hint and optional dropped connections.
 //!
 //! - [`follow`]: `tidemark follow`, one resumable stream printed as JSON lines.
+//! - [`demo`]: `tidemark demo`, a chaotic server and a follower with a live
+//!   display and a lost/duplicated verdict.
 //!
 //! The binary's `main` only parses arguments and wires these together.
 
@@ -22,6 +24,7 @@
 
 mod clock;
 mod connector;
+pub mod demo;
 mod file_store;
 pub mod follow;
 mod server;

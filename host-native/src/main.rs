@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use tidemark::demo::{DemoOptions, demo};
 use tidemark::follow::{FollowOptions, default_state_dir, follow};
 use tidemark::{ServerConfig, SseServer};
 
@@ -53,6 +54,16 @@ enum Command {
         /// The `retry:` hint sent to clients, in milliseconds.
         #[arg(long, default_value_t = 1000)]
         retry_ms: u64,
+        /// On reconnect, replay this many events before Last-Event-ID.
+        #[arg(long, default_value_t = 0)]
+        rewind: u64,
+    },
+    /// Run a chaotic server and a resumable follower together, with a live
+    /// display and a final verdict: events expected, received, lost, duplicated.
+    Demo {
+        /// Events to send.
+        #[arg(long, default_value_t = 20_000)]
+        events: u64,
     },
 }
 
@@ -67,6 +78,7 @@ fn parse_header(value: &str) -> Result<(String, String), String> {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Demo { events } => run_demo(events),
         Command::Follow {
             url,
             state,
@@ -96,11 +108,13 @@ fn main() -> ExitCode {
             interval_ms,
             drop_every,
             retry_ms,
+            rewind,
         } => {
             let config = ServerConfig {
                 count,
                 interval: Duration::from_millis(interval_ms),
                 drop_every,
+                rewind,
                 retry_ms: Some(retry_ms),
                 ..ServerConfig::default()
             };
@@ -111,6 +125,27 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn run_demo(events: u64) -> ExitCode {
+    let options = DemoOptions {
+        events,
+        ..DemoOptions::default()
+    };
+    match smol::block_on(demo(options)) {
+        Ok(verdict) => {
+            println!("verdict: {verdict}");
+            if verdict.is_perfect() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("tidemark demo: {e}");
+            ExitCode::FAILURE
         }
     }
 }

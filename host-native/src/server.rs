@@ -1,7 +1,8 @@
 //! A small SSE source: `GET /events` serves events with ids `1..=count` (each
 //! event's data is its id), replays after `Last-Event-ID`, sends keep-alive
-//! comments while idle and a `retry:` hint, and can drop every connection
-//! after a number of events, to exercise clients.
+//! comments while idle and a `retry:` hint, and, to exercise clients, can
+//! drop every connection after a number of events and replay more than was
+//! asked for.
 
 use futures::{Stream, StreamExt};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
@@ -27,6 +28,9 @@ pub struct ServerConfig {
     pub interval: Duration,
     /// Close each connection after this many events (chaos for clients).
     pub drop_every: Option<u64>,
+    /// Replay this many events before the client's `Last-Event-ID` (chaos:
+    /// a server that cannot tell what arrived); clients must drop them.
+    pub rewind: u64,
     /// Send a keep-alive comment after this long without an event.
     pub keep_alive: Duration,
     /// The `retry:` hint sent first on every connection, in milliseconds.
@@ -39,6 +43,7 @@ impl Default for ServerConfig {
             count: None,
             interval: Duration::from_millis(100),
             drop_every: None,
+            rewind: 0,
             keep_alive: Duration::from_secs(15),
             retry_ms: Some(1000),
         }
@@ -106,7 +111,7 @@ async fn respond(
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(0);
+        .map_or(0, |id| id.saturating_sub(config.rewind));
     let body = StreamBody::new(events(config.clone(), after).map(|bytes| Ok(Frame::data(bytes))));
     let mut response = Response::new(BodyExt::boxed(body));
     let headers = response.headers_mut();

@@ -226,3 +226,17 @@ fn kill_9_repeats_only_what_was_not_flushed_and_loses_nothing() {
         "SIGINT saved the last cursor"
     );
 }
+
+#[test]
+fn demo_delivers_everything_once_and_says_so() {
+    let output = Command::new(BIN)
+        .args(["demo", "--events", "3000"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("expected 3000, received 3000, lost 0, duplicated 0"),
+        "{stdout}"
+    );
+}
