@@ -240,3 +240,33 @@ fn demo_delivers_everything_once_and_says_so() {
         "{stdout}"
     );
 }
+
+#[test]
+fn repeated_kill_9_never_leaves_a_torn_state_file() {
+    let server = Server::start(&["--interval-ms", "0", "--retry-ms", "5"]);
+    let url = format!("http://{}/events", server.addr);
+    let state = tempfile::tempdir().unwrap();
+    let mut rng = tidemark_core::Rng::new(7);
+    let mut last = 0;
+    for _ in 0..15 {
+        let mut child = Command::new(BIN)
+            .args(["follow", &url])
+            .arg("--state")
+            .arg(state.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100 + rng.up_to(400)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Whatever instant the kill hit, the state is whole and never older.
+        let stored = stored_cursor(state.path(), &url);
+        assert!(
+            stored >= last,
+            "the cursor went back from {last} to {stored}"
+        );
+        last = stored;
+    }
+    assert!(last > 0, "something was persisted");
+}
