@@ -57,6 +57,9 @@ enum Command {
         /// On reconnect, replay this many events before Last-Event-ID.
         #[arg(long, default_value_t = 0)]
         rewind: u64,
+        /// Also serve static files from this directory.
+        #[arg(long)]
+        www: Option<PathBuf>,
     },
     /// Run a chaotic server and a resumable follower together, with a live
     /// display and a final verdict: events expected, received, lost, duplicated.
@@ -109,6 +112,7 @@ fn main() -> ExitCode {
             drop_every,
             retry_ms,
             rewind,
+            www,
         } => {
             let config = ServerConfig {
                 count,
@@ -116,6 +120,7 @@ fn main() -> ExitCode {
                 drop_every,
                 rewind,
                 retry_ms: Some(retry_ms),
+                www,
                 ..ServerConfig::default()
             };
             match smol::block_on(serve(listen, config)) {

@@ -15,6 +15,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tidemark_core::sse::{encode_comment, encode_event, encode_retry};
@@ -35,6 +36,9 @@ pub struct ServerConfig {
     pub keep_alive: Duration,
     /// The `retry:` hint sent first on every connection, in milliseconds.
     pub retry_ms: Option<u64>,
+    /// Serve static files from this directory for paths other than
+    /// `/events` (the browser demo uses this).
+    pub www: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -46,6 +50,7 @@ impl Default for ServerConfig {
             rewind: 0,
             keep_alive: Duration::from_secs(15),
             retry_ms: Some(1000),
+            www: None,
         }
     }
 }
@@ -101,10 +106,15 @@ async fn respond(
     request: Request<Incoming>,
     config: Arc<ServerConfig>,
 ) -> Result<Response<Body>, Infallible> {
-    if request.method() != Method::GET || request.uri().path() != "/events" {
-        let mut response = Response::new(Full::new(Bytes::from_static(b"not found\n")).boxed());
-        *response.status_mut() = StatusCode::NOT_FOUND;
-        return Ok(response);
+    if request.method() != Method::GET {
+        return Ok(status(StatusCode::METHOD_NOT_ALLOWED));
+    }
+    if request.uri().path() != "/events" {
+        let file = match &config.www {
+            Some(root) => static_file(root, request.uri().path()).await,
+            None => None,
+        };
+        return Ok(file.unwrap_or_else(|| status(StatusCode::NOT_FOUND)));
     }
     let after = request
         .headers()
@@ -121,6 +131,45 @@ async fn respond(
         headers.insert(CONNECTION, "close".parse().expect("valid"));
     }
     Ok(response)
+}
+
+fn status(code: StatusCode) -> Response<Body> {
+    let reason = code.canonical_reason().unwrap_or("error");
+    let mut response = Response::new(Full::new(Bytes::from(format!("{reason}\n"))).boxed());
+    *response.status_mut() = code;
+    response
+}
+
+/// The file under `root` that `path` names (`index.html` for a directory),
+/// never one outside `root`.
+async fn static_file(root: &Path, path: &str) -> Option<Response<Body>> {
+    let relative = Path::new(path.trim_start_matches('/'));
+    if relative
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_)))
+    {
+        return None;
+    }
+    let mut file = root.join(relative);
+    if file.is_dir() {
+        file = file.join("index.html");
+    }
+    let bytes = smol::fs::read(&file).await.ok()?;
+    let content_type = match file.extension().and_then(|e| e.to_str()) {
+        Some("html") => "text/html; charset=utf-8",
+        Some("js" | "mjs") => "text/javascript",
+        Some("css") => "text/css",
+        Some("wasm") => "application/wasm",
+        Some("json") => "application/json",
+        Some("svg") => "image/svg+xml",
+        Some("png") => "image/png",
+        _ => "application/octet-stream",
+    };
+    let mut response = Response::new(Full::new(Bytes::from(bytes)).boxed());
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, content_type.parse().expect("valid"));
+    Some(response)
 }
 
 /// The body of one connection: the `retry:` hint, then events after `after`,

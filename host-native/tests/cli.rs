@@ -270,3 +270,29 @@ fn repeated_kill_9_never_leaves_a_torn_state_file() {
     }
     assert!(last > 0, "something was persisted");
 }
+
+#[test]
+fn serve_www_serves_files_and_nothing_outside() {
+    let www = tempfile::tempdir().unwrap();
+    std::fs::write(www.path().join("index.html"), "<p>tidemark</p>").unwrap();
+    let dir = www.path().to_str().unwrap().to_owned();
+    let server = Server::start(&["--www", &dir]);
+    let get = |path: &str| -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&server.addr).unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    };
+    let index = get("/");
+    assert!(index.starts_with("HTTP/1.1 200"), "{index}");
+    assert!(index.contains("text/html"), "{index}");
+    assert!(index.ends_with("<p>tidemark</p>"), "{index}");
+    assert!(get("/../../etc/passwd").starts_with("HTTP/1.1 404"));
+    assert!(get("/missing.js").starts_with("HTTP/1.1 404"));
+}
