@@ -4,7 +4,8 @@ use futures::Stream;
 use http_body_util::{BodyStream, Empty};
 use hyper::body::Bytes;
 use hyper::header::{
-    ACCEPT, CACHE_CONTROL, CONTENT_TYPE, HOST, HeaderName, HeaderValue, RETRY_AFTER,
+    ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, COOKIE, HOST, HeaderName, HeaderValue,
+    LOCATION, RETRY_AFTER,
 };
 use hyper::{Request, StatusCode, Uri};
 use smol_hyper::rt::FuturesIo;
@@ -17,19 +18,24 @@ use tidemark_core::{ConnectRequest, Connector, Failure};
 /// Opens SSE connections over plain HTTP/1.1.
 ///
 /// Sends `Accept: text/event-stream`, `Cache-Control: no-cache`, the
-/// `Last-Event-ID` and the configured headers; a response other than a 200
-/// `text/event-stream` becomes a [`Failure`] with the status and its
-/// `Retry-After`. Dropping the body closes the connection.
+/// `Last-Event-ID` and the configured headers; follows up to
+/// `max_redirects` redirects (sending `Authorization` and `Cookie` only to
+/// the original origin); a response other than a 200 `text/event-stream`
+/// becomes a [`Failure`] with the status and its `Retry-After`. Dropping the
+/// body closes the connection.
 #[derive(Clone, Debug)]
 pub struct HttpConnector {
     /// How long a TCP connect and the response headers may take.
     pub connect_timeout: Duration,
+    /// How many redirects to follow before failing.
+    pub max_redirects: u32,
 }
 
 impl Default for HttpConnector {
     fn default() -> Self {
         HttpConnector {
             connect_timeout: Duration::from_secs(10),
+            max_redirects: 5,
         }
     }
 }
@@ -53,24 +59,23 @@ fn network(error: impl std::fmt::Display) -> Failure {
     Failure::Network(error.to_string())
 }
 
-impl Connector for HttpConnector {
-    type Chunk = Bytes;
-    type Body = HttpBody;
-
-    async fn connect(&self, request: ConnectRequest<'_>) -> Result<HttpBody, Failure> {
-        let uri: Uri = request
-            .url
-            .parse()
-            .map_err(|e| Failure::Request(format!("{}: {e}", request.url)))?;
+impl HttpConnector {
+    /// Sends one GET and waits for the response headers.
+    async fn open(
+        &self,
+        uri: &Uri,
+        last_event_id: Option<&str>,
+        headers: &[(String, String)],
+        same_origin: bool,
+    ) -> Result<(hyper::Response<hyper::body::Incoming>, smol::Task<()>), Failure> {
         if uri.scheme_str() != Some("http") {
             return Err(Failure::Request(format!(
-                "{}: only http:// URLs are supported so far",
-                request.url
+                "{uri}: only http:// URLs are supported so far"
             )));
         }
         let host = uri
             .host()
-            .ok_or_else(|| Failure::Request(format!("{}: no host", request.url)))?
+            .ok_or_else(|| Failure::Request(format!("{uri}: no host")))?
             .trim_matches(|c| c == '[' || c == ']')
             .to_owned();
         let port = uri.port_u16().unwrap_or(80);
@@ -81,12 +86,15 @@ impl Connector for HttpConnector {
             .header(HOST, authority)
             .header(ACCEPT, "text/event-stream")
             .header(CACHE_CONTROL, "no-cache");
-        if let Some(id) = request.last_event_id {
+        if let Some(id) = last_event_id {
             builder = builder.header("last-event-id", id);
         }
-        for (name, value) in request.headers {
+        for (name, value) in headers {
             let name = HeaderName::try_from(name.as_str())
                 .map_err(|e| Failure::Request(format!("header {name:?}: {e}")))?;
+            if !same_origin && (name == AUTHORIZATION || name == COOKIE) {
+                continue;
+            }
             let value = HeaderValue::try_from(value.as_str())
                 .map_err(|e| Failure::Request(format!("header {name}: {e}")))?;
             builder = builder.header(name, value);
@@ -117,7 +125,63 @@ impl Connector for HttpConnector {
                 self.connect_timeout
             )))
         };
-        let (response, task) = smol::future::or(opening, timeout).await?;
+        smol::future::or(opening, timeout).await
+    }
+}
+
+/// `location` (absolute, or a path) relative to `base`.
+fn resolve(base: &Uri, location: &str) -> Option<Uri> {
+    let target: Uri = location.parse().ok()?;
+    if target.scheme().is_some() {
+        return Some(target);
+    }
+    let path = target.path_and_query()?.as_str();
+    if !path.starts_with('/') {
+        return None;
+    }
+    Uri::builder()
+        .scheme(base.scheme()?.clone())
+        .authority(base.authority()?.clone())
+        .path_and_query(path)
+        .build()
+        .ok()
+}
+
+impl Connector for HttpConnector {
+    type Chunk = Bytes;
+    type Body = HttpBody;
+
+    async fn connect(&self, request: ConnectRequest<'_>) -> Result<HttpBody, Failure> {
+        let mut uri: Uri = request
+            .url
+            .parse()
+            .map_err(|e| Failure::Request(format!("{}: {e}", request.url)))?;
+        let origin = uri.authority().cloned();
+        let mut redirects = 0;
+        let (response, task) = loop {
+            // Credentials go only to the origin the caller named.
+            let same_origin = uri.authority() == origin.as_ref();
+            let (response, task) = self
+                .open(&uri, request.last_event_id, request.headers, same_origin)
+                .await?;
+            let location = response
+                .headers()
+                .get(LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .filter(|_| response.status().is_redirection());
+            let Some(location) = location else {
+                break (response, task);
+            };
+            redirects += 1;
+            if redirects > self.max_redirects {
+                return Err(Failure::Request(format!(
+                    "{}: more than {} redirects",
+                    request.url, self.max_redirects
+                )));
+            }
+            uri = resolve(&uri, location)
+                .ok_or_else(|| Failure::Request(format!("bad redirect to {location:?}")))?;
+        };
 
         let status = response.status();
         if status != StatusCode::OK {

@@ -24,10 +24,11 @@ async fn chunk(stream: &mut smol::net::TcpStream, data: &[u8]) -> std::io::Resul
     stream.write_all(b"\r\n").await
 }
 
-/// A server that answers every connection with `respond`.
+/// A server that answers every connection with `respond`, given the request
+/// head.
 async fn raw_server<F, Fut>(respond: F) -> SocketAddr
 where
-    F: Fn(smol::net::TcpStream) -> Fut + Send + 'static,
+    F: Fn(smol::net::TcpStream, String) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let listener = smol::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -37,7 +38,6 @@ where
             let Ok((mut stream, _)) = listener.accept().await else {
                 return;
             };
-            // Read the request head; its content does not matter here.
             let mut head = Vec::new();
             let mut byte = [0u8; 1];
             while !head.ends_with(b"\r\n\r\n") {
@@ -46,7 +46,8 @@ where
                 }
                 head.push(byte[0]);
             }
-            smol::spawn(respond(stream)).detach();
+            let head = String::from_utf8_lossy(&head).into_owned();
+            smol::spawn(respond(stream, head)).detach();
         }
     })
     .detach();
@@ -82,7 +83,7 @@ fn quick(max_attempts: u32, idle: Millis) -> StreamConfig {
 #[test]
 fn a_wrong_content_type_stops_at_once() {
     smol::block_on(async {
-        let addr = raw_server(|mut s| async move {
+        let addr = raw_server(|mut s, _| async move {
             let _ = s
                 .write_all(
                     b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 2\r\n\r\nhi",
@@ -104,7 +105,7 @@ fn a_wrong_content_type_stops_at_once() {
 #[test]
 fn a_server_that_sends_nothing_is_dropped_by_the_watchdog_then_given_up() {
     smol::block_on(async {
-        let addr = raw_server(|mut s| async move {
+        let addr = raw_server(|mut s, _| async move {
             let _ = s.write_all(SSE_HEADERS).await;
             async_io::Timer::after(Duration::from_secs(60)).await;
         })
@@ -125,7 +126,7 @@ fn a_server_that_sends_nothing_is_dropped_by_the_watchdog_then_given_up() {
 #[test]
 fn a_line_that_never_ends_stops_the_stream_at_the_cap() {
     smol::block_on(async {
-        let addr = raw_server(|mut s| async move {
+        let addr = raw_server(|mut s, _| async move {
             let _ = s.write_all(SSE_HEADERS).await;
             let _ = chunk(&mut s, b"id: 1\ndata: fine\n\ndata: ").await;
             let block = vec![b'x'; 64 * 1024];
@@ -168,7 +169,7 @@ fn a_line_that_never_ends_stops_the_stream_at_the_cap() {
 #[test]
 fn invalid_utf8_arrives_with_replacement_characters() {
     smol::block_on(async {
-        let addr = raw_server(|mut s| async move {
+        let addr = raw_server(|mut s, _| async move {
             let _ = s.write_all(SSE_HEADERS).await;
             let _ = chunk(&mut s, b"id: 1\ndata: \xff\xfe ok\n\n").await;
             async_io::Timer::after(Duration::from_secs(60)).await;
@@ -179,5 +180,61 @@ fn invalid_utf8_arrives_with_replacement_characters() {
             .await
             .unwrap();
         assert_eq!(event.data, "\u{FFFD}\u{FFFD} ok");
+    });
+}
+
+#[test]
+fn redirects_are_followed_a_bounded_number_of_times_without_leaking_credentials() {
+    smol::block_on(async {
+        let (heads, seen) = async_channel::unbounded::<String>();
+        let target = raw_server(move |mut s, head| {
+            let heads = heads.clone();
+            async move {
+                let _ = heads.send(head).await;
+                let _ = s.write_all(SSE_HEADERS).await;
+                let _ = chunk(&mut s, b"id: 1\ndata: moved\n\n").await;
+                async_io::Timer::after(Duration::from_secs(60)).await;
+            }
+        })
+        .await;
+        let origin = raw_server(move |mut s, head| async move {
+            let location = if head.starts_with("GET /events ") {
+                "/hop".to_string()
+            } else {
+                format!("http://{target}/events")
+            };
+            let response =
+                format!("HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\n\r\n");
+            let _ = s.write_all(response.as_bytes()).await;
+        })
+        .await;
+        let mut config = quick(3, Millis(5000));
+        config.headers = vec![
+            ("Authorization".into(), "Bearer secret".into()),
+            ("X-Trace".into(), "t1".into()),
+        ];
+        let event = stream_of(origin, config).next().await.unwrap();
+        assert_eq!(event.data, "moved");
+        let head = seen.recv().await.unwrap().to_ascii_lowercase();
+        assert!(head.contains("x-trace: t1"), "{head}");
+        assert!(
+            !head.contains("authorization"),
+            "credentials went to another origin: {head}"
+        );
+
+        let looping = raw_server(|mut s, _| async move {
+            let _ = s
+                .write_all(b"HTTP/1.1 307 Temporary Redirect\r\nlocation: /events\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        })
+        .await;
+        let error = stream_of(looping, quick(3, Millis(5000)))
+            .next()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, StreamError::GaveUp(GiveUp::Permanent(Failure::Request(m))) if m.contains("redirects")),
+            "{error:?}"
+        );
     });
 }
