@@ -1,6 +1,9 @@
 //! The core's [`Connector`] over hyper's HTTP/1 client on smol.
 
 use futures::Stream;
+use futures_rustls::TlsConnector;
+use futures_rustls::pki_types::ServerName;
+use futures_rustls::rustls::{ClientConfig, RootCertStore};
 use http_body_util::{BodyStream, Empty};
 use hyper::body::Bytes;
 use hyper::header::{
@@ -10,12 +13,13 @@ use hyper::header::{
 use hyper::{Request, StatusCode, Uri};
 use smol_hyper::rt::FuturesIo;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tidemark_core::reconnect::parse_retry_after;
 use tidemark_core::{ConnectRequest, Connector, Failure};
 
-/// Opens SSE connections over plain HTTP/1.1.
+/// Opens SSE connections over HTTP/1.1, plain or TLS (rustls).
 ///
 /// Sends `Accept: text/event-stream`, `Cache-Control: no-cache`, the
 /// `Last-Event-ID` and the configured headers; follows up to
@@ -25,17 +29,37 @@ use tidemark_core::{ConnectRequest, Connector, Failure};
 /// body closes the connection.
 #[derive(Clone, Debug)]
 pub struct HttpConnector {
-    /// How long a TCP connect and the response headers may take.
+    /// How long a TCP connect, the TLS handshake and the response headers
+    /// may take.
     pub connect_timeout: Duration,
     /// How many redirects to follow before failing.
     pub max_redirects: u32,
+    tls: Arc<ClientConfig>,
 }
 
 impl Default for HttpConnector {
+    /// Trusts the bundled Mozilla root certificates (webpki-roots).
     fn default() -> Self {
+        let mut roots = RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        Self::with_roots(roots)
+    }
+}
+
+impl HttpConnector {
+    /// A connector trusting exactly `roots` for https (a private CA, or a
+    /// test certificate).
+    pub fn with_roots(roots: RootCertStore) -> Self {
+        let provider = Arc::new(futures_rustls::rustls::crypto::ring::default_provider());
+        let tls = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         HttpConnector {
             connect_timeout: Duration::from_secs(10),
             max_redirects: 5,
+            tls: Arc::new(tls),
         }
     }
 }
@@ -68,17 +92,21 @@ impl HttpConnector {
         headers: &[(String, String)],
         same_origin: bool,
     ) -> Result<(hyper::Response<hyper::body::Incoming>, smol::Task<()>), Failure> {
-        if uri.scheme_str() != Some("http") {
-            return Err(Failure::Request(format!(
-                "{uri}: only http:// URLs are supported so far"
-            )));
-        }
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => {
+                return Err(Failure::Request(format!(
+                    "{uri}: only http:// and https:// URLs are supported"
+                )));
+            }
+        };
         let host = uri
             .host()
             .ok_or_else(|| Failure::Request(format!("{uri}: no host")))?
             .trim_matches(|c| c == '[' || c == ']')
             .to_owned();
-        let port = uri.port_u16().unwrap_or(80);
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
         let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
 
@@ -108,15 +136,16 @@ impl HttpConnector {
                 .await
                 .map_err(network)?;
             stream.set_nodelay(true).map_err(network)?;
-            let (mut sender, connection) =
-                hyper::client::conn::http1::handshake(FuturesIo::new(stream))
-                    .await
-                    .map_err(network)?;
-            let task = smol::spawn(async move {
-                let _ = connection.await;
-            });
-            let response = sender.send_request(http_request).await.map_err(network)?;
-            Ok::<_, Failure>((response, task))
+            if !tls {
+                return exchange(stream, http_request).await;
+            }
+            let name = ServerName::try_from(host.clone())
+                .map_err(|e| Failure::Request(format!("{host}: {e}")))?;
+            let stream = TlsConnector::from(self.tls.clone())
+                .connect(name, stream)
+                .await
+                .map_err(|e| tls_failure(&host, &e))?;
+            exchange(stream, http_request).await
         };
         let timeout = async {
             async_io::Timer::after(self.connect_timeout).await;
@@ -127,6 +156,38 @@ impl HttpConnector {
         };
         smol::future::or(opening, timeout).await
     }
+}
+
+/// A certificate the connector does not trust will not become trusted by
+/// retrying: that is permanent. Other TLS failures are network failures.
+fn tls_failure(host: &str, error: &std::io::Error) -> Failure {
+    let message = format!("TLS with {host}: {error}");
+    let rustls_error = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<futures_rustls::rustls::Error>());
+    match rustls_error {
+        Some(futures_rustls::rustls::Error::InvalidCertificate(_)) => Failure::Request(message),
+        _ => Failure::Network(message),
+    }
+}
+
+/// Sends `request` over `io` and waits for the response headers; the
+/// returned task drives the connection.
+async fn exchange<IO>(
+    io: IO,
+    request: Request<Empty<Bytes>>,
+) -> Result<(hyper::Response<hyper::body::Incoming>, smol::Task<()>), Failure>
+where
+    IO: futures::AsyncRead + futures::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(FuturesIo::new(io))
+        .await
+        .map_err(network)?;
+    let task = smol::spawn(async move {
+        let _ = connection.await;
+    });
+    let response = sender.send_request(request).await.map_err(network)?;
+    Ok((response, task))
 }
 
 /// `location` (absolute, or a path) relative to `base`.

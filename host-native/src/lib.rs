@@ -8,8 +8,9 @@
 //! - [`FileStore`]: a crash-safe [`Store`](tidemark_core::Store) in one state
 //!   directory.
 //!
-//! - [`HttpConnector`]: the core's `Connector` over hyper's HTTP/1 client
-//!   (plain `http://` so far).
+//! - [`HttpConnector`]: the core's `Connector` over hyper's HTTP/1 client,
+//!   `http://` and `https://` (rustls with the bundled Mozilla roots, or your
+//!   own), bounded redirects, timeouts.
 //! - [`SseServer`]: a small SSE source with replay after `Last-Event-ID`,
 //!   keep-alives, a `retry:` hint and optional dropped connections.
 //!

@@ -131,7 +131,7 @@ fn permanent_failures_stop_the_stream() {
         let mut stream = ResumableStream::new(
             HttpConnector::default(),
             clock,
-            "https://127.0.0.1/events",
+            "ftp://127.0.0.1/events",
             tracker,
             fast_reconnect(),
         );
