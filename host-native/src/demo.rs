@@ -131,8 +131,7 @@ pub async fn demo(options: DemoOptions) -> io::Result<Verdict> {
     );
     let bar = ProgressBar::new(options.events);
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} {per_sec} {msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"),
     );
     let started = Instant::now();
     let mut seen = HashSet::new();
@@ -153,7 +152,8 @@ pub async fn demo(options: DemoOptions) -> io::Result<Verdict> {
         if delivered % 250 == 0 {
             let writes = registry.stats().worker.batches.max(1);
             bar.set_message(format!(
-                "reconnects {}, replays dropped {}, store writes {}, {} events/write",
+                "{:.0} events/s, reconnects {}, replays dropped {}, store writes {}, {} events/write",
+                delivered as f64 / started.elapsed().as_secs_f64().max(1e-3),
                 stream.stats().reconnects,
                 stream.stats().duplicates,
                 writes,
