@@ -37,6 +37,18 @@ impl Drop for Server {
     }
 }
 
+/// Starts `tidemark follow` on `url` with the state in `state`.
+fn spawn_follow(url: &str, state: &std::path::Path, stdout: Stdio) -> Child {
+    Command::new(BIN)
+        .args(["follow", url])
+        .arg("--state")
+        .arg(state)
+        .stdout(stdout)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// Runs `tidemark follow` to completion; returns the ids it printed.
 fn follow(url: &str, state: &std::path::Path, max: u64) -> Vec<u64> {
     let output = Command::new(BIN)
@@ -110,14 +122,7 @@ fn sigint_saves_the_cursor_so_a_restart_repeats_nothing() {
     let server = Server::start(&["--count", "400", "--interval-ms", "2"]);
     let url = format!("http://{}/events", server.addr);
     let state = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .args(["follow", &url])
-        .arg("--state")
-        .arg(state.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_follow(&url, state.path(), Stdio::piped());
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut first: Vec<u64> = Vec::new();
     let parse = |line: String| -> u64 {
@@ -172,14 +177,7 @@ fn kill_9_repeats_only_what_was_not_flushed_and_loses_nothing() {
     let mut expected_start = 1;
     let mut seen = Vec::new();
     for round in 0..4 {
-        let mut child = Command::new(BIN)
-            .args(["follow", &url])
-            .arg("--state")
-            .arg(state.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_follow(&url, state.path(), Stdio::piped());
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let last_round = round == 3;
         let mut ids = read_ids(&mut lines, |ids| {
@@ -249,14 +247,7 @@ fn repeated_kill_9_never_leaves_a_torn_state_file() {
     let mut rng = tidemark_core::Rng::new(7);
     let mut last = 0;
     for _ in 0..15 {
-        let mut child = Command::new(BIN)
-            .args(["follow", &url])
-            .arg("--state")
-            .arg(state.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_follow(&url, state.path(), Stdio::null());
         std::thread::sleep(std::time::Duration::from_millis(100 + rng.up_to(400)));
         child.kill().unwrap();
         child.wait().unwrap();
