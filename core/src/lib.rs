@@ -132,7 +132,7 @@ pub use fingerprint::FingerprintKey;
 pub use flaky::{FlakyConfig, FlakyStore};
 pub use reconnect::{Decision, Failure, GiveUp, ReconnectConfig, ReconnectPolicy};
 pub use registry::{Config, Registry, RegistryError, Stats, persistence};
-pub use store::{MemStore, Store, StoreError};
+pub use store::{MemStore, Store, StoreError, merge_newest};
 pub use stream::{
     ConnectRequest, Connector, ResumableStream, StreamConfig, StreamError, StreamStats,
 };

@@ -153,18 +153,18 @@ impl MemStore {
     pub fn cursors_written(&self) -> u64 {
         self.inner().cursors_written
     }
+}
 
-    pub(crate) fn save_now(&self, cursors: &[Cursor]) {
-        let mut inner = self.inner();
-        inner.batches += 1;
-        inner.cursors_written += cursors.len() as u64;
-        for cursor in cursors {
-            match inner.cursors.get_mut(&cursor.key) {
-                Some(stored) if !cursor.supersedes(stored) => {}
-                Some(stored) => *stored = cursor.clone(),
-                None => {
-                    inner.cursors.insert(cursor.key.clone(), cursor.clone());
-                }
+/// Applies a batch to an in-memory map of stored cursors the way the
+/// [`Store`] contract asks: per key, the cursor with the higher `seq` wins.
+/// For stores that keep their state in memory and persist it whole.
+pub fn merge_newest(stored: &mut HashMap<StreamKey, Cursor>, batch: &[Cursor]) {
+    for cursor in batch {
+        match stored.get_mut(&cursor.key) {
+            Some(current) if !cursor.supersedes(current) => {}
+            Some(current) => *current = cursor.clone(),
+            None => {
+                stored.insert(cursor.key.clone(), cursor.clone());
             }
         }
     }
@@ -176,7 +176,10 @@ impl Store for MemStore {
     }
 
     async fn save_batch(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
-        self.save_now(cursors);
+        let mut inner = self.inner();
+        inner.batches += 1;
+        inner.cursors_written += cursors.len() as u64;
+        merge_newest(&mut inner.cursors, cursors);
         Ok(())
     }
 

@@ -19,7 +19,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
-use tidemark_core::{Cursor, Millis, Store, StoreError, StreamKey};
+use tidemark_core::{Cursor, Millis, Store, StoreError, StreamKey, merge_newest};
 
 const MAGIC: &[u8] = b"tidemark cursors\n";
 const VERSION: u32 = 1;
@@ -112,18 +112,7 @@ impl Store for FileStore {
     }
 
     async fn save_batch(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
-        self.rewrite(|state| {
-            for cursor in cursors {
-                match state.get_mut(&cursor.key) {
-                    Some(stored) if !cursor.supersedes(stored) => {}
-                    Some(stored) => *stored = cursor.clone(),
-                    None => {
-                        state.insert(cursor.key.clone(), cursor.clone());
-                    }
-                }
-            }
-        })
-        .await
+        self.rewrite(|state| merge_newest(state, cursors)).await
     }
 
     async fn delete(&self, key: &StreamKey) -> Result<(), StoreError> {
