@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Runs every check and test of tidemark: formatting, lints, unit, property,
-# simulation and doc tests, benchmarks in test mode, a brief fuzz run, and the
-# wasm build of the core. It installs what it needs when missing and is quick when all is there.
+# simulation and doc tests, benchmarks in test mode, a brief fuzz run, the
+# wasm build of the core, the browser package's tests in headless Chromium
+# (wasm-bindgen-test, in a page and in a dedicated worker), and the demo
+# page's Playwright tests. It installs what it needs when missing (the wasm32
+# target, wasm-bindgen-cli at the locked version, Debian's chromium,
+# chromium-driver and curl, the npm packages) and is quick when all is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,11 +23,40 @@ for component in rustfmt clippy; do
   fi
 done
 
+# Debian packages: Chromium and its driver for the browser tests, curl for
+# the test servers' readiness check.
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
+command -v curl >/dev/null || missing+=(curl)
+if [ "${#missing[@]}" -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+fi
+
+# wasm-bindgen-cli must match the wasm-bindgen crate in Cargo.lock exactly.
+bindgen=$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/[^0-9.]/, ""); print }' Cargo.lock)
+if [ "$(wasm-bindgen --version 2>/dev/null)" != "wasm-bindgen $bindgen" ]; then
+  # --locked can fail when a registry mirror lacks one locked dependency.
+  cargo install wasm-bindgen-cli --version "=$bindgen" --locked ||
+    cargo install wasm-bindgen-cli --version "=$bindgen"
+fi
+
+# npm packages (vite, playwright-core, wasm-opt, tsc), again when the lock changed.
+lock_hash=$(sha256sum package-lock.json | cut -d' ' -f1)
+if [ "$(cat node_modules/.tidemark-lock 2>/dev/null)" != "$lock_hash" ]; then
+  npm ci --no-audit --no-fund
+  echo "$lock_hash" >node_modules/.tidemark-lock
+fi
+
 step "format"
 cargo fmt --all -- --check
 
 step "lint"
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+cargo clippy -p tidemark-wasm --target wasm32-unknown-unknown --all-targets --locked -- -D warnings
 
 step "tests (unit, property, simulation, benchmarks in test mode)"
 cargo test --workspace --all-targets --locked 2>&1 | tee -a "$log"
@@ -55,6 +88,30 @@ if cargo tree -p tidemark-core -e normal --target all --prefix none --locked |
 fi
 echo "none"
 
-passed=$(grep -Eo '^test result: ok\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
-failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s += $1} END {print s + 0}')
+step "browser host in headless Chromium (wasm-bindgen-test: IndexedDB, fetch, a dedicated worker)"
+host-wasm/tests/with-server.sh env \
+  CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
+  CHROMEDRIVER="$(command -v chromedriver)" \
+  cargo test --target wasm32-unknown-unknown -p tidemark-wasm --tests --locked 2>&1 | tee -a "$log"
+
+step "npm package tidemark: build, pack, install"
+host-wasm/build.sh
+pack=$(mktemp -d)
+npm pack ./host-wasm/pkg --pack-destination "$pack" --silent >/dev/null
+npm install --no-save --offline --no-audit --no-fund "$pack"/tidemark-*.tgz
+rm -rf "$pack"
+
+step "demo and benchmark pages (vite build), and the package for plain module pages"
+npx vite build --config www/vite.config.js
+mkdir -p www/dist/tidemark
+cp host-wasm/pkg/* www/dist/tidemark/
+
+step "demo page in headless Chromium (Playwright): reloads mid-stream, plain module page, failures"
+cargo build -p tidemark --locked
+node --test www/tests/ 2>&1 | tee -a "$log"
+
+# cargo's "test result: ok. N passed; M failed" lines and node's "# pass N",
+# "# fail N" summaries.
+passed=$(grep -Eo '^test result: ok\. [0-9]+ passed|^# pass [0-9]+' "$log" | awk '{ s += ($1 == "#") ? $3 : $4 } END {print s + 0}')
+failed=$(grep -Eo '[0-9]+ failed|^# fail [0-9]+' "$log" | awk '{ n = ($1 == "#") ? $3 : $1; s += n } END {print s + 0}')
 printf '\ntidemark: %s passed, %s failed\n' "$passed" "$failed"

@@ -257,6 +257,30 @@ impl ReconnectPolicy {
     }
 }
 
+/// Checks the head of a response to an SSE request, for hosts' connectors: a
+/// 200 whose content type is `text/event-stream` (parameters and case
+/// ignored) is a stream; another status is a [`Failure::Status`] with its
+/// `Retry-After` (see [`parse_retry_after`]); a 200 of another content type
+/// (or none) is a [`Failure::ContentType`].
+pub fn check_response(
+    status: u16,
+    retry_after: Option<&str>,
+    content_type: Option<&str>,
+) -> Result<(), Failure> {
+    if status != 200 {
+        return Err(Failure::Status {
+            code: status,
+            retry_after: retry_after.and_then(parse_retry_after),
+        });
+    }
+    let content_type = content_type.unwrap_or("");
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    if !essence.eq_ignore_ascii_case("text/event-stream") {
+        return Err(Failure::ContentType(content_type.to_owned()));
+    }
+    Ok(())
+}
+
 /// Parses a `Retry-After` header in its delta-seconds form. The HTTP-date
 /// form needs the wall clock, which the core does not read: hosts convert it.
 pub fn parse_retry_after(value: &str) -> Option<Millis> {
@@ -444,6 +468,38 @@ mod tests {
         assert_eq!(p.idle_deadline(), Some(Millis(50_000)));
         let _ = p.on_failure(Millis(50_000), Failure::Idle(Millis(45_000)));
         assert_eq!(p.idle_deadline(), None);
+    }
+
+    #[test]
+    fn response_heads() {
+        let sse = Some("text/event-stream");
+        assert_eq!(check_response(200, None, sse), Ok(()));
+        assert_eq!(
+            check_response(200, Some("5"), Some(" Text/Event-Stream ; charset=utf-8")),
+            Ok(())
+        );
+        assert_eq!(
+            check_response(503, Some("7"), sse),
+            Err(Failure::Status {
+                code: 503,
+                retry_after: Some(Millis(7000))
+            })
+        );
+        assert_eq!(
+            check_response(404, Some("soon"), None),
+            Err(Failure::Status {
+                code: 404,
+                retry_after: None
+            })
+        );
+        assert_eq!(
+            check_response(200, None, Some("text/html; charset=utf-8")),
+            Err(Failure::ContentType("text/html; charset=utf-8".into()))
+        );
+        assert_eq!(
+            check_response(200, None, None),
+            Err(Failure::ContentType(String::new()))
+        );
     }
 
     #[test]

@@ -10,13 +10,13 @@ use hyper::header::{
     ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, COOKIE, HOST, HeaderName, HeaderValue,
     LOCATION, RETRY_AFTER,
 };
-use hyper::{Request, StatusCode, Uri};
+use hyper::{Request, Uri};
 use smol_hyper::rt::FuturesIo;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tidemark_core::reconnect::parse_retry_after;
+use tidemark_core::reconnect::check_response;
 use tidemark_core::{ConnectRequest, Connector, Failure};
 
 /// Opens SSE connections over HTTP/1.1, plain or TLS (rustls).
@@ -244,28 +244,17 @@ impl Connector for HttpConnector {
                 .ok_or_else(|| Failure::Request(format!("bad redirect to {location:?}")))?;
         };
 
-        let status = response.status();
-        if status != StatusCode::OK {
-            let retry_after = response
+        let header = |name| {
+            response
                 .headers()
-                .get(RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(parse_retry_after);
-            return Err(Failure::Status {
-                code: status.as_u16(),
-                retry_after,
-            });
-        }
-        let content_type = response
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        let essence = content_type.split(';').next().unwrap_or("").trim();
-        if !essence.eq_ignore_ascii_case("text/event-stream") {
-            return Err(Failure::ContentType(content_type));
-        }
+                .get(name)
+                .and_then(|v: &HeaderValue| v.to_str().ok())
+        };
+        check_response(
+            response.status().as_u16(),
+            header(RETRY_AFTER),
+            header(CONTENT_TYPE),
+        )?;
         let chunks = futures::StreamExt::filter_map(
             BodyStream::new(response.into_body()),
             |frame| async move {

@@ -3,11 +3,18 @@
 //! comments while idle and a `retry:` hint, and, to exercise clients, can
 //! drop every connection after a number of events and replay more than was
 //! asked for.
+//!
+//! Browsers on other origins may read it (CORS): every response carries
+//! `Access-Control-Allow-Origin: *`, and `OPTIONS` preflights are answered
+//! for `GET` with the headers SSE and MCP clients send ([`CORS_HEADERS`]).
 
 use futures::{Stream, StreamExt};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Bytes, Frame, Incoming};
-use hyper::header::{CACHE_CONTROL, CONNECTION, CONTENT_TYPE};
+use hyper::header::{
+    ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN,
+    ACCESS_CONTROL_MAX_AGE, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, HeaderValue,
+};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use smol_hyper::rt::FuturesIo;
@@ -102,19 +109,58 @@ impl SseServer {
     }
 }
 
+/// The request headers a cross-origin browser may send (answer to a CORS
+/// preflight): what SSE and MCP clients need, and nothing else.
+const CORS_HEADERS: &str = "Last-Event-ID, Authorization, Content-Type, Cache-Control, Mcp-Session-Id, Mcp-Protocol-Version";
+
+/// How long browsers may cache a preflight answer, in seconds.
+const CORS_MAX_AGE: &str = "600";
+
 async fn respond(
     request: Request<Incoming>,
     config: Arc<ServerConfig>,
 ) -> Result<Response<Body>, Infallible> {
+    let mut response = if request.method() == Method::OPTIONS {
+        preflight()
+    } else {
+        serve(request, config).await
+    };
+    response
+        .headers_mut()
+        .insert(ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    Ok(response)
+}
+
+/// `204` to a CORS preflight: `GET` with [`CORS_HEADERS`].
+fn preflight() -> Response<Body> {
+    let mut response = Response::new(BodyExt::boxed(http_body_util::Empty::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    let headers = response.headers_mut();
+    headers.insert(
+        ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET"),
+    );
+    headers.insert(
+        ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static(CORS_HEADERS),
+    );
+    headers.insert(
+        ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static(CORS_MAX_AGE),
+    );
+    response
+}
+
+async fn serve(request: Request<Incoming>, config: Arc<ServerConfig>) -> Response<Body> {
     if request.method() != Method::GET {
-        return Ok(status(StatusCode::METHOD_NOT_ALLOWED));
+        return status(StatusCode::METHOD_NOT_ALLOWED);
     }
     if request.uri().path() != "/events" {
         let file = match &config.www {
             Some(root) => static_file(root, request.uri().path()).await,
             None => None,
         };
-        return Ok(file.unwrap_or_else(|| status(StatusCode::NOT_FOUND)));
+        return file.unwrap_or_else(|| status(StatusCode::NOT_FOUND));
     }
     let after = request
         .headers()
@@ -130,7 +176,7 @@ async fn respond(
     if config.drop_every.is_some() {
         headers.insert(CONNECTION, "close".parse().expect("valid"));
     }
-    Ok(response)
+    response
 }
 
 fn status(code: StatusCode) -> Response<Body> {

@@ -1,0 +1,357 @@
+// The `tidemark` npm package: resumable Server-Sent-Events streams for
+// browsers and workers. The logic is tidemark-core compiled to WebAssembly;
+// this file gives it an EventSource-shaped face. Types (index.d.ts) are
+// generated from the JSDoc here by the package build.
+
+import init, { EventSourceDriver, flushAll, openTracker as openWasmTracker } from './tidemark_wasm.js';
+
+/** @type {Promise<void> | undefined} */
+let loading;
+
+/**
+ * Loads the WebAssembly module. Everything else calls this by itself; call it
+ * yourself to start loading early, or to load the `.wasm` from another place.
+ *
+ * @param {string | URL | Request | Response | BufferSource | WebAssembly.Module} [wasm]
+ *   Where the module is; by default `tidemark_wasm_bg.wasm` next to this file.
+ * @returns {Promise<void>}
+ */
+export function initialize(wasm) {
+  loading ??= init(wasm === undefined ? undefined : { module_or_path: wasm }).then(() => {});
+  return loading;
+}
+
+/**
+ * Where cursors are kept.
+ *
+ * @typedef {object} StoreOptions
+ * @property {'indexeddb' | 'memory'} [store] `'indexeddb'` (the default) keeps
+ *   cursors across reloads; `'memory'` drops replays without persisting. When
+ *   IndexedDB cannot be opened (private mode, a blocked upgrade) tidemark
+ *   warns once, keeps cursors in memory, and says so in `stats().storeWarning`.
+ * @property {string} [database] The IndexedDB database name (default `'tidemark'`).
+ */
+
+/**
+ * When to reconnect. Delays in milliseconds.
+ *
+ * @typedef {object} ReconnectOptions
+ * @property {number} [initialDelay] First delay after a failure (default 250).
+ *   The server's `retry:` field is a floor above it.
+ * @property {number} [maxDelay] Largest delay (default 30000).
+ * @property {number | null} [maxAttempts] Attempts in a row without a single
+ *   byte before giving up (default 10); `null` never gives up.
+ * @property {number} [idleTimeout] A connection silent this long is dead
+ *   (default 45000; servers' keep-alive comments count as traffic).
+ */
+
+/**
+ * @typedef {StoreOptions & {
+ *   headers?: Record<string, string> | [string, string][] | Headers,
+ *   streamKey?: string,
+ *   withCredentials?: boolean,
+ *   credentials?: RequestCredentials,
+ *   reconnect?: ReconnectOptions,
+ * }} ResumableEventSourceOptions
+ *   `headers` go with every request (authorization, `Mcp-Session-Id`).
+ *   `streamKey` names the stream's cursor (default: the URL).
+ *   `credentials` is fetch's mode (default `'same-origin'`);
+ *   `withCredentials: true` means `'include'`, as for `EventSource`.
+ */
+
+/**
+ * Counters of a stream, its store and the page's persistence worker.
+ *
+ * @typedef {object} Stats
+ * @property {string | null} lastEventId The id a reconnect sends as `Last-Event-ID`.
+ * @property {'indexeddb' | 'memory'} store Where cursors go.
+ * @property {string} database The IndexedDB database name.
+ * @property {string | null} storeWarning Why cursors are in memory although
+ *   IndexedDB was asked for.
+ * @property {number | null} storeTransactions Write transactions made.
+ * @property {number} openStreams Streams open in this page on this store.
+ * @property {number} eventsObserved Events seen on every stream of the store.
+ * @property {number} duplicatesDropped Replays dropped on every stream of the store.
+ * @property {number} rejectedCommits Commits after the worker stopped.
+ * @property {number} cursorsWritten Cursors written to the store.
+ * @property {number} batches Successful writes (each one transaction).
+ * @property {number} failedBatches Failed writes.
+ * @property {number} retriesPending Streams whose cursor waits for a retry.
+ * @property {number} consecutiveFailures Failed writes since the last success.
+ * @property {string | null} lastStoreError The last store error (kept after recovery).
+ */
+
+/**
+ * @typedef {Stats & {
+ *   connects: number, reconnects: number, delivered: number,
+ *   duplicates: number, comments: number, bytes: number,
+ *   lastFailure: string | null,
+ * }} EventSourceStats
+ *   Stream counters: connections opened, reconnects scheduled, fresh events
+ *   delivered, replays dropped, comments (keep-alives), body bytes, and the
+ *   last connection failure.
+ */
+
+/** @typedef {(this: ResumableEventSource, event: MessageEvent<string>) => any} MessageHandler */
+/** @typedef {(this: ResumableEventSource, event: Event) => any} EventHandler */
+
+/**
+ * An `EventSource` that resumes: after a dropped connection, a reload or a
+ * crash it reconnects with the right `Last-Event-ID` from the cursor kept in
+ * IndexedDB, and never delivers a replayed event twice. It reads SSE over
+ * `fetch`, so it sends any headers, works in Web Workers, and keeps its
+ * stream while the tab is hidden.
+ *
+ * Events are `MessageEvent`s with `data`, `lastEventId` and `type` (the
+ * `event:` field, `'message'` by default). An event counts as delivered once
+ * its listeners return; then its id becomes the cursor. `error` fires when a
+ * connection fails (`readyState` goes back to `CONNECTING`) and when the
+ * stream stops for good (`readyState` is `CLOSED`; the reason is in
+ * `event.message`, if any).
+ */
+export class ResumableEventSource extends EventTarget {
+  static CONNECTING = /** @type {const} */ (0);
+  static OPEN = /** @type {const} */ (1);
+  static CLOSED = /** @type {const} */ (2);
+  CONNECTING = /** @type {const} */ (0);
+  OPEN = /** @type {const} */ (1);
+  CLOSED = /** @type {const} */ (2);
+
+  /** @type {EventSourceDriver | undefined} */
+  #driver;
+  /** @type {0 | 1 | 2} */
+  #readyState = 0;
+  /** @type {Promise<void>} */
+  #closed;
+  /** @type {Map<string, EventListener>} */
+  #handlers = new Map();
+
+  /**
+   * @param {string | URL} url The stream's URL, relative to the page.
+   * @param {ResumableEventSourceOptions} [options]
+   */
+  constructor(url, options = {}) {
+    super();
+    /** The absolute URL of the stream. */
+    this.url = new URL(url, globalThis.location?.href).href;
+    /** Whether requests carry cookies cross-origin. */
+    this.withCredentials = options.withCredentials === true || options.credentials === 'include';
+    /** @type {(value: void) => void} */
+    let closed = () => {};
+    this.#closed = new Promise((resolve) => (closed = resolve));
+    initialize().then(
+      () => {
+        if (this.#readyState === 2) return closed();
+        this.#driver = EventSourceDriver.start(
+          this.url,
+          options,
+          (/** @type {string} */ type, /** @type {string} */ data, /** @type {string} */ lastEventId) => {
+            const origin = new URL(this.url).origin;
+            this.dispatchEvent(new MessageEvent(type, { data, lastEventId, origin }));
+          },
+          (/** @type {string} */ kind, /** @type {string | null} */ detail) => {
+            if (kind === 'open') {
+              this.#readyState = 1;
+              this.dispatchEvent(new Event('open'));
+            } else if (kind === 'error' && this.#readyState !== 2) {
+              this.#readyState = 0;
+              this.#fail(detail);
+            } else if (kind === 'closed') {
+              const stopped = this.#readyState !== 2;
+              this.#readyState = 2;
+              if (stopped) this.#fail(detail);
+              closed();
+            }
+          },
+        );
+      },
+      (error) => {
+        this.#readyState = 2;
+        this.#fail(String(error));
+        closed();
+      },
+    );
+  }
+
+  /** @param {string | null} message */
+  #fail(message) {
+    const event = new Event('error');
+    Object.defineProperty(event, 'message', { value: message ?? undefined });
+    this.dispatchEvent(event);
+  }
+
+  /** `CONNECTING` (0), `OPEN` (1) or `CLOSED` (2). */
+  get readyState() {
+    return this.#readyState;
+  }
+
+  /**
+   * The id a reconnect would send as `Last-Event-ID`, once the cursor is loaded.
+   * @returns {string | undefined}
+   */
+  get lastEventId() {
+    return this.#driver?.lastEventId;
+  }
+
+  /**
+   * Stops the stream. The returned promise resolves once its cursor is
+   * written, so a page can await it before navigating away.
+   * @returns {Promise<void>}
+   */
+  close() {
+    const wasClosed = this.#readyState === 2;
+    this.#readyState = 2;
+    if (!wasClosed) this.#driver?.close();
+    return this.#closed;
+  }
+
+  /**
+   * Counters of this stream, its store and the page's persistence worker.
+   * @returns {Partial<EventSourceStats>}
+   */
+  stats() {
+    return /** @type {any} */ (this.#driver?.stats()) ?? { lastEventId: null };
+  }
+
+  /** @returns {MessageHandler | null} */
+  get onmessage() {
+    return this.#handler('message');
+  }
+  set onmessage(fn) {
+    this.#setHandler('message', fn);
+  }
+
+  /** @returns {EventHandler | null} */
+  get onopen() {
+    return this.#handler('open');
+  }
+  set onopen(fn) {
+    this.#setHandler('open', fn);
+  }
+
+  /** @returns {EventHandler | null} */
+  get onerror() {
+    return this.#handler('error');
+  }
+  set onerror(fn) {
+    this.#setHandler('error', fn);
+  }
+
+  /**
+   * @param {string} type
+   * @returns {any}
+   */
+  #handler(type) {
+    return /** @type {any} */ (this.#handlers.get(type))?.fn ?? null;
+  }
+
+  /**
+   * @param {string} type
+   * @param {Function | null} fn
+   */
+  #setHandler(type, fn) {
+    const previous = this.#handlers.get(type);
+    if (previous) this.removeEventListener(type, previous);
+    this.#handlers.delete(type);
+    if (typeof fn === 'function') {
+      /** @type {EventListener & { fn?: Function }} */
+      const listener = (event) => fn.call(this, event);
+      listener.fn = fn;
+      this.#handlers.set(type, listener);
+      this.addEventListener(type, listener);
+    }
+  }
+}
+
+/**
+ * Dedup window and cursor of one stream, for apps that bring their own
+ * transport (an MCP client's resumption tokens, a WebSocket, a custom fetch
+ * loop). Open it with {@link openTracker}.
+ */
+export class Tracker {
+  /** @type {import('./tidemark_wasm.js').Tracker} */
+  #inner;
+
+  /** @param {import('./tidemark_wasm.js').Tracker} inner */
+  constructor(inner) {
+    this.#inner = inner;
+  }
+
+  /**
+   * Whether the event with this id is fresh rather than a replay. A fresh
+   * event becomes the cursor at once (persisted in the background), so call
+   * this when the event is handed to the application. An event without an id
+   * is always fresh.
+   * @param {string | null | undefined} id
+   * @returns {boolean}
+   */
+  observe(id) {
+    return this.#inner.observe(id ?? undefined);
+  }
+
+  /**
+   * `observe` for a batch of ids in one call into WebAssembly.
+   * @param {readonly string[]} ids
+   * @returns {boolean[]}
+   */
+  observeMany(ids) {
+    if (ids.length === 0) return [];
+    return Array.from(this.#inner.observeJoined(ids.join('\n')), (fresh) => fresh === 1);
+  }
+
+  /**
+   * The id to resume from (`Last-Event-ID`, an MCP resumption token), or
+   * `undefined` for a stream that starts from the beginning.
+   * @returns {string | undefined}
+   */
+  get lastEventId() {
+    return this.#inner.lastEventId;
+  }
+
+  /**
+   * Counters of this stream, its store and the page's persistence worker.
+   * @returns {Stats & { observed: number, duplicates: number }}
+   */
+  stats() {
+    return /** @type {any} */ (this.#inner.stats());
+  }
+
+  /**
+   * Writes the cursor now instead of at the next flush interval (250 ms).
+   * @returns {Promise<void>}
+   */
+  flush() {
+    return this.#inner.flush();
+  }
+
+  /**
+   * Closes the stream and writes its cursor.
+   * @returns {Promise<void>}
+   */
+  close() {
+    return this.#inner.close();
+  }
+}
+
+/**
+ * Opens the tracker of a stream, seeded from its stored cursor. A stream key
+ * can have one open tracker per page at a time.
+ * @param {string} streamKey Names the stream, e.g. `${sessionId}/${streamId}`.
+ * @param {StoreOptions} [options]
+ * @returns {Promise<Tracker>}
+ */
+export async function openTracker(streamKey, options = {}) {
+  await initialize();
+  return new Tracker(await openWasmTracker(streamKey, options));
+}
+
+/**
+ * Starts writing the cursors of every stream of this page now. tidemark does
+ * this by itself on `pagehide` and when the page is hidden; to wait for one
+ * stream's write, use `Tracker.flush()` or `ResumableEventSource.close()`.
+ * @returns {Promise<void>}
+ */
+export async function flush() {
+  await initialize();
+  flushAll();
+}

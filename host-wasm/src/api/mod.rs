@@ -1,0 +1,19 @@
+//! The JavaScript API, exported with wasm-bindgen and wrapped by
+//! `js/index.js` into `ResumableEventSource` and `openTracker`.
+
+mod js;
+mod runtime;
+mod source;
+mod tracker;
+
+pub use source::EventSourceDriver;
+pub use tracker::{Tracker, open_tracker};
+
+use wasm_bindgen::prelude::*;
+
+/// Writes the cursors of every stream of this page now (the package does
+/// this on `pagehide` by itself).
+#[wasm_bindgen(js_name = flushAll)]
+pub fn flush_all() {
+    runtime::flush_all();
+}

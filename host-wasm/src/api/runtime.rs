@@ -1,0 +1,233 @@
+//! One persistence runtime per store: a registry, its worker, the store.
+//!
+//! Every stream of a page (or worker) that uses the same store shares one
+//! [`Registry`] and one persistence worker, so a page with many streams still
+//! makes at most one IndexedDB transaction per flush interval. Runtimes live
+//! as long as the page; on `pagehide` (and when the page is hidden) every
+//! runtime flushes, so a reload loses nothing that was delivered.
+
+use super::js;
+use crate::{BrowserClock, IdbStore};
+use futures::FutureExt;
+use futures::future::{LocalBoxFuture, Shared};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use tidemark_core::{
+    Config, Cursor, FingerprintKey, MemStore, Registry, Stats, Store, StoreError, StreamKey,
+    TrackerConfig, WorkerConfig, persistence,
+};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::spawn_local;
+
+/// The database used when the options name none.
+pub(crate) const DEFAULT_DATABASE: &str = "tidemark";
+
+/// Where cursors go, as chosen by the `store` and `database` options.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub(crate) struct StoreSpec {
+    /// `true` for `store: "memory"`: dedup without durability.
+    pub(crate) memory: bool,
+    /// The IndexedDB database name.
+    pub(crate) database: String,
+}
+
+impl StoreSpec {
+    /// Reads `store` (`"indexeddb"`, the default, or `"memory"`) and
+    /// `database` from an options object.
+    pub(crate) fn from_options(options: &JsValue) -> Result<Self, JsError> {
+        let memory = match js::get_string(options, "store")?.as_deref() {
+            None | Some("indexeddb") => false,
+            Some("memory") => true,
+            Some(other) => {
+                return Err(JsError::new(&format!(
+                    "option `store` must be \"indexeddb\" or \"memory\", not {other:?}"
+                )));
+            }
+        };
+        let database =
+            js::get_string(options, "database")?.unwrap_or_else(|| DEFAULT_DATABASE.into());
+        Ok(StoreSpec { memory, database })
+    }
+}
+
+/// The store behind a runtime: IndexedDB, or memory when asked for or when
+/// IndexedDB cannot be opened.
+pub(crate) enum AnyStore {
+    /// Cursors in IndexedDB.
+    Idb(IdbStore),
+    /// Cursors in memory only.
+    Memory(MemStore),
+}
+
+impl Store for AnyStore {
+    async fn load(&self, key: &StreamKey) -> Result<Option<Cursor>, StoreError> {
+        match self {
+            AnyStore::Idb(s) => s.load(key).await,
+            AnyStore::Memory(s) => s.load(key).await,
+        }
+    }
+
+    async fn save_batch(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Idb(s) => s.save_batch(cursors).await,
+            AnyStore::Memory(s) => s.save_batch(cursors).await,
+        }
+    }
+
+    async fn delete(&self, key: &StreamKey) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Idb(s) => s.delete(key).await,
+            AnyStore::Memory(s) => s.delete(key).await,
+        }
+    }
+}
+
+/// A registry, its running worker, and what the store turned out to be.
+pub(crate) struct Runtime {
+    pub(crate) registry: Registry<Rc<AnyStore>>,
+    pub(crate) clock: BrowserClock,
+    pub(crate) spec: StoreSpec,
+    /// Why the runtime runs on memory although IndexedDB was asked for.
+    pub(crate) warning: Option<String>,
+}
+
+impl Runtime {
+    async fn start(spec: StoreSpec) -> Result<Rc<Runtime>, String> {
+        let (store, warning) = if spec.memory {
+            (AnyStore::Memory(MemStore::new()), None)
+        } else {
+            match IdbStore::open(&spec.database).await {
+                Ok(store) => (AnyStore::Idb(store), None),
+                Err(error) => {
+                    let warning = format!(
+                        "tidemark: cursors are kept in memory only, so they will not survive a reload: {error}"
+                    );
+                    web_sys::console::warn_1(&JsValue::from_str(&warning));
+                    (AnyStore::Memory(MemStore::new()), Some(error.to_string()))
+                }
+            }
+        };
+        let [k0, k1] = js::random_u64s().map_err(|e| format!("{:?}", JsValue::from(e)))?;
+        let [seed, _] = js::random_u64s().map_err(|e| format!("{:?}", JsValue::from(e)))?;
+        let config = Config {
+            tracker: TrackerConfig {
+                fingerprint_key: FingerprintKey::new(k0, k1),
+                ..TrackerConfig::default()
+            },
+            worker: WorkerConfig {
+                seed,
+                ..WorkerConfig::default()
+            },
+        };
+        let clock = BrowserClock::new();
+        let (registry, worker) = persistence(Rc::new(store), clock.clone(), config);
+        spawn_local(async move {
+            worker.run().await;
+        });
+        flush_on_pagehide();
+        Ok(Rc::new(Runtime {
+            registry,
+            clock,
+            spec,
+            warning,
+        }))
+    }
+
+    /// Writes every dirty cursor now.
+    pub(crate) fn flush_soon(&self) {
+        let handle = self.registry.worker().clone();
+        spawn_local(async move {
+            let _ = handle.flush().await;
+        });
+    }
+
+    /// `stats()` fields of the runtime: the store and the worker.
+    pub(crate) fn stats(&self) -> js_sys::Object {
+        let Stats {
+            open_streams,
+            events_observed,
+            duplicates_dropped,
+            rejected_commits,
+            worker,
+        } = self.registry.stats();
+        let (store, transactions) = match &**self.registry.store() {
+            AnyStore::Idb(s) => ("indexeddb", Some(s.transactions())),
+            AnyStore::Memory(s) => ("memory", Some(s.batches())),
+        };
+        js::Fields::new()
+            .set("store", store)
+            .set("database", self.spec.database.as_str())
+            .set("storeWarning", js::opt_str(self.warning.as_ref()))
+            .set(
+                "storeTransactions",
+                transactions.map_or(JsValue::NULL, |t| (t as f64).into()),
+            )
+            .set("openStreams", open_streams as f64)
+            .set("eventsObserved", events_observed as f64)
+            .set("duplicatesDropped", duplicates_dropped as f64)
+            .set("rejectedCommits", rejected_commits as f64)
+            .set("cursorsWritten", worker.cursors_written as f64)
+            .set("batches", worker.batches as f64)
+            .set("failedBatches", worker.failed_batches as f64)
+            .set("retriesPending", worker.retries_pending as f64)
+            .set("consecutiveFailures", worker.consecutive_failures as f64)
+            .set(
+                "lastStoreError",
+                js::opt_str(worker.last_error.map(|e| e.to_string())),
+            )
+            .build()
+    }
+}
+
+type Starting = Shared<LocalBoxFuture<'static, Result<Rc<Runtime>, String>>>;
+
+thread_local! {
+    static RUNTIMES: RefCell<HashMap<StoreSpec, Starting>> = RefCell::new(HashMap::new());
+    static PAGEHIDE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The runtime of `spec`, started on first use; concurrent callers share
+/// one start.
+pub(crate) async fn runtime(spec: StoreSpec) -> Result<Rc<Runtime>, JsError> {
+    let starting = RUNTIMES.with(|runtimes| {
+        runtimes
+            .borrow_mut()
+            .entry(spec.clone())
+            .or_insert_with(|| Runtime::start(spec).boxed_local().shared())
+            .clone()
+    });
+    starting.await.map_err(|e| JsError::new(&e))
+}
+
+/// Flushes every started runtime now (`pagehide`, `close()`).
+pub(crate) fn flush_all() {
+    RUNTIMES.with(|runtimes| {
+        for starting in runtimes.borrow().values() {
+            if let Some(Ok(runtime)) = starting.peek() {
+                runtime.flush_soon();
+            }
+        }
+    });
+}
+
+/// Installs, once, listeners that flush every runtime when the page is
+/// hidden or unloaded. The flush starts within the event's task: the
+/// worker's write and the IndexedDB requests are issued in microtasks
+/// before the page goes away. Workers have neither event; their streams
+/// flush on `close()` and every flush interval.
+fn flush_on_pagehide() {
+    if PAGEHIDE.with(|done| done.replace(true)) {
+        return;
+    }
+    let global: web_sys::EventTarget = js_sys::global().unchecked_into();
+    let flush = Closure::<dyn Fn(web_sys::Event)>::new(|_event: web_sys::Event| flush_all());
+    let _ = global.add_event_listener_with_callback("pagehide", flush.as_ref().unchecked_ref());
+    if let Some(document) = js::get(&js_sys::global(), "document") {
+        let document: web_sys::EventTarget = document.unchecked_into();
+        let _ = document
+            .add_event_listener_with_callback("visibilitychange", flush.as_ref().unchecked_ref());
+    }
+    // One listener for the page's lifetime.
+    flush.forget();
+}

@@ -1,0 +1,240 @@
+//! The engine behind `ResumableEventSource` (see `js/index.js`).
+
+use super::js;
+use super::runtime::{StoreSpec, runtime};
+use super::tracker::{flush, stream_key_of};
+use crate::{ConnectionState, FetchConnector};
+use futures::channel::oneshot;
+use futures::future::{Either, select};
+use std::cell::RefCell;
+use std::pin::pin;
+use std::rc::Rc;
+use tidemark_core::{
+    Backoff, Millis, ReconnectConfig, ResumableStream, StreamConfig, StreamError, StreamStats,
+};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::spawn_local;
+
+/// Settings read from the constructor's options.
+struct Settings {
+    spec: StoreSpec,
+    stream_key: String,
+    config: StreamConfig,
+    credentials: String,
+}
+
+impl Settings {
+    fn from_options(url: &str, options: &JsValue) -> Result<Settings, JsError> {
+        let spec = StoreSpec::from_options(options)?;
+        let stream_key = js::get_string(options, "streamKey")?.unwrap_or_else(|| url.to_owned());
+        let headers = match js::get(options, "headers") {
+            Some(h) => js::headers(&h)?,
+            None => Vec::new(),
+        };
+        let credentials = match (
+            js::get_string(options, "credentials")?,
+            js::get_bool(options, "withCredentials")?,
+        ) {
+            (Some(mode), _) => mode,
+            (None, Some(true)) => "include".to_owned(),
+            (None, _) => "same-origin".to_owned(),
+        };
+        let mut reconnect = ReconnectConfig {
+            seed: js::random_u64s()?[0],
+            ..ReconnectConfig::default()
+        };
+        if let Some(r) = js::get(options, "reconnect") {
+            let default = reconnect.backoff;
+            reconnect.backoff = Backoff {
+                initial: js::get_u64(&r, "initialDelay")?.map_or(default.initial, Millis),
+                max: js::get_u64(&r, "maxDelay")?.map_or(default.max, Millis),
+            };
+            if js::get(&r, "maxAttempts").is_some() {
+                reconnect.max_attempts =
+                    js::get_u64(&r, "maxAttempts")?.map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+            } else if js::get_bool(&r, "forever")? == Some(true) {
+                reconnect.max_attempts = None;
+            }
+            if let Some(idle) = js::get_u64(&r, "idleTimeout")? {
+                reconnect.idle_timeout = Millis(idle);
+            }
+        }
+        Ok(Settings {
+            spec,
+            stream_key,
+            config: StreamConfig {
+                headers,
+                reconnect,
+                ..StreamConfig::default()
+            },
+            credentials,
+        })
+    }
+}
+
+/// What the driver shares with its task.
+#[derive(Default)]
+struct State {
+    stats: StreamStats,
+    last_event_id: Option<String>,
+    runtime_stats: Option<js_sys::Object>,
+    close: Option<oneshot::Sender<()>>,
+}
+
+/// Drives one resumable stream and reports to JavaScript callbacks:
+/// `onEvent(type, data, lastEventId)` for each fresh event (the cursor moves
+/// as soon as it returns), `onState(kind, detail)` with `"open"`, `"error"`
+/// (a connection failed; reconnecting), and `"closed"` (final; `detail` says
+/// why, `null` after `close()`).
+#[wasm_bindgen]
+pub struct EventSourceDriver {
+    state: Rc<RefCell<State>>,
+    closed: Rc<RefCell<Option<oneshot::Receiver<()>>>>,
+}
+
+#[wasm_bindgen]
+impl EventSourceDriver {
+    /// Starts following `url`; see `ResumableEventSourceOptions` for
+    /// `options`.
+    pub fn start(
+        url: String,
+        options: JsValue,
+        on_event: js_sys::Function,
+        on_state: js_sys::Function,
+    ) -> Result<EventSourceDriver, JsError> {
+        let settings = Settings::from_options(&url, &options)?;
+        let (close_tx, close_rx) = oneshot::channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        let state = Rc::new(RefCell::new(State {
+            close: Some(close_tx),
+            ..State::default()
+        }));
+        let task_state = state.clone();
+        spawn_local(async move {
+            let reason = drive(url, settings, &task_state, close_rx, on_event, &on_state).await;
+            let detail = reason.map_or(JsValue::NULL, |r| JsValue::from_str(&r));
+            let _ = on_state.call2(&JsValue::NULL, &"closed".into(), &detail);
+            let _ = done_tx.send(());
+        });
+        Ok(EventSourceDriver {
+            state,
+            closed: Rc::new(RefCell::new(Some(done_rx))),
+        })
+    }
+
+    /// Stops the stream; resolves once its cursor is written (or the write
+    /// failed and waits for a retry).
+    pub async fn close(&self) {
+        let close = self.state.borrow_mut().close.take();
+        if let Some(close) = close {
+            let _ = close.send(());
+        }
+        let done = self.closed.borrow_mut().take();
+        if let Some(done) = done {
+            let _ = done.await;
+        }
+    }
+
+    /// The id a reconnect would send as `Last-Event-ID`.
+    #[wasm_bindgen(getter, js_name = lastEventId)]
+    pub fn last_event_id(&self) -> Option<String> {
+        self.state.borrow().last_event_id.clone()
+    }
+
+    /// Counters of the stream, its store and the shared worker.
+    pub fn stats(&self) -> js_sys::Object {
+        let state = self.state.borrow();
+        let s = &state.stats;
+        let fields = js::Fields::new()
+            .set("connects", s.connects as f64)
+            .set("reconnects", s.reconnects as f64)
+            .set("delivered", s.delivered as f64)
+            .set("duplicates", s.duplicates as f64)
+            .set("comments", s.comments as f64)
+            .set("bytes", s.bytes as f64)
+            .set(
+                "lastFailure",
+                js::opt_str(s.last_failure.as_ref().map(ToString::to_string)),
+            )
+            .set("lastEventId", js::opt_str(state.last_event_id.as_ref()));
+        match &state.runtime_stats {
+            Some(runtime) => fields.extend(runtime).build(),
+            None => fields.build(),
+        }
+    }
+}
+
+/// The stream's task. Returns why it stopped (`None` after `close()`).
+async fn drive(
+    url: String,
+    settings: Settings,
+    state: &RefCell<State>,
+    mut close: oneshot::Receiver<()>,
+    on_event: js_sys::Function,
+    on_state: &js_sys::Function,
+) -> Option<String> {
+    let runtime = match runtime(settings.spec).await {
+        Ok(r) => r,
+        Err(e) => return Some(format!("{:?}", JsValue::from(e))),
+    };
+    let tracker = match runtime
+        .registry
+        .open(stream_key_of(&settings.stream_key))
+        .await
+    {
+        Ok(t) => t,
+        Err(e) => return Some(e.to_string()),
+    };
+    let report = on_state.clone();
+    let connector = FetchConnector::new()
+        .credentials(settings.credentials.as_str())
+        .on_state(move |state| {
+            let (kind, detail) = match state {
+                ConnectionState::Open => ("open", JsValue::NULL),
+                ConnectionState::Error(failure) => ("error", failure.to_string().into()),
+                _ => return,
+            };
+            let _ = report.call2(&JsValue::NULL, &JsValue::from_str(kind), &detail);
+        });
+    let mut stream = ResumableStream::new(
+        connector,
+        runtime.clock.clone(),
+        url,
+        tracker,
+        settings.config,
+    );
+    let sync = |stream: &ResumableStream<_, _>| {
+        let mut state = state.borrow_mut();
+        state.stats = stream.stats().clone();
+        state.last_event_id = stream.last_event_id().map(str::to_owned);
+        state.runtime_stats = Some(runtime.stats());
+    };
+    sync(&stream);
+    let reason = loop {
+        let next = {
+            let next = pin!(stream.next());
+            match select(next, &mut close).await {
+                Either::Left((next, _)) => next,
+                Either::Right(_) => break None,
+            }
+        };
+        match next {
+            Ok(event) => {
+                let kind = JsValue::from_str(&event.event);
+                let id = JsValue::from_str(event.last_event_id.as_str());
+                let _ = on_event.call3(&JsValue::NULL, &kind, &JsValue::from_str(&event.data), &id);
+                // Listeners ran synchronously: the event is delivered.
+                stream.commit();
+                sync(&stream);
+            }
+            Err(StreamError::Closed) => break None,
+            Err(error) => break Some(error.to_string()),
+        }
+    };
+    stream.commit();
+    sync(&stream);
+    drop(stream);
+    let _ = flush(&runtime).await;
+    state.borrow_mut().runtime_stats = Some(runtime.stats());
+    reason
+}

@@ -1,0 +1,415 @@
+//! The core's [`Connector`] on the browser's `fetch`: [`FetchConnector`].
+
+use futures::Stream;
+use futures::future::{Either, select};
+use gloo_timers::future::TimeoutFuture;
+use js_sys::{Function, Promise, Reflect, Uint8Array};
+use std::fmt;
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tidemark_core::reconnect::check_response;
+use tidemark_core::{ConnectRequest, Connector, Failure};
+use wasm_bindgen::{JsCast, JsValue};
+use wasm_bindgen_futures::JsFuture;
+use web_sys::{
+    AbortController, Headers, ReadableStreamDefaultReader, Request, RequestCache,
+    RequestCredentials, RequestInit, Response,
+};
+
+/// What happened to a connection; see [`FetchConnector::on_state`]. The
+/// JavaScript API maps `Open` to an EventSource `open` event and `Error` to
+/// an `error` event.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectionState<'a> {
+    /// The response headers were good (200, `text/event-stream`): the
+    /// stream is open.
+    Open,
+    /// The attempt failed, or the open stream ended (the server closed it:
+    /// a [`Failure::Network`]) or broke.
+    Error(&'a Failure),
+    /// The client dropped the open stream before it ended (the stream was
+    /// closed, its idle watchdog fired, or the server broke the parser's
+    /// limits); the request was aborted. The stream itself says why.
+    Closed,
+}
+
+/// Called with every [`ConnectionState`] change.
+type Observer = Rc<dyn Fn(ConnectionState<'_>)>;
+
+/// A credentials mode for [`FetchConnector::credentials`]: a
+/// [`RequestCredentials`], or its name as `fetch` spells it (`"omit"`,
+/// `"same-origin"`, `"include"`).
+pub trait CredentialsMode {
+    /// The mode, or the unknown name.
+    fn to_mode(&self) -> Result<RequestCredentials, String>;
+}
+
+impl CredentialsMode for RequestCredentials {
+    fn to_mode(&self) -> Result<RequestCredentials, String> {
+        Ok(*self)
+    }
+}
+
+impl CredentialsMode for str {
+    fn to_mode(&self) -> Result<RequestCredentials, String> {
+        match self {
+            "omit" => Ok(RequestCredentials::Omit),
+            "same-origin" => Ok(RequestCredentials::SameOrigin),
+            "include" => Ok(RequestCredentials::Include),
+            other => Err(other.to_owned()),
+        }
+    }
+}
+
+impl CredentialsMode for String {
+    fn to_mode(&self) -> Result<RequestCredentials, String> {
+        self.as_str().to_mode()
+    }
+}
+
+impl<T: CredentialsMode + ?Sized> CredentialsMode for &T {
+    fn to_mode(&self) -> Result<RequestCredentials, String> {
+        (**self).to_mode()
+    }
+}
+
+/// Opens SSE connections with `fetch`.
+///
+/// Each attempt is one `fetch` with its own `AbortController`: `GET` with
+/// `Accept: text/event-stream`, `Cache-Control: no-cache`, `Last-Event-ID`
+/// when resuming, the stream's extra headers, `cache: "no-store"` and the
+/// configured credentials mode. It resolves when the response headers are
+/// in; the body is read with `response.body.getReader()`. Dropping the body,
+/// or the `connect` future before it resolves, aborts the request, so a
+/// connection the core gives up on never lingers (browsers allow only six
+/// HTTP/1.1 connections per server).
+///
+/// # Globals, workers, hidden tabs
+///
+/// `fetch` and `AbortController` come from `globalThis`, never from `window`
+/// or `document`: the connector works in windows and in Web Workers alike.
+/// Nothing depends on page visibility: unlike `fetch-event-source`, which
+/// closes its stream while the tab is hidden by default, the stream stays
+/// open in a hidden tab (the browser may throttle its timers, which only
+/// delays reconnects).
+///
+/// # Cross-origin servers
+///
+/// `Cache-Control` and `Last-Event-ID` are not CORS-safelisted request
+/// headers, so every cross-origin request is preceded by a preflight: the
+/// server must answer `OPTIONS` allowing them (and any extra header), and
+/// must send `Access-Control-Allow-Origin`. A request the browser refuses
+/// for CORS fails like a network error ([`Failure::Network`]): browsers do
+/// not tell scripts why. `Retry-After` is readable on a cross-origin
+/// response only if the server lists it in `Access-Control-Expose-Headers`.
+/// Headers the browser forbids scripts to set (`Cookie`, `Host`, ...) are
+/// silently left out by the browser.
+///
+/// # Failures
+///
+/// A response other than a 200 `text/event-stream` becomes a [`Failure`]
+/// with the status and its `Retry-After` (checked by the core's
+/// [`check_response`], like the native connector). A rejected `fetch`
+/// (network error, refused connection, CORS) is a [`Failure::Network`]; a
+/// request the browser cannot even build (malformed URL, invalid header
+/// name or value, a scheme other than http and https, an unknown
+/// credentials mode) is a permanent [`Failure::Request`].
+///
+/// ```ignore
+/// let connector = FetchConnector::new()
+///     .credentials("include")
+///     .on_state(|state| web_sys::console::log_1(&format!("{state:?}").into()));
+/// ```
+#[derive(Clone)]
+pub struct FetchConnector {
+    credentials: Result<RequestCredentials, String>,
+    connect_timeout: Duration,
+    observer: Option<Observer>,
+}
+
+impl fmt::Debug for FetchConnector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FetchConnector")
+            .field("credentials", &self.credentials)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("observed", &self.observer.is_some())
+            .finish()
+    }
+}
+
+impl Default for FetchConnector {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FetchConnector {
+    /// A connector with credentials mode `same-origin` (what `EventSource`
+    /// uses without `withCredentials`), a 10 s connect timeout and no
+    /// observer.
+    pub fn new() -> Self {
+        FetchConnector {
+            credentials: Ok(RequestCredentials::SameOrigin),
+            connect_timeout: Duration::from_secs(10),
+            observer: None,
+        }
+    }
+
+    /// Sets the credentials mode: `omit`, `same-origin` or `include` (what
+    /// `EventSource` uses with `withCredentials: true`), as a
+    /// [`RequestCredentials`] or by name. An unknown name makes every
+    /// `connect` fail with a permanent [`Failure::Request`].
+    pub fn credentials(mut self, mode: impl CredentialsMode) -> Self {
+        self.credentials = mode.to_mode();
+        self
+    }
+
+    /// Sets how long `connect` waits for the response headers before it
+    /// aborts the request and fails with [`Failure::Network`] (default
+    /// 10 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Calls `observer` with every [`ConnectionState`] change of the
+    /// connections this connector opens (clones share it). It is called
+    /// synchronously from `connect` and from the body's `poll_next` and
+    /// `drop`: it must not block, and must not drive the stream.
+    pub fn on_state(mut self, observer: impl Fn(ConnectionState<'_>) + 'static) -> Self {
+        self.observer = Some(Rc::new(observer));
+        self
+    }
+
+    fn notify(&self, state: ConnectionState<'_>) {
+        if let Some(observer) = &self.observer {
+            observer(state);
+        }
+    }
+
+    /// Builds and sends the request; resolves with the checked response.
+    async fn open(&self, request: ConnectRequest<'_>) -> Result<FetchBody, Failure> {
+        let credentials = self.credentials.clone().map_err(|name| {
+            Failure::Request(format!(
+                "credentials mode {name:?}: expected \"omit\", \"same-origin\" or \"include\""
+            ))
+        })?;
+        let global = js_sys::global();
+        let fetch: Function = Reflect::get(&global, &JsValue::from_str("fetch"))
+            .ok()
+            .and_then(|f| f.dyn_into().ok())
+            .ok_or_else(|| Failure::Request("no fetch in this global scope".into()))?;
+
+        let headers = Headers::new().map_err(|e| Failure::Request(describe(&e)))?;
+        let append = |name: &str, value: &str| {
+            headers
+                .append(name, value)
+                .map_err(|e| Failure::Request(format!("header {name:?}: {}", describe(&e))))
+        };
+        append("Accept", "text/event-stream")?;
+        append("Cache-Control", "no-cache")?;
+        if let Some(id) = request.last_event_id {
+            append("Last-Event-ID", id)?;
+        }
+        for (name, value) in request.headers {
+            append(name, value)?;
+        }
+
+        let controller = AbortController::new().map_err(|e| Failure::Request(describe(&e)))?;
+        // Aborts the request on every way out but success, including the
+        // caller dropping this future.
+        let mut guard = AbortOnDrop(Some(controller.clone()));
+        let init = RequestInit::new();
+        init.set_method("GET");
+        init.set_headers(&headers);
+        init.set_cache(RequestCache::NoStore);
+        init.set_credentials(credentials);
+        init.set_signal(Some(&controller.signal()));
+        let http_request = Request::new_with_str_and_init(request.url, &init)
+            .map_err(|e| Failure::Request(format!("{}: {}", request.url, describe(&e))))?;
+        let resolved = http_request.url();
+        if !(resolved.starts_with("http:") || resolved.starts_with("https:")) {
+            return Err(Failure::Request(format!(
+                "{resolved}: only http:// and https:// URLs are supported"
+            )));
+        }
+
+        let promise: Promise = fetch
+            .call1(&global, &http_request)
+            .map_err(|e| Failure::Request(describe(&e)))?
+            .dyn_into()
+            .map_err(|_| Failure::Request("fetch did not return a promise".into()))?;
+        let timeout_ms = self.connect_timeout.as_millis().min(i32::MAX as u128) as u32;
+        let response = {
+            let response = pin!(JsFuture::from(promise));
+            match select(response, TimeoutFuture::new(timeout_ms)).await {
+                Either::Left((response, _)) => response,
+                Either::Right(((), _)) => {
+                    return Err(Failure::Network(format!(
+                        "no response within {:?}",
+                        self.connect_timeout
+                    )));
+                }
+            }
+        };
+        let response: Response = response
+            .map_err(|e| Failure::Network(describe(&e)))?
+            .dyn_into()
+            .map_err(|_| Failure::Network("fetch resolved with something else".into()))?;
+
+        let response_headers = response.headers();
+        let header = |name: &str| response_headers.get(name).ok().flatten();
+        check_response(
+            response.status(),
+            header("retry-after").as_deref(),
+            header("content-type").as_deref(),
+        )?;
+        let body = response
+            .body()
+            .ok_or_else(|| Failure::Network("the response has no body".into()))?;
+        let reader: ReadableStreamDefaultReader = body
+            .get_reader()
+            .dyn_into()
+            .map_err(|_| Failure::Network("the body has no default reader".into()))?;
+        guard.0 = None;
+        Ok(FetchBody {
+            reader,
+            controller,
+            pending: None,
+            ended: false,
+            observer: self.observer.clone(),
+        })
+    }
+}
+
+impl Connector for FetchConnector {
+    type Chunk = Vec<u8>;
+    type Body = FetchBody;
+
+    async fn connect(&self, request: ConnectRequest<'_>) -> Result<FetchBody, Failure> {
+        let opened = self.open(request).await;
+        match &opened {
+            Ok(_) => self.notify(ConnectionState::Open),
+            Err(failure) => self.notify(ConnectionState::Error(failure)),
+        }
+        opened
+    }
+}
+
+/// Aborts the controller it holds when dropped.
+struct AbortOnDrop(Option<AbortController>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(controller) = &self.0 {
+            controller.abort();
+        }
+    }
+}
+
+/// The body of a `fetch` response, read chunk by chunk from its reader.
+///
+/// Ends (`None`) when the server closes the stream; a failed read is a
+/// [`Failure::Network`], after which the body ends. Dropping it cancels the
+/// reader and aborts the request.
+pub struct FetchBody {
+    reader: ReadableStreamDefaultReader,
+    controller: AbortController,
+    /// The `read()` in flight.
+    pending: Option<JsFuture>,
+    /// The stream ended or failed (and the observer was told).
+    ended: bool,
+    observer: Option<Observer>,
+}
+
+impl fmt::Debug for FetchBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FetchBody")
+            .field("reading", &self.pending.is_some())
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FetchBody {
+    fn end(&mut self, failure: &Failure) {
+        self.ended = true;
+        if let Some(observer) = &self.observer {
+            observer(ConnectionState::Error(failure));
+        }
+    }
+}
+
+impl Stream for FetchBody {
+    type Item = Result<Vec<u8>, Failure>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        let read = this
+            .pending
+            .get_or_insert_with(|| JsFuture::from(this.reader.read()));
+        let Poll::Ready(result) = Pin::new(read).poll(cx) else {
+            return Poll::Pending;
+        };
+        this.pending = None;
+        let chunk = result.map_err(|e| describe(&e)).and_then(|result| {
+            let field = |name: &str| Reflect::get(&result, &JsValue::from_str(name));
+            if field("done").map_err(|e| describe(&e))?.is_truthy() {
+                return Ok(None);
+            }
+            let value = field("value").map_err(|e| describe(&e))?;
+            let bytes = value
+                .dyn_ref::<Uint8Array>()
+                .ok_or("the body yielded something other than bytes")?;
+            Ok(Some(bytes.to_vec()))
+        });
+        match chunk {
+            Ok(Some(bytes)) => Poll::Ready(Some(Ok(bytes))),
+            Ok(None) => {
+                this.end(&Failure::Network("the server closed the stream".into()));
+                Poll::Ready(None)
+            }
+            Err(message) => {
+                let failure = Failure::Network(message);
+                this.end(&failure);
+                Poll::Ready(Some(Err(failure)))
+            }
+        }
+    }
+}
+
+impl Drop for FetchBody {
+    fn drop(&mut self) {
+        if !self.ended {
+            if let Some(observer) = &self.observer {
+                observer(ConnectionState::Closed);
+            }
+        }
+        // `cancel()` settles later; a JsFuture handles a rejection even when
+        // dropped at once. Aborting also errors a pending `read()`, which
+        // its (dropped) JsFuture absorbs too.
+        drop(JsFuture::from(self.reader.cancel()));
+        self.controller.abort();
+    }
+}
+
+/// A readable description of a thrown JavaScript value.
+fn describe(error: &JsValue) -> String {
+    if let Some(error) = error.dyn_ref::<js_sys::Error>() {
+        let name = String::from(error.name());
+        let message = String::from(error.message());
+        return if message.is_empty() {
+            name
+        } else {
+            format!("{name}: {message}")
+        };
+    }
+    error.as_string().unwrap_or_else(|| format!("{error:?}"))
+}

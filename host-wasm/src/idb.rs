@@ -1,0 +1,709 @@
+//! Cursors in IndexedDB: [`IdbStore`].
+
+use js_sys::{Array, Function, Object, Promise, Reflect};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::fmt;
+use std::rc::Rc;
+use tidemark_core::{Cursor, Millis, Store, StoreError, StreamKey};
+use wasm_bindgen::closure::Closure;
+use wasm_bindgen::prelude::wasm_bindgen;
+use wasm_bindgen::{JsCast, JsValue};
+use wasm_bindgen_futures::JsFuture;
+use web_sys::{
+    DomException, IdbDatabase, IdbFactory, IdbKeyRange, IdbObjectStore, IdbRequest, IdbTransaction,
+};
+
+#[wasm_bindgen]
+extern "C" {
+    /// An `IDBDatabase`, for the one binding web-sys has only behind
+    /// `web_sys_unstable_apis`.
+    type RawDatabase;
+
+    /// `IDBDatabase.transaction(name, mode, options)`.
+    #[wasm_bindgen(method, catch, js_name = transaction)]
+    fn transaction_with_options(
+        this: &RawDatabase,
+        store_name: &str,
+        mode: &str,
+        options: &Object,
+    ) -> Result<IdbTransaction, JsValue>;
+}
+
+/// The largest integer a JavaScript Number holds exactly: 2^53 - 1.
+const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
+
+const CLOSED_BY_CALLER: &str = "the store was closed";
+const CLOSED_BY_VERSION_CHANGE: &str = "the database connection was closed because another tab or \
+     worker is upgrading or deleting the database (a version change); reopen the store";
+const CLOSED_BY_BROWSER: &str = "the browser closed the database connection (site data \
+     cleared or a storage failure); reopen the store";
+
+/// Cursors of every stream in one IndexedDB database.
+///
+/// The database has version [`IdbStore::VERSION`] and one object store,
+/// [`IdbStore::OBJECT_STORE`]. A stream's cursor is the entry with the highest
+/// `seq` under the array key `[session, stream, seq]`; its value is a plain
+/// object `{ lastEventId: string, seq: number, at: number }`, readable from
+/// JavaScript and DevTools. `seq` and `at` are stored as Numbers: `at` is
+/// milliseconds since the Unix epoch, and a `seq` above 2^53 (about 285 years
+/// at a million cursor moves per second) is not expected; larger values would
+/// be rounded.
+///
+/// # Writes
+///
+/// A flush is one `readwrite` transaction for the whole batch, opened with
+/// `{ durability: "relaxed" }` (the data reaches the OS, not necessarily the
+/// disk, before `complete` fires: a tab crash loses nothing, a power cut may
+/// lose the last flush, which the core's at-least-once replay covers). For
+/// each cursor it deletes the stream's entries with a lower `seq` and puts
+/// its own; `load` reads the stream's entries and returns the highest. So a
+/// persisted cursor never moves backwards, even when several tabs or workers
+/// write the same stream, and yet a write reads nothing: every request is
+/// issued at once and `transaction.commit()` is called right after (where
+/// the browser has it). That is what makes the flush on `pagehide` work: a
+/// page being unloaded gets no more events, so a write that waited for a
+/// read to come back would never be committed (seen in Chromium: a reload
+/// then replayed the last flush interval's events). A stored entry of the
+/// wrong shape is reported by `load` as [`StoreError::Corrupt`] until a newer
+/// cursor of that stream replaces it.
+///
+/// # Connections
+///
+/// The factory is `globalThis.indexedDB`, so the store works in windows and in
+/// Web Workers alike; where it is missing (some private modes, sandboxed
+/// frames) [`IdbStore::open`] fails with [`StoreError::Unavailable`]. When
+/// another tab or worker upgrades or deletes the database, the store closes
+/// its connection at once, so it never blocks them, and every later operation
+/// fails with [`StoreError::Unavailable`]: reopen the store (a page that is
+/// being upgraded is usually about to reload anyway).
+///
+/// Each pending IndexedDB request is awaited through a `Promise` whose own
+/// `resolve`/`reject` functions are the request's event handlers, wrapped in
+/// a `JsFuture`: the store registers no Rust closure per operation, and the
+/// `JsFuture`'s callbacks are freed when the request settles, so nothing
+/// accumulates however many operations run.
+///
+/// Dropping the store closes its connection.
+pub struct IdbStore {
+    name: String,
+    conn: Rc<Connection>,
+    // Registered as the database's `onversionchange` and `onclose`; kept
+    // alive as long as the store, unregistered on drop.
+    _on_version_change: Closure<dyn FnMut(JsValue)>,
+    _on_close: Closure<dyn FnMut(JsValue)>,
+}
+
+struct Connection {
+    db: IdbDatabase,
+    /// Why the connection is closed, once it is.
+    closed: RefCell<Option<&'static str>>,
+    transactions: Cell<u64>,
+    cursors_written: Cell<u64>,
+}
+
+impl Connection {
+    /// The database, unless the connection is closed.
+    fn db(&self, doing: &str) -> Result<&IdbDatabase, StoreError> {
+        match *self.closed.borrow() {
+            Some(reason) => Err(StoreError::Unavailable(format!(
+                "{doing} IndexedDB database {:?}: {reason}",
+                self.db.name()
+            ))),
+            None => Ok(&self.db),
+        }
+    }
+
+    /// Records why the connection closed (the first reason wins) and closes
+    /// it. Transactions already running still complete.
+    fn shut(&self, reason: &'static str) {
+        let mut closed = self.closed.borrow_mut();
+        if closed.is_none() {
+            *closed = Some(reason);
+        }
+        drop(closed);
+        self.db.close();
+    }
+}
+
+impl IdbStore {
+    /// The schema version the store opens its database with.
+    pub const VERSION: u32 = 1;
+    /// The name of the object store holding the cursors.
+    pub const OBJECT_STORE: &'static str = "cursors";
+
+    /// Opens (creating if needed) the IndexedDB database `name`.
+    ///
+    /// # Errors
+    ///
+    /// - [`StoreError::Unavailable`] when this context has no
+    ///   `globalThis.indexedDB` or may not use it, or when the open is blocked
+    ///   by another connection.
+    /// - [`StoreError::Corrupt`] when the database exists at a higher version
+    ///   (a newer build upgraded it) or lacks the object store (it belongs to
+    ///   something else). Such a database is left untouched.
+    /// - Anything else IndexedDB reports, mapped as in
+    ///   [`IdbStore::error_from_dom_exception`].
+    pub async fn open(name: &str) -> Result<IdbStore, StoreError> {
+        let factory = factory()?;
+        let doing = format!("opening IndexedDB database {name:?}");
+        let request = factory
+            .open_with_u32(name, Self::VERSION)
+            .map_err(|e| js_error(&doing, &e))?;
+
+        // Runs only when the database is new (or older than VERSION).
+        let upgrade: Closure<dyn FnMut(JsValue)> = {
+            let request = request.clone();
+            Closure::once(move |_event: JsValue| {
+                let Ok(result) = request.result() else { return };
+                let db: IdbDatabase = result.unchecked_into();
+                if !db.object_store_names().contains(Self::OBJECT_STORE)
+                    && db.create_object_store(Self::OBJECT_STORE).is_err()
+                {
+                    // The open then fails with an AbortError.
+                    if let Some(tx) = request.transaction() {
+                        let _ = tx.abort();
+                    }
+                }
+            })
+        };
+        request.set_onupgradeneeded(Some(upgrade.as_ref().unchecked_ref()));
+        let settled = JsFuture::from(Promise::new(&mut |resolve, reject| {
+            request.set_onsuccess(Some(&resolve));
+            request.set_onerror(Some(&reject));
+            request.set_onblocked(Some(&reject));
+        }))
+        .await;
+        request.set_onblocked(None);
+
+        match settled {
+            Ok(_) => {
+                clear_open_handlers(&request);
+                drop(upgrade);
+                let db: IdbDatabase = request
+                    .result()
+                    .map_err(|e| js_error(&doing, &e))?
+                    .unchecked_into();
+                if !db.object_store_names().contains(Self::OBJECT_STORE) {
+                    db.close();
+                    return Err(StoreError::Corrupt {
+                        what: format!("IndexedDB database {name:?}"),
+                        detail: format!(
+                            "it has no object store {:?}: it belongs to something else",
+                            Self::OBJECT_STORE
+                        ),
+                    });
+                }
+                Ok(IdbStore::wrap(name, db))
+            }
+            Err(event) if event_type(&event) == "blocked" => {
+                // The open stays queued. Should it succeed later, close that
+                // connection at once; the upgrade handler stays alive until
+                // then so that the database is created whole.
+                let closer = {
+                    let request = request.clone();
+                    Closure::once_into_js(move |_event: JsValue| {
+                        drop(upgrade);
+                        if let Ok(result) = request.result()
+                            && result.is_object()
+                        {
+                            result.unchecked_into::<IdbDatabase>().close();
+                        }
+                        clear_open_handlers(&request);
+                    })
+                };
+                request.set_onsuccess(Some(closer.unchecked_ref()));
+                request.set_onerror(Some(closer.unchecked_ref()));
+                Err(StoreError::Unavailable(format!(
+                    "{doing}: blocked by another tab or worker that keeps an older \
+                     version of the database open"
+                )))
+            }
+            Err(_) => {
+                clear_open_handlers(&request);
+                drop(upgrade);
+                Err(match request.error() {
+                    Ok(Some(e)) if e.name() == "VersionError" => StoreError::Corrupt {
+                        what: format!("IndexedDB database {name:?}"),
+                        detail: format!(
+                            "it is at a higher version than version {} of this build \
+                             (a newer build upgraded it): {}",
+                            Self::VERSION,
+                            e.message()
+                        ),
+                    },
+                    Ok(Some(e)) => classify(&doing, &e.name(), &e.message()),
+                    Ok(None) => StoreError::Backend {
+                        message: format!("{doing}: failed without an error"),
+                        transient: true,
+                    },
+                    Err(e) => js_error(&doing, &e),
+                })
+            }
+        }
+    }
+
+    fn wrap(name: &str, db: IdbDatabase) -> IdbStore {
+        let conn = Rc::new(Connection {
+            db,
+            closed: RefCell::new(None),
+            transactions: Cell::new(0),
+            cursors_written: Cell::new(0),
+        });
+        let on_version_change = {
+            let conn = Rc::clone(&conn);
+            Closure::<dyn FnMut(JsValue)>::new(move |_event: JsValue| {
+                conn.shut(CLOSED_BY_VERSION_CHANGE);
+            })
+        };
+        let on_close = {
+            let conn = Rc::clone(&conn);
+            Closure::<dyn FnMut(JsValue)>::new(move |_event: JsValue| {
+                conn.shut(CLOSED_BY_BROWSER);
+            })
+        };
+        conn.db
+            .set_onversionchange(Some(on_version_change.as_ref().unchecked_ref()));
+        conn.db.set_onclose(Some(on_close.as_ref().unchecked_ref()));
+        IdbStore {
+            name: name.to_owned(),
+            conn,
+            _on_version_change: on_version_change,
+            _on_close: on_close,
+        }
+    }
+
+    /// Deletes the IndexedDB database `name` with everything in it. Open
+    /// [`IdbStore`]s of it close themselves (see [`IdbStore`]).
+    /// Deleting a missing database is not an error.
+    ///
+    /// The future finishes once every other connection to the database has
+    /// closed: a connection that is closing still runs its last transactions
+    /// first, so a `blocked` event is normal here and not an error. A foreign
+    /// connection that never closes delays the deletion until it does; race
+    /// the future with a timer if that matters.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] when this context has no IndexedDB;
+    /// otherwise what IndexedDB reports.
+    pub async fn delete_database(name: &str) -> Result<(), StoreError> {
+        let factory = factory()?;
+        let doing = format!("deleting IndexedDB database {name:?}");
+        let request = factory
+            .delete_database(name)
+            .map_err(|e| js_error(&doing, &e))?;
+        if request_done(&request).await.is_err() {
+            return Err(request_error(&doing, &request));
+        }
+        Ok(())
+    }
+
+    /// The database name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// How many `readwrite` transactions (one per non-empty `save_batch`, one
+    /// per `delete`) completed.
+    pub fn transactions(&self) -> u64 {
+        self.conn.transactions.get()
+    }
+
+    /// How many cursors completed transactions wrote (one per stream per
+    /// batch).
+    pub fn cursors_written(&self) -> u64 {
+        self.conn.cursors_written.get()
+    }
+
+    /// Whether the connection is closed, by [`IdbStore::close`], by a
+    /// version change from elsewhere, or by the browser.
+    pub fn is_closed(&self) -> bool {
+        self.conn.closed.borrow().is_some()
+    }
+
+    /// Closes the connection. Transactions already running complete; later
+    /// operations fail with [`StoreError::Unavailable`].
+    pub fn close(&self) {
+        self.conn.shut(CLOSED_BY_CALLER);
+    }
+
+    /// How a `DOMException` from IndexedDB maps onto [`StoreError`]:
+    ///
+    /// - `QuotaExceededError` → [`StoreError::QuotaExceeded`];
+    /// - `InvalidStateError` (the connection is closed or closing) and
+    ///   `SecurityError` (IndexedDB is not allowed here) →
+    ///   [`StoreError::Unavailable`];
+    /// - anything else → a transient [`StoreError::Backend`] naming the
+    ///   exception.
+    pub fn error_from_dom_exception(exception: &DomException) -> StoreError {
+        classify("IndexedDB", &exception.name(), &exception.message())
+    }
+
+    fn what(&self, key: &StreamKey) -> String {
+        format!(
+            "IndexedDB database {:?}, object store {:?}, key {key:?}",
+            self.name,
+            Self::OBJECT_STORE
+        )
+    }
+
+    /// A `readwrite` transaction with relaxed durability.
+    fn readwrite(&self, doing: &str) -> Result<IdbTransaction, StoreError> {
+        let db = self.conn.db(doing)?;
+        let options = Object::new();
+        let _ = Reflect::set(&options, &"durability".into(), &"relaxed".into());
+        db.unchecked_ref::<RawDatabase>()
+            .transaction_with_options(Self::OBJECT_STORE, "readwrite", &options)
+            .map_err(|e| js_error(doing, &e))
+    }
+
+    /// Issues, for every cursor of the batch, a delete of the stream's
+    /// entries with a lower `seq` and a put of its own entry; returns how
+    /// many it wrote. Nothing is read, so every request is issued before
+    /// this returns (see the type's docs on `pagehide`).
+    fn write_all(
+        &self,
+        doing: &str,
+        tx: &IdbTransaction,
+        batch: &[&Cursor],
+    ) -> Result<u64, StoreError> {
+        let store = object_store(doing, tx)?;
+        for cursor in batch {
+            let older = IdbKeyRange::bound_with_lower_open_and_upper_open(
+                &stream_prefix(&cursor.key),
+                &entry_key(&cursor.key, cursor.seq),
+                false,
+                true,
+            )
+            .map_err(|e| js_error(doing, &e))?;
+            store.delete(&older).map_err(|e| js_error(doing, &e))?;
+            store
+                .put_with_key(&encode(cursor), &entry_key(&cursor.key, cursor.seq))
+                .map_err(|e| js_error(doing, &e))?;
+        }
+        Ok(batch.len() as u64)
+    }
+}
+
+impl Drop for IdbStore {
+    fn drop(&mut self) {
+        self.conn.db.set_onversionchange(None);
+        self.conn.db.set_onclose(None);
+        self.conn.shut(CLOSED_BY_CALLER);
+    }
+}
+
+impl fmt::Debug for IdbStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdbStore")
+            .field("name", &self.name)
+            .field("closed", &*self.conn.closed.borrow())
+            .field("transactions", &self.transactions())
+            .field("cursors_written", &self.cursors_written())
+            .finish()
+    }
+}
+
+impl Store for IdbStore {
+    async fn load(&self, key: &StreamKey) -> Result<Option<Cursor>, StoreError> {
+        let doing = format!("loading {key:?} from IndexedDB database {:?}", self.name);
+        let tx = self
+            .conn
+            .db(&doing)?
+            .transaction_with_str(Self::OBJECT_STORE)
+            .map_err(|e| js_error(&doing, &e))?;
+        let request = object_store(&doing, &tx)?
+            .get_all_with_key(&entries_of(key).map_err(|e| js_error(&doing, &e))?.into())
+            .map_err(|e| js_error(&doing, &e))?;
+        if request_done(&request).await.is_err() {
+            return Err(request_error(&doing, &request));
+        }
+        let values: Array = request
+            .result()
+            .map_err(|e| js_error(&doing, &e))?
+            .unchecked_into();
+        let mut newest: Option<Cursor> = None;
+        for value in values.iter() {
+            let cursor = decode(key, &value).map_err(|detail| StoreError::Corrupt {
+                what: self.what(key),
+                detail,
+            })?;
+            if newest.as_ref().is_none_or(|n| cursor.supersedes(n)) {
+                newest = Some(cursor);
+            }
+        }
+        Ok(newest)
+    }
+
+    async fn save_batch(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
+        let batch = newest_per_key(cursors);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let doing = format!(
+            "saving {} cursors to IndexedDB database {:?}",
+            batch.len(),
+            self.name
+        );
+        let tx = self.readwrite(&doing)?;
+        let done = transaction_done(&tx);
+        let written = match self.write_all(&doing, &tx, &batch) {
+            Ok(written) => written,
+            Err(error) => {
+                // Roll back whatever was written; fails harmlessly if the
+                // transaction is already aborting.
+                let _ = tx.abort();
+                let _ = done.await;
+                return Err(error);
+            }
+        };
+        commit(&tx);
+        if done.await.is_err() {
+            return Err(transaction_error(&doing, &tx));
+        }
+        self.conn.transactions.set(self.conn.transactions.get() + 1);
+        self.conn
+            .cursors_written
+            .set(self.conn.cursors_written.get() + written);
+        Ok(())
+    }
+
+    async fn delete(&self, key: &StreamKey) -> Result<(), StoreError> {
+        let doing = format!("deleting {key:?} from IndexedDB database {:?}", self.name);
+        let tx = self.readwrite(&doing)?;
+        let done = transaction_done(&tx);
+        let deleted = entries_of(key).and_then(|range| {
+            object_store(&doing, &tx)
+                .map_err(|e| JsValue::from_str(&e.to_string()))?
+                .delete(&range)
+        });
+        if let Err(e) = deleted {
+            let _ = tx.abort();
+            let _ = done.await;
+            return Err(js_error(&doing, &e));
+        }
+        commit(&tx);
+        if done.await.is_err() {
+            return Err(transaction_error(&doing, &tx));
+        }
+        self.conn.transactions.set(self.conn.transactions.get() + 1);
+        Ok(())
+    }
+}
+
+/// `globalThis.indexedDB`, if this context has one.
+fn factory() -> Result<IdbFactory, StoreError> {
+    match Reflect::get(&js_sys::global(), &"indexedDB".into()) {
+        Ok(factory) if factory.is_object() => Ok(factory.unchecked_into()),
+        Ok(_) => Err(StoreError::Unavailable(
+            "IndexedDB is not available in this context (globalThis.indexedDB is missing: \
+             private browsing, a sandboxed frame or a runtime without IndexedDB)"
+                .into(),
+        )),
+        Err(e) => Err(match js_error("reading globalThis.indexedDB", &e) {
+            StoreError::Backend { message, .. } => StoreError::Unavailable(format!(
+                "IndexedDB is not available in this context: {message}"
+            )),
+            other => other,
+        }),
+    }
+}
+
+fn object_store(doing: &str, tx: &IdbTransaction) -> Result<IdbObjectStore, StoreError> {
+    tx.object_store(IdbStore::OBJECT_STORE)
+        .map_err(|e| js_error(doing, &e))
+}
+
+fn clear_open_handlers(request: &web_sys::IdbOpenDbRequest) {
+    request.set_onsuccess(None);
+    request.set_onerror(None);
+    request.set_onblocked(None);
+    request.set_onupgradeneeded(None);
+}
+
+/// Settles with the request: `Ok` on `success`, `Err` on `error`. The
+/// promise's own resolve/reject are the handlers, so nothing is leaked.
+fn request_done(request: &IdbRequest) -> JsFuture {
+    JsFuture::from(Promise::new(&mut |resolve, reject| {
+        request.set_onsuccess(Some(&resolve));
+        request.set_onerror(Some(&reject));
+    }))
+}
+
+/// Settles with the transaction: `Ok` on `complete`, `Err` on `abort`
+/// (which follows every failed request that aborts it).
+fn transaction_done(tx: &IdbTransaction) -> JsFuture {
+    JsFuture::from(Promise::new(&mut |resolve, reject| {
+        tx.set_oncomplete(Some(&resolve));
+        tx.set_onabort(Some(&reject));
+    }))
+}
+
+/// `transaction.commit()`, where the browser has it: sends the commit now
+/// instead of when the current task ends. Errors are left to the
+/// transaction's own `abort` event.
+fn commit(tx: &IdbTransaction) {
+    if let Ok(commit) = Reflect::get(tx, &"commit".into())
+        && let Some(commit) = commit.dyn_ref::<Function>()
+    {
+        let _ = commit.call0(tx);
+    }
+}
+
+fn request_error(doing: &str, request: &IdbRequest) -> StoreError {
+    match request.error() {
+        Ok(Some(e)) => classify(doing, &e.name(), &e.message()),
+        Ok(None) => StoreError::Backend {
+            message: format!("{doing}: request failed without an error"),
+            transient: true,
+        },
+        Err(e) => js_error(doing, &e),
+    }
+}
+
+fn transaction_error(doing: &str, tx: &IdbTransaction) -> StoreError {
+    match tx.error() {
+        Some(e) => classify(doing, &e.name(), &e.message()),
+        None => StoreError::Backend {
+            message: format!("{doing}: the transaction was aborted"),
+            transient: true,
+        },
+    }
+}
+
+/// Maps a thrown JavaScript value: a `DOMException` or `Error` by its name,
+/// anything else by its text.
+fn js_error(doing: &str, error: &JsValue) -> StoreError {
+    let field = |name: &str| {
+        Reflect::get(error, &name.into())
+            .ok()
+            .and_then(|v| v.as_string())
+    };
+    match (field("name"), field("message")) {
+        (Some(name), message) => classify(doing, &name, &message.unwrap_or_default()),
+        _ => StoreError::Backend {
+            message: format!(
+                "{doing}: {}",
+                error.as_string().unwrap_or_else(|| format!("{error:?}"))
+            ),
+            transient: true,
+        },
+    }
+}
+
+/// The one mapping from exception names to [`StoreError`].
+fn classify(doing: &str, name: &str, message: &str) -> StoreError {
+    let text = format!("{doing}: {name}: {message}");
+    match name {
+        "QuotaExceededError" => StoreError::QuotaExceeded(text),
+        "InvalidStateError" => StoreError::Unavailable(format!(
+            "{text} (the database connection is closed or closing)"
+        )),
+        "SecurityError" => {
+            StoreError::Unavailable(format!("{text} (IndexedDB is not allowed in this context)"))
+        }
+        _ => StoreError::Backend {
+            message: text,
+            transient: true,
+        },
+    }
+}
+
+/// The `type` of an event (`"blocked"`, `"error"`, ...).
+fn event_type(event: &JsValue) -> String {
+    Reflect::get(event, &"type".into())
+        .ok()
+        .and_then(|t| t.as_string())
+        .unwrap_or_default()
+}
+
+/// The key of one entry: `[session, stream, seq]`.
+fn entry_key(key: &StreamKey, seq: u64) -> JsValue {
+    Array::of3(
+        &key.session().into(),
+        &key.stream().into(),
+        &(seq as f64).into(),
+    )
+    .into()
+}
+
+/// `[session, stream]`: sorts before every entry key of the stream (a
+/// shorter array with the same prefix is smaller).
+fn stream_prefix(key: &StreamKey) -> JsValue {
+    Array::of2(&key.session().into(), &key.stream().into()).into()
+}
+
+/// Every entry of a stream: from `[session, stream]` to
+/// `[session, stream, []]` (an array sorts after every number).
+fn entries_of(key: &StreamKey) -> Result<IdbKeyRange, JsValue> {
+    let above = Array::of3(&key.session().into(), &key.stream().into(), &Array::new());
+    IdbKeyRange::bound(&stream_prefix(key), &above)
+}
+
+/// `{ lastEventId, seq, at }`.
+fn encode(cursor: &Cursor) -> Object {
+    let value = Object::new();
+    // Setting data properties on a fresh plain object cannot fail.
+    let _ = Reflect::set(
+        &value,
+        &"lastEventId".into(),
+        &cursor.last_event_id.as_str().into(),
+    );
+    let _ = Reflect::set(&value, &"seq".into(), &(cursor.seq as f64).into());
+    let _ = Reflect::set(&value, &"at".into(), &(cursor.at.as_u64() as f64).into());
+    value
+}
+
+/// Reads a stored value back; `Err` says what is wrong with it.
+fn decode(key: &StreamKey, value: &JsValue) -> Result<Cursor, String> {
+    if !value.is_object() {
+        return Err(format!(
+            "expected an object {{ lastEventId, seq, at }}, found a {}",
+            value
+                .js_typeof()
+                .as_string()
+                .unwrap_or_else(|| "value".into())
+        ));
+    }
+    let field = |name: &str| Reflect::get(value, &name.into()).unwrap_or(JsValue::UNDEFINED);
+    let last_event_id = field("lastEventId")
+        .as_string()
+        .ok_or("lastEventId is missing or not a string")?;
+    let whole = |name: &str| {
+        let n = field(name)
+            .as_f64()
+            .ok_or_else(|| format!("{name} is missing or not a number"))?;
+        if (0.0..=MAX_SAFE_INTEGER).contains(&n) && n.fract() == 0.0 {
+            Ok(n as u64)
+        } else {
+            Err(format!("{name} is {n}, not a whole number in 0..=2^53-1"))
+        }
+    };
+    Ok(Cursor {
+        key: key.clone(),
+        last_event_id,
+        seq: whole("seq")?,
+        at: Millis(whole("at")?),
+    })
+}
+
+/// One cursor per key, the one with the highest `seq`, in first-seen order.
+fn newest_per_key(cursors: &[Cursor]) -> Vec<&Cursor> {
+    let mut index: HashMap<&StreamKey, usize> = HashMap::with_capacity(cursors.len());
+    let mut batch: Vec<&Cursor> = Vec::with_capacity(cursors.len());
+    for cursor in cursors {
+        match index.get(&cursor.key) {
+            Some(&i) => {
+                if cursor.supersedes(batch[i]) {
+                    batch[i] = cursor;
+                }
+            }
+            None => {
+                index.insert(&cursor.key, batch.len());
+                batch.push(cursor);
+            }
+        }
+    }
+    batch
+}

@@ -1,0 +1,23 @@
+//! tidemark in the browser: the host behind the `tidemark` npm package.
+//!
+//! - [`BrowserClock`]: `performance.now()` and gloo-timers.
+//! - [`IdbStore`]: cursors in IndexedDB, one readwrite transaction per flush.
+//! - [`FetchConnector`]: `fetch` with a streaming body, one `AbortController`
+//!   per attempt.
+//! - The JavaScript API (`ResumableEventSource`, `openTracker`), exported
+//!   with wasm-bindgen and wrapped by `js/index.js`.
+//!
+//! Everything takes its globals from `globalThis`, never from `window` or
+//! `document`, so it runs in windows and in Web Workers alike. The crate is
+//! empty on targets other than `wasm32`.
+#![cfg(target_arch = "wasm32")]
+
+mod api;
+mod clock;
+mod fetch;
+mod idb;
+
+pub use api::{EventSourceDriver, Tracker, flush_all, open_tracker};
+pub use clock::BrowserClock;
+pub use fetch::{ConnectionState, CredentialsMode, FetchBody, FetchConnector};
+pub use idb::IdbStore;

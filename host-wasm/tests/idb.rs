@@ -1,0 +1,645 @@
+//! `IdbStore` against the real IndexedDB of headless Chromium.
+#![cfg(target_arch = "wasm32")]
+
+use futures::future::{Either, select};
+use gloo_timers::future::TimeoutFuture;
+use js_sys::{Array, Function, Object, Promise, Reflect};
+use std::cell::Cell;
+use std::future::Future;
+use std::rc::Rc;
+use tidemark_core::{Cursor, Millis, Store, StoreError, StreamKey};
+use tidemark_wasm::IdbStore;
+use wasm_bindgen::closure::Closure;
+use wasm_bindgen::{JsCast, JsValue};
+use wasm_bindgen_futures::JsFuture;
+use wasm_bindgen_test::{wasm_bindgen_test, wasm_bindgen_test_configure};
+use web_sys::{DomException, IdbDatabase, IdbFactory, IdbRequest};
+
+wasm_bindgen_test_configure!(run_in_browser);
+
+/// A database name no other test (or earlier run) uses.
+fn unique(test: &str) -> String {
+    format!(
+        "tidemark-test-{test}-{}",
+        (js_sys::Math::random() * 1e15) as u64
+    )
+}
+
+fn key(stream: &str) -> StreamKey {
+    StreamKey::new("session-1", stream)
+}
+
+fn cursor(stream: &str, id: &str, seq: u64) -> Cursor {
+    Cursor {
+        key: key(stream),
+        last_event_id: id.into(),
+        seq,
+        at: Millis(1_700_000_000_000 + seq),
+    }
+}
+
+/// Fails the test instead of hanging when `future` does not finish in time.
+async fn within<T>(ms: u32, what: &str, future: impl Future<Output = T>) -> T {
+    match select(Box::pin(future), TimeoutFuture::new(ms)).await {
+        Either::Left((value, _)) => value,
+        Either::Right(_) => panic!("{what} did not finish within {ms} ms"),
+    }
+}
+
+fn factory() -> IdbFactory {
+    Reflect::get(&js_sys::global(), &"indexedDB".into())
+        .unwrap()
+        .unchecked_into()
+}
+
+/// Waits for `success` (Ok) or `error` (Err) of a request.
+async fn settle(request: &IdbRequest) -> Result<JsValue, JsValue> {
+    JsFuture::from(Promise::new(&mut |resolve, reject| {
+        request.set_onsuccess(Some(&resolve));
+        request.set_onerror(Some(&reject));
+    }))
+    .await?;
+    request.result()
+}
+
+/// Opens `name` at `version` with plain web-sys, creating `stores` on
+/// upgrade. Returns the connection and whether a `blocked` event fired.
+async fn raw_open(name: &str, version: u32, stores: &[&'static str]) -> (IdbDatabase, bool) {
+    let request = factory().open_with_u32(name, version).unwrap();
+    let stores = stores.to_vec();
+    let upgrade = {
+        let request = request.clone();
+        Closure::<dyn FnMut(JsValue)>::once(move |_event: JsValue| {
+            let db: IdbDatabase = request.result().unwrap().unchecked_into();
+            for store in stores {
+                if !db.object_store_names().contains(store) {
+                    db.create_object_store(store).unwrap();
+                }
+            }
+        })
+    };
+    let blocked = Rc::new(Cell::new(false));
+    let on_blocked = {
+        let blocked = blocked.clone();
+        Closure::<dyn FnMut(JsValue)>::new(move |_event: JsValue| blocked.set(true))
+    };
+    request.set_onupgradeneeded(Some(upgrade.as_ref().unchecked_ref()));
+    request.set_onblocked(Some(on_blocked.as_ref().unchecked_ref()));
+    let db = within(5000, "raw open", settle(&request))
+        .await
+        .expect("raw open");
+    request.set_onupgradeneeded(None);
+    request.set_onblocked(None);
+    (db.unchecked_into(), blocked.get())
+}
+
+/// Runs one request in its own transaction on `db` and returns its result.
+async fn raw_request(
+    db: &IdbDatabase,
+    readwrite: bool,
+    run: impl FnOnce(&web_sys::IdbObjectStore) -> IdbRequest,
+) -> JsValue {
+    let tx = if readwrite {
+        db.transaction_with_str_and_mode(
+            IdbStore::OBJECT_STORE,
+            web_sys::IdbTransactionMode::Readwrite,
+        )
+    } else {
+        db.transaction_with_str(IdbStore::OBJECT_STORE)
+    }
+    .unwrap();
+    let request = run(&tx.object_store(IdbStore::OBJECT_STORE).unwrap());
+    settle(&request).await.expect("raw request")
+}
+
+/// The key of a stored entry: `[session, stream, seq]`.
+fn raw_key(stream: &str, seq: u32) -> JsValue {
+    Array::of3(&"session-1".into(), &stream.into(), &seq.into()).into()
+}
+
+fn object(fields: &[(&str, JsValue)]) -> JsValue {
+    let object = Object::new();
+    for (name, value) in fields {
+        Reflect::set(&object, &(*name).into(), value).unwrap();
+    }
+    object.into()
+}
+
+/// Deletes a test database; fails when a connection keeps blocking it.
+async fn delete_db(name: &str) {
+    within(
+        5000,
+        "deleting the database",
+        IdbStore::delete_database(name),
+    )
+    .await
+    .expect("delete database");
+}
+
+#[wasm_bindgen_test]
+async fn save_load_delete_round_trip() {
+    let name = unique("round-trip");
+    let store = IdbStore::open(&name).await.unwrap();
+    assert_eq!(store.name(), name);
+    assert_eq!(store.load(&key("a")).await.unwrap(), None);
+
+    let a = cursor("a", "evt-ü-1", 1);
+    let b = cursor("b", "", 2);
+    store.save_batch(&[a.clone(), b.clone()]).await.unwrap();
+    assert_eq!(store.load(&key("a")).await.unwrap(), Some(a));
+    assert_eq!(store.load(&key("b")).await.unwrap(), Some(b.clone()));
+    // The key is the pair, not either half.
+    assert_eq!(
+        store.load(&StreamKey::new("session-2", "a")).await.unwrap(),
+        None
+    );
+
+    store.delete(&key("a")).await.unwrap();
+    assert_eq!(store.load(&key("a")).await.unwrap(), None);
+    assert_eq!(store.load(&key("b")).await.unwrap(), Some(b));
+    // Deleting a missing key is not an error.
+    store.delete(&key("missing")).await.unwrap();
+    assert_eq!(store.transactions(), 3);
+    assert_eq!(store.cursors_written(), 2);
+    // An empty batch opens no transaction.
+    store.save_batch(&[]).await.unwrap();
+    assert_eq!(store.transactions(), 3);
+
+    // The stored value is the documented plain object.
+    drop(store);
+    let (db, _) = raw_open(&name, 1, &[]).await;
+    let raw = raw_request(&db, false, |s| s.get(&raw_key("b", 2)).unwrap()).await;
+    assert_eq!(
+        Reflect::get(&raw, &"lastEventId".into()).unwrap(),
+        JsValue::from_str("")
+    );
+    assert_eq!(Reflect::get(&raw, &"seq".into()).unwrap(), 2.0);
+    assert_eq!(
+        Reflect::get(&raw, &"at".into()).unwrap(),
+        1_700_000_000_002.0
+    );
+    db.close();
+    delete_db(&name).await;
+}
+
+#[wasm_bindgen_test]
+async fn an_older_seq_never_overwrites_a_newer_one() {
+    let name = unique("seq-guard");
+    let store = IdbStore::open(&name).await.unwrap();
+    store.save_batch(&[cursor("a", "5", 5)]).await.unwrap();
+    store.save_batch(&[cursor("a", "3", 3)]).await.unwrap();
+    assert_eq!(
+        store.load(&key("a")).await.unwrap(),
+        Some(cursor("a", "5", 5))
+    );
+    // Mixed batch: the stale cursor stays hidden, the fresh one is written.
+    store
+        .save_batch(&[cursor("a", "4", 4), cursor("b", "1", 1)])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.load(&key("a")).await.unwrap(),
+        Some(cursor("a", "5", 5))
+    );
+    assert_eq!(
+        store.load(&key("b")).await.unwrap(),
+        Some(cursor("b", "1", 1))
+    );
+    store.save_batch(&[cursor("a", "6", 6)]).await.unwrap();
+    assert_eq!(
+        store.load(&key("a")).await.unwrap(),
+        Some(cursor("a", "6", 6))
+    );
+    // Two cursors of one key in a batch: the higher seq wins, in any order.
+    store
+        .save_batch(&[cursor("a", "9", 9), cursor("a", "8", 8)])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.load(&key("a")).await.unwrap(),
+        Some(cursor("a", "9", 9))
+    );
+    assert_eq!(store.transactions(), 5);
+    assert_eq!(store.cursors_written(), 6, "a5, a3, a4, b1, a6, a9");
+    // What is left is one entry per stream: older ones are deleted by the
+    // write of a newer one.
+    drop(store);
+    let (db, _) = raw_open(&name, 1, &[]).await;
+    let all = raw_request(&db, false, |s| s.get_all_keys().unwrap()).await;
+    assert_eq!(Array::from(&all).length(), 2, "{all:?}");
+    db.close();
+    delete_db(&name).await;
+}
+
+#[wasm_bindgen_test]
+async fn concurrent_batches_keep_the_highest_seq() {
+    let name = unique("concurrent");
+    let first = IdbStore::open(&name).await.unwrap();
+    let second = IdbStore::open(&name).await.unwrap();
+    // Issued together from two connections: IndexedDB runs them one after
+    // the other, and the guard holds whichever runs last.
+    let newer = [cursor("a", "10", 10)];
+    let older = [cursor("a", "7", 7)];
+    let (x, y) = futures::future::join(first.save_batch(&newer), second.save_batch(&older)).await;
+    x.unwrap();
+    y.unwrap();
+    assert_eq!(
+        second.load(&key("a")).await.unwrap(),
+        Some(cursor("a", "10", 10))
+    );
+    drop((first, second));
+    delete_db(&name).await;
+}
+
+#[wasm_bindgen_test]
+async fn a_batch_of_many_cursors_is_one_transaction() {
+    let name = unique("batch");
+    let store = IdbStore::open(&name).await.unwrap();
+    let batch: Vec<Cursor> = (0..300)
+        .map(|i| cursor(&format!("stream-{i}"), &format!("id-{i}"), i + 1))
+        .collect();
+    store.save_batch(&batch).await.unwrap();
+    assert_eq!(store.transactions(), 1);
+    assert_eq!(store.cursors_written(), 300);
+    for expected in &batch {
+        assert_eq!(
+            store.load(&expected.key).await.unwrap().as_ref(),
+            Some(expected)
+        );
+    }
+    // Read-only loads are not counted.
+    assert_eq!(store.transactions(), 1);
+
+    // Every cursor moved: still one transaction for the batch.
+    let next: Vec<Cursor> = batch
+        .iter()
+        .map(|c| Cursor {
+            seq: c.seq + 1000,
+            ..c.clone()
+        })
+        .collect();
+    store.save_batch(&next).await.unwrap();
+    assert_eq!(store.transactions(), 2);
+    assert_eq!(store.cursors_written(), 600);
+    assert_eq!(
+        store.load(&next[150].key).await.unwrap(),
+        Some(next[150].clone())
+    );
+    drop(store);
+    delete_db(&name).await;
+}
+
+#[wasm_bindgen_test]
+async fn a_closed_store_errors_and_a_reopened_one_sees_the_data() {
+    let name = unique("reopen");
+    let store = IdbStore::open(&name).await.unwrap();
+    store.save_batch(&[cursor("a", "42", 42)]).await.unwrap();
+    assert!(!store.is_closed());
+    store.close();
+    assert!(store.is_closed());
+    for error in [
+        store
+            .save_batch(&[cursor("a", "43", 43)])
+            .await
+            .unwrap_err(),
+        store.load(&key("a")).await.unwrap_err(),
+        store.delete(&key("a")).await.unwrap_err(),
+    ] {
+        let StoreError::Unavailable(message) = &error else {
+            panic!("expected Unavailable, got {error:?}");
+        };
+        assert!(message.contains("the store was closed"), "{message}");
+        assert!(error.is_transient());
+    }
+    drop(store);
+
+    let store = IdbStore::open(&name).await.unwrap();
+    assert_eq!(
+        store.load(&key("a")).await.unwrap(),
+        Some(cursor("a", "42", 42))
+    );
+    drop(store);
+    delete_db(&name).await;
+}
+
+#[wasm_bindgen_test]
+async fn dropping_the_store_closes_its_connection() {
+    let name = unique("drop");
+    let store = IdbStore::open(&name).await.unwrap();
+    store.save_batch(&[cursor("a", "1", 1)]).await.unwrap();
+    drop(store);
+    // Drop also unregisters onversionchange: only an actual close lets this
+    // upgrade through without a `blocked` event.
+    let (db, blocked) = raw_open(&name, 2, &[]).await;
+    assert!(!blocked, "a dropped store must not block an upgrade");
+    assert_eq!(db.version(), 2.0);
+    db.close();
+    delete_db(&name).await;
+}
+
+#[wasm_bindgen_test]
+async fn stores_on_distinct_databases_are_independent() {
+    let (one, two) = (unique("one"), unique("two"));
+    let first = IdbStore::open(&one).await.unwrap();
+    let second = IdbStore::open(&two).await.unwrap();
+    first.save_batch(&[cursor("a", "1", 1)]).await.unwrap();
+    second.save_batch(&[cursor("a", "2", 2)]).await.unwrap();
+    second.save_batch(&[cursor("b", "3", 3)]).await.unwrap();
+    assert_eq!(
+        first.load(&key("a")).await.unwrap(),
+        Some(cursor("a", "1", 1))
+    );
+    assert_eq!(
+        second.load(&key("a")).await.unwrap(),
+        Some(cursor("a", "2", 2))
+    );
+    assert_eq!(first.load(&key("b")).await.unwrap(), None);
+    first.delete(&key("a")).await.unwrap();
+    assert_eq!(
+        second.load(&key("a")).await.unwrap(),
+        Some(cursor("a", "2", 2))
+    );
+    assert_eq!((first.transactions(), second.transactions()), (2, 2));
+    // Closing one leaves the other working.
+    first.close();
+    second.save_batch(&[cursor("a", "4", 4)]).await.unwrap();
+    drop((first, second));
+    delete_db(&one).await;
+    delete_db(&two).await;
+}
+
+#[wasm_bindgen_test]
+async fn a_database_at_a_higher_version_is_refused_clearly() {
+    let name = unique("newer");
+    let (db, _) = raw_open(&name, 3, &[IdbStore::OBJECT_STORE]).await;
+    db.close();
+    let error = IdbStore::open(&name).await.unwrap_err();
+    let StoreError::Corrupt { what, detail } = &error else {
+        panic!("expected Corrupt, got {error:?}");
+    };
+    assert!(what.contains(&name), "{what}");
+    assert!(detail.contains("higher version"), "{detail}");
+    assert!(!error.is_transient());
+    // Left untouched.
+    let (db, _) = raw_open(&name, 3, &[]).await;
+    assert_eq!(db.version(), 3.0);
+    db.close();
+    delete_db(&name).await;
+}
+
+#[wasm_bindgen_test]
+async fn a_foreign_database_without_the_object_store_is_refused() {
+    let name = unique("foreign");
+    let (db, _) = raw_open(&name, 1, &["something-else"]).await;
+    db.close();
+    let error = IdbStore::open(&name).await.unwrap_err();
+    let StoreError::Corrupt { detail, .. } = &error else {
+        panic!("expected Corrupt, got {error:?}");
+    };
+    assert!(detail.contains("no object store"), "{detail}");
+    // Our connection was closed: deleting is not blocked.
+    within(5000, "delete", delete_db(&name)).await;
+}
+
+#[wasm_bindgen_test]
+async fn wrongly_shaped_values_are_corrupt_until_a_newer_cursor_replaces_them() {
+    let name = unique("corrupt");
+    let store = IdbStore::open(&name).await.unwrap();
+    drop(store);
+    let (db, _) = raw_open(&name, 1, &[]).await;
+    let shapes: [(&str, JsValue); 6] = [
+        ("string", JsValue::from_str("not an object")),
+        (
+            "id-number",
+            object(&[
+                ("lastEventId", 5.into()),
+                ("seq", 1.into()),
+                ("at", 1.into()),
+            ]),
+        ),
+        (
+            "seq-string",
+            object(&[
+                ("lastEventId", "x".into()),
+                ("seq", "1".into()),
+                ("at", 1.into()),
+            ]),
+        ),
+        (
+            "seq-negative",
+            object(&[
+                ("lastEventId", "x".into()),
+                ("seq", (-1).into()),
+                ("at", 1.into()),
+            ]),
+        ),
+        (
+            "seq-fraction",
+            object(&[
+                ("lastEventId", "x".into()),
+                ("seq", 1.5.into()),
+                ("at", 1.into()),
+            ]),
+        ),
+        (
+            "at-missing",
+            object(&[("lastEventId", "x".into()), ("seq", 1.into())]),
+        ),
+    ];
+    for (stream, value) in &shapes {
+        raw_request(&db, true, |s| {
+            s.put_with_key(value, &raw_key(stream, 1)).unwrap()
+        })
+        .await;
+    }
+    db.close();
+
+    let store = IdbStore::open(&name).await.unwrap();
+    for (stream, _) in &shapes {
+        let error = store.load(&key(stream)).await.unwrap_err();
+        let StoreError::Corrupt { what, detail } = &error else {
+            panic!("{stream}: expected Corrupt, got {error:?}");
+        };
+        assert!(what.contains(stream), "{what}");
+        assert!(!detail.is_empty());
+    }
+    // Writes never read (so that a flush on `pagehide` is issued at
+    // once): a newer cursor replaces the unreadable entry below it, and
+    // the other corrupt entries stay for someone to see.
+    store
+        .save_batch(&[cursor("fresh", "1", 1), cursor("seq-string", "9", 9)])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.load(&key("seq-string")).await.unwrap(),
+        Some(cursor("seq-string", "9", 9))
+    );
+    assert_eq!(
+        store.load(&key("fresh")).await.unwrap(),
+        Some(cursor("fresh", "1", 1))
+    );
+    assert!(matches!(
+        store.load(&key("seq-negative")).await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    drop(store);
+    delete_db(&name).await;
+}
+
+#[wasm_bindgen_test]
+async fn a_missing_indexeddb_is_reported_as_unavailable() {
+    let global: Object = js_sys::global();
+    let name = JsValue::from_str("indexedDB");
+    let own = Object::get_own_property_descriptor(&global, &name);
+    // In Chromium `indexedDB` is an own, configurable accessor of the global
+    // object (window or worker scope), so it can be shadowed and restored.
+    assert!(own.is_object(), "indexedDB is not an own property here");
+    assert_eq!(
+        Reflect::get(&own, &"configurable".into()).unwrap(),
+        JsValue::TRUE
+    );
+    let undefined = object(&[
+        ("value", JsValue::UNDEFINED),
+        ("configurable", JsValue::TRUE),
+        ("writable", JsValue::TRUE),
+    ]);
+    Object::define_property(&global, &name, undefined.unchecked_ref());
+    assert!(
+        Reflect::get(&global, &name).unwrap().is_undefined(),
+        "indexedDB was not hidden"
+    );
+    let result = IdbStore::open(&unique("missing")).await;
+    let deleted = IdbStore::delete_database("tidemark-never-created").await;
+    Object::define_property(&global, &name, own.unchecked_ref());
+    assert!(
+        Reflect::get(&global, &name).unwrap().is_object(),
+        "restored"
+    );
+
+    let error = result.unwrap_err();
+    let StoreError::Unavailable(message) = &error else {
+        panic!("expected Unavailable, got {error:?}");
+    };
+    assert!(
+        message.contains("IndexedDB is not available in this context"),
+        "{message}"
+    );
+    assert!(
+        matches!(deleted, Err(StoreError::Unavailable(_))),
+        "{deleted:?}"
+    );
+}
+
+#[wasm_bindgen_test]
+async fn an_upgrade_elsewhere_closes_the_store_without_being_blocked() {
+    let name = unique("versionchange");
+    let store = IdbStore::open(&name).await.unwrap();
+    store.save_batch(&[cursor("a", "1", 1)]).await.unwrap();
+
+    // "Another tab": a second connection asking for version 2.
+    let (db, blocked) = within(5000, "upgrade", raw_open(&name, 2, &["more"])).await;
+    assert!(
+        !blocked,
+        "the store must close before the upgrade is blocked"
+    );
+    assert_eq!(db.version(), 2.0);
+    assert!(store.is_closed());
+
+    let error = store.save_batch(&[cursor("a", "2", 2)]).await.unwrap_err();
+    let StoreError::Unavailable(message) = &error else {
+        panic!("expected Unavailable, got {error:?}");
+    };
+    assert!(message.contains("version change"), "{message}");
+    assert!(matches!(
+        store.load(&key("a")).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    // The upgrade kept the data.
+    let raw = raw_request(&db, false, |s| s.get(&raw_key("a", 1)).unwrap()).await;
+    assert_eq!(Reflect::get(&raw, &"seq".into()).unwrap(), 1.0);
+    db.close();
+    drop(store);
+    delete_db(&name).await;
+}
+
+#[wasm_bindgen_test]
+async fn deleting_the_database_closes_open_stores() {
+    let name = unique("delete-db");
+    let store = IdbStore::open(&name).await.unwrap();
+    store.save_batch(&[cursor("a", "1", 1)]).await.unwrap();
+    within(5000, "delete", IdbStore::delete_database(&name))
+        .await
+        .unwrap();
+    assert!(store.is_closed());
+    let store = IdbStore::open(&name).await.unwrap();
+    assert_eq!(store.load(&key("a")).await.unwrap(), None);
+    drop(store);
+    delete_db(&name).await;
+}
+
+#[wasm_bindgen_test]
+fn dom_exceptions_map_onto_store_errors() {
+    let map = |name: &str, message: &str| {
+        let exception = DomException::new_with_message_and_name(message, name).unwrap();
+        assert_eq!(exception.name(), name);
+        IdbStore::error_from_dom_exception(&exception)
+    };
+    let StoreError::QuotaExceeded(message) = map("QuotaExceededError", "disk full") else {
+        panic!("QuotaExceededError must map to QuotaExceeded");
+    };
+    assert!(message.contains("disk full"), "{message}");
+
+    let error = map("InvalidStateError", "The database connection is closing.");
+    let StoreError::Unavailable(message) = &error else {
+        panic!("InvalidStateError must map to Unavailable, got {error:?}");
+    };
+    assert!(message.contains("connection is closing"), "{message}");
+    assert!(matches!(
+        map("SecurityError", "denied"),
+        StoreError::Unavailable(_)
+    ));
+
+    for name in [
+        "UnknownError",
+        "AbortError",
+        "DataError",
+        "TransactionInactiveError",
+    ] {
+        let error = map(name, "something broke");
+        let StoreError::Backend { message, transient } = &error else {
+            panic!("{name} must map to Backend, got {error:?}");
+        };
+        assert!(*transient, "{name}");
+        assert!(message.contains(name), "{message}");
+        assert!(message.contains("something broke"), "{message}");
+    }
+}
+
+/// Documents what the store relies on: Chromium takes the `durability`
+/// option and has `IDBTransaction.commit()`.
+#[wasm_bindgen_test]
+async fn chromium_has_relaxed_durability_and_commit() {
+    let name = unique("features");
+    let store = IdbStore::open(&name).await.unwrap();
+    drop(store);
+    let (db, _) = raw_open(&name, 1, &[]).await;
+    let transaction: Function = Reflect::get(&db, &"transaction".into())
+        .unwrap()
+        .unchecked_into();
+    let options = object(&[("durability", "relaxed".into())]);
+    let tx = transaction
+        .call3(
+            &db,
+            &IdbStore::OBJECT_STORE.into(),
+            &"readwrite".into(),
+            &options,
+        )
+        .unwrap();
+    assert_eq!(
+        Reflect::get(&tx, &"durability".into()).unwrap(),
+        JsValue::from_str("relaxed")
+    );
+    assert!(Reflect::get(&tx, &"commit".into()).unwrap().is_function());
+    db.close();
+    delete_db(&name).await;
+}

@@ -1,0 +1,138 @@
+// The demo page in real Chromium against `tidemark serve`: drops, reloads
+// mid-stream, a plain module page, a browser without IndexedDB, a full quota.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { launchBrowser, startServer, until } from './harness.mjs';
+
+let browser;
+before(async () => {
+  browser = await launchBrowser();
+});
+after(async () => {
+  await browser?.close();
+});
+
+/**
+ * Every event id a page shows, across its reloads: each page appends the ids
+ * it shows to sessionStorage (synchronous, and kept across reloads of the
+ * tab), and reports them to the test for progress.
+ */
+async function watch(page) {
+  const progress = { count: 0 };
+  await page.exposeBinding('reportShown', () => progress.count++);
+  await page.addInitScript(() => {
+    document.addEventListener('demo:shown', (e) => {
+      const shown = sessionStorage.getItem('shown');
+      sessionStorage.setItem('shown', shown ? `${shown},${e.detail}` : e.detail);
+      globalThis.reportShown();
+    });
+  });
+  return {
+    progress,
+    async all() {
+      const shown = await page.evaluate(() => sessionStorage.getItem('shown') ?? '');
+      return shown.split(',').filter(Boolean).map(Number);
+    },
+  };
+}
+
+function exactlyOnce(shown, n) {
+  const counts = new Map();
+  for (const id of shown) counts.set(id, (counts.get(id) ?? 0) + 1);
+  const twice = [...counts].filter(([, c]) => c > 1).map(([id]) => id);
+  const missing = [];
+  for (let id = 1; id <= n; id++) if (!counts.has(id)) missing.push(id);
+  const extra = [...counts.keys()].filter((id) => !(id >= 1 && id <= n));
+  assert.deepEqual({ twice, missing, extra }, { twice: [], missing: [], extra: [] });
+}
+
+test('reloading mid-stream shows every event exactly once', { timeout: 180_000 }, async () => {
+  const n = 400;
+  const server = await startServer(['--count', String(n), '--interval-ms', '10', '--drop-every', '45']);
+  try {
+    const page = await browser.context.newPage();
+    const watcher = await watch(page);
+    await page.goto(`${server.url}/`);
+    const reloads = 6;
+    for (let i = 1; i <= reloads; i++) {
+      const target = Math.floor((n * i) / (reloads + 1));
+      while (watcher.progress.count < target) await page.waitForTimeout(20);
+      await page.reload();
+    }
+    await until(page, (max) => globalThis.demo?.shown.at(-1) === String(max), n);
+    // Anything repeated after the last event would show up here.
+    await page.waitForTimeout(300);
+    exactlyOnce(await watcher.all(), n);
+    const stats = await page.evaluate(() => globalThis.demo.source.stats());
+    assert.equal(stats.store, 'indexeddb');
+    assert.equal(stats.lastEventId, String(n));
+    assert.ok(stats.connects >= 2, `drops force reconnects (${stats.connects} connects)`);
+    await page.close();
+  } finally {
+    await server.stop();
+  }
+});
+
+test('a plain <script type="module"> page imports the package without a bundler', { timeout: 60_000 }, async () => {
+  const server = await startServer(['--count', '20', '--interval-ms', '5']);
+  try {
+    const page = await browser.context.newPage();
+    await page.goto(`${server.url}/plain.html`);
+    await until(page, () => globalThis.demo?.shown.length === 20);
+    const shown = await page.evaluate(() => globalThis.demo.shown);
+    assert.deepEqual(shown, Array.from({ length: 20 }, (_, i) => String(i + 1)));
+    await page.close();
+  } finally {
+    await server.stop();
+  }
+});
+
+test('without IndexedDB the stream still flows, on memory, with a warning in stats', { timeout: 60_000 }, async () => {
+  const server = await startServer(['--count', '10', '--interval-ms', '5']);
+  try {
+    const page = await browser.context.newPage();
+    const warnings = [];
+    page.on('console', (m) => m.type() === 'warning' && warnings.push(m.text()));
+    await page.addInitScript(() => {
+      Object.defineProperty(globalThis, 'indexedDB', { value: undefined, configurable: true });
+    });
+    await page.goto(`${server.url}/`);
+    await until(page, () => globalThis.demo?.shown.length === 10);
+    const stats = await page.evaluate(() => globalThis.demo.source.stats());
+    assert.equal(stats.store, 'memory');
+    assert.match(stats.storeWarning, /IndexedDB/);
+    assert.ok(warnings.some((w) => w.includes('memory only')), `warned: ${warnings}`);
+    await page.close();
+  } finally {
+    await server.stop();
+  }
+});
+
+test('a store that fails mid-stream shows in stats and does not stop the stream', { timeout: 60_000 }, async () => {
+  // Chromium ignores CDP's quota override for IndexedDB writes, so the real
+  // failure here is another tab deleting the database: the store closes its
+  // connection (never blocking the other tab) and every later write fails.
+  const server = await startServer(['--count', '40', '--interval-ms', '20']);
+  try {
+    const page = await browser.context.newPage();
+    await page.goto(`${server.url}/`);
+    await until(page, () => globalThis.demo?.source.stats().batches > 0);
+    await page.evaluate(
+      () =>
+        new Promise((resolve, reject) => {
+          const request = indexedDB.deleteDatabase('tidemark');
+          request.onsuccess = resolve;
+          request.onerror = () => reject(request.error);
+        }),
+    );
+    await until(page, () => globalThis.demo.shown.length === 40);
+    await until(page, () => globalThis.demo.source.stats().failedBatches > 0, undefined, 10_000);
+    const stats = await page.evaluate(() => globalThis.demo.source.stats());
+    assert.equal(stats.lastEventId, '40');
+    assert.match(stats.lastStoreError ?? '', /version change|closed/);
+    assert.ok(stats.consecutiveFailures > 0);
+    await page.close();
+  } finally {
+    await server.stop();
+  }
+});
