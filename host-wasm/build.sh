@@ -18,7 +18,7 @@ rm -rf "$out"
 mkdir -p "$out"
 wasm-bindgen --target web --out-dir "$out" --out-name tidemark_wasm \
   "$target/wasm32-unknown-unknown/wasm-release/tidemark_wasm.wasm"
-"$bin/wasm-opt" -Oz "$out/tidemark_wasm_bg.wasm" -o "$out/tidemark_wasm_bg.wasm"
+"$bin/wasm-opt" ${WASM_OPT:--Oz} "$out/tidemark_wasm_bg.wasm" -o "$out/tidemark_wasm_bg.wasm"
 cp "$here/js/index.js" "$here/js/package.json" "$here/js/README.md" "$out/"
 "$bin/tsc" --allowJs --checkJs --strict --declaration --emitDeclarationOnly \
   --target es2022 --module es2022 --moduleResolution bundler --lib es2022,dom \

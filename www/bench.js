@@ -33,63 +33,87 @@ class JsTracker {
   }
 }
 
-/** Ids as servers send them: increasing numbers, every 10th replayed. */
-function makeIds(n) {
+/**
+ * Ids as servers send them: increasing, every 10th event a replay of one 5
+ * back. `shape` is 'numeric' ("1", "2", ...) or 'uuid' (36 characters, like
+ * most MCP servers' ids). Every call makes new strings the way an SSE parser
+ * does, by splitting decoded text: a string's hash is cached inside it once
+ * a Set has seen it, so sharing strings between contenders would favour
+ * whichever runs second, and strings glued from parts (ropes) would make
+ * every contender pay for flattening them.
+ */
+function makeIds(n, shape, salt) {
+  const hex = (x, w) => (x >>> 0).toString(16).padStart(w, '0').slice(-w);
+  const make =
+    shape === 'numeric'
+      ? (i) => `${i}`
+      : (i) => `${hex(salt, 8)}-${hex(i >>> 16, 4)}-4${hex(i, 3)}-8${hex(i * 7, 3)}-${hex(i * 2654435761, 8)}${hex(i, 4)}`;
   const ids = [];
   for (let i = 1; ids.length < n; i++) {
-    ids.push(String(i));
-    if (i % 10 === 0) ids.push(String(i - 5));
+    ids.push(make(i));
+    if (i % 10 === 0) ids.push(make(i - 5));
   }
-  return ids;
+  return ids.join('\n').split('\n');
 }
 
 const median = (xs) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 const yieldToLoop = () => new Promise((r) => setTimeout(r, 0));
 
-async function observeBench() {
-  const ids = makeIds(200_000);
+async function observeBench(shape) {
+  const n = 200_000;
   const rounds = 9;
   let key = 0;
+  let salt = 1;
+  const ids = () => makeIds(n, shape, salt++);
   const prepare = async (count) => {
     const out = [];
-    for (let i = 0; i < count; i++) out.push(await openTracker(`bench-observe-${key++}`, { store: 'memory' }));
+    for (let i = 0; i < count; i++) out.push(await openTracker(`bench-observe-${shape}-${key++}`, { store: 'memory' }));
     return out;
   };
-  const warm = await prepare(2);
-  for (const id of ids) warm[0].observe(id);
-  warm[1].observeMany(ids);
-  const jsWarm = new JsTracker();
-  for (const id of ids) jsWarm.observe(id);
-
-  const results = { ids: ids.length, rounds, js: [], wasm: [], wasmBatched: [] };
+  // Warm both sides up (JIT, wasm tiering).
+  {
+    const warm = await prepare(2);
+    for (const id of ids()) warm[0].observe(id);
+    warm[1].observeMany(ids());
+    const js = new JsTracker();
+    for (const id of ids()) js.observe(id);
+    await warm[0].close();
+    await warm[1].close();
+  }
+  const times = { js: [], wasm: [], wasmBatched: [] };
+  const perEvent = (t0) => ((performance.now() - t0) * 1e6) / n;
   // Interleave the contenders so drift in machine load hits all alike.
   for (let r = 0; r < rounds; r++) {
     const [single, batched] = await prepare(2);
     const js = new JsTracker();
+    let input = ids();
     let t0 = performance.now();
-    let n = 0;
-    for (const id of ids) if (js.observe(id)) n++;
-    results.js.push(((performance.now() - t0) * 1e6) / ids.length);
-    t0 = performance.now();
-    let m = 0;
-    for (const id of ids) if (single.observe(id)) m++;
-    results.wasm.push(((performance.now() - t0) * 1e6) / ids.length);
+    let a = 0;
+    for (const id of input) if (js.observe(id)) a++;
+    times.js.push(perEvent(t0));
+    input = ids();
     t0 = performance.now();
     let b = 0;
-    for (let i = 0; i < ids.length; i += 256) {
-      for (const f of batched.observeMany(ids.slice(i, i + 256))) if (f) b++;
+    for (const id of input) if (single.observe(id)) b++;
+    times.wasm.push(perEvent(t0));
+    input = ids();
+    t0 = performance.now();
+    let c = 0;
+    for (let i = 0; i < input.length; i += 256) {
+      for (const fresh of batched.observeMany(input.slice(i, i + 256))) if (fresh) c++;
     }
-    results.wasmBatched.push(((performance.now() - t0) * 1e6) / ids.length);
-    if (n !== m || n !== b) throw new Error(`trackers disagree: js ${n}, wasm ${m}, batched ${b}`);
+    times.wasmBatched.push(perEvent(t0));
+    if (a !== b || a !== c) throw new Error(`trackers disagree: js ${a}, wasm ${b}, batched ${c}`);
     await single.close();
     await batched.close();
     await yieldToLoop();
   }
-  const js = median(results.js);
-  const wasm = median(results.wasm);
-  const wasmBatched = median(results.wasmBatched);
+  const js = median(times.js);
+  const wasm = median(times.wasm);
+  const wasmBatched = median(times.wasmBatched);
   return {
-    events: ids.length,
+    shape,
+    events: n,
     rounds,
     jsNsPerEvent: js,
     wasmNsPerEvent: wasm,
@@ -169,7 +193,8 @@ async function run() {
   await initialize();
   const results = {
     userAgent: navigator.userAgent,
-    observe: await observeBench(),
+    observeNumeric: await observeBench('numeric'),
+    observeUuid: await observeBench('uuid'),
     persistence: await persistenceBench(),
   };
   out.textContent = JSON.stringify(results, null, 2);

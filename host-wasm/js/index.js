@@ -142,28 +142,35 @@ export class ResumableEventSource extends EventTarget {
     initialize().then(
       () => {
         if (this.#readyState === 2) return closed();
-        this.#driver = EventSourceDriver.start(
-          this.url,
-          options,
-          (/** @type {string} */ type, /** @type {string} */ data, /** @type {string} */ lastEventId) => {
-            const origin = new URL(this.url).origin;
-            this.dispatchEvent(new MessageEvent(type, { data, lastEventId, origin }));
-          },
-          (/** @type {string} */ kind, /** @type {string | null} */ detail) => {
-            if (kind === 'open') {
-              this.#readyState = 1;
-              this.dispatchEvent(new Event('open'));
-            } else if (kind === 'error' && this.#readyState !== 2) {
-              this.#readyState = 0;
-              this.#fail(detail);
-            } else if (kind === 'closed') {
-              const stopped = this.#readyState !== 2;
-              this.#readyState = 2;
-              if (stopped) this.#fail(detail);
-              closed();
-            }
-          },
-        );
+        try {
+          this.#driver = EventSourceDriver.start(
+            this.url,
+            options,
+            (/** @type {string} */ type, /** @type {string} */ data, /** @type {string} */ lastEventId) => {
+              const origin = new URL(this.url).origin;
+              this.dispatchEvent(new MessageEvent(type, { data, lastEventId, origin }));
+            },
+            (/** @type {string} */ kind, /** @type {string | null} */ detail) => {
+              if (kind === 'open') {
+                this.#readyState = 1;
+                this.dispatchEvent(new Event('open'));
+              } else if (kind === 'error' && this.#readyState !== 2) {
+                this.#readyState = 0;
+                this.#fail(detail);
+              } else if (kind === 'closed') {
+                const stopped = this.#readyState !== 2;
+                this.#readyState = 2;
+                if (stopped) this.#fail(detail);
+                closed();
+              }
+            },
+          );
+        } catch (error) {
+          // Invalid options: `start` throws. Fail like a stream that stopped.
+          this.#readyState = 2;
+          this.#fail(error instanceof Error ? error.message : String(error));
+          closed();
+        }
       },
       (error) => {
         this.#readyState = 2;
@@ -296,7 +303,10 @@ export class Tracker {
    */
   observeMany(ids) {
     if (ids.length === 0) return [];
-    return Array.from(this.#inner.observeJoined(ids.join('\n')), (fresh) => fresh === 1);
+    const fresh = this.#inner.observeJoined(ids.join('\n'));
+    const out = new Array(fresh.length);
+    for (let i = 0; i < fresh.length; i++) out[i] = fresh[i] === 1;
+    return out;
   }
 
   /**

@@ -14,8 +14,8 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use tidemark_core::{
-    Config, Cursor, FingerprintKey, MemStore, Registry, Stats, Store, StoreError, StreamKey,
-    TrackerConfig, WorkerConfig, persistence,
+    Clock, Config, Cursor, FingerprintKey, MemStore, Millis, Registry, Stats, Store, StoreError,
+    StreamKey, TrackerConfig, WorkerConfig, persistence,
 };
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::spawn_local;
@@ -182,9 +182,35 @@ impl Runtime {
 
 type Starting = Shared<LocalBoxFuture<'static, Result<Rc<Runtime>, String>>>;
 
+#[wasm_bindgen]
+extern "C" {
+    /// The global `queueMicrotask`, in windows and workers alike.
+    #[wasm_bindgen(js_name = queueMicrotask)]
+    fn queue_microtask(callback: &js_sys::Function);
+}
+
 thread_local! {
+    /// The time of the current task, once read (see [`task_now`]).
+    static TASK_NOW: Cell<Option<Millis>> = const { Cell::new(None) };
+    /// Forgets `TASK_NOW` when the current task's microtasks run.
+    static FORGET_TASK_NOW: Closure<dyn Fn()> = Closure::new(|| TASK_NOW.set(None));
     static RUNTIMES: RefCell<HashMap<StoreSpec, Starting>> = RefCell::new(HashMap::new());
     static PAGEHIDE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The clock read once per JavaScript task: the first call in a task reads
+/// `clock`, later calls in the same task get the same time. Events handed
+/// over in one task are observed at one instant anyway, and a loop over many
+/// ids then pays for one clock read instead of one each (a call out of
+/// WebAssembly per event).
+pub(crate) fn task_now(clock: &BrowserClock) -> Millis {
+    if let Some(now) = TASK_NOW.get() {
+        return now;
+    }
+    let now = clock.now();
+    TASK_NOW.set(Some(now));
+    FORGET_TASK_NOW.with(|forget| queue_microtask(forget.as_ref().unchecked_ref()));
+    now
 }
 
 /// The runtime of `spec`, started on first use; concurrent callers share

@@ -1,7 +1,7 @@
 //! The engine behind `ResumableEventSource` (see `js/index.js`).
 
 use super::js;
-use super::runtime::{StoreSpec, runtime};
+use super::runtime::{Runtime, StoreSpec, runtime};
 use super::tracker::{flush, stream_key_of};
 use crate::{ConnectionState, FetchConnector};
 use futures::channel::oneshot;
@@ -10,10 +10,14 @@ use std::cell::RefCell;
 use std::pin::pin;
 use std::rc::Rc;
 use tidemark_core::{
-    Backoff, Millis, ReconnectConfig, ResumableStream, StreamConfig, StreamError, StreamStats,
+    Backoff, Clock, Millis, ReconnectConfig, ResumableStream, StreamConfig, StreamError,
+    StreamStats,
 };
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::spawn_local;
+
+/// How stale `stats()` may get while a connection waits for data.
+const STATS_REFRESH: Millis = Millis(500);
 
 /// Settings read from the constructor's options.
 struct Settings {
@@ -77,7 +81,7 @@ impl Settings {
 struct State {
     stats: StreamStats,
     last_event_id: Option<String>,
-    runtime_stats: Option<js_sys::Object>,
+    runtime: Option<Rc<Runtime>>,
     close: Option<oneshot::Sender<()>>,
 }
 
@@ -157,8 +161,8 @@ impl EventSourceDriver {
                 js::opt_str(s.last_failure.as_ref().map(ToString::to_string)),
             )
             .set("lastEventId", js::opt_str(state.last_event_id.as_ref()));
-        match &state.runtime_stats {
-            Some(runtime) => fields.extend(runtime).build(),
+        match &state.runtime {
+            Some(runtime) => fields.extend(&runtime.stats()).build(),
             None => fields.build(),
         }
     }
@@ -191,7 +195,11 @@ async fn drive(
         .on_state(move |state| {
             let (kind, detail) = match state {
                 ConnectionState::Open => ("open", JsValue::NULL),
-                ConnectionState::Error(failure) => ("error", failure.to_string().into()),
+                // A permanent failure ends the stream: one `error`, from
+                // `closed`, as with EventSource.
+                ConnectionState::Error(failure) if failure.is_retryable() => {
+                    ("error", failure.to_string().into())
+                }
                 _ => return,
             };
             let _ = report.call2(&JsValue::NULL, &JsValue::from_str(kind), &detail);
@@ -203,20 +211,40 @@ async fn drive(
         tracker,
         settings.config,
     );
+    state.borrow_mut().runtime = Some(runtime.clone());
     let sync = |stream: &ResumableStream<_, _>| {
         let mut state = state.borrow_mut();
-        state.stats = stream.stats().clone();
-        state.last_event_id = stream.last_event_id().map(str::to_owned);
-        state.runtime_stats = Some(runtime.stats());
+        state.stats.clone_from(stream.stats());
+        match (&mut state.last_event_id, stream.last_event_id()) {
+            (Some(ours), Some(id)) => id.clone_into(ours),
+            (ours, id) => *ours = id.map(str::to_owned),
+        }
     };
     sync(&stream);
     let reason = loop {
+        // While connected, wake now and then to refresh `stats()` (replays
+        // dropped, bytes) even when no fresh event comes: `next` is
+        // cancel-safe, and the connection stays as it is.
+        let refresh = stream
+            .is_connected()
+            .then(|| runtime.clock.now() + STATS_REFRESH);
         let next = {
             let next = pin!(stream.next());
-            match select(next, &mut close).await {
-                Either::Left((next, _)) => next,
+            let tick = pin!(async {
+                match refresh {
+                    Some(at) => runtime.clock.sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            });
+            match select(select(next, tick), &mut close).await {
+                Either::Left((Either::Left((next, _)), _)) => Some(next),
+                Either::Left((Either::Right(((), _)), _)) => None,
                 Either::Right(_) => break None,
             }
+        };
+        let Some(next) = next else {
+            sync(&stream);
+            continue;
         };
         match next {
             Ok(event) => {
@@ -235,6 +263,5 @@ async fn drive(
     sync(&stream);
     drop(stream);
     let _ = flush(&runtime).await;
-    state.borrow_mut().runtime_stats = Some(runtime.stats());
     reason
 }

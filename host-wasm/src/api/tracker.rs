@@ -1,9 +1,9 @@
 //! The low-level tracker, for apps that bring their own transport.
 
 use super::js;
-use super::runtime::{Runtime, StoreSpec, runtime};
+use super::runtime::{Runtime, StoreSpec, runtime, task_now};
 use std::rc::Rc;
-use tidemark_core::{Clock, EventTracker, StreamKey};
+use tidemark_core::{EventTracker, StreamKey};
 use wasm_bindgen::prelude::*;
 
 /// Opens the tracker of a stream: its cursor loaded from the store, its
@@ -45,7 +45,7 @@ impl Tracker {
     /// moves the cursor; an event without an id is always fresh and moves
     /// nothing. After `close()`, every event counts as fresh.
     pub fn observe(&mut self, id: Option<String>) -> bool {
-        let now = self.runtime.clock.now();
+        let now = task_now(&self.runtime.clock);
         match &mut self.inner {
             Some(tracker) => {
                 let fresh = tracker.observe(id.as_deref(), now).is_fresh();
@@ -63,7 +63,7 @@ impl Tracker {
     /// one byte per id, 1 for fresh.
     #[wasm_bindgen(js_name = observeJoined)]
     pub fn observe_joined(&mut self, ids: &str) -> Vec<u8> {
-        let now = self.runtime.clock.now();
+        let now = task_now(&self.runtime.clock);
         let Some(tracker) = &mut self.inner else {
             return vec![1; ids.split('\n').count()];
         };
