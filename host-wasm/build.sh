@@ -2,7 +2,7 @@
 # Builds the npm package `tidemark` into host-wasm/pkg: the crate for
 # wasm32-unknown-unknown (profile wasm-release), wasm-bindgen's glue
 # (--target web, so it loads from bundlers and plain module pages alike),
-# wasm-opt -Oz, the JavaScript API (js/index.js) and its TypeScript types,
+# wasm-opt -O3, the JavaScript API (js/index.js) and its TypeScript types,
 # generated from its JSDoc by tsc. Needs wasm-bindgen on PATH at the version
 # in Cargo.lock and `npm ci` done at the repository root (wasm-opt and tsc).
 set -euo pipefail
@@ -18,7 +18,7 @@ rm -rf "$out"
 mkdir -p "$out"
 wasm-bindgen --target web --out-dir "$out" --out-name tidemark_wasm \
   "$target/wasm32-unknown-unknown/wasm-release/tidemark_wasm.wasm"
-"$bin/wasm-opt" ${WASM_OPT:--Oz} "$out/tidemark_wasm_bg.wasm" -o "$out/tidemark_wasm_bg.wasm"
+"$bin/wasm-opt" -O3 "$out/tidemark_wasm_bg.wasm" -o "$out/tidemark_wasm_bg.wasm"
 cp "$here/js/index.js" "$here/js/package.json" "$here/js/README.md" "$out/"
 "$bin/tsc" --allowJs --checkJs --strict --declaration --emitDeclarationOnly \
   --target es2022 --module es2022 --moduleResolution bundler --lib es2022,dom \

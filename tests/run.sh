@@ -100,6 +100,9 @@ pack=$(mktemp -d)
 npm pack ./host-wasm/pkg --pack-destination "$pack" --silent >/dev/null
 npm install --no-save --offline --no-audit --no-fund "$pack"/tidemark-*.tgz
 rm -rf "$pack"
+# The generated types, as a TypeScript user sees them.
+npx tsc --noEmit --strict --target es2022 --module es2022 --moduleResolution bundler \
+  --lib esnext,dom www/tests/types.ts
 
 step "demo and benchmark pages (vite build), and the package for plain module pages"
 npx vite build --config www/vite.config.js

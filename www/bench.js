@@ -33,82 +33,94 @@ class JsTracker {
   }
 }
 
+/** The id numbers of `n` events: increasing, every 10th event a replay of one 5 back. */
+function idNumbers(n) {
+  const out = [];
+  for (let i = 1; out.length < n; i++) {
+    out.push(i);
+    if (i % 10 === 0) out.push(i - 5);
+  }
+  return out;
+}
+
 /**
- * Ids as servers send them: increasing, every 10th event a replay of one 5
- * back. `shape` is 'numeric' ("1", "2", ...) or 'uuid' (36 characters, like
- * most MCP servers' ids). Every call makes new strings the way an SSE parser
- * does, by splitting decoded text: a string's hash is cached inside it once
- * a Set has seen it, so sharing strings between contenders would favour
- * whichever runs second, and strings glued from parts (ropes) would make
- * every contender pay for flattening them.
+ * The id strings of `numbers`, `shape` 'numeric' ("1", "2", ...) or 'uuid'
+ * (36 characters, like most MCP servers' ids), made new on every call the
+ * way an SSE parser makes them, by splitting decoded text. New strings
+ * matter: a Set caches a string's hash inside it, so strings shared between
+ * contenders would favour whichever runs second.
  */
-function makeIds(n, shape, salt) {
+function idStrings(numbers, shape, salt) {
   const hex = (x, w) => (x >>> 0).toString(16).padStart(w, '0').slice(-w);
   const make =
     shape === 'numeric'
       ? (i) => `${i}`
       : (i) => `${hex(salt, 8)}-${hex(i >>> 16, 4)}-4${hex(i, 3)}-8${hex(i * 7, 3)}-${hex(i * 2654435761, 8)}${hex(i, 4)}`;
-  const ids = [];
-  for (let i = 1; ids.length < n; i++) {
-    ids.push(make(i));
-    if (i % 10 === 0) ids.push(make(i - 5));
-  }
-  return ids.join('\n').split('\n');
+  return numbers.map(make).join('\n').split('\n');
 }
 
 const median = (xs) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 const yieldToLoop = () => new Promise((r) => setTimeout(r, 0));
 
+/**
+ * Per-event cost of observe: tidemark through the wasm API (one call per id,
+ * and batched 256 ids a call) against the pure-JS tracker. Ids are made
+ * chunk by chunk (4096 at a time, untimed) right before each contender
+ * reads them, so they are as fresh and as warm in the cache as ids a parser
+ * just produced; every contender gets its own copy. A second JS figure reads
+ * ids whose hashes a Set already computed: the best case for JavaScript.
+ */
 async function observeBench(shape) {
   const n = 200_000;
-  const rounds = 9;
+  const chunk = 4096;
+  const rounds = 15;
+  // One salt per round: the UUID ids of a round are new to every tracker.
+  const numbers = idNumbers(n);
   let key = 0;
-  let salt = 1;
-  const ids = () => makeIds(n, shape, salt++);
-  const prepare = async (count) => {
-    const out = [];
-    for (let i = 0; i < count; i++) out.push(await openTracker(`bench-observe-${shape}-${key++}`, { store: 'memory' }));
-    return out;
-  };
-  // Warm both sides up (JIT, wasm tiering).
-  {
-    const warm = await prepare(2);
-    for (const id of ids()) warm[0].observe(id);
-    warm[1].observeMany(ids());
+  const open = () => openTracker(`bench-observe-${shape}-${key++}`, { store: 'memory' });
+  const times = { js: [], jsHashed: [], wasm: [], wasmBatched: [] };
+  for (let r = -1; r < rounds; r++) {
+    // Round -1 warms both sides up (JIT, wasm tiering) and is not counted.
+    const single = await open();
+    const batched = await open();
     const js = new JsTracker();
-    for (const id of ids()) js.observe(id);
-    await warm[0].close();
-    await warm[1].close();
-  }
-  const times = { js: [], wasm: [], wasmBatched: [] };
-  const perEvent = (t0) => ((performance.now() - t0) * 1e6) / n;
-  // Interleave the contenders so drift in machine load hits all alike.
-  for (let r = 0; r < rounds; r++) {
-    const [single, batched] = await prepare(2);
-    const js = new JsTracker();
-    let input = ids();
-    let t0 = performance.now();
-    let a = 0;
-    for (const id of input) if (js.observe(id)) a++;
-    times.js.push(perEvent(t0));
-    input = ids();
-    t0 = performance.now();
-    let b = 0;
-    for (const id of input) if (single.observe(id)) b++;
-    times.wasm.push(perEvent(t0));
-    input = ids();
-    t0 = performance.now();
-    let c = 0;
-    for (let i = 0; i < input.length; i += 256) {
-      for (const fresh of batched.observeMany(input.slice(i, i + 256))) if (fresh) c++;
+    const hashed = new JsTracker();
+    const spent = { js: 0, jsHashed: 0, wasm: 0, wasmBatched: 0 };
+    const fresh = { js: 0, jsHashed: 0, wasm: 0, wasmBatched: 0 };
+    for (let c = 0; c < n; c += chunk) {
+      const part = numbers.slice(c, c + chunk);
+      let input = idStrings(part, shape, r + 2);
+      let t0 = performance.now();
+      for (const id of input) if (js.observe(id)) fresh.js++;
+      spent.js += performance.now() - t0;
+
+      input = idStrings(part, shape, r + 2);
+      new Set(input);
+      t0 = performance.now();
+      for (const id of input) if (hashed.observe(id)) fresh.jsHashed++;
+      spent.jsHashed += performance.now() - t0;
+
+      input = idStrings(part, shape, r + 2);
+      t0 = performance.now();
+      for (const id of input) if (single.observe(id)) fresh.wasm++;
+      spent.wasm += performance.now() - t0;
+
+      input = idStrings(part, shape, r + 2);
+      t0 = performance.now();
+      for (let i = 0; i < input.length; i += 256) {
+        for (const f of batched.observeMany(input.slice(i, i + 256))) if (f) fresh.wasmBatched++;
+      }
+      spent.wasmBatched += performance.now() - t0;
     }
-    times.wasmBatched.push(perEvent(t0));
-    if (a !== b || a !== c) throw new Error(`trackers disagree: js ${a}, wasm ${b}, batched ${c}`);
+    const counts = Object.values(fresh);
+    if (counts.some((x) => x !== counts[0])) throw new Error(`trackers disagree: ${JSON.stringify(fresh)}`);
     await single.close();
     await batched.close();
+    if (r >= 0) for (const k of Object.keys(times)) times[k].push((spent[k] * 1e6) / n);
     await yieldToLoop();
   }
   const js = median(times.js);
+  const jsHashed = median(times.jsHashed);
   const wasm = median(times.wasm);
   const wasmBatched = median(times.wasmBatched);
   return {
@@ -116,74 +128,74 @@ async function observeBench(shape) {
     events: n,
     rounds,
     jsNsPerEvent: js,
+    jsHashedNsPerEvent: jsHashed,
     wasmNsPerEvent: wasm,
     wasmBatchedNsPerEvent: wasmBatched,
     wasmOverJs: wasm / js,
     wasmBatchedOverJs: wasmBatched / js,
+    wasmOverJsHashed: wasm / jsHashed,
+    wasmBatchedOverJsHashed: wasmBatched / jsHashed,
   };
 }
 
 /**
- * Feeds `total` events to `handle` in tasks of `perTask`, pausing `gapMs`
- * between tasks (0: as fast as the page can), and returns events/s.
+ * Feeds events to `handle` for `seconds`, `perTask` events per task with
+ * `gapMs` between tasks (0: as fast as the page can), and returns how many
+ * it fed and how long it took.
  */
-async function feed(total, perTask, gapMs, handle) {
+async function feedFor(seconds, perTask, gapMs, handle) {
   const t0 = performance.now();
+  const until = t0 + seconds * 1000;
   let id = 0;
-  while (id < total) {
-    const end = Math.min(total, id + perTask);
-    for (; id < end; ) {
+  while (performance.now() < until) {
+    for (const end = id + perTask; id < end; ) {
       const pending = handle(String(++id));
       if (pending) await pending;
     }
     await new Promise((r) => setTimeout(r, gapMs));
   }
-  return { seconds: (performance.now() - t0) / 1000 };
+  const elapsed = (performance.now() - t0) / 1000;
+  return { events: id, seconds: elapsed, eventsPerSecond: id / elapsed };
 }
 
+/**
+ * tidemark's observe() with its IndexedDB writer, flat out and at ~500
+ * events/s, against the naive baseline (an idb-keyval write of each id).
+ * Transactions are counted while events flow (the final flush excluded).
+ */
 async function persistenceBench() {
-  // tidemark: observe each event; the worker writes IndexedDB in the background.
   const database = `tidemark-bench-${Date.now()}`;
-  const fast = await openTracker('bench-fast', { database });
-  const before = fast.stats().storeTransactions;
-  const fastTotal = 100_000;
-  const fastRun = await feed(fastTotal, 1000, 0, (id) => void fast.observe(id));
-  await fast.flush();
-  const fastTx = fast.stats().storeTransactions - before;
-
-  const slow = await openTracker('bench-slow', { database });
-  const slowBefore = slow.stats().storeTransactions;
-  const slowRun = await feed(1000, 10, 20, (id) => void slow.observe(id));
-  await slow.flush();
-  const slowTx = slow.stats().storeTransactions - slowBefore;
-  await fast.close();
-  await slow.close();
+  const rate = async (key, perTask, gapMs) => {
+    const tracker = await openTracker(key, { database });
+    const before = tracker.stats().storeTransactions;
+    const run = await feedFor(3, perTask, gapMs, (id) => void tracker.observe(id));
+    const transactions = tracker.stats().storeTransactions - before;
+    await tracker.close();
+    return { ...run, transactions, transactionsPerSecond: transactions / run.seconds };
+  };
+  const fast = await rate('bench-fast', 1000, 0);
+  const slow = await rate('bench-slow', 10, 20);
 
   // The naive baseline: await an idb-keyval write of each event's id.
-  const naiveStore = createStore(`naive-bench-${Date.now()}`, 'kv');
-  const naiveTotal = 2000;
-  const naiveRun = await feed(naiveTotal, 100, 0, (id) => idbSet('stream', id, naiveStore));
+  const naiveStore = createStore(`naive-${database}`, 'kv');
+  const naive = await feedFor(3, 100, 0, (id) => idbSet('stream', id, naiveStore));
 
-  // Fire-and-forget variant: start every write, then wait for them all.
-  const ffStore = createStore(`naive-ff-bench-${Date.now()}`, 'kv');
+  // Fire-and-forget variant: start 5000 writes, then wait for them all.
+  const ffStore = createStore(`naive-ff-${database}`, 'kv');
   const pending = [];
-  const ffTotal = 5000;
-  const ffT0 = performance.now();
-  await feed(ffTotal, 500, 0, (id) => void pending.push(idbSet('stream', id, ffStore)));
+  const t0 = performance.now();
+  for (let id = 1; id <= 5000; id++) pending.push(idbSet('stream', String(id), ffStore));
   await Promise.all(pending);
-  const ffSeconds = (performance.now() - ffT0) / 1000;
+  const ffRate = 5000 / ((performance.now() - t0) / 1000);
 
-  const tidemarkRate = fastTotal / fastRun.seconds;
-  const naiveRate = naiveTotal / naiveRun.seconds;
-  const ffRate = ffTotal / ffSeconds;
   return {
-    tidemarkEventsPerSecond: tidemarkRate,
-    naiveAwaitedEventsPerSecond: naiveRate,
+    tidemarkEventsPerSecond: fast.eventsPerSecond,
+    naiveAwaitedEventsPerSecond: naive.eventsPerSecond,
     naiveFireAndForgetEventsPerSecond: ffRate,
-    speedupOverAwaited: tidemarkRate / naiveRate,
-    speedupOverFireAndForget: tidemarkRate / ffRate,
-    fast: { events: fastTotal, seconds: fastRun.seconds, transactions: fastTx, txPerSecond: fastTx / fastRun.seconds },
-    slow: { events: 1000, seconds: slowRun.seconds, transactions: slowTx, txPerSecond: slowTx / slowRun.seconds },
+    speedupOverAwaited: fast.eventsPerSecond / naive.eventsPerSecond,
+    speedupOverFireAndForget: fast.eventsPerSecond / ffRate,
+    fast,
+    slow,
   };
 }
 

@@ -94,6 +94,16 @@ pub struct StreamConfig {
     pub limits: Limits,
 }
 
+impl StreamConfig {
+    /// These settings with reconnect delays from `initial`, doubling up to
+    /// `max` (tests and local servers want milliseconds, not the default
+    /// 250 ms to 30 s).
+    pub fn with_backoff(mut self, initial: Millis, max: Millis) -> Self {
+        self.reconnect.backoff = crate::Backoff { initial, max };
+        self
+    }
+}
+
 /// Counters of one resumable stream.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StreamStats {

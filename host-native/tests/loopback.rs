@@ -6,23 +6,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tidemark::{FileStore, HttpConnector, ServerConfig, SmolClock, SseServer};
-use tidemark_core::reconnect::ReconnectConfig;
 use tidemark_core::{
-    Backoff, Clock, Config, Failure, GiveUp, Millis, ResumableStream, StreamConfig, StreamError,
-    StreamKey, persistence,
+    Clock, Config, Failure, GiveUp, Millis, ResumableStream, StreamConfig, StreamError, StreamKey,
+    persistence,
 };
 
 fn fast_reconnect() -> StreamConfig {
-    StreamConfig {
-        reconnect: ReconnectConfig {
-            backoff: Backoff {
-                initial: Millis(5),
-                max: Millis(50),
-            },
-            ..ReconnectConfig::default()
-        },
-        ..StreamConfig::default()
-    }
+    StreamConfig::default().with_backoff(Millis(5), Millis(50))
 }
 
 async fn start_server(

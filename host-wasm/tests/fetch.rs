@@ -11,11 +11,10 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::rc::Rc;
 use std::time::Duration;
-use tidemark_core::reconnect::ReconnectConfig;
 use tidemark_core::sse::{Item, Limits, Parser};
 use tidemark_core::{
-    Backoff, Clock, Config, ConnectRequest, Connector, Failure, GiveUp, MemStore, Millis,
-    ResumableStream, StreamConfig, StreamError, StreamKey, persistence,
+    Clock, Config, ConnectRequest, Connector, Failure, GiveUp, MemStore, Millis, ResumableStream,
+    StreamConfig, StreamError, StreamKey, persistence,
 };
 use tidemark_wasm::{BrowserClock, ConnectionState, FetchBody, FetchConnector};
 use wasm_bindgen_test::{wasm_bindgen_test, wasm_bindgen_test_configure};
@@ -108,16 +107,7 @@ async fn first_event_id(body: &mut FetchBody) -> String {
 }
 
 fn fast_reconnect() -> StreamConfig {
-    StreamConfig {
-        reconnect: ReconnectConfig {
-            backoff: Backoff {
-                initial: Millis(5),
-                max: Millis(50),
-            },
-            ..ReconnectConfig::default()
-        },
-        ..StreamConfig::default()
-    }
+    StreamConfig::default().with_backoff(Millis(5), Millis(50))
 }
 
 #[wasm_bindgen_test]

@@ -114,6 +114,8 @@ test('a store that fails mid-stream shows in stats and does not stop the stream'
   const server = await startServer(['--count', '40', '--interval-ms', '20']);
   try {
     const page = await browser.context.newPage();
+    const warnings = [];
+    page.on('console', (m) => m.type() === 'warning' && warnings.push(m.text()));
     await page.goto(`${server.url}/`);
     await until(page, () => globalThis.demo?.source.stats().batches > 0);
     await page.evaluate(
@@ -130,6 +132,8 @@ test('a store that fails mid-stream shows in stats and does not stop the stream'
     assert.equal(stats.lastEventId, '40');
     assert.match(stats.lastStoreError ?? '', /version change|closed/);
     assert.ok(stats.consecutiveFailures > 0);
+    const said = warnings.filter((w) => w.includes('cursors cannot be written'));
+    assert.equal(said.length, 1, `warned once: ${warnings}`);
     await page.close();
   } finally {
     await server.stop();

@@ -60,6 +60,36 @@ pub(crate) enum AnyStore {
     Memory(MemStore),
 }
 
+/// A runtime's store, which says once on the console when its writes start
+/// failing (the failure and its recovery show in `stats()`).
+pub(crate) struct PageStore {
+    pub(crate) inner: AnyStore,
+    warned: Cell<bool>,
+}
+
+impl Store for PageStore {
+    async fn load(&self, key: &StreamKey) -> Result<Option<Cursor>, StoreError> {
+        self.inner.load(key).await
+    }
+
+    async fn save_batch(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
+        let result = self.inner.save_batch(cursors).await;
+        if let Err(error) = &result
+            && !self.warned.replace(true)
+        {
+            web_sys::console::warn_1(&JsValue::from_str(&format!(
+                "tidemark: cursors cannot be written ({error}); the stream goes on, \
+                 the newest cursors stay in memory and are retried"
+            )));
+        }
+        result
+    }
+
+    async fn delete(&self, key: &StreamKey) -> Result<(), StoreError> {
+        self.inner.delete(key).await
+    }
+}
+
 impl Store for AnyStore {
     async fn load(&self, key: &StreamKey) -> Result<Option<Cursor>, StoreError> {
         match self {
@@ -85,7 +115,7 @@ impl Store for AnyStore {
 
 /// A registry, its running worker, and what the store turned out to be.
 pub(crate) struct Runtime {
-    pub(crate) registry: Registry<Rc<AnyStore>>,
+    pub(crate) registry: Registry<Rc<PageStore>>,
     pub(crate) clock: BrowserClock,
     pub(crate) spec: StoreSpec,
     /// Why the runtime runs on memory although IndexedDB was asked for.
@@ -121,6 +151,10 @@ impl Runtime {
             },
         };
         let clock = BrowserClock::new();
+        let store = PageStore {
+            inner: store,
+            warned: Cell::new(false),
+        };
         let (registry, worker) = persistence(Rc::new(store), clock.clone(), config);
         spawn_local(async move {
             worker.run().await;
@@ -151,7 +185,7 @@ impl Runtime {
             rejected_commits,
             worker,
         } = self.registry.stats();
-        let (store, transactions) = match &**self.registry.store() {
+        let (store, transactions) = match &self.registry.store().inner {
             AnyStore::Idb(s) => ("indexeddb", Some(s.transactions())),
             AnyStore::Memory(s) => ("memory", Some(s.batches())),
         };

@@ -1,0 +1,46 @@
+// Type-checked by tests/run.sh (`tsc --noEmit`) against the installed
+// package's generated index.d.ts: the API as a TypeScript user writes it.
+import {
+  ResumableEventSource,
+  openTracker,
+  initialize,
+  flush,
+  type ResumableEventSourceOptions,
+  type Stats,
+  type EventSourceStats,
+} from 'tidemark';
+
+export async function example(token: string): Promise<string | undefined> {
+  await initialize();
+  const options: ResumableEventSourceOptions = {
+    headers: { Authorization: `Bearer ${token}` },
+    streamKey: 'inbox',
+    store: 'indexeddb',
+    database: 'app',
+    withCredentials: false,
+    reconnect: { initialDelay: 100, maxDelay: 5000, maxAttempts: null, idleTimeout: 60000 },
+  };
+  const source = new ResumableEventSource('/events', options);
+  source.onmessage = (event: MessageEvent<string>) => {
+    const data: string = event.data;
+    const id: string = event.lastEventId;
+    void [data, id];
+  };
+  source.onerror = () => {};
+  source.addEventListener('update', (event) => void event);
+  const state: 0 | 1 | 2 = source.readyState;
+  const closed: boolean = state === ResumableEventSource.CLOSED;
+  const stats: Partial<EventSourceStats> = source.stats();
+  void [closed, stats.delivered, source.lastEventId, source.url];
+  await source.close();
+
+  const tracker = await openTracker('mcp session-1', { store: 'memory' });
+  const fresh: boolean = tracker.observe('42');
+  const many: boolean[] = tracker.observeMany(['1', '2']);
+  const trackerStats: Stats & { observed: number } = tracker.stats();
+  void [fresh, many, trackerStats.cursorsWritten];
+  await tracker.flush();
+  await tracker.close();
+  await flush();
+  return tracker.lastEventId;
+}
