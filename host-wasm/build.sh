@@ -20,7 +20,7 @@ wasm-bindgen --target web --out-dir "$out" --out-name tidemark_wasm \
   "$target/wasm32-unknown-unknown/wasm-release/tidemark_wasm.wasm"
 "$bin/wasm-opt" -O3 "$out/tidemark_wasm_bg.wasm" -o "$out/tidemark_wasm_bg.wasm"
 cp "$here/js/index.js" "$here/js/package.json" "$here/js/README.md" "$out/"
-"$bin/tsc" --allowJs --checkJs --strict --declaration --emitDeclarationOnly \
+"$bin/tsc" --allowJs --checkJs --strict --declaration --emitDeclarationOnly --stripInternal \
   --target es2022 --module es2022 --moduleResolution bundler --lib es2022,dom \
   --skipLibCheck --outDir "$out" "$out/index.js"
 wasm=$(wc -c <"$out/tidemark_wasm_bg.wasm")

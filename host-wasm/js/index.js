@@ -17,7 +17,13 @@ let loading;
  * @returns {Promise<void>}
  */
 export function initialize(wasm) {
-  loading ??= init(wasm === undefined ? undefined : { module_or_path: wasm }).then(() => {});
+  loading ??= init(wasm === undefined ? undefined : { module_or_path: wasm }).then(
+    () => {},
+    (error) => {
+      loading = undefined; // a later call may try again
+      throw error;
+    },
+  );
   return loading;
 }
 
@@ -68,7 +74,8 @@ export function initialize(wasm) {
  * @property {string} database The IndexedDB database name.
  * @property {string | null} storeWarning Why cursors are in memory although
  *   IndexedDB was asked for.
- * @property {number | null} storeTransactions Write transactions made.
+ * @property {number} storeTransactions Write transactions made (of the current
+ *   IndexedDB connection; batches for the memory store).
  * @property {number} openStreams Streams open in this page on this store.
  * @property {number} eventsObserved Events seen on every stream of the store.
  * @property {number} duplicatesDropped Replays dropped on every stream of the store.
@@ -89,7 +96,10 @@ export function initialize(wasm) {
  * }} EventSourceStats
  *   Stream counters: connections opened, reconnects scheduled, fresh events
  *   delivered, replays dropped, comments (keep-alives), body bytes, and the
- *   last connection failure.
+ *   last connection failure. `connects`, `reconnects` and `lastFailure`
+ *   change with the connection; the others as events are delivered (replays
+ *   dropped after the last fresh event show with the next one, or after
+ *   `close()`).
  */
 
 /** @typedef {(this: ResumableEventSource, event: MessageEvent<string>) => any} MessageHandler */
@@ -134,8 +144,10 @@ export class ResumableEventSource extends EventTarget {
     super();
     /** The absolute URL of the stream. */
     this.url = new URL(url, globalThis.location?.href).href;
-    /** Whether requests carry cookies cross-origin. */
-    this.withCredentials = options.withCredentials === true || options.credentials === 'include';
+    /** Whether requests carry cookies cross-origin (`credentials` wins over `withCredentials`). */
+    this.withCredentials =
+      options.credentials === undefined ? options.withCredentials === true : options.credentials === 'include';
+    const origin = new URL(this.url).origin;
     /** @type {(value: void) => void} */
     let closed = () => {};
     this.#closed = new Promise((resolve) => (closed = resolve));
@@ -147,11 +159,11 @@ export class ResumableEventSource extends EventTarget {
             this.url,
             options,
             (/** @type {string} */ type, /** @type {string} */ data, /** @type {string} */ lastEventId) => {
-              const origin = new URL(this.url).origin;
+              if (this.#readyState === 2) return;
               this.dispatchEvent(new MessageEvent(type, { data, lastEventId, origin }));
             },
             (/** @type {string} */ kind, /** @type {string | null} */ detail) => {
-              if (kind === 'open') {
+              if (kind === 'open' && this.#readyState !== 2) {
                 this.#readyState = 1;
                 this.dispatchEvent(new Event('open'));
               } else if (kind === 'error' && this.#readyState !== 2) {
@@ -202,7 +214,8 @@ export class ResumableEventSource extends EventTarget {
 
   /**
    * Stops the stream. The returned promise resolves once its cursor is
-   * written, so a page can await it before navigating away.
+   * written, or once the write failed (the page's worker then retries it;
+   * see `stats()`), so a page can await it before navigating away.
    * @returns {Promise<void>}
    */
   close() {
@@ -279,7 +292,11 @@ export class Tracker {
   /** @type {import('./tidemark_wasm.js').Tracker} */
   #inner;
 
-  /** @param {import('./tidemark_wasm.js').Tracker} inner */
+  /**
+   * Use {@link openTracker}.
+   * @internal
+   * @param {import('./tidemark_wasm.js').Tracker} inner
+   */
   constructor(inner) {
     this.#inner = inner;
   }
@@ -303,7 +320,7 @@ export class Tracker {
    */
   observeMany(ids) {
     if (ids.length === 0) return [];
-    const fresh = this.#inner.observeJoined(ids.join('\n'));
+    const fresh = this.#inner.observeJoined(ids.join('\n'), ids.length);
     const out = new Array(fresh.length);
     for (let i = 0; i < fresh.length; i++) out[i] = fresh[i] === 1;
     return out;
@@ -356,12 +373,12 @@ export async function openTracker(streamKey, options = {}) {
 }
 
 /**
- * Starts writing the cursors of every stream of this page now. tidemark does
- * this by itself on `pagehide` and when the page is hidden; to wait for one
- * stream's write, use `Tracker.flush()` or `ResumableEventSource.close()`.
+ * Writes the cursors of every stream of this page now, instead of at the
+ * next flush interval. tidemark does this by itself on `pagehide` and when
+ * the page is hidden. Rejects when a write failed (it is retried).
  * @returns {Promise<void>}
  */
 export async function flush() {
   await initialize();
-  flushAll();
+  await flushAll();
 }

@@ -2,7 +2,6 @@
 
 use js_sys::{Array, Function, Object, Promise, Reflect};
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::fmt;
 use std::rc::Rc;
 use tidemark_core::{Cursor, Millis, Store, StoreError, StreamKey};
@@ -366,7 +365,7 @@ impl IdbStore {
         &self,
         doing: &str,
         tx: &IdbTransaction,
-        batch: &[&Cursor],
+        batch: &[Cursor],
     ) -> Result<u64, StoreError> {
         let store = object_store(doing, tx)?;
         for cursor in batch {
@@ -437,7 +436,9 @@ impl Store for IdbStore {
     }
 
     async fn save_batch(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
-        let batch = newest_per_key(cursors);
+        // Two cursors of one key (the worker never sends them) would be
+        // fine too: each deletes only what is below its own `seq`.
+        let batch = cursors;
         if batch.is_empty() {
             return Ok(());
         }
@@ -448,7 +449,7 @@ impl Store for IdbStore {
         );
         let tx = self.readwrite(&doing)?;
         let done = transaction_done(&tx);
-        let written = match self.write_all(&doing, &tx, &batch) {
+        let written = match self.write_all(&doing, &tx, batch) {
             Ok(written) => written,
             Err(error) => {
                 // Roll back whatever was written; fails harmlessly if the
@@ -686,24 +687,4 @@ fn decode(key: &StreamKey, value: &JsValue) -> Result<Cursor, String> {
         seq: whole("seq")?,
         at: Millis(whole("at")?),
     })
-}
-
-/// One cursor per key, the one with the highest `seq`, in first-seen order.
-fn newest_per_key(cursors: &[Cursor]) -> Vec<&Cursor> {
-    let mut index: HashMap<&StreamKey, usize> = HashMap::with_capacity(cursors.len());
-    let mut batch: Vec<&Cursor> = Vec::with_capacity(cursors.len());
-    for cursor in cursors {
-        match index.get(&cursor.key) {
-            Some(&i) => {
-                if cursor.supersedes(batch[i]) {
-                    batch[i] = cursor;
-                }
-            }
-            None => {
-                index.insert(&cursor.key, batch.len());
-                batch.push(cursor);
-            }
-        }
-    }
-    batch
 }

@@ -298,15 +298,15 @@ test('a dropped stream resumes with Last-Event-ID and replays are delivered once
       [undefined, '3', '6', '9'],
       'each reconnect sends the last delivered id',
     );
-    // stats() stays live while the stream is open: the fourth connection's
-    // replays came after the last delivered event and still show.
-    await page.waitForFunction(() => t2.source.stats().duplicates === 18, undefined, { timeout: 5000, polling: 50 });
+    // connects changes with the connection, at once.
+    assert.equal(await page.evaluate(() => t2.source.stats().connects), 4);
+    // Replays dropped after the last delivered event show after close().
+    await page.evaluate(`(${IN_TIME})(t2.source.close(), 10000, 'close()')`);
     const stats = await page.evaluate(() => t2.source.stats());
     assert.equal(stats.duplicates, 3 + 6 + 9, 'every replay dropped');
     assert.equal(stats.delivered, 9);
     assert.equal(stats.connects, 4);
     assert.equal(stats.lastEventId, '9');
-    await page.evaluate(`(${IN_TIME})(t2.source.close(), 10000, 'close()')`);
   } finally {
     await page.close();
   }
@@ -667,6 +667,105 @@ test('invalid options end in an error event naming the option, not a rejection',
       `(${IN_TIME})(Promise.all(Object.values(t9).map((c) => c.source.close())), 5000, 'close() after a bad option')`,
     );
     assert.equal(server.requests('/api9/stream').length, 0, 'no request with invalid options');
+  } finally {
+    await page.close();
+  }
+});
+
+test('maxAttempts: null keeps trying past the default budget of 10', { timeout: 30_000 }, async () => {
+  server.route('/api10/stream', (req, res, record, n) => {
+    if (n <= 12) {
+      res.writeHead(503, { 'content-type': 'text/plain' });
+      return res.end('busy');
+    }
+    open(res);
+    sendRange(res, 1, 3);
+  });
+  const page = await newPage();
+  try {
+    const got = await page.evaluate(`(${IN_TIME})(new Promise((resolve) => {
+      const source = new tm.ResumableEventSource('/api10/stream', {
+        streamKey: 'api10',
+        reconnect: { initialDelay: 10, maxDelay: 20, maxAttempts: null },
+      });
+      const got = [];
+      source.onmessage = (e) => {
+        got.push(e.lastEventId);
+        if (got.length === 3) source.close().then(() => resolve({ got, readyState: source.readyState }));
+      };
+    }), 20000, 'the 13th attempt')`);
+    assert.deepEqual(got.got, ['1', '2', '3']);
+    assert.equal(server.requests('/api10/stream').length, 13);
+  } finally {
+    await page.close();
+  }
+});
+
+test('close() from a listener: no event after it, and the cursor is the last one delivered', { timeout: 30_000 }, async () => {
+  server.route('/api11/stream', (req, res) => {
+    open(res);
+    sendRange(res, 1, 10); // one chunk: ten events ready at once
+  });
+  const page = await newPage();
+  try {
+    const out = await page.evaluate(`(${IN_TIME})(new Promise((resolve) => {
+      const source = new tm.ResumableEventSource('/api11/stream', { streamKey: 'api11' });
+      const got = [];
+      source.onmessage = (e) => {
+        got.push(e.lastEventId);
+        if (e.lastEventId === '3') {
+          source.close().then(() => setTimeout(() => resolve({ got, stats: source.stats() }), 200));
+        }
+      };
+    }), 10000, 'close')`);
+    assert.deepEqual(out.got, ['1', '2', '3']);
+    assert.equal(out.stats.lastEventId, '3');
+    const stored = await page.evaluate(async () => (await tm.openTracker('api11')).lastEventId);
+    assert.equal(stored, '3');
+  } finally {
+    await page.close();
+  }
+});
+
+test('tracker misuse fails loudly: observe after close, ids with line breaks, a key used twice', { timeout: 30_000 }, async () => {
+  server.route('/api12/stream', (req, res) => {
+    open(res);
+    sendRange(res, 1, 2);
+  });
+  const page = await newPage();
+  try {
+    const out = await page.evaluate(async () => {
+      const errorOf = async (f) => {
+        try {
+          await f();
+          return null;
+        } catch (e) {
+          return String(e.message ?? e);
+        }
+      };
+      const tracker = await tm.openTracker('api12-tracker', { store: 'memory' });
+      tracker.observe('1');
+      const lineBreak = await errorOf(() => tracker.observeMany(['2', 'a\nb']));
+      // observe() while a flush is pending: the flush holds no borrow.
+      const pending = tracker.flush();
+      const during = tracker.observe('3');
+      await pending;
+      await tracker.close();
+      const afterClose = await errorOf(() => tracker.observe('4'));
+      const last = tracker.lastEventId;
+      // Two sources on one stream key: the second stops with a clear error.
+      const first = new tm.ResumableEventSource('/api12/stream', { streamKey: 'api12' });
+      const second = new tm.ResumableEventSource('/api12/stream', { streamKey: 'api12' });
+      const secondError = await new Promise((resolve) => (second.onerror = (e) => resolve({ message: e.message, readyState: second.readyState })));
+      await first.close();
+      return { lineBreak, during, afterClose, last, secondError };
+    });
+    assert.match(out.lineBreak, /line breaks/);
+    assert.equal(out.during, true);
+    assert.match(out.afterClose, /closed/);
+    assert.equal(out.last, '3', 'the cursor stays readable after close()');
+    assert.equal(out.secondError.readyState, 2);
+    assert.match(out.secondError.message, /streamKey "api12" is already in use/);
   } finally {
     await page.close();
   }

@@ -14,6 +14,20 @@ pub(crate) fn get(obj: &JsValue, key: &str) -> Option<JsValue> {
         .filter(|v| !v.is_undefined() && !v.is_null())
 }
 
+/// Whether `obj[key]` is `null` (not missing, not `undefined`).
+pub(crate) fn is_null(obj: &JsValue, key: &str) -> bool {
+    obj.is_object() && Reflect::get(obj, &JsValue::from_str(key)).is_ok_and(|v| v.is_null())
+}
+
+/// The `message` of a thrown error, or its text.
+pub(crate) fn message(error: &JsValue) -> String {
+    Reflect::get(error, &JsValue::from_str("message"))
+        .ok()
+        .and_then(|m| m.as_string())
+        .or_else(|| error.as_string())
+        .unwrap_or_else(|| format!("{error:?}"))
+}
+
 /// `obj[key]` as a string; an error names the option when it is not one.
 pub(crate) fn get_string(obj: &JsValue, key: &str) -> Result<Option<String>, JsError> {
     get(obj, key)

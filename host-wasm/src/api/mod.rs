@@ -12,8 +12,9 @@ pub use tracker::{Tracker, open_tracker};
 use wasm_bindgen::prelude::*;
 
 /// Writes the cursors of every stream of this page now (the package does
-/// this on `pagehide` by itself).
+/// this on `pagehide` by itself); rejects when a write failed (it is
+/// retried).
 #[wasm_bindgen(js_name = flushAll)]
-pub fn flush_all() {
-    runtime::flush_all();
+pub async fn flush_all() -> Result<(), JsError> {
+    runtime::flush_every().await
 }

@@ -60,20 +60,47 @@ pub(crate) enum AnyStore {
     Memory(MemStore),
 }
 
-/// A runtime's store, which says once on the console when its writes start
-/// failing (the failure and its recovery show in `stats()`).
+/// A runtime's store. It reopens an IndexedDB connection that was closed
+/// under it (another tab upgraded or deleted the database, or the browser
+/// closed it), so the stream's cursor catches up once the database is
+/// usable again, and it says once on the console when writes start failing
+/// (failures and recovery show in `stats()`).
 pub(crate) struct PageStore {
-    pub(crate) inner: AnyStore,
+    inner: RefCell<Rc<AnyStore>>,
     warned: Cell<bool>,
+}
+
+impl PageStore {
+    fn new(store: AnyStore) -> Self {
+        PageStore {
+            inner: RefCell::new(Rc::new(store)),
+            warned: Cell::new(false),
+        }
+    }
+
+    /// The store to use now: the current one, or a fresh connection when the
+    /// current one was closed (if it can be opened).
+    async fn current(&self) -> Rc<AnyStore> {
+        let current = self.inner.borrow().clone();
+        if let AnyStore::Idb(idb) = &*current
+            && idb.is_closed()
+            && let Ok(reopened) = IdbStore::open(idb.name()).await
+        {
+            let reopened = Rc::new(AnyStore::Idb(reopened));
+            *self.inner.borrow_mut() = reopened.clone();
+            return reopened;
+        }
+        current
+    }
 }
 
 impl Store for PageStore {
     async fn load(&self, key: &StreamKey) -> Result<Option<Cursor>, StoreError> {
-        self.inner.load(key).await
+        self.current().await.load(key).await
     }
 
     async fn save_batch(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
-        let result = self.inner.save_batch(cursors).await;
+        let result = self.current().await.save_batch(cursors).await;
         if let Err(error) = &result
             && !self.warned.replace(true)
         {
@@ -86,7 +113,7 @@ impl Store for PageStore {
     }
 
     async fn delete(&self, key: &StreamKey) -> Result<(), StoreError> {
-        self.inner.delete(key).await
+        self.current().await.delete(key).await
     }
 }
 
@@ -138,8 +165,8 @@ impl Runtime {
                 }
             }
         };
-        let [k0, k1] = js::random_u64s().map_err(|e| format!("{:?}", JsValue::from(e)))?;
-        let [seed, _] = js::random_u64s().map_err(|e| format!("{:?}", JsValue::from(e)))?;
+        let [k0, k1] = js::random_u64s().map_err(|e| js::message(&e.into()))?;
+        let [seed, _] = js::random_u64s().map_err(|e| js::message(&e.into()))?;
         let config = Config {
             tracker: TrackerConfig {
                 fingerprint_key: FingerprintKey::new(k0, k1),
@@ -151,10 +178,7 @@ impl Runtime {
             },
         };
         let clock = BrowserClock::new();
-        let store = PageStore {
-            inner: store,
-            warned: Cell::new(false),
-        };
+        let store = PageStore::new(store);
         let (registry, worker) = persistence(Rc::new(store), clock.clone(), config);
         spawn_local(async move {
             worker.run().await;
@@ -185,18 +209,15 @@ impl Runtime {
             rejected_commits,
             worker,
         } = self.registry.stats();
-        let (store, transactions) = match &self.registry.store().inner {
-            AnyStore::Idb(s) => ("indexeddb", Some(s.transactions())),
-            AnyStore::Memory(s) => ("memory", Some(s.batches())),
+        let (store, transactions) = match &*self.registry.store().inner.borrow().clone() {
+            AnyStore::Idb(s) => ("indexeddb", s.transactions()),
+            AnyStore::Memory(s) => ("memory", s.batches()),
         };
         js::Fields::new()
             .set("store", store)
             .set("database", self.spec.database.as_str())
             .set("storeWarning", js::opt_str(self.warning.as_ref()))
-            .set(
-                "storeTransactions",
-                transactions.map_or(JsValue::NULL, |t| (t as f64).into()),
-            )
+            .set("storeTransactions", transactions as f64)
             .set("openStreams", open_streams as f64)
             .set("eventsObserved", events_observed as f64)
             .set("duplicatesDropped", duplicates_dropped as f64)
@@ -260,7 +281,26 @@ pub(crate) async fn runtime(spec: StoreSpec) -> Result<Rc<Runtime>, JsError> {
     starting.await.map_err(|e| JsError::new(&e))
 }
 
-/// Flushes every started runtime now (`pagehide`, `close()`).
+/// Writes the cursors of every started runtime now; fails with the first
+/// failed write.
+pub(crate) async fn flush_every() -> Result<(), JsError> {
+    let runtimes: Vec<Rc<Runtime>> = RUNTIMES.with(|runtimes| {
+        runtimes
+            .borrow()
+            .values()
+            .filter_map(|starting| starting.peek().and_then(|r| r.as_ref().ok()).cloned())
+            .collect()
+    });
+    let flushes = runtimes
+        .iter()
+        .map(|runtime| super::tracker::flush(runtime));
+    futures::future::join_all(flushes)
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// Starts writing the cursors of every started runtime (`pagehide`).
 pub(crate) fn flush_all() {
     RUNTIMES.with(|runtimes| {
         for starting in runtimes.borrow().values() {

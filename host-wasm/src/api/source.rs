@@ -3,28 +3,26 @@
 use super::js;
 use super::runtime::{Runtime, StoreSpec, runtime};
 use super::tracker::{flush, stream_key_of};
-use crate::{ConnectionState, FetchConnector};
+use crate::{ConnectionState, CredentialsMode, FetchConnector};
 use futures::channel::oneshot;
 use futures::future::{Either, select};
 use std::cell::RefCell;
 use std::pin::pin;
 use std::rc::Rc;
 use tidemark_core::{
-    Backoff, Clock, Millis, ReconnectConfig, ResumableStream, StreamConfig, StreamError,
+    Backoff, Millis, ReconnectConfig, RegistryError, ResumableStream, StreamConfig, StreamError,
     StreamStats,
 };
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::spawn_local;
-
-/// How stale `stats()` may get while a connection waits for data.
-const STATS_REFRESH: Millis = Millis(500);
+use web_sys::RequestCredentials;
 
 /// Settings read from the constructor's options.
 struct Settings {
     spec: StoreSpec,
     stream_key: String,
     config: StreamConfig,
-    credentials: String,
+    credentials: RequestCredentials,
 }
 
 impl Settings {
@@ -39,9 +37,13 @@ impl Settings {
             js::get_string(options, "credentials")?,
             js::get_bool(options, "withCredentials")?,
         ) {
-            (Some(mode), _) => mode,
-            (None, Some(true)) => "include".to_owned(),
-            (None, _) => "same-origin".to_owned(),
+            (Some(mode), _) => mode.as_str().to_mode().map_err(|_| {
+                JsError::new(&format!(
+                    "option `credentials` must be \"omit\", \"same-origin\" or \"include\", not {mode:?}"
+                ))
+            })?,
+            (None, Some(true)) => RequestCredentials::Include,
+            (None, _) => RequestCredentials::SameOrigin,
         };
         let mut reconnect = ReconnectConfig {
             seed: js::random_u64s()?[0],
@@ -53,11 +55,10 @@ impl Settings {
                 initial: js::get_u64(&r, "initialDelay")?.map_or(default.initial, Millis),
                 max: js::get_u64(&r, "maxDelay")?.map_or(default.max, Millis),
             };
-            if js::get(&r, "maxAttempts").is_some() {
-                reconnect.max_attempts =
-                    js::get_u64(&r, "maxAttempts")?.map(|n| u32::try_from(n).unwrap_or(u32::MAX));
-            } else if js::get_bool(&r, "forever")? == Some(true) {
+            if js::is_null(&r, "maxAttempts") {
                 reconnect.max_attempts = None;
+            } else if let Some(n) = js::get_u64(&r, "maxAttempts")? {
+                reconnect.max_attempts = Some(u32::try_from(n).unwrap_or(u32::MAX));
             }
             if let Some(idle) = js::get_u64(&r, "idleTimeout")? {
                 reconnect.idle_timeout = Millis(idle);
@@ -93,7 +94,7 @@ struct State {
 #[wasm_bindgen]
 pub struct EventSourceDriver {
     state: Rc<RefCell<State>>,
-    closed: Rc<RefCell<Option<oneshot::Receiver<()>>>>,
+    closed: RefCell<Option<oneshot::Receiver<()>>>,
 }
 
 #[wasm_bindgen]
@@ -115,28 +116,32 @@ impl EventSourceDriver {
         }));
         let task_state = state.clone();
         spawn_local(async move {
-            let reason = drive(url, settings, &task_state, close_rx, on_event, &on_state).await;
+            let reason = drive(url, settings, task_state, close_rx, on_event, &on_state).await;
             let detail = reason.map_or(JsValue::NULL, |r| JsValue::from_str(&r));
             let _ = on_state.call2(&JsValue::NULL, &"closed".into(), &detail);
             let _ = done_tx.send(());
         });
         Ok(EventSourceDriver {
             state,
-            closed: Rc::new(RefCell::new(Some(done_rx))),
+            closed: RefCell::new(Some(done_rx)),
         })
     }
 
-    /// Stops the stream; resolves once its cursor is written (or the write
-    /// failed and waits for a retry).
-    pub async fn close(&self) {
+    /// Stops the stream at once (no event is delivered after this call, even
+    /// one already received); the promise resolves once its cursor is
+    /// written, or the write failed and waits for a retry.
+    pub fn close(&self) -> js_sys::Promise {
         let close = self.state.borrow_mut().close.take();
         if let Some(close) = close {
             let _ = close.send(());
         }
         let done = self.closed.borrow_mut().take();
-        if let Some(done) = done {
-            let _ = done.await;
-        }
+        wasm_bindgen_futures::future_to_promise(async move {
+            if let Some(done) = done {
+                let _ = done.await;
+            }
+            Ok(JsValue::UNDEFINED)
+        })
     }
 
     /// The id a reconnect would send as `Last-Event-ID`.
@@ -172,14 +177,14 @@ impl EventSourceDriver {
 async fn drive(
     url: String,
     settings: Settings,
-    state: &RefCell<State>,
+    state: Rc<RefCell<State>>,
     mut close: oneshot::Receiver<()>,
     on_event: js_sys::Function,
     on_state: &js_sys::Function,
 ) -> Option<String> {
     let runtime = match runtime(settings.spec).await {
         Ok(r) => r,
-        Err(e) => return Some(format!("{:?}", JsValue::from(e))),
+        Err(e) => return Some(js::message(&e.into())),
     };
     let tracker = match runtime
         .registry
@@ -187,22 +192,49 @@ async fn drive(
         .await
     {
         Ok(t) => t,
+        Err(RegistryError::AlreadyOpen(_)) => {
+            return Some(format!(
+                "streamKey {:?} is already in use by another ResumableEventSource or tracker \
+                 of this page; give each stream its own streamKey",
+                settings.stream_key
+            ));
+        }
         Err(e) => return Some(e.to_string()),
     };
+    // Connection changes update the counters they concern at once; the
+    // others (delivered, duplicates, bytes) are taken from the stream with
+    // every delivered event.
+    let live = state.clone();
     let report = on_state.clone();
     let connector = FetchConnector::new()
-        .credentials(settings.credentials.as_str())
-        .on_state(move |state| {
-            let (kind, detail) = match state {
-                ConnectionState::Open => ("open", JsValue::NULL),
-                // A permanent failure ends the stream: one `error`, from
-                // `closed`, as with EventSource.
-                ConnectionState::Error(failure) if failure.is_retryable() => {
-                    ("error", failure.to_string().into())
+        .credentials(settings.credentials)
+        .on_state(move |change| {
+            let detail = {
+                let mut state = live.borrow_mut();
+                match change {
+                    ConnectionState::Open => {
+                        state.stats.connects += 1;
+                        None
+                    }
+                    // A permanent failure ends the stream: its one `error`
+                    // comes with `closed`, as with EventSource.
+                    ConnectionState::Error(failure) if failure.is_retryable() => {
+                        state.stats.reconnects += 1;
+                        state.stats.last_failure = Some(failure.clone());
+                        Some(JsValue::from_str(&failure.to_string()))
+                    }
+                    // The client dropped the connection: the idle watchdog,
+                    // or close() (which the JavaScript side ignores).
+                    ConnectionState::Closed => Some(JsValue::NULL),
+                    _ => return,
                 }
-                _ => return,
             };
-            let _ = report.call2(&JsValue::NULL, &JsValue::from_str(kind), &detail);
+            let kind = if detail.is_none() { "open" } else { "error" };
+            let _ = report.call2(
+                &JsValue::NULL,
+                &JsValue::from_str(kind),
+                &detail.unwrap_or(JsValue::NULL),
+            );
         });
     let mut stream = ResumableStream::new(
         connector,
@@ -221,32 +253,21 @@ async fn drive(
         }
     };
     sync(&stream);
+    // close() may come from a listener, between two events of one chunk.
+    let closed = |close: &mut oneshot::Receiver<()>| !matches!(close.try_recv(), Ok(None));
     let reason = loop {
-        // While connected, wake now and then to refresh `stats()` (replays
-        // dropped, bytes) even when no fresh event comes: `next` is
-        // cancel-safe, and the connection stays as it is.
-        let refresh = stream
-            .is_connected()
-            .then(|| runtime.clock.now() + STATS_REFRESH);
+        if closed(&mut close) {
+            break None;
+        }
         let next = {
             let next = pin!(stream.next());
-            let tick = pin!(async {
-                match refresh {
-                    Some(at) => runtime.clock.sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            });
-            match select(select(next, tick), &mut close).await {
-                Either::Left((Either::Left((next, _)), _)) => Some(next),
-                Either::Left((Either::Right(((), _)), _)) => None,
+            match select(next, &mut close).await {
+                Either::Left((next, _)) => next,
                 Either::Right(_) => break None,
             }
         };
-        let Some(next) = next else {
-            sync(&stream);
-            continue;
-        };
         match next {
+            Ok(_) if closed(&mut close) => break None,
             Ok(event) => {
                 let kind = JsValue::from_str(&event.event);
                 let id = JsValue::from_str(event.last_event_id.as_str());

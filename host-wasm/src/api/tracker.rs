@@ -3,7 +3,7 @@
 use super::js;
 use super::runtime::{Runtime, StoreSpec, runtime, task_now};
 use std::rc::Rc;
-use tidemark_core::{EventTracker, StreamKey};
+use tidemark_core::{EventTracker, RegistryError, StreamKey};
 use wasm_bindgen::prelude::*;
 
 /// Opens the tracker of a stream: its cursor loaded from the store, its
@@ -18,9 +18,16 @@ pub async fn open_tracker(stream_key: String, options: JsValue) -> Result<Tracke
         .registry
         .open(stream_key_of(&stream_key))
         .await
-        .map_err(|e| JsError::new(&e.to_string()))?;
+        .map_err(|e| match e {
+            RegistryError::AlreadyOpen(_) => JsError::new(&format!(
+                "streamKey {stream_key:?} is already open in this page (close its tracker or \
+                 ResumableEventSource first)"
+            )),
+            e => JsError::new(&e.to_string()),
+        })?;
     Ok(Tracker {
         inner: Some(inner),
+        last_event_id: None,
         runtime,
     })
 }
@@ -36,59 +43,59 @@ pub(crate) fn stream_key_of(key: &str) -> StreamKey {
 #[wasm_bindgen]
 pub struct Tracker {
     inner: Option<EventTracker>,
+    /// The cursor, kept after `close()`.
+    last_event_id: Option<String>,
     runtime: Rc<Runtime>,
 }
 
 #[wasm_bindgen]
 impl Tracker {
-    /// Whether the event with this id is fresh (not a replay). A fresh event
-    /// moves the cursor; an event without an id is always fresh and moves
-    /// nothing. After `close()`, every event counts as fresh.
-    pub fn observe(&mut self, id: Option<String>) -> bool {
-        let now = task_now(&self.runtime.clock);
-        match &mut self.inner {
-            Some(tracker) => {
-                let fresh = tracker.observe(id.as_deref(), now).is_fresh();
-                if fresh {
-                    tracker.commit();
-                }
-                fresh
-            }
-            None => true,
-        }
+    fn open(&mut self) -> Result<&mut EventTracker, JsError> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| JsError::new("the tracker is closed"))
     }
 
-    /// `observe` for many ids at once, joined by `"\n"` (ids never contain
-    /// a line break): one call across the JavaScript/wasm boundary. Returns
-    /// one byte per id, 1 for fresh.
-    #[wasm_bindgen(js_name = observeJoined)]
-    pub fn observe_joined(&mut self, ids: &str) -> Vec<u8> {
+    /// Whether the event with this id is fresh (not a replay). A fresh event
+    /// moves the cursor; an event without an id is always fresh and moves
+    /// nothing. Throws after `close()`.
+    pub fn observe(&mut self, id: Option<String>) -> Result<bool, JsError> {
         let now = task_now(&self.runtime.clock);
-        let Some(tracker) = &mut self.inner else {
-            return vec![1; ids.split('\n').count()];
-        };
+        let tracker = self.open()?;
+        let fresh = tracker.observe(id.as_deref(), now).is_fresh();
+        if fresh {
+            tracker.commit();
+        }
+        Ok(fresh)
+    }
+
+    /// `observe` for many ids at once, joined by `"\n"`: one call across
+    /// the JavaScript/wasm boundary. Returns one byte per id, 1 for fresh.
+    /// Throws after `close()`, and when the ids do not split into `count`
+    /// (an id with a line break, which SSE ids never have).
+    #[wasm_bindgen(js_name = observeJoined)]
+    pub fn observe_joined(&mut self, ids: &str, count: usize) -> Result<Vec<u8>, JsError> {
+        if ids.split('\n').count() != count {
+            return Err(JsError::new("event ids cannot contain line breaks"));
+        }
+        let now = task_now(&self.runtime.clock);
+        let tracker = self.open()?;
         let fresh: Vec<u8> = ids
             .split('\n')
             .map(|id| u8::from(tracker.observe(Some(id), now).is_fresh()))
             .collect();
         tracker.commit();
-        fresh
+        Ok(fresh)
     }
 
     /// The id to send as `Last-Event-ID` (or an MCP resumption token), or
     /// `undefined` when the stream starts from the beginning.
     #[wasm_bindgen(getter, js_name = lastEventId)]
     pub fn last_event_id(&self) -> Option<String> {
-        self.inner
-            .as_ref()
-            .and_then(|t| t.last_event_id())
-            .map(str::to_owned)
-    }
-
-    /// The stream key this tracker was opened with.
-    #[wasm_bindgen(getter, js_name = streamKey)]
-    pub fn stream_key(&self) -> Option<String> {
-        self.inner.as_ref().map(|t| t.key().session().to_owned())
+        match &self.inner {
+            Some(tracker) => tracker.last_event_id().map(str::to_owned),
+            None => self.last_event_id.clone(),
+        }
     }
 
     /// Counters of this stream, its store and the shared worker.
@@ -105,16 +112,26 @@ impl Tracker {
             .build()
     }
 
-    /// Writes the cursor now instead of at the next flush interval.
-    pub async fn flush(&self) -> Result<(), JsError> {
-        flush(&self.runtime).await
+    /// Writes the cursor now instead of at the next flush interval; rejects
+    /// when the write failed (it is retried). Returns a promise without
+    /// holding the tracker, so `observe` may go on meanwhile.
+    pub fn flush(&self) -> js_sys::Promise {
+        let runtime = self.runtime.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            flush(&runtime)
+                .await
+                .map(|()| JsValue::UNDEFINED)
+                .map_err(Into::into)
+        })
     }
 
-    /// Closes the stream and writes its cursor; the stream key can be opened
-    /// again once this resolves.
-    pub async fn close(&mut self) -> Result<(), JsError> {
-        self.inner = None;
-        flush(&self.runtime).await
+    /// Closes the stream and writes its cursor (see `flush`); the stream key
+    /// can be opened again at once. Later calls to `observe` throw.
+    pub fn close(&mut self) -> js_sys::Promise {
+        if let Some(tracker) = self.inner.take() {
+            self.last_event_id = tracker.last_event_id().map(str::to_owned);
+        }
+        self.flush()
     }
 }
 
