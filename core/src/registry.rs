@@ -1,7 +1,7 @@
 //! The registry of open streams: creates trackers wired to the worker.
 
 use crate::clock::{Clock, Millis};
-use crate::cursor::StreamKey;
+use crate::cursor::{Cursor, StreamKey};
 use crate::slot::{Publisher, Slot};
 use crate::store::{Store, StoreError};
 use crate::tracker::{EventTracker, TrackerConfig};
@@ -230,6 +230,22 @@ impl<S: Store> Registry<S> {
     /// The store behind this registry.
     pub fn store(&self) -> &S {
         &self.store
+    }
+
+    /// The newest cursor of every stream this registry tracks (open, or
+    /// closed with its last write still to come), whether or not it is
+    /// written yet. For a host that must write now, beside the worker: a
+    /// browser page being unloaded cannot wait until the worker finishes a
+    /// write in progress. Writing them again is harmless: stores keep the
+    /// highest `seq`.
+    pub fn newest_cursors(&self) -> Vec<Cursor> {
+        let slots = self.shared.slots();
+        slots
+            .map
+            .values()
+            .filter_map(Weak::upgrade)
+            .filter_map(|slot| slot.committed())
+            .collect()
     }
 
     /// Counters over every stream and the worker.

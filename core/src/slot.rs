@@ -79,6 +79,12 @@ impl Slot {
         }
     }
 
+    /// The newest cursor, if the stream ever committed or was seeded.
+    pub(crate) fn committed(&self) -> Option<Cursor> {
+        let cursor = self.peek();
+        (cursor.seq > 0).then_some(cursor)
+    }
+
     /// Takes the newest cursor and marks the slot clean.
     pub(crate) fn snapshot(&self) -> Cursor {
         self.lock().queued = false;

@@ -663,3 +663,37 @@ fn remove_is_ordered_after_a_pending_write() {
         "the pending write did not resurrect it"
     );
 }
+
+#[test]
+fn newest_cursors_lists_every_committed_stream_written_or_not() {
+    let mut e = env(FlakyConfig::default());
+    let mut a = e.open("a");
+    let b = e.open("b");
+    let mut c = e.open("c");
+    e.deliver(&mut a, "1");
+    e.deliver(&mut c, "x");
+    e.store.set_down(true);
+    e.deliver(&mut a, "2");
+    e.deliver(&mut c, "y");
+    drop(c); // closed, its last cursor not written yet
+    let mut newest: Vec<(String, String, u64)> = e
+        .registry
+        .newest_cursors()
+        .into_iter()
+        .map(|cursor| {
+            (
+                cursor.key.stream().to_owned(),
+                cursor.last_event_id,
+                cursor.seq,
+            )
+        })
+        .collect();
+    newest.sort();
+    // "b" never committed: nothing to write.
+    assert_eq!(
+        newest,
+        [("a".into(), "2".into(), 2), ("c".into(), "y".into(), 2)]
+    );
+    assert_eq!(e.stored("a").as_deref(), Some("1"));
+    drop((a, b));
+}

@@ -192,8 +192,18 @@ impl Runtime {
         }))
     }
 
-    /// Writes every dirty cursor now.
-    pub(crate) fn flush_soon(&self) {
+    /// Writes the newest cursor of every stream now, in this task's
+    /// microtasks: straight to the store, because the worker may be waiting
+    /// for a write in progress, whose answer a page being unloaded never
+    /// gets; and through the worker too, which then knows they are written.
+    pub(crate) fn write_now(&self) {
+        let cursors = self.registry.newest_cursors();
+        if !cursors.is_empty() {
+            let store = self.registry.store().clone();
+            spawn_local(async move {
+                let _ = store.save_batch(&cursors).await;
+            });
+        }
         let handle = self.registry.worker().clone();
         spawn_local(async move {
             let _ = handle.flush().await;
@@ -300,12 +310,12 @@ pub(crate) async fn flush_every() -> Result<(), JsError> {
         .collect()
 }
 
-/// Starts writing the cursors of every started runtime (`pagehide`).
-pub(crate) fn flush_all() {
+/// Writes the cursors of every started runtime now (`pagehide`).
+fn write_all_now() {
     RUNTIMES.with(|runtimes| {
         for starting in runtimes.borrow().values() {
             if let Some(Ok(runtime)) = starting.peek() {
-                runtime.flush_soon();
+                runtime.write_now();
             }
         }
     });
@@ -321,7 +331,7 @@ fn flush_on_pagehide() {
         return;
     }
     let global: web_sys::EventTarget = js_sys::global().unchecked_into();
-    let flush = Closure::<dyn Fn(web_sys::Event)>::new(|_event: web_sys::Event| flush_all());
+    let flush = Closure::<dyn Fn(web_sys::Event)>::new(|_event: web_sys::Event| write_all_now());
     let _ = global.add_event_listener_with_callback("pagehide", flush.as_ref().unchecked_ref());
     if let Some(document) = js::get(&js_sys::global(), "document") {
         let document: web_sys::EventTarget = document.unchecked_into();
