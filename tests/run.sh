@@ -104,12 +104,13 @@ rm -rf "$pack"
 npx tsc --noEmit --strict --target es2022 --module es2022 --moduleResolution bundler \
   --lib esnext,dom www/tests/types.ts
 
-step "demo and benchmark pages (vite build), and the package for plain module pages"
+step "demo and benchmark pages, the MCP page (vite build), and the package for plain module pages"
 npx vite build --config www/vite.config.js
+npx vite build --config www/mcp/vite.config.js # after the first: it empties www/dist
 mkdir -p www/dist/tidemark
 cp host-wasm/pkg/* www/dist/tidemark/
 
-step "demo page in headless Chromium (Playwright): reloads mid-stream, plain module page, failures"
+step "pages in headless Chromium (Playwright): the JavaScript API, reloads mid-stream, failures, an MCP SDK client resuming a tool call"
 cargo build -p tidemark --locked
 node --test www/tests/ 2>&1 | tee -a "$log"
 

@@ -382,3 +382,36 @@ export async function flush() {
   await initialize();
   await flushAll();
 }
+
+/**
+ * Options for an MCP client's request (`client.request(request, schema,
+ * options)` of `@modelcontextprotocol/sdk`) that resume the request's stream
+ * from `tracker` and pass on fresh progress only: spread them into the
+ * request's options. `resumptionToken` is the tracker's cursor (undefined for
+ * a new call: the SDK POSTs it; else it resumes with a GET and
+ * `Last-Event-ID`), `onresumptiontoken` observes each event id, and
+ * `onprogress` calls yours only for an event that was not a replay. This
+ * works because the SDK's transport reports an event's id right before it
+ * dispatches that event's message, and runs the progress handler before it
+ * reads the next event.
+ *
+ * @template P
+ * @param {Tracker} tracker
+ * @param {{ onprogress?: (progress: P) => void, onreplay?: (token: string) => void }} [handlers]
+ *   `onreplay` hears the id of each replayed event dropped.
+ * @returns {{ resumptionToken: string | undefined, onresumptiontoken: (token: string) => void,
+ *   onprogress: (progress: P) => void }}
+ */
+export function mcpResumption(tracker, { onprogress, onreplay } = {}) {
+  let fresh = true;
+  return {
+    resumptionToken: tracker.lastEventId,
+    onresumptiontoken(token) {
+      fresh = tracker.observe(token);
+      if (!fresh) onreplay?.(token);
+    },
+    onprogress(progress) {
+      if (fresh) onprogress?.(progress);
+    },
+  };
+}

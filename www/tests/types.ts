@@ -5,6 +5,7 @@ import {
   openTracker,
   initialize,
   flush,
+  mcpResumption,
   type ResumableEventSourceOptions,
   type Stats,
   type EventSourceStats,
@@ -42,5 +43,10 @@ export async function example(token: string): Promise<string | undefined> {
   await tracker.flush();
   await tracker.close();
   await flush();
+  const mcp = mcpResumption<{ progress: number }>(tracker, { onprogress: (p) => void p.progress });
+  const resumeFrom: string | undefined = mcp.resumptionToken;
+  mcp.onresumptiontoken('7');
+  mcp.onprogress({ progress: 1 });
+  void resumeFrom;
   return tracker.lastEventId;
 }
