@@ -159,7 +159,7 @@ async function waitFor(predicate, what, ms = 10_000) {
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-function exactlyOnce(ids, n) {
+function exactlyOnceInOrder(ids, n) {
   assert.deepEqual(
     ids.map(Number),
     Array.from({ length: n }, (_, i) => i + 1),
@@ -284,7 +284,7 @@ test('a dropped stream resumes with Last-Event-ID and replays are delivered once
     await sleep(300); // anything replayed late would show up now
     const log = await page.evaluate(() => t2.log);
     const ids = log.filter((x) => /^\d+$/.test(x));
-    exactlyOnce(ids, 9);
+    exactlyOnceInOrder(ids, 9);
     const drop = (entry) => /^error0:.*closed/.test(entry);
     const shape = log.map((x) => (drop(x) ? 'drop' : x));
     assert.deepEqual(shape, [
@@ -608,7 +608,7 @@ test('a module Web Worker runs a ResumableEventSource', { timeout: 30_000 }, asy
     assert.deepEqual(messages[0], { kind: 'env', window: 'undefined', document: 'undefined' });
     assert.ok(!messages.some((m) => m.kind === 'worker error'), JSON.stringify(messages));
     const events = messages.filter((m) => m.kind === 'event');
-    exactlyOnce(events.map((m) => m.id), 10);
+    exactlyOnceInOrder(events.map((m) => m.id), 10);
     assert.equal(events[9].data, 'event 10');
     assert.equal(messages.filter((m) => m.kind === 'open').length, 2);
     assert.ok(messages.some((m) => m.kind === 'error' && m.readyState === 0), 'the drop is an error');

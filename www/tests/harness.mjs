@@ -5,6 +5,7 @@ import { spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
+import assert from 'node:assert/strict';
 import { chromium } from 'playwright-core';
 
 const root = resolve(import.meta.dirname, '../..');
@@ -85,4 +86,15 @@ export async function launchBrowser() {
 /** Resolves when `predicate()` is truthy in the page; fails after `ms`. */
 export async function until(page, predicate, arg, ms = 30_000) {
   await page.waitForFunction(predicate, arg, { timeout: ms, polling: 50 });
+}
+
+/** Asserts that `shown` holds every id 1..n exactly once, naming any repeated, missing or extra. */
+export function exactlyOnce(shown, n) {
+  const counts = new Map();
+  for (const id of shown) counts.set(id, (counts.get(id) ?? 0) + 1);
+  const twice = [...counts].filter(([, c]) => c > 1).map(([id]) => id);
+  const missing = [];
+  for (let id = 1; id <= n; id++) if (!counts.has(id)) missing.push(id);
+  const extra = [...counts.keys()].filter((id) => !(id >= 1 && id <= n));
+  assert.deepEqual({ twice, missing, extra }, { twice: [], missing: [], extra: [] }, `shown: ${shown}`);
 }

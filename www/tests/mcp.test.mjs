@@ -13,7 +13,7 @@ import { cp, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startMcpServer } from '../../mcp/server.mjs';
-import { dist, launchBrowser, until } from './harness.mjs';
+import { dist, exactlyOnce, launchBrowser, until } from './harness.mjs';
 
 const built = join(dist, 'mcp');
 /**
@@ -54,15 +54,6 @@ async function waitFor(predicate, what, ms = 20_000) {
   }
 }
 
-function exactlyOnce(shown, n) {
-  const counts = new Map();
-  for (const id of shown) counts.set(id, (counts.get(id) ?? 0) + 1);
-  const twice = [...counts].filter(([, c]) => c > 1).map(([id]) => id);
-  const missing = [];
-  for (let id = 1; id <= n; id++) if (!counts.has(id)) missing.push(id);
-  const extra = [...counts.keys()].filter((id) => !(id >= 1 && id <= n));
-  assert.deepEqual({ twice, missing, extra }, { twice: [], missing: [], extra: [] }, `shown: ${shown}`);
-}
 
 /**
  * One call of `progress` (count, intervalMs) with `disruptions`: 'cut'

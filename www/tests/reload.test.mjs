@@ -2,7 +2,7 @@
 // mid-stream, a plain module page, a browser without IndexedDB, a full quota.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { launchBrowser, startServer, until } from './harness.mjs';
+import { exactlyOnce, launchBrowser, startServer, until } from './harness.mjs';
 
 let browser;
 before(async () => {
@@ -36,15 +36,6 @@ async function watch(page) {
   };
 }
 
-function exactlyOnce(shown, n) {
-  const counts = new Map();
-  for (const id of shown) counts.set(id, (counts.get(id) ?? 0) + 1);
-  const twice = [...counts].filter(([, c]) => c > 1).map(([id]) => id);
-  const missing = [];
-  for (let id = 1; id <= n; id++) if (!counts.has(id)) missing.push(id);
-  const extra = [...counts.keys()].filter((id) => !(id >= 1 && id <= n));
-  assert.deepEqual({ twice, missing, extra }, { twice: [], missing: [], extra: [] });
-}
 
 test('reloading mid-stream shows every event exactly once', { timeout: 180_000 }, async () => {
   const n = 400;
