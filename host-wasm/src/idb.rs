@@ -438,18 +438,17 @@ impl Store for IdbStore {
     async fn save_batch(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
         // Two cursors of one key (the worker never sends them) would be
         // fine too: each deletes only what is below its own `seq`.
-        let batch = cursors;
-        if batch.is_empty() {
+        if cursors.is_empty() {
             return Ok(());
         }
         let doing = format!(
             "saving {} cursors to IndexedDB database {:?}",
-            batch.len(),
+            cursors.len(),
             self.name
         );
         let tx = self.readwrite(&doing)?;
         let done = transaction_done(&tx);
-        let written = match self.write_all(&doing, &tx, batch) {
+        let written = match self.write_all(&doing, &tx, cursors) {
             Ok(written) => written,
             Err(error) => {
                 // Roll back whatever was written; fails harmlessly if the

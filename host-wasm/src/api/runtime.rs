@@ -219,7 +219,7 @@ impl Runtime {
             rejected_commits,
             worker,
         } = self.registry.stats();
-        let (store, transactions) = match &*self.registry.store().inner.borrow().clone() {
+        let (store, transactions) = match &**self.registry.store().inner.borrow() {
             AnyStore::Idb(s) => ("indexeddb", s.transactions()),
             AnyStore::Memory(s) => ("memory", s.batches()),
         };
