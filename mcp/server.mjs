@@ -104,9 +104,11 @@ function buildMcpServer({ running, stopping }) {
 /**
  * Starts the server on 127.0.0.1.
  * @param {{ port?: number, staticDir?: string, retryInterval?: number,
- *   replay?: 'after' | 'inclusive', quiet?: boolean }} [options]
+ *   replay?: 'after' | 'inclusive', jsonResponse?: boolean }} [options]
  *   `retryInterval` (ms) goes out as `retry:` on every stream's priming
  *   event: how long the client waits before it resumes a cut stream.
+ *   `jsonResponse` answers each POST with plain JSON instead of an SSE
+ *   stream (the SDK's `enableJsonResponse`): no progress, nothing to resume.
  */
 export async function startMcpServer(options = {}) {
   const staticDir = resolve(options.staticDir ?? defaultStaticDir);
@@ -116,7 +118,7 @@ export async function startMcpServer(options = {}) {
   /** session id -> { transport, server, running: Set<request id> } */
   const sessions = new Map();
   const log = {
-    /** `{ session, lastEventId }` for every GET that carried Last-Event-ID. */
+    /** `{ session, lastEventId, at }` for every GET that carried Last-Event-ID. */
     resumes: [],
     /** `{ at, streams }` for every cut: how many streams it closed. */
     cuts: [],
@@ -133,6 +135,7 @@ export async function startMcpServer(options = {}) {
       sessionIdGenerator: () => randomUUID(),
       eventStore: new MonotonicEventStore({ replay }),
       retryInterval,
+      enableJsonResponse: options.jsonResponse ?? false,
       onsessioninitialized: (id) => {
         sessions.set(id, { transport, server, running });
         log.sessions.push(id);
@@ -169,7 +172,7 @@ export async function startMcpServer(options = {}) {
     const sessionId = req.headers['mcp-session-id'];
     const session = typeof sessionId === 'string' ? sessions.get(sessionId) : undefined;
     if (req.method === 'GET' && req.headers['last-event-id'] !== undefined) {
-      log.resumes.push({ session: sessionId, lastEventId: req.headers['last-event-id'] });
+      log.resumes.push({ session: sessionId, lastEventId: req.headers['last-event-id'], at: Date.now() });
     }
     if (req.method === 'POST') {
       const parsed = await readJson(req);

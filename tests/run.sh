@@ -110,7 +110,7 @@ npx vite build --config www/mcp/vite.config.js # after the first: it empties www
 mkdir -p www/dist/tidemark
 cp host-wasm/pkg/* www/dist/tidemark/
 
-step "pages in headless Chromium (Playwright): the JavaScript API, reloads mid-stream, failures, an MCP SDK client resuming a tool call"
+step "pages in headless Chromium (Playwright): the JavaScript API, reloads mid-stream, failures, an MCP SDK client resuming a tool call; tidemark mcp against the SDK server"
 cargo build -p tidemark --locked
 node --test www/tests/ 2>&1 | tee -a "$log"
 

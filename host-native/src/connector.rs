@@ -4,13 +4,13 @@ use futures::Stream;
 use futures_rustls::TlsConnector;
 use futures_rustls::pki_types::ServerName;
 use futures_rustls::rustls::{ClientConfig, RootCertStore};
-use http_body_util::{BodyStream, Empty};
+use http_body_util::{BodyStream, Full};
 use hyper::body::Bytes;
 use hyper::header::{
     ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, COOKIE, HOST, HeaderName, HeaderValue,
     LOCATION, RETRY_AFTER,
 };
-use hyper::{Request, Uri};
+use hyper::{Method, Request, Uri};
 use smol_hyper::rt::FuturesIo;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -68,7 +68,17 @@ impl HttpConnector {
 /// (cancelled, closing the socket, when the body is dropped).
 pub struct HttpBody {
     chunks: Pin<Box<dyn Stream<Item = Result<Bytes, Failure>> + Send>>,
-    _connection: smol::Task<()>,
+    _connection: Option<smol::Task<()>>,
+}
+
+impl HttpBody {
+    /// A body of `bytes` already read: one chunk, then the end.
+    pub fn from_bytes(bytes: Bytes) -> Self {
+        HttpBody {
+            chunks: Box::pin(futures::stream::once(async move { Ok(bytes) })),
+            _connection: None,
+        }
+    }
 }
 
 impl Stream for HttpBody {
@@ -83,13 +93,107 @@ fn network(error: impl std::fmt::Display) -> Failure {
     Failure::Network(error.to_string())
 }
 
+/// A response to [`HttpConnector::request`]: the head, and the body as a
+/// stream of chunks.
+pub struct HttpResponse {
+    /// The status code.
+    pub status: u16,
+    /// The response headers.
+    pub headers: hyper::HeaderMap,
+    /// The body; dropping it closes the connection.
+    pub body: HttpBody,
+}
+
+impl HttpResponse {
+    /// The value of header `name`, if present and visible ASCII.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Reads the whole body, failing with [`Failure::Request`] beyond
+    /// `limit` bytes.
+    pub async fn bytes(mut self, limit: usize) -> Result<Vec<u8>, Failure> {
+        let mut bytes = Vec::new();
+        while let Some(chunk) = futures::StreamExt::next(&mut self.body).await {
+            bytes.extend_from_slice(&chunk?);
+            if bytes.len() > limit {
+                return Err(Failure::Request(format!(
+                    "response body larger than {limit} bytes"
+                )));
+            }
+        }
+        Ok(bytes)
+    }
+}
+
 impl HttpConnector {
-    /// Sends one GET and waits for the response headers.
+    /// Sends one request and waits for the response head: `method` with
+    /// `headers` and `body` (empty for none). Only a GET follows redirects
+    /// (up to `max_redirects`, sending `Authorization` and `Cookie` only to
+    /// the original origin); other methods get the redirect back as it is.
+    ///
+    /// This is the connector's plumbing, public for protocols that drive a
+    /// stream with other requests: MCP's JSON-RPC POSTs, for one.
+    pub async fn request(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(String, String)],
+        body: Bytes,
+    ) -> Result<HttpResponse, Failure> {
+        let mut uri: Uri = url
+            .parse()
+            .map_err(|e| Failure::Request(format!("{url}: {e}")))?;
+        let origin = uri.authority().cloned();
+        let mut redirects = 0;
+        let (response, task) = loop {
+            // Credentials go only to the origin the caller named.
+            let same_origin = uri.authority() == origin.as_ref();
+            let (response, task) = self
+                .open(&uri, &method, headers, body.clone(), same_origin)
+                .await?;
+            let location = response
+                .headers()
+                .get(LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .filter(|_| method == Method::GET && response.status().is_redirection());
+            let Some(location) = location else {
+                break (response, task);
+            };
+            redirects += 1;
+            if redirects > self.max_redirects {
+                return Err(Failure::Request(format!(
+                    "{url}: more than {} redirects",
+                    self.max_redirects
+                )));
+            }
+            uri = resolve(&uri, location)
+                .ok_or_else(|| Failure::Request(format!("bad redirect to {location:?}")))?;
+        };
+        let (head, body) = response.into_parts();
+        let chunks = futures::StreamExt::filter_map(BodyStream::new(body), |frame| async move {
+            match frame {
+                Ok(frame) => frame.into_data().ok().map(Ok),
+                Err(e) => Some(Err(network(e))),
+            }
+        });
+        Ok(HttpResponse {
+            status: head.status.as_u16(),
+            headers: head.headers,
+            body: HttpBody {
+                chunks: Box::pin(chunks),
+                _connection: Some(task),
+            },
+        })
+    }
+
+    /// Sends one request and waits for the response headers.
     async fn open(
         &self,
         uri: &Uri,
-        last_event_id: Option<&str>,
+        method: &Method,
         headers: &[(String, String)],
+        body: Bytes,
         same_origin: bool,
     ) -> Result<(hyper::Response<hyper::body::Incoming>, smol::Task<()>), Failure> {
         let tls = match uri.scheme_str() {
@@ -110,13 +214,10 @@ impl HttpConnector {
         let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
         let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
 
-        let mut builder = Request::get(path)
-            .header(HOST, authority)
-            .header(ACCEPT, "text/event-stream")
-            .header(CACHE_CONTROL, "no-cache");
-        if let Some(id) = last_event_id {
-            builder = builder.header("last-event-id", id);
-        }
+        let mut builder = Request::builder()
+            .method(method.clone())
+            .uri(path)
+            .header(HOST, authority);
         for (name, value) in headers {
             let name = HeaderName::try_from(name.as_str())
                 .map_err(|e| Failure::Request(format!("header {name:?}: {e}")))?;
@@ -128,7 +229,7 @@ impl HttpConnector {
             builder = builder.header(name, value);
         }
         let http_request = builder
-            .body(Empty::<Bytes>::new())
+            .body(Full::new(body))
             .map_err(|e| Failure::Request(e.to_string()))?;
 
         let opening = async {
@@ -175,7 +276,7 @@ fn tls_failure(host: &str, error: &std::io::Error) -> Failure {
 /// returned task drives the connection.
 async fn exchange<IO>(
     io: IO,
-    request: Request<Empty<Bytes>>,
+    request: Request<Full<Bytes>>,
 ) -> Result<(hyper::Response<hyper::body::Incoming>, smol::Task<()>), Failure>
 where
     IO: futures::AsyncRead + futures::AsyncWrite + Unpin + Send + 'static,
@@ -213,60 +314,21 @@ impl Connector for HttpConnector {
     type Body = HttpBody;
 
     async fn connect(&self, request: ConnectRequest<'_>) -> Result<HttpBody, Failure> {
-        let mut uri: Uri = request
-            .url
-            .parse()
-            .map_err(|e| Failure::Request(format!("{}: {e}", request.url)))?;
-        let origin = uri.authority().cloned();
-        let mut redirects = 0;
-        let (response, task) = loop {
-            // Credentials go only to the origin the caller named.
-            let same_origin = uri.authority() == origin.as_ref();
-            let (response, task) = self
-                .open(&uri, request.last_event_id, request.headers, same_origin)
-                .await?;
-            let location = response
-                .headers()
-                .get(LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .filter(|_| response.status().is_redirection());
-            let Some(location) = location else {
-                break (response, task);
-            };
-            redirects += 1;
-            if redirects > self.max_redirects {
-                return Err(Failure::Request(format!(
-                    "{}: more than {} redirects",
-                    request.url, self.max_redirects
-                )));
-            }
-            uri = resolve(&uri, location)
-                .ok_or_else(|| Failure::Request(format!("bad redirect to {location:?}")))?;
-        };
-
-        let header = |name| {
-            response
-                .headers()
-                .get(name)
-                .and_then(|v: &HeaderValue| v.to_str().ok())
-        };
+        let mut headers = Vec::with_capacity(request.headers.len() + 3);
+        headers.push((ACCEPT.to_string(), "text/event-stream".to_owned()));
+        headers.push((CACHE_CONTROL.to_string(), "no-cache".to_owned()));
+        if let Some(id) = request.last_event_id {
+            headers.push(("last-event-id".to_owned(), id.to_owned()));
+        }
+        headers.extend_from_slice(request.headers);
+        let response = self
+            .request(Method::GET, request.url, &headers, Bytes::new())
+            .await?;
         check_response(
-            response.status().as_u16(),
-            header(RETRY_AFTER),
-            header(CONTENT_TYPE),
+            response.status,
+            response.header(RETRY_AFTER.as_str()),
+            response.header(CONTENT_TYPE.as_str()),
         )?;
-        let chunks = futures::StreamExt::filter_map(
-            BodyStream::new(response.into_body()),
-            |frame| async move {
-                match frame {
-                    Ok(frame) => frame.into_data().ok().map(Ok),
-                    Err(e) => Some(Err(network(e))),
-                }
-            },
-        );
-        Ok(HttpBody {
-            chunks: Box::pin(chunks),
-            _connection: task,
-        })
+        Ok(response.body)
     }
 }

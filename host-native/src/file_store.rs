@@ -100,7 +100,7 @@ impl FileStore {
         change(&mut next);
         let bytes = encode(next.values());
         let dir = self.dir.clone();
-        smol::unblock(move || replace_durably(&dir, &bytes)).await?;
+        smol::unblock(move || replace_durably(&dir, STATE, &bytes)).await?;
         *self.state() = next;
         Ok(())
     }
@@ -126,10 +126,12 @@ impl Store for FileStore {
     }
 }
 
-/// Write temp, fsync, rename over the state file, fsync the directory.
-fn replace_durably(dir: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let temp = dir.join(TEMP);
-    let path = dir.join(STATE);
+/// Replaces the file `name` in `dir` with `bytes`, so that a crash at any
+/// instant leaves the old content or the new one: write `name.tmp`, fsync,
+/// rename it over `name`, fsync the directory.
+pub(crate) fn replace_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    let temp = dir.join(format!("{name}.tmp"));
+    let path = dir.join(name);
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)

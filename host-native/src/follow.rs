@@ -1,16 +1,18 @@
 //! `tidemark follow`: one resumable stream, printed as JSON lines.
 
 use crate::{FileStore, HttpConnector, SmolClock};
+use async_signal::{Signal, Signals};
 use futures::StreamExt;
 use futures::future::{Either, select};
 use std::fmt;
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::pin;
 use std::sync::Arc;
+use tidemark_core::sse::Event;
 use tidemark_core::{
-    Clock, Config, Millis, RegistryError, ResumableStream, StoreError, StreamConfig, StreamError,
-    StreamKey, persistence,
+    Clock, Config, Connector, Millis, Registry, RegistryError, ResumableStream, ShutdownReport,
+    StoreError, StreamConfig, StreamError, StreamKey, persistence,
 };
 
 /// What to follow and where to keep its cursor.
@@ -66,17 +68,86 @@ pub fn default_state_dir() -> PathBuf {
     }
 }
 
+/// A command's persistence: a registry over the state directory's
+/// [`FileStore`], and its worker running on smol.
+pub(crate) struct Persistence {
+    pub(crate) registry: Registry<Arc<FileStore>>,
+    pub(crate) clock: SmolClock,
+    worker: smol::Task<ShutdownReport>,
+}
+
+impl Persistence {
+    /// Opens the state directory and starts the worker.
+    pub(crate) fn open(state: &Path) -> Result<Self, StoreError> {
+        let clock = SmolClock::new();
+        let store = Arc::new(FileStore::open(state)?);
+        let (registry, worker) = persistence(store, clock, Config::default());
+        Ok(Persistence {
+            registry,
+            clock,
+            worker: smol::spawn(worker.run()),
+        })
+    }
+
+    /// Writes every committed cursor, waiting up to 5 seconds, and stops the
+    /// worker; says on stderr what could not be written.
+    pub(crate) async fn close(self) {
+        let deadline = self.clock.now() + Millis::from_secs(5);
+        match self.registry.shutdown(deadline).await {
+            Ok(report) if !report.is_complete() => eprintln!(
+                "tidemark: could not save the cursor of {} stream(s): {}",
+                report.unwritten.len(),
+                report
+                    .last_error
+                    .map_or_else(String::new, |e| e.to_string())
+            ),
+            Ok(_) => {}
+            Err(e) => eprintln!("tidemark: {e}"),
+        }
+        self.worker.await;
+    }
+}
+
+/// SIGINT and SIGTERM, which stop a command after it saves its cursors.
+pub(crate) fn stop_signals() -> io::Result<Signals> {
+    Signals::new([Signal::Int, Signal::Term])
+}
+
+/// The stream's next event, or `None` once a stop signal arrives. Says on
+/// stderr why the stream reconnects.
+pub(crate) async fn next_or_stop<C: Connector>(
+    stream: &mut ResumableStream<C, SmolClock>,
+    signals: &mut Signals,
+) -> Option<Result<Event, StreamError>> {
+    let reconnects = stream.stats().reconnects;
+    let next = {
+        let event = pin!(stream.next());
+        match select(event, signals.next()).await {
+            Either::Left((event, _)) => Some(event),
+            Either::Right(_) => None,
+        }
+    };
+    let stats = stream.stats();
+    if stats.reconnects != reconnects {
+        if let Some(failure) = &stats.last_failure {
+            eprintln!("tidemark: {failure}; reconnecting ({})", stats.reconnects);
+        }
+    }
+    if next.is_none() {
+        eprintln!("tidemark: stopping on signal");
+    }
+    next
+}
+
 /// Follows the stream, writing each fresh event to `out` as one JSON object
 /// per line (`id`, `event`, `data`) and flushing it before the cursor moves.
 /// Stops after `max_events`, on SIGINT or SIGTERM, or on a permanent error;
 /// in every case it writes the cursor to the state directory before it
 /// returns. Returns the number of events written.
 pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64, FollowError> {
-    let clock = SmolClock::new();
-    let store = Arc::new(FileStore::open(&options.state).map_err(FollowError::Store)?);
-    let (registry, worker) = persistence(store, clock, Config::default());
-    let worker = smol::spawn(worker.run());
-    let tracker = registry
+    let persistence = Persistence::open(&options.state).map_err(FollowError::Store)?;
+    let tracker = persistence
+        .registry
         .open(StreamKey::new(&options.url, &options.stream))
         .await
         .map_err(FollowError::Registry)?;
@@ -93,38 +164,19 @@ pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64,
     };
     let mut stream = ResumableStream::new(
         HttpConnector::default(),
-        clock,
+        persistence.clock,
         &options.url,
         tracker,
         config,
     );
-    let mut signals =
-        async_signal::Signals::new([async_signal::Signal::Int, async_signal::Signal::Term])
-            .map_err(FollowError::Output)?;
+    let mut signals = stop_signals().map_err(FollowError::Output)?;
     let mut written = 0u64;
-    let mut reconnects = 0;
     let outcome = loop {
         if options.max_events.is_some_and(|max| written >= max) {
             break Ok(());
         }
-        let next = {
-            let event = pin!(stream.next());
-            match select(event, signals.next()).await {
-                Either::Left((event, _)) => Some(event),
-                Either::Right(_) => None,
-            }
-        };
-        if stream.stats().reconnects != reconnects {
-            reconnects = stream.stats().reconnects;
-            if let Some(failure) = &stream.stats().last_failure {
-                eprintln!("tidemark: {failure}; reconnecting ({reconnects})");
-            }
-        }
-        match next {
-            None => {
-                eprintln!("tidemark: stopping on signal");
-                break Ok(());
-            }
+        match next_or_stop(&mut stream, &mut signals).await {
+            None => break Ok(()),
             Some(Err(e)) => break Err(FollowError::Stream(e)),
             Some(Ok(event)) => {
                 let line = serde_json::json!({
@@ -142,17 +194,6 @@ pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64,
     // Every event written was flushed: it is delivered.
     stream.commit();
     drop(stream);
-    match registry.shutdown(clock.now() + Millis::from_secs(5)).await {
-        Ok(report) if !report.is_complete() => eprintln!(
-            "tidemark: could not save the cursor of {} stream(s): {}",
-            report.unwritten.len(),
-            report
-                .last_error
-                .map_or_else(String::new, |e| e.to_string())
-        ),
-        Ok(_) => {}
-        Err(e) => eprintln!("tidemark: {e}"),
-    }
-    worker.await;
+    persistence.close().await;
     outcome.map(|()| written)
 }

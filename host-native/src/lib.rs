@@ -15,6 +15,8 @@
 //!   keep-alives, a `retry:` hint and optional dropped connections.
 //!
 //! - [`follow`]: `tidemark follow`, one resumable stream printed as JSON lines.
+//! - [`mcp`]: `tidemark mcp`, one MCP tool call over Streamable HTTP that
+//!   resumes across dropped streams and restarts.
 //! - [`demo`]: `tidemark demo`, a chaotic server and a follower with a live
 //!   display and a lost/duplicated verdict.
 //!
@@ -28,10 +30,12 @@ mod connector;
 pub mod demo;
 mod file_store;
 pub mod follow;
+pub mod mcp;
 mod server;
 
 pub use clock::SmolClock;
-pub use connector::{HttpBody, HttpConnector};
+pub use connector::{HttpBody, HttpConnector, HttpResponse};
 pub use file_store::FileStore;
+pub use hyper::{HeaderMap, Method};
 pub use server::{ServerConfig, SseServer};
 pub use tidemark_core as core;

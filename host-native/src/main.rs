@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tidemark::demo::{DemoOptions, demo};
 use tidemark::follow::{FollowOptions, default_state_dir, follow};
+use tidemark::mcp::{self, McpOptions};
 use tidemark::{ServerConfig, SseServer};
 
 /// Resumable Server-Sent-Events streams.
@@ -36,6 +37,32 @@ enum Command {
         /// Exit after this many fresh events.
         #[arg(long)]
         max_events: Option<u64>,
+    },
+    /// Call a tool of an MCP server (Streamable HTTP) and print every message
+    /// of the call's stream as a JSON line, resuming across dropped streams
+    /// and restarts: run the same command again to resume an unfinished call.
+    Mcp {
+        /// The MCP endpoint, e.g. http://127.0.0.1:3000/mcp.
+        url: String,
+        /// The tool to call.
+        #[arg(long)]
+        tool: String,
+        /// The tool's arguments, a JSON object.
+        #[arg(long, default_value = "{}", value_parser = parse_arguments)]
+        arguments: serde_json::Value,
+        /// State directory for cursors and unfinished calls (default: a
+        /// per-user state directory).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Name of the call: a run with the same URL and name resumes it.
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// Extra request header, as 'Name: value' (repeatable).
+        #[arg(short = 'H', long = "header", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
+        /// Forget an unfinished call of this name and start a new one.
+        #[arg(long)]
+        new: bool,
     },
     /// Serve GET /events: ids 1..N, replay after Last-Event-ID, keep-alives.
     Serve {
@@ -79,6 +106,14 @@ fn parse_header(value: &str) -> Result<(String, String), String> {
     }
 }
 
+fn parse_arguments(value: &str) -> Result<serde_json::Value, String> {
+    match serde_json::from_str(value) {
+        Ok(object @ serde_json::Value::Object(_)) => Ok(object),
+        Ok(_) => Err("expected a JSON object".into()),
+        Err(e) => Err(format!("not JSON: {e}")),
+    }
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Demo { events } => run_demo(events),
@@ -98,6 +133,38 @@ fn main() -> ExitCode {
             };
             let mut stdout = std::io::stdout().lock();
             match smol::block_on(follow(options, &mut stdout)) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tidemark: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Mcp {
+            url,
+            tool,
+            arguments,
+            state,
+            name,
+            headers,
+            new,
+        } => {
+            let options = McpOptions {
+                url,
+                state: state.unwrap_or_else(default_state_dir),
+                name,
+                tool,
+                arguments,
+                headers,
+                new,
+            };
+            let mut stdout = std::io::stdout().lock();
+            match smol::block_on(mcp::call(options, &mut stdout)) {
+                // A JSON-RPC error, or a tool result flagged isError.
+                Ok(last) if last.get("error").is_some() => ExitCode::FAILURE,
+                Ok(last) if last.pointer("/result/isError") == Some(&true.into()) => {
+                    ExitCode::FAILURE
+                }
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("tidemark: {e}");
