@@ -25,7 +25,7 @@ import { extname, join, resolve, sep } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { McpServer } from '@modelcontextprotocol/sdk/server/mcp.js';
 import { StreamableHTTPServerTransport } from '@modelcontextprotocol/sdk/server/streamableHttp.js';
-import { isInitializeRequest } from '@modelcontextprotocol/sdk/types.js';
+import { EmptyResultSchema, isInitializeRequest } from '@modelcontextprotocol/sdk/types.js';
 import { z } from 'zod';
 import { MonotonicEventStore } from './event-store.mjs';
 
@@ -60,20 +60,24 @@ function sleep(ms, signal) {
 
 /**
  * The MCP server of one session: the `progress` tool. `running` gets the
- * JSON-RPC id of each call while it runs, so `cut()` can close its stream.
+ * JSON-RPC id of each call while it runs, so `cut()` can close its stream;
+ * `log.pings` counts the pings the client answered.
  */
-function buildMcpServer({ running, stopping }) {
+function buildMcpServer({ running, stopping, log }) {
   const server = new McpServer({ name: 'tidemark-fixture', version: '0.1.0' });
   server.registerTool(
     'progress',
     {
-      description: 'Sends `count` progress notifications, one every `intervalMs`, then returns.',
+      description:
+        'Sends `count` progress notifications, one every `intervalMs`, then returns. ' +
+        'With `ping`, it also pings the client halfway and waits for the answer.',
       inputSchema: {
         count: z.number().int().min(1).max(100_000),
         intervalMs: z.number().int().min(0).max(60_000),
+        ping: z.boolean().optional(),
       },
     },
-    async ({ count, intervalMs }, extra) => {
+    async ({ count, intervalMs, ping }, extra) => {
       const progressToken = extra._meta?.progressToken;
       running.add(extra.requestId);
       // The call ends with the server, or when the client cancels it.
@@ -81,6 +85,11 @@ function buildMcpServer({ running, stopping }) {
       try {
         for (let i = 1; i <= count; i++) {
           await sleep(intervalMs, signal);
+          // A request on the call's stream: the call goes on once answered.
+          if (ping && i === Math.ceil(count / 2)) {
+            await extra.sendRequest({ method: 'ping' }, EmptyResultSchema, { timeout: 10_000 });
+            log.pings++;
+          }
           if (progressToken === undefined) continue;
           // Sent with relatedRequestId = this call: on the call's own stream,
           // stored in the event store even while no client is connected.
@@ -104,11 +113,13 @@ function buildMcpServer({ running, stopping }) {
 /**
  * Starts the server on 127.0.0.1.
  * @param {{ port?: number, staticDir?: string, retryInterval?: number,
- *   replay?: 'after' | 'inclusive', jsonResponse?: boolean }} [options]
+ *   replay?: 'after' | 'inclusive', jsonResponse?: boolean,
+ *   resumable?: boolean }} [options]
  *   `retryInterval` (ms) goes out as `retry:` on every stream's priming
  *   event: how long the client waits before it resumes a cut stream.
  *   `jsonResponse` answers each POST with plain JSON instead of an SSE
  *   stream (the SDK's `enableJsonResponse`): no progress, nothing to resume.
+ *   `resumable: false` runs without an event store: no event ids.
  */
 export async function startMcpServer(options = {}) {
   const staticDir = resolve(options.staticDir ?? defaultStaticDir);
@@ -126,14 +137,19 @@ export async function startMcpServer(options = {}) {
     sessions: [],
     /** Errors the SDK reported (transport and server). */
     errors: [],
+    /** How many `tools/call` requests were POSTed. */
+    calls: 0,
+    /** How many pings (the tool's `ping` option) the clients answered. */
+    pings: 0,
   };
+
 
   async function newSession() {
     const running = new Set();
-    const server = buildMcpServer({ running, stopping: stopper.signal });
+    const server = buildMcpServer({ running, stopping: stopper.signal, log });
     const transport = new StreamableHTTPServerTransport({
       sessionIdGenerator: () => randomUUID(),
-      eventStore: new MonotonicEventStore({ replay }),
+      eventStore: options.resumable === false ? undefined : new MonotonicEventStore({ replay }),
       retryInterval,
       enableJsonResponse: options.jsonResponse ?? false,
       onsessioninitialized: (id) => {
@@ -177,6 +193,7 @@ export async function startMcpServer(options = {}) {
     if (req.method === 'POST') {
       const parsed = await readJson(req);
       if (!parsed.ok) return jsonError(res, 400, 'Parse error: invalid JSON');
+      if (parsed.body?.method === 'tools/call') log.calls++;
       if (session) return session.transport.handleRequest(req, res, parsed.body);
       if (sessionId === undefined && isInitializeRequest(parsed.body)) {
         const transport = await newSession();

@@ -19,7 +19,9 @@ use std::time::Duration;
 use tidemark_core::reconnect::check_response;
 use tidemark_core::{ConnectRequest, Connector, Failure};
 
-/// Opens SSE connections over HTTP/1.1, plain or TLS (rustls).
+/// Opens SSE connections over HTTP/1.1, plain or TLS (rustls); its
+/// [`request`](Self::request) sends the other requests a protocol needs
+/// (POST, DELETE) the same way.
 ///
 /// Sends `Accept: text/event-stream`, `Cache-Control: no-cache`, the
 /// `Last-Event-ID` and the configured headers; follows up to

@@ -128,7 +128,8 @@ pub(crate) async fn next_or_stop<C: Connector>(
         }
     };
     let stats = stream.stats();
-    if stats.reconnects != reconnects {
+    // A stream that gave up says why in its error.
+    if stats.reconnects != reconnects && !matches!(next, Some(Err(_))) {
         if let Some(failure) = &stats.last_failure {
             eprintln!("tidemark: {failure}; reconnecting ({})", stats.reconnects);
         }
@@ -185,6 +186,7 @@ pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64,
                     "data": event.data,
                 });
                 if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+                    // Not delivered: the cursor stays before it.
                     break Err(FollowError::Output(e));
                 }
                 written += 1;
@@ -192,7 +194,9 @@ pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64,
         }
     };
     // Every event written was flushed: it is delivered.
-    stream.commit();
+    if !matches!(outcome, Err(FollowError::Output(_))) {
+        stream.commit();
+    }
     drop(stream);
     persistence.close().await;
     outcome.map(|()| written)

@@ -160,9 +160,12 @@ fn main() -> ExitCode {
             };
             let mut stdout = std::io::stdout().lock();
             match smol::block_on(mcp::call(options, &mut stdout)) {
-                // A JSON-RPC error, or a tool result flagged isError.
-                Ok(last) if last.get("error").is_some() => ExitCode::FAILURE,
+                Ok(last) if last.get("error").is_some() => {
+                    eprintln!("tidemark: the call failed: {}", last["error"]);
+                    ExitCode::FAILURE
+                }
                 Ok(last) if last.pointer("/result/isError") == Some(&true.into()) => {
+                    eprintln!("tidemark: the tool reported an error (isError)");
                     ExitCode::FAILURE
                 }
                 Ok(_) => ExitCode::SUCCESS,

@@ -31,12 +31,19 @@
 //! else with "method not found" (this client offers no sampling, roots or
 //! elicitation).
 //!
-//! A call that cannot be resumed fails with a clear [`McpError`]: the
-//! session is gone on the server (404), or the stream broke before it carried
-//! any event id (a server without an event store).
+//! The call is posted at most once: once the POST may have reached the
+//! server, only resuming is left (only an explicit 429 or 503 refusal lets
+//! the reconnect policy post it again). So a call that cannot be resumed
+//! fails with a clear [`McpError`] rather than running the tool twice: the
+//! session is gone on the server (404), or the stream carried no event id
+//! before it broke or this process stopped (a server without an event store,
+//! a server on 2025-03-26 or 2025-06-18 cut before its first message, which
+//! sends no priming event, or a kill in the instant after the POST).
+//! `--new` then starts the call again. A 409 to a resume (the SDK's answer
+//! while it still holds the previous connection) is retried.
 
 use crate::follow::{Persistence, next_or_stop, stop_signals};
-use crate::{HttpBody, HttpConnector, HttpResponse};
+use crate::{FileStore, HttpBody, HttpConnector, HttpResponse};
 use futures::StreamExt;
 use hyper::Method;
 use hyper::body::Bytes;
@@ -46,17 +53,24 @@ use std::fmt;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
 use tidemark_core::reconnect::check_response;
 use tidemark_core::sse::{Item, Limits, Parser};
 use tidemark_core::{
-    ConnectRequest, Connector, Failure, GiveUp, RegistryError, ResumableStream, StoreError,
-    StreamConfig, StreamError, StreamKey,
+    ConnectRequest, Connector, Failure, GiveUp, Registry, RegistryError, ResumableStream,
+    StoreError, StreamConfig, StreamError, StreamKey,
 };
 
 /// The protocol revision this client asks for in `initialize`. Servers may
 /// answer with an older one (2025-03-26 or later resume the same way); the
 /// answer is sent back as `MCP-Protocol-Version` on every later request.
 pub const PROTOCOL_VERSION: &str = "2025-11-25";
+
+/// The revisions whose Streamable HTTP streams resume with `Last-Event-ID`;
+/// a server answering `initialize` with another is refused.
+pub const RESUMABLE_VERSIONS: [&str; 3] = ["2025-03-26", "2025-06-18", "2025-11-25"];
 
 /// The JSON-RPC id of `initialize`.
 const INITIALIZE_ID: u64 = 0;
@@ -105,8 +119,9 @@ pub enum McpError {
         /// The lost session.
         session: String,
     },
-    /// The stream broke before it carried an event id, so there is nothing
-    /// to resume from.
+    /// The stream carried no event id before it broke or this process
+    /// stopped, so there is nothing to resume from: posting the call again
+    /// could run the tool twice.
     Unresumable,
     /// The stream gave up or broke its limits.
     Stream(StreamError),
@@ -134,8 +149,9 @@ impl fmt::Display for McpError {
                  (pass --new to start it again)"
             ),
             McpError::Unresumable => f.write_str(
-                "the call's stream broke before its first event id, so it cannot be resumed \
-                 (does the server have an event store?); pass --new to start it again",
+                "the call's stream carried no event id before it broke or this client stopped, \
+                 so there is nothing to resume from (a server without an event store sends \
+                 none); pass --new to call the tool again",
             ),
             McpError::Stream(e) => write!(f, "{e}"),
             McpError::Stopped => f.write_str("stopped; run the same command to resume the call"),
@@ -348,6 +364,12 @@ async fn initialize(http: &HttpConnector, options: &McpOptions) -> Result<Record
         .and_then(Value::as_str)
         .ok_or_else(|| handshake("the answer has no protocolVersion".into()))?
         .to_owned();
+    if !RESUMABLE_VERSIONS.contains(&protocol_version.as_str()) {
+        return Err(handshake(format!(
+            "the server speaks MCP {protocol_version}; tidemark resumes the streams of {}",
+            RESUMABLE_VERSIONS.join(", ")
+        )));
+    }
     let record = Record {
         url: options.url.clone(),
         name: options.name.clone(),
@@ -381,9 +403,12 @@ struct CallConnector {
     http: HttpConnector,
     /// The `tools/call` request.
     call: Bytes,
-    /// Whether the server has accepted the POST (here or in an earlier
-    /// run): from then on the stream can only be resumed.
+    /// Whether the call may have reached the server (here or in an earlier
+    /// run): from then on it is never posted again, only resumed.
     posted: Cell<bool>,
+    /// Set when the stream must be resumed but has no event id to resume
+    /// from.
+    unresumable: Rc<Cell<bool>>,
 }
 
 impl Connector for CallConnector {
@@ -393,12 +418,27 @@ impl Connector for CallConnector {
     async fn connect(&self, request: ConnectRequest<'_>) -> Result<HttpBody, Failure> {
         if request.last_event_id.is_some() || self.posted.get() {
             if request.last_event_id.is_none() {
+                self.unresumable.set(true);
                 return Err(Failure::Request(McpError::Unresumable.to_string()));
             }
-            return self.http.connect(request).await;
+            return match self.http.connect(request).await {
+                // The SDK answers 409 while it still holds the previous
+                // connection of the stream (a half-open one): it goes away.
+                Err(Failure::Status { code: 409, .. }) => Err(Failure::Network(
+                    "409 Conflict: the server still holds the previous connection of the stream"
+                        .into(),
+                )),
+                other => other,
+            };
         }
-        let response = self
-            .http
+        // At most once: the call may reach the server even when no answer
+        // comes back, and posting it again would run the tool twice.
+        self.posted.set(true);
+        // The head of a JSON answer comes when the tool is done, however
+        // long it runs.
+        let mut patient = self.http.clone();
+        patient.connect_timeout = Duration::MAX;
+        let response = patient
             .request(
                 Method::POST,
                 request.url,
@@ -407,15 +447,15 @@ impl Connector for CallConnector {
             )
             .await?;
         let status = response.status;
-        // A 200: the server runs the call, and posting it again would run
-        // it twice. Another status refused it: the policy may post again.
-        self.posted.set(status == 200);
+        // Refusals of an overloaded server: it did not take the call.
+        self.posted.set(!matches!(status, 429 | 503));
         if status == 200 && !is_event_stream(&response) {
             // A JSON answer: the whole result at once, as one event
             // without an id (there is nothing to resume).
             let bytes = response.bytes(MAX_JSON).await?;
-            let message: Value = serde_json::from_slice(&bytes)
-                .map_err(|e| Failure::ContentType(format!("application/json: {e}")))?;
+            let message: Value = serde_json::from_slice(&bytes).map_err(|e| {
+                Failure::Request(format!("the answer to tools/call is not JSON: {e}"))
+            })?;
             return Ok(HttpBody::from_bytes(format!("data: {message}\n\n").into()));
         }
         check_response(
@@ -463,13 +503,10 @@ async fn run(
     let path = record_path(&options.state, &options.url, &options.name);
     let registry = &persistence.registry;
     let mut stored = read_record(&path).map_err(McpError::Store)?;
-    if let Some(old) = stored.as_ref().filter(|_| options.new) {
-        registry
-            .remove(&old.stream_key())
-            .await
-            .map_err(McpError::Registry)?;
+    if let Some(old) = stored.take_if(|_| options.new) {
+        eprintln!("tidemark: forgetting the unfinished call of {}", old.tool);
         remove_record(&path).map_err(McpError::Store)?;
-        stored = None;
+        forget(&http, registry, &old, &options.headers).await;
     }
     let resumed = stored.is_some();
     let record = match stored {
@@ -484,9 +521,8 @@ async fn run(
         }
     };
     let session = record.session.as_deref().unwrap_or("(none)");
-    let key = record.stream_key();
     let tracker = registry
-        .open(key.clone())
+        .open(record.stream_key())
         .await
         .map_err(McpError::Registry)?;
     match tracker.last_event_id() {
@@ -508,10 +544,12 @@ async fn run(
             "_meta": { "progressToken": CALL_ID },
         },
     });
+    let unresumable = Rc::new(Cell::new(false));
     let connector = CallConnector {
         http: http.clone(),
         call: Bytes::from(call.to_string()),
         posted: Cell::new(resumed),
+        unresumable: unresumable.clone(),
     };
     let config = StreamConfig {
         headers: session_headers.clone(),
@@ -522,7 +560,9 @@ async fn run(
     let mut signals = stop_signals().map_err(McpError::Output)?;
     let outcome = loop {
         let event = match next_or_stop(&mut stream, &mut signals).await {
+            None if stream.last_event_id().is_none() => break Err(McpError::Unresumable),
             None => break Err(McpError::Stopped),
+            Some(Err(_)) if unresumable.get() => break Err(McpError::Unresumable),
             Some(Err(StreamError::GaveUp(GiveUp::Permanent(Failure::Status {
                 code: 404,
                 ..
@@ -552,44 +592,98 @@ async fn run(
         };
         let line = json!({ "id": event.id, "message": message });
         if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
-            break Err(McpError::Output(e));
+            // Not delivered: the cursor stays before it, and a rerun
+            // prints it.
+            return Err(McpError::Output(e));
         }
-        let is_request = message.get("method").is_some() && message.get("id").is_some();
-        if is_request {
-            let answer = answer_to(&message);
-            let posted = http
-                .request(
-                    Method::POST,
-                    &options.url,
-                    &post_headers(&session_headers),
-                    Bytes::from(answer.to_string()),
-                )
-                .await;
-            if let Err(e) = posted {
-                eprintln!("tidemark: answering the server's request: {e}");
+        let mut result = None;
+        for message in messages_of(&message) {
+            if is_request(message) {
+                answer(&http, &options.url, &session_headers, message).await;
+            } else if message.get("id") == Some(&json!(CALL_ID)) {
+                result = Some(message.clone());
             }
-        } else if message.get("id") == Some(&json!(CALL_ID)) {
-            break Ok(message);
+        }
+        if let Some(result) = result {
+            break Ok(result);
         }
     };
     // Every message printed was flushed: it is delivered.
     stream.commit();
     drop(stream);
     let result = outcome?;
-    // The call is over: forget it, and end the session.
-    if let Err(e) = registry.remove(&key).await {
+    // The call is over. The record goes first: a crash before the cursor
+    // is removed too leaves only an unused cursor behind.
+    remove_record(&path).map_err(McpError::Store)?;
+    forget(&http, registry, &record, &options.headers).await;
+    Ok(result)
+}
+
+/// The messages of one SSE event: a JSON-RPC message, or each message of a
+/// batch (an array, allowed by revision 2025-03-26).
+fn messages_of(message: &Value) -> &[Value] {
+    match message {
+        Value::Array(batch) => batch,
+        message => std::slice::from_ref(message),
+    }
+}
+
+/// Whether `message` is a request (a method and an id), which needs an
+/// answer.
+fn is_request(message: &Value) -> bool {
+    message.get("method").is_some() && message.get("id").is_some()
+}
+
+/// Posts the answer to a request the server sent on the stream.
+async fn answer(http: &HttpConnector, url: &str, session: &[(String, String)], request: &Value) {
+    let answer = answer_to(request);
+    let posted = http
+        .request(
+            Method::POST,
+            url,
+            &post_headers(session),
+            Bytes::from(answer.to_string()),
+        )
+        .await;
+    match posted {
+        Ok(response) if matches!(response.status, 200 | 202) => {}
+        Ok(response) => eprintln!(
+            "tidemark: the server refused the answer to its request: HTTP {}",
+            response.status
+        ),
+        Err(e) => eprintln!("tidemark: answering the server's request: {e}"),
+    }
+}
+
+/// Removes the cursor of `record`'s call and ends its session with a
+/// `DELETE` (which also stops a call still running there); failures are
+/// reported, not fatal: the call is over either way.
+async fn forget(
+    http: &HttpConnector,
+    registry: &Registry<Arc<FileStore>>,
+    record: &Record,
+    headers: &[(String, String)],
+) {
+    if let Err(e) = registry.remove(&record.stream_key()).await {
         eprintln!("tidemark: removing the call's cursor: {e}");
     }
-    remove_record(&path).map_err(McpError::Store)?;
-    if record.session.is_some() {
-        let ended = http
-            .request(Method::DELETE, &options.url, &session_headers, Bytes::new())
-            .await;
-        if let Err(e) = ended {
-            eprintln!("tidemark: ending the session: {e}");
-        }
+    if record.session.is_none() {
+        return;
     }
-    Ok(result)
+    let ended = http
+        .request(
+            Method::DELETE,
+            &record.url,
+            &record.session_headers(headers),
+            Bytes::new(),
+        )
+        .await;
+    match ended {
+        // 405: the server does not let clients end sessions; 404: it is gone.
+        Ok(response) if matches!(response.status, 200 | 202 | 204 | 404 | 405) => {}
+        Ok(response) => eprintln!("tidemark: ending the session: HTTP {}", response.status),
+        Err(e) => eprintln!("tidemark: ending the session: {e}"),
+    }
 }
 
 #[cfg(test)]
@@ -658,6 +752,21 @@ mod tests {
                 ("authorization".to_owned(), "Bearer t".to_owned()),
             ]
         );
+    }
+
+    #[test]
+    fn a_batch_is_read_message_by_message() {
+        let single = json!({ "jsonrpc": "2.0", "id": 1, "result": {} });
+        assert_eq!(messages_of(&single).len(), 1);
+        assert_eq!(messages_of(&single)[0], single);
+        let ping = json!({ "jsonrpc": "2.0", "id": "p", "method": "ping" });
+        let batch = json!([ping.clone(), single.clone()]);
+        assert_eq!(messages_of(&batch), [ping.clone(), single.clone()]);
+        assert!(is_request(&ping));
+        assert!(!is_request(&single));
+        assert!(!is_request(
+            &json!({ "jsonrpc": "2.0", "method": "notifications/progress" })
+        ));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { closeSync, openSync } from 'node:fs';
 import { mkdtemp, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -32,13 +33,13 @@ const newState = () => join(scratch, `state-${++states}`);
  * parsed JSON lines as they arrive, `exited` resolves with the exit code
  * (null when killed) and stderr.
  */
-function runMcp(url, state, args) {
+function runMcp(url, state, args, stdout = 'pipe') {
   const child = spawn(tidemarkBin(), ['mcp', url, '--state', state, '--tool', 'progress', ...args], {
-    stdio: ['ignore', 'pipe', 'pipe'],
+    stdio: ['ignore', stdout, 'pipe'],
   });
   const run = { child, lines: [], stderr: '' };
   let pending = '';
-  child.stdout.on('data', (chunk) => {
+  child.stdout?.on('data', (chunk) => {
     pending += chunk;
     const complete = pending.split('\n');
     pending = complete.pop();
@@ -96,7 +97,8 @@ test('a tool call resumes across cut streams and a kill -9: every progress once 
     const count = 150;
     const endpoint = `${server.url}/mcp`;
     const state = newState();
-    const args = ['--arguments', JSON.stringify({ count, intervalMs: 20 })];
+    // The tool pings the client at step 75, on the call's stream.
+    const args = ['--arguments', JSON.stringify({ count, intervalMs: 20, ping: true })];
 
     const first = runMcp(endpoint, state, args);
     for (const at of [20, 50]) {
@@ -113,8 +115,11 @@ test('a tool call resumes across cut streams and a kill -9: every progress once 
     assert.equal(code, 0, stderr);
     assert.match(stderr, /resuming the call of progress in session .* from Last-Event-ID/);
 
-    // One session: the restart resumed it instead of initializing again.
+    // One session and one call: the restart resumed them.
     assert.equal(server.log.sessions.length, 1, JSON.stringify(server.log.sessions));
+    assert.equal(server.log.calls, 1);
+    assert.equal(server.log.pings, 1, 'the ping was answered');
+    assert.ok(first.lines.some((l) => l.message.method === 'ping'), 'the ping was printed');
     const stored = server.log.resumes[resumesBefore];
     assert.equal(stored.session, server.log.sessions[0]);
 
@@ -206,13 +211,49 @@ test('a session the server forgot is a clear error; --new starts the call again'
   });
 });
 
-test('a server answering with plain JSON gives the result (nothing to resume)', async () => {
+test('a message that cannot be written is not delivered: the rerun prints it', async () => {
+  await withServer({}, async (server) => {
+    const count = 20;
+    const endpoint = `${server.url}/mcp`;
+    const state = newState();
+    const args = ['--arguments', JSON.stringify({ count, intervalMs: 10 })];
+    // /dev/full fails every write (ENOSPC): the first progress is never printed.
+    const full = openSync('/dev/full', 'w');
+    const first = runMcp(endpoint, state, args, full);
+    const failed = await within(first.exited, 20_000, 'the client to fail');
+    closeSync(full);
+    assert.equal(failed.code, 1);
+    assert.match(failed.stderr, /writing output/);
+
+    const second = runMcp(endpoint, state, args);
+    const { code, stderr } = await within(second.exited, 20_000, 'the resumed call to finish');
+    assert.equal(code, 0, stderr);
+    exactlyOnce(progressOf(second), count);
+    assert.equal(server.log.calls, 1);
+  });
+});
+
+test('a stream without event ids cannot be resumed: a clear error, and the call is not posted again', async () => {
+  await withServer({ resumable: false }, async (server) => {
+    const run = runMcp(`${server.url}/mcp`, newState(), ['--arguments', JSON.stringify({ count: 100, intervalMs: 20 })]);
+    await waitFor(() => progressOf(run).length >= 5, '5 progress lines');
+    server.cut();
+    const { code, stderr } = await within(run.exited, 20_000, 'the client to give up');
+    assert.equal(code, 1);
+    assert.match(stderr, /no event id .* nothing to resume from/);
+    assert.equal(server.log.calls, 1);
+  });
+});
+
+test('a server answering with plain JSON after 11 s gives the result, posted once (nothing to resume)', async () => {
   await withServer({ jsonResponse: true }, async (server) => {
-    const run = runMcp(`${server.url}/mcp`, newState(), ['--arguments', JSON.stringify({ count: 3, intervalMs: 0 })]);
-    const { code, stderr } = await within(run.exited, 20_000, 'the call to finish');
+    // Longer than the 10 s the connector gives a GET's response head.
+    const run = runMcp(`${server.url}/mcp`, newState(), ['--arguments', JSON.stringify({ count: 11, intervalMs: 1000 })]);
+    const { code, stderr } = await within(run.exited, 30_000, 'the call to finish');
     assert.equal(code, 0, stderr);
     assert.equal(run.lines.length, 1);
     assert.equal(run.lines[0].id, null);
-    assert.deepEqual(resultOf(run).message.result.structuredContent, { steps: 3 });
+    assert.deepEqual(resultOf(run).message.result.structuredContent, { steps: 11 });
+    assert.equal(server.log.calls, 1);
   });
 });
