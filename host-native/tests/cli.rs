@@ -287,3 +287,22 @@ fn serve_www_serves_files_and_nothing_outside() {
     assert!(get("/../../etc/passwd").starts_with("HTTP/1.1 404"));
     assert!(get("/missing.js").starts_with("HTTP/1.1 404"));
 }
+
+#[test]
+fn an_event_that_cannot_be_written_is_printed_by_the_next_run() {
+    // One event more than the second run asks for, so that a run that
+    // skipped event 1 prints event 21 instead of waiting for it.
+    let server = Server::start(&["--count", "21", "--interval-ms", "0"]);
+    let url = format!("http://{}/events", server.addr);
+    let state = tempfile::tempdir().unwrap();
+    // /dev/full fails every write with ENOSPC: event 1 is never printed.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let status = spawn_follow(&url, state.path(), full.into())
+        .wait()
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(follow(&url, state.path(), 20), (1..=20).collect::<Vec<_>>());
+}
