@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tidemark::demo::{DemoOptions, demo};
-use tidemark::follow::{FollowOptions, default_state_dir, follow};
-use tidemark::{ServerConfig, SseServer};
+use tidemark::follow::{FollowOptions, RedisFollow, default_state_dir, follow};
+use tidemark::{RedisConfig, ServerConfig, SseServer};
 
 /// Resumable Server-Sent-Events streams.
 #[derive(Parser)]
@@ -25,7 +25,7 @@ enum Command {
         /// The stream's URL (http://).
         url: String,
         /// State directory for the cursor (default: a per-user state directory).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "redis")]
         state: Option<PathBuf>,
         /// Name of the stream; cursors are kept per URL and name.
         #[arg(long, default_value = "default")]
@@ -36,6 +36,8 @@ enum Command {
         /// Exit after this many fresh events.
         #[arg(long)]
         max_events: Option<u64>,
+        #[command(flatten)]
+        redis: RedisArgs,
     },
     /// Serve GET /events: ids 1..N, replay after Last-Event-ID, keep-alives.
     Serve {
@@ -70,6 +72,41 @@ enum Command {
     },
 }
 
+/// `follow`'s Redis flags.
+#[derive(clap::Args)]
+struct RedisArgs {
+    /// Keep the cursor in Redis (redis://HOST:PORT/[DB]) instead of a state
+    /// directory, shared with other instances: only the holder of the
+    /// stream's lease follows it, the others wait as standbys.
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
+    /// Prefix of the Redis keys.
+    #[arg(long, default_value = "tidemark:", requires = "redis")]
+    redis_prefix: String,
+    /// Let Redis expire a stream's cursor this many seconds after its last
+    /// write (default: never).
+    #[arg(long, requires = "redis")]
+    redis_ttl_secs: Option<u64>,
+    /// Time to live of the stream's lease in Redis, renewed every third of
+    /// it; a standby takes over at most this long after the holder dies.
+    #[arg(long, default_value_t = 10_000, requires = "redis")]
+    lease_ms: u64,
+}
+
+impl RedisArgs {
+    fn into_options(self) -> Option<RedisFollow> {
+        let url = self.redis?;
+        Some(RedisFollow {
+            store: RedisConfig {
+                prefix: self.redis_prefix,
+                ttl: self.redis_ttl_secs.map(Duration::from_secs),
+                ..RedisConfig::new(url)
+            },
+            lease_ttl: Duration::from_millis(self.lease_ms),
+        })
+    }
+}
+
 fn parse_header(value: &str) -> Result<(String, String), String> {
     match value.split_once(':') {
         Some((name, value)) if !name.trim().is_empty() => {
@@ -88,6 +125,7 @@ fn main() -> ExitCode {
             stream,
             headers,
             max_events,
+            redis,
         } => {
             let options = FollowOptions {
                 url,
@@ -95,6 +133,7 @@ fn main() -> ExitCode {
                 stream,
                 headers,
                 max_events,
+                redis: redis.into_options(),
             };
             let mut stdout = std::io::stdout().lock();
             match smol::block_on(follow(options, &mut stdout)) {
