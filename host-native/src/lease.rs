@@ -164,16 +164,20 @@ impl Lease {
     /// One attempt to take the lease: `true` if this instance holds it now.
     pub async fn try_acquire(&self) -> Result<bool, StoreError> {
         let sent = self.clock.now();
-        let mut connection = self.store.connection().await?;
-        let set: Option<String> = redis::cmd("SET")
+        let set = redis::cmd("SET")
             .arg(&self.key)
             .arg(&*self.token)
             .arg("NX")
             .arg("PX")
             .arg(self.ttl_ms())
-            .query_async(&mut connection)
-            .await
-            .map_err(|e| self.store.error(e))?;
+            .take();
+        let set: Option<String> = self
+            .store
+            .run(|mut connection| {
+                let set = &set;
+                async move { set.query_async(&mut connection).await }
+            })
+            .await?;
         if set.is_some() {
             self.held_from(sent);
         }
@@ -203,13 +207,15 @@ impl Lease {
         if !self.is_valid() {
             return Ok(false);
         }
-        let mut connection = self.store.connection().await?;
         let mut call = RENEW_SCRIPT.key(&self.key);
         call.arg(&*self.token).arg(self.ttl_ms());
-        let held: i64 = call
-            .invoke_async(&mut connection)
-            .await
-            .map_err(|e| self.store.error(e))?;
+        let held: i64 = self
+            .store
+            .run(|mut connection| {
+                let call = &call;
+                async move { call.invoke_async(&mut connection).await }
+            })
+            .await?;
         if held == 1 {
             self.held_from(sent);
         }
@@ -251,12 +257,14 @@ impl Lease {
     /// a standby need not wait for it to lapse.
     pub async fn release(&self) -> Result<(), StoreError> {
         self.valid_until.store(0, Relaxed);
-        let mut connection = self.store.connection().await?;
         let mut call = RELEASE_SCRIPT.key(&self.key);
         call.arg(&*self.token);
-        call.invoke_async::<i64>(&mut connection)
+        self.store
+            .run(|mut connection| {
+                let call = &call;
+                async move { call.invoke_async::<i64>(&mut connection).await }
+            })
             .await
             .map(drop)
-            .map_err(|e| self.store.error(e))
     }
 }

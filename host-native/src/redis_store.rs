@@ -43,7 +43,10 @@
 //! across slots.
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, Script, ServerErrorKind};
+use redis::{
+    AsyncConnectionConfig, Client, ErrorKind, RedisError, RedisResult, Script, ServerErrorKind,
+};
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -163,11 +166,34 @@ impl RedisStore {
         self.connection.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The shared connection, opened if there is none.
-    pub(crate) async fn connection(&self) -> Result<MultiplexedConnection, StoreError> {
-        if let Some(connection) = self.slot().clone() {
-            return Ok(connection);
+    /// Runs `request` on the shared connection. A request that fails because
+    /// a connection opened earlier turned out broken (Redis restarted since)
+    /// is tried once more on a new connection, so that only a Redis that is
+    /// down now fails. Every request of this store is safe to repeat.
+    pub(crate) async fn run<T, F, R>(&self, request: F) -> Result<T, StoreError>
+    where
+        F: Fn(MultiplexedConnection) -> R,
+        R: Future<Output = RedisResult<T>>,
+    {
+        let cached = self.slot().clone();
+        let reused = cached.is_some();
+        let connection = match cached {
+            Some(connection) => connection,
+            None => self.connect().await?,
+        };
+        match request(connection).await {
+            Ok(value) => Ok(value),
+            Err(e) if reused && is_broken(&e) => {
+                *self.slot() = None;
+                let connection = self.connect().await?;
+                request(connection).await.map_err(|e| self.error(e))
+            }
+            Err(e) => Err(self.error(e)),
         }
+    }
+
+    /// Opens a connection and shares it.
+    async fn connect(&self) -> Result<MultiplexedConnection, StoreError> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.config.timeout))
             .set_response_timeout(Some(self.config.timeout));
@@ -182,13 +208,8 @@ impl RedisStore {
 
     /// Converts a Redis error into a store error, dropping the connection
     /// when the error means it is broken.
-    pub(crate) fn error(&self, error: RedisError) -> StoreError {
-        let broken = error.is_io_error()
-            || error.is_timeout()
-            || error.is_connection_dropped()
-            || error.is_connection_refusal()
-            || error.is_unrecoverable_error();
-        if broken {
+    fn error(&self, error: RedisError) -> StoreError {
+        if is_broken(&error) {
             *self.slot() = None;
             return StoreError::Unavailable(format!("redis: {error}"));
         }
@@ -206,6 +227,21 @@ impl RedisStore {
                 message: format!("redis: {error}"),
                 transient: false,
             },
+        }
+    }
+
+    async fn save(
+        &self,
+        mut connection: MultiplexedConnection,
+        pipe: &redis::Pipeline,
+    ) -> RedisResult<Vec<u64>> {
+        match pipe.query_async(&mut connection).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                // A restarted or flushed Redis has forgotten the script.
+                self.save.load_async(&mut connection).await?;
+                pipe.query_async(&mut connection).await
+            }
+            result => result,
         }
     }
 
@@ -229,14 +265,17 @@ impl RedisStore {
 
 impl Store for RedisStore {
     async fn load(&self, key: &StreamKey) -> Result<Option<Cursor>, StoreError> {
-        let mut connection = self.connection().await?;
         let name = self.cursor_key(key);
-        let fields: (Option<String>, Option<String>, Option<String>) = redis::cmd("HMGET")
+        let hmget = redis::cmd("HMGET")
             .arg(&name)
             .arg(&["seq", "id", "at"][..])
-            .query_async(&mut connection)
-            .await
-            .map_err(|e| self.error(e))?;
+            .take();
+        let fields: (Option<String>, Option<String>, Option<String>) = self
+            .run(|mut connection| {
+                let hmget = &hmget;
+                async move { hmget.query_async(&mut connection).await }
+            })
+            .await?;
         let corrupt = |detail: &str| StoreError::Corrupt {
             what: format!("redis key {name}"),
             detail: detail.into(),
@@ -257,32 +296,29 @@ impl Store for RedisStore {
         if cursors.is_empty() {
             return Ok(());
         }
-        let mut connection = self.connection().await?;
         let pipe = self.save_pipeline(cursors);
-        let stale: Vec<u64> = match pipe.query_async(&mut connection).await {
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                // A restarted or flushed Redis has forgotten the script.
-                self.save
-                    .load_async(&mut connection)
-                    .await
-                    .map_err(|e| self.error(e))?;
-                pipe.query_async(&mut connection).await
-            }
-            result => result,
-        }
-        .map_err(|e| self.error(e))?;
+        let stale = self.run(|connection| self.save(connection, &pipe)).await?;
         self.stale_cursors.fetch_add(stale.iter().sum(), Relaxed);
         Ok(())
     }
 
     async fn delete(&self, key: &StreamKey) -> Result<(), StoreError> {
-        let mut connection = self.connection().await?;
-        redis::cmd("DEL")
-            .arg(self.cursor_key(key))
-            .query_async::<()>(&mut connection)
-            .await
-            .map_err(|e| self.error(e))
+        let del = redis::cmd("DEL").arg(self.cursor_key(key)).take();
+        self.run(|mut connection| {
+            let del = &del;
+            async move { del.query_async(&mut connection).await }
+        })
+        .await
     }
+}
+
+/// Whether `error` means the connection is broken and must be replaced.
+fn is_broken(error: &RedisError) -> bool {
+    error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_unrecoverable_error()
 }
 
 #[cfg(test)]
