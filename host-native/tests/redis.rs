@@ -609,3 +609,46 @@ fn redis_restarted_mid_run_loses_nothing_and_the_cursor_catches_up() {
         "{summary}"
     );
 }
+
+#[test]
+fn an_instance_that_loses_its_lease_stops_delivering_at_once() {
+    let (redis, _server) = shared();
+    let prefix = unique_prefix("taken");
+    let source = Source::start(&["--interval-ms", "2"]);
+    let mut follower = Follower::start(
+        &source.url,
+        &redis,
+        &["--redis-prefix", &prefix, "--lease-ms", "900"],
+    );
+    let mut ids = Vec::new();
+    follower.read_until(&mut ids, Duration::from_secs(20), |ids| ids.len() >= 50);
+    let store = Arc::new(store(&redis, &prefix));
+    let key = StreamKey::new(&source.url, "default");
+    let lease_key = Lease::new(store, &key, Duration::from_secs(1), SmolClock::new())
+        .key()
+        .to_owned();
+    let mut connection = sync_connection(&redis);
+    let () = redis::cmd("SET")
+        .arg(&lease_key)
+        .arg("intruder")
+        .query(&mut connection)
+        .unwrap();
+    let taken = Instant::now();
+    let line = follower.wait_stderr("stopped delivering", Duration::from_secs(5));
+    assert!(line.contains("another instance holds it"), "{line}");
+    assert_eq!(follower.child.wait().unwrap().code(), Some(1));
+    let stopped_after = taken.elapsed();
+    assert!(
+        stopped_after < Duration::from_millis(900),
+        "{stopped_after:?}"
+    );
+    let at_stop = ids.len();
+    follower.read_until(&mut ids, Duration::from_secs(5), |_| false);
+    // At 2 ms per event, at most a renewal period's worth after the take.
+    assert!(ids.len() - at_stop < 200, "{} more", ids.len() - at_stop);
+    let holder: String = redis::cmd("GET")
+        .arg(&lease_key)
+        .query(&mut connection)
+        .unwrap();
+    assert_eq!(holder, "intruder", "the loser leaves the lease alone");
+}
