@@ -5,13 +5,24 @@
 # (wasm-bindgen-test, in a page and in a dedicated worker), and the demo
 # page's Playwright tests. It installs what it needs when missing (the wasm32
 # target, wasm-bindgen-cli at the locked version, Debian's chromium,
-# chromium-driver and curl, the npm packages) and is quick when all is there.
+# chromium-driver, curl and redis-server, the npm packages) and is quick when
+# all is there. The Redis tests run against a redis-server this script starts
+# on a free loopback port and stops at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+redis_dir=$(mktemp -d)
+redis_pid=""
+cleanup() {
+  if [ -n "$redis_pid" ]; then
+    kill "$redis_pid" 2>/dev/null || true
+    wait "$redis_pid" 2>/dev/null || true
+  fi
+  rm -rf "$log" "$redis_dir"
+}
+trap cleanup EXIT
 
 step "setup"
 if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
@@ -24,11 +35,13 @@ for component in rustfmt clippy; do
 done
 
 # Debian packages: Chromium and its driver for the browser tests, curl for
-# the test servers' readiness check.
+# the test servers' readiness check, redis-server (with redis-cli) for the
+# Redis store's tests.
 missing=()
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
 command -v curl >/dev/null || missing+=(curl)
+command -v redis-server >/dev/null || missing+=(redis-server)
 if [ "${#missing[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -57,6 +70,33 @@ cargo fmt --all -- --check
 step "lint"
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 cargo clippy -p tidemark-wasm --target wasm32-unknown-unknown --all-targets --locked -- -D warnings
+
+step "redis-server on a free loopback port, for the Redis tests"
+# A random port, until a server of ours answers on it: the process_id it
+# reports must be the one started here, not some other Redis on that port.
+for _ in $(seq 20); do
+  port=$((20000 + RANDOM % 40000))
+  redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
+    --dir "$redis_dir" >"$redis_dir/redis.log" 2>&1 &
+  redis_pid=$!
+  for _ in $(seq 100); do
+    kill -0 "$redis_pid" 2>/dev/null || break
+    if redis-cli -p "$port" info server 2>/dev/null | grep -q "^process_id:$redis_pid"; then
+      export TIDEMARK_TEST_REDIS="redis://127.0.0.1:$port/"
+      break 2
+    fi
+    sleep 0.1
+  done
+  kill "$redis_pid" 2>/dev/null || true
+  wait "$redis_pid" 2>/dev/null || true
+  redis_pid=""
+done
+if [ -z "${TIDEMARK_TEST_REDIS:-}" ]; then
+  echo "could not start redis-server" >&2
+  cat "$redis_dir/redis.log" >&2
+  exit 1
+fi
+echo "$TIDEMARK_TEST_REDIS (pid $redis_pid)"
 
 step "tests (unit, property, simulation, benchmarks in test mode)"
 cargo test --workspace --all-targets --locked 2>&1 | tee -a "$log"

@@ -1,6 +1,9 @@
 //! `tidemark follow`: one resumable stream, printed as JSON lines.
 
-use crate::{FileStore, HttpConnector, SmolClock};
+use crate::lease::TAKEOVER_SEQ_GAP;
+use crate::{
+    FileStore, HttpConnector, Lease, LeaseLost, NativeStore, RedisConfig, RedisStore, SmolClock,
+};
 use async_signal::{Signal, Signals};
 use futures::StreamExt;
 use futures::future::{Either, select};
@@ -9,10 +12,11 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::pin::pin;
 use std::sync::Arc;
+use std::time::Duration;
 use tidemark_core::sse::Event;
 use tidemark_core::{
-    Clock, Config, Connector, Millis, Registry, RegistryError, ResumableStream, ShutdownReport,
-    StoreError, StreamConfig, StreamError, StreamKey, persistence,
+    Clock, Config, Connector, Cursor, Millis, Registry, RegistryError, ResumableStream,
+    ShutdownReport, StoreError, StreamConfig, StreamError, StreamKey, WorkerHandle, persistence,
 };
 
 /// What to follow and where to keep its cursor.
@@ -28,6 +32,19 @@ pub struct FollowOptions {
     pub headers: Vec<(String, String)>,
     /// Stop after this many fresh events.
     pub max_events: Option<u64>,
+    /// Keep the cursor in Redis instead of the state directory, following
+    /// the stream only while holding its lease.
+    pub redis: Option<RedisFollow>,
+}
+
+/// Where `follow` keeps the cursor in Redis, and its lease.
+#[derive(Clone, Debug)]
+pub struct RedisFollow {
+    /// The server, key prefix and cursor TTL.
+    pub store: RedisConfig,
+    /// Time to live of the stream's lease: how long a standby waits after the
+    /// holder dies (default 10 s).
+    pub lease_ttl: Duration,
 }
 
 /// Why following stopped with an error.
@@ -41,6 +58,8 @@ pub enum FollowError {
     Stream(StreamError),
     /// Writing the output failed.
     Output(io::Error),
+    /// This instance lost the stream's lease and stopped delivering.
+    Lease(LeaseLost),
 }
 
 impl fmt::Display for FollowError {
@@ -50,6 +69,7 @@ impl fmt::Display for FollowError {
             FollowError::Registry(e) => write!(f, "{e}"),
             FollowError::Stream(e) => write!(f, "{e}"),
             FollowError::Output(e) => write!(f, "writing output: {e}"),
+            FollowError::Lease(e) => write!(f, "{e}; stopped delivering"),
         }
     }
 }
@@ -68,25 +88,29 @@ pub fn default_state_dir() -> PathBuf {
     }
 }
 
-/// A command's persistence: a registry over the state directory's
-/// [`FileStore`], and its worker running on smol.
+/// A command's persistence: a registry over a [`NativeStore`], and its
+/// worker running on smol.
 pub(crate) struct Persistence {
-    pub(crate) registry: Registry<Arc<FileStore>>,
+    pub(crate) registry: Registry<Arc<NativeStore>>,
     pub(crate) clock: SmolClock,
     worker: smol::Task<ShutdownReport>,
 }
 
 impl Persistence {
-    /// Opens the state directory and starts the worker.
-    pub(crate) fn open(state: &Path) -> Result<Self, StoreError> {
-        let clock = SmolClock::new();
-        let store = Arc::new(FileStore::open(state)?);
-        let (registry, worker) = persistence(store, clock, Config::default());
-        Ok(Persistence {
+    /// Starts the worker over `store`.
+    pub(crate) fn start(store: NativeStore, clock: SmolClock) -> Self {
+        let (registry, worker) = persistence(Arc::new(store), clock, Config::default());
+        Persistence {
             registry,
             clock,
             worker: smol::spawn(worker.run()),
-        })
+        }
+    }
+
+    /// Opens the state directory's [`FileStore`] and starts the worker.
+    pub(crate) fn open(state: &Path) -> Result<Self, StoreError> {
+        let store = FileStore::open(state)?;
+        Ok(Self::start(NativeStore::File(store), SmolClock::new()))
     }
 
     /// Writes every committed cursor, waiting up to 5 seconds, and stops the
@@ -113,28 +137,40 @@ pub(crate) fn stop_signals() -> io::Result<Signals> {
     Signals::new([Signal::Int, Signal::Term])
 }
 
-/// The stream's next event, or `None` once a stop signal arrives. Says on
-/// stderr why the stream reconnects.
+/// Why a command stopped waiting for its stream's next event.
+pub(crate) enum Interrupt {
+    /// SIGINT or SIGTERM.
+    Signal,
+    /// The stream's lease is lost: stop delivering at once.
+    Lease(LeaseLost),
+}
+
+/// The stream's next event, unless a stop signal arrives or `keeper` (the
+/// task renewing the stream's lease, if any) ends first. Says on stderr why
+/// the stream reconnects.
 pub(crate) async fn next_or_stop<C: Connector>(
     stream: &mut ResumableStream<C, SmolClock>,
     signals: &mut Signals,
-) -> Option<Result<Event, StreamError>> {
+    keeper: Option<&mut smol::Task<LeaseLost>>,
+) -> Result<Result<Event, StreamError>, Interrupt> {
     let reconnects = stream.stats().reconnects;
     let next = {
         let event = pin!(stream.next());
-        match select(event, signals.next()).await {
-            Either::Left((event, _)) => Some(event),
-            Either::Right(_) => None,
+        let lost = pin!(lease_lost(keeper));
+        match select(event, select(signals.next(), lost)).await {
+            Either::Left((event, _)) => Ok(event),
+            Either::Right((Either::Left(_), _)) => Err(Interrupt::Signal),
+            Either::Right((Either::Right((lost, _)), _)) => Err(Interrupt::Lease(lost)),
         }
     };
     let stats = stream.stats();
     // A stream that gave up says why in its error.
-    if stats.reconnects != reconnects && !matches!(next, Some(Err(_))) {
+    if stats.reconnects != reconnects && matches!(next, Ok(Ok(_))) {
         if let Some(failure) = &stats.last_failure {
             eprintln!("tidemark: {failure}; reconnecting ({})", stats.reconnects);
         }
     }
-    if next.is_none() {
+    if matches!(next, Err(Interrupt::Signal)) {
         eprintln!("tidemark: stopping on signal");
     }
     next
@@ -143,15 +179,47 @@ pub(crate) async fn next_or_stop<C: Connector>(
 /// Follows the stream, writing each fresh event to `out` as one JSON object
 /// per line (`id`, `event`, `data`) and flushing it before the cursor moves.
 /// Stops after `max_events`, on SIGINT or SIGTERM, or on a permanent error;
-/// in every case it writes the cursor to the state directory before it
-/// returns. Returns the number of events written.
+/// in every case it writes the cursor to the store before it returns. With
+/// Redis, it first waits as a standby until it holds the stream's lease,
+/// and stops delivering at once if it loses it. Returns the number of events
+/// written.
 pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64, FollowError> {
-    let persistence = Persistence::open(&options.state).map_err(FollowError::Store)?;
-    let tracker = persistence
-        .registry
-        .open(StreamKey::new(&options.url, &options.stream))
-        .await
-        .map_err(FollowError::Registry)?;
+    let clock = SmolClock::new();
+    let key = StreamKey::new(&options.url, &options.stream);
+    let mut signals = stop_signals().map_err(FollowError::Output)?;
+    let (store, lease) = match &options.redis {
+        None => {
+            let store = FileStore::open(&options.state).map_err(FollowError::Store)?;
+            (NativeStore::File(store), None)
+        }
+        Some(redis) => {
+            let store = Arc::new(RedisStore::new(redis.store.clone()).map_err(FollowError::Store)?);
+            let lease = Lease::new(store.clone(), &key, redis.lease_ttl, clock);
+            let signalled = {
+                let acquired = pin!(acquire(&lease, &key));
+                matches!(select(acquired, signals.next()).await, Either::Right(_))
+            };
+            if signalled {
+                eprintln!("tidemark: stopping on signal");
+                return Ok(0);
+            }
+            (NativeStore::Redis(store), Some(lease))
+        }
+    };
+    let persistence = Persistence::start(store, clock);
+    let registry = &persistence.registry;
+    let health = smol::spawn(report_store_health(registry.worker().clone(), clock));
+    let mut tracker = registry.open(key).await.map_err(FollowError::Registry)?;
+    if lease.is_some() {
+        // Any cursor the previous owner still writes stays below ours.
+        tracker.seed(&Cursor {
+            seq: tracker.seq().saturating_add(TAKEOVER_SEQ_GAP),
+            ..tracker.cursor()
+        });
+    }
+    let mut keeper = lease
+        .clone()
+        .map(|lease| smol::spawn(async move { lease.keep().await }));
     match tracker.last_event_id() {
         Some(id) => eprintln!(
             "tidemark: following {} from Last-Event-ID {id}",
@@ -165,21 +233,24 @@ pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64,
     };
     let mut stream = ResumableStream::new(
         HttpConnector::default(),
-        persistence.clock,
+        clock,
         &options.url,
         tracker,
         config,
     );
-    let mut signals = stop_signals().map_err(FollowError::Output)?;
     let mut written = 0u64;
     let outcome = loop {
         if options.max_events.is_some_and(|max| written >= max) {
             break Ok(());
         }
-        match next_or_stop(&mut stream, &mut signals).await {
-            None => break Ok(()),
-            Some(Err(e)) => break Err(FollowError::Stream(e)),
-            Some(Ok(event)) => {
+        match next_or_stop(&mut stream, &mut signals, keeper.as_mut()).await {
+            Err(Interrupt::Signal) => break Ok(()),
+            Err(Interrupt::Lease(lost)) => break Err(FollowError::Lease(lost)),
+            Ok(Err(e)) => break Err(FollowError::Stream(e)),
+            Ok(Ok(_)) if lease.as_ref().is_some_and(|l| !l.is_valid()) => {
+                break Err(FollowError::Lease(LeaseLost::Lapsed(None)));
+            }
+            Ok(Ok(event)) => {
                 let line = serde_json::json!({
                     "id": event.id,
                     "event": event.event,
@@ -193,11 +264,84 @@ pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64,
             }
         }
     };
-    // Every event written was flushed: it is delivered.
-    if !matches!(outcome, Err(FollowError::Output(_))) {
+    // Every event written was flushed: it is delivered. After losing the
+    // lease, or failing to write, the last event taken from the stream was
+    // not written.
+    if !matches!(outcome, Err(FollowError::Lease(_) | FollowError::Output(_))) {
         stream.commit();
     }
     drop(stream);
+    let worker = registry.worker().clone();
     persistence.close().await;
+    health.cancel().await;
+    let worker = worker.stats();
+    eprintln!(
+        "tidemark: {written} events; {} cursor writes in {} batches, {} failed batches{}",
+        worker.cursors_written,
+        worker.batches,
+        worker.failed_batches,
+        worker
+            .last_error
+            .map_or_else(String::new, |e| format!(", last store error: {e}"))
+    );
+    if let (Some(keeper), Some(lease)) = (keeper, lease) {
+        keeper.cancel().await;
+        if !matches!(outcome, Err(FollowError::Lease(_))) {
+            // The cursor is saved: a standby may take over at once.
+            if let Err(e) = lease.release().await {
+                eprintln!("tidemark: could not release the lease: {e}");
+            }
+        }
+    }
     outcome.map(|()| written)
+}
+
+/// Waits as a standby until `lease` is held, saying so on stderr.
+async fn acquire(lease: &Lease, key: &StreamKey) {
+    let mut last: Option<String> = None;
+    lease
+        .acquire(|error| {
+            let status = match error {
+                None => "another instance holds it".to_owned(),
+                Some(e) => e.to_string(),
+            };
+            if last.as_ref() != Some(&status) {
+                eprintln!("tidemark: standby for {key}: {status}; waiting for the lease");
+                last = Some(status);
+            }
+        })
+        .await;
+    eprintln!("tidemark: holding the lease on {key} ({})", lease.token());
+}
+
+/// Resolves when the lease keeper ends (the lease is lost); never without a
+/// lease.
+async fn lease_lost(keeper: Option<&mut smol::Task<LeaseLost>>) -> LeaseLost {
+    match keeper {
+        Some(task) => task.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reports on stderr when cursor writes start failing and when they succeed
+/// again; the stream goes on in between.
+async fn report_store_health(worker: WorkerHandle, clock: SmolClock) {
+    let mut failing = false;
+    loop {
+        clock.sleep_until(clock.now() + Millis(100)).await;
+        let stats = worker.stats();
+        if !failing && stats.consecutive_failures > 0 {
+            failing = true;
+            let error = stats.last_error.map(|e| e.to_string()).unwrap_or_default();
+            eprintln!(
+                "tidemark: cursor store failing ({error}); the stream goes on, the cursor is retried"
+            );
+        } else if failing && stats.consecutive_failures == 0 {
+            failing = false;
+            eprintln!(
+                "tidemark: cursor store is back; {} failed batches so far",
+                stats.failed_batches
+            );
+        }
+    }
 }

@@ -7,6 +7,9 @@
 //!   cursor times mean something across restarts.
 //! - [`FileStore`]: a crash-safe [`Store`](tidemark_core::Store) in one state
 //!   directory.
+//! - [`RedisStore`]: cursors in Redis, shared by a fleet of instances, with
+//!   [`Lease`]s so that one instance at a time follows a stream;
+//!   [`NativeStore`] is either store.
 //!
 //! - [`HttpConnector`]: the core's `Connector` over hyper's HTTP/1 client,
 //!   `http://` and `https://` (rustls with the bundled Mozilla roots, or your
@@ -30,12 +33,18 @@ mod connector;
 pub mod demo;
 mod file_store;
 pub mod follow;
+mod lease;
 pub mod mcp;
+mod native_store;
+mod redis_store;
 mod server;
 
 pub use clock::SmolClock;
 pub use connector::{HttpBody, HttpConnector, HttpResponse};
 pub use file_store::FileStore;
 pub use hyper::{HeaderMap, Method};
+pub use lease::{Lease, LeaseLost};
+pub use native_store::NativeStore;
+pub use redis_store::{CURSORS_PER_SCRIPT, RedisConfig, RedisStore};
 pub use server::{ServerConfig, SseServer};
 pub use tidemark_core as core;

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tidemark::demo::{DemoOptions, demo};
-use tidemark::follow::{FollowOptions, default_state_dir, follow};
+use tidemark::follow::{FollowOptions, RedisFollow, default_state_dir, follow};
 use tidemark::mcp::{self, McpOptions};
-use tidemark::{ServerConfig, SseServer};
+use tidemark::{RedisConfig, ServerConfig, SseServer};
 
 /// Resumable Server-Sent-Events streams.
 #[derive(Parser)]
@@ -26,7 +26,7 @@ enum Command {
         /// The stream's URL (http://).
         url: String,
         /// State directory for the cursor (default: a per-user state directory).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "redis")]
         state: Option<PathBuf>,
         /// Name of the stream; cursors are kept per URL and name.
         #[arg(long, default_value = "default")]
@@ -37,6 +37,8 @@ enum Command {
         /// Exit after this many fresh events.
         #[arg(long)]
         max_events: Option<u64>,
+        #[command(flatten)]
+        redis: RedisArgs,
     },
     /// Call a tool of an MCP server (Streamable HTTP) and print every message
     /// of the call's stream as a JSON line, resuming across dropped streams
@@ -97,6 +99,41 @@ enum Command {
     },
 }
 
+/// `follow`'s Redis flags.
+#[derive(clap::Args)]
+struct RedisArgs {
+    /// Keep the cursor in Redis (redis://HOST:PORT/[DB]) instead of a state
+    /// directory, shared with other instances: only the holder of the
+    /// stream's lease follows it, the others wait as standbys.
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
+    /// Prefix of the Redis keys.
+    #[arg(long, default_value = "tidemark:", requires = "redis")]
+    redis_prefix: String,
+    /// Let Redis expire a stream's cursor this many seconds after its last
+    /// write (default: never).
+    #[arg(long, requires = "redis")]
+    redis_ttl_secs: Option<u64>,
+    /// Time to live of the stream's lease in Redis, renewed every third of
+    /// it; a standby takes over at most this long after the holder dies.
+    #[arg(long, default_value_t = 10_000, requires = "redis")]
+    lease_ms: u64,
+}
+
+impl RedisArgs {
+    fn into_options(self) -> Option<RedisFollow> {
+        let url = self.redis?;
+        Some(RedisFollow {
+            store: RedisConfig {
+                prefix: self.redis_prefix,
+                ttl: self.redis_ttl_secs.map(Duration::from_secs),
+                ..RedisConfig::new(url)
+            },
+            lease_ttl: Duration::from_millis(self.lease_ms),
+        })
+    }
+}
+
 fn parse_header(value: &str) -> Result<(String, String), String> {
     match value.split_once(':') {
         Some((name, value)) if !name.trim().is_empty() => {
@@ -123,6 +160,7 @@ fn main() -> ExitCode {
             stream,
             headers,
             max_events,
+            redis,
         } => {
             let options = FollowOptions {
                 url,
@@ -130,6 +168,7 @@ fn main() -> ExitCode {
                 stream,
                 headers,
                 max_events,
+                redis: redis.into_options(),
             };
             let mut stdout = std::io::stdout().lock();
             match smol::block_on(follow(options, &mut stdout)) {

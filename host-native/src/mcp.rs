@@ -43,7 +43,7 @@
 //! while it still holds the previous connection) is retried.
 
 use crate::follow::{Persistence, next_or_stop, stop_signals};
-use crate::{FileStore, HttpBody, HttpConnector, HttpResponse};
+use crate::{HttpBody, HttpConnector, HttpResponse, NativeStore};
 use futures::StreamExt;
 use hyper::Method;
 use hyper::body::Bytes;
@@ -559,13 +559,12 @@ async fn run(
         ResumableStream::new(connector, persistence.clock, &options.url, tracker, config);
     let mut signals = stop_signals().map_err(McpError::Output)?;
     let outcome = loop {
-        let event = match next_or_stop(&mut stream, &mut signals).await {
-            None if stream.last_event_id().is_none() => break Err(McpError::Unresumable),
-            None => break Err(McpError::Stopped),
-            Some(Err(_)) if unresumable.get() => break Err(McpError::Unresumable),
-            Some(Err(StreamError::GaveUp(GiveUp::Permanent(Failure::Status {
-                code: 404,
-                ..
+        let event = match next_or_stop(&mut stream, &mut signals, None).await {
+            Err(_) if stream.last_event_id().is_none() => break Err(McpError::Unresumable),
+            Err(_) => break Err(McpError::Stopped),
+            Ok(Err(_)) if unresumable.get() => break Err(McpError::Unresumable),
+            Ok(Err(StreamError::GaveUp(GiveUp::Permanent(Failure::Status {
+                code: 404, ..
             }))))
                 if record.session.is_some() =>
             {
@@ -573,8 +572,8 @@ async fn run(
                     session: session.to_owned(),
                 });
             }
-            Some(Err(e)) => break Err(McpError::Stream(e)),
-            Some(Ok(event)) => event,
+            Ok(Err(e)) => break Err(McpError::Stream(e)),
+            Ok(Ok(event)) => event,
         };
         // A priming event: an id for the cursor, no message.
         if event.data.is_empty() {
@@ -660,7 +659,7 @@ async fn answer(http: &HttpConnector, url: &str, session: &[(String, String)], r
 /// reported, not fatal: the call is over either way.
 async fn forget(
     http: &HttpConnector,
-    registry: &Registry<Arc<FileStore>>,
+    registry: &Registry<Arc<NativeStore>>,
     record: &Record,
     headers: &[(String, String)],
 ) {

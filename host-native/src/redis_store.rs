@@ -1,0 +1,354 @@
+//! Cursors in Redis, shared by a fleet of native instances.
+//!
+//! Choose it over [`FileStore`](crate::FileStore) when cursors must outlive
+//! the machine, or when several `tidemark` instances follow the same streams
+//! (a standby taking over from a crashed consumer, or streams spread over
+//! machines). One machine with one consumer per stream is better served by the
+//! file store: no server to run, and a flush is one local fsync.
+//!
+//! # Layout
+//!
+//! Each stream's cursor is a hash at `{prefix}cursor:{n}:{session}:{stream}`
+//! (`n` is the byte length of the session id, so any session and stream ids
+//! map to distinct keys) with the fields `seq`, `id` and `at`. The prefix is
+//! configurable (default `tidemark:`), so several deployments can share one
+//! Redis. With a TTL, every write of a stream resets its expiry, so only
+//! abandoned streams expire.
+//!
+//! # One round trip per flush, guarded by `seq`
+//!
+//! `save_batch` runs a Lua script (EVALSHA, loading it after a `NOSCRIPT`
+//! reply, which a restarted Redis gives) that writes a cursor only if its
+//! `seq` is higher than the stored one. The check and the write are one
+//! atomic step on the server, so two instances racing on a stream can never
+//! move its cursor backwards, whatever order their writes arrive in. A batch
+//! is split into scripts of at most [`CURSORS_PER_SCRIPT`] cursors, all sent
+//! in one pipeline: still one round trip, but Redis serves other clients (a
+//! lease renewal, say) between the scripts of a large flush instead of
+//! blocking for all of it.
+//!
+//! # Connection loss
+//!
+//! The store holds one multiplexed connection and opens it lazily. A request
+//! that fails on the connection (refused, reset, timed out) drops it and
+//! reports [`StoreError::Unavailable`], which the persistence worker retries;
+//! the next request connects again. So Redis may restart, or be unreachable
+//! for a while, without restarting the instance: the stream keeps flowing,
+//! the newest cursor waits in memory, and the outage shows in the worker's
+//! stats. `LOADING`, `TRYAGAIN`, `READONLY` (a replica being promoted) and
+//! `OOM` replies are transient too; other server errors are permanent.
+//!
+//! This store needs a single Redis server (or a primary with replicas): the
+//! scripts touch keys of many streams at once, which Redis Cluster refuses
+//! across slots.
+
+use redis::aio::MultiplexedConnection;
+use redis::{
+    AsyncConnectionConfig, Client, ErrorKind, RedisError, RedisResult, Script, ServerErrorKind,
+};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+use tidemark_core::{Cursor, Millis, Store, StoreError, StreamKey};
+
+/// The most cursors one script writes; larger batches are split into several
+/// scripts sent in one pipeline.
+pub const CURSORS_PER_SCRIPT: usize = 1000;
+
+/// Writes each cursor whose `seq` is higher than the stored one. KEYS are the
+/// cursor keys; ARGV[1] is the TTL in milliseconds (0: none), then `seq`,
+/// `id`, `at` per key. `seq` values are decimal strings without leading
+/// zeros, compared by length, then bytes: exact for every u64, where Lua's
+/// numbers are not. Returns how many cursors were stale.
+const SAVE: &str = r"
+local ttl = tonumber(ARGV[1])
+local stale = 0
+for i, key in ipairs(KEYS) do
+  local at = 3 * i - 1
+  local seq = ARGV[at]
+  local stored = redis.call('HGET', key, 'seq')
+  if stored and (#stored > #seq or (#stored == #seq and stored >= seq)) then
+    stale = stale + 1
+  else
+    redis.call('HSET', key, 'seq', seq, 'id', ARGV[at + 1], 'at', ARGV[at + 2])
+  end
+  if ttl > 0 then
+    redis.call('PEXPIRE', key, ttl)
+  end
+end
+return stale
+";
+
+/// Where and how a [`RedisStore`] keeps cursors.
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    /// The server, as `redis://[user:password@]host:port/[db]`.
+    pub url: String,
+    /// Prefix of every key (default `tidemark:`).
+    pub prefix: String,
+    /// Expire a stream's cursor this long after its last write (default:
+    /// never).
+    pub ttl: Option<Duration>,
+    /// Bound on connecting and on each request (default 5 s); past it the
+    /// request fails as [`StoreError::Unavailable`].
+    pub timeout: Duration,
+}
+
+impl RedisConfig {
+    /// The defaults for the server at `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisConfig {
+            url: url.into(),
+            prefix: "tidemark:".into(),
+            ttl: None,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Cursors of many streams and instances in one Redis; see the
+/// [module docs](self).
+pub struct RedisStore {
+    client: Client,
+    config: RedisConfig,
+    connection: Mutex<Option<MultiplexedConnection>>,
+    save: Script,
+    stale_cursors: AtomicU64,
+}
+
+impl RedisStore {
+    /// A store on the server of `config`. Checks the URL; connects on first
+    /// use, so a server that is down now is not an error yet.
+    pub fn new(config: RedisConfig) -> Result<Self, StoreError> {
+        let client = Client::open(config.url.as_str()).map_err(|e| StoreError::Backend {
+            message: format!("redis URL {:?}: {e}", config.url),
+            transient: false,
+        })?;
+        Ok(RedisStore {
+            client,
+            config,
+            connection: Mutex::new(None),
+            save: Script::new(SAVE),
+            stale_cursors: AtomicU64::new(0),
+        })
+    }
+
+    /// The settings of this store.
+    pub fn config(&self) -> &RedisConfig {
+        &self.config
+    }
+
+    /// The key of `stream`'s cursor.
+    pub fn cursor_key(&self, stream: &StreamKey) -> String {
+        self.key("cursor", stream)
+    }
+
+    /// The key `{prefix}{kind}:{n}:{session}:{stream}` of `stream`.
+    pub(crate) fn key(&self, kind: &str, stream: &StreamKey) -> String {
+        format!(
+            "{}{kind}:{}:{}:{}",
+            self.config.prefix,
+            stream.session().len(),
+            stream.session(),
+            stream.stream()
+        )
+    }
+
+    /// Cursors that `save_batch` was given but did not write because the
+    /// stored cursor of their stream was as new or newer (another instance
+    /// got there first, or a retried write arrived late).
+    pub fn stale_cursors(&self) -> u64 {
+        self.stale_cursors.load(Relaxed)
+    }
+
+    fn slot(&self) -> MutexGuard<'_, Option<MultiplexedConnection>> {
+        self.connection.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `request` on the shared connection. A request that fails because
+    /// a connection opened earlier turned out broken (Redis restarted since)
+    /// is tried once more on a new connection, so that only a Redis that is
+    /// down now fails. Every request of this store is safe to repeat.
+    pub(crate) async fn run<T, F, R>(&self, request: F) -> Result<T, StoreError>
+    where
+        F: Fn(MultiplexedConnection) -> R,
+        R: Future<Output = RedisResult<T>>,
+    {
+        let cached = self.slot().clone();
+        let reused = cached.is_some();
+        let connection = match cached {
+            Some(connection) => connection,
+            None => self.connect().await?,
+        };
+        match request(connection).await {
+            Ok(value) => Ok(value),
+            Err(e) if reused && is_broken(&e) => {
+                *self.slot() = None;
+                let connection = self.connect().await?;
+                request(connection).await.map_err(|e| self.error(e))
+            }
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
+    /// Opens a connection and shares it.
+    async fn connect(&self) -> Result<MultiplexedConnection, StoreError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.config.timeout))
+            .set_response_timeout(Some(self.config.timeout));
+        let connection = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| self.error(e))?;
+        *self.slot() = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Converts a Redis error into a store error, dropping the connection
+    /// when the error means it is broken.
+    fn error(&self, error: RedisError) -> StoreError {
+        if is_broken(&error) {
+            *self.slot() = None;
+            return StoreError::Unavailable(format!("redis: {error}"));
+        }
+        match error.kind() {
+            ErrorKind::Server(
+                ServerErrorKind::BusyLoading
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::ReadOnly
+                | ServerErrorKind::MasterDown,
+            ) => StoreError::Unavailable(format!("redis: {error}")),
+            _ if error.code() == Some("OOM") => {
+                StoreError::QuotaExceeded(format!("redis: {error}"))
+            }
+            _ => StoreError::Backend {
+                message: format!("redis: {error}"),
+                transient: false,
+            },
+        }
+    }
+
+    async fn save(
+        &self,
+        mut connection: MultiplexedConnection,
+        pipe: &redis::Pipeline,
+    ) -> RedisResult<Vec<u64>> {
+        match pipe.query_async(&mut connection).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                // A restarted or flushed Redis has forgotten the script.
+                self.save.load_async(&mut connection).await?;
+                pipe.query_async(&mut connection).await
+            }
+            result => result,
+        }
+    }
+
+    fn save_pipeline(&self, cursors: &[Cursor]) -> redis::Pipeline {
+        let ttl = self.config.ttl.map_or(0, |t| t.as_millis().max(1));
+        let mut pipe = redis::pipe();
+        for chunk in cursors.chunks(CURSORS_PER_SCRIPT) {
+            let mut call = self.save.prepare_invoke();
+            call.arg(ttl.to_string());
+            for cursor in chunk {
+                call.key(self.cursor_key(&cursor.key))
+                    .arg(cursor.seq)
+                    .arg(cursor.last_event_id.as_str())
+                    .arg(cursor.at.as_u64());
+            }
+            pipe.invoke_script(&call);
+        }
+        pipe
+    }
+}
+
+impl Store for RedisStore {
+    async fn load(&self, key: &StreamKey) -> Result<Option<Cursor>, StoreError> {
+        let name = self.cursor_key(key);
+        let hmget = redis::cmd("HMGET")
+            .arg(&name)
+            .arg(&["seq", "id", "at"][..])
+            .take();
+        let fields: (Option<String>, Option<String>, Option<String>) = self
+            .run(|mut connection| {
+                let hmget = &hmget;
+                async move { hmget.query_async(&mut connection).await }
+            })
+            .await?;
+        let corrupt = |detail: &str| StoreError::Corrupt {
+            what: format!("redis key {name}"),
+            detail: detail.into(),
+        };
+        match fields {
+            (None, None, None) => Ok(None),
+            (Some(seq), Some(id), Some(at)) => Ok(Some(Cursor {
+                key: key.clone(),
+                last_event_id: id,
+                seq: seq.parse().map_err(|_| corrupt("seq is not a number"))?,
+                at: Millis(at.parse().map_err(|_| corrupt("at is not a number"))?),
+            })),
+            _ => Err(corrupt("a field of seq, id, at is missing")),
+        }
+    }
+
+    async fn save_batch(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
+        if cursors.is_empty() {
+            return Ok(());
+        }
+        let pipe = self.save_pipeline(cursors);
+        let stale = self.run(|connection| self.save(connection, &pipe)).await?;
+        self.stale_cursors.fetch_add(stale.iter().sum(), Relaxed);
+        Ok(())
+    }
+
+    async fn delete(&self, key: &StreamKey) -> Result<(), StoreError> {
+        let del = redis::cmd("DEL").arg(self.cursor_key(key)).take();
+        self.run(|mut connection| {
+            let del = &del;
+            async move { del.query_async(&mut connection).await }
+        })
+        .await
+    }
+}
+
+/// Whether `error` means the connection is broken and must be replaced.
+fn is_broken(error: &RedisError) -> bool {
+    error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_unrecoverable_error()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_distinct_for_any_session_and_stream() {
+        let store = RedisStore::new(RedisConfig::new("redis://127.0.0.1:1/")).unwrap();
+        let a = store.cursor_key(&StreamKey::new("a:b", "c"));
+        let b = store.cursor_key(&StreamKey::new("a", "b:c"));
+        assert_eq!(a, "tidemark:cursor:3:a:b:c");
+        assert_eq!(b, "tidemark:cursor:1:a:b:c");
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_bad_url_is_a_permanent_error() {
+        let Err(error) = RedisStore::new(RedisConfig::new("http://nowhere/")) else {
+            panic!("not a redis URL");
+        };
+        assert!(!error.is_transient(), "{error}");
+    }
+
+    #[test]
+    fn a_server_that_is_down_is_unavailable() {
+        let mut config = RedisConfig::new("redis://127.0.0.1:1/");
+        config.timeout = Duration::from_secs(2);
+        let store = RedisStore::new(config).unwrap();
+        let error = smol::block_on(store.load(&StreamKey::new("s", "a"))).unwrap_err();
+        assert!(matches!(error, StoreError::Unavailable(_)), "{error}");
+    }
+}

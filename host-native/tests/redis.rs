@@ -1,0 +1,654 @@
+//! `RedisStore`, leases and `tidemark follow --redis` against a real
+//! `redis-server`: the test command's (`TIDEMARK_TEST_REDIS`) or one started
+//! here, on loopback, under a key prefix of each test's own.
+
+mod support {
+    pub mod redis_server;
+}
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+use support::redis_server::{RedisServer, shared, unique_prefix};
+use tidemark::{Lease, LeaseLost, RedisConfig, RedisStore, SmolClock};
+use tidemark_core::{Cursor, Millis, Store, StoreError, StreamKey};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tidemark");
+
+fn store(url: &str, prefix: &str) -> RedisStore {
+    RedisStore::new(RedisConfig {
+        prefix: prefix.into(),
+        timeout: Duration::from_secs(2),
+        ..RedisConfig::new(url)
+    })
+    .unwrap()
+}
+
+fn cursor(stream: &str, id: &str, seq: u64) -> Cursor {
+    Cursor {
+        key: StreamKey::new("session:1", stream),
+        last_event_id: id.into(),
+        seq,
+        at: Millis(1_700_000_000_000 + seq % 1_000_000),
+    }
+}
+
+fn load(store: &RedisStore, stream: &str) -> Option<Cursor> {
+    smol::block_on(store.load(&StreamKey::new("session:1", stream))).unwrap()
+}
+
+fn sync_connection(url: &str) -> redis::Connection {
+    redis::Client::open(url).unwrap().get_connection().unwrap()
+}
+
+/// Polls `condition` until it holds or `within` has passed.
+fn wait_for(within: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn cursors_round_trip_and_never_move_backwards() {
+    let (url, _server) = shared();
+    let store = store(&url, &unique_prefix("round-trip"));
+    assert_eq!(load(&store, "a"), None);
+    let batch = [cursor("a", "5", 5), cursor("b:c", "ü-1 \n x", 1)];
+    smol::block_on(store.save_batch(&batch)).unwrap();
+    smol::block_on(store.save_batch(&[cursor("a", "3", 3), cursor("b:c", "2", 2)])).unwrap();
+    assert_eq!(load(&store, "a"), Some(cursor("a", "5", 5)));
+    assert_eq!(load(&store, "b:c"), Some(cursor("b:c", "2", 2)));
+    assert_eq!(store.stale_cursors(), 1);
+    // Equal seq is not newer either.
+    smol::block_on(store.save_batch(&[cursor("a", "other", 5)])).unwrap();
+    assert_eq!(load(&store, "a"), Some(cursor("a", "5", 5)));
+    // Sequence numbers compare exactly beyond 2^53, where Lua numbers do not.
+    let big = (1u64 << 60) + 1;
+    smol::block_on(store.save_batch(&[cursor("a", "big", big)])).unwrap();
+    smol::block_on(store.save_batch(&[cursor("a", "less", big - 1)])).unwrap();
+    smol::block_on(store.save_batch(&[cursor("a", "max", u64::MAX)])).unwrap();
+    assert_eq!(load(&store, "a"), Some(cursor("a", "max", u64::MAX)));
+    smol::block_on(store.delete(&StreamKey::new("session:1", "a"))).unwrap();
+    assert_eq!(load(&store, "a"), None);
+    smol::block_on(store.delete(&StreamKey::new("session:1", "a"))).unwrap();
+}
+
+#[test]
+fn a_batch_is_one_round_trip_of_one_script_per_thousand_cursors() {
+    let server = RedisServer::start();
+    let store = store(&server.url(), &unique_prefix("batch"));
+    let batch: Vec<Cursor> = (0..2500)
+        .map(|i| cursor(&format!("s{i}"), &i.to_string(), 7))
+        .collect();
+    // The first write loads the script once (NOSCRIPT, SCRIPT LOAD, again).
+    smol::block_on(store.save_batch(&batch[..1])).unwrap();
+    let mut redis = sync_connection(&server.url());
+    let calls = |redis: &mut redis::Connection, command: &str| -> u64 {
+        let info: String = redis::cmd("INFO").arg("commandstats").query(redis).unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+    };
+    let before = (
+        calls(&mut redis, "evalsha"),
+        calls(&mut redis, "script|load"),
+    );
+    smol::block_on(store.save_batch(&batch)).unwrap();
+    let after = (
+        calls(&mut redis, "evalsha"),
+        calls(&mut redis, "script|load"),
+    );
+    assert_eq!(after.0 - before.0, 3, "2500 cursors in three scripts");
+    assert_eq!(after.1, before.1, "the script is not sent again");
+    for i in [0, 999, 1000, 2499] {
+        assert_eq!(
+            load(&store, &format!("s{i}")),
+            Some(cursor(&format!("s{i}"), &i.to_string(), 7))
+        );
+    }
+}
+
+#[test]
+fn two_racing_writers_never_move_a_cursor_backwards() {
+    let (url, _server) = shared();
+    let prefix = unique_prefix("race");
+    let streams = 20;
+    let top = 300u64;
+    // One writer moves forward, the other writes the same cursors late, in
+    // reverse: without the guard, the last write (seq 1) would win.
+    let writer = |forward: bool| {
+        let store = store(&url, &prefix);
+        std::thread::spawn(move || {
+            let seqs: Vec<u64> = if forward {
+                (1..=top).collect()
+            } else {
+                (1..=top).rev().collect()
+            };
+            for chunk in seqs.chunks(10) {
+                for &seq in chunk {
+                    let batch: Vec<Cursor> = (0..streams)
+                        .map(|s| cursor(&format!("s{s}"), &seq.to_string(), seq))
+                        .collect();
+                    smol::block_on(store.save_batch(&batch)).unwrap();
+                }
+            }
+            store.stale_cursors()
+        })
+    };
+    let reader = {
+        let store = store(&url, &prefix);
+        std::thread::spawn(move || {
+            let mut seen = vec![0u64; streams];
+            let mut reads = 0;
+            while seen.iter().any(|&s| s < top) {
+                for (s, last) in seen.iter_mut().enumerate() {
+                    let seq = load(&store, &format!("s{s}")).map_or(0, |c| c.seq);
+                    assert!(seq >= *last, "stream s{s} went back from {last} to {seq}");
+                    *last = seq;
+                    reads += 1;
+                }
+            }
+            reads
+        })
+    };
+    let forward = writer(true);
+    let backward = writer(false);
+    let stale = forward.join().unwrap() + backward.join().unwrap();
+    assert!(reader.join().unwrap() > 0);
+    let store = store(&url, &prefix);
+    for s in 0..streams {
+        let stored = load(&store, &format!("s{s}")).unwrap();
+        assert_eq!(stored.seq, top);
+        assert_eq!(stored.last_event_id, top.to_string());
+    }
+    // Once the backward writer's first write (seq 300) is in, each of its
+    // later ones is stale.
+    assert!(stale >= (top - 1) * streams as u64, "{stale} stale");
+}
+
+#[test]
+fn keys_have_the_prefix_and_the_ttl() {
+    let (url, _server) = shared();
+    let prefix = unique_prefix("ttl");
+    let mut redis = sync_connection(&url);
+    let plain = store(&url, &prefix);
+    smol::block_on(plain.save_batch(&[cursor("kept", "1", 1)])).unwrap();
+    let kept = plain.cursor_key(&StreamKey::new("session:1", "kept"));
+    assert!(kept.starts_with(&prefix));
+    let pttl: i64 = redis::cmd("PTTL").arg(&kept).query(&mut redis).unwrap();
+    assert_eq!(pttl, -1, "no TTL by default");
+
+    let expiring = RedisStore::new(RedisConfig {
+        prefix: prefix.clone(),
+        ttl: Some(Duration::from_millis(300)),
+        ..RedisConfig::new(&url)
+    })
+    .unwrap();
+    smol::block_on(expiring.save_batch(&[cursor("gone", "1", 1)])).unwrap();
+    let gone = expiring.cursor_key(&StreamKey::new("session:1", "gone"));
+    let pttl: i64 = redis::cmd("PTTL").arg(&gone).query(&mut redis).unwrap();
+    assert!(pttl > 0 && pttl <= 300, "{pttl}");
+    wait_for(
+        Duration::from_secs(5),
+        "the abandoned cursor to expire",
+        || load(&expiring, "gone").is_none(),
+    );
+    assert!(load(&expiring, "kept").is_some(), "other streams stay");
+}
+
+#[test]
+fn foreign_data_under_a_cursor_key_is_corrupt() {
+    let (url, _server) = shared();
+    let store = store(&url, &unique_prefix("corrupt"));
+    let key = store.cursor_key(&StreamKey::new("session:1", "a"));
+    let mut redis = sync_connection(&url);
+    let () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("seq")
+        .arg("x")
+        .query(&mut redis)
+        .unwrap();
+    let error = smol::block_on(store.load(&StreamKey::new("session:1", "a"))).unwrap_err();
+    assert!(matches!(error, StoreError::Corrupt { .. }), "{error}");
+    assert!(error.to_string().contains(&key), "{error}");
+}
+
+#[test]
+fn a_restarted_redis_is_unavailable_then_reconnected_without_a_restart() {
+    let mut server = RedisServer::start();
+    let store = store(&server.url(), &unique_prefix("restart"));
+    smol::block_on(store.save_batch(&[cursor("a", "1", 1)])).unwrap();
+    server.stop();
+    let error = smol::block_on(store.save_batch(&[cursor("a", "2", 2)])).unwrap_err();
+    assert!(matches!(error, StoreError::Unavailable(_)), "{error}");
+    assert!(error.is_transient());
+    let error = smol::block_on(store.load(&StreamKey::new("session:1", "a"))).unwrap_err();
+    assert!(error.is_transient(), "{error}");
+    server.restart();
+    // The new server has neither the data nor the script.
+    smol::block_on(store.save_batch(&[cursor("a", "3", 3)])).unwrap();
+    assert_eq!(load(&store, "a"), Some(cursor("a", "3", 3)));
+}
+
+fn lease(store: &Arc<RedisStore>, ttl_ms: u64) -> Lease {
+    let key = StreamKey::new("session:1", "leased");
+    Lease::new(
+        store.clone(),
+        &key,
+        Duration::from_millis(ttl_ms),
+        SmolClock::new(),
+    )
+}
+
+#[test]
+fn a_lease_has_one_holder_and_passes_on_when_it_lapses() {
+    let (url, _server) = shared();
+    let store = Arc::new(store(&url, &unique_prefix("lease")));
+    let first = lease(&store, 400);
+    let second = lease(&store, 400);
+    assert!(smol::block_on(first.try_acquire()).unwrap());
+    assert!(first.is_valid());
+    assert!(!smol::block_on(second.try_acquire()).unwrap());
+    assert!(smol::block_on(first.renew()).unwrap());
+    // Without renewals the holder's own deadline passes before Redis lets
+    // the lease go, so the two never both hold it.
+    wait_for(Duration::from_secs(5), "the second to acquire", || {
+        let acquired = smol::block_on(second.try_acquire()).unwrap();
+        assert!(!(acquired && first.is_valid()), "two holders");
+        acquired
+    });
+    assert!(
+        !smol::block_on(first.renew()).unwrap(),
+        "lapsed: not renewed"
+    );
+    assert!(smol::block_on(second.renew()).unwrap());
+    smol::block_on(second.release()).unwrap();
+    assert!(!second.is_valid());
+    assert!(smol::block_on(first.try_acquire()).unwrap(), "released");
+    let mut redis = sync_connection(&url);
+    let holder: String = redis::cmd("GET")
+        .arg(first.key())
+        .query(&mut redis)
+        .unwrap();
+    assert_eq!(holder, first.token());
+}
+
+#[test]
+fn keep_renews_and_reports_a_lease_taken_or_lapsed() {
+    let mut server = RedisServer::start();
+    let store = Arc::new(store(&server.url(), &unique_prefix("keep")));
+    let holder = lease(&store, 300);
+    assert!(smol::block_on(holder.try_acquire()).unwrap());
+    let kept = smol::block_on(async {
+        let keep = std::pin::pin!(holder.keep());
+        let later = async_io::Timer::after(Duration::from_millis(1000));
+        let later = std::pin::pin!(later);
+        matches!(
+            futures::future::select(keep, later).await,
+            futures::future::Either::Right(_)
+        )
+    });
+    assert!(kept, "kept through three TTLs");
+    assert!(holder.is_valid());
+
+    // Redis restarted without persistence while the lease is valid: renewing
+    // takes the key again.
+    let long = lease(&store, 10_000);
+    let () = redis::cmd("DEL")
+        .arg(long.key())
+        .query(&mut sync_connection(&server.url()))
+        .unwrap();
+    assert!(smol::block_on(long.try_acquire()).unwrap());
+    server.restart();
+    assert!(smol::block_on(long.renew()).unwrap());
+    let mut redis = sync_connection(&server.url());
+    let token: String = redis::cmd("GET").arg(long.key()).query(&mut redis).unwrap();
+    assert_eq!(token, long.token());
+
+    // Someone else's token: taken.
+    let () = redis::cmd("SET")
+        .arg(holder.key())
+        .arg("another")
+        .query(&mut redis)
+        .unwrap();
+    assert_eq!(smol::block_on(holder.keep()), LeaseLost::Taken);
+
+    // Redis gone for longer than the TTL: lapsed, with the error.
+    let () = redis::cmd("DEL")
+        .arg(holder.key())
+        .query(&mut redis)
+        .unwrap();
+    assert!(smol::block_on(holder.try_acquire()).unwrap());
+    server.stop();
+    let started = Instant::now();
+    let lost = smol::block_on(holder.keep());
+    assert!(
+        matches!(lost, LeaseLost::Lapsed(Some(StoreError::Unavailable(_)))),
+        "{lost:?}"
+    );
+    assert!(!holder.is_valid());
+    assert!(started.elapsed() < Duration::from_millis(500));
+}
+
+/// A `tidemark serve` process, killed when dropped.
+struct Source {
+    child: Child,
+    url: String,
+}
+
+impl Source {
+    fn start(args: &[&str]) -> Source {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("127.0.0.1:"), "serve printed {line:?}");
+        Source {
+            child,
+            url: format!("http://{}/events", line.trim()),
+        }
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `tidemark follow --redis` process with its stdout ids and stderr lines
+/// read by threads; killed when dropped.
+struct Follower {
+    child: Child,
+    ids: Receiver<u64>,
+    stderr: Receiver<String>,
+    log: Vec<String>,
+}
+
+impl Follower {
+    fn start(url: &str, redis: &str, args: &[&str]) -> Follower {
+        let mut child = Command::new(BIN)
+            .args(["follow", url, "--redis", redis])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (id_tx, ids) = channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let value: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+                let _ = id_tx.send(value["data"].as_str().unwrap().parse().unwrap());
+            }
+        });
+        let (err_tx, stderr) = channel();
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let _ = err_tx.send(line.unwrap());
+            }
+        });
+        Follower {
+            child,
+            ids,
+            stderr,
+            log: Vec::new(),
+        }
+    }
+
+    /// Waits for a stderr line containing `needle`; returns it.
+    fn wait_stderr(&mut self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(e) => panic!("no {needle:?} on stderr ({e:?}); so far: {:#?}", self.log),
+            }
+        }
+    }
+
+    /// Reads ids into `into` until `stop` holds or the output ends.
+    fn read_until(&self, into: &mut Vec<u64>, within: Duration, stop: impl Fn(&[u64]) -> bool) {
+        let deadline = Instant::now() + within;
+        while !stop(into) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.ids.recv_timeout(left) {
+                Ok(id) => into.push(id),
+                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Timeout) => panic!("timed out after {} ids", into.len()),
+            }
+        }
+    }
+
+    /// The rest of stderr, once the process has exited.
+    fn finish_stderr(&mut self) -> Vec<String> {
+        self.log.extend(self.stderr.iter());
+        self.log.clone()
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn contiguous(ids: &[u64]) -> bool {
+    ids.windows(2).all(|w| w[1] == w[0] + 1)
+}
+
+#[test]
+fn a_standby_takes_over_from_the_shared_cursor_after_kill_9() {
+    let (redis, _server) = shared();
+    let prefix = unique_prefix("failover");
+    let source = Source::start(&["--count", "3000", "--interval-ms", "2"]);
+    let args = [
+        "--redis-prefix",
+        &prefix,
+        "--lease-ms",
+        "1000",
+        "--stream",
+        "failover",
+    ];
+    let mut active = Follower::start(&source.url, &redis, &args);
+    active.wait_stderr("holding the lease", Duration::from_secs(10));
+    let mut standby = Follower::start(&source.url, &redis, &args);
+    standby.wait_stderr("waiting for the lease", Duration::from_secs(10));
+
+    let mut first = Vec::new();
+    active.read_until(&mut first, Duration::from_secs(20), |ids| ids.len() >= 400);
+    assert!(
+        standby.ids.try_recv().is_err(),
+        "the standby delivers nothing while the lease is held"
+    );
+    active.child.kill().unwrap(); // SIGKILL: no chance to flush or release
+    let killed = Instant::now();
+    active.child.wait().unwrap();
+    active.read_until(&mut first, Duration::from_secs(5), |_| false);
+
+    let took_over = standby.wait_stderr("following", Duration::from_secs(10));
+    let waited = killed.elapsed();
+    let resumed_from: u64 = took_over
+        .rsplit_once("Last-Event-ID ")
+        .map(|(_, id)| id.parse().unwrap())
+        .unwrap_or_else(|| panic!("{took_over}"));
+    assert!(
+        waited < Duration::from_millis(1000 + 1500),
+        "took over {waited:?} after the kill, lease 1 s"
+    );
+    let mut second = Vec::new();
+    standby.read_until(&mut second, Duration::from_secs(30), |ids| {
+        ids.last() == Some(&3000)
+    });
+    standby.signal("-INT");
+    assert!(standby.child.wait().unwrap().success());
+
+    assert_eq!(first.first(), Some(&1));
+    assert!(contiguous(&first) && contiguous(&second));
+    let last_printed = *first.last().unwrap();
+    assert!(
+        resumed_from > 0,
+        "the active instance flushed before the kill"
+    );
+    assert!(
+        resumed_from <= last_printed,
+        "the cursor never passes output"
+    );
+    assert_eq!(second.first(), Some(&(resumed_from + 1)));
+    // Repeated: exactly the events after the last flush before the kill, at
+    // most a flush interval's worth (250 ms at 2 ms per event).
+    let repeated: Vec<u64> = second
+        .iter()
+        .copied()
+        .filter(|id| first.contains(id))
+        .collect();
+    assert_eq!(
+        repeated,
+        ((resumed_from + 1)..=last_printed).collect::<Vec<_>>()
+    );
+    assert!(repeated.len() < 250, "{} repeated", repeated.len());
+    let mut union: Vec<u64> = first.into_iter().chain(second).collect();
+    union.sort_unstable();
+    union.dedup();
+    assert_eq!(union, (1..=3000).collect::<Vec<_>>());
+
+    let shared = store(&redis, &prefix);
+    let key = StreamKey::new(&source.url, "failover");
+    let cursor = smol::block_on(shared.load(&key)).unwrap().unwrap();
+    assert_eq!(cursor.last_event_id, "3000", "the graceful stop saved it");
+}
+
+#[test]
+fn redis_restarted_mid_run_loses_nothing_and_the_cursor_catches_up() {
+    let mut server = RedisServer::start();
+    let prefix = unique_prefix("outage");
+    let source = Source::start(&["--count", "2000", "--interval-ms", "2"]);
+    let mut follower = Follower::start(
+        &source.url,
+        &server.url(),
+        &["--redis-prefix", &prefix, "--max-events", "2000"],
+    );
+    let store = store(&server.url(), &prefix);
+    let key = StreamKey::new(&source.url, "default");
+    let stored = || {
+        smol::block_on(store.load(&key))
+            .ok()
+            .flatten()
+            .map_or(0, |c| c.last_event_id.parse::<u64>().unwrap())
+    };
+    let mut ids = Vec::new();
+    follower.read_until(&mut ids, Duration::from_secs(20), |ids| ids.len() >= 300);
+    wait_for(Duration::from_secs(5), "a first cursor", || stored() > 0);
+
+    server.stop();
+    follower.wait_stderr("cursor store failing", Duration::from_secs(10));
+    let at_failure = ids.len();
+    follower.read_until(&mut ids, Duration::from_secs(20), |ids| {
+        ids.len() >= at_failure + 150
+    });
+    server.restart();
+    let at_restart = *ids.last().unwrap();
+    follower.wait_stderr("cursor store is back", Duration::from_secs(10));
+    wait_for(Duration::from_secs(5), "the cursor to catch up", || {
+        stored() >= at_restart
+    });
+    let mut redis = sync_connection(&server.url());
+    wait_for(
+        Duration::from_secs(10),
+        "the holder to take its lease back",
+        || {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{prefix}lease:*"))
+                .query(&mut redis)
+                .unwrap();
+            keys.len() == 1
+        },
+    );
+
+    follower.read_until(&mut ids, Duration::from_secs(30), |_| false);
+    assert!(follower.child.wait().unwrap().success());
+    assert_eq!(ids, (1..=2000).collect::<Vec<_>>(), "no loss, no repeat");
+    assert_eq!(stored(), 2000);
+    let stderr = follower.finish_stderr();
+    let summary = stderr.last().unwrap();
+    let failed: u64 = summary
+        .split(", ")
+        .find_map(|part| part.strip_suffix(" failed batches"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{summary}"));
+    assert!(failed > 0, "{summary}");
+    assert!(
+        summary.contains("last store error: store unavailable"),
+        "{summary}"
+    );
+}
+
+#[test]
+fn an_instance_that_loses_its_lease_stops_delivering_at_once() {
+    let (redis, _server) = shared();
+    let prefix = unique_prefix("taken");
+    let source = Source::start(&["--interval-ms", "2"]);
+    let mut follower = Follower::start(
+        &source.url,
+        &redis,
+        &["--redis-prefix", &prefix, "--lease-ms", "900"],
+    );
+    let mut ids = Vec::new();
+    follower.read_until(&mut ids, Duration::from_secs(20), |ids| ids.len() >= 50);
+    let store = Arc::new(store(&redis, &prefix));
+    let key = StreamKey::new(&source.url, "default");
+    let lease_key = Lease::new(store, &key, Duration::from_secs(1), SmolClock::new())
+        .key()
+        .to_owned();
+    let mut connection = sync_connection(&redis);
+    let () = redis::cmd("SET")
+        .arg(&lease_key)
+        .arg("intruder")
+        .query(&mut connection)
+        .unwrap();
+    let taken = Instant::now();
+    let line = follower.wait_stderr("stopped delivering", Duration::from_secs(5));
+    assert!(line.contains("another instance holds it"), "{line}");
+    assert_eq!(follower.child.wait().unwrap().code(), Some(1));
+    let stopped_after = taken.elapsed();
+    assert!(
+        stopped_after < Duration::from_millis(900),
+        "{stopped_after:?}"
+    );
+    let at_stop = ids.len();
+    follower.read_until(&mut ids, Duration::from_secs(5), |_| false);
+    // At 2 ms per event, at most a renewal period's worth after the take.
+    assert!(ids.len() - at_stop < 200, "{} more", ids.len() - at_stop);
+    let holder: String = redis::cmd("GET")
+        .arg(&lease_key)
+        .query(&mut connection)
+        .unwrap();
+    assert_eq!(holder, "intruder", "the loser leaves the lease alone");
+}
