@@ -42,11 +42,17 @@ command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
 command -v curl >/dev/null || missing+=(curl)
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v redis-cli >/dev/null || missing+=(redis-tools)
 if [ "${#missing[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+  # The package may start a system redis on 6379; the tests start their own.
+  if [[ " ${missing[*]} " == *" redis-server "* ]]; then
+    $sudo systemctl disable --now redis-server >/dev/null 2>&1 ||
+      $sudo service redis-server stop >/dev/null 2>&1 || true
+  fi
 fi
 
 # wasm-bindgen-cli must match the wasm-bindgen crate in Cargo.lock exactly.

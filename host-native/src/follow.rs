@@ -211,9 +211,17 @@ pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64,
     let health = smol::spawn(report_store_health(registry.worker().clone(), clock));
     let mut tracker = registry.open(key).await.map_err(FollowError::Registry)?;
     if lease.is_some() {
-        // Any cursor the previous owner still writes stays below ours.
+        // Any cursor the previous owner still writes stays below ours. Half
+        // the range still takes 2^31 takeovers; a seq beyond it is no cursor
+        // of ours.
+        if tracker.seq() > u64::MAX / 2 {
+            return Err(FollowError::Store(StoreError::Corrupt {
+                what: format!("the cursor of {}", tracker.key()),
+                detail: format!("seq {} is beyond any takeover", tracker.seq()),
+            }));
+        }
         tracker.seed(&Cursor {
-            seq: tracker.seq().saturating_add(TAKEOVER_SEQ_GAP),
+            seq: tracker.seq() + TAKEOVER_SEQ_GAP,
             ..tracker.cursor()
         });
     }
@@ -248,7 +256,15 @@ pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64,
             Err(Interrupt::Lease(lost)) => break Err(FollowError::Lease(lost)),
             Ok(Err(e)) => break Err(FollowError::Stream(e)),
             Ok(Ok(_)) if lease.as_ref().is_some_and(|l| !l.is_valid()) => {
-                break Err(FollowError::Lease(LeaseLost::Lapsed(None)));
+                // A renewal that found another token zeroes the deadline.
+                let taken = lease
+                    .as_ref()
+                    .is_some_and(|l| l.valid_until() == Millis::ZERO);
+                break Err(FollowError::Lease(if taken {
+                    LeaseLost::Taken
+                } else {
+                    LeaseLost::Lapsed(None)
+                }));
             }
             Ok(Ok(event)) => {
                 let line = serde_json::json!({
@@ -272,11 +288,17 @@ pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64,
     }
     drop(stream);
     let worker = registry.worker().clone();
+    // Writes the Redis script refused as older than the stored cursor: a
+    // previous holder's late writes, or ours after another took over.
+    let stale = match &**registry.store() {
+        NativeStore::Redis(store) => format!(", {} stale cursors refused", store.stale_cursors()),
+        NativeStore::File(_) => String::new(),
+    };
     persistence.close().await;
     health.cancel().await;
     let worker = worker.stats();
     eprintln!(
-        "tidemark: {written} events; {} cursor writes in {} batches, {} failed batches{}",
+        "tidemark: {written} events; {} cursor writes in {} batches, {} failed batches{stale}{}",
         worker.cursors_written,
         worker.batches,
         worker.failed_batches,

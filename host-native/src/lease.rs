@@ -10,15 +10,28 @@
 //! successful renewal plus nine tenths of the TTL. Redis cannot expire the key
 //! before the send time plus the TTL, so by the holder's deadline it has not
 //! yet expired, and no other instance can hold the lease while the holder
-//! still considers it valid. A holder past its deadline (Redis unreachable for
+//! still considers it valid. That assumes both clocks run at nearly the same
+//! rate: the holder's clock is monotonic and counts a paused process, but on
+//! Linux not a suspended machine, so a holder whose machine sleeps through
+//! its deadline may go on delivering after it wakes until its next renewal
+//! finds the lease taken, at most a third of a TTL. A holder past its deadline (Redis unreachable for
 //! most of a TTL, or the process paused) must stop delivering at once:
 //! [`Lease::is_valid`] turns false and [`Lease::keep`] returns. That is what
 //! rules out two instances delivering the same stream at the same time.
 //!
 //! A renewal that finds no key at all while the holder's deadline has not
 //! passed re-creates it: the key cannot have expired, so Redis lost it (a
-//! restart without persistence), and nobody else can have held it since.
-//! A renewal that finds another token means the lease is lost.
+//! restart without persistence). A renewal that finds another token means
+//! the lease is lost, and the holder stops at once.
+//!
+//! All of this assumes that Redis keeps the lease key until it expires. A
+//! Redis that loses it early (a restart without persistence, a failover to a
+//! replica that had not received it, `FLUSHDB`, eviction under any policy
+//! but `noeviction`) lets a standby take the lease while the holder's
+//! deadline has not passed: both may then deliver until the holder's next
+//! renewal finds the other token, at most a third of a TTL later. Leases
+//! that must hold through such events need a Redis that does not lose keys
+//! (AOF persistence with `appendfsync always`, `noeviction`).
 //!
 //! An instance that takes a stream over must load the stream's cursor only
 //! after it holds the lease, and continues the cursor's sequence far above the
@@ -199,8 +212,9 @@ impl Lease {
         }
     }
 
-    /// One renewal: `Ok(false)` if another instance holds the lease, or if
-    /// this instance's deadline has passed (it must not take the lease back
+    /// One renewal: `Ok(false)` if another instance holds the lease (and
+    /// [`is_valid`](Self::is_valid) is false from then on), or if this
+    /// instance's deadline has passed (it must not take the lease back
     /// without acquiring it anew).
     pub async fn renew(&self) -> Result<bool, StoreError> {
         let sent = self.clock.now();
@@ -218,6 +232,10 @@ impl Lease {
             .await?;
         if held == 1 {
             self.held_from(sent);
+        } else {
+            // Another instance holds it: stop acting as the holder now, not
+            // at the deadline.
+            self.valid_until.store(0, Relaxed);
         }
         Ok(held == 1)
     }
@@ -241,7 +259,11 @@ impl Lease {
                     last_error = None;
                     next = self.clock.now() + self.period();
                 }
-                Either::Left((Ok(false), _)) if self.is_valid() => return LeaseLost::Taken,
+                // `renew` found another token (it was valid when called:
+                // checked just above).
+                Either::Left((Ok(false), _)) if self.valid_until() == Millis::ZERO => {
+                    return LeaseLost::Taken;
+                }
                 Either::Left((Ok(false), _)) | Either::Right(_) => {
                     return LeaseLost::Lapsed(last_error);
                 }

@@ -90,8 +90,12 @@ pub struct RedisConfig {
     /// Expire a stream's cursor this long after its last write (default:
     /// never).
     pub ttl: Option<Duration>,
-    /// Bound on connecting and on each request (default 5 s); past it the
-    /// request fails as [`StoreError::Unavailable`].
+    /// Bound on connecting and on each response (default 5 s); past it the
+    /// request fails as [`StoreError::Unavailable`]. A request whose
+    /// connection turns out broken is tried once more on a new connection,
+    /// so one call can take up to three of these (response, connect,
+    /// response). A flush must fit in it: a batch so large that Redis takes
+    /// longer to run it fails every time.
     pub timeout: Duration,
 }
 

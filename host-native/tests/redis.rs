@@ -70,6 +70,10 @@ fn cursors_round_trip_and_never_move_backwards() {
     let big = (1u64 << 60) + 1;
     smol::block_on(store.save_batch(&[cursor("a", "big", big)])).unwrap();
     smol::block_on(store.save_batch(&[cursor("a", "less", big - 1)])).unwrap();
+    assert_eq!(load(&store, "a"), Some(cursor("a", "big", big)));
+    // One more is newer, though a double cannot tell 2^60 + 2 from 2^60 + 1.
+    smol::block_on(store.save_batch(&[cursor("a", "more", big + 1)])).unwrap();
+    assert_eq!(load(&store, "a"), Some(cursor("a", "more", big + 1)));
     smol::block_on(store.save_batch(&[cursor("a", "max", u64::MAX)])).unwrap();
     assert_eq!(load(&store, "a"), Some(cursor("a", "max", u64::MAX)));
     smol::block_on(store.delete(&StreamKey::new("session:1", "a"))).unwrap();
@@ -281,11 +285,11 @@ fn a_lease_has_one_holder_and_passes_on_when_it_lapses() {
 fn keep_renews_and_reports_a_lease_taken_or_lapsed() {
     let mut server = RedisServer::start();
     let store = Arc::new(store(&server.url(), &unique_prefix("keep")));
-    let holder = lease(&store, 300);
+    let holder = lease(&store, 600);
     assert!(smol::block_on(holder.try_acquire()).unwrap());
     let kept = smol::block_on(async {
         let keep = std::pin::pin!(holder.keep());
-        let later = async_io::Timer::after(Duration::from_millis(1000));
+        let later = async_io::Timer::after(Duration::from_millis(2000));
         let later = std::pin::pin!(later);
         matches!(
             futures::future::select(keep, later).await,
@@ -309,13 +313,15 @@ fn keep_renews_and_reports_a_lease_taken_or_lapsed() {
     let token: String = redis::cmd("GET").arg(long.key()).query(&mut redis).unwrap();
     assert_eq!(token, long.token());
 
-    // Someone else's token: taken.
+    // Someone else's token: taken, and no longer valid at once (a lease of
+    // its own, valid for long whatever the restart above took).
     let () = redis::cmd("SET")
-        .arg(holder.key())
+        .arg(long.key())
         .arg("another")
         .query(&mut redis)
         .unwrap();
-    assert_eq!(smol::block_on(holder.keep()), LeaseLost::Taken);
+    assert_eq!(smol::block_on(long.keep()), LeaseLost::Taken);
+    assert!(!long.is_valid());
 
     // Redis gone for longer than the TTL: lapsed, with the error.
     let () = redis::cmd("DEL")
@@ -331,7 +337,8 @@ fn keep_renews_and_reports_a_lease_taken_or_lapsed() {
         "{lost:?}"
     );
     assert!(!holder.is_valid());
-    assert!(started.elapsed() < Duration::from_millis(500));
+    // By the deadline: 540 ms after the last renewal.
+    assert!(started.elapsed() < Duration::from_millis(1000));
 }
 
 /// A `tidemark serve` process, killed when dropped.
@@ -614,11 +621,13 @@ fn redis_restarted_mid_run_loses_nothing_and_the_cursor_catches_up() {
 fn an_instance_that_loses_its_lease_stops_delivering_at_once() {
     let (redis, _server) = shared();
     let prefix = unique_prefix("taken");
-    let source = Source::start(&["--interval-ms", "2"]);
+    // A source that never pauses: the next event is always ready, so only
+    // the lease's own state can stop the follower between two events.
+    let source = Source::start(&["--interval-ms", "0"]);
     let mut follower = Follower::start(
         &source.url,
         &redis,
-        &["--redis-prefix", &prefix, "--lease-ms", "900"],
+        &["--redis-prefix", &prefix, "--lease-ms", "3000"],
     );
     let mut ids = Vec::new();
     follower.read_until(&mut ids, Duration::from_secs(20), |ids| ids.len() >= 50);
@@ -638,14 +647,12 @@ fn an_instance_that_loses_its_lease_stops_delivering_at_once() {
     assert!(line.contains("another instance holds it"), "{line}");
     assert_eq!(follower.child.wait().unwrap().code(), Some(1));
     let stopped_after = taken.elapsed();
+    // Within a renewal period (1 s) of the take, not at the deadline of
+    // the last renewal (2.7 s after it, so at least 1.7 s after the take).
     assert!(
-        stopped_after < Duration::from_millis(900),
+        stopped_after < Duration::from_millis(1500),
         "{stopped_after:?}"
     );
-    let at_stop = ids.len();
-    follower.read_until(&mut ids, Duration::from_secs(5), |_| false);
-    // At 2 ms per event, at most a renewal period's worth after the take.
-    assert!(ids.len() - at_stop < 200, "{} more", ids.len() - at_stop);
     let holder: String = redis::cmd("GET")
         .arg(&lease_key)
         .query(&mut connection)

@@ -43,7 +43,8 @@ impl RedisServer {
             if child.try_wait().unwrap().is_some() {
                 return None;
             }
-            if ping(port) {
+            // Ours, not another server that took the port meanwhile.
+            if server_pid(port) == Some(child.id()) {
                 return Some(RedisServer {
                     child: Some(child),
                     port,
@@ -90,16 +91,26 @@ impl Drop for RedisServer {
     }
 }
 
-/// Whether a Redis answers PING on `port`.
-fn ping(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-    let mut reply = [0u8; 7];
-    stream.write_all(b"PING\r\n").is_ok()
-        && stream.read_exact(&mut reply).is_ok()
-        && &reply == b"+PONG\r\n"
+/// The `process_id` that the Redis on `port` reports, if one answers.
+fn server_pid(port: u16) -> Option<u32> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    stream.write_all(b"INFO server\r\n").ok()?;
+    // A bulk string: `$<length>\r\n<text>\r\n`.
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).ok().filter(|&n| n > 0)?;
+        reply.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&reply);
+        let (length, body) = text.strip_prefix('$')?.split_once("\r\n")?;
+        if body.len() >= length.parse::<usize>().ok()? {
+            return body
+                .lines()
+                .find_map(|line| line.strip_prefix("process_id:"))
+                .and_then(|pid| pid.trim().parse().ok());
+        }
+    }
 }
 
 /// The URL of the test command's server, or a server of our own (kept alive
