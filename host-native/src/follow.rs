@@ -43,8 +43,9 @@ pub struct RedisFollow {
     /// The server, key prefix and cursor TTL.
     pub store: RedisConfig,
     /// Time to live of the stream's lease: how long a standby waits after the
-    /// holder dies (default 10 s).
-    pub lease_ttl: Duration,
+    /// holder dies (10 s in the CLI). `None`: no lease, for one consumer per
+    /// stream; it follows through Redis outages of any length.
+    pub lease_ttl: Option<Duration>,
 }
 
 /// Why following stopped with an error.
@@ -180,8 +181,8 @@ pub(crate) async fn next_or_stop<C: Connector>(
 /// per line (`id`, `event`, `data`) and flushing it before the cursor moves.
 /// Stops after `max_events`, on SIGINT or SIGTERM, or on a permanent error;
 /// in every case it writes the cursor to the store before it returns. With
-/// Redis, it first waits as a standby until it holds the stream's lease,
-/// and stops delivering at once if it loses it. Returns the number of events
+/// Redis and a lease, it first waits as a standby until it holds the
+/// stream's lease, and stops delivering at once if it loses it. Returns the number of events
 /// written.
 pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64, FollowError> {
     let clock = SmolClock::new();
@@ -194,16 +195,22 @@ pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64,
         }
         Some(redis) => {
             let store = Arc::new(RedisStore::new(redis.store.clone()).map_err(FollowError::Store)?);
-            let lease = Lease::new(store.clone(), &key, redis.lease_ttl, clock);
-            let signalled = {
-                let acquired = pin!(acquire(&lease, &key));
-                matches!(select(acquired, signals.next()).await, Either::Right(_))
+            let lease = match redis.lease_ttl {
+                None => None,
+                Some(ttl) => {
+                    let lease = Lease::new(store.clone(), &key, ttl, clock);
+                    let signalled = {
+                        let acquired = pin!(acquire(&lease, &key));
+                        matches!(select(acquired, signals.next()).await, Either::Right(_))
+                    };
+                    if signalled {
+                        eprintln!("tidemark: stopping on signal");
+                        return Ok(0);
+                    }
+                    Some(lease)
+                }
             };
-            if signalled {
-                eprintln!("tidemark: stopping on signal");
-                return Ok(0);
-            }
-            (NativeStore::Redis(store), Some(lease))
+            (NativeStore::Redis(store), lease)
         }
     };
     let persistence = Persistence::start(store, clock);

@@ -118,6 +118,10 @@ struct RedisArgs {
     /// it; a standby takes over at most this long after the holder dies.
     #[arg(long, default_value_t = 10_000, requires = "redis")]
     lease_ms: u64,
+    /// Follow without a lease: for one consumer per stream and no standby.
+    /// It keeps following through Redis outages of any length.
+    #[arg(long, requires = "redis", conflicts_with = "lease_ms")]
+    no_lease: bool,
 }
 
 impl RedisArgs {
@@ -129,7 +133,7 @@ impl RedisArgs {
                 ttl: self.redis_ttl_secs.map(Duration::from_secs),
                 ..RedisConfig::new(url)
             },
-            lease_ttl: Duration::from_millis(self.lease_ms),
+            lease_ttl: (!self.no_lease).then(|| Duration::from_millis(self.lease_ms)),
         })
     }
 }

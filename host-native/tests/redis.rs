@@ -554,13 +554,27 @@ fn a_standby_takes_over_from_the_shared_cursor_after_kill_9() {
 
 #[test]
 fn redis_restarted_mid_run_loses_nothing_and_the_cursor_catches_up() {
+    // An outage of 150 events (300 ms), well inside the 10 s lease.
+    outage(&[], 150);
+}
+
+#[test]
+fn without_a_lease_an_outage_longer_than_any_lease_loses_nothing() {
+    // 2 s without Redis: a 600 ms lease would have lapsed and stopped it.
+    outage(&["--no-lease"], 1000);
+}
+
+/// Follows 2,000 events while Redis is stopped for `events` of them, then
+/// restarted empty.
+fn outage(args: &[&str], events: usize) {
+    let leased = args.is_empty();
     let mut server = RedisServer::start();
     let prefix = unique_prefix("outage");
     let source = Source::start(&["--count", "2000", "--interval-ms", "2"]);
     let mut follower = Follower::start(
         &source.url,
         &server.url(),
-        &["--redis-prefix", &prefix, "--max-events", "2000"],
+        &[&["--redis-prefix", &prefix, "--max-events", "2000"], args].concat(),
     );
     let store = store(&server.url(), &prefix);
     let key = StreamKey::new(&source.url, "default");
@@ -578,7 +592,7 @@ fn redis_restarted_mid_run_loses_nothing_and_the_cursor_catches_up() {
     follower.wait_stderr("cursor store failing", Duration::from_secs(10));
     let at_failure = ids.len();
     follower.read_until(&mut ids, Duration::from_secs(20), |ids| {
-        ids.len() >= at_failure + 150
+        ids.len() >= at_failure + events
     });
     server.restart();
     let at_restart = *ids.last().unwrap();
@@ -587,17 +601,22 @@ fn redis_restarted_mid_run_loses_nothing_and_the_cursor_catches_up() {
         stored() >= at_restart
     });
     let mut redis = sync_connection(&server.url());
-    wait_for(
-        Duration::from_secs(10),
-        "the holder to take its lease back",
-        || {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{prefix}lease:*"))
-                .query(&mut redis)
-                .unwrap();
-            keys.len() == 1
-        },
-    );
+    let leases = |redis: &mut redis::Connection| {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}lease:*"))
+            .query(redis)
+            .unwrap();
+        keys.len()
+    };
+    if leased {
+        wait_for(
+            Duration::from_secs(10),
+            "the holder to take its lease back",
+            || leases(&mut redis) == 1,
+        );
+    } else {
+        assert_eq!(leases(&mut redis), 0);
+    }
 
     follower.read_until(&mut ids, Duration::from_secs(30), |_| false);
     assert!(follower.child.wait().unwrap().success());
