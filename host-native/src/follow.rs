@@ -59,8 +59,6 @@ pub enum FollowError {
     Stream(StreamError),
     /// Writing the output failed.
     Output(io::Error),
-    /// This instance lost the stream's lease and stopped delivering.
-    Lease(LeaseLost),
 }
 
 impl fmt::Display for FollowError {
@@ -70,7 +68,6 @@ impl fmt::Display for FollowError {
             FollowError::Registry(e) => write!(f, "{e}"),
             FollowError::Stream(e) => write!(f, "{e}"),
             FollowError::Output(e) => write!(f, "writing output: {e}"),
-            FollowError::Lease(e) => write!(f, "{e}; stopped delivering"),
         }
     }
 }
@@ -180,10 +177,13 @@ pub(crate) async fn next_or_stop<C: Connector>(
 /// Follows the stream, writing each fresh event to `out` as one JSON object
 /// per line (`id`, `event`, `data`) and flushing it before the cursor moves.
 /// Stops after `max_events`, on SIGINT or SIGTERM, or on a permanent error;
-/// in every case it writes the cursor to the store before it returns. With
-/// Redis and a lease, it first waits as a standby until it holds the
-/// stream's lease, and stops delivering at once if it loses it. Returns the number of events
-/// written.
+/// in every case it writes the cursor to the store before it returns.
+/// Returns the number of events written.
+///
+/// With Redis and a lease, it follows only while it holds the stream's
+/// lease: it waits as a standby until it can take it, stops delivering at
+/// once when it loses it (another instance took it, or Redis was out of
+/// reach for most of a TTL), and then waits as a standby again.
 pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64, FollowError> {
     let clock = SmolClock::new();
     let key = StreamKey::new(&options.url, &options.stream);
@@ -195,105 +195,42 @@ pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64,
         }
         Some(redis) => {
             let store = Arc::new(RedisStore::new(redis.store.clone()).map_err(FollowError::Store)?);
-            let lease = match redis.lease_ttl {
-                None => None,
-                Some(ttl) => {
-                    let lease = Lease::new(store.clone(), &key, ttl, clock);
-                    let signalled = {
-                        let acquired = pin!(acquire(&lease, &key));
-                        matches!(select(acquired, signals.next()).await, Either::Right(_))
-                    };
-                    if signalled {
-                        eprintln!("tidemark: stopping on signal");
-                        return Ok(0);
-                    }
-                    Some(lease)
-                }
-            };
+            let lease = redis
+                .lease_ttl
+                .map(|ttl| Lease::new(store.clone(), &key, ttl, clock));
             (NativeStore::Redis(store), lease)
         }
     };
+    // One registry for every turn as the holder: a cursor this process
+    // committed but could not write yet is where its next turn resumes.
     let persistence = Persistence::start(store, clock);
     let registry = &persistence.registry;
     let health = smol::spawn(report_store_health(registry.worker().clone(), clock));
-    let mut tracker = registry.open(key).await.map_err(FollowError::Registry)?;
-    if lease.is_some() {
-        // Any cursor the previous owner still writes stays below ours. Half
-        // the range still takes 2^31 takeovers; a seq beyond it is no cursor
-        // of ours.
-        if tracker.seq() > u64::MAX / 2 {
-            return Err(FollowError::Store(StoreError::Corrupt {
-                what: format!("the cursor of {}", tracker.key()),
-                detail: format!("seq {} is beyond any takeover", tracker.seq()),
-            }));
-        }
-        tracker.seed(&Cursor {
-            seq: tracker.seq() + TAKEOVER_SEQ_GAP,
-            ..tracker.cursor()
-        });
-    }
-    let mut keeper = lease
-        .clone()
-        .map(|lease| smol::spawn(async move { lease.keep().await }));
-    match tracker.last_event_id() {
-        Some(id) => eprintln!(
-            "tidemark: following {} from Last-Event-ID {id}",
-            options.url
-        ),
-        None => eprintln!("tidemark: following {} from the start", options.url),
-    }
-    let config = StreamConfig {
-        headers: options.headers.clone(),
-        ..StreamConfig::default()
-    };
-    let mut stream = ResumableStream::new(
-        HttpConnector::default(),
-        clock,
-        &options.url,
-        tracker,
-        config,
-    );
     let mut written = 0u64;
     let outcome = loop {
-        if options.max_events.is_some_and(|max| written >= max) {
-            break Ok(());
+        if let Some(lease) = &lease {
+            let signalled = {
+                let acquired = pin!(acquire(lease, &key));
+                matches!(select(acquired, signals.next()).await, Either::Right(_))
+            };
+            if signalled {
+                eprintln!("tidemark: stopping on signal");
+                break Ok(());
+            }
         }
-        match next_or_stop(&mut stream, &mut signals, keeper.as_mut()).await {
-            Err(Interrupt::Signal) => break Ok(()),
-            Err(Interrupt::Lease(lost)) => break Err(FollowError::Lease(lost)),
-            Ok(Err(e)) => break Err(FollowError::Stream(e)),
-            Ok(Ok(_)) if lease.as_ref().is_some_and(|l| !l.is_valid()) => {
-                // A renewal that found another token zeroes the deadline.
-                let taken = lease
-                    .as_ref()
-                    .is_some_and(|l| l.valid_until() == Millis::ZERO);
-                break Err(FollowError::Lease(if taken {
-                    LeaseLost::Taken
-                } else {
-                    LeaseLost::Lapsed(None)
-                }));
-            }
-            Ok(Ok(event)) => {
-                let line = serde_json::json!({
-                    "id": event.id,
-                    "event": event.event,
-                    "data": event.data,
-                });
-                if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
-                    // Not delivered: the cursor stays before it.
-                    break Err(FollowError::Output(e));
-                }
-                written += 1;
-            }
+        let turn = Turn {
+            options: &options,
+            key: &key,
+            registry,
+            lease: lease.as_ref(),
+            clock,
+        };
+        match turn.run(&mut signals, out, &mut written).await {
+            Ok(Some(lost)) => eprintln!("tidemark: {lost}; stopped delivering"),
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
         }
     };
-    // Every event written was flushed: it is delivered. After losing the
-    // lease, or failing to write, the last event taken from the stream was
-    // not written.
-    if !matches!(outcome, Err(FollowError::Lease(_) | FollowError::Output(_))) {
-        stream.commit();
-    }
-    drop(stream);
     let worker = registry.worker().clone();
     // Writes the Redis script refused as older than the stored cursor: a
     // previous holder's late writes, or ours after another took over.
@@ -313,16 +250,120 @@ pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64,
             .last_error
             .map_or_else(String::new, |e| format!(", last store error: {e}"))
     );
-    if let (Some(keeper), Some(lease)) = (keeper, lease) {
-        keeper.cancel().await;
-        if !matches!(outcome, Err(FollowError::Lease(_))) {
-            // The cursor is saved: a standby may take over at once.
-            if let Err(e) = lease.release().await {
-                eprintln!("tidemark: could not release the lease: {e}");
-            }
+    if let Some(lease) = lease.filter(Lease::is_valid) {
+        // The cursor is saved: a standby may take over at once.
+        if let Err(e) = lease.release().await {
+            eprintln!("tidemark: could not release the lease: {e}");
         }
     }
     outcome.map(|()| written)
+}
+
+/// One turn of following: with a lease, the time this instance holds it.
+struct Turn<'a> {
+    options: &'a FollowOptions,
+    key: &'a StreamKey,
+    registry: &'a Registry<Arc<NativeStore>>,
+    lease: Option<&'a Lease>,
+    clock: SmolClock,
+}
+
+impl Turn<'_> {
+    /// Follows until `max_events` in all or a signal (`Ok(None)`), the loss
+    /// of the lease (`Ok(Some)`), or an error. The cursor is committed up to
+    /// the last event written.
+    async fn run(
+        &self,
+        signals: &mut Signals,
+        out: &mut impl Write,
+        written: &mut u64,
+    ) -> Result<Option<LeaseLost>, FollowError> {
+        let options = self.options;
+        let mut tracker = self
+            .registry
+            .open(self.key.clone())
+            .await
+            .map_err(FollowError::Registry)?;
+        if self.lease.is_some() {
+            // Any cursor the previous owner still writes stays below ours.
+            // Half the range still takes 2^31 takeovers; a seq beyond it is
+            // no cursor of ours.
+            if tracker.seq() > u64::MAX / 2 {
+                return Err(FollowError::Store(StoreError::Corrupt {
+                    what: format!("the cursor of {}", tracker.key()),
+                    detail: format!("seq {} is beyond any takeover", tracker.seq()),
+                }));
+            }
+            tracker.seed(&Cursor {
+                seq: tracker.seq() + TAKEOVER_SEQ_GAP,
+                ..tracker.cursor()
+            });
+        }
+        let mut keeper = self
+            .lease
+            .cloned()
+            .map(|lease| smol::spawn(async move { lease.keep().await }));
+        match tracker.last_event_id() {
+            Some(id) => eprintln!(
+                "tidemark: following {} from Last-Event-ID {id}",
+                options.url
+            ),
+            None => eprintln!("tidemark: following {} from the start", options.url),
+        }
+        let config = StreamConfig {
+            headers: options.headers.clone(),
+            ..StreamConfig::default()
+        };
+        let mut stream = ResumableStream::new(
+            HttpConnector::default(),
+            self.clock,
+            &options.url,
+            tracker,
+            config,
+        );
+        let outcome = loop {
+            if options.max_events.is_some_and(|max| *written >= max) {
+                break Ok(None);
+            }
+            match next_or_stop(&mut stream, signals, keeper.as_mut()).await {
+                Err(Interrupt::Signal) => break Ok(None),
+                Err(Interrupt::Lease(lost)) => break Ok(Some(lost)),
+                Ok(Err(e)) => break Err(FollowError::Stream(e)),
+                Ok(Ok(_)) if self.lease.is_some_and(|l| !l.is_valid()) => {
+                    // A renewal that found another token zeroes the deadline.
+                    let taken = self.lease.is_some_and(|l| l.valid_until() == Millis::ZERO);
+                    break Ok(Some(if taken {
+                        LeaseLost::Taken
+                    } else {
+                        LeaseLost::Lapsed(None)
+                    }));
+                }
+                Ok(Ok(event)) => {
+                    let line = serde_json::json!({
+                        "id": event.id,
+                        "event": event.event,
+                        "data": event.data,
+                    });
+                    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+                        // Not delivered: the cursor stays before it.
+                        break Err(FollowError::Output(e));
+                    }
+                    *written += 1;
+                }
+            }
+        };
+        // Every event written was flushed: it is delivered. After losing the
+        // lease, or failing to write, the last event taken from the stream
+        // was not written.
+        if matches!(outcome, Ok(None) | Err(FollowError::Stream(_))) {
+            stream.commit();
+        }
+        drop(stream);
+        if let Some(keeper) = keeper {
+            keeper.cancel().await;
+        }
+        outcome
+    }
 }
 
 /// Waits as a standby until `lease` is held, saying so on stderr.

@@ -1,41 +1,15 @@
 //! The `tidemark` binary end to end on loopback: `serve` with dropped
 //! connections, `follow` across the drops and across a restart.
 
+mod support {
+    pub mod serve;
+}
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use support::serve::Server;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidemark");
-
-/// A `tidemark serve` process, killed when dropped.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Server {
-    fn start(args: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line.trim().to_owned();
-        assert!(addr.starts_with("127.0.0.1:"), "serve printed {line:?}");
-        Server { child, addr }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Starts `tidemark follow` on `url` with the state in `state`.
 fn spawn_follow(url: &str, state: &std::path::Path, stdout: Stdio) -> Child {
@@ -86,7 +60,7 @@ fn follow_resumes_across_drops_and_restarts_exactly_once() {
         "--retry-ms",
         "5",
     ]);
-    let url = format!("http://{}/events", server.addr);
+    let url = server.events_url();
     let state = tempfile::tempdir().unwrap();
     let first = follow(&url, state.path(), 60);
     let second = follow(&url, state.path(), 90);
@@ -120,7 +94,7 @@ fn usage_errors_exit_2_and_failures_exit_1() {
 #[test]
 fn sigint_saves_the_cursor_so_a_restart_repeats_nothing() {
     let server = Server::start(&["--count", "400", "--interval-ms", "2"]);
-    let url = format!("http://{}/events", server.addr);
+    let url = server.events_url();
     let state = tempfile::tempdir().unwrap();
     let mut child = spawn_follow(&url, state.path(), Stdio::piped());
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -172,7 +146,7 @@ fn stored_cursor(state: &std::path::Path, url: &str) -> u64 {
 #[test]
 fn kill_9_repeats_only_what_was_not_flushed_and_loses_nothing() {
     let server = Server::start(&["--count", "500", "--interval-ms", "2"]);
-    let url = format!("http://{}/events", server.addr);
+    let url = server.events_url();
     let state = tempfile::tempdir().unwrap();
     let mut expected_start = 1;
     let mut seen = Vec::new();
@@ -242,7 +216,7 @@ fn demo_delivers_everything_once_and_says_so() {
 #[test]
 fn repeated_kill_9_never_leaves_a_torn_state_file() {
     let server = Server::start(&["--interval-ms", "0", "--retry-ms", "5"]);
-    let url = format!("http://{}/events", server.addr);
+    let url = server.events_url();
     let state = tempfile::tempdir().unwrap();
     let mut rng = tidemark_core::Rng::new(7);
     let mut last = 0;
@@ -293,7 +267,7 @@ fn an_event_that_cannot_be_written_is_printed_by_the_next_run() {
     // One event more than the second run asks for, so that a run that
     // skipped event 1 prints event 21 instead of waiting for it.
     let server = Server::start(&["--count", "21", "--interval-ms", "0"]);
-    let url = format!("http://{}/events", server.addr);
+    let url = server.events_url();
     let state = tempfile::tempdir().unwrap();
     // /dev/full fails every write with ENOSPC: event 1 is never printed.
     let full = std::fs::OpenOptions::new()

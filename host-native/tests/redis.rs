@@ -4,6 +4,7 @@
 
 mod support {
     pub mod redis_server;
+    pub mod serve;
 }
 
 use std::io::{BufRead, BufReader};
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 use support::redis_server::{RedisServer, shared, unique_prefix};
+use support::serve::Server;
 use tidemark::{Lease, LeaseLost, RedisConfig, RedisStore, SmolClock};
 use tidemark_core::{Cursor, Millis, Store, StoreError, StreamKey};
 
@@ -341,39 +343,6 @@ fn keep_renews_and_reports_a_lease_taken_or_lapsed() {
     assert!(started.elapsed() < Duration::from_millis(1000));
 }
 
-/// A `tidemark serve` process, killed when dropped.
-struct Source {
-    child: Child,
-    url: String,
-}
-
-impl Source {
-    fn start(args: &[&str]) -> Source {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.starts_with("127.0.0.1:"), "serve printed {line:?}");
-        Source {
-            child,
-            url: format!("http://{}/events", line.trim()),
-        }
-    }
-}
-
-impl Drop for Source {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A `tidemark follow --redis` process with its stdout ids and stderr lines
 /// read by threads; killed when dropped.
 struct Follower {
@@ -432,6 +401,17 @@ impl Follower {
         }
     }
 
+    /// Reads the ids that arrive within `within` into `into`.
+    fn read_for(&self, into: &mut Vec<u64>, within: Duration) {
+        let deadline = Instant::now() + within;
+        while let Ok(id) = self
+            .ids
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            into.push(id);
+        }
+    }
+
     /// Reads ids into `into` until `stop` holds or the output ends.
     fn read_until(&self, into: &mut Vec<u64>, within: Duration, stop: impl Fn(&[u64]) -> bool) {
         let deadline = Instant::now() + within;
@@ -475,7 +455,7 @@ fn contiguous(ids: &[u64]) -> bool {
 fn a_standby_takes_over_from_the_shared_cursor_after_kill_9() {
     let (redis, _server) = shared();
     let prefix = unique_prefix("failover");
-    let source = Source::start(&["--count", "3000", "--interval-ms", "2"]);
+    let source = Server::start(&["--count", "3000", "--interval-ms", "2"]);
     let args = [
         "--redis-prefix",
         &prefix,
@@ -484,9 +464,9 @@ fn a_standby_takes_over_from_the_shared_cursor_after_kill_9() {
         "--stream",
         "failover",
     ];
-    let mut active = Follower::start(&source.url, &redis, &args);
+    let mut active = Follower::start(&source.events_url(), &redis, &args);
     active.wait_stderr("holding the lease", Duration::from_secs(10));
-    let mut standby = Follower::start(&source.url, &redis, &args);
+    let mut standby = Follower::start(&source.events_url(), &redis, &args);
     standby.wait_stderr("waiting for the lease", Duration::from_secs(10));
 
     let mut first = Vec::new();
@@ -547,7 +527,7 @@ fn a_standby_takes_over_from_the_shared_cursor_after_kill_9() {
     assert_eq!(union, (1..=3000).collect::<Vec<_>>());
 
     let shared = store(&redis, &prefix);
-    let key = StreamKey::new(&source.url, "failover");
+    let key = StreamKey::new(source.events_url(), "failover");
     let cursor = smol::block_on(shared.load(&key)).unwrap().unwrap();
     assert_eq!(cursor.last_event_id, "3000", "the graceful stop saved it");
 }
@@ -564,20 +544,56 @@ fn without_a_lease_an_outage_longer_than_any_lease_loses_nothing() {
     outage(&["--no-lease"], 1000);
 }
 
+#[test]
+fn an_outage_longer_than_the_lease_pauses_delivery_and_loses_nothing() {
+    let mut server = RedisServer::start();
+    let prefix = unique_prefix("lapse");
+    let source = Server::start(&["--count", "2000", "--interval-ms", "2"]);
+    let mut follower = Follower::start(
+        &source.events_url(),
+        &server.url(),
+        &[
+            "--redis-prefix",
+            &prefix,
+            "--max-events",
+            "2000",
+            "--lease-ms",
+            "600",
+        ],
+    );
+    let mut ids = Vec::new();
+    follower.read_until(&mut ids, Duration::from_secs(20), |ids| ids.len() >= 300);
+    server.stop();
+    let line = follower.wait_stderr("stopped delivering", Duration::from_secs(10));
+    assert!(line.contains("lapsed"), "{line}");
+    follower.wait_stderr("standby", Duration::from_secs(5));
+    follower.read_for(&mut ids, Duration::from_millis(300));
+    let at_stop = ids.len();
+    follower.read_for(&mut ids, Duration::from_millis(1000));
+    assert_eq!(ids.len(), at_stop, "delivered without the lease");
+    // Redis comes back empty: the lease is free, and this process resumes
+    // from the cursor it committed.
+    server.restart();
+    follower.wait_stderr("holding the lease", Duration::from_secs(10));
+    follower.read_until(&mut ids, Duration::from_secs(30), |_| false);
+    assert!(follower.child.wait().unwrap().success());
+    assert_eq!(ids, (1..=2000).collect::<Vec<_>>(), "no loss, no repeat");
+}
+
 /// Follows 2,000 events while Redis is stopped for `events` of them, then
 /// restarted empty.
 fn outage(args: &[&str], events: usize) {
     let leased = args.is_empty();
     let mut server = RedisServer::start();
     let prefix = unique_prefix("outage");
-    let source = Source::start(&["--count", "2000", "--interval-ms", "2"]);
+    let source = Server::start(&["--count", "2000", "--interval-ms", "2"]);
     let mut follower = Follower::start(
-        &source.url,
+        &source.events_url(),
         &server.url(),
         &[&["--redis-prefix", &prefix, "--max-events", "2000"], args].concat(),
     );
     let store = store(&server.url(), &prefix);
-    let key = StreamKey::new(&source.url, "default");
+    let key = StreamKey::new(source.events_url(), "default");
     let stored = || {
         smol::block_on(store.load(&key))
             .ok()
@@ -637,21 +653,21 @@ fn outage(args: &[&str], events: usize) {
 }
 
 #[test]
-fn an_instance_that_loses_its_lease_stops_delivering_at_once() {
+fn an_instance_that_loses_its_lease_stops_delivering_and_waits_as_a_standby() {
     let (redis, _server) = shared();
     let prefix = unique_prefix("taken");
     // A source that never pauses: the next event is always ready, so only
     // the lease's own state can stop the follower between two events.
-    let source = Source::start(&["--interval-ms", "0"]);
+    let source = Server::start(&["--interval-ms", "0"]);
     let mut follower = Follower::start(
-        &source.url,
+        &source.events_url(),
         &redis,
         &["--redis-prefix", &prefix, "--lease-ms", "3000"],
     );
     let mut ids = Vec::new();
     follower.read_until(&mut ids, Duration::from_secs(20), |ids| ids.len() >= 50);
     let store = Arc::new(store(&redis, &prefix));
-    let key = StreamKey::new(&source.url, "default");
+    let key = StreamKey::new(source.events_url(), "default");
     let lease_key = Lease::new(store, &key, Duration::from_secs(1), SmolClock::new())
         .key()
         .to_owned();
@@ -664,7 +680,6 @@ fn an_instance_that_loses_its_lease_stops_delivering_at_once() {
     let taken = Instant::now();
     let line = follower.wait_stderr("stopped delivering", Duration::from_secs(5));
     assert!(line.contains("another instance holds it"), "{line}");
-    assert_eq!(follower.child.wait().unwrap().code(), Some(1));
     let stopped_after = taken.elapsed();
     // Within a renewal period (1 s) of the take, not at the deadline of
     // the last renewal (2.7 s after it, so at least 1.7 s after the take).
@@ -672,9 +687,39 @@ fn an_instance_that_loses_its_lease_stops_delivering_at_once() {
         stopped_after < Duration::from_millis(1500),
         "{stopped_after:?}"
     );
+    follower.wait_stderr("standby", Duration::from_secs(5));
+    // What was printed before the stop arrives; then nothing while the
+    // intruder holds the lease.
+    follower.read_for(&mut ids, Duration::from_millis(300));
+    let at_stop = ids.len();
+    follower.read_for(&mut ids, Duration::from_millis(1500));
+    assert_eq!(ids.len(), at_stop, "delivered while a standby");
+    assert!(
+        follower.child.try_wait().unwrap().is_none(),
+        "still running"
+    );
     let holder: String = redis::cmd("GET")
         .arg(&lease_key)
         .query(&mut connection)
         .unwrap();
     assert_eq!(holder, "intruder", "the loser leaves the lease alone");
+
+    // The intruder goes: the standby takes the lease again and resumes from
+    // the stored cursor, losing nothing.
+    let () = redis::cmd("DEL")
+        .arg(&lease_key)
+        .query(&mut connection)
+        .unwrap();
+    follower.wait_stderr("holding the lease", Duration::from_secs(5));
+    follower.read_until(&mut ids, Duration::from_secs(20), |ids| {
+        ids.len() >= at_stop + 100
+    });
+    follower.signal("-TERM");
+    follower.read_until(&mut ids, Duration::from_secs(20), |_| false);
+    assert!(follower.child.wait().unwrap().success());
+    let mut union = ids.clone();
+    union.sort_unstable();
+    union.dedup();
+    assert_eq!(union[0], 1);
+    assert!(contiguous(&union), "an id is missing");
 }

@@ -1,0 +1,42 @@
+//! `tidemark serve` processes for the tests that run the binary.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+/// A `tidemark serve --listen 127.0.0.1:0` process, killed when dropped.
+pub struct Server {
+    child: Child,
+    /// The address it printed, `127.0.0.1:PORT`: proven to be this server's.
+    pub addr: String,
+}
+
+impl Server {
+    /// Starts `tidemark serve` with `args` and waits for its address.
+    pub fn start(args: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tidemark"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line.trim().to_owned();
+        assert!(addr.starts_with("127.0.0.1:"), "serve printed {line:?}");
+        Server { child, addr }
+    }
+
+    /// The URL of its event stream.
+    pub fn events_url(&self) -> String {
+        format!("http://{}/events", self.addr)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
