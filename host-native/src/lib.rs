@@ -45,6 +45,6 @@ pub use file_store::FileStore;
 pub use hyper::{HeaderMap, Method};
 pub use lease::{Lease, LeaseLost};
 pub use native_store::NativeStore;
-pub use redis_store::{CURSORS_PER_SCRIPT, RedisConfig, RedisStore};
+pub use redis_store::{CURSORS_PER_ROUND_TRIP, CURSORS_PER_SCRIPT, RedisConfig, RedisStore};
 pub use server::{ServerConfig, SseServer};
 pub use tidemark_core as core;

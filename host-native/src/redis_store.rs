@@ -25,7 +25,9 @@
 //! is split into scripts of at most [`CURSORS_PER_SCRIPT`] cursors, all sent
 //! in one pipeline: still one round trip, but Redis serves other clients (a
 //! lease renewal, say) between the scripts of a large flush instead of
-//! blocking for all of it.
+//! blocking for all of it. Only a flush of more than
+//! [`CURSORS_PER_ROUND_TRIP`] streams takes more than one round trip, so that
+//! each fits in the response timeout however many streams are dirty.
 //!
 //! # Connection loss
 //!
@@ -55,6 +57,12 @@ use tidemark_core::{Cursor, Millis, Store, StoreError, StreamKey};
 /// The most cursors one script writes; larger batches are split into several
 /// scripts sent in one pipeline.
 pub const CURSORS_PER_SCRIPT: usize = 1000;
+
+/// The most cursors one pipeline (one round trip) carries: about 0.75 s of
+/// Redis's time on the benchmark machine (BENCHMARKS.md), well inside the
+/// default 5 s response timeout, which a flush of every stream of a large
+/// fleet in one pipeline would exceed on every retry.
+pub const CURSORS_PER_ROUND_TRIP: usize = 100 * CURSORS_PER_SCRIPT;
 
 /// Writes each cursor whose `seq` is higher than the stored one. KEYS are the
 /// cursor keys; ARGV[1] is the TTL in milliseconds (0: none), then `seq`,
@@ -300,9 +308,13 @@ impl Store for RedisStore {
         if cursors.is_empty() {
             return Ok(());
         }
-        let pipe = self.save_pipeline(cursors);
-        let stale = self.run(|connection| self.save(connection, &pipe)).await?;
-        self.stale_cursors.fetch_add(stale.iter().sum(), Relaxed);
+        // A part written before a later part fails is written again by the
+        // retry: the seq guard makes that harmless.
+        for part in cursors.chunks(CURSORS_PER_ROUND_TRIP) {
+            let pipe = self.save_pipeline(part);
+            let stale = self.run(|connection| self.save(connection, &pipe)).await?;
+            self.stale_cursors.fetch_add(stale.iter().sum(), Relaxed);
+        }
         Ok(())
     }
 
