@@ -207,6 +207,8 @@ pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64,
     let registry = &persistence.registry;
     let health = smol::spawn(report_store_health(registry.worker().clone(), clock));
     let mut written = 0u64;
+    // The newest cursor this process committed, carried from turn to turn.
+    let mut committed = None;
     let outcome = loop {
         if let Some(lease) = &lease {
             let signalled = {
@@ -225,9 +227,23 @@ pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64,
             lease: lease.as_ref(),
             clock,
         };
-        match turn.run(&mut signals, out, &mut written).await {
+        match turn
+            .run(&mut signals, out, &mut written, &mut committed)
+            .await
+        {
             Ok(Some(lost)) => eprintln!("tidemark: {lost}; stopped delivering"),
             Ok(None) => break Ok(()),
+            Err(FollowError::Registry(RegistryError::Store(e)))
+                if e.is_transient() && lease.is_some() =>
+            {
+                // Redis failed right after the lease was taken: let it go
+                // and try again as a standby.
+                eprintln!("tidemark: loading the cursor: {e}; standby again");
+                if let Some(lease) = &lease {
+                    let _ = lease.release().await;
+                }
+                clock.sleep_until(clock.now() + Millis::from_secs(1)).await;
+            }
             Err(e) => break Err(e),
         }
     };
@@ -250,8 +266,9 @@ pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64,
             .last_error
             .map_or_else(String::new, |e| format!(", last store error: {e}"))
     );
-    if let Some(lease) = lease.filter(Lease::is_valid) {
-        // The cursor is saved: a standby may take over at once.
+    if let Some(lease) = lease {
+        // The cursor is saved: a standby may take over at once. (The script
+        // deletes the key only if it holds this instance's token.)
         if let Err(e) = lease.release().await {
             eprintln!("tidemark: could not release the lease: {e}");
         }
@@ -271,12 +288,16 @@ struct Turn<'a> {
 impl Turn<'_> {
     /// Follows until `max_events` in all or a signal (`Ok(None)`), the loss
     /// of the lease (`Ok(Some)`), or an error. The cursor is committed up to
-    /// the last event written.
+    /// the last event written. `committed` is the newest cursor this process
+    /// committed in earlier turns: the turn starts from it when it is newer
+    /// than the stored one (Redis lost the stored one, or never got it), and
+    /// it is updated when the turn ends.
     async fn run(
         &self,
         signals: &mut Signals,
         out: &mut impl Write,
         written: &mut u64,
+        committed: &mut Option<Cursor>,
     ) -> Result<Option<LeaseLost>, FollowError> {
         let options = self.options;
         let mut tracker = self
@@ -284,6 +305,9 @@ impl Turn<'_> {
             .open(self.key.clone())
             .await
             .map_err(FollowError::Registry)?;
+        if let Some(ours) = committed.as_ref().filter(|c| c.seq > tracker.seq()) {
+            tracker.seed(ours);
+        }
         if self.lease.is_some() {
             // Any cursor the previous owner still writes stays below ours.
             // Half the range still takes 2^31 takeovers; a seq beyond it is
@@ -357,6 +381,13 @@ impl Turn<'_> {
         // was not written.
         if matches!(outcome, Ok(None) | Err(FollowError::Stream(_))) {
             stream.commit();
+        }
+        // The slot's cursor is the committed one, without an event in hand.
+        let newest = self.registry.newest_cursors().into_iter();
+        if let Some(cursor) = newest.filter(|c| &c.key == self.key).max_by_key(|c| c.seq) {
+            if committed.as_ref().is_none_or(|c| cursor.seq > c.seq) {
+                *committed = Some(cursor);
+            }
         }
         drop(stream);
         if let Some(keeper) = keeper {

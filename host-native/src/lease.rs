@@ -2,7 +2,9 @@
 //!
 //! The lease is a key `{prefix}lease:{n}:{session}:{stream}` holding the
 //! owner's random token, with a Redis expiry of one TTL. An instance acquires
-//! it with `SET key token NX PX ttl`; a standby polls that every third of a
+//! it with a script that sets the key (token, `PX ttl`) if it is absent, or
+//! extends it if it already holds the instance's own token (a renewal that
+//! reached Redis after the instance gave up); a standby polls that every third of a
 //! TTL. The holder renews it every third of a TTL with a script that extends
 //! the expiry only if the token is still its own.
 //!
@@ -175,26 +177,30 @@ impl Lease {
     }
 
     /// One attempt to take the lease: `true` if this instance holds it now.
+    /// Finding its own token (a renewal that reached Redis after this
+    /// instance gave up on it) counts as holding it.
     pub async fn try_acquire(&self) -> Result<bool, StoreError> {
         let sent = self.clock.now();
-        let set = redis::cmd("SET")
-            .arg(&self.key)
-            .arg(&*self.token)
-            .arg("NX")
-            .arg("PX")
-            .arg(self.ttl_ms())
-            .take();
-        let set: Option<String> = self
-            .store
-            .run(|mut connection| {
-                let set = &set;
-                async move { set.query_async(&mut connection).await }
-            })
-            .await?;
-        if set.is_some() {
+        let held = self.run_renew().await?;
+        if held {
             self.held_from(sent);
         }
-        Ok(set.is_some())
+        Ok(held)
+    }
+
+    /// The RENEW script: extends the key if it holds this instance's token,
+    /// sets it if it is absent; whether this instance holds it now.
+    async fn run_renew(&self) -> Result<bool, StoreError> {
+        let mut call = RENEW_SCRIPT.key(&self.key);
+        call.arg(&*self.token).arg(self.ttl_ms());
+        let held: i64 = self
+            .store
+            .run(|mut connection| {
+                let call = &call;
+                async move { call.invoke_async(&mut connection).await }
+            })
+            .await?;
+        Ok(held == 1)
     }
 
     /// Waits until this instance holds the lease, trying every third of a
@@ -221,23 +227,15 @@ impl Lease {
         if !self.is_valid() {
             return Ok(false);
         }
-        let mut call = RENEW_SCRIPT.key(&self.key);
-        call.arg(&*self.token).arg(self.ttl_ms());
-        let held: i64 = self
-            .store
-            .run(|mut connection| {
-                let call = &call;
-                async move { call.invoke_async(&mut connection).await }
-            })
-            .await?;
-        if held == 1 {
+        let held = self.run_renew().await?;
+        if held {
             self.held_from(sent);
         } else {
             // Another instance holds it: stop acting as the holder now, not
             // at the deadline.
             self.valid_until.store(0, Relaxed);
         }
-        Ok(held == 1)
+        Ok(held)
     }
 
     /// Renews the lease every third of a TTL (sooner after a failure) until
