@@ -88,7 +88,7 @@ for _ in $(seq 20); do
   for _ in $(seq 100); do
     kill -0 "$redis_pid" 2>/dev/null || break
     if redis-cli -p "$port" info server 2>/dev/null | grep -q "^process_id:$redis_pid"; then
-      export TIDEMARK_TEST_REDIS="redis://127.0.0.1:$port/"
+      export TIDEMARK_TEST_REDIS="redis://127.0.0.1:$port/" TIDEMARK_TEST_REDIS_PID="$redis_pid"
       break 2
     fi
     sleep 0.1

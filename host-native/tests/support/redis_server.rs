@@ -115,9 +115,30 @@ fn server_pid(port: u16) -> Option<u32> {
 
 /// The URL of the test command's server, or a server of our own (kept alive
 /// by the returned guard). Tests keep apart by key prefix.
+///
+/// The test command's server must prove to be the process the command
+/// started: `TIDEMARK_TEST_REDIS_PID` is its pid, and the server on the URL's
+/// port must report that `process_id`.
 pub fn shared() -> (String, Option<RedisServer>) {
     match std::env::var("TIDEMARK_TEST_REDIS") {
-        Ok(url) if !url.is_empty() => (url, None),
+        Ok(url) if !url.is_empty() => {
+            let port = url
+                .strip_prefix("redis://127.0.0.1:")
+                .and_then(|rest| rest.trim_end_matches('/').parse().ok())
+                .unwrap_or_else(|| {
+                    panic!("TIDEMARK_TEST_REDIS={url:?}: not redis://127.0.0.1:PORT/")
+                });
+            let pid = std::env::var("TIDEMARK_TEST_REDIS_PID")
+                .ok()
+                .and_then(|pid| pid.parse().ok())
+                .expect("TIDEMARK_TEST_REDIS_PID names the server's pid");
+            assert_eq!(
+                server_pid(port),
+                Some(pid),
+                "the Redis on port {port} is not the one the test command started"
+            );
+            (url, None)
+        }
         _ => {
             let server = RedisServer::start();
             (server.url(), Some(server))
