@@ -147,7 +147,9 @@ pub(crate) fn replace_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<()
         .map_err(|e| io_error(dir, &e))
 }
 
-fn io_error(path: &Path, error: &io::Error) -> StoreError {
+/// A failed file operation on `path` as a store error: out of space or
+/// quota, or another (transient) backend failure.
+pub(crate) fn io_error(path: &Path, error: &io::Error) -> StoreError {
     let message = format!("{}: {error}", path.display());
     match error.raw_os_error() {
         // ENOSPC, EDQUOT: space may be freed.

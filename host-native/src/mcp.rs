@@ -42,6 +42,7 @@
 //! `--new` then starts the call again. A 409 to a resume (the SDK's answer
 //! while it still holds the previous connection) is retried.
 
+use crate::file_store::{io_error, replace_durably};
 use crate::follow::{Persistence, next_or_stop, stop_signals};
 use crate::{HttpBody, HttpConnector, HttpResponse, NativeStore};
 use futures::StreamExt;
@@ -235,13 +236,6 @@ fn record_path(state: &Path, url: &str, name: &str) -> PathBuf {
     state.join("mcp").join(format!("{hash:016x}.json"))
 }
 
-fn io_error(path: &Path, error: &io::Error) -> StoreError {
-    StoreError::Backend {
-        message: format!("{}: {error}", path.display()),
-        transient: false,
-    }
-}
-
 fn read_record(path: &Path) -> Result<Option<Record>, StoreError> {
     let bytes = match fs::read(path) {
         Ok(bytes) => bytes,
@@ -267,7 +261,7 @@ fn write_record(path: &Path, record: &Record) -> Result<(), StoreError> {
         .and_then(|n| n.to_str())
         .expect("record names are ASCII");
     let bytes = serde_json::to_vec_pretty(&record.to_json()).expect("JSON values serialize");
-    crate::file_store::replace_durably(dir, name, &bytes)
+    replace_durably(dir, name, &bytes)
 }
 
 fn remove_record(path: &Path) -> Result<(), StoreError> {
