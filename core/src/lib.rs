@@ -55,7 +55,8 @@
 //! worker waits on the channel and on the clock and needs nothing else (see
 //! [`worker`]). A host that reads SSE over its own HTTP client implements
 //! [`Connector`] and loops on [`ResumableStream::next`], which observes and
-//! commits for it (see [`stream`]).
+//! commits for it and yields the connection's lifecycle as values
+//! ([`StreamItem`]: open, event, reconnecting; see [`stream`]).
 //!
 //! # Example
 //!
@@ -134,7 +135,7 @@ pub use reconnect::{Decision, Failure, GiveUp, ReconnectConfig, ReconnectPolicy}
 pub use registry::{Config, Registry, RegistryError, Stats, persistence};
 pub use store::{MemStore, Store, StoreError, merge_newest};
 pub use stream::{
-    ConnectRequest, Connector, ResumableStream, StreamConfig, StreamError, StreamStats,
+    ConnectRequest, Connector, ResumableStream, StreamConfig, StreamError, StreamItem, StreamStats,
 };
 pub use tracker::{EventTracker, Observation, TrackerConfig, TrackerStats};
 pub use window::MAX_WINDOW;

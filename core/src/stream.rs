@@ -9,12 +9,30 @@
 //!
 //! # Driving contract
 //!
-//! Call [`ResumableStream::next`] in a loop and hand each event to the
-//! application. The next call to `next` (or an explicit
-//! [`ResumableStream::commit`]) declares the previous event delivered and
-//! moves the cursor: a crash between receiving and handling an event repeats
-//! it, never skips it. `next` is cancel-safe: dropping its future (to select
-//! on a shutdown signal, say) loses nothing; the next call carries on.
+//! Call [`ResumableStream::next`] in a loop. It yields a [`StreamItem`]:
+//! every effect of the stream is a value, the way quinn-proto's `poll`
+//! returns events and str0m's `poll_output` returns outputs, so a host
+//! reconstructs nothing from counters:
+//!
+//! - [`StreamItem::Open`]: a connection is up (a 200 `text/event-stream`
+//!   answer), with the `Last-Event-ID` it was opened with;
+//! - [`StreamItem::Event`]: a fresh event, to hand to the application;
+//! - [`StreamItem::Reconnecting`]: the connection failed or could not be
+//!   made, why, when the next attempt is due, and which attempt in a row it
+//!   will be.
+//!
+//! For one connection the order is always `Open`, then its events, then
+//! `Reconnecting`; an attempt that fails before its headers yields only
+//! `Reconnecting`. A final error (`Err`) ends the sequence.
+//!
+//! The next call to `next` (or an explicit [`ResumableStream::commit`])
+//! declares the previous event delivered and moves the cursor: a crash
+//! between receiving and handling an event repeats it, never skips it.
+//! `next` is cancel-safe: dropping its future (to select on a shutdown
+//! signal, say) loses nothing; the next call carries on. Every item is
+//! yielded in the same poll that changes the state it reports, so a dropped
+//! future never swallows one. Hosts that only want events call
+//! [`ResumableStream::next_event`].
 //!
 //! The cursor survives connections: a resumed connection that drops before
 //! any new id arrives resumes from the same id again, and events without an
@@ -81,7 +99,15 @@ impl fmt::Display for StreamError {
     }
 }
 
-impl std::error::Error for StreamError {}
+impl std::error::Error for StreamError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StreamError::GaveUp(give_up) => Some(give_up),
+            StreamError::Parse(error) => Some(error),
+            StreamError::Closed => None,
+        }
+    }
+}
 
 /// Settings of a [`ResumableStream`].
 #[derive(Clone, Debug, Default)]
@@ -101,6 +127,42 @@ impl StreamConfig {
     pub fn with_backoff(mut self, initial: Millis, max: Millis) -> Self {
         self.reconnect.backoff = crate::Backoff { initial, max };
         self
+    }
+}
+
+/// What [`ResumableStream::next`] yields; see the [module docs](self).
+#[non_exhaustive]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamItem {
+    /// A connection is open: the server answered 200 `text/event-stream`.
+    Open {
+        /// The `Last-Event-ID` the connection was opened with; `None` from
+        /// the start of the stream.
+        last_event_id: Option<String>,
+    },
+    /// A fresh event, to hand to the application.
+    Event(Event),
+    /// The connection failed, or an attempt to open one did; the stream
+    /// connects again at `retry_at` (on the stream's [`Clock`]) when `next`
+    /// is called then.
+    Reconnecting {
+        /// Why.
+        failure: Failure,
+        /// When the next attempt is due.
+        retry_at: Millis,
+        /// Which attempt in a row the next one is: 1 after a connection
+        /// that received data, counting up while attempts receive nothing.
+        attempt: u32,
+    },
+}
+
+impl StreamItem {
+    /// The event, if this item is one.
+    pub fn into_event(self) -> Option<Event> {
+        match self {
+            StreamItem::Event(event) => Some(event),
+            _ => None,
+        }
     }
 }
 
@@ -141,6 +203,26 @@ pub struct ResumableStream<C: Connector, K> {
     limits: Limits,
     state: State<C::Body>,
     stats: StreamStats,
+    /// Failures since the last connection that received a byte.
+    failures: u32,
+}
+
+impl<C: Connector, K> fmt::Debug for ResumableStream<C, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Connect => "connecting",
+            State::Wait(_) => "waiting to reconnect",
+            State::Open(..) => "open",
+            State::Stopped(_) => "stopped",
+        };
+        // Headers are left out: they carry credentials.
+        f.debug_struct("ResumableStream")
+            .field("url", &self.url)
+            .field("state", &state)
+            .field("last_event_id", &self.tracker.last_event_id())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<C: Connector, K: Clock> ResumableStream<C, K> {
@@ -163,6 +245,7 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
             limits: config.limits,
             state: State::Connect,
             stats: StreamStats::default(),
+            failures: 0,
         }
     }
 
@@ -172,10 +255,11 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
         self.tracker.commit();
     }
 
-    /// The next fresh event, reconnecting as needed. Errors are final: once
-    /// the policy gives up or the stream breaks its limits, every later call
-    /// returns the same error.
-    pub async fn next(&mut self) -> Result<Event, StreamError> {
+    /// The next item: a fresh event, or a change of the connection (see the
+    /// [module docs](self)). Errors are final: once the policy gives up or
+    /// the stream breaks its limits, every later call returns the same
+    /// error.
+    pub async fn next(&mut self) -> Result<StreamItem, StreamError> {
         self.tracker.commit();
         loop {
             match std::mem::replace(&mut self.state, State::Connect) {
@@ -202,19 +286,21 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
                         Ok(body) => {
                             self.stats.connects += 1;
                             self.policy.on_connected(now);
-                            let parser = match self.tracker.last_event_id() {
+                            let last_event_id = self.tracker.last_event_id().map(str::to_owned);
+                            let parser = match &last_event_id {
                                 Some(id) => Parser::with_last_event_id(self.limits, id),
                                 None => Parser::new(self.limits),
                             };
                             self.state = State::Open(body, parser);
+                            return Ok(StreamItem::Open { last_event_id });
                         }
-                        Err(failure) => self.fail(now, failure),
+                        Err(failure) => return self.fail(now, failure),
                     }
                 }
                 State::Open(body, mut parser) => {
                     if let Some(event) = self.drain(&mut parser) {
                         self.state = State::Open(body, parser);
-                        return Ok(event);
+                        return Ok(StreamItem::Event(event));
                     }
                     let deadline = self.policy.idle_deadline().unwrap_or(Millis::MAX);
                     // Keep the connection in place while waiting, so that a
@@ -242,6 +328,7 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
                             let bytes = chunk.as_ref();
                             self.stats.bytes += bytes.len() as u64;
                             self.policy.on_bytes(now);
+                            self.failures = 0;
                             if let Err(error) = parser.feed(bytes) {
                                 drop(body);
                                 self.state = State::Stopped(StreamError::Parse(error));
@@ -251,21 +338,34 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
                         }
                         Some(Some(Err(failure))) => {
                             drop(body);
-                            self.fail(now, failure);
+                            return self.fail(now, failure);
                         }
                         Some(None) => {
                             // Every complete event was drained before this
                             // read; an incomplete one at the end is dropped,
                             // as the specification says.
                             drop((body, parser));
-                            self.fail(now, Failure::Network("the server closed the stream".into()));
+                            let closed = Failure::Network("the server closed the stream".into());
+                            return self.fail(now, closed);
                         }
                         None => {
                             drop(body);
-                            self.fail(now, Failure::Idle(self.policy.idle_timeout()));
+                            let idle = Failure::Idle(self.policy.idle_timeout());
+                            return self.fail(now, idle);
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// The next fresh event, reconnecting as needed and skipping the other
+    /// items; for applications that do not report the connection's state.
+    /// Cancel-safe and final on errors, like [`next`](Self::next).
+    pub async fn next_event(&mut self) -> Result<Event, StreamError> {
+        loop {
+            if let StreamItem::Event(event) = self.next().await? {
+                return Ok(event);
             }
         }
     }
@@ -295,16 +395,27 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
         None
     }
 
-    /// The connection is gone (already dropped): schedule a retry or stop.
-    fn fail(&mut self, now: Millis, failure: Failure) {
+    /// The connection is gone (already dropped): schedule a retry and say
+    /// so, or stop.
+    fn fail(&mut self, now: Millis, failure: Failure) -> Result<StreamItem, StreamError> {
         self.stats.last_failure = Some(failure.clone());
-        self.state = match self.policy.on_failure(now, failure) {
-            Decision::RetryAt(at) => {
+        self.failures = self.failures.saturating_add(1);
+        match self.policy.on_failure(now, failure.clone()) {
+            Decision::RetryAt(retry_at) => {
                 self.stats.reconnects += 1;
-                State::Wait(at)
+                self.state = State::Wait(retry_at);
+                Ok(StreamItem::Reconnecting {
+                    failure,
+                    retry_at,
+                    attempt: self.failures,
+                })
             }
-            Decision::GiveUp(give_up) => State::Stopped(StreamError::GaveUp(give_up)),
-        };
+            Decision::GiveUp(give_up) => {
+                let error = StreamError::GaveUp(give_up);
+                self.state = State::Stopped(error.clone());
+                Err(error)
+            }
+        }
     }
 
     /// Drops the connection; later calls to `next` return

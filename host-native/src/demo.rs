@@ -83,6 +83,25 @@ impl fmt::Display for Verdict {
     }
 }
 
+/// The exit status of `tidemark demo`: prints the verdict on stdout;
+/// success only when nothing was lost or duplicated.
+pub fn exit_code(result: &io::Result<Verdict>) -> std::process::ExitCode {
+    match result {
+        Ok(verdict) => {
+            println!("verdict: {verdict}");
+            if verdict.is_perfect() {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("tidemark demo: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs the demo, drawing progress on stderr.
 pub async fn demo(options: DemoOptions) -> io::Result<Verdict> {
     let server = SseServer::bind(
@@ -137,7 +156,7 @@ pub async fn demo(options: DemoOptions) -> io::Result<Verdict> {
     let mut seen = HashSet::new();
     let mut delivered = 0u64;
     while (seen.len() as u64) < options.events && started.elapsed() < options.limit {
-        let next = smol::future::or(async { Some(stream.next().await) }, async {
+        let next = smol::future::or(async { Some(stream.next_event().await) }, async {
             async_io::Timer::at(started + options.limit).await;
             None
         })

@@ -1,22 +1,28 @@
 //! `tidemark follow`: one resumable stream, printed as JSON lines.
+//!
+//! The client loop, signals and persistence are [`client`](crate::client)'s;
+//! this module adds what is `follow`'s own: the output format, the event
+//! budget, and following under a Redis lease as a holder or a standby.
 
+use crate::client::{self, Ended, Persistence, deliver, stop_signals};
 use crate::lease::TAKEOVER_SEQ_GAP;
 use crate::{
     FileStore, HttpConnector, Lease, LeaseLost, NativeStore, RedisConfig, RedisStore, SmolClock,
 };
-use async_signal::{Signal, Signals};
+use async_signal::Signals;
 use futures::StreamExt;
 use futures::future::{Either, select};
 use std::fmt;
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::pin;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use tidemark_core::sse::Event;
 use tidemark_core::{
-    Clock, Config, Connector, Cursor, Millis, Registry, RegistryError, ResumableStream,
-    ShutdownReport, StoreError, StreamConfig, StreamError, StreamKey, WorkerHandle, persistence,
+    Clock, Cursor, Millis, Registry, RegistryError, ResumableStream, StoreError, StreamConfig,
+    StreamError, StreamKey,
 };
 
 /// What to follow and where to keep its cursor.
@@ -49,6 +55,7 @@ pub struct RedisFollow {
 }
 
 /// Why following stopped with an error.
+#[non_exhaustive]
 #[derive(Debug)]
 pub enum FollowError {
     /// The state directory could not be opened.
@@ -72,106 +79,36 @@ impl fmt::Display for FollowError {
     }
 }
 
-impl std::error::Error for FollowError {}
-
-/// The default state directory: `$XDG_STATE_HOME/tidemark`, else
-/// `~/.local/state/tidemark`, else `.tidemark` in the working directory.
-pub fn default_state_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir).join("tidemark");
-    }
-    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
-        Some(home) => PathBuf::from(home).join(".local/state/tidemark"),
-        None => PathBuf::from(".tidemark"),
-    }
-}
-
-/// A command's persistence: a registry over a [`NativeStore`], and its
-/// worker running on smol.
-pub(crate) struct Persistence {
-    pub(crate) registry: Registry<Arc<NativeStore>>,
-    pub(crate) clock: SmolClock,
-    worker: smol::Task<ShutdownReport>,
-}
-
-impl Persistence {
-    /// Starts the worker over `store`.
-    pub(crate) fn start(store: NativeStore, clock: SmolClock) -> Self {
-        let (registry, worker) = persistence(Arc::new(store), clock, Config::default());
-        Persistence {
-            registry,
-            clock,
-            worker: smol::spawn(worker.run()),
+impl std::error::Error for FollowError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            FollowError::Store(e) => Some(e),
+            FollowError::Registry(e) => Some(e),
+            FollowError::Stream(e) => Some(e),
+            FollowError::Output(e) => Some(e),
         }
     }
+}
 
-    /// Opens the state directory's [`FileStore`] and starts the worker.
-    pub(crate) fn open(state: &Path) -> Result<Self, StoreError> {
-        let store = FileStore::open(state)?;
-        Ok(Self::start(NativeStore::File(store), SmolClock::new()))
-    }
-
-    /// Writes every committed cursor, waiting up to 5 seconds, and stops the
-    /// worker; says on stderr what could not be written.
-    pub(crate) async fn close(self) {
-        let deadline = self.clock.now() + Millis::from_secs(5);
-        match self.registry.shutdown(deadline).await {
-            Ok(report) if !report.is_complete() => eprintln!(
-                "tidemark: could not save the cursor of {} stream(s): {}",
-                report.unwritten.len(),
-                report
-                    .last_error
-                    .map_or_else(String::new, |e| e.to_string())
-            ),
-            Ok(_) => {}
-            Err(e) => eprintln!("tidemark: {e}"),
+/// The exit status of `tidemark follow`: success when it stopped after
+/// `--max-events` or on a signal; otherwise failure, with the reason on
+/// stderr.
+pub fn exit_code(result: &Result<u64, FollowError>) -> ExitCode {
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tidemark: {e}");
+            ExitCode::FAILURE
         }
-        self.worker.await;
     }
 }
 
-/// SIGINT and SIGTERM, which stop a command after it saves its cursors.
-pub(crate) fn stop_signals() -> io::Result<Signals> {
-    Signals::new([Signal::Int, Signal::Term])
-}
-
-/// Why a command stopped waiting for its stream's next event.
-pub(crate) enum Interrupt {
-    /// SIGINT or SIGTERM.
-    Signal,
-    /// The stream's lease is lost: stop delivering at once.
+/// Why a turn refused an event: it is not delivered.
+enum Refusal {
+    /// The lease is no longer valid: another instance may deliver it.
     Lease(LeaseLost),
-}
-
-/// The stream's next event, unless a stop signal arrives or `keeper` (the
-/// task renewing the stream's lease, if any) ends first. Says on stderr why
-/// the stream reconnects.
-pub(crate) async fn next_or_stop<C: Connector>(
-    stream: &mut ResumableStream<C, SmolClock>,
-    signals: &mut Signals,
-    keeper: Option<&mut smol::Task<LeaseLost>>,
-) -> Result<Result<Event, StreamError>, Interrupt> {
-    let reconnects = stream.stats().reconnects;
-    let next = {
-        let event = pin!(stream.next());
-        let lost = pin!(lease_lost(keeper));
-        match select(event, select(signals.next(), lost)).await {
-            Either::Left((event, _)) => Ok(event),
-            Either::Right((Either::Left(_), _)) => Err(Interrupt::Signal),
-            Either::Right((Either::Right((lost, _)), _)) => Err(Interrupt::Lease(lost)),
-        }
-    };
-    let stats = stream.stats();
-    // A stream that gave up says why in its error.
-    if stats.reconnects != reconnects && matches!(next, Ok(Ok(_))) {
-        if let Some(failure) = &stats.last_failure {
-            eprintln!("tidemark: {failure}; reconnecting ({})", stats.reconnects);
-        }
-    }
-    if matches!(next, Err(Interrupt::Signal)) {
-        eprintln!("tidemark: stopping on signal");
-    }
-    next
+    /// Writing it failed.
+    Output(io::Error),
 }
 
 /// Follows the stream, writing each fresh event to `out` as one JSON object
@@ -205,7 +142,6 @@ pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64,
     // committed but could not write yet is where its next turn resumes.
     let persistence = Persistence::start(store, clock);
     let registry = &persistence.registry;
-    let health = smol::spawn(report_store_health(registry.worker().clone(), clock));
     let mut written = 0u64;
     // The newest cursor this process committed, carried from turn to turn.
     let mut committed = None;
@@ -255,7 +191,6 @@ pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64,
         NativeStore::File(_) => String::new(),
     };
     persistence.close().await;
-    health.cancel().await;
     let worker = worker.stats();
     eprintln!(
         "tidemark: {written} events; {} cursor writes in {} batches, {} failed batches{stale}{}",
@@ -345,43 +280,44 @@ impl Turn<'_> {
             tracker,
             config,
         );
-        let outcome = loop {
-            if options.max_events.is_some_and(|max| *written >= max) {
-                break Ok(None);
-            }
-            match next_or_stop(&mut stream, signals, keeper.as_mut()).await {
-                Err(Interrupt::Signal) => break Ok(None),
-                Err(Interrupt::Lease(lost)) => break Ok(Some(lost)),
-                Ok(Err(e)) => break Err(FollowError::Stream(e)),
-                Ok(Ok(_)) if self.lease.is_some_and(|l| !l.is_valid()) => {
-                    // A renewal that found another token zeroes the deadline.
-                    let taken = self.lease.is_some_and(|l| l.valid_until() == Millis::ZERO);
-                    break Ok(Some(if taken {
-                        LeaseLost::Taken
-                    } else {
-                        LeaseLost::Lapsed(None)
-                    }));
-                }
-                Ok(Ok(event)) => {
+        let lease = self.lease;
+        let max_events = options.max_events;
+        let ended = if max_events.is_some_and(|max| *written >= max) {
+            Ended::Done(())
+        } else {
+            client::run(
+                &mut stream,
+                self.clock,
+                signals,
+                keeper.as_mut(),
+                async |event: Event| {
+                    if let Some(lease) = lease.filter(|l| !l.is_valid()) {
+                        // A renewal that found another token zeroes the
+                        // deadline.
+                        return Err(Refusal::Lease(if lease.valid_until() == Millis::ZERO {
+                            LeaseLost::Taken
+                        } else {
+                            LeaseLost::Lapsed(None)
+                        }));
+                    }
                     let line = serde_json::json!({
                         "id": event.id,
                         "event": event.event,
                         "data": event.data,
                     });
-                    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
-                        // Not delivered: the cursor stays before it.
-                        break Err(FollowError::Output(e));
-                    }
+                    deliver(out, &line).map_err(Refusal::Output)?;
                     *written += 1;
-                }
-            }
+                    Ok(max_events.filter(|max| *written >= *max).map(|_| ()))
+                },
+            )
+            .await
         };
-        // Every event written was flushed: it is delivered. After losing the
-        // lease, or failing to write, the last event taken from the stream
-        // was not written.
-        if matches!(outcome, Ok(None) | Err(FollowError::Stream(_))) {
-            stream.commit();
-        }
+        let outcome = match ended {
+            Ended::Done(()) | Ended::Signal => Ok(None),
+            Ended::Lease(lost) | Ended::Refused(Refusal::Lease(lost)) => Ok(Some(lost)),
+            Ended::Stream(e) => Err(FollowError::Stream(e)),
+            Ended::Refused(Refusal::Output(e)) => Err(FollowError::Output(e)),
+        };
         // The slot's cursor is the committed one, without an event in hand.
         let newest = self.registry.newest_cursors().into_iter();
         if let Some(cursor) = newest.filter(|c| &c.key == self.key).max_by_key(|c| c.seq) {
@@ -413,36 +349,4 @@ async fn acquire(lease: &Lease, key: &StreamKey) {
         })
         .await;
     eprintln!("tidemark: holding the lease on {key} ({})", lease.token());
-}
-
-/// Resolves when the lease keeper ends (the lease is lost); never without a
-/// lease.
-async fn lease_lost(keeper: Option<&mut smol::Task<LeaseLost>>) -> LeaseLost {
-    match keeper {
-        Some(task) => task.await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Reports on stderr when cursor writes start failing and when they succeed
-/// again; the stream goes on in between.
-async fn report_store_health(worker: WorkerHandle, clock: SmolClock) {
-    let mut failing = false;
-    loop {
-        clock.sleep_until(clock.now() + Millis(100)).await;
-        let stats = worker.stats();
-        if !failing && stats.consecutive_failures > 0 {
-            failing = true;
-            let error = stats.last_error.map(|e| e.to_string()).unwrap_or_default();
-            eprintln!(
-                "tidemark: cursor store failing ({error}); the stream goes on, the cursor is retried"
-            );
-        } else if failing && stats.consecutive_failures == 0 {
-            failing = false;
-            eprintln!(
-                "tidemark: cursor store is back; {} failed batches so far",
-                stats.failed_batches
-            );
-        }
-    }
 }

@@ -28,6 +28,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod client;
 mod clock;
 mod connector;
 pub mod demo;
@@ -37,8 +38,9 @@ mod lease;
 pub mod mcp;
 mod native_store;
 mod redis_store;
-mod server;
+pub mod server;
 
+pub use client::default_state_dir;
 pub use clock::SmolClock;
 pub use connector::{HttpBody, HttpConnector, HttpResponse};
 pub use file_store::FileStore;

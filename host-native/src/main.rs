@@ -5,10 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use tidemark::demo::{DemoOptions, demo};
-use tidemark::follow::{FollowOptions, RedisFollow, default_state_dir, follow};
+use tidemark::demo::{self, DemoOptions};
+use tidemark::follow::{self, FollowOptions, RedisFollow};
 use tidemark::mcp::{self, McpOptions};
-use tidemark::{RedisConfig, ServerConfig, SseServer};
+use tidemark::{RedisConfig, ServerConfig, default_state_dir, server};
 
 /// Resumable Server-Sent-Events streams.
 #[derive(Parser)]
@@ -157,7 +157,13 @@ fn parse_arguments(value: &str) -> Result<serde_json::Value, String> {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Demo { events } => run_demo(events),
+        Command::Demo { events } => {
+            let options = DemoOptions {
+                events,
+                ..DemoOptions::default()
+            };
+            demo::exit_code(&smol::block_on(demo::demo(options)))
+        }
         Command::Follow {
             url,
             state,
@@ -175,13 +181,7 @@ fn main() -> ExitCode {
                 redis: redis.into_options(),
             };
             let mut stdout = std::io::stdout().lock();
-            match smol::block_on(follow(options, &mut stdout)) {
-                Ok(_) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("tidemark: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            follow::exit_code(&smol::block_on(follow::follow(options, &mut stdout)))
         }
         Command::Mcp {
             url,
@@ -202,21 +202,7 @@ fn main() -> ExitCode {
                 new,
             };
             let mut stdout = std::io::stdout().lock();
-            match smol::block_on(mcp::call(options, &mut stdout)) {
-                Ok(last) if last.get("error").is_some() => {
-                    eprintln!("tidemark: the call failed: {}", last["error"]);
-                    ExitCode::FAILURE
-                }
-                Ok(last) if last.pointer("/result/isError") == Some(&true.into()) => {
-                    eprintln!("tidemark: the tool reported an error (isError)");
-                    ExitCode::FAILURE
-                }
-                Ok(_) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("tidemark: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            mcp::exit_code(&smol::block_on(mcp::call(options, &mut stdout)))
         }
         Command::Serve {
             listen,
@@ -236,47 +222,7 @@ fn main() -> ExitCode {
                 www,
                 ..ServerConfig::default()
             };
-            match smol::block_on(serve(listen, config)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("tidemark: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            server::exit_code(&smol::block_on(server::serve_until_signal(listen, config)))
         }
     }
-}
-
-fn run_demo(events: u64) -> ExitCode {
-    let options = DemoOptions {
-        events,
-        ..DemoOptions::default()
-    };
-    match smol::block_on(demo(options)) {
-        Ok(verdict) => {
-            println!("verdict: {verdict}");
-            if verdict.is_perfect() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-        Err(e) => {
-            eprintln!("tidemark demo: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn serve(listen: SocketAddr, config: ServerConfig) -> std::io::Result<()> {
-    use futures::StreamExt;
-    let server = SseServer::bind(listen, config).await?;
-    println!("{}", server.local_addr()?);
-    let mut signals =
-        async_signal::Signals::new([async_signal::Signal::Int, async_signal::Signal::Term])?;
-    server
-        .run(async move {
-            signals.next().await;
-        })
-        .await
 }

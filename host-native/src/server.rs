@@ -270,3 +270,30 @@ fn events(config: Arc<ServerConfig>, after: u64) -> impl Stream<Item = Bytes> + 
         Some((Bytes::from(out), s))
     })
 }
+
+/// `tidemark serve`: binds `listen`, prints the bound address (the real port
+/// for port 0) as the first line of stdout, and serves until SIGINT or
+/// SIGTERM.
+pub async fn serve_until_signal(listen: SocketAddr, config: ServerConfig) -> io::Result<()> {
+    let server = SseServer::bind(listen, config).await?;
+    println!("{}", server.local_addr()?);
+    let mut signals =
+        async_signal::Signals::new([async_signal::Signal::Int, async_signal::Signal::Term])?;
+    server
+        .run(async move {
+            signals.next().await;
+        })
+        .await
+}
+
+/// The exit status of `tidemark serve`: failure, with the reason on stderr,
+/// when it could not serve.
+pub fn exit_code(result: &io::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tidemark: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -280,3 +280,89 @@ fn an_event_that_cannot_be_written_is_printed_by_the_next_run() {
     assert_eq!(status.code(), Some(1));
     assert_eq!(follow(&url, state.path(), 20), (1..=20).collect::<Vec<_>>());
 }
+
+/// Lines of a child's pipe, read on a thread, with a timeout per wait.
+struct Lines(std::sync::mpsc::Receiver<String>);
+
+impl Lines {
+    fn of(pipe: impl std::io::Read + Send + 'static) -> Lines {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Lines(rx)
+    }
+
+    /// The next line, failing the test after 20 s without one.
+    fn next(&self, what: &str) -> String {
+        self.0
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("no line: waiting for {what}"))
+    }
+
+    /// The first line containing `needle`, with every line before it.
+    fn until(&self, needle: &str) -> (String, Vec<String>) {
+        let mut before = Vec::new();
+        loop {
+            let line = self.next(needle);
+            if line.contains(needle) {
+                return (line, before);
+            }
+            before.push(line);
+        }
+    }
+}
+
+#[test]
+fn follow_says_at_once_that_the_connection_is_lost_and_when_it_is_back() {
+    let args = ["--count", "100000", "--interval-ms", "5", "--retry-ms", "50"];
+    let server = Server::start(&args);
+    let addr = server.addr.clone();
+    let state = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["follow", &server.events_url()])
+        .arg("--state")
+        .arg(state.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = Lines::of(child.stdout.take().unwrap());
+    let stderr = Lines::of(child.stderr.take().unwrap());
+    let id = |line: String| -> u64 {
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+        value["id"].as_str().unwrap().parse().unwrap()
+    };
+    let mut ids: Vec<u64> = (0..20).map(|_| id(stdout.next("an event"))).collect();
+
+    drop(server);
+    // While the server is away: the loss, with its reason and the retry.
+    let (lost, _) = stderr.until("connection lost");
+    assert!(lost.contains("reconnecting in"), "{lost}");
+    assert!(lost.contains("(attempt 1)"), "{lost}");
+    let (refused, _) = stderr.until("could not connect");
+    assert!(refused.contains("(attempt 2)"), "{refused}");
+    // Every event the follower had printed arrived before the loss.
+    while let Ok(line) = stdout.0.try_recv() {
+        ids.push(id(line));
+    }
+    let last = *ids.last().unwrap();
+
+    let _back = Server::start_at(&addr, &args);
+    let (back, _) = stderr.until("connection is back");
+    assert!(
+        back.ends_with(&format!("resumed from Last-Event-ID {last}")),
+        "{back}"
+    );
+    while ids.len() < last as usize + 20 {
+        ids.push(id(stdout.next("an event after the return")));
+    }
+    assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>());
+    let _ = child.kill();
+    let _ = child.wait();
+}

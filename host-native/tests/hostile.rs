@@ -92,7 +92,7 @@ fn a_wrong_content_type_stops_at_once() {
         })
         .await;
         let error = stream_of(addr, quick(3, Millis(1000)))
-            .next()
+            .next_event()
             .await
             .unwrap_err();
         assert_eq!(
@@ -111,7 +111,7 @@ fn a_server_that_sends_nothing_is_dropped_by_the_watchdog_then_given_up() {
         })
         .await;
         let mut stream = stream_of(addr, quick(2, Millis(150)));
-        let error = stream.next().await.unwrap_err();
+        let error = stream.next_event().await.unwrap_err();
         match error {
             StreamError::GaveUp(GiveUp::Exhausted { attempts, last }) => {
                 assert_eq!(attempts, 2);
@@ -144,8 +144,8 @@ fn a_line_that_never_ends_stops_the_stream_at_the_cap() {
             max_event: 1 << 20,
         };
         let mut stream = stream_of(addr, config);
-        assert_eq!(stream.next().await.unwrap().data, "fine");
-        let error = stream.next().await.unwrap_err();
+        assert_eq!(stream.next_event().await.unwrap().data, "fine");
+        let error = stream.next_event().await.unwrap_err();
         assert!(
             matches!(
                 error,
@@ -176,7 +176,7 @@ fn invalid_utf8_arrives_with_replacement_characters() {
         })
         .await;
         let event = stream_of(addr, quick(3, Millis(5000)))
-            .next()
+            .next_event()
             .await
             .unwrap();
         assert_eq!(event.data, "\u{FFFD}\u{FFFD} ok");
@@ -213,7 +213,7 @@ fn redirects_are_followed_a_bounded_number_of_times_without_leaking_credentials(
             ("Authorization".into(), "Bearer secret".into()),
             ("X-Trace".into(), "t1".into()),
         ];
-        let event = stream_of(origin, config).next().await.unwrap();
+        let event = stream_of(origin, config).next_event().await.unwrap();
         assert_eq!(event.data, "moved");
         let head = seen.recv().await.unwrap().to_ascii_lowercase();
         assert!(head.contains("x-trace: t1"), "{head}");
@@ -229,7 +229,7 @@ fn redirects_are_followed_a_bounded_number_of_times_without_leaking_credentials(
         })
         .await;
         let error = stream_of(looping, quick(3, Millis(5000)))
-            .next()
+            .next_event()
             .await
             .unwrap_err();
         assert!(

@@ -54,7 +54,7 @@ async fn follow(url: &str, dir: &std::path::Path, n: usize) -> (Vec<u64>, u64) {
     );
     let mut ids = Vec::new();
     while ids.len() < n {
-        let event = stream.next().await.expect("an event");
+        let event = stream.next_event().await.expect("an event");
         ids.push(event.data.parse().unwrap());
     }
     stream.commit();
@@ -107,7 +107,7 @@ fn permanent_failures_stop_the_stream() {
             tracker,
             fast_reconnect(),
         );
-        let error = stream.next().await.unwrap_err();
+        let error = stream.next_event().await.unwrap_err();
         assert_eq!(
             error,
             StreamError::GaveUp(GiveUp::Permanent(Failure::Status {
@@ -126,7 +126,7 @@ fn permanent_failures_stop_the_stream() {
             fast_reconnect(),
         );
         assert!(matches!(
-            stream.next().await.unwrap_err(),
+            stream.next_event().await.unwrap_err(),
             StreamError::GaveUp(GiveUp::Permanent(Failure::Request(_)))
         ));
     });
@@ -154,8 +154,8 @@ fn long_gaps_between_events_carry_keep_alives() {
             tracker,
             fast_reconnect(),
         );
-        assert_eq!(stream.next().await.unwrap().data, "1");
-        assert_eq!(stream.next().await.unwrap().data, "2");
+        assert_eq!(stream.next_event().await.unwrap().data, "1");
+        assert_eq!(stream.next_event().await.unwrap().data, "2");
         assert!(stream.stats().comments >= 4, "{:?}", stream.stats());
         assert_eq!(stream.stats().connects, 1);
     });

@@ -79,14 +79,14 @@ fn https_streams_with_a_trusted_certificate_and_refuses_an_untrusted_one() {
         let mut roots = RootCertStore::empty();
         roots.add(cert).unwrap();
         let event = stream(HttpConnector::with_roots(roots), port)
-            .next()
+            .next_event()
             .await
             .unwrap();
         assert_eq!(event.data, "secure");
 
         // The bundled public roots do not trust a self-signed certificate.
         let error = stream(HttpConnector::default(), port)
-            .next()
+            .next_event()
             .await
             .unwrap_err();
         match error {

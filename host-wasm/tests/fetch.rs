@@ -135,7 +135,7 @@ async fn a_resumable_stream_follows_a_dropping_server_and_delivers_every_id_once
     let mut ids = Vec::new();
     within(20_000, "100 events", async {
         while ids.len() < 100 {
-            let event = stream.next().await.expect("an event");
+            let event = stream.next_event().await.expect("an event");
             ids.push(event.data.parse::<u64>().unwrap());
         }
     })
@@ -279,7 +279,9 @@ async fn not_found_is_a_permanent_status_failure() {
         tracker,
         fast_reconnect(),
     );
-    let error = within(5000, "the stream", stream.next()).await.unwrap_err();
+    let error = within(5000, "the stream", stream.next_event())
+        .await
+        .unwrap_err();
     assert_eq!(
         error,
         StreamError::GaveUp(GiveUp::Permanent(Failure::Status {

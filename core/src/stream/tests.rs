@@ -170,7 +170,7 @@ fn take(
 ) -> Vec<String> {
     (0..n)
         .map(|_| {
-            let event = run(clock, stream.next()).expect("an event");
+            let event = run(clock, stream.next_event()).expect("an event");
             event.id.unwrap_or(event.data)
         })
         .collect()
@@ -209,10 +209,10 @@ fn delivers_events_and_commits_each_on_the_next_call() {
         ])],
         64,
     );
-    let first = run(&clock, s.next()).unwrap();
+    let first = run(&clock, s.next_event()).unwrap();
     assert_eq!((first.id.as_deref(), first.data.as_str()), (Some("1"), "a"));
     assert_eq!(s.tracker().seq(), 0, "not committed before it is handled");
-    let second = run(&clock, s.next()).unwrap();
+    let second = run(&clock, s.next_event()).unwrap();
     assert_eq!(second.id.as_deref(), Some("2"));
     assert_eq!(s.tracker().seq(), 1);
     s.commit();
@@ -298,7 +298,7 @@ fn an_empty_id_resets_the_cursor() {
         64,
     );
     let ids: Vec<_> = (0..3)
-        .map(|_| run(&clock, s.next()).unwrap().data)
+        .map(|_| run(&clock, s.next_event()).unwrap().data)
         .collect();
     assert_eq!(ids, ["a", "b", "c"]);
     assert_eq!(conn.last_event_ids(), [None, None]);
@@ -408,10 +408,10 @@ fn permanent_failures_stop_with_a_clear_error() {
         Failure::ContentType("text/html".into()),
     ] {
         let (clock, conn, mut s) = setup(vec![Answer::Refuse(failure.clone())], 64);
-        let error = run(&clock, s.next()).unwrap_err();
+        let error = run(&clock, s.next_event()).unwrap_err();
         assert_eq!(error, StreamError::GaveUp(GiveUp::Permanent(failure)));
         assert_eq!(
-            run(&clock, s.next()).unwrap_err(),
+            run(&clock, s.next_event()).unwrap_err(),
             error,
             "errors are final"
         );
@@ -423,7 +423,7 @@ fn permanent_failures_stop_with_a_clear_error() {
 fn the_budget_of_attempts_without_data_runs_out() {
     let refuse = || Answer::Refuse(Failure::Network("refused".into()));
     let (clock, conn, mut s) = setup(vec![refuse(), refuse(), refuse(), refuse()], 64);
-    let error = run(&clock, s.next()).unwrap_err();
+    let error = run(&clock, s.next_event()).unwrap_err();
     assert!(
         matches!(
             error,
@@ -453,9 +453,9 @@ fn oversized_lines_stop_the_stream_with_bounded_memory() {
         max_event: 64,
     };
     let mut s = ResumableStream::new(conn, clock.clone(), "http://x", tracker(8), cfg);
-    assert_eq!(run(&clock, s.next()).unwrap().data, "a");
+    assert_eq!(run(&clock, s.next_event()).unwrap().data, "a");
     assert!(matches!(
-        run(&clock, s.next()).unwrap_err(),
+        run(&clock, s.next_event()).unwrap_err(),
         StreamError::Parse(_)
     ));
 }
@@ -471,7 +471,7 @@ fn next_is_cancel_safe() {
         64,
     );
     {
-        let mut fut = Box::pin(s.next());
+        let mut fut = Box::pin(s.next_event());
         let waker = futures::task::noop_waker();
         let mut cx = std::task::Context::from_waker(&waker);
         assert!(fut.as_mut().poll(&mut cx).is_pending());
@@ -489,6 +489,187 @@ fn close_stops_the_stream() {
     assert_eq!(take(&clock, &mut s, 1), ["1"]);
     s.close();
     assert_eq!(conn.open_bodies.get(), 0);
-    assert_eq!(run(&clock, s.next()).unwrap_err(), StreamError::Closed);
+    assert_eq!(
+        run(&clock, s.next_event()).unwrap_err(),
+        StreamError::Closed
+    );
     assert_eq!(s.into_tracker().seq(), 1);
+}
+
+/// The next `n` items, without their event bodies: `open <id>`, the id (or
+/// data) of an event, `retry <attempt> at <ms>: <failure>`.
+fn items(
+    clock: &ManualClock,
+    stream: &mut ResumableStream<Scripted, ManualClock>,
+    n: usize,
+) -> Vec<String> {
+    (0..n)
+        .map(|_| match run(clock, stream.next()).expect("an item") {
+            StreamItem::Open { last_event_id } => {
+                format!("open {}", last_event_id.as_deref().unwrap_or("-"))
+            }
+            StreamItem::Event(event) => event.id.unwrap_or(event.data),
+            StreamItem::Reconnecting {
+                failure,
+                retry_at,
+                attempt,
+            } => format!("retry {attempt} at {}: {failure}", retry_at.0),
+        })
+        .collect()
+}
+
+#[test]
+fn the_lifecycle_is_open_events_reconnecting_in_order() {
+    let (clock, conn, mut s) = setup(
+        vec![
+            body(&[
+                Step::Bytes("id: 1\ndata: a\n\nid: 2\ndata: b\n\n"),
+                Step::Wait(500),
+                Step::Fail("reset"),
+            ]),
+            Answer::Refuse(Failure::Network("refused".into())),
+            Answer::Refuse(Failure::Status {
+                code: 502,
+                retry_after: None,
+            }),
+            body(&[Step::Bytes("id: 3\ndata: c\n\n"), Step::Hang]),
+        ],
+        64,
+    );
+    let seen = items(&clock, &mut s, 8);
+    let times = conn.connect_times();
+    // Retry times are what the policy decided: the connects happened then.
+    assert_eq!(
+        seen,
+        [
+            "open -".to_owned(),
+            "1".into(),
+            "2".into(),
+            format!("retry 1 at {}: connection failed: reset", times[1].0),
+            format!("retry 2 at {}: connection failed: refused", times[2].0),
+            format!("retry 3 at {}: server answered HTTP 502", times[3].0),
+            "open 2".into(),
+            "3".into(),
+        ]
+    );
+    assert_eq!(times[0], Millis(0));
+    assert!(times[1] >= Millis(1500), "the failure came at 500 ms");
+    assert_eq!(s.stats().connects, 2);
+    assert_eq!(s.stats().reconnects, 3);
+}
+
+#[test]
+fn reconnecting_is_yielded_when_the_connection_is_lost_not_when_it_is_back() {
+    let (clock, conn, mut s) = setup(
+        vec![
+            body(&[Step::Bytes("id: 1\ndata: a\n\n"), Step::Fail("reset")]),
+            body(&[Step::Bytes("id: 2\ndata: b\n\n"), Step::Hang]),
+        ],
+        64,
+    );
+    assert_eq!(items(&clock, &mut s, 2), ["open -", "1"]);
+    let Ok(StreamItem::Reconnecting { retry_at, .. }) = run(&clock, s.next()) else {
+        panic!("expected the loss of the connection");
+    };
+    assert_eq!(clock.now(), Millis(0), "reported at once, before any wait");
+    assert_eq!(conn.requests.borrow().len(), 1, "no new attempt yet");
+    assert!(!s.is_connected());
+    assert_eq!(items(&clock, &mut s, 1), ["open 1"]);
+    assert_eq!(clock.now(), retry_at, "the attempt came when it said");
+}
+
+#[test]
+fn an_idle_connection_is_reported_with_its_timeout() {
+    let (clock, _, mut s) = setup(
+        vec![body(&[Step::Bytes("id: 1\ndata: a\n\n"), Step::Hang])],
+        64,
+    );
+    assert_eq!(items(&clock, &mut s, 2), ["open -", "1"]);
+    match run(&clock, s.next()).unwrap() {
+        StreamItem::Reconnecting {
+            failure, attempt, ..
+        } => {
+            assert_eq!(failure, Failure::Idle(Millis(45_000)));
+            assert_eq!(attempt, 1);
+        }
+        other => panic!("expected reconnecting, got {other:?}"),
+    }
+    assert_eq!(clock.now(), Millis(45_000));
+}
+
+#[test]
+fn a_permanent_failure_ends_the_items_with_an_error_not_reconnecting() {
+    let (clock, _, mut s) = setup(
+        vec![
+            body(&[Step::Bytes("id: 1\ndata: a\n\n")]),
+            Answer::Refuse(Failure::Status {
+                code: 410,
+                retry_after: None,
+            }),
+        ],
+        64,
+    );
+    assert_eq!(items(&clock, &mut s, 3)[..2], ["open -", "1"]);
+    let error = run(&clock, s.next()).unwrap_err();
+    assert!(matches!(error, StreamError::GaveUp(GiveUp::Permanent(_))));
+    assert!(std::error::Error::source(&error).is_some());
+}
+
+#[test]
+fn attempts_count_up_without_data_and_restart_after_data() {
+    let refuse = || Answer::Refuse(Failure::Network("refused".into()));
+    let (clock, _, mut s) = setup(
+        vec![
+            refuse(),
+            refuse(),
+            body(&[Step::Bytes(": hi\n")]),
+            refuse(),
+            body(&[Step::Bytes("id: 1\ndata: a\n\n"), Step::Hang]),
+        ],
+        64,
+    );
+    let attempts: Vec<String> = items(&clock, &mut s, 7)
+        .into_iter()
+        .map(|item| item.split(" at ").next().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        attempts,
+        [
+            "retry 1", "retry 2", "open -", "retry 1", "retry 2", "open -", "1"
+        ]
+    );
+}
+
+#[test]
+fn next_is_cancel_safe_between_items() {
+    let (clock, _, mut s) = setup(
+        vec![
+            body(&[Step::Bytes("id: 1\ndata: a\n\n"), Step::Fail("reset")]),
+            body(&[
+                Step::Wait(10),
+                Step::Bytes("id: 2\ndata: b\n\n"),
+                Step::Hang,
+            ]),
+        ],
+        64,
+    );
+    assert_eq!(items(&clock, &mut s, 2), ["open -", "1"]);
+    let Ok(StreamItem::Reconnecting { retry_at, .. }) = run(&clock, s.next()) else {
+        panic!("expected the loss of the connection");
+    };
+    // Dropped while waiting to reconnect, then while reading: nothing is
+    // lost or repeated, and the item for the open connection comes once.
+    let waker = futures::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    {
+        let mut fut = Box::pin(s.next());
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+    }
+    clock.set(retry_at);
+    assert_eq!(items(&clock, &mut s, 1), ["open 1"]);
+    {
+        let mut fut = Box::pin(s.next());
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+    }
+    assert_eq!(items(&clock, &mut s, 1), ["2"]);
 }

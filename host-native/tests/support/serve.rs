@@ -13,8 +13,15 @@ pub struct Server {
 impl Server {
     /// Starts `tidemark serve` with `args` and waits for its address.
     pub fn start(args: &[&str]) -> Server {
+        Self::start_at("127.0.0.1:0", args)
+    }
+
+    /// Starts `tidemark serve --listen listen` with `args` (to bring a
+    /// server back on the address of one that stopped).
+    #[allow(dead_code)] // not every test binary brings servers back
+    pub fn start_at(listen: &str, args: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tidemark"))
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["serve", "--listen", listen])
             .args(args)
             .stdout(Stdio::piped())
             .spawn()

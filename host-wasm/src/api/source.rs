@@ -260,7 +260,7 @@ async fn drive(
             break None;
         }
         let next = {
-            let next = pin!(stream.next());
+            let next = pin!(stream.next_event());
             match select(next, &mut close).await {
                 Either::Left((next, _)) => next,
                 Either::Right(_) => break None,

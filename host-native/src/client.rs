@@ -1,0 +1,299 @@
+//! The client loop `follow` and `mcp` share: persistence, stop signals, and
+//! [`run`], which drives a [`ResumableStream`] and hands each fresh event to
+//! the command.
+//!
+//! The loop reports the stream's lifecycle on stderr as it happens, from the
+//! core's [`StreamItem`]s: a lost connection at once (with the reason, when
+//! it retries and which attempt that is), and its return (with the
+//! `Last-Event-ID` it resumed from). Nothing is reconstructed from counters.
+//!
+//! Delivery follows the core's rule: an event the command's handler accepted
+//! is delivered, and the cursor moves past it when the loop asks for the
+//! next item or stops; an event the handler refused (its output failed, the
+//! lease was lost) is not, and the cursor stays before it.
+
+use crate::{FileStore, LeaseLost, NativeStore, SmolClock};
+use async_signal::{Signal, Signals};
+use futures::StreamExt;
+use futures::future::{Either, select};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::pin::pin;
+use std::sync::Arc;
+use tidemark_core::sse::Event;
+use tidemark_core::{
+    Clock, Config, Connector, Failure, Millis, Registry, ResumableStream, ShutdownReport,
+    StoreError, StreamError, StreamItem, WorkerHandle, persistence,
+};
+
+/// The default state directory: `$XDG_STATE_HOME/tidemark`, else
+/// `~/.local/state/tidemark`, else `.tidemark` in the working directory.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("tidemark");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/state/tidemark"),
+        None => PathBuf::from(".tidemark"),
+    }
+}
+
+/// A command's persistence: a registry over a [`NativeStore`], its worker
+/// running on smol, and a task that says on stderr when the store fails and
+/// when it is back.
+pub(crate) struct Persistence {
+    pub(crate) registry: Registry<Arc<NativeStore>>,
+    pub(crate) clock: SmolClock,
+    worker: smol::Task<ShutdownReport>,
+    health: smol::Task<()>,
+}
+
+impl Persistence {
+    /// Starts the worker over `store`.
+    pub(crate) fn start(store: NativeStore, clock: SmolClock) -> Self {
+        let (registry, worker) = persistence(Arc::new(store), clock, Config::default());
+        let health = smol::spawn(report_store_health(registry.worker().clone(), clock));
+        Persistence {
+            registry,
+            clock,
+            worker: smol::spawn(worker.run()),
+            health,
+        }
+    }
+
+    /// Opens the state directory's [`FileStore`] and starts the worker.
+    pub(crate) fn open(state: &Path) -> Result<Self, StoreError> {
+        let store = FileStore::open(state)?;
+        Ok(Self::start(NativeStore::File(store), SmolClock::new()))
+    }
+
+    /// Writes every committed cursor, waiting up to 5 seconds, and stops the
+    /// worker; says on stderr what could not be written.
+    pub(crate) async fn close(self) {
+        let deadline = self.clock.now() + Millis::from_secs(5);
+        match self.registry.shutdown(deadline).await {
+            Ok(report) if !report.is_complete() => eprintln!(
+                "tidemark: could not save the cursor of {} stream(s): {}",
+                report.unwritten.len(),
+                report
+                    .last_error
+                    .map_or_else(String::new, |e| e.to_string())
+            ),
+            Ok(_) => {}
+            Err(e) => eprintln!("tidemark: {e}"),
+        }
+        self.worker.await;
+        self.health.cancel().await;
+    }
+}
+
+/// SIGINT and SIGTERM, which stop a command after it saves its cursors.
+pub(crate) fn stop_signals() -> io::Result<Signals> {
+    Signals::new([Signal::Int, Signal::Term])
+}
+
+/// Writes one line and flushes it: once this returns `Ok`, the line is
+/// delivered.
+pub(crate) fn deliver(out: &mut impl Write, line: &serde_json::Value) -> io::Result<()> {
+    writeln!(out, "{line}")?;
+    out.flush()
+}
+
+/// How [`run`] ended.
+pub(crate) enum Ended<T, E> {
+    /// The handler stopped the loop after delivering an event.
+    Done(T),
+    /// SIGINT or SIGTERM.
+    Signal,
+    /// The stream's lease is lost.
+    Lease(LeaseLost),
+    /// The stream gave up or broke its limits.
+    Stream(StreamError),
+    /// The handler refused an event: it is not delivered.
+    Refused(E),
+}
+
+/// Drives `stream`, handing each fresh event to `handle`, until the handler
+/// stops (`Ok(Some(T))`) or refuses an event (`Err(E)`), a stop signal
+/// arrives, `keeper` (the task renewing the stream's lease, if any) ends, or
+/// the stream stops. `Ok(None)` from the handler means delivered, go on.
+///
+/// Every event the handler accepted is committed before this returns; a
+/// refused one is not. Lifecycle changes are reported on stderr.
+pub(crate) async fn run<C: Connector, T, E>(
+    stream: &mut ResumableStream<C, SmolClock>,
+    clock: SmolClock,
+    signals: &mut Signals,
+    mut keeper: Option<&mut smol::Task<LeaseLost>>,
+    mut handle: impl AsyncFnMut(Event) -> Result<Option<T>, E>,
+) -> Ended<T, E> {
+    let mut lifecycle = Lifecycle::default();
+    let ended = loop {
+        let next = {
+            let item = pin!(stream.next());
+            let lost = pin!(lease_lost(keeper.as_deref_mut()));
+            match select(item, select(signals.next(), lost)).await {
+                Either::Left((item, _)) => item,
+                Either::Right((Either::Left(_), _)) => {
+                    eprintln!("tidemark: stopping on signal");
+                    break Ended::Signal;
+                }
+                Either::Right((Either::Right((lost, _)), _)) => break Ended::Lease(lost),
+            }
+        };
+        match next {
+            Err(error) => break Ended::Stream(error),
+            Ok(StreamItem::Event(event)) => match handle(event).await {
+                Ok(None) => {}
+                Ok(Some(done)) => break Ended::Done(done),
+                // Not delivered: the cursor stays before it.
+                Err(refused) => return Ended::Refused(refused),
+            },
+            Ok(item) => lifecycle.report(&item, clock.now()),
+        }
+    };
+    stream.commit();
+    ended
+}
+
+/// What the loop says on stderr about the connection.
+#[derive(Default)]
+struct Lifecycle {
+    /// Whether a connection was open (the next failure is a loss).
+    open: bool,
+    /// Whether a connection was lost since the last one opened (the next
+    /// open is a return).
+    lost: bool,
+}
+
+impl Lifecycle {
+    fn report(&mut self, item: &StreamItem, now: Millis) {
+        match item {
+            StreamItem::Open { last_event_id } => {
+                if self.lost {
+                    match last_event_id {
+                        Some(id) => eprintln!(
+                            "tidemark: connection is back, resumed from Last-Event-ID {id}"
+                        ),
+                        None => eprintln!("tidemark: connection is back, from the start"),
+                    }
+                }
+                self.open = true;
+                self.lost = false;
+            }
+            StreamItem::Reconnecting {
+                failure,
+                retry_at,
+                attempt,
+            } => {
+                let what = if self.open {
+                    "connection lost"
+                } else {
+                    "could not connect"
+                };
+                eprintln!(
+                    "tidemark: {what}: {failure}; reconnecting in {} (attempt {attempt})",
+                    delay(retry_at.saturating_sub(now))
+                );
+                self.open = false;
+                self.lost = true;
+            }
+            // A new kind of item from a newer core: nothing to say.
+            _ => {}
+        }
+    }
+}
+
+/// A delay for people: `250 ms`, `1.5 s`.
+fn delay(d: Millis) -> String {
+    if d < Millis(1000) {
+        format!("{} ms", d.0)
+    } else {
+        format!("{:.1} s", d.0 as f64 / 1000.0)
+    }
+}
+
+/// Resolves when the lease keeper ends (the lease is lost); never without a
+/// lease.
+async fn lease_lost(keeper: Option<&mut smol::Task<LeaseLost>>) -> LeaseLost {
+    match keeper {
+        Some(task) => task.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reports on stderr when cursor writes start failing and when they succeed
+/// again; the stream goes on in between.
+async fn report_store_health(worker: WorkerHandle, clock: SmolClock) {
+    let mut failing = false;
+    loop {
+        clock.sleep_until(clock.now() + Millis(100)).await;
+        let stats = worker.stats();
+        if !failing && stats.consecutive_failures > 0 {
+            failing = true;
+            let error = stats.last_error.map(|e| e.to_string()).unwrap_or_default();
+            eprintln!(
+                "tidemark: cursor store failing ({error}); the stream goes on, the cursor is retried"
+            );
+        } else if failing && stats.consecutive_failures == 0 {
+            failing = false;
+            eprintln!(
+                "tidemark: cursor store is back; {} failed batches so far",
+                stats.failed_batches
+            );
+        }
+    }
+}
+
+/// Whether `failure` is an HTTP status, for commands that treat some
+/// statuses specially.
+pub(crate) fn status_of(error: &StreamError) -> Option<u16> {
+    match error {
+        StreamError::GaveUp(tidemark_core::GiveUp::Permanent(Failure::Status { code, .. })) => {
+            Some(*code)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_read_as_people_write_them() {
+        assert_eq!(delay(Millis(0)), "0 ms");
+        assert_eq!(delay(Millis(999)), "999 ms");
+        assert_eq!(delay(Millis(1000)), "1.0 s");
+        assert_eq!(delay(Millis(12_345)), "12.3 s");
+    }
+
+    #[test]
+    fn a_loss_then_a_return_is_tracked() {
+        let mut lifecycle = Lifecycle::default();
+        lifecycle.report(
+            &StreamItem::Open {
+                last_event_id: None,
+            },
+            Millis(0),
+        );
+        assert!(lifecycle.open && !lifecycle.lost);
+        let failure = Failure::Network("reset".into());
+        lifecycle.report(
+            &StreamItem::Reconnecting {
+                failure,
+                retry_at: Millis(500),
+                attempt: 1,
+            },
+            Millis(0),
+        );
+        assert!(!lifecycle.open && lifecycle.lost);
+        lifecycle.report(
+            &StreamItem::Open {
+                last_event_id: Some("7".into()),
+            },
+            Millis(600),
+        );
+        assert!(lifecycle.open && !lifecycle.lost);
+    }
+}
