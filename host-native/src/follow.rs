@@ -12,7 +12,6 @@ use crate::{
 use async_signal::Signals;
 use futures::StreamExt;
 use futures::future::{Either, select};
-use std::fmt;
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::pin::pin;
@@ -56,38 +55,20 @@ pub struct RedisFollow {
 
 /// Why following stopped with an error.
 #[non_exhaustive]
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum FollowError {
     /// The state directory could not be opened.
-    Store(StoreError),
+    #[error("state: {0}")]
+    Store(#[source] StoreError),
     /// The stream could not be opened in the registry.
+    #[error(transparent)]
     Registry(RegistryError),
     /// The stream gave up or broke its limits.
+    #[error(transparent)]
     Stream(StreamError),
     /// Writing the output failed.
-    Output(io::Error),
-}
-
-impl fmt::Display for FollowError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            FollowError::Store(e) => write!(f, "state: {e}"),
-            FollowError::Registry(e) => write!(f, "{e}"),
-            FollowError::Stream(e) => write!(f, "{e}"),
-            FollowError::Output(e) => write!(f, "writing output: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for FollowError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            FollowError::Store(e) => Some(e),
-            FollowError::Registry(e) => Some(e),
-            FollowError::Stream(e) => Some(e),
-            FollowError::Output(e) => Some(e),
-        }
-    }
+    #[error("writing output: {0}")]
+    Output(#[source] io::Error),
 }
 
 /// The exit status of `tidemark follow`: success when it stopped after
@@ -349,4 +330,19 @@ async fn acquire(lease: &Lease, key: &StreamKey) {
         })
         .await;
     eprintln!("tidemark: holding the lease on {key} ({})", lease.token());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error;
+
+    #[test]
+    fn errors_say_what_failed_and_keep_their_cause() {
+        let output = FollowError::Output(io::Error::new(io::ErrorKind::BrokenPipe, "closed"));
+        assert_eq!(output.to_string(), "writing output: closed");
+        assert_eq!(output.source().unwrap().to_string(), "closed");
+        let stream = FollowError::Stream(StreamError::Closed);
+        assert_eq!(stream.to_string(), "stream closed");
+    }
 }

@@ -320,7 +320,14 @@ impl Lines {
 
 #[test]
 fn follow_says_at_once_that_the_connection_is_lost_and_when_it_is_back() {
-    let args = ["--count", "100000", "--interval-ms", "5", "--retry-ms", "50"];
+    let args = [
+        "--count",
+        "100000",
+        "--interval-ms",
+        "5",
+        "--retry-ms",
+        "50",
+    ];
     let server = Server::start(&args);
     let addr = server.addr.clone();
     let state = tempfile::tempdir().unwrap();

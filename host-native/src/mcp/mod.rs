@@ -61,7 +61,6 @@ use hyper::body::Bytes;
 use record::{Record, read_record, record_path, remove_record, write_record};
 use serde_json::{Value, json};
 use std::cell::Cell;
-use std::fmt;
 use std::io;
 use std::io::Write;
 use std::path::PathBuf;
@@ -95,21 +94,33 @@ pub struct McpOptions {
 
 /// Why a call stopped without its result.
 #[non_exhaustive]
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum McpError {
     /// The state directory could not be read or written.
-    Store(StoreError),
+    #[error("state: {0}")]
+    Store(#[source] StoreError),
     /// The call's stream could not be opened in the registry.
+    #[error(transparent)]
     Registry(RegistryError),
     /// `initialize` or `notifications/initialized` failed.
+    #[error("initializing the session: {0}")]
     Handshake(String),
     /// An unfinished call of this name has another tool or arguments.
+    #[error(
+        "an unfinished call of this name calls another tool or other arguments ({}); run it \
+         with the same ones to resume it, or pass --new to forget it",
+        record.display()
+    )]
     Conflict {
         /// The record of the unfinished call.
         record: PathBuf,
     },
     /// The server no longer knows the session: the call's remaining events
     /// are gone.
+    #[error(
+        "the server no longer knows session {session}: the call cannot be resumed (pass --new \
+         to start it again)"
+    )]
     SessionGone {
         /// The lost session.
         session: String,
@@ -117,58 +128,21 @@ pub enum McpError {
     /// The stream carried no event id before it broke or this process
     /// stopped, so there is nothing to resume from: posting the call again
     /// could run the tool twice.
+    #[error(
+        "the call's stream carried no event id before it broke or this client stopped, so there \
+         is nothing to resume from (a server without an event store sends none); pass --new to \
+         call the tool again"
+    )]
     Unresumable,
     /// The stream gave up or broke its limits.
+    #[error(transparent)]
     Stream(StreamError),
     /// Stopped by SIGINT or SIGTERM; the call can be resumed.
+    #[error("stopped; run the same command to resume the call")]
     Stopped,
     /// Writing the output failed.
-    Output(io::Error),
-}
-
-impl fmt::Display for McpError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            McpError::Store(e) => write!(f, "state: {e}"),
-            McpError::Registry(e) => write!(f, "{e}"),
-            McpError::Handshake(e) => write!(f, "initializing the session: {e}"),
-            McpError::Conflict { record } => write!(
-                f,
-                "an unfinished call of this name calls another tool or other arguments \
-                 ({}); run it with the same ones to resume it, or pass --new to forget it",
-                record.display()
-            ),
-            McpError::SessionGone { session } => write!(
-                f,
-                "the server no longer knows session {session}: the call cannot be resumed \
-                 (pass --new to start it again)"
-            ),
-            McpError::Unresumable => f.write_str(
-                "the call's stream carried no event id before it broke or this client stopped, \
-                 so there is nothing to resume from (a server without an event store sends \
-                 none); pass --new to call the tool again",
-            ),
-            McpError::Stream(e) => write!(f, "{e}"),
-            McpError::Stopped => f.write_str("stopped; run the same command to resume the call"),
-            McpError::Output(e) => write!(f, "writing output: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for McpError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            McpError::Store(e) => Some(e),
-            McpError::Registry(e) => Some(e),
-            McpError::Stream(e) => Some(e),
-            McpError::Output(e) => Some(e),
-            McpError::Handshake(_)
-            | McpError::Conflict { .. }
-            | McpError::SessionGone { .. }
-            | McpError::Unresumable
-            | McpError::Stopped => None,
-        }
-    }
+    #[error("writing output: {0}")]
+    Output(#[source] io::Error),
 }
 
 /// The exit status of `tidemark mcp`: success when the call's result
