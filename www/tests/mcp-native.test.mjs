@@ -106,6 +106,12 @@ test('a tool call resumes across cut streams and a kill -9: every progress once 
       assert.equal(server.cut(), 1, 'the call stream was cut');
     }
     await waitFor(() => progressOf(first).length >= 90, '90 progress lines');
+    // Each cut was reported as it happened, and each return with its id.
+    const lost = [...first.stderr.matchAll(/connection lost: .*; reconnecting in .* \(attempt 1\)/g)];
+    const back = [...first.stderr.matchAll(/connection is back, resumed from Last-Event-ID \S+/g)];
+    assert.equal(lost.length, 2, first.stderr);
+    assert.equal(back.length, 2, first.stderr);
+    assert.ok(lost[0].index < back[0].index && back[0].index < lost[1].index, first.stderr);
     await killed(first);
     const resumesBefore = server.log.resumes.length;
     assert.ok(resumesBefore >= 2, `the first run resumed after each cut: ${JSON.stringify(server.log.resumes)}`);
