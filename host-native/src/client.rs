@@ -22,8 +22,8 @@ use std::pin::pin;
 use std::sync::Arc;
 use tidemark_core::sse::Event;
 use tidemark_core::{
-    Clock, Config, Connector, Failure, Millis, Registry, ResumableStream, ShutdownReport,
-    StoreError, StreamError, StreamItem, WorkerHandle, persistence,
+    Clock, Config, Connector, Millis, Registry, ResumableStream, ShutdownReport, StoreError,
+    StreamError, StreamItem, WorkerHandle, persistence,
 };
 
 /// The default state directory: `$XDG_STATE_HOME/tidemark`, else
@@ -245,17 +245,6 @@ async fn report_store_health(worker: WorkerHandle, clock: SmolClock) {
     }
 }
 
-/// Whether `failure` is an HTTP status, for commands that treat some
-/// statuses specially.
-pub(crate) fn status_of(error: &StreamError) -> Option<u16> {
-    match error {
-        StreamError::GaveUp(tidemark_core::GiveUp::Permanent(Failure::Status { code, .. })) => {
-            Some(*code)
-        }
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,7 +267,7 @@ mod tests {
             Millis(0),
         );
         assert!(lifecycle.open && !lifecycle.lost);
-        let failure = Failure::Network("reset".into());
+        let failure = tidemark_core::Failure::Network("reset".into());
         lifecycle.report(
             &StreamItem::Reconnecting {
                 failure,

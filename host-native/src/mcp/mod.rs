@@ -54,7 +54,7 @@ mod session;
 
 pub use session::{PROTOCOL_VERSION, RESUMABLE_VERSIONS};
 
-use crate::client::{self, Ended, Persistence, deliver, status_of, stop_signals};
+use crate::client::{self, Ended, Persistence, deliver, stop_signals};
 use crate::{HttpConnector, NativeStore};
 use connector::CallConnector;
 use hyper::body::Bytes;
@@ -69,7 +69,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use tidemark_core::sse::Event;
 use tidemark_core::{
-    Registry, RegistryError, ResumableStream, StoreError, StreamConfig, StreamError,
+    Failure, GiveUp, Registry, RegistryError, ResumableStream, StoreError, StreamConfig,
+    StreamError,
 };
 
 /// Which tool to call, on which server, and where to keep the call's state.
@@ -295,6 +296,14 @@ async fn run(
     remove_record(&path).map_err(McpError::Store)?;
     forget(&http, registry, &record, &options.headers).await;
     Ok(result)
+}
+
+/// The HTTP status a stream gave up on, if that is why it stopped.
+fn status_of(error: &StreamError) -> Option<u16> {
+    match error {
+        StreamError::GaveUp(GiveUp::Permanent(Failure::Status { code, .. })) => Some(*code),
+        _ => None,
+    }
 }
 
 /// Removes the cursor of `record`'s call and ends its session; failures are
