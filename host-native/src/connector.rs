@@ -14,9 +14,9 @@ use smol_hyper::rt::FuturesIo;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
-use tidemark_core::reconnect::check_response;
-use tidemark_core::{ConnectRequest, Connector, Failure};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tidemark_core::reconnect::{check_response, parse_retry_after};
+use tidemark_core::{ConnectRequest, Connector, Failure, Millis};
 use url::{Position, Url};
 
 /// Opens SSE connections over HTTP/1.1, plain or TLS (rustls); its
@@ -25,8 +25,10 @@ use url::{Position, Url};
 ///
 /// Sends `Accept: text/event-stream`, `Cache-Control: no-cache`, the
 /// `Last-Event-ID` and the configured headers; a response other than a 200
-/// `text/event-stream` becomes a [`Failure`] with the status and its
-/// `Retry-After`. Dropping the body closes the connection.
+/// `text/event-stream` becomes a [`Failure`] with the status and the delay
+/// its `Retry-After` asks for (delta-seconds, or an HTTP date against the
+/// system clock: [`HttpResponse::retry_after`]). Dropping the body closes
+/// the connection.
 ///
 /// # Redirects
 ///
@@ -116,6 +118,12 @@ impl Stream for HttpBody {
     }
 }
 
+/// `time` in milliseconds since the Unix epoch, if it is after it.
+fn unix_millis(time: SystemTime) -> Option<Millis> {
+    let since = time.duration_since(UNIX_EPOCH).ok()?;
+    Some(Millis(u64::try_from(since.as_millis()).unwrap_or(u64::MAX)))
+}
+
 fn network(error: impl std::fmt::Display) -> Failure {
     Failure::Network(error.to_string())
 }
@@ -135,6 +143,16 @@ impl HttpResponse {
     /// The value of header `name`, if present and visible ASCII.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The delay its `Retry-After` header asks for, in delta-seconds or as
+    /// an HTTP date (from the system clock's now), if it has a valid one.
+    pub fn retry_after(&self) -> Option<Millis> {
+        let value = self.header(RETRY_AFTER.as_str())?;
+        let now = unix_millis(SystemTime::now()).unwrap_or(Millis::ZERO);
+        parse_retry_after(value, now, |date| {
+            httpdate::parse_http_date(date).ok().and_then(unix_millis)
+        })
     }
 
     /// Reads the whole body, failing with [`Failure::Request`] beyond
@@ -419,7 +437,7 @@ impl Connector for HttpConnector {
             .await?;
         check_response(
             response.status,
-            response.header(RETRY_AFTER.as_str()),
+            response.retry_after(),
             response.header(CONTENT_TYPE.as_str()),
         )?;
         Ok(response.body)
