@@ -8,7 +8,10 @@
 //! - **Backoff**: capped exponential with additive jitter. The server's
 //!   `retry:` value is a floor: the delay is at least `max(floor, backoff)`,
 //!   and jitter only adds to it (up to half again). `Retry-After` on a 429 or
-//!   503 is honoured the same way.
+//!   503 is honoured the same way: hosts read it with [`parse_retry_after`],
+//!   which takes delta-seconds itself and leaves the HTTP-date form to a
+//!   date parser and a wall-clock time that the host passes in (the core
+//!   reads no clock), then hand the delay to [`check_response`].
 //! - **Progress**: any received byte, keep-alive comments included, counts as
 //!   progress and refills the budget of attempts; a stream that gets nothing
 //!   for `max_attempts` attempts in a row stops with an error.
@@ -259,18 +262,19 @@ impl ReconnectPolicy {
 
 /// Checks the head of a response to an SSE request, for hosts' connectors: a
 /// 200 whose content type is `text/event-stream` (parameters and case
-/// ignored) is a stream; another status is a [`Failure::Status`] with its
-/// `Retry-After` (see [`parse_retry_after`]); a 200 of another content type
-/// (or none) is a [`Failure::ContentType`].
+/// ignored) is a stream; another status is a [`Failure::Status`] with
+/// `retry_after`, the delay its `Retry-After` header asks for (see
+/// [`parse_retry_after`]); a 200 of another content type (or none) is a
+/// [`Failure::ContentType`].
 pub fn check_response(
     status: u16,
-    retry_after: Option<&str>,
+    retry_after: Option<Millis>,
     content_type: Option<&str>,
 ) -> Result<(), Failure> {
     if status != 200 {
         return Err(Failure::Status {
             code: status,
-            retry_after: retry_after.and_then(parse_retry_after),
+            retry_after,
         });
     }
     let content_type = content_type.unwrap_or("");
@@ -281,14 +285,44 @@ pub fn check_response(
     Ok(())
 }
 
-/// Parses a `Retry-After` header in its delta-seconds form. The HTTP-date
-/// form needs the wall clock, which the core does not read: hosts convert it.
-pub fn parse_retry_after(value: &str) -> Option<Millis> {
+/// The delay a `Retry-After` header `value` asks for, at `now_unix` (the
+/// wall clock, in milliseconds since the Unix epoch), or `None` if the value
+/// is neither form (RFC 9110, section 10.2.3):
+///
+/// - delta-seconds (`120`): that many seconds (`None` past `u64::MAX`);
+/// - an HTTP date (`Wed, 21 Oct 2015 07:28:00 GMT`): the time from
+///   `now_unix` until then, zero for a date in the past. The core parses no
+///   dates: `parse_date` is the host's parser, called with the trimmed value
+///   and answering with the date in milliseconds since the Unix epoch, or
+///   `None` for what is not a date. `now_unix` must come from the same
+///   wall clock as the dates (the native host uses `SystemTime` and
+///   `httpdate`, the browser `Date.now()` and `Date.parse`).
+///
+/// ```
+/// use tidemark_core::Millis;
+/// use tidemark_core::reconnect::parse_retry_after;
+///
+/// let no_dates = |_: &str| None;
+/// assert_eq!(parse_retry_after("120", Millis(0), no_dates), Some(Millis::from_secs(120)));
+///
+/// let date = "Wed, 21 Oct 2015 07:28:00 GMT";
+/// let parse = |value: &str| (value == date).then_some(Millis(1_445_412_480_000));
+/// let now = Millis(1_445_412_470_000);
+/// assert_eq!(parse_retry_after(date, now, parse), Some(Millis::from_secs(10)));
+/// ```
+pub fn parse_retry_after(
+    value: &str,
+    now_unix: Millis,
+    parse_date: impl FnOnce(&str) -> Option<Millis>,
+) -> Option<Millis> {
     let value = value.trim();
-    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+    if value.is_empty() {
         return None;
     }
-    value.parse::<u64>().ok().map(Millis::from_secs)
+    if value.bytes().all(|b| b.is_ascii_digit()) {
+        return value.parse::<u64>().ok().map(Millis::from_secs);
+    }
+    parse_date(value).map(|date| date.saturating_sub(now_unix))
 }
 
 #[cfg(test)]
@@ -475,18 +509,22 @@ mod tests {
         let sse = Some("text/event-stream");
         assert_eq!(check_response(200, None, sse), Ok(()));
         assert_eq!(
-            check_response(200, Some("5"), Some(" Text/Event-Stream ; charset=utf-8")),
+            check_response(
+                200,
+                Some(Millis(5000)),
+                Some(" Text/Event-Stream ; charset=utf-8")
+            ),
             Ok(())
         );
         assert_eq!(
-            check_response(503, Some("7"), sse),
+            check_response(503, Some(Millis(7000)), sse),
             Err(Failure::Status {
                 code: 503,
                 retry_after: Some(Millis(7000))
             })
         );
         assert_eq!(
-            check_response(404, Some("soon"), None),
+            check_response(404, None, None),
             Err(Failure::Status {
                 code: 404,
                 retry_after: None
@@ -502,11 +540,65 @@ mod tests {
         );
     }
 
+    /// 2015-10-21 07:28:00 UTC.
+    const DATE: &str = "Wed, 21 Oct 2015 07:28:00 GMT";
+    const DATE_UNIX: Millis = Millis(1_445_412_480_000);
+
+    /// A host's date parser that knows one date.
+    fn one_date(value: &str) -> Option<Millis> {
+        (value == DATE).then_some(DATE_UNIX)
+    }
+
+    fn never_called(value: &str) -> Option<Millis> {
+        panic!("{value:?} is not for the date parser")
+    }
+
     #[test]
-    fn retry_after_parsing() {
-        assert_eq!(parse_retry_after(" 120 "), Some(Millis(120_000)));
-        assert_eq!(parse_retry_after("-1"), None);
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
-        assert_eq!(parse_retry_after(""), None);
+    fn retry_after_in_delta_seconds() {
+        assert_eq!(
+            parse_retry_after(" 120 ", DATE_UNIX, never_called),
+            Some(Millis(120_000))
+        );
+        assert_eq!(
+            parse_retry_after("0", DATE_UNIX, never_called),
+            Some(Millis::ZERO)
+        );
+        assert_eq!(
+            parse_retry_after("99999999999999999999", DATE_UNIX, never_called),
+            None
+        );
+        assert_eq!(parse_retry_after("", DATE_UNIX, never_called), None);
+        assert_eq!(parse_retry_after("  ", DATE_UNIX, never_called), None);
+    }
+
+    #[test]
+    fn retry_after_as_an_http_date() {
+        let before = DATE_UNIX - Millis(2500);
+        assert_eq!(
+            parse_retry_after(DATE, before, one_date),
+            Some(Millis(2500))
+        );
+        assert_eq!(
+            parse_retry_after(&format!("  {DATE}\t"), before, one_date),
+            Some(Millis(2500)),
+            "the parser gets the trimmed value"
+        );
+        assert_eq!(
+            parse_retry_after(DATE, DATE_UNIX, one_date),
+            Some(Millis::ZERO)
+        );
+        let after = DATE_UNIX + Millis::from_secs(3600);
+        assert_eq!(
+            parse_retry_after(DATE, after, one_date),
+            Some(Millis::ZERO),
+            "a date in the past asks for no delay"
+        );
+    }
+
+    #[test]
+    fn retry_after_that_is_neither_form_is_ignored() {
+        for garbage in ["soon", "-1", "1.5", "Wed, 21 Oct 2015"] {
+            assert_eq!(parse_retry_after(garbage, DATE_UNIX, one_date), None);
+        }
     }
 }

@@ -7,28 +7,55 @@ use futures_rustls::rustls::{ClientConfig, RootCertStore};
 use http_body_util::{BodyStream, Full};
 use hyper::body::Bytes;
 use hyper::header::{
-    ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, COOKIE, HOST, HeaderName, HeaderValue,
-    LOCATION, RETRY_AFTER,
+    ACCEPT, CACHE_CONTROL, CONTENT_TYPE, HOST, HeaderName, HeaderValue, LOCATION, RETRY_AFTER,
 };
-use hyper::{Method, Request, Uri};
+use hyper::{Method, Request};
 use smol_hyper::rt::FuturesIo;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
-use tidemark_core::reconnect::check_response;
-use tidemark_core::{ConnectRequest, Connector, Failure};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tidemark_core::reconnect::{check_response, parse_retry_after};
+use tidemark_core::{ConnectRequest, Connector, Failure, Millis};
+use url::{Position, Url};
 
 /// Opens SSE connections over HTTP/1.1, plain or TLS (rustls); its
 /// [`request`](Self::request) sends the other requests a protocol needs
 /// (POST, DELETE) the same way.
 ///
 /// Sends `Accept: text/event-stream`, `Cache-Control: no-cache`, the
-/// `Last-Event-ID` and the configured headers; follows up to
-/// `max_redirects` redirects (sending `Authorization` and `Cookie` only to
-/// the original origin); a response other than a 200 `text/event-stream`
-/// becomes a [`Failure`] with the status and its `Retry-After`. Dropping the
-/// body closes the connection.
+/// `Last-Event-ID` and the configured headers; a response other than a 200
+/// `text/event-stream` becomes a [`Failure`] with the status and the delay
+/// its `Retry-After` asks for (delta-seconds, or an HTTP date against the
+/// system clock: [`HttpResponse::retry_after`]). Dropping the body closes
+/// the connection.
+///
+/// # Redirects
+///
+/// A 301, 302, 303, 307 or 308 response with a `Location` is followed, at
+/// most `max_redirects` times in a row (one more is a permanent
+/// [`Failure::Request`]); any other response, other 3xx included, is the
+/// answer.
+///
+/// - `Location` is resolved against the URL that was redirected as RFC 3986
+///   says: `next`, `../x`, `?page=2`, `//host:port/path` and absolute URLs.
+///   It must lead to an `http` or `https` URL without user name or password.
+/// - A redirect from `https` to `http` is refused with a permanent
+///   [`Failure::Request`]: the request would go out in clear text.
+/// - An origin is a scheme, a host and a port (80 for `http` and 443 for
+///   `https` when none is given). The headers the caller gave (the
+///   [`ConnectRequest`] headers, which carry the CLI's `-H`, so
+///   `Authorization`, `Cookie`, API keys and session ids) are credentials:
+///   they go only to the origin of the URL asked for, and only until the
+///   first redirect that leaves it. From there on, back on the original
+///   origin or not, only the connector's own protocol headers are sent:
+///   `Host`, `Accept`, `Cache-Control`, `Last-Event-ID` and, for a request
+///   with a body, `Content-Type`.
+/// - The method changes as `fetch` changes it: a 303 turns any method but
+///   GET and HEAD into a GET, and a 301 or 302 turns a POST into a GET; the
+///   body and its headers (`Content-Type`, `Content-Encoding`,
+///   `Content-Language`, `Content-Location`) are then dropped. A 307 or 308
+///   repeats the method and the body.
 #[derive(Clone, Debug)]
 pub struct HttpConnector {
     /// How long a TCP connect, the TLS handshake and the response headers
@@ -91,6 +118,12 @@ impl Stream for HttpBody {
     }
 }
 
+/// `time` in milliseconds since the Unix epoch, if it is after it.
+fn unix_millis(time: SystemTime) -> Option<Millis> {
+    let since = time.duration_since(UNIX_EPOCH).ok()?;
+    Some(Millis(u64::try_from(since.as_millis()).unwrap_or(u64::MAX)))
+}
+
 fn network(error: impl std::fmt::Display) -> Failure {
     Failure::Network(error.to_string())
 }
@@ -112,6 +145,16 @@ impl HttpResponse {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
+    /// The delay its `Retry-After` header asks for, in delta-seconds or as
+    /// an HTTP date (from the system clock's now), if it has a valid one.
+    pub fn retry_after(&self) -> Option<Millis> {
+        let value = self.header(RETRY_AFTER.as_str())?;
+        let now = unix_millis(SystemTime::now()).unwrap_or(Millis::ZERO);
+        parse_retry_after(value, now, |date| {
+            httpdate::parse_http_date(date).ok().and_then(unix_millis)
+        })
+    }
+
     /// Reads the whole body, failing with [`Failure::Request`] beyond
     /// `limit` bytes.
     pub async fn bytes(mut self, limit: usize) -> Result<Vec<u8>, Failure> {
@@ -130,9 +173,11 @@ impl HttpResponse {
 
 impl HttpConnector {
     /// Sends one request and waits for the response head: `method` with
-    /// `headers` and `body` (empty for none). Only a GET follows redirects
-    /// (up to `max_redirects`, sending `Authorization` and `Cookie` only to
-    /// the original origin); other methods get the redirect back as it is.
+    /// `headers` and `body` (empty for none), following redirects as the
+    /// [type's docs](HttpConnector#redirects) say. Of `headers`, `Accept`,
+    /// `Cache-Control`, `Last-Event-ID` and `Content-Type` are the
+    /// protocol's, sent to whichever origin a redirect leads to; all others
+    /// are credentials, sent only to the original origin.
     ///
     /// This is the connector's plumbing, public for protocols that drive a
     /// stream with other requests: MCP's JSON-RPC POSTs, for one.
@@ -143,22 +188,45 @@ impl HttpConnector {
         headers: &[(String, String)],
         body: Bytes,
     ) -> Result<HttpResponse, Failure> {
-        let mut uri: Uri = url
-            .parse()
-            .map_err(|e| Failure::Request(format!("{url}: {e}")))?;
-        let origin = uri.authority().cloned();
+        let (protocol, credentials): (Vec<_>, Vec<_>) = headers
+            .iter()
+            .cloned()
+            .partition(|(name, _)| is_one_of(name, &PROTOCOL_HEADERS));
+        self.send(method, url, &protocol, &credentials, body).await
+    }
+
+    /// [`request`](Self::request) with the headers already split into the
+    /// protocol's and the caller's (the credentials).
+    async fn send(
+        &self,
+        mut method: Method,
+        url: &str,
+        protocol: &[(String, String)],
+        credentials: &[(String, String)],
+        mut body: Bytes,
+    ) -> Result<HttpResponse, Failure> {
+        let mut url = Url::parse(url).map_err(|e| Failure::Request(format!("{url}: {e}")))?;
+        let origin = url.origin();
+        let mut on_origin = true;
+        let mut body_dropped = false;
         let mut redirects = 0;
         let (response, task) = loop {
-            // Credentials go only to the origin the caller named.
-            let same_origin = uri.authority() == origin.as_ref();
-            let (response, task) = self
-                .open(&uri, &method, headers, body.clone(), same_origin)
-                .await?;
+            // Once a redirect has left the original origin, the credentials
+            // stay behind for the rest of the chain.
+            on_origin &= url.origin() == origin;
+            let mut headers: Vec<&(String, String)> = protocol.iter().collect();
+            if on_origin {
+                headers.extend(credentials);
+            }
+            if body_dropped {
+                headers.retain(|(name, _)| !is_one_of(name, &BODY_HEADERS));
+            }
+            let (response, task) = self.open(&url, &method, &headers, body.clone()).await?;
+            let status = response.status().as_u16();
             let location = response
                 .headers()
                 .get(LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .filter(|_| method == Method::GET && response.status().is_redirection());
+                .filter(|_| matches!(status, 301 | 302 | 303 | 307 | 308));
             let Some(location) = location else {
                 break (response, task);
             };
@@ -169,8 +237,18 @@ impl HttpConnector {
                     self.max_redirects
                 )));
             }
-            uri = resolve(&uri, location)
-                .ok_or_else(|| Failure::Request(format!("bad redirect to {location:?}")))?;
+            let next = redirect_target(&url, location.as_bytes())?;
+            let to_get = match status {
+                303 => method != Method::GET && method != Method::HEAD,
+                301 | 302 => method == Method::POST,
+                _ => false,
+            };
+            if to_get {
+                method = Method::GET;
+                body = Bytes::new();
+                body_dropped = true;
+            }
+            url = next;
         };
         let (head, body) = response.into_parts();
         let chunks = futures::StreamExt::filter_map(BodyStream::new(body), |frame| async move {
@@ -192,29 +270,39 @@ impl HttpConnector {
     /// Sends one request and waits for the response headers.
     async fn open(
         &self,
-        uri: &Uri,
+        url: &Url,
         method: &Method,
-        headers: &[(String, String)],
+        headers: &[&(String, String)],
         body: Bytes,
-        same_origin: bool,
     ) -> Result<(hyper::Response<hyper::body::Incoming>, smol::Task<()>), Failure> {
-        let tls = match uri.scheme_str() {
-            Some("http") => false,
-            Some("https") => true,
+        let tls = match url.scheme() {
+            "http" => false,
+            "https" => true,
             _ => {
                 return Err(Failure::Request(format!(
-                    "{uri}: only http:// and https:// URLs are supported"
+                    "{url}: only http:// and https:// URLs are supported"
                 )));
             }
         };
-        let host = uri
-            .host()
-            .ok_or_else(|| Failure::Request(format!("{uri}: no host")))?
-            .trim_matches(|c| c == '[' || c == ']')
-            .to_owned();
-        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
-        let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        if !url.username().is_empty() || url.password().is_some() {
+            // Not echoed: the URL holds a password.
+            return Err(Failure::Request(
+                "a user name or password in the URL is not supported: send an Authorization header"
+                    .into(),
+            ));
+        }
+        let host = url
+            .host_str()
+            .ok_or_else(|| Failure::Request(format!("{url}: no host")))?;
+        let authority = match url.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_owned(),
+        };
+        let host = host.trim_matches(|c| c == '[' || c == ']').to_owned();
+        let port = url
+            .port_or_known_default()
+            .unwrap_or(if tls { 443 } else { 80 });
+        let path = &url[Position::BeforePath..Position::AfterQuery];
 
         let mut builder = Request::builder()
             .method(method.clone())
@@ -223,9 +311,6 @@ impl HttpConnector {
         for (name, value) in headers {
             let name = HeaderName::try_from(name.as_str())
                 .map_err(|e| Failure::Request(format!("header {name:?}: {e}")))?;
-            if !same_origin && (name == AUTHORIZATION || name == COOKIE) {
-                continue;
-            }
             let value = HeaderValue::try_from(value.as_str())
                 .map_err(|e| Failure::Request(format!("header {name}: {e}")))?;
             builder = builder.header(name, value);
@@ -261,6 +346,43 @@ impl HttpConnector {
     }
 }
 
+/// The headers of [`HttpConnector::request`] that are the protocol's own,
+/// sent after a redirect to another origin too.
+const PROTOCOL_HEADERS: [&str; 4] = ["accept", "cache-control", "last-event-id", "content-type"];
+
+/// The headers that describe a request body, dropped with it when a redirect
+/// turns the request into a GET (fetch's "request-body-header names").
+const BODY_HEADERS: [&str; 4] = [
+    "content-encoding",
+    "content-language",
+    "content-location",
+    "content-type",
+];
+
+fn is_one_of(name: &str, names: &[&str]) -> bool {
+    names.iter().any(|n| name.eq_ignore_ascii_case(n))
+}
+
+/// Where a redirect from `from` to `location` leads (RFC 3986 reference
+/// resolution), unless it is a downgrade from https to http.
+fn redirect_target(from: &Url, location: &[u8]) -> Result<Url, Failure> {
+    let bad = |e: &dyn std::fmt::Display| {
+        Failure::Request(format!(
+            "bad redirect from {from} to {:?}: {e}",
+            String::from_utf8_lossy(location)
+        ))
+    };
+    let location = std::str::from_utf8(location).map_err(|e| bad(&e))?;
+    let to = from.join(location).map_err(|e| bad(&e))?;
+    if from.scheme() == "https" && to.scheme() == "http" {
+        return Err(Failure::Request(format!(
+            "refusing a redirect from https to http: {from} redirected to {to}, \
+             which would send the request in clear text"
+        )));
+    }
+    Ok(to)
+}
+
 /// A certificate the connector does not trust will not become trusted by
 /// retrying: that is permanent. Other TLS failures are network failures.
 fn tls_failure(host: &str, error: &std::io::Error) -> Failure {
@@ -293,42 +415,29 @@ where
     Ok((response, task))
 }
 
-/// `location` (absolute, or a path) relative to `base`.
-fn resolve(base: &Uri, location: &str) -> Option<Uri> {
-    let target: Uri = location.parse().ok()?;
-    if target.scheme().is_some() {
-        return Some(target);
-    }
-    let path = target.path_and_query()?.as_str();
-    if !path.starts_with('/') {
-        return None;
-    }
-    Uri::builder()
-        .scheme(base.scheme()?.clone())
-        .authority(base.authority()?.clone())
-        .path_and_query(path)
-        .build()
-        .ok()
-}
-
 impl Connector for HttpConnector {
     type Chunk = Bytes;
     type Body = HttpBody;
 
     async fn connect(&self, request: ConnectRequest<'_>) -> Result<HttpBody, Failure> {
-        let mut headers = Vec::with_capacity(request.headers.len() + 3);
-        headers.push((ACCEPT.to_string(), "text/event-stream".to_owned()));
-        headers.push((CACHE_CONTROL.to_string(), "no-cache".to_owned()));
+        let mut protocol = Vec::with_capacity(3);
+        protocol.push((ACCEPT.to_string(), "text/event-stream".to_owned()));
+        protocol.push((CACHE_CONTROL.to_string(), "no-cache".to_owned()));
         if let Some(id) = request.last_event_id {
-            headers.push(("last-event-id".to_owned(), id.to_owned()));
+            protocol.push(("last-event-id".to_owned(), id.to_owned()));
         }
-        headers.extend_from_slice(request.headers);
         let response = self
-            .request(Method::GET, request.url, &headers, Bytes::new())
+            .send(
+                Method::GET,
+                request.url,
+                &protocol,
+                request.headers,
+                Bytes::new(),
+            )
             .await?;
         check_response(
             response.status,
-            response.header(RETRY_AFTER.as_str()),
+            response.retry_after(),
             response.header(CONTENT_TYPE.as_str()),
         )?;
         Ok(response.body)

@@ -13,7 +13,8 @@
 //!
 //! - [`HttpConnector`]: the core's `Connector` over hyper's HTTP/1 client,
 //!   `http://` and `https://` (rustls with the bundled Mozilla roots, or your
-//!   own), bounded redirects, timeouts.
+//!   own), bounded redirects that keep credentials on their origin and
+//!   never downgrade https, timeouts.
 //! - [`SseServer`]: a small SSE source with replay after `Last-Event-ID`,
 //!   keep-alives, a `retry:` hint and optional dropped connections.
 //!

@@ -31,7 +31,8 @@ enum Command {
         /// Name of the stream; cursors are kept per URL and name.
         #[arg(long, default_value = "default")]
         stream: String,
-        /// Extra request header, as 'Name: value' (repeatable).
+        /// Extra request header, as 'Name: value' (repeatable); like a
+        /// credential, it is not sent after a redirect to another origin.
         #[arg(short = 'H', long = "header", value_parser = parse_header)]
         headers: Vec<(String, String)>,
         /// Exit after this many fresh events.
@@ -59,7 +60,8 @@ enum Command {
         /// Name of the call: a run with the same URL and name resumes it.
         #[arg(long, default_value = "default")]
         name: String,
-        /// Extra request header, as 'Name: value' (repeatable).
+        /// Extra request header, as 'Name: value' (repeatable); like a
+        /// credential, it is not sent after a redirect to another origin.
         #[arg(short = 'H', long = "header", value_parser = parse_header)]
         headers: Vec<(String, String)>,
         /// Forget an unfinished call of this name and start a new one.

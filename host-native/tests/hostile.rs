@@ -1,15 +1,15 @@
-//! Hostile and broken servers over real TCP on loopback: each gets the
+//! Hostile, broken and busy servers over real TCP on loopback: each gets the
 //! defined behaviour of the core policy, with bounded memory.
 
 use futures::{AsyncReadExt, AsyncWriteExt};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tidemark::{HttpConnector, SmolClock};
 use tidemark_core::reconnect::ReconnectConfig;
 use tidemark_core::sse::{Limits, ParseError};
 use tidemark_core::{
-    Backoff, EventTracker, Failure, GiveUp, Millis, ResumableStream, StreamConfig, StreamError,
-    StreamKey,
+    Backoff, ConnectRequest, Connector, EventTracker, Failure, GiveUp, Millis, ResumableStream,
+    StreamConfig, StreamError, StreamKey,
 };
 
 const SSE_HEADERS: &[u8] =
@@ -184,57 +184,80 @@ fn invalid_utf8_arrives_with_replacement_characters() {
 }
 
 #[test]
-fn redirects_are_followed_a_bounded_number_of_times_without_leaking_credentials() {
+fn a_503_with_an_http_date_in_retry_after_is_retried_no_sooner() {
     smol::block_on(async {
-        let (heads, seen) = async_channel::unbounded::<String>();
-        let target = raw_server(move |mut s, head| {
-            let heads = heads.clone();
+        // Whole seconds (HTTP dates have no fractions), 2 to 3 s ahead.
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        let date = UNIX_EPOCH + Duration::from_secs(now.as_secs() + 3);
+        let (arrivals, arrived) = async_channel::unbounded::<SystemTime>();
+        let addr = raw_server(move |mut s, _| {
+            let arrivals = arrivals.clone();
             async move {
-                let _ = heads.send(head).await;
+                let at = SystemTime::now();
+                let _ = arrivals.send(at).await;
+                if at < date {
+                    let busy = format!(
+                        "HTTP/1.1 503 Service Unavailable\r\nretry-after: {}\r\n\
+                         content-length: 0\r\n\r\n",
+                        httpdate::fmt_http_date(date)
+                    );
+                    let _ = s.write_all(busy.as_bytes()).await;
+                    return;
+                }
                 let _ = s.write_all(SSE_HEADERS).await;
-                let _ = chunk(&mut s, b"id: 1\ndata: moved\n\n").await;
+                let _ = chunk(&mut s, b"id: 1\ndata: later\n\n").await;
                 async_io::Timer::after(Duration::from_secs(60)).await;
             }
         })
         .await;
-        let origin = raw_server(move |mut s, head| async move {
-            let location = if head.starts_with("GET /events ") {
-                "/hop".to_string()
-            } else {
-                format!("http://{target}/events")
-            };
-            let response =
-                format!("HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\n\r\n");
-            let _ = s.write_all(response.as_bytes()).await;
-        })
-        .await;
-        let mut config = quick(3, Millis(5000));
-        config.headers = vec![
-            ("Authorization".into(), "Bearer secret".into()),
-            ("X-Trace".into(), "t1".into()),
-        ];
-        let event = stream_of(origin, config).next_event().await.unwrap();
-        assert_eq!(event.data, "moved");
-        let head = seen.recv().await.unwrap().to_ascii_lowercase();
-        assert!(head.contains("x-trace: t1"), "{head}");
-        assert!(
-            !head.contains("authorization"),
-            "credentials went to another origin: {head}"
-        );
 
-        let looping = raw_server(|mut s, _| async move {
-            let _ = s
-                .write_all(b"HTTP/1.1 307 Temporary Redirect\r\nlocation: /events\r\ncontent-length: 0\r\n\r\n")
-                .await;
-        })
-        .await;
-        let error = stream_of(looping, quick(3, Millis(5000)))
-            .next_event()
+        // The connector turns the date into a delay from now.
+        let failure = HttpConnector::default()
+            .connect(ConnectRequest {
+                url: &format!("http://{addr}/events"),
+                headers: &[],
+                last_event_id: None,
+            })
             .await
-            .unwrap_err();
+            .err()
+            .expect("a 503");
+        let Failure::Status {
+            code: 503,
+            retry_after: Some(delay),
+        } = failure
+        else {
+            panic!("expected a 503 with a delay, got {failure:?}");
+        };
         assert!(
-            matches!(&error, StreamError::GaveUp(GiveUp::Permanent(Failure::Request(m))) if m.contains("redirects")),
-            "{error:?}"
+            delay > Millis(1000) && delay <= Millis(3000),
+            "{delay} until a date 2 to 3 s ahead"
         );
+        arrived.recv().await.unwrap();
+
+        // The stream's backoff is 5 to 20 ms: only the date holds it back.
+        let event = smol::future::or(
+            stream_of(addr, quick(3, Millis(5000))).next_event(),
+            async {
+                async_io::Timer::after(Duration::from_secs(20)).await;
+                panic!("no event within 20 s");
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(event.data, "later");
+        let first = arrived.recv().await.unwrap();
+        let second = arrived.recv().await.unwrap();
+        assert!(first < date);
+        assert!(
+            second + Duration::from_millis(100) >= date,
+            "retried {:?} before the date",
+            date.duration_since(second).unwrap_or_default()
+        );
+        assert!(
+            second < date + Duration::from_secs(10),
+            "retried {:?} after the date",
+            second.duration_since(date).unwrap_or_default()
+        );
+        assert!(arrived.is_empty(), "one retry, at the date");
     });
 }

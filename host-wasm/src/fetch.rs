@@ -10,7 +10,7 @@ use std::pin::{Pin, pin};
 use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tidemark_core::reconnect::check_response;
+use tidemark_core::reconnect::{check_response, parse_retry_after};
 use tidemark_core::{ConnectRequest, Connector, Failure};
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
@@ -112,7 +112,8 @@ impl<T: CredentialsMode + ?Sized> CredentialsMode for &T {
 /// # Failures
 ///
 /// A response other than a 200 `text/event-stream` becomes a [`Failure`]
-/// with the status and its `Retry-After` (checked by the core's
+/// with the status and its `Retry-After` (delta-seconds, or an HTTP date read
+/// with `Date.parse` against `Date.now()`; checked by the core's
 /// [`check_response`], like the native connector). A rejected `fetch`
 /// (network error, refused connection, CORS) is a [`Failure::Network`]; a
 /// request the browser cannot even build (malformed URL, invalid header
@@ -265,7 +266,14 @@ impl FetchConnector {
         let header = |name: &str| response_headers.get(name).ok().flatten();
         check_response(
             response.status(),
-            header("retry-after").as_deref(),
+            header("retry-after").and_then(|value| {
+                let now = tidemark_core::Millis(js_sys::Date::now() as u64);
+                parse_retry_after(&value, now, |date| {
+                    // NaN for what is not a date (and none before 1970).
+                    let at = js_sys::Date::parse(date);
+                    (at >= 0.0).then_some(tidemark_core::Millis(at as u64))
+                })
+            }),
             header("content-type").as_deref(),
         )?;
         let body = response

@@ -75,7 +75,7 @@ impl Connector for CallConnector {
         }
         check_response(
             status,
-            response.header("retry-after"),
+            response.retry_after(),
             response.header("content-type"),
         )?;
         Ok(response.body)
