@@ -1,7 +1,7 @@
 //! `tidemark follow`: one resumable stream, printed as JSON lines.
 //!
-//! The client loop, signals and persistence are [`client`](crate::client)'s;
-//! this module adds what is `follow`'s own: the output format, the event
+//! The client loop, signals and persistence are shared with [`mcp`](crate::mcp)
+//! (in the crate's private `client` module); this module adds what is `follow`'s own: the output format, the event
 //! budget, and following under a Redis lease as a holder or a standby.
 
 use crate::client::{self, Ended, Persistence, deliver, stop_signals};

@@ -6,7 +6,7 @@
 //!
 //! Browsers on other origins may read it (CORS): every response carries
 //! `Access-Control-Allow-Origin: *`, and `OPTIONS` preflights are answered
-//! for `GET` with the headers SSE and MCP clients send ([`CORS_HEADERS`]).
+//! for `GET` with the headers SSE and MCP clients send (`CORS_HEADERS`).
 
 use futures::{Stream, StreamExt};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};

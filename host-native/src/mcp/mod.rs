@@ -46,7 +46,7 @@
 //! answers to the server's requests, the end of the session), `record` (the
 //! durable record of an unfinished call), `connector` (the call's stream,
 //! posted at most once), and here the command, on the client loop shared
-//! with `follow` ([`client`](crate::client)).
+//! with [`follow`](crate::follow) (the crate's private `client` module).
 
 mod connector;
 mod record;
