@@ -96,14 +96,32 @@ export function initialize(wasm) {
  * }} EventSourceStats
  *   Stream counters: connections opened, reconnects scheduled, fresh events
  *   delivered, replays dropped, comments (keep-alives), body bytes, and the
- *   last connection failure. `connects`, `reconnects` and `lastFailure`
- *   change with the connection; the others as events are delivered (replays
- *   dropped after the last fresh event show with the next one, or after
- *   `close()`).
+ *   last connection failure. They are the stream's own, as of the latest
+ *   `open`, `error` or message event (replays dropped after the last fresh
+ *   event show with the next one, or after `close()`).
+ */
+
+/**
+ * The `error` event of a {@link ResumableEventSource}. When a connection
+ * failed or could not be made (`readyState` is `CONNECTING`) it says why,
+ * when the next attempt is and which attempt in a row it will be; when the
+ * stream stopped for good (`readyState` is `CLOSED`) only `message` is set,
+ * and only if there is a reason (none after `close()`).
+ *
+ * @typedef {Event & {
+ *   readonly message?: string,
+ *   readonly retryDelay?: number,
+ *   readonly attempt?: number,
+ * }} ResumableErrorEvent
+ *   `message`: why the connection failed or the stream stopped.
+ *   `retryDelay`: milliseconds until the next attempt.
+ *   `attempt`: which attempt in a row the next one is: 1 after a connection
+ *   that received data, counting up while attempts receive nothing.
  */
 
 /** @typedef {(this: ResumableEventSource, event: MessageEvent<string>) => any} MessageHandler */
 /** @typedef {(this: ResumableEventSource, event: Event) => any} EventHandler */
+/** @typedef {(this: ResumableEventSource, event: ResumableErrorEvent) => any} ErrorHandler */
 
 /**
  * An `EventSource` that resumes: after a dropped connection, a reload or a
@@ -114,10 +132,12 @@ export function initialize(wasm) {
  *
  * Events are `MessageEvent`s with `data`, `lastEventId` and `type` (the
  * `event:` field, `'message'` by default). An event counts as delivered once
- * its listeners return; then its id becomes the cursor. `error` fires when a
- * connection fails (`readyState` goes back to `CONNECTING`) and when the
- * stream stops for good (`readyState` is `CLOSED`; the reason is in
- * `event.message`, if any).
+ * its listeners return; then its id becomes the cursor. `open` fires when a
+ * connection is up (`readyState` is `OPEN`). `error` fires when a connection
+ * fails or cannot be made (`readyState` goes back to `CONNECTING`; the event
+ * has `message`, `retryDelay` and `attempt`, see {@link ResumableErrorEvent})
+ * and when the stream stops for good, as after a 404 (`readyState` is
+ * `CLOSED`; the reason is in `event.message`, if any).
  */
 export class ResumableEventSource extends EventTarget {
   static CONNECTING = /** @type {const} */ (0);
@@ -162,13 +182,16 @@ export class ResumableEventSource extends EventTarget {
               if (this.#readyState === 2) return;
               this.dispatchEvent(new MessageEvent(type, { data, lastEventId, origin }));
             },
-            (/** @type {string} */ kind, /** @type {string | null} */ detail) => {
+            // The stream's lifecycle: 'open' and 'error' (reconnecting,
+            // `detail` is `{ message, retryDelay, attempt }`) as they
+            // happen, 'closed' (`detail` the reason or null) once.
+            (/** @type {string} */ kind, /** @type {any} */ detail) => {
               if (kind === 'open' && this.#readyState !== 2) {
                 this.#readyState = 1;
                 this.dispatchEvent(new Event('open'));
               } else if (kind === 'error' && this.#readyState !== 2) {
                 this.#readyState = 0;
-                this.#fail(detail);
+                this.#fail(detail.message, detail);
               } else if (kind === 'closed') {
                 const stopped = this.#readyState !== 2;
                 this.#readyState = 2;
@@ -192,10 +215,18 @@ export class ResumableEventSource extends EventTarget {
     );
   }
 
-  /** @param {string | null} message */
-  #fail(message) {
+  /**
+   * @param {string | null} message
+   * @param {{ retryDelay: number, attempt: number }} [retry] When and which
+   *   attempt is next, while reconnecting.
+   */
+  #fail(message, retry) {
     const event = new Event('error');
     Object.defineProperty(event, 'message', { value: message ?? undefined });
+    if (retry) {
+      Object.defineProperty(event, 'retryDelay', { value: retry.retryDelay });
+      Object.defineProperty(event, 'attempt', { value: retry.attempt });
+    }
     this.dispatchEvent(event);
   }
 
@@ -249,7 +280,7 @@ export class ResumableEventSource extends EventTarget {
     this.#setHandler('open', fn);
   }
 
-  /** @returns {EventHandler | null} */
+  /** @returns {ErrorHandler | null} */
   get onerror() {
     return this.#handler('error');
   }
