@@ -318,6 +318,11 @@ export class ResumableEventSource extends EventTarget {
  * Dedup window and cursor of one stream, for apps that bring their own
  * transport (an MCP client's resumption tokens, a WebSocket, a custom fetch
  * loop). Open it with {@link openTracker}.
+ *
+ * For each event: `observe(id)` says whether it is fresh; hand a fresh one
+ * to the application (drop a replay); once the application has handled it,
+ * `commit()`. Only `commit()` moves the stored cursor, so a page that dies
+ * between the two repeats the event after a reload, and never skips it.
  */
 export class Tracker {
   /** @type {import('./tidemark_wasm.js').Tracker} */
@@ -333,10 +338,11 @@ export class Tracker {
   }
 
   /**
-   * Whether the event with this id is fresh rather than a replay. A fresh
-   * event becomes the cursor at once (persisted in the background), so call
-   * this when the event is handed to the application. An event without an id
-   * is always fresh.
+   * Whether the event with this id is fresh rather than a replay; an event
+   * without an id is always fresh. A fresh id counts as seen at once (seen
+   * again before or after `commit()`, it is a replay) and becomes
+   * `lastEventId`, but the stored cursor stays where it was until
+   * {@link Tracker.commit}.
    * @param {string | null | undefined} id
    * @returns {boolean}
    */
@@ -345,7 +351,20 @@ export class Tracker {
   }
 
   /**
-   * `observe` for a batch of ids in one call into WebAssembly.
+   * Declares every event observed so far handled: the cursor moves to the
+   * last fresh id and is persisted in the background (within 250 ms, on
+   * `flush()`, `close()` and `pagehide`). Call it once the application has
+   * handled the event (or a batch). Does nothing when nothing new was
+   * observed.
+   * @returns {void}
+   */
+  commit() {
+    this.#inner.commit();
+  }
+
+  /**
+   * `observe` for a batch of ids in one call into WebAssembly; a `commit()`
+   * after the batch is handled moves the cursor to its last fresh id.
    * @param {readonly string[]} ids
    * @returns {boolean[]}
    */
@@ -359,7 +378,9 @@ export class Tracker {
 
   /**
    * The id to resume from (`Last-Event-ID`, an MCP resumption token), or
-   * `undefined` for a stream that starts from the beginning.
+   * `undefined` for a stream that starts from the beginning. While open,
+   * the last fresh id observed (what this page reconnects from); after
+   * `close()`, and in the next page, the last one committed.
    * @returns {string | undefined}
    */
   get lastEventId() {
@@ -383,7 +404,8 @@ export class Tracker {
   }
 
   /**
-   * Closes the stream and writes its cursor.
+   * Closes the stream and writes its committed cursor. Events observed since
+   * the last `commit()` count as not handled: a reopen resumes before them.
    * @returns {Promise<void>}
    */
   close() {
@@ -421,10 +443,13 @@ export async function flush() {
  * request's options. `resumptionToken` is the tracker's cursor (undefined for
  * a new call: the SDK POSTs it; else it resumes with a GET and
  * `Last-Event-ID`), `onresumptiontoken` observes each event id, and
- * `onprogress` calls yours only for an event that was not a replay. This
- * works because the SDK's transport reports an event's id right before it
- * dispatches that event's message, and runs the progress handler before it
- * reads the next event.
+ * `onprogress` calls yours only for an event that was not a replay, then
+ * commits it. This works because the SDK's transport reports an event's id
+ * right before it dispatches that event's message, and runs the progress
+ * handler (in a microtask) before it reads the next event. An event that
+ * brings no progress (the stream's priming event, the response, another
+ * notification) is committed in the next task, after the SDK's handlers of
+ * its message ran.
  *
  * @template P
  * @param {Tracker} tracker
@@ -435,14 +460,32 @@ export async function flush() {
  */
 export function mcpResumption(tracker, { onprogress, onreplay } = {}) {
   let fresh = true;
+  let scheduled = false;
+  const commitLater = () => {
+    scheduled = false;
+    try {
+      tracker.commit();
+    } catch {
+      // Closed meanwhile (the call ended): what it observed last stays
+      // uncommitted, as close() means.
+    }
+  };
   return {
     resumptionToken: tracker.lastEventId,
     onresumptiontoken(token) {
       fresh = tracker.observe(token);
-      if (!fresh) onreplay?.(token);
+      if (!fresh) {
+        onreplay?.(token);
+      } else if (!scheduled) {
+        scheduled = true;
+        setTimeout(commitLater, 0);
+      }
     },
     onprogress(progress) {
-      if (fresh) onprogress?.(progress);
+      if (!fresh) return;
+      onprogress?.(progress);
+      // Handled: a reload from now on does not show it again.
+      tracker.commit();
     },
   };
 }

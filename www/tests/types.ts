@@ -46,9 +46,11 @@ export async function example(token: string): Promise<string | undefined> {
 
   const tracker = await openTracker('mcp session-1', { store: 'memory' });
   const fresh: boolean = tracker.observe('42');
+  const committed: void = tracker.commit();
   const many: boolean[] = tracker.observeMany(['1', '2']);
+  tracker.commit();
   const trackerStats: Stats & { observed: number } = tracker.stats();
-  void [fresh, many, trackerStats.cursorsWritten];
+  void [fresh, committed, many, trackerStats.cursorsWritten];
   await tracker.flush();
   await tracker.close();
   await flush();
