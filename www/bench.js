@@ -1,6 +1,7 @@
 // Benchmarks of the tidemark package against baselines in the same page:
-// 1. observe() through the wasm API against a pure-JS tracker (a Set and an
-//    array ring of the last 1024 ids), per event; also batched.
+// 1. observe() and, for a fresh id, commit() through the wasm API against a
+//    pure-JS tracker (a Set and an array ring of the last 1024 ids), per
+//    event; also batched (observeMany, then one commit()).
 // 2. sustained events/s with persistence in IndexedDB against a naive
 //    baseline that writes each event id with idb-keyval; and IndexedDB
 //    transactions per second at two event rates.
@@ -63,8 +64,9 @@ const median = (xs) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 const yieldToLoop = () => new Promise((r) => setTimeout(r, 0));
 
 /**
- * Per-event cost of observe: tidemark through the wasm API (one call per id,
- * and batched 256 ids a call) against the pure-JS tracker. Ids are made
+ * Per-event cost of observe: tidemark through the wasm API (observe and,
+ * when fresh, commit per id; and batched: observeMany of 256 ids, then one
+ * commit) against the pure-JS tracker, which has no commit step. Ids are made
  * chunk by chunk (4096 at a time, untimed) right before each contender
  * reads them, so they are as fresh and as warm in the cache as ids a parser
  * just produced; every contender gets its own copy. A second JS figure reads
@@ -102,13 +104,19 @@ async function observeBench(shape) {
 
       input = idStrings(part, shape, r + 2);
       t0 = performance.now();
-      for (const id of input) if (single.observe(id)) fresh.wasm++;
+      for (const id of input) {
+        if (single.observe(id)) {
+          fresh.wasm++;
+          single.commit();
+        }
+      }
       spent.wasm += performance.now() - t0;
 
       input = idStrings(part, shape, r + 2);
       t0 = performance.now();
       for (let i = 0; i < input.length; i += 256) {
         for (const f of batched.observeMany(input.slice(i, i + 256))) if (f) fresh.wasmBatched++;
+        batched.commit();
       }
       spent.wasmBatched += performance.now() - t0;
     }
@@ -159,7 +167,7 @@ async function feedFor(seconds, perTask, gapMs, handle) {
 }
 
 /**
- * tidemark's observe() with its IndexedDB writer, flat out and at ~500
+ * tidemark's observe() and commit() with its IndexedDB writer, flat out and at ~500
  * events/s, against the naive baseline (an idb-keyval write of each id).
  * Transactions are counted while events flow (the final flush excluded).
  */
@@ -168,7 +176,9 @@ async function persistenceBench() {
   const rate = async (key, perTask, gapMs) => {
     const tracker = await openTracker(key, { database });
     const before = tracker.stats().storeTransactions;
-    const run = await feedFor(3, perTask, gapMs, (id) => void tracker.observe(id));
+    const run = await feedFor(3, perTask, gapMs, (id) => {
+      if (tracker.observe(id)) tracker.commit();
+    });
     const transactions = tracker.stats().storeTransactions - before;
     await tracker.close();
     return { ...run, transactions, transactionsPerSecond: transactions / run.seconds };

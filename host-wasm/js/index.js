@@ -96,14 +96,32 @@ export function initialize(wasm) {
  * }} EventSourceStats
  *   Stream counters: connections opened, reconnects scheduled, fresh events
  *   delivered, replays dropped, comments (keep-alives), body bytes, and the
- *   last connection failure. `connects`, `reconnects` and `lastFailure`
- *   change with the connection; the others as events are delivered (replays
- *   dropped after the last fresh event show with the next one, or after
- *   `close()`).
+ *   last connection failure. They are the stream's own, as of the latest
+ *   `open`, `error` or message event (replays dropped after the last fresh
+ *   event show with the next one, or after `close()`).
+ */
+
+/**
+ * The `error` event of a {@link ResumableEventSource}. When a connection
+ * failed or could not be made (`readyState` is `CONNECTING`) it says why,
+ * when the next attempt is and which attempt in a row it will be; when the
+ * stream stopped for good (`readyState` is `CLOSED`) only `message` is set,
+ * and only if there is a reason (none after `close()`).
+ *
+ * @typedef {Event & {
+ *   readonly message?: string,
+ *   readonly retryDelay?: number,
+ *   readonly attempt?: number,
+ * }} ResumableErrorEvent
+ *   `message`: why the connection failed or the stream stopped.
+ *   `retryDelay`: milliseconds until the next attempt.
+ *   `attempt`: which attempt in a row the next one is: 1 after a connection
+ *   that received data, counting up while attempts receive nothing.
  */
 
 /** @typedef {(this: ResumableEventSource, event: MessageEvent<string>) => any} MessageHandler */
 /** @typedef {(this: ResumableEventSource, event: Event) => any} EventHandler */
+/** @typedef {(this: ResumableEventSource, event: ResumableErrorEvent) => any} ErrorHandler */
 
 /**
  * An `EventSource` that resumes: after a dropped connection, a reload or a
@@ -114,10 +132,12 @@ export function initialize(wasm) {
  *
  * Events are `MessageEvent`s with `data`, `lastEventId` and `type` (the
  * `event:` field, `'message'` by default). An event counts as delivered once
- * its listeners return; then its id becomes the cursor. `error` fires when a
- * connection fails (`readyState` goes back to `CONNECTING`) and when the
- * stream stops for good (`readyState` is `CLOSED`; the reason is in
- * `event.message`, if any).
+ * its listeners return; then its id becomes the cursor. `open` fires when a
+ * connection is up (`readyState` is `OPEN`). `error` fires when a connection
+ * fails or cannot be made (`readyState` goes back to `CONNECTING`; the event
+ * has `message`, `retryDelay` and `attempt`, see {@link ResumableErrorEvent})
+ * and when the stream stops for good, as after a 404 (`readyState` is
+ * `CLOSED`; the reason is in `event.message`, if any).
  */
 export class ResumableEventSource extends EventTarget {
   static CONNECTING = /** @type {const} */ (0);
@@ -162,13 +182,16 @@ export class ResumableEventSource extends EventTarget {
               if (this.#readyState === 2) return;
               this.dispatchEvent(new MessageEvent(type, { data, lastEventId, origin }));
             },
-            (/** @type {string} */ kind, /** @type {string | null} */ detail) => {
+            // The stream's lifecycle: 'open' and 'error' (reconnecting,
+            // `detail` is `{ message, retryDelay, attempt }`) as they
+            // happen, 'closed' (`detail` the reason or null) once.
+            (/** @type {string} */ kind, /** @type {any} */ detail) => {
               if (kind === 'open' && this.#readyState !== 2) {
                 this.#readyState = 1;
                 this.dispatchEvent(new Event('open'));
               } else if (kind === 'error' && this.#readyState !== 2) {
                 this.#readyState = 0;
-                this.#fail(detail);
+                this.#fail(detail.message, detail);
               } else if (kind === 'closed') {
                 const stopped = this.#readyState !== 2;
                 this.#readyState = 2;
@@ -192,10 +215,18 @@ export class ResumableEventSource extends EventTarget {
     );
   }
 
-  /** @param {string | null} message */
-  #fail(message) {
+  /**
+   * @param {string | null} message
+   * @param {{ retryDelay: number, attempt: number }} [retry] When and which
+   *   attempt is next, while reconnecting.
+   */
+  #fail(message, retry) {
     const event = new Event('error');
     Object.defineProperty(event, 'message', { value: message ?? undefined });
+    if (retry) {
+      Object.defineProperty(event, 'retryDelay', { value: retry.retryDelay });
+      Object.defineProperty(event, 'attempt', { value: retry.attempt });
+    }
     this.dispatchEvent(event);
   }
 
@@ -249,7 +280,7 @@ export class ResumableEventSource extends EventTarget {
     this.#setHandler('open', fn);
   }
 
-  /** @returns {EventHandler | null} */
+  /** @returns {ErrorHandler | null} */
   get onerror() {
     return this.#handler('error');
   }
@@ -287,6 +318,11 @@ export class ResumableEventSource extends EventTarget {
  * Dedup window and cursor of one stream, for apps that bring their own
  * transport (an MCP client's resumption tokens, a WebSocket, a custom fetch
  * loop). Open it with {@link openTracker}.
+ *
+ * For each event: `observe(id)` says whether it is fresh; hand a fresh one
+ * to the application (drop a replay); once the application has handled it,
+ * `commit()`. Only `commit()` moves the stored cursor, so a page that dies
+ * between the two repeats the event after a reload, and never skips it.
  */
 export class Tracker {
   /** @type {import('./tidemark_wasm.js').Tracker} */
@@ -302,10 +338,11 @@ export class Tracker {
   }
 
   /**
-   * Whether the event with this id is fresh rather than a replay. A fresh
-   * event becomes the cursor at once (persisted in the background), so call
-   * this when the event is handed to the application. An event without an id
-   * is always fresh.
+   * Whether the event with this id is fresh rather than a replay; an event
+   * without an id is always fresh. A fresh id counts as seen at once (seen
+   * again before or after `commit()`, it is a replay) and becomes
+   * `lastEventId`, but the stored cursor stays where it was until
+   * {@link Tracker.commit}.
    * @param {string | null | undefined} id
    * @returns {boolean}
    */
@@ -314,7 +351,20 @@ export class Tracker {
   }
 
   /**
-   * `observe` for a batch of ids in one call into WebAssembly.
+   * Declares every event observed so far handled: the cursor moves to the
+   * last fresh id and is persisted in the background (within 250 ms, on
+   * `flush()`, `close()` and `pagehide`). Call it once the application has
+   * handled the event (or a batch). Does nothing when nothing new was
+   * observed.
+   * @returns {void}
+   */
+  commit() {
+    this.#inner.commit();
+  }
+
+  /**
+   * `observe` for a batch of ids in one call into WebAssembly; a `commit()`
+   * after the batch is handled moves the cursor to its last fresh id.
    * @param {readonly string[]} ids
    * @returns {boolean[]}
    */
@@ -328,7 +378,9 @@ export class Tracker {
 
   /**
    * The id to resume from (`Last-Event-ID`, an MCP resumption token), or
-   * `undefined` for a stream that starts from the beginning.
+   * `undefined` for a stream that starts from the beginning. While open,
+   * the last fresh id observed (what this page reconnects from); after
+   * `close()`, and in the next page, the last one committed.
    * @returns {string | undefined}
    */
   get lastEventId() {
@@ -352,7 +404,8 @@ export class Tracker {
   }
 
   /**
-   * Closes the stream and writes its cursor.
+   * Closes the stream and writes its committed cursor. Events observed since
+   * the last `commit()` count as not handled: a reopen resumes before them.
    * @returns {Promise<void>}
    */
   close() {
@@ -390,10 +443,13 @@ export async function flush() {
  * request's options. `resumptionToken` is the tracker's cursor (undefined for
  * a new call: the SDK POSTs it; else it resumes with a GET and
  * `Last-Event-ID`), `onresumptiontoken` observes each event id, and
- * `onprogress` calls yours only for an event that was not a replay. This
- * works because the SDK's transport reports an event's id right before it
- * dispatches that event's message, and runs the progress handler before it
- * reads the next event.
+ * `onprogress` calls yours only for an event that was not a replay, then
+ * commits it. This works because the SDK's transport reports an event's id
+ * right before it dispatches that event's message, and runs the progress
+ * handler (in a microtask) before it reads the next event. An event that
+ * brings no progress (the stream's priming event, the response, another
+ * notification) is committed in the next task, after the SDK's handlers of
+ * its message ran.
  *
  * @template P
  * @param {Tracker} tracker
@@ -404,14 +460,32 @@ export async function flush() {
  */
 export function mcpResumption(tracker, { onprogress, onreplay } = {}) {
   let fresh = true;
+  let scheduled = false;
+  const commitLater = () => {
+    scheduled = false;
+    try {
+      tracker.commit();
+    } catch {
+      // Closed meanwhile (the call ended): what it observed last stays
+      // uncommitted, as close() means.
+    }
+  };
   return {
     resumptionToken: tracker.lastEventId,
     onresumptiontoken(token) {
       fresh = tracker.observe(token);
-      if (!fresh) onreplay?.(token);
+      if (!fresh) {
+        onreplay?.(token);
+      } else if (!scheduled) {
+        scheduled = true;
+        setTimeout(commitLater, 0);
+      }
     },
     onprogress(progress) {
-      if (fresh) onprogress?.(progress);
+      if (!fresh) return;
+      onprogress?.(progress);
+      // Handled: a reload from now on does not show it again.
+      tracker.commit();
     },
   };
 }

@@ -7,7 +7,6 @@ use js_sys::{Function, Promise, Reflect, Uint8Array};
 use std::fmt;
 use std::future::Future;
 use std::pin::{Pin, pin};
-use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tidemark_core::reconnect::{check_response, parse_retry_after};
@@ -18,27 +17,6 @@ use web_sys::{
     AbortController, Headers, ReadableStreamDefaultReader, Request, RequestCache,
     RequestCredentials, RequestInit, Response,
 };
-
-/// What happened to a connection; see [`FetchConnector::on_state`]. The
-/// JavaScript API maps `Open` to an EventSource `open` event and `Error` to
-/// an `error` event.
-#[non_exhaustive]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConnectionState<'a> {
-    /// The response headers were good (200, `text/event-stream`): the
-    /// stream is open.
-    Open,
-    /// The attempt failed, or the open stream ended (the server closed it:
-    /// a [`Failure::Network`]) or broke.
-    Error(&'a Failure),
-    /// The client dropped the open stream before it ended (the stream was
-    /// closed, its idle watchdog fired, or the server broke the parser's
-    /// limits); the request was aborted. The stream itself says why.
-    Closed,
-}
-
-/// Called with every [`ConnectionState`] change.
-type Observer = Rc<dyn Fn(ConnectionState<'_>)>;
 
 /// A credentials mode for [`FetchConnector::credentials`]: a
 /// [`RequestCredentials`], or its name as `fetch` spells it (`"omit"`,
@@ -120,26 +98,18 @@ impl<T: CredentialsMode + ?Sized> CredentialsMode for &T {
 /// name or value, a scheme other than http and https, an unknown
 /// credentials mode) is a permanent [`Failure::Request`].
 ///
-/// ```ignore
-/// let connector = FetchConnector::new()
-///     .credentials("include")
-///     .on_state(|state| web_sys::console::log_1(&format!("{state:?}").into()));
-/// ```
-#[derive(Clone)]
+/// # The connection's lifecycle
+///
+/// The connector reports nothing by itself: a [`ResumableStream`] over it
+/// yields every change as a [`StreamItem`] (`Open`, `Reconnecting`), and the
+/// JavaScript API's `open` and `error` events come from those.
+///
+/// [`ResumableStream`]: tidemark_core::ResumableStream
+/// [`StreamItem`]: tidemark_core::StreamItem
+#[derive(Clone, Debug)]
 pub struct FetchConnector {
     credentials: Result<RequestCredentials, String>,
     connect_timeout: Duration,
-    observer: Option<Observer>,
-}
-
-impl fmt::Debug for FetchConnector {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FetchConnector")
-            .field("credentials", &self.credentials)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("observed", &self.observer.is_some())
-            .finish()
-    }
 }
 
 impl Default for FetchConnector {
@@ -150,13 +120,11 @@ impl Default for FetchConnector {
 
 impl FetchConnector {
     /// A connector with credentials mode `same-origin` (what `EventSource`
-    /// uses without `withCredentials`), a 10 s connect timeout and no
-    /// observer.
+    /// uses without `withCredentials`) and a 10 s connect timeout.
     pub fn new() -> Self {
         FetchConnector {
             credentials: Ok(RequestCredentials::SameOrigin),
             connect_timeout: Duration::from_secs(10),
-            observer: None,
         }
     }
 
@@ -175,21 +143,6 @@ impl FetchConnector {
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
-    }
-
-    /// Calls `observer` with every [`ConnectionState`] change of the
-    /// connections this connector opens (clones share it). It is called
-    /// synchronously from `connect` and from the body's `poll_next` and
-    /// `drop`: it must not block, and must not drive the stream.
-    pub fn on_state(mut self, observer: impl Fn(ConnectionState<'_>) + 'static) -> Self {
-        self.observer = Some(Rc::new(observer));
-        self
-    }
-
-    fn notify(&self, state: ConnectionState<'_>) {
-        if let Some(observer) = &self.observer {
-            observer(state);
-        }
     }
 
     /// Builds and sends the request; resolves with the checked response.
@@ -289,7 +242,6 @@ impl FetchConnector {
             controller,
             pending: None,
             ended: false,
-            observer: self.observer.clone(),
         })
     }
 }
@@ -299,12 +251,7 @@ impl Connector for FetchConnector {
     type Body = FetchBody;
 
     async fn connect(&self, request: ConnectRequest<'_>) -> Result<FetchBody, Failure> {
-        let opened = self.open(request).await;
-        match &opened {
-            Ok(_) => self.notify(ConnectionState::Open),
-            Err(failure) => self.notify(ConnectionState::Error(failure)),
-        }
-        opened
+        self.open(request).await
     }
 }
 
@@ -329,9 +276,8 @@ pub struct FetchBody {
     controller: AbortController,
     /// The `read()` in flight.
     pending: Option<JsFuture>,
-    /// The stream ended or failed (and the observer was told).
+    /// The stream ended or failed.
     ended: bool,
-    observer: Option<Observer>,
 }
 
 impl fmt::Debug for FetchBody {
@@ -340,15 +286,6 @@ impl fmt::Debug for FetchBody {
             .field("reading", &self.pending.is_some())
             .field("ended", &self.ended)
             .finish_non_exhaustive()
-    }
-}
-
-impl FetchBody {
-    fn end(&mut self, failure: &Failure) {
-        self.ended = true;
-        if let Some(observer) = &self.observer {
-            observer(ConnectionState::Error(failure));
-        }
     }
 }
 
@@ -381,13 +318,12 @@ impl Stream for FetchBody {
         match chunk {
             Ok(Some(bytes)) => Poll::Ready(Some(Ok(bytes))),
             Ok(None) => {
-                this.end(&Failure::Network("the server closed the stream".into()));
+                this.ended = true;
                 Poll::Ready(None)
             }
             Err(message) => {
-                let failure = Failure::Network(message);
-                this.end(&failure);
-                Poll::Ready(Some(Err(failure)))
+                this.ended = true;
+                Poll::Ready(Some(Err(Failure::Network(message))))
             }
         }
     }
@@ -395,11 +331,6 @@ impl Stream for FetchBody {
 
 impl Drop for FetchBody {
     fn drop(&mut self) {
-        if !self.ended {
-            if let Some(observer) = &self.observer {
-                observer(ConnectionState::Closed);
-            }
-        }
         // `cancel()` settles later; a JsFuture handles a rejection even when
         // dropped at once. Aborting also errors a pending `read()`, which
         // its (dropped) JsFuture absorbs too.

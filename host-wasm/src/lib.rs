@@ -19,5 +19,5 @@ mod idb;
 
 pub use api::{EventSourceDriver, Tracker, flush_all, open_tracker};
 pub use clock::BrowserClock;
-pub use fetch::{ConnectionState, CredentialsMode, FetchBody, FetchConnector};
+pub use fetch::{CredentialsMode, FetchBody, FetchConnector};
 pub use idb::IdbStore;

@@ -7,16 +7,15 @@
 use futures::StreamExt;
 use futures::future::{Either, select};
 use gloo_timers::future::TimeoutFuture;
-use std::cell::RefCell;
 use std::future::Future;
 use std::rc::Rc;
 use std::time::Duration;
 use tidemark_core::sse::{Item, Limits, Parser};
 use tidemark_core::{
-    Clock, Config, ConnectRequest, Connector, Failure, GiveUp, MemStore, Millis, ResumableStream,
-    StreamConfig, StreamError, StreamKey, persistence,
+    Clock, Config, ConnectRequest, Connector, EventTracker, Failure, GiveUp, MemStore, Millis,
+    ResumableStream, StreamConfig, StreamError, StreamItem, StreamKey, persistence,
 };
-use tidemark_wasm::{BrowserClock, ConnectionState, FetchBody, FetchConnector};
+use tidemark_wasm::{BrowserClock, FetchBody, FetchConnector};
 use wasm_bindgen_test::{wasm_bindgen_test, wasm_bindgen_test_configure};
 use web_sys::RequestCredentials;
 
@@ -58,35 +57,16 @@ fn request<'a>(url: &'a str, headers: &'a [(String, String)]) -> ConnectRequest<
     }
 }
 
-/// The connection states a connector reported, as short strings.
-#[derive(Clone, Default)]
-struct States(Rc<RefCell<Vec<String>>>);
-
-impl States {
-    fn connector(&self) -> FetchConnector {
-        let states = self.clone();
-        FetchConnector::new().on_state(move |state| {
-            let entry = match state {
-                ConnectionState::Open => "open".to_owned(),
-                ConnectionState::Error(failure) => format!("error: {failure}"),
-                ConnectionState::Closed => "closed".to_owned(),
-                other => format!("{other:?}"),
-            };
-            states.0.borrow_mut().push(entry);
-        })
-    }
-
-    fn count(&self, prefix: &str) -> usize {
-        self.0
-            .borrow()
-            .iter()
-            .filter(|s| s.starts_with(prefix))
-            .count()
-    }
-
-    fn all(&self) -> Vec<String> {
-        self.0.borrow().clone()
-    }
+/// A stream of `url` through a fresh connector, its tracker in memory.
+fn stream_of(url: &str, config: StreamConfig) -> ResumableStream<FetchConnector, BrowserClock> {
+    let tracker = EventTracker::new(StreamKey::new("browser", url), Default::default());
+    ResumableStream::new(
+        FetchConnector::new(),
+        BrowserClock::new(),
+        url,
+        tracker,
+        config,
+    )
 }
 
 /// Reads `body` until its first event; returns the event's id.
@@ -122,38 +102,80 @@ async fn a_resumable_stream_follows_a_dropping_server_and_delivers_every_id_once
     });
     let key = StreamKey::new("browser", "chaos");
     let tracker = registry.open(key.clone()).await.unwrap();
-    let states = States::default();
     let url = format!("{}/events", chaos());
     let mut stream = ResumableStream::new(
-        states.connector(),
+        FetchConnector::new(),
         clock.clone(),
         url,
         tracker,
         fast_reconnect(),
     );
 
-    let mut ids = Vec::new();
+    // Every item, with the time it came.
+    let mut items = Vec::new();
     within(20_000, "100 events", async {
-        while ids.len() < 100 {
-            let event = stream.next_event().await.expect("an event");
-            ids.push(event.data.parse::<u64>().unwrap());
+        let mut events = 0;
+        while events < 100 {
+            let item = stream.next().await.expect("no final error");
+            events += usize::from(matches!(item, StreamItem::Event(_)));
+            items.push((clock.now(), item));
         }
     })
     .await;
     stream.commit();
 
-    assert_eq!(ids, (1..=100).collect::<Vec<_>>());
+    // Per connection: Open (with the id delivered last before it), its
+    // events, then Reconnecting; the server never refuses, so no attempt
+    // fails before its headers.
+    let mut ids = Vec::new();
+    let (mut opens, mut reconnects) = (0, 0);
+    let mut open = false;
+    for (at, item) in &items {
+        match item {
+            StreamItem::Open { last_event_id } => {
+                assert!(!open, "Open twice in a row: {items:?}");
+                assert_eq!(last_event_id.as_deref(), ids.last().map(String::as_str));
+                open = true;
+                opens += 1;
+            }
+            StreamItem::Event(event) => {
+                assert!(open, "an event outside a connection: {items:?}");
+                assert_eq!(event.id.as_deref(), Some(event.data.as_str()));
+                ids.push(event.data.clone());
+            }
+            StreamItem::Reconnecting {
+                failure,
+                retry_at,
+                attempt,
+            } => {
+                assert!(open, "Reconnecting without a connection: {items:?}");
+                assert_eq!(
+                    failure,
+                    &Failure::Network("the server closed the stream".into())
+                );
+                // The connection received data: the budget starts over.
+                assert_eq!(*attempt, 1);
+                // Not before the server's `retry: 10`, not long after.
+                assert!(*retry_at > *at && *retry_at <= *at + Millis(1000));
+                open = false;
+                reconnects += 1;
+            }
+            other => panic!("unexpected item {other:?}"),
+        }
+    }
+    let expected: Vec<String> = (1..=100).map(|n| n.to_string()).collect();
+    assert_eq!(ids, expected);
     let stats = stream.stats().clone();
     // 100 events, 7 per connection: at least 14 drops, each followed by a
     // reconnect that replays 3 events too many.
-    assert!(stats.reconnects >= 14, "{stats:?}");
+    assert!(reconnects >= 14, "{items:?}");
+    assert_eq!(stats.connects, opens);
+    assert_eq!(stats.reconnects, reconnects);
     assert!(stats.duplicates >= 3 * 14, "{stats:?}");
     assert_eq!(stats.delivered, 100);
-    assert_eq!(states.count("open") as u64, stats.connects);
-    assert!(
-        states.count("error: connection failed: the server closed the stream") >= 14,
-        "{:?}",
-        states.all()
+    assert_eq!(
+        stats.last_failure,
+        Some(Failure::Network("the server closed the stream".into()))
     );
     assert_eq!(stream.last_event_id(), Some("100"));
 
@@ -165,8 +187,6 @@ async fn a_resumable_stream_follows_a_dropping_server_and_delivers_every_id_once
     assert!(report.is_complete(), "{report:?}");
     within(5000, "the worker", worker_done).await.unwrap();
     assert_eq!(store.get(&key).unwrap().last_event_id, "100");
-    // The open stream was dropped by the client, not ended by the server.
-    assert_eq!(states.all().last().map(String::as_str), Some("closed"));
 }
 
 #[wasm_bindgen_test]
@@ -212,8 +232,7 @@ async fn last_event_id_and_custom_headers_are_sent() {
 
 #[wasm_bindgen_test]
 async fn requests_the_browser_cannot_build_fail_permanently() {
-    let states = States::default();
-    let connector = states.connector();
+    let connector = FetchConnector::new();
     let events = format!("{}/events", chaos());
 
     let bad_name = [("bad header".to_owned(), "1".to_owned())];
@@ -233,12 +252,17 @@ async fn requests_the_browser_cannot_build_fail_permanently() {
             other => panic!("{url} {headers:?}: expected a request failure, got {other:?}"),
         }
     }
-    assert_eq!(
-        states.count("error: invalid request"),
-        4,
-        "{:?}",
-        states.all()
-    );
+    // A stream of such a request stops at its first item: no Open, no
+    // Reconnecting.
+    let mut stream = stream_of("ftp://127.0.0.1/events", fast_reconnect());
+    match within(5000, "the stream", stream.next()).await {
+        Err(StreamError::GaveUp(GiveUp::Permanent(Failure::Request(message)))) => {
+            assert!(message.contains("only http"), "{message}")
+        }
+        other => panic!("expected a permanent request failure, got {other:?}"),
+    }
+    assert_eq!(stream.stats().connects, 0);
+    assert_eq!(stream.stats().reconnects, 0);
 
     let bogus = FetchConnector::new().credentials("bogus");
     match bogus.connect(request(&events, &[])).await {
@@ -259,37 +283,27 @@ async fn requests_the_browser_cannot_build_fail_permanently() {
 
 #[wasm_bindgen_test]
 async fn not_found_is_a_permanent_status_failure() {
-    let states = States::default();
     let url = format!("{}/nope", chaos());
-    match states.connector().connect(request(&url, &[])).await {
-        Err(Failure::Status {
-            code: 404,
-            retry_after: None,
-        }) => {}
+    let not_found = Failure::Status {
+        code: 404,
+        retry_after: None,
+    };
+    match FetchConnector::new().connect(request(&url, &[])).await {
+        Err(failure) => assert_eq!(failure, not_found),
         other => panic!("expected 404, got {other:?}"),
     }
-    assert_eq!(states.all(), ["error: server answered HTTP 404"]);
 
-    // The resumable stream stops at once.
-    let tracker = tidemark_core::EventTracker::new(StreamKey::new("b", "404"), Default::default());
-    let mut stream = ResumableStream::new(
-        states.connector(),
-        BrowserClock::new(),
-        url,
-        tracker,
-        fast_reconnect(),
-    );
-    let error = within(5000, "the stream", stream.next_event())
-        .await
-        .unwrap_err();
+    // The resumable stream's first item is its final error, and it stays.
+    let mut stream = stream_of(&url, fast_reconnect());
+    let gave_up = StreamError::GaveUp(GiveUp::Permanent(not_found.clone()));
     assert_eq!(
-        error,
-        StreamError::GaveUp(GiveUp::Permanent(Failure::Status {
-            code: 404,
-            retry_after: None
-        }))
+        within(5000, "the stream", stream.next()).await,
+        Err(gave_up.clone())
     );
-    assert_eq!(stream.stats().reconnects, 0);
+    assert_eq!(stream.next().await, Err(gave_up));
+    let stats = stream.stats();
+    assert_eq!((stats.connects, stats.reconnects), (0, 0));
+    assert_eq!(stats.last_failure, Some(not_found));
 }
 
 #[wasm_bindgen_test]
@@ -309,17 +323,45 @@ async fn a_page_is_not_a_stream() {
 
 #[wasm_bindgen_test]
 async fn a_refused_connection_is_a_retryable_network_failure() {
-    let states = States::default();
     let failure = within(
         10_000,
         "the refused connect",
-        states.connector().connect(request(closed(), &[])),
+        FetchConnector::new().connect(request(closed(), &[])),
     )
     .await
     .unwrap_err();
     assert!(matches!(failure, Failure::Network(_)), "{failure:?}");
     assert!(failure.is_retryable());
-    assert_eq!(states.count("error: connection failed"), 1);
+
+    // The stream: Reconnecting for each refused attempt, counting up, no
+    // Open, until the budget of attempts without data runs out.
+    let mut config = fast_reconnect();
+    config.reconnect.max_attempts = Some(3);
+    let clock = BrowserClock::new();
+    let mut stream = stream_of(closed(), config);
+    for expected in 1..=2 {
+        match within(10_000, "a refused attempt", stream.next()).await {
+            Ok(StreamItem::Reconnecting {
+                failure: Failure::Network(_),
+                retry_at,
+                attempt,
+            }) => {
+                assert_eq!(attempt, expected);
+                // Backoff from 5 ms, doubling, with jitter.
+                assert!(retry_at <= clock.now() + Millis(100), "{retry_at:?}");
+            }
+            other => panic!("attempt {expected}: expected Reconnecting, got {other:?}"),
+        }
+    }
+    match within(10_000, "the last attempt", stream.next()).await {
+        Err(StreamError::GaveUp(GiveUp::Exhausted {
+            attempts: 3,
+            last: Failure::Network(_),
+        })) => {}
+        other => panic!("expected the stream to give up, got {other:?}"),
+    }
+    let stats = stream.stats();
+    assert_eq!((stats.connects, stats.reconnects), (0, 2));
 }
 
 /// Browsers open at most six HTTP/1.1 connections to one server; a seventh
@@ -327,13 +369,10 @@ async fn a_refused_connection_is_a_retryable_network_failure() {
 /// that is not aborted keeps its place.
 #[wasm_bindgen_test]
 async fn dropping_a_body_or_a_pending_connect_aborts_the_request() {
-    let states = States::default();
     // Connects that must get a connection may wait long (a loaded machine
     // frees sockets slowly); the one that must not get one gives up soon.
-    let connector = states.connector().connect_timeout(Duration::from_secs(20));
-    let impatient = states
-        .connector()
-        .connect_timeout(Duration::from_millis(1500));
+    let connector = FetchConnector::new().connect_timeout(Duration::from_secs(20));
+    let impatient = FetchConnector::new().connect_timeout(Duration::from_millis(1500));
     let url = format!("{}/events", steady());
     let req = request(&url, &[]);
 
@@ -352,7 +391,6 @@ async fn dropping_a_body_or_a_pending_connect_aborts_the_request() {
 
     // Dropping a body frees its connection at once.
     open.pop();
-    assert_eq!(states.count("closed"), 1);
     let body = connector.connect(req).await.expect("the freed connection");
     open.push(body);
 
@@ -375,5 +413,4 @@ async fn dropping_a_body_or_a_pending_connect_aborts_the_request() {
         let body = connector.connect(req).await;
         drop(body.unwrap_or_else(|f| panic!("sequential connection {i}: {f}")));
     }
-    assert_eq!(states.count("closed"), 2 + 6 + 12, "{:?}", states.all());
 }

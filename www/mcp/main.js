@@ -13,7 +13,9 @@
 //
 // Each progress notification is shown once: the SDK calls onresumptiontoken
 // with an event's id right before it dispatches that event's message, so
-// `tracker.observe(token)` there says whether the next progress is fresh.
+// `tracker.observe(token)` there says whether the next progress is fresh,
+// and mcpResumption commits the cursor once `show` has returned (an event
+// without progress, such as the priming event, in the next task).
 // Tests read `globalThis.mcpDemo`, and the progress numbers shown, across
 // reloads, in sessionStorage `shown`.
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';

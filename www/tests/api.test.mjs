@@ -273,11 +273,15 @@ test('a dropped stream resumes with Last-Event-ID and replays are delivered once
   try {
     await page.evaluate(() => {
       const log = [];
+      const errors = [];
       const source = new tm.ResumableEventSource('/api2/stream', { reconnect: { initialDelay: 50, maxDelay: 200 } });
-      globalThis.t2 = { source, log };
+      globalThis.t2 = { source, log, errors };
       source.onopen = () => log.push(`open${source.readyState}`);
       source.onmessage = (e) => log.push(e.lastEventId);
-      source.onerror = (e) => log.push(`error${source.readyState}:${e.message}`);
+      source.onerror = (e) => {
+        log.push(`error${source.readyState}:${e.message}`);
+        errors.push({ retryDelay: e.retryDelay, attempt: e.attempt, reconnects: source.stats().reconnects });
+      };
     });
     await waitFor(() => server.requests('/api2/stream').length >= 4, 'the fourth connection');
     await until(page, () => t2.log.filter((x) => x === 'open1').length === 4, undefined, 10_000);
@@ -300,12 +304,24 @@ test('a dropped stream resumes with Last-Event-ID and replays are delivered once
     );
     // connects changes with the connection, at once.
     assert.equal(await page.evaluate(() => t2.source.stats().connects), 4);
+    // Each drop says when the next attempt is (the first backoff step, 50 ms
+    // plus jitter, as the connection had data) and that it is the first in a
+    // row; the stats a listener reads already count the reconnect.
+    const errors = await page.evaluate(() => t2.errors);
+    assert.equal(errors.length, 3, JSON.stringify(errors));
+    errors.forEach((e, i) => {
+      assert.equal(e.attempt, 1, JSON.stringify(errors));
+      assert.ok(e.retryDelay >= 45 && e.retryDelay <= 80, `retryDelay ${e.retryDelay}: ${JSON.stringify(errors)}`);
+      assert.equal(e.reconnects, i + 1);
+    });
     // Replays dropped after the last delivered event show after close().
     await page.evaluate(`(${IN_TIME})(t2.source.close(), 10000, 'close()')`);
     const stats = await page.evaluate(() => t2.source.stats());
     assert.equal(stats.duplicates, 3 + 6 + 9, 'every replay dropped');
     assert.equal(stats.delivered, 9);
     assert.equal(stats.connects, 4);
+    assert.equal(stats.reconnects, 3);
+    assert.match(stats.lastFailure, /closed/);
     assert.equal(stats.lastEventId, '9');
   } finally {
     await page.close();
@@ -388,7 +404,12 @@ test('404 and 401 stop the stream for good: error with CLOSED, no retries', { ti
         const source = new tm.ResumableEventSource(`/api4/${status}`, {
           reconnect: { initialDelay: 50, maxDelay: 200 },
         });
-        source.onerror = (e) => errors.push({ readyState: source.readyState, message: e.message ?? null });
+        source.onerror = (e) =>
+          errors.push({
+            readyState: source.readyState,
+            message: e.message ?? null,
+            retry: [e.retryDelay ?? null, e.attempt ?? null],
+          });
         source.onopen = () => errors.push({ open: true });
         t4[status] = { source, errors };
       }
@@ -409,6 +430,7 @@ test('404 and 401 stop the stream for good: error with CLOSED, no retries', { ti
       assert.equal(errors.length, 1, `${status}: one error: ${JSON.stringify(errors)}`);
       assert.equal(errors[0].readyState, 2, `${status}: the error comes with CLOSED`);
       assert.match(errors[0].message, new RegExp(status));
+      assert.deepEqual(errors[0].retry, [null, null], `${status}: no next attempt`);
       assert.equal(server.requests(`/api4/${status}`).length, 1, `${status}: one request, no retry`);
       assert.equal(counts[status], 1);
     }
@@ -516,6 +538,7 @@ test('openTracker: observe, observeMany, lastEventId, stats, close, reopen, memo
       out.many = tracker.observeMany(['a', 'b', 'a']);
       out.manyEmpty = tracker.observeMany([]);
       out.afterMany = tracker.lastEventId;
+      tracker.commit();
       out.stats = tracker.stats();
       try {
         await tm.openTracker('api7 tracker');
@@ -689,13 +712,23 @@ test('maxAttempts: null keeps trying past the default budget of 10', { timeout: 
         reconnect: { initialDelay: 10, maxDelay: 20, maxAttempts: null },
       });
       const got = [];
+      const errors = [];
+      source.onerror = (e) => errors.push({ readyState: source.readyState, message: e.message, attempt: e.attempt });
+      source.onopen = () => errors.push('open');
       source.onmessage = (e) => {
         got.push(e.lastEventId);
-        if (got.length === 3) source.close().then(() => resolve({ got, readyState: source.readyState }));
+        if (got.length === 3) source.close().then(() => resolve({ got, errors, readyState: source.readyState }));
       };
     }), 20000, 'the 13th attempt')`);
     assert.deepEqual(got.got, ['1', '2', '3']);
     assert.equal(server.requests('/api10/stream').length, 13);
+    // Attempts that receive nothing count up, one error each, then the open.
+    const attempts = Array.from({ length: 12 }, (_, i) => ({
+      readyState: 0,
+      message: 'server answered HTTP 503',
+      attempt: i + 1,
+    }));
+    assert.deepEqual(got.errors, [...attempts, 'open']);
   } finally {
     await page.close();
   }
@@ -750,22 +783,200 @@ test('tracker misuse fails loudly: observe after close, ids with line breaks, a 
       const pending = tracker.flush();
       const during = tracker.observe('3');
       await pending;
+      tracker.commit();
       await tracker.close();
       const afterClose = await errorOf(() => tracker.observe('4'));
+      const commitAfterClose = await errorOf(() => tracker.commit());
       const last = tracker.lastEventId;
       // Two sources on one stream key: the second stops with a clear error.
       const first = new tm.ResumableEventSource('/api12/stream', { streamKey: 'api12' });
       const second = new tm.ResumableEventSource('/api12/stream', { streamKey: 'api12' });
       const secondError = await new Promise((resolve) => (second.onerror = (e) => resolve({ message: e.message, readyState: second.readyState })));
       await first.close();
-      return { lineBreak, during, afterClose, last, secondError };
+      return { lineBreak, during, afterClose, commitAfterClose, last, secondError };
     });
     assert.match(out.lineBreak, /line breaks/);
     assert.equal(out.during, true);
     assert.match(out.afterClose, /closed/);
+    assert.match(out.commitAfterClose, /closed/);
     assert.equal(out.last, '3', 'the cursor stays readable after close()');
     assert.equal(out.secondError.readyState, 2);
     assert.match(out.secondError.message, /streamKey "api12" is already in use/);
+  } finally {
+    await page.close();
+  }
+});
+
+test('maxAttempts: errors with CONNECTING while attempts count up, then one with CLOSED', { timeout: 30_000 }, async () => {
+  server.route('/api14/stream', (req, res) => {
+    res.writeHead(503, { 'content-type': 'text/plain' });
+    res.end('busy');
+  });
+  const page = await newPage();
+  try {
+    const errors = await page.evaluate(`(${IN_TIME})(new Promise((resolve) => {
+      const source = new tm.ResumableEventSource('/api14/stream', {
+        streamKey: 'api14',
+        reconnect: { initialDelay: 10, maxDelay: 20, maxAttempts: 3 },
+      });
+      const errors = [];
+      source.onerror = (e) => {
+        errors.push({ readyState: source.readyState, message: e.message, attempt: e.attempt ?? null });
+        if (source.readyState === source.CLOSED) resolve(errors);
+      };
+    }), 10000, 'giving up')`);
+    assert.deepEqual(errors.slice(0, 2), [
+      { readyState: 0, message: 'server answered HTTP 503', attempt: 1 },
+      { readyState: 0, message: 'server answered HTTP 503', attempt: 2 },
+    ]);
+    assert.equal(errors.length, 3, JSON.stringify(errors));
+    assert.equal(errors[2].readyState, 2);
+    assert.equal(errors[2].attempt, null);
+    assert.match(errors[2].message, /503 \(giving up after 3 attempts without data\)/);
+    assert.equal(server.requests('/api14/stream').length, 3);
+  } finally {
+    await page.close();
+  }
+});
+
+test('tracker: observe only classifies, commit moves the stored cursor (reopen and reload)', { timeout: 30_000 }, async () => {
+  const page = await newPage();
+  try {
+    const r = await page.evaluate(async () => {
+      const tracker = await tm.openTracker('api13 reopen');
+      const out = {};
+      out.first = tracker.observe('1');
+      tracker.commit();
+      out.second = tracker.observe('2');
+      // Seen before its commit: a replay all the same.
+      out.secondAgain = tracker.observe('2');
+      // In this page, lastEventId is what a reconnect sends: the observed id.
+      out.inPage = tracker.lastEventId;
+      await tracker.flush();
+      await tracker.close();
+      // The uncommitted '2' was not handled: the cursor is before it.
+      out.afterClose = tracker.lastEventId;
+      const again = await tm.openTracker('api13 reopen');
+      out.reopened = again.lastEventId;
+      out.repeated = again.observe('2');
+      again.commit();
+      await again.close();
+      const third = await tm.openTracker('api13 reopen');
+      out.thirdOpen = third.lastEventId;
+      out.thirdReplay = third.observe('2');
+      await third.close();
+      return out;
+    });
+    assert.deepEqual(r, {
+      first: true,
+      second: true,
+      secondAgain: false,
+      inPage: '2',
+      afterClose: '1',
+      reopened: '1',
+      repeated: true,
+      thirdOpen: '2',
+      thirdReplay: false,
+    });
+
+    // Across reloads: only committed ids are the cursor; observeMany's batch moves it at its commit, to its last
+    // fresh id.
+    const step = (script) => page.evaluate(`(async () => {
+      const tracker = await tm.openTracker('api13 reload');
+      const out = { loaded: tracker.lastEventId ?? null };
+      ${script}
+      // Writes the committed cursor now; what was only observed stays out.
+      await tracker.flush();
+      globalThis.keep = tracker; // open while the page unloads
+      return out;
+    })()`);
+    const reload = async () => {
+      await page.reload();
+      await until(page, () => globalThis.ready === true, undefined, 10_000);
+    };
+    assert.deepEqual(await step(`out.fresh = tracker.observe('1'); tracker.commit(); out.fresh2 = tracker.observe('2');`), {
+      loaded: null,
+      fresh: true,
+      fresh2: true,
+    });
+    await reload();
+    assert.deepEqual(await step(`out.fresh = tracker.observeMany(['2', '3', '4', '3']);`), {
+      loaded: '1',
+      fresh: [true, true, true, false],
+    });
+    await reload();
+    assert.deepEqual(await step(`out.fresh = tracker.observeMany(['2', '3', '4', '3']); tracker.commit(); tracker.observe('5');`), {
+      loaded: '1',
+      fresh: [true, true, true, false],
+    });
+    await reload();
+    assert.deepEqual(await step(`out.fresh = tracker.observe('4');`), { loaded: '4', fresh: false });
+  } finally {
+    await page.close();
+  }
+});
+
+test('mcpResumption commits after the progress handler, and in the next task for events without one', { timeout: 30_000 }, async () => {
+  const page = await newPage();
+  try {
+    const r = await page.evaluate(async () => {
+      const out = { shown: [], replays: [], inHandler: [] };
+      const open = () => tm.openTracker('api15 mcp', { store: 'memory' });
+      let tracker = await open();
+      let hooks = tm.mcpResumption(tracker, {
+        onprogress: (p) => {
+          out.shown.push(p.progress);
+          out.inHandler.push(tracker.lastEventId);
+        },
+        onreplay: (token) => out.replays.push(token),
+      });
+      out.tokenAtStart = hooks.resumptionToken ?? null;
+      // The SDK's order: a token, then its message's progress handler.
+      hooks.onresumptiontoken('1');
+      hooks.onprogress({ progress: 1 });
+      // A token whose progress handler never ran (the page died first).
+      hooks.onresumptiontoken('2');
+      await tracker.close();
+      out.afterUnhandled = tracker.lastEventId ?? null;
+
+      tracker = await open();
+      hooks = tm.mcpResumption(tracker, {
+        onprogress: (p) => out.shown.push(p.progress),
+        onreplay: (token) => out.replays.push(token),
+      });
+      out.resumedFrom = hooks.resumptionToken ?? null;
+      hooks.onresumptiontoken('1'); // a server that re-sends the token's event
+      hooks.onprogress({ progress: 1 });
+      hooks.onresumptiontoken('2');
+      hooks.onprogress({ progress: 2 });
+      // A priming event: a token and no message. Committed in the next task.
+      hooks.onresumptiontoken('p');
+      await new Promise((r) => setTimeout(r, 50));
+      await tracker.close();
+      out.afterPriming = tracker.lastEventId ?? null;
+
+      // A token observed right before the call ends and the tracker closes:
+      // the deferred commit finds it closed, quietly.
+      tracker = await open();
+      hooks = tm.mcpResumption(tracker, {});
+      hooks.onresumptiontoken('end');
+      await tracker.close();
+      await new Promise((r) => setTimeout(r, 50));
+      out.afterEnd = tracker.lastEventId ?? null;
+      out.unhandled = globalThis.unhandled;
+      return out;
+    });
+    assert.deepEqual(r, {
+      shown: [1, 2],
+      replays: ['1'],
+      inHandler: ['1'],
+      tokenAtStart: null,
+      afterUnhandled: '1',
+      resumedFrom: '1',
+      afterPriming: 'p',
+      afterEnd: 'p',
+      unhandled: [],
+    });
   } finally {
     await page.close();
   }

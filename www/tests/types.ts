@@ -9,6 +9,7 @@ import {
   type ResumableEventSourceOptions,
   type Stats,
   type EventSourceStats,
+  type ResumableErrorEvent,
 } from 'tidemark';
 
 export async function example(token: string): Promise<string | undefined> {
@@ -27,7 +28,15 @@ export async function example(token: string): Promise<string | undefined> {
     const id: string = event.lastEventId;
     void [data, id];
   };
-  source.onerror = () => {};
+  source.onerror = (event: ResumableErrorEvent) => {
+    const message: string | undefined = event.message;
+    const retryDelay: number | undefined = event.retryDelay;
+    const attempt: number | undefined = event.attempt;
+    void [message, retryDelay, attempt, source.readyState === ResumableEventSource.CONNECTING];
+  };
+  // A handler written for plain Events still fits.
+  const plain: (event: Event) => void = () => {};
+  source.onerror = plain;
   source.addEventListener('update', (event) => void event);
   const state: 0 | 1 | 2 = source.readyState;
   const closed: boolean = state === ResumableEventSource.CLOSED;
@@ -37,9 +46,11 @@ export async function example(token: string): Promise<string | undefined> {
 
   const tracker = await openTracker('mcp session-1', { store: 'memory' });
   const fresh: boolean = tracker.observe('42');
+  const committed: void = tracker.commit();
   const many: boolean[] = tracker.observeMany(['1', '2']);
+  tracker.commit();
   const trackerStats: Stats & { observed: number } = tracker.stats();
-  void [fresh, many, trackerStats.cursorsWritten];
+  void [fresh, committed, many, trackerStats.cursorsWritten];
   await tracker.flush();
   await tracker.close();
   await flush();

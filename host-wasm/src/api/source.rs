@@ -3,15 +3,15 @@
 use super::js;
 use super::runtime::{Runtime, StoreSpec, runtime};
 use super::tracker::{flush, stream_key_of};
-use crate::{ConnectionState, CredentialsMode, FetchConnector};
+use crate::{CredentialsMode, FetchConnector};
 use futures::channel::oneshot;
 use futures::future::{Either, select};
 use std::cell::RefCell;
 use std::pin::pin;
 use std::rc::Rc;
 use tidemark_core::{
-    Backoff, Millis, ReconnectConfig, RegistryError, ResumableStream, StreamConfig, StreamError,
-    StreamStats,
+    Backoff, Clock, Millis, ReconnectConfig, RegistryError, ResumableStream, StreamConfig,
+    StreamError, StreamItem, StreamStats,
 };
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::spawn_local;
@@ -80,17 +80,21 @@ impl Settings {
 /// What the driver shares with its task.
 #[derive(Default)]
 struct State {
+    /// The stream's counters and cursor as of its latest item.
     stats: StreamStats,
     last_event_id: Option<String>,
     runtime: Option<Rc<Runtime>>,
     close: Option<oneshot::Sender<()>>,
 }
 
-/// Drives one resumable stream and reports to JavaScript callbacks:
-/// `onEvent(type, data, lastEventId)` for each fresh event (the cursor moves
-/// as soon as it returns), `onState(kind, detail)` with `"open"`, `"error"`
-/// (a connection failed; reconnecting), and `"closed"` (final; `detail` says
-/// why, `null` after `close()`).
+/// Drives one resumable stream and reports its items to JavaScript
+/// callbacks: `onEvent(type, data, lastEventId)` for each fresh event (the
+/// cursor moves as soon as it returns), `onState(kind, detail)` with
+/// `"open"` (a connection is up; `detail` is `null`), `"error"` (a
+/// connection failed or could not be made; `detail` is `{ message,
+/// retryDelay, attempt }`: why, the milliseconds until the next attempt, and
+/// which attempt in a row that is), and `"closed"` (final; `detail` says why,
+/// `null` after `close()`). A permanent failure is only `"closed"`.
 #[wasm_bindgen]
 pub struct EventSourceDriver {
     state: Rc<RefCell<State>>,
@@ -201,48 +205,9 @@ async fn drive(
         }
         Err(e) => return Some(e.to_string()),
     };
-    // Connection changes update the counters they concern at once; the
-    // others (delivered, duplicates, bytes) are taken from the stream with
-    // every delivered event.
-    let live = state.clone();
-    let report = on_state.clone();
-    let connector = FetchConnector::new()
-        .credentials(settings.credentials)
-        .on_state(move |change| {
-            let detail = {
-                let mut state = live.borrow_mut();
-                match change {
-                    ConnectionState::Open => {
-                        state.stats.connects += 1;
-                        None
-                    }
-                    // A permanent failure ends the stream: its one `error`
-                    // comes with `closed`, as with EventSource.
-                    ConnectionState::Error(failure) if failure.is_retryable() => {
-                        state.stats.reconnects += 1;
-                        state.stats.last_failure = Some(failure.clone());
-                        Some(JsValue::from_str(&failure.to_string()))
-                    }
-                    // The client dropped the connection: the idle watchdog,
-                    // or close() (which the JavaScript side ignores).
-                    ConnectionState::Closed => Some(JsValue::NULL),
-                    _ => return,
-                }
-            };
-            let kind = if detail.is_none() { "open" } else { "error" };
-            let _ = report.call2(
-                &JsValue::NULL,
-                &JsValue::from_str(kind),
-                &detail.unwrap_or(JsValue::NULL),
-            );
-        });
-    let mut stream = ResumableStream::new(
-        connector,
-        runtime.clock.clone(),
-        url,
-        tracker,
-        settings.config,
-    );
+    let clock = runtime.clock.clone();
+    let connector = FetchConnector::new().credentials(settings.credentials);
+    let mut stream = ResumableStream::new(connector, clock.clone(), url, tracker, settings.config);
     state.borrow_mut().runtime = Some(runtime.clone());
     let sync = |stream: &ResumableStream<_, _>| {
         let mut state = state.borrow_mut();
@@ -260,24 +225,45 @@ async fn drive(
             break None;
         }
         let next = {
-            let next = pin!(stream.next_event());
+            let next = pin!(stream.next());
             match select(next, &mut close).await {
                 Either::Left((next, _)) => next,
                 Either::Right(_) => break None,
             }
         };
-        match next {
+        let item = match next {
             Ok(_) if closed(&mut close) => break None,
-            Ok(event) => {
+            Ok(item) => item,
+            Err(StreamError::Closed) => break None,
+            Err(error) => break Some(error.to_string()),
+        };
+        // Listeners read the counters of the item they hear about.
+        sync(&stream);
+        match item {
+            StreamItem::Event(event) => {
                 let kind = JsValue::from_str(&event.event);
                 let id = JsValue::from_str(event.last_event_id.as_str());
                 let _ = on_event.call3(&JsValue::NULL, &kind, &JsValue::from_str(&event.data), &id);
                 // Listeners ran synchronously: the event is delivered.
                 stream.commit();
-                sync(&stream);
             }
-            Err(StreamError::Closed) => break None,
-            Err(error) => break Some(error.to_string()),
+            StreamItem::Open { .. } => {
+                let _ = on_state.call2(&JsValue::NULL, &"open".into(), &JsValue::NULL);
+            }
+            StreamItem::Reconnecting {
+                failure,
+                retry_at,
+                attempt,
+            } => {
+                let detail = js::Fields::new()
+                    .set("message", failure.to_string())
+                    .set("retryDelay", retry_at.saturating_sub(clock.now()).0 as f64)
+                    .set("attempt", attempt)
+                    .build();
+                let _ = on_state.call2(&JsValue::NULL, &"error".into(), &detail);
+            }
+            // An item of a newer core: nothing to report.
+            _ => {}
         }
     };
     stream.commit();

@@ -25,9 +25,10 @@ pub async fn open_tracker(stream_key: String, options: JsValue) -> Result<Tracke
             )),
             e => JsError::new(&e.to_string()),
         })?;
+    let committed = inner.last_event_id().map(str::to_owned);
     Ok(Tracker {
         inner: Some(inner),
-        last_event_id: None,
+        committed,
         runtime,
     })
 }
@@ -37,40 +38,56 @@ pub(crate) fn stream_key_of(key: &str) -> StreamKey {
     StreamKey::new(key, "")
 }
 
-/// Dedup window and cursor of one stream. `observe(id)` tells whether an
-/// event is fresh and, if so, records it as delivered: the cursor moves and
-/// is persisted in the background.
+/// Dedup window and cursor of one stream, driven as the core's
+/// [`EventTracker`]: `observe(id)` tells whether an event is fresh, the
+/// application handles it, then `commit()` declares it delivered, and only
+/// then does the cursor move (persisted in the background). A page that
+/// dies between the two repeats the event after a reload, never skips it.
 #[wasm_bindgen]
 pub struct Tracker {
     inner: Option<EventTracker>,
-    /// The cursor, kept after `close()`.
-    last_event_id: Option<String>,
+    /// The id of the last commit (what the store gets), kept after
+    /// `close()`.
+    committed: Option<String>,
     runtime: Rc<Runtime>,
 }
 
 #[wasm_bindgen]
 impl Tracker {
     fn open(&mut self) -> Result<&mut EventTracker, JsError> {
-        self.inner
-            .as_mut()
-            .ok_or_else(|| JsError::new("the tracker is closed"))
+        self.inner.as_mut().ok_or_else(closed)
     }
 
-    /// Whether the event with this id is fresh (not a replay). A fresh event
-    /// moves the cursor; an event without an id is always fresh and moves
-    /// nothing. Throws after `close()`.
+    /// Whether the event with this id is fresh (not a replay); an event
+    /// without an id is always fresh. A fresh id counts as seen at once (a
+    /// second `observe` of it is a duplicate) and becomes `lastEventId`, but
+    /// the stored cursor moves only at `commit()`. Throws after `close()`.
     pub fn observe(&mut self, id: Option<String>) -> Result<bool, JsError> {
         let now = task_now(&self.runtime.clock);
         let tracker = self.open()?;
-        let fresh = tracker.observe(id.as_deref(), now).is_fresh();
-        if fresh {
-            tracker.commit();
+        Ok(tracker.observe(id.as_deref(), now).is_fresh())
+    }
+
+    /// Declares every event observed so far handled: the cursor moves to
+    /// the last fresh id and is persisted in the background. Does nothing
+    /// when nothing was observed since the last commit. Throws after
+    /// `close()`.
+    pub fn commit(&mut self) -> Result<(), JsError> {
+        let tracker = self.inner.as_mut().ok_or_else(closed)?;
+        if !tracker.has_uncommitted() {
+            return Ok(());
         }
-        Ok(fresh)
+        tracker.commit();
+        match (&mut self.committed, tracker.last_event_id()) {
+            (Some(ours), Some(id)) => id.clone_into(ours),
+            (ours, id) => *ours = id.map(str::to_owned),
+        }
+        Ok(())
     }
 
     /// `observe` for many ids at once, joined by `"\n"`: one call across
-    /// the JavaScript/wasm boundary. Returns one byte per id, 1 for fresh.
+    /// the JavaScript/wasm boundary. Returns one byte per id, 1 for fresh;
+    /// a `commit()` afterwards moves the cursor to the last fresh one.
     /// Throws after `close()`, and when the ids do not split into `count`
     /// (an id with a line break, which SSE ids never have).
     #[wasm_bindgen(js_name = observeJoined)]
@@ -84,17 +101,18 @@ impl Tracker {
             .split('\n')
             .map(|id| u8::from(tracker.observe(Some(id), now).is_fresh()))
             .collect();
-        tracker.commit();
         Ok(fresh)
     }
 
-    /// The id to send as `Last-Event-ID` (or an MCP resumption token), or
-    /// `undefined` when the stream starts from the beginning.
+    /// The id to send as `Last-Event-ID` (or an MCP resumption token) when
+    /// this page reconnects: the last fresh id observed. `undefined` when
+    /// the stream starts from the beginning. After `close()`, the last
+    /// committed id: where a reopen resumes.
     #[wasm_bindgen(getter, js_name = lastEventId)]
     pub fn last_event_id(&self) -> Option<String> {
         match &self.inner {
             Some(tracker) => tracker.last_event_id().map(str::to_owned),
-            None => self.last_event_id.clone(),
+            None => self.committed.clone(),
         }
     }
 
@@ -125,14 +143,18 @@ impl Tracker {
         })
     }
 
-    /// Closes the stream and writes its cursor (see `flush`); the stream key
-    /// can be opened again at once. Later calls to `observe` throw.
+    /// Closes the stream and writes its committed cursor (see `flush`);
+    /// events observed since the last `commit()` are not delivered, and a
+    /// reopen resumes before them. The stream key can be opened again at
+    /// once. Later calls to `observe` and `commit` throw.
     pub fn close(&mut self) -> js_sys::Promise {
-        if let Some(tracker) = self.inner.take() {
-            self.last_event_id = tracker.last_event_id().map(str::to_owned);
-        }
+        self.inner = None;
         self.flush()
     }
+}
+
+fn closed() -> JsError {
+    JsError::new("the tracker is closed")
 }
 
 /// Flushes a runtime and reports a failed write as an error.
