@@ -109,6 +109,7 @@
 mod backoff;
 mod clock;
 mod cursor;
+mod entropy;
 mod fingerprint;
 #[cfg(any(test, feature = "test-util"))]
 mod flaky;
@@ -127,6 +128,7 @@ pub use clock::{Clock, Millis};
 #[cfg(any(test, feature = "test-util"))]
 pub use clock::{ManualClock, ManualSleep};
 pub use cursor::{Cursor, StreamKey};
+pub use entropy::EntropyError;
 pub use fingerprint::FingerprintKey;
 #[cfg(any(test, feature = "test-util"))]
 pub use flaky::{FlakyConfig, FlakyStore};

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use tidemark_core::{
     Clock, Config, Cursor, FingerprintKey, MemStore, Millis, Registry, Stats, Store, StoreError,
-    StreamKey, TrackerConfig, WorkerConfig, persistence,
+    StreamKey, TrackerConfig, persistence,
 };
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::spawn_local;
@@ -165,17 +165,16 @@ impl Runtime {
                 }
             }
         };
-        let [k0, k1] = js::random_u64s().map_err(|e| js::message(&e.into()))?;
-        let [seed, _] = js::random_u64s().map_err(|e| js::message(&e.into()))?;
+        // The default key comes from `crypto.getRandomValues` too, but
+        // panics (an abort in the package) where there is none: say so as
+        // an error instead.
+        let fingerprint_key = FingerprintKey::try_random().map_err(|e| e.to_string())?;
         let config = Config {
             tracker: TrackerConfig {
-                fingerprint_key: FingerprintKey::new(k0, k1),
+                fingerprint_key,
                 ..TrackerConfig::default()
             },
-            worker: WorkerConfig {
-                seed,
-                ..WorkerConfig::default()
-            },
+            ..Config::default()
         };
         let clock = BrowserClock::new();
         let store = PageStore::new(store);
