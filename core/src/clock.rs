@@ -232,10 +232,10 @@ mod manual {
 
     impl Drop for ManualSleep {
         fn drop(&mut self) {
-            if let Some(id) = self.id {
-                if let Ok(mut inner) = self.clock.inner.lock() {
-                    inner.sleepers.remove(&id);
-                }
+            if let Some(id) = self.id
+                && let Ok(mut inner) = self.clock.inner.lock()
+            {
+                inner.sleepers.remove(&id);
             }
         }
     }

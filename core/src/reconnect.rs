@@ -237,13 +237,13 @@ impl ReconnectPolicy {
             self.barren += 1;
         }
         self.got_bytes = false;
-        if let Some(max) = self.config.max_attempts {
-            if self.barren >= max {
-                return Decision::GiveUp(GiveUp::Exhausted {
-                    attempts: self.barren,
-                    last: failure,
-                });
-            }
+        if let Some(max) = self.config.max_attempts
+            && self.barren >= max
+        {
+            return Decision::GiveUp(GiveUp::Exhausted {
+                attempts: self.barren,
+                last: failure,
+            });
         }
         let backoff = self.config.backoff.base_delay(self.step);
         self.step = self.step.saturating_add(1);

@@ -194,10 +194,10 @@ impl WorkerHandle {
         // The signal bounds a store call already in progress by the deadline;
         // the message, queued behind every earlier commit, starts the shutdown.
         let _ = self.stop.try_send(deadline);
-        if self.tx.send(Msg::Shutdown(deadline, reply)).await.is_ok() {
-            if let Ok(report) = answer.recv().await {
-                return Ok(report);
-            }
+        if self.tx.send(Msg::Shutdown(deadline, reply)).await.is_ok()
+            && let Ok(report) = answer.recv().await
+        {
+            return Ok(report);
         }
         lock(&self.shared.final_report).clone().ok_or(WorkerStopped)
     }

@@ -163,10 +163,11 @@ pub(crate) async fn next_or_stop<C: Connector>(
     };
     let stats = stream.stats();
     // A stream that gave up says why in its error.
-    if stats.reconnects != reconnects && matches!(next, Ok(Ok(_))) {
-        if let Some(failure) = &stats.last_failure {
-            eprintln!("tidemark: {failure}; reconnecting ({})", stats.reconnects);
-        }
+    if stats.reconnects != reconnects
+        && matches!(next, Ok(Ok(_)))
+        && let Some(failure) = &stats.last_failure
+    {
+        eprintln!("tidemark: {failure}; reconnecting ({})", stats.reconnects);
     }
     if matches!(next, Err(Interrupt::Signal)) {
         eprintln!("tidemark: stopping on signal");
@@ -384,10 +385,10 @@ impl Turn<'_> {
         }
         // The slot's cursor is the committed one, without an event in hand.
         let newest = self.registry.newest_cursors().into_iter();
-        if let Some(cursor) = newest.filter(|c| &c.key == self.key).max_by_key(|c| c.seq) {
-            if committed.as_ref().is_none_or(|c| cursor.seq > c.seq) {
-                *committed = Some(cursor);
-            }
+        if let Some(cursor) = newest.filter(|c| &c.key == self.key).max_by_key(|c| c.seq)
+            && committed.as_ref().is_none_or(|c| cursor.seq > c.seq)
+        {
+            *committed = Some(cursor);
         }
         drop(stream);
         if let Some(keeper) = keeper {

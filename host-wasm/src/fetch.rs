@@ -387,10 +387,10 @@ impl Stream for FetchBody {
 
 impl Drop for FetchBody {
     fn drop(&mut self) {
-        if !self.ended {
-            if let Some(observer) = &self.observer {
-                observer(ConnectionState::Closed);
-            }
+        if !self.ended
+            && let Some(observer) = &self.observer
+        {
+            observer(ConnectionState::Closed);
         }
         // `cancel()` settles later; a JsFuture handles a rejection even when
         // dropped at once. Aborting also errors a pending `read()`, which
