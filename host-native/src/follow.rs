@@ -108,7 +108,7 @@ impl Persistence {
     /// Opens the state directory's [`FileStore`] and starts the worker.
     pub(crate) fn open(state: &Path) -> Result<Self, StoreError> {
         let store = FileStore::open(state)?;
-        Ok(Self::start(NativeStore::File(store), SmolClock::new()))
+        Ok(Self::start(NativeStore::Left(store), SmolClock::new()))
     }
 
     /// Writes every committed cursor, waiting up to 5 seconds, and stops the
@@ -192,14 +192,14 @@ pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64,
     let (store, lease) = match &options.redis {
         None => {
             let store = FileStore::open(&options.state).map_err(FollowError::Store)?;
-            (NativeStore::File(store), None)
+            (NativeStore::Left(store), None)
         }
         Some(redis) => {
             let store = Arc::new(RedisStore::new(redis.store.clone()).map_err(FollowError::Store)?);
             let lease = redis
                 .lease_ttl
                 .map(|ttl| Lease::new(store.clone(), &key, ttl, clock));
-            (NativeStore::Redis(store), lease)
+            (NativeStore::Right(store), lease)
         }
     };
     // One registry for every turn as the holder: a cursor this process
@@ -252,8 +252,8 @@ pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64,
     // Writes the Redis script refused as older than the stored cursor: a
     // previous holder's late writes, or ours after another took over.
     let stale = match &**registry.store() {
-        NativeStore::Redis(store) => format!(", {} stale cursors refused", store.stale_cursors()),
-        NativeStore::File(_) => String::new(),
+        NativeStore::Right(store) => format!(", {} stale cursors refused", store.stale_cursors()),
+        NativeStore::Left(_) => String::new(),
     };
     persistence.close().await;
     health.cancel().await;
