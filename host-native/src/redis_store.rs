@@ -64,30 +64,6 @@ pub const CURSORS_PER_SCRIPT: usize = 1000;
 /// fleet in one pipeline would exceed on every retry.
 pub const CURSORS_PER_ROUND_TRIP: usize = 100 * CURSORS_PER_SCRIPT;
 
-/// Writes each cursor whose `seq` is higher than the stored one. KEYS are the
-/// cursor keys; ARGV[1] is the TTL in milliseconds (0: none), then `seq`,
-/// `id`, `at` per key. `seq` values are decimal strings without leading
-/// zeros, compared by length, then bytes: exact for every u64, where Lua's
-/// numbers are not. Returns how many cursors were stale.
-const SAVE: &str = r"
-local ttl = tonumber(ARGV[1])
-local stale = 0
-for i, key in ipairs(KEYS) do
-  local at = 3 * i - 1
-  local seq = ARGV[at]
-  local stored = redis.call('HGET', key, 'seq')
-  if stored and (#stored > #seq or (#stored == #seq and stored >= seq)) then
-    stale = stale + 1
-  else
-    redis.call('HSET', key, 'seq', seq, 'id', ARGV[at + 1], 'at', ARGV[at + 2])
-  end
-  if ttl > 0 then
-    redis.call('PEXPIRE', key, ttl)
-  end
-end
-return stale
-";
-
 /// Where and how a [`RedisStore`] keeps cursors.
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
@@ -130,6 +106,34 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
+    /// The Lua script of [`save_batch`](Store::save_batch): it writes each
+    /// cursor whose `seq` is higher than the stored one. KEYS are the cursor
+    /// keys ([`cursor_key`](Self::cursor_key)); ARGV[1] is the TTL in
+    /// milliseconds (0: none), then `seq`, `id`, `at` per key, at most
+    /// [`CURSORS_PER_SCRIPT`] keys per call. `seq` values are decimal strings
+    /// without leading zeros, compared by length, then bytes: exact for every
+    /// u64, where Lua's numbers are not. Returns how many cursors were stale.
+    /// Public for tools and benchmarks that measure or extend the store's
+    /// write.
+    pub const SAVE_SCRIPT: &str = r"
+local ttl = tonumber(ARGV[1])
+local stale = 0
+for i, key in ipairs(KEYS) do
+  local at = 3 * i - 1
+  local seq = ARGV[at]
+  local stored = redis.call('HGET', key, 'seq')
+  if stored and (#stored > #seq or (#stored == #seq and stored >= seq)) then
+    stale = stale + 1
+  else
+    redis.call('HSET', key, 'seq', seq, 'id', ARGV[at + 1], 'at', ARGV[at + 2])
+  end
+  if ttl > 0 then
+    redis.call('PEXPIRE', key, ttl)
+  end
+end
+return stale
+";
+
     /// A store on the server of `config`. Checks the URL; connects on first
     /// use, so a server that is down now is not an error yet.
     pub fn new(config: RedisConfig) -> Result<Self, StoreError> {
@@ -141,7 +145,7 @@ impl RedisStore {
             client,
             config,
             connection: Mutex::new(None),
-            save: Script::new(SAVE),
+            save: Script::new(Self::SAVE_SCRIPT),
             stale_cursors: AtomicU64::new(0),
         })
     }
