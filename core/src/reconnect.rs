@@ -118,7 +118,10 @@ impl fmt::Display for Failure {
     }
 }
 
+impl std::error::Error for Failure {}
+
 /// Why the stream stopped reconnecting.
+#[non_exhaustive]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GiveUp {
     /// The failure cannot be fixed by retrying.
@@ -146,7 +149,13 @@ impl fmt::Display for GiveUp {
     }
 }
 
-impl std::error::Error for GiveUp {}
+impl std::error::Error for GiveUp {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            GiveUp::Permanent(failure) | GiveUp::Exhausted { last: failure, .. } => Some(failure),
+        }
+    }
+}
 
 /// What to do after a failure.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -81,7 +81,15 @@ impl fmt::Display for StreamError {
     }
 }
 
-impl std::error::Error for StreamError {}
+impl std::error::Error for StreamError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StreamError::GaveUp(g) => Some(g),
+            StreamError::Parse(e) => Some(e),
+            StreamError::Closed => None,
+        }
+    }
+}
 
 /// Settings of a [`ResumableStream`].
 #[derive(Clone, Debug, Default)]
