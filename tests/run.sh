@@ -8,21 +8,68 @@
 # chromium-driver, curl and redis-server, the npm packages) and is quick when
 # all is there. The Redis tests run against a redis-server this script starts
 # on a free loopback port and stops at the end.
-set -euo pipefail
+#
+# It ends with "tidemark: N passed, 0 failed" when everything passed. When a
+# step fails it stops there (a test step after running all its tests),
+# says which step and which command failed, lists what failed in that
+# step's output (cargo's and wasm-bindgen-test's "test NAME ... FAILED",
+# the test targets that failed, compiler, clippy and rustfmt errors with
+# their locations, node's "not ok"), and exits non-zero.
+set -Eeuo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n==> %s\n' "$*"; }
 log=$(mktemp)
 redis_dir=$(mktemp -d)
 redis_pid=""
-cleanup() {
+current_step=""
+step_start=0
+current_command=""
+failed_command=""
+
+step() {
+  printf '\n==> %s\n' "$*"
+  current_step=$*
+  step_start=$(wc -c <"$log")
+}
+
+# Runs a command with its output also in the log, where the summary counts
+# tests and a failure report finds the failing ones.
+logged() {
+  current_command="$*"
+  "$@" 2>&1 | tee -a "$log"
+  current_command=""
+}
+
+# What failed, from the current step's part of the log (40 lines at most).
+failing_tests() {
+  tail -c +"$((step_start + 1))" "$log" |
+    grep -E '^test .* \.\.\. FAIL(ED)?$|^error|^    `-p |^ *--> |^Diff in |^ *not ok ' |
+    sed 's/^ */  /' | awk 'NR <= 40 { print } END { if (NR > 40) printf "  (%d more)\n", NR - 40 }' || true
+}
+
+on_exit() {
+  local status=$?
+  if [ "$status" -ne 0 ]; then
+    printf '\ntidemark: step "%s" failed (exit status %s)\n' "${current_step:-start}" "$status" >&2
+    if [ -n "$failed_command" ]; then
+      printf 'tidemark: failed command: %s\n' "$failed_command" >&2
+    fi
+    local failures
+    failures=$(failing_tests)
+    if [ -n "$failures" ]; then
+      printf 'tidemark: what failed:\n%s\n' "$failures" >&2
+    fi
+  fi
   if [ -n "$redis_pid" ]; then
     kill "$redis_pid" 2>/dev/null || true
     wait "$redis_pid" 2>/dev/null || true
   fi
   rm -rf "$log" "$redis_dir"
+  exit "$status"
 }
-trap cleanup EXIT
+trap on_exit EXIT
+# The first failing command; a pipeline in `logged` is named whole.
+trap '[ -n "$failed_command" ] || failed_command=${current_command:-$BASH_COMMAND}' ERR
 
 step "setup"
 if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
@@ -71,11 +118,11 @@ if [ "$(cat node_modules/.tidemark-lock 2>/dev/null)" != "$lock_hash" ]; then
 fi
 
 step "format"
-cargo fmt --all -- --check
+logged cargo fmt --all -- --check
 
 step "lint"
-cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
-cargo clippy -p tidemark-wasm --target wasm32-unknown-unknown --all-targets --locked -- -D warnings
+logged cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+logged cargo clippy -p tidemark-wasm --target wasm32-unknown-unknown --all-targets --locked -- -D warnings
 
 step "redis-server on a free loopback port, for the Redis tests"
 # A random port, until a server of ours answers on it: the process_id it
@@ -105,19 +152,19 @@ fi
 echo "$TIDEMARK_TEST_REDIS (pid $redis_pid)"
 
 step "tests (unit, property, simulation, benchmarks in test mode)"
-cargo test --workspace --all-targets --locked 2>&1 | tee -a "$log"
+logged cargo test --workspace --all-targets --locked --no-fail-fast
 
 step "doc tests"
-cargo test --workspace --doc --locked 2>&1 | tee -a "$log"
+logged cargo test --workspace --doc --locked --no-fail-fast
 
 step "fuzz target, briefly: seeds and 200,000 random mutations (stable replay)"
 fuzz=core/fuzz/Cargo.toml
-cargo fmt --manifest-path "$fuzz" -- --check
-cargo clippy --manifest-path "$fuzz" --release --locked --bins -- -D warnings
-cargo run --manifest-path "$fuzz" --release --locked --bin replay -- --random 200000
+logged cargo fmt --manifest-path "$fuzz" -- --check
+logged cargo clippy --manifest-path "$fuzz" --release --locked --bins -- -D warnings
+logged cargo run --manifest-path "$fuzz" --release --locked --bin replay -- --random 200000
 
 step "core builds for wasm32-unknown-unknown"
-cargo build -p tidemark-core --target wasm32-unknown-unknown --locked
+logged cargo build -p tidemark-core --target wasm32-unknown-unknown --locked
 
 step "core reads no clock"
 if grep -rnE '^[^/]*(Instant|SystemTime)::now' core/src; then
@@ -135,10 +182,10 @@ fi
 echo "none"
 
 step "browser host in headless Chromium (wasm-bindgen-test: IndexedDB, fetch, a dedicated worker)"
-host-wasm/tests/with-server.sh env \
+logged host-wasm/tests/with-server.sh env \
   CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
   CHROMEDRIVER="$(command -v chromedriver)" \
-  cargo test --target wasm32-unknown-unknown -p tidemark-wasm --tests --locked 2>&1 | tee -a "$log"
+  cargo test --target wasm32-unknown-unknown -p tidemark-wasm --tests --locked --no-fail-fast
 
 step "npm package tidemark: build, pack, install"
 host-wasm/build.sh
@@ -158,7 +205,7 @@ cp host-wasm/pkg/* www/dist/tidemark/
 
 step "pages in headless Chromium (Playwright): the JavaScript API, reloads mid-stream, failures, an MCP SDK client resuming a tool call; tidemark mcp against the SDK server"
 cargo build -p tidemark --locked
-node --test www/tests/ 2>&1 | tee -a "$log"
+logged node --test www/tests/
 
 # cargo's "test result: ok. N passed; M failed" lines and node's "# pass N",
 # "# fail N" summaries.

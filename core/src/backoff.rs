@@ -2,9 +2,10 @@
 //! that draws the jitter.
 //!
 //! The generator is seeded explicitly so that tests and simulations replay
-//! exactly; hosts seed it from [`random_seed`].
+//! exactly; the default configurations seed it from [`random_seed`].
 
 use crate::clock::Millis;
+use crate::entropy::random_u64s;
 
 /// A small, fast, seedable pseudo-random generator (SplitMix64). Not for
 /// secrets: it only spreads retries apart.
@@ -40,12 +41,22 @@ impl Rng {
     }
 }
 
-/// A seed from the standard library's per-process random hash seed (random on
-/// native targets; constant on `wasm32-unknown-unknown`, where hosts should
-/// pass their own).
+/// A fresh random seed from the platform's entropy source (the OS, or
+/// `crypto.getRandomValues` in JavaScript environments); every call draws
+/// anew.
+///
+/// Never fails: jitter is not a secret, so on a platform with no entropy
+/// source at all this returns a fixed seed. The jitter then still spreads one
+/// process's retries, but no longer spreads several processes apart.
 pub fn random_seed() -> u64 {
-    crate::fingerprint::random_pair().0
+    match random_u64s() {
+        Ok([seed]) => seed,
+        Err(_) => FALLBACK_SEED,
+    }
 }
+
+/// The seed where the platform has no entropy source.
+const FALLBACK_SEED: u64 = 0x7469_6465_6d61_726b;
 
 /// Capped exponential backoff: `initial * 2^(attempt-1)`, at most `max`.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -109,6 +120,15 @@ mod tests {
             }
         }
         assert!(seen.len() > 100, "jitter spreads delays");
+    }
+
+    /// Fails if seeds came from a constant source (std's hash seed on wasm32,
+    /// or the fallback) or from one draw per process.
+    #[test]
+    fn random_seeds_are_fresh_draws() {
+        let seeds: std::collections::HashSet<u64> = (0..4).map(|_| random_seed()).collect();
+        assert_eq!(seeds.len(), 4, "{seeds:?}");
+        assert!(!seeds.contains(&FALLBACK_SEED));
     }
 
     #[test]

@@ -134,6 +134,16 @@ mod manual {
         sleepers: BTreeMap<u64, (Millis, Waker)>,
     }
 
+    impl core::fmt::Debug for ManualClock {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            f.debug_struct("ManualClock")
+                .field("now", &inner.now)
+                .field("sleepers", &inner.sleepers.len())
+                .finish()
+        }
+    }
+
     impl ManualClock {
         /// A clock standing at time zero.
         pub fn new() -> Self {
@@ -201,6 +211,7 @@ mod manual {
     }
 
     /// The future returned by [`ManualClock`]'s `sleep_until`.
+    #[derive(Debug)]
     pub struct ManualSleep {
         clock: ManualClock,
         deadline: Millis,
@@ -232,10 +243,10 @@ mod manual {
 
     impl Drop for ManualSleep {
         fn drop(&mut self) {
-            if let Some(id) = self.id {
-                if let Ok(mut inner) = self.clock.inner.lock() {
-                    inner.sleepers.remove(&id);
-                }
+            if let Some(id) = self.id
+                && let Ok(mut inner) = self.clock.inner.lock()
+            {
+                inner.sleepers.remove(&id);
             }
         }
     }

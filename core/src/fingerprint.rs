@@ -7,12 +7,13 @@
 //! fresh event look like a duplicate. An accidental collision inside a window
 //! of 1024 ids has probability about 2^-54 per event.
 //!
-//! The key must be random per process. [`FingerprintKey::random`] uses the
-//! standard library's per-process hash seed, which is random on native
-//! targets; browser hosts must pass a key from `crypto.getRandomValues`
-//! instead, because `wasm32-unknown-unknown` has no OS randomness.
+//! The key must be secret and random per process. [`FingerprintKey::random`]
+//! (and so `TrackerConfig::default()`) draws it from the platform's entropy
+//! source through `getrandom`: the OS on native targets,
+//! `crypto.getRandomValues` on `wasm32-unknown-unknown`, with nothing for
+//! hosts or users to configure.
 
-use std::hash::{BuildHasher, Hasher};
+use crate::entropy::{EntropyError, random_u64s};
 
 /// A 128-bit secret key for event-id fingerprints.
 #[derive(Copy, Clone, PartialEq, Eq)]
@@ -34,14 +35,26 @@ impl FingerprintKey {
         FingerprintKey { k0, k1 }
     }
 
-    /// A key from the standard library's per-process random hash seed.
+    /// A random key from the platform's entropy source (the OS, or
+    /// `crypto.getRandomValues` in JavaScript environments).
     ///
-    /// Random on native targets. On `wasm32-unknown-unknown` the standard
-    /// library has no entropy source, so browser hosts should use
-    /// [`FingerprintKey::new`] with bytes from `crypto.getRandomValues`.
+    /// # Panics
+    ///
+    /// If the platform has no entropy source at all (a JavaScript
+    /// environment without `globalThis.crypto`): a fixed or guessable key
+    /// would let a server craft ids that collide. Hosts that must report
+    /// this instead use [`FingerprintKey::try_random`].
     pub fn random() -> Self {
-        let (k0, k1) = random_pair();
-        FingerprintKey { k0, k1 }
+        Self::try_random().unwrap_or_else(|e| {
+            panic!("tidemark: cannot make a fingerprint key ({e}); pass one to FingerprintKey::new")
+        })
+    }
+
+    /// A random key from the platform's entropy source, or why there is
+    /// none.
+    pub fn try_random() -> Result<Self, EntropyError> {
+        let [k0, k1] = random_u64s()?;
+        Ok(FingerprintKey { k0, k1 })
     }
 
     /// The fingerprint of `id` under this key.
@@ -49,16 +62,6 @@ impl FingerprintKey {
     pub fn fingerprint(&self, id: &[u8]) -> u64 {
         siphash13(self.k0, self.k1, id)
     }
-}
-
-/// Two 64-bit values from the standard library's random hash seed.
-pub(crate) fn random_pair() -> (u64, u64) {
-    let state = std::collections::hash_map::RandomState::new();
-    let mut a = state.build_hasher();
-    a.write_u64(0x7469_6465_6d61_726b);
-    let mut b = state.build_hasher();
-    b.write_u64(0x6b72_616d_6564_6974);
-    (a.finish(), b.finish())
 }
 
 #[inline(always)]
@@ -113,6 +116,7 @@ fn siphash13(k0: u64, k1: u64, data: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::hash::Hasher;
 
     /// The standard library's `DefaultHasher::new()` is SipHash-1-3 with a zero
     /// key; `write` feeds bytes without a length prefix, so the outputs match.
@@ -135,8 +139,22 @@ mod tests {
         assert_ne!(a.fingerprint(b"42"), a.fingerprint(b"43"));
     }
 
+    /// Fails if keys came from a constant source or were drawn once per
+    /// process: two draws of 128 random bits are equal with probability
+    /// 2^-128. (That they come from the platform's source, not from a
+    /// sequence fixed per build as std's hash seeds are on wasm32, is
+    /// checked in a browser: host-wasm/tests/entropy.rs.)
     #[test]
-    fn random_keys_differ_between_states() {
-        assert_ne!(FingerprintKey::random(), FingerprintKey::random());
+    fn random_keys_are_fresh_draws() {
+        let fixed = FingerprintKey::new(0, 0);
+        let a = FingerprintKey::random();
+        let b = FingerprintKey::try_random().unwrap();
+        assert_ne!(a, b);
+        assert_ne!(a, fixed);
+        assert_ne!(b, fixed);
+        assert_ne!(a.fingerprint(b"42"), b.fingerprint(b"42"));
+        let default = crate::TrackerConfig::default().fingerprint_key;
+        assert_ne!(default, crate::TrackerConfig::default().fingerprint_key);
+        assert_ne!(default, a);
     }
 }

@@ -37,6 +37,19 @@ struct State {
     failures: u64,
 }
 
+impl<S: core::fmt::Debug, C> core::fmt::Debug for FlakyStore<S, C> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let state = self.state();
+        f.debug_struct("FlakyStore")
+            .field("inner", &self.inner)
+            .field("config", &state.config)
+            .field("down", &state.down)
+            .field("calls", &state.calls)
+            .field("failures", &state.failures)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<S, C> FlakyStore<S, C> {
     /// Wraps `inner`; latency is slept on `clock`.
     pub fn new(inner: S, clock: C, config: FlakyConfig) -> Self {

@@ -27,8 +27,9 @@
 //! - [`ResumableStream`]: the client loop both hosts share, generic over a
 //!   host [`Connector`] and [`Clock`]: connect with `Last-Event-ID`, parse,
 //!   drop replays, deliver fresh events, back off, reconnect.
-//! - [`Millis`], [`Clock`], [`Cursor`], [`StreamKey`], [`MemStore`], and behind
-//!   the `test-util` feature `ManualClock` and `FlakyStore`.
+//! - [`Millis`], [`Clock`], [`Cursor`], [`StreamKey`], [`MemStore`],
+//!   [`EitherStore`] (one store type for a store chosen at run time), and
+//!   behind the `test-util` feature `ManualClock` and `FlakyStore`.
 //!
 //! # Delivery semantics
 //!
@@ -110,6 +111,8 @@
 mod backoff;
 mod clock;
 mod cursor;
+mod either_store;
+mod entropy;
 mod fingerprint;
 #[cfg(any(test, feature = "test-util"))]
 mod flaky;
@@ -128,6 +131,8 @@ pub use clock::{Clock, Millis};
 #[cfg(any(test, feature = "test-util"))]
 pub use clock::{ManualClock, ManualSleep};
 pub use cursor::{Cursor, StreamKey};
+pub use either_store::EitherStore;
+pub use entropy::EntropyError;
 pub use fingerprint::FingerprintKey;
 #[cfg(any(test, feature = "test-util"))]
 pub use flaky::{FlakyConfig, FlakyStore};

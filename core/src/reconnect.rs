@@ -121,7 +121,10 @@ impl fmt::Display for Failure {
     }
 }
 
+impl std::error::Error for Failure {}
+
 /// Why the stream stopped reconnecting.
+#[non_exhaustive]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GiveUp {
     /// The failure cannot be fixed by retrying.
@@ -149,7 +152,13 @@ impl fmt::Display for GiveUp {
     }
 }
 
-impl std::error::Error for GiveUp {}
+impl std::error::Error for GiveUp {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            GiveUp::Permanent(failure) | GiveUp::Exhausted { last: failure, .. } => Some(failure),
+        }
+    }
+}
 
 /// What to do after a failure.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -240,13 +249,13 @@ impl ReconnectPolicy {
             self.barren += 1;
         }
         self.got_bytes = false;
-        if let Some(max) = self.config.max_attempts {
-            if self.barren >= max {
-                return Decision::GiveUp(GiveUp::Exhausted {
-                    attempts: self.barren,
-                    last: failure,
-                });
-            }
+        if let Some(max) = self.config.max_attempts
+            && self.barren >= max
+        {
+            return Decision::GiveUp(GiveUp::Exhausted {
+                attempts: self.barren,
+                last: failure,
+            });
         }
         let backoff = self.config.backoff.base_delay(self.step);
         self.step = self.step.saturating_add(1);

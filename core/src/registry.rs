@@ -126,6 +126,22 @@ pub struct Registry<S> {
     shared: Arc<Shared>,
 }
 
+impl<S: fmt::Debug> fmt::Debug for Registry<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let open_streams = {
+            let slots = self.shared.slots();
+            let live = slots.map.values().filter_map(Weak::upgrade);
+            live.filter(|slot| slot.open.load(Relaxed)).count()
+        };
+        f.debug_struct("Registry")
+            .field("store", &self.store)
+            .field("open_streams", &open_streams)
+            .field("tracker", &self.config)
+            .field("worker", &self.handle)
+            .finish()
+    }
+}
+
 /// Settings of a registry and its worker.
 #[derive(Clone, Debug, Default)]
 pub struct Config {

@@ -124,6 +124,17 @@ struct MemInner {
     cursors_written: u64,
 }
 
+impl fmt::Debug for MemStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = self.inner();
+        f.debug_struct("MemStore")
+            .field("streams", &inner.cursors.len())
+            .field("batches", &inner.batches)
+            .field("cursors_written", &inner.cursors_written)
+            .finish()
+    }
+}
+
 impl MemStore {
     /// An empty store.
     pub fn new() -> Self {

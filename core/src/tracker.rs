@@ -47,7 +47,8 @@ pub struct TrackerConfig {
     /// Also forget ids older than this (default: no age bound).
     pub max_age: Option<Millis>,
     /// The fingerprint key; share one key per process. Default: a random key
-    /// (see [`FingerprintKey::random`] for browsers).
+    /// ([`FingerprintKey::random`], which panics where the platform has no
+    /// entropy source).
     pub fingerprint_key: FingerprintKey,
 }
 

@@ -173,6 +173,15 @@ pub struct WorkerHandle {
     shared: Arc<Shared>,
 }
 
+impl fmt::Debug for WorkerHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerHandle")
+            .field("stopped", &self.is_stopped())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
 impl WorkerHandle {
     /// Writes every dirty cursor and every pending retry now, ignoring the
     /// flush interval (for `pagehide`, or before a planned restart).
@@ -194,10 +203,10 @@ impl WorkerHandle {
         // The signal bounds a store call already in progress by the deadline;
         // the message, queued behind every earlier commit, starts the shutdown.
         let _ = self.stop.try_send(deadline);
-        if self.tx.send(Msg::Shutdown(deadline, reply)).await.is_ok() {
-            if let Ok(report) = answer.recv().await {
-                return Ok(report);
-            }
+        if self.tx.send(Msg::Shutdown(deadline, reply)).await.is_ok()
+            && let Ok(report) = answer.recv().await
+        {
+            return Ok(report);
         }
         lock(&self.shared.final_report).clone().ok_or(WorkerStopped)
     }
@@ -440,6 +449,20 @@ pub struct PersistenceWorker<S, C> {
     sched: Scheduler,
     shared: Arc<Shared>,
     grace: Millis,
+}
+
+impl<S: fmt::Debug, C: fmt::Debug> fmt::Debug for PersistenceWorker<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PersistenceWorker")
+            .field("store", &self.store)
+            .field("clock", &self.clock)
+            .field("flush_interval", &self.sched.interval)
+            .field("queued_slots", &self.sched.dirty.len())
+            .field("retries_pending", &self.sched.retries.len())
+            .field("shutdown_deadline", &self.deadline)
+            .field("shutdown_grace", &self.grace)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<S: Store, C: Clock> PersistenceWorker<S, C> {

@@ -215,26 +215,24 @@ fn rate(url: &str, prefix: &str, seconds: u64) {
     );
 }
 
-/// The store's script, plus a window snapshot per stream as a fourth value.
-const SAVE_WITH_WINDOW: &str = r"
-local ttl = tonumber(ARGV[1])
-local stale = 0
-for i, key in ipairs(KEYS) do
-  local at = 4 * i - 2
-  local seq = ARGV[at]
-  local stored = redis.call('HGET', key, 'seq')
-  if stored and (#stored > #seq or (#stored == #seq and stored >= seq)) then
-    stale = stale + 1
-  else
-    redis.call('HSET', key, 'seq', seq, 'id', ARGV[at + 1], 'at', ARGV[at + 2],
-      'window', ARGV[at + 3])
-  end
-  if ttl > 0 then
-    redis.call('PEXPIRE', key, ttl)
-  end
-end
-return stale
-";
+/// The store's script ([`RedisStore::SAVE_SCRIPT`]) with a window snapshot
+/// per stream as a fourth value, so that the two differ only by the window.
+fn save_with_window() -> String {
+    let edits = [
+        ("3 * i - 1", "4 * i - 2"),
+        ("ARGV[at + 2])", "ARGV[at + 2], 'window', ARGV[at + 3])"),
+    ];
+    edits
+        .iter()
+        .fold(RedisStore::SAVE_SCRIPT.to_owned(), |script, (from, to)| {
+            assert_eq!(
+                script.matches(from).count(),
+                1,
+                "RedisStore::SAVE_SCRIPT changed: edit the window variant ({from:?})"
+            );
+            script.replace(from, to)
+        })
+}
 
 fn window(url: &str, prefix: &str, streams: usize, rounds: usize) {
     let store = RedisStore::new(RedisConfig {
@@ -248,7 +246,7 @@ fn window(url: &str, prefix: &str, streams: usize, rounds: usize) {
         ..RedisConfig::new(url)
     })
     .unwrap();
-    let script = redis::Script::new(SAVE_WITH_WINDOW);
+    let script = redis::Script::new(&save_with_window());
     let snapshot = vec![0xA5u8; 1024 * 8];
     let mut redis = redis::Client::open(url).unwrap().get_connection().unwrap();
     let cursors = |round: u64| -> Vec<Cursor> {
@@ -298,9 +296,22 @@ fn window(url: &str, prefix: &str, streams: usize, rounds: usize) {
             );
         }
         let started = Instant::now();
-        let _: Vec<u64> = pipe.query(&mut redis).unwrap();
+        let stale: Vec<u64> = pipe.query(&mut redis).unwrap();
         with_window.push(started.elapsed());
+        assert_eq!(stale.iter().sum::<u64>(), 0);
     }
+    // The window variant writes what the store writes, and the window.
+    let last = cursors(rounds as u64 - 1).swap_remove(0);
+    let (seq, id, at, window): (u64, String, u64, Vec<u8>) = redis::cmd("HMGET")
+        .arg(snapshots.cursor_key(&last.key))
+        .arg(&["seq", "id", "at", "window"][..])
+        .query(&mut redis)
+        .unwrap();
+    assert_eq!(
+        (seq, id, at),
+        (last.seq, last.last_event_id, last.at.as_u64())
+    );
+    assert_eq!(window, snapshot);
     let (plain, with_window) = (median(plain), median(with_window));
     println!("window: {streams} dirty streams, median of {rounds} flushes");
     println!(

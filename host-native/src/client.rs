@@ -64,7 +64,7 @@ impl Persistence {
     /// Opens the state directory's [`FileStore`] and starts the worker.
     pub(crate) fn open(state: &Path) -> Result<Self, StoreError> {
         let store = FileStore::open(state)?;
-        Ok(Self::start(NativeStore::File(store), SmolClock::new()))
+        Ok(Self::start(NativeStore::Left(store), SmolClock::new()))
     }
 
     /// Writes every committed cursor, waiting up to 5 seconds, and stops the

@@ -100,6 +100,14 @@ pub struct HttpBody {
     _connection: Option<smol::Task<()>>,
 }
 
+impl std::fmt::Debug for HttpBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpBody")
+            .field("connection", &self._connection.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl HttpBody {
     /// A body of `bytes` already read: one chunk, then the end.
     pub fn from_bytes(bytes: Bytes) -> Self {
@@ -137,6 +145,17 @@ pub struct HttpResponse {
     pub headers: hyper::HeaderMap,
     /// The body; dropping it closes the connection.
     pub body: HttpBody,
+}
+
+/// Header names only: values may carry cookies or tokens.
+impl std::fmt::Debug for HttpResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpResponse")
+            .field("status", &self.status)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("body", &self.body)
+            .finish()
+    }
 }
 
 impl HttpResponse {

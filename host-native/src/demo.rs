@@ -168,7 +168,7 @@ pub async fn demo(options: DemoOptions) -> io::Result<Verdict> {
             seen.insert(id);
         }
         bar.set_position(seen.len() as u64);
-        if delivered % 250 == 0 {
+        if delivered.is_multiple_of(250) {
             let writes = registry.stats().worker.batches.max(1);
             bar.set_message(format!(
                 "{:.0} events/s, reconnects {}, replays dropped {}, store writes {}, {} events/write",

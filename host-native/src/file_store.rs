@@ -15,6 +15,7 @@
 
 use smol::lock::Mutex as AsyncMutex;
 use std::collections::HashMap;
+use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -34,6 +35,15 @@ pub struct FileStore {
     /// Serializes rewrites so that an older snapshot never lands after a
     /// newer one.
     writing: AsyncMutex<()>,
+}
+
+impl fmt::Debug for FileStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileStore")
+            .field("dir", &self.dir)
+            .field("streams", &self.state().len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl FileStore {

@@ -109,14 +109,14 @@ pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64,
     let (store, lease) = match &options.redis {
         None => {
             let store = FileStore::open(&options.state).map_err(FollowError::Store)?;
-            (NativeStore::File(store), None)
+            (NativeStore::Left(store), None)
         }
         Some(redis) => {
             let store = Arc::new(RedisStore::new(redis.store.clone()).map_err(FollowError::Store)?);
             let lease = redis
                 .lease_ttl
                 .map(|ttl| Lease::new(store.clone(), &key, ttl, clock));
-            (NativeStore::Redis(store), lease)
+            (NativeStore::Right(store), lease)
         }
     };
     // One registry for every turn as the holder: a cursor this process
@@ -168,8 +168,8 @@ pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64,
     // Writes the Redis script refused as older than the stored cursor: a
     // previous holder's late writes, or ours after another took over.
     let stale = match &**registry.store() {
-        NativeStore::Redis(store) => format!(", {} stale cursors refused", store.stale_cursors()),
-        NativeStore::File(_) => String::new(),
+        NativeStore::Right(store) => format!(", {} stale cursors refused", store.stale_cursors()),
+        NativeStore::Left(_) => String::new(),
     };
     persistence.close().await;
     let worker = worker.stats();
@@ -301,10 +301,10 @@ impl Turn<'_> {
         };
         // The slot's cursor is the committed one, without an event in hand.
         let newest = self.registry.newest_cursors().into_iter();
-        if let Some(cursor) = newest.filter(|c| &c.key == self.key).max_by_key(|c| c.seq) {
-            if committed.as_ref().is_none_or(|c| cursor.seq > c.seq) {
-                *committed = Some(cursor);
-            }
+        if let Some(cursor) = newest.filter(|c| &c.key == self.key).max_by_key(|c| c.seq)
+            && committed.as_ref().is_none_or(|c| cursor.seq > c.seq)
+        {
+            *committed = Some(cursor);
         }
         drop(stream);
         if let Some(keeper) = keeper {

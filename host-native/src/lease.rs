@@ -81,6 +81,7 @@ static RENEW_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW));
 static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE));
 
 /// Why a lease ended.
+#[non_exhaustive]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LeaseLost {
     /// Another instance holds it.
@@ -102,7 +103,14 @@ impl fmt::Display for LeaseLost {
     }
 }
 
-impl std::error::Error for LeaseLost {}
+impl std::error::Error for LeaseLost {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LeaseLost::Lapsed(Some(e)) => Some(e),
+            LeaseLost::Taken | LeaseLost::Lapsed(None) => None,
+        }
+    }
+}
 
 /// One instance's lease on one stream; see the [module docs](self). Clones
 /// share the lease.
@@ -114,6 +122,18 @@ pub struct Lease {
     token: Arc<str>,
     ttl: Duration,
     valid_until: Arc<AtomicU64>,
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease")
+            .field("key", &self.key)
+            .field("token", &self.token)
+            .field("ttl", &self.ttl)
+            .field("valid_until", &self.valid_until())
+            .field("valid", &self.is_valid())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Lease {

@@ -70,6 +70,15 @@ pub struct SseServer {
 
 type Body = BoxBody<Bytes, Infallible>;
 
+impl std::fmt::Debug for SseServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SseServer")
+            .field("local_addr", &self.listener.local_addr().ok())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
 impl SseServer {
     /// Binds `addr` (port 0 picks a free port; see [`local_addr`](Self::local_addr)).
     pub async fn bind(addr: SocketAddr, config: ServerConfig) -> io::Result<Self> {

@@ -219,8 +219,7 @@ fn a_503_with_an_http_date_in_retry_after_is_retried_no_sooner() {
                 last_event_id: None,
             })
             .await
-            .err()
-            .expect("a 503");
+            .expect_err("a 503");
         let Failure::Status {
             code: 503,
             retry_after: Some(delay),

@@ -3,7 +3,7 @@
 #![cfg(target_arch = "wasm32")]
 
 use js_sys::Reflect;
-use tidemark_core::{Clock, Cursor, Millis, Store, StoreError, StreamKey};
+use tidemark_core::{Clock, Cursor, FingerprintKey, Millis, Store, StoreError, StreamKey};
 use tidemark_wasm::{BrowserClock, IdbStore};
 use wasm_bindgen::JsValue;
 use wasm_bindgen_test::{wasm_bindgen_test, wasm_bindgen_test_configure};
@@ -35,6 +35,14 @@ fn cursor(stream: &str, id: &str, seq: u64) -> Cursor {
         seq,
         at: Millis(seq),
     }
+}
+
+#[wasm_bindgen_test]
+fn fingerprint_keys_are_random_in_a_worker() {
+    assert_in_a_worker();
+    let key = FingerprintKey::try_random().unwrap();
+    assert_ne!(key, FingerprintKey::try_random().unwrap());
+    assert_ne!(key, FingerprintKey::new(0, 0));
 }
 
 #[wasm_bindgen_test]

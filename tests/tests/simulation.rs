@@ -591,20 +591,20 @@ impl Sim {
             if flushing {
                 continue;
             }
-            if let Some(previous) = previous {
-                if start < previous + interval {
-                    return Err(self.violation(
-                        "rate",
-                        None,
-                        format!(
-                            "write attempts at {}ms and {}ms are closer than the flush \
+            if let Some(previous) = previous
+                && start < previous + interval
+            {
+                return Err(self.violation(
+                    "rate",
+                    None,
+                    format!(
+                        "write attempts at {}ms and {}ms are closer than the flush \
                              interval {}ms",
-                            previous.as_u64(),
-                            start.as_u64(),
-                            interval.as_u64()
-                        ),
-                    ));
-                }
+                        previous.as_u64(),
+                        start.as_u64(),
+                        interval.as_u64()
+                    ),
+                ));
             }
         }
         Ok(())
@@ -707,20 +707,20 @@ impl Sim {
                 .iter()
                 .rev()
                 .find(|(at, _)| *at + bound(*at) <= now);
-            if let Some(&(at, seq)) = due {
-                if stored_seq < seq {
-                    return Err(self.violation(
-                        "lag",
-                        Some(i),
-                        format!(
-                            "seq {seq} committed at {}ms is not persisted {}ms later \
+            if let Some(&(at, seq)) = due
+                && stored_seq < seq
+            {
+                return Err(self.violation(
+                    "lag",
+                    Some(i),
+                    format!(
+                        "seq {seq} committed at {}ms is not persisted {}ms later \
                              (bound {}ms); the store holds seq {stored_seq}",
-                            at.as_u64(),
-                            (now - at).as_u64(),
-                            bound(at).as_u64()
-                        ),
-                    ));
-                }
+                        at.as_u64(),
+                        (now - at).as_u64(),
+                        bound(at).as_u64()
+                    ),
+                ));
             }
         }
         Ok(())

@@ -51,10 +51,10 @@ impl SeedTracker {
         if self.seen.contains(id) {
             return false;
         }
-        if self.order.len() == WINDOW {
-            if let Some(old) = self.order.pop_front() {
-                self.seen.remove(&old);
-            }
+        if self.order.len() == WINDOW
+            && let Some(old) = self.order.pop_front()
+        {
+            self.seen.remove(&old);
         }
         self.seen.insert(id.to_owned());
         self.order.push_back(id.to_owned());

@@ -108,24 +108,3 @@ impl Fields {
 pub(crate) fn opt_str(s: Option<impl AsRef<str>>) -> JsValue {
     s.map_or(JsValue::NULL, |s| JsValue::from_str(s.as_ref()))
 }
-
-/// 16 random bytes from `crypto.getRandomValues`, the browser's entropy
-/// source (the standard library has none on `wasm32-unknown-unknown`).
-pub(crate) fn random_u64s() -> Result<[u64; 2], JsError> {
-    let bytes = js_sys::Uint8Array::new_with_length(16);
-    let crypto = get(&js_sys::global(), "crypto")
-        .ok_or_else(|| JsError::new("globalThis.crypto is not available"))?;
-    let fill: js_sys::Function = Reflect::get(&crypto, &JsValue::from_str("getRandomValues"))
-        .ok()
-        .and_then(|f| f.dyn_into().ok())
-        .ok_or_else(|| JsError::new("crypto.getRandomValues is not available"))?;
-    fill.call1(&crypto, &bytes)
-        .map_err(|_| JsError::new("crypto.getRandomValues failed"))?;
-    let mut raw = [0u8; 16];
-    bytes.copy_to(&mut raw);
-    let (a, b) = raw.split_at(8);
-    Ok([
-        u64::from_le_bytes(a.try_into().unwrap_or_default()),
-        u64::from_le_bytes(b.try_into().unwrap_or_default()),
-    ])
-}

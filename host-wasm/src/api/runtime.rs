@@ -14,8 +14,8 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use tidemark_core::{
-    Clock, Config, Cursor, FingerprintKey, MemStore, Millis, Registry, Stats, Store, StoreError,
-    StreamKey, TrackerConfig, WorkerConfig, persistence,
+    Clock, Config, Cursor, EitherStore, FingerprintKey, MemStore, Millis, Registry, Stats, Store,
+    StoreError, StreamKey, TrackerConfig, persistence,
 };
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::spawn_local;
@@ -51,14 +51,9 @@ impl StoreSpec {
     }
 }
 
-/// The store behind a runtime: IndexedDB, or memory when asked for or when
-/// IndexedDB cannot be opened.
-pub(crate) enum AnyStore {
-    /// Cursors in IndexedDB.
-    Idb(IdbStore),
-    /// Cursors in memory only.
-    Memory(MemStore),
-}
+/// The store behind a runtime: IndexedDB ([`EitherStore::Left`]), or memory
+/// ([`EitherStore::Right`]) when asked for or when IndexedDB cannot be opened.
+type AnyStore = EitherStore<IdbStore, MemStore>;
 
 /// A runtime's store. It reopens an IndexedDB connection that was closed
 /// under it (another tab upgraded or deleted the database, or the browser
@@ -82,11 +77,11 @@ impl PageStore {
     /// current one was closed (if it can be opened).
     async fn current(&self) -> Rc<AnyStore> {
         let current = self.inner.borrow().clone();
-        if let AnyStore::Idb(idb) = &*current
+        if let AnyStore::Left(idb) = &*current
             && idb.is_closed()
             && let Ok(reopened) = IdbStore::open(idb.name()).await
         {
-            let reopened = Rc::new(AnyStore::Idb(reopened));
+            let reopened = Rc::new(AnyStore::Left(reopened));
             *self.inner.borrow_mut() = reopened.clone();
             return reopened;
         }
@@ -117,29 +112,6 @@ impl Store for PageStore {
     }
 }
 
-impl Store for AnyStore {
-    async fn load(&self, key: &StreamKey) -> Result<Option<Cursor>, StoreError> {
-        match self {
-            AnyStore::Idb(s) => s.load(key).await,
-            AnyStore::Memory(s) => s.load(key).await,
-        }
-    }
-
-    async fn save_batch(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
-        match self {
-            AnyStore::Idb(s) => s.save_batch(cursors).await,
-            AnyStore::Memory(s) => s.save_batch(cursors).await,
-        }
-    }
-
-    async fn delete(&self, key: &StreamKey) -> Result<(), StoreError> {
-        match self {
-            AnyStore::Idb(s) => s.delete(key).await,
-            AnyStore::Memory(s) => s.delete(key).await,
-        }
-    }
-}
-
 /// A registry, its running worker, and what the store turned out to be.
 pub(crate) struct Runtime {
     pub(crate) registry: Registry<Rc<PageStore>>,
@@ -152,30 +124,29 @@ pub(crate) struct Runtime {
 impl Runtime {
     async fn start(spec: StoreSpec) -> Result<Rc<Runtime>, String> {
         let (store, warning) = if spec.memory {
-            (AnyStore::Memory(MemStore::new()), None)
+            (AnyStore::Right(MemStore::new()), None)
         } else {
             match IdbStore::open(&spec.database).await {
-                Ok(store) => (AnyStore::Idb(store), None),
+                Ok(store) => (AnyStore::Left(store), None),
                 Err(error) => {
                     let warning = format!(
                         "tidemark: cursors are kept in memory only, so they will not survive a reload: {error}"
                     );
                     web_sys::console::warn_1(&JsValue::from_str(&warning));
-                    (AnyStore::Memory(MemStore::new()), Some(error.to_string()))
+                    (AnyStore::Right(MemStore::new()), Some(error.to_string()))
                 }
             }
         };
-        let [k0, k1] = js::random_u64s().map_err(|e| js::message(&e.into()))?;
-        let [seed, _] = js::random_u64s().map_err(|e| js::message(&e.into()))?;
+        // The default key comes from `crypto.getRandomValues` too, but
+        // panics (an abort in the package) where there is none: say so as
+        // an error instead.
+        let fingerprint_key = FingerprintKey::try_random().map_err(|e| e.to_string())?;
         let config = Config {
             tracker: TrackerConfig {
-                fingerprint_key: FingerprintKey::new(k0, k1),
+                fingerprint_key,
                 ..TrackerConfig::default()
             },
-            worker: WorkerConfig {
-                seed,
-                ..WorkerConfig::default()
-            },
+            ..Config::default()
         };
         let clock = BrowserClock::new();
         let store = PageStore::new(store);
@@ -220,8 +191,8 @@ impl Runtime {
             worker,
         } = self.registry.stats();
         let (store, transactions) = match &**self.registry.store().inner.borrow() {
-            AnyStore::Idb(s) => ("indexeddb", s.transactions()),
-            AnyStore::Memory(s) => ("memory", s.batches()),
+            AnyStore::Left(s) => ("indexeddb", s.transactions()),
+            AnyStore::Right(s) => ("memory", s.batches()),
         };
         js::Fields::new()
             .set("store", store)

@@ -45,10 +45,7 @@ impl Settings {
             (None, Some(true)) => RequestCredentials::Include,
             (None, _) => RequestCredentials::SameOrigin,
         };
-        let mut reconnect = ReconnectConfig {
-            seed: js::random_u64s()?[0],
-            ..ReconnectConfig::default()
-        };
+        let mut reconnect = ReconnectConfig::default();
         if let Some(r) = js::get(options, "reconnect") {
             let default = reconnect.backoff;
             reconnect.backoff = Backoff {
