@@ -27,7 +27,7 @@
 //! The binary's `main` only parses arguments and wires these together.
 
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
+#![warn(missing_docs, missing_debug_implementations)]
 
 mod client;
 mod clock;
