@@ -7,10 +7,12 @@
 //! it retries and which attempt that is), and its return (with the
 //! `Last-Event-ID` it resumed from). Nothing is reconstructed from counters.
 //!
-//! Delivery follows the core's rule: an event the command's handler accepted
-//! is delivered, and the cursor moves past it when the loop asks for the
-//! next item or stops; an event the handler refused (its output failed, the
-//! lease was lost) is not, and the cursor stays before it.
+//! Delivery follows the core's rule, in groups: the handler writes each
+//! event of a received chunk into the (buffered) output, the loop flushes
+//! the output once, and the cursor moves past the whole group when the loop
+//! asks for the next item or stops. A group with an event the handler
+//! refused (its output failed, the lease was lost), or whose flush failed,
+//! is not committed: the cursor stays before it.
 
 use crate::{FileStore, LeaseLost, NativeStore, SmolClock};
 use async_signal::{Signal, Signals};
@@ -92,11 +94,12 @@ pub(crate) fn stop_signals() -> io::Result<Signals> {
     Signals::new([Signal::Int, Signal::Term])
 }
 
-/// Writes one line and flushes it: once this returns `Ok`, the line is
-/// delivered.
-pub(crate) fn deliver(out: &mut impl Write, line: &serde_json::Value) -> io::Result<()> {
-    writeln!(out, "{line}")?;
-    out.flush()
+/// Writes `line` as one line of JSON into `out`'s buffer, without flushing
+/// and without allocating: [`run`] flushes a group of lines at once, and a
+/// line is delivered only once that flush succeeds.
+pub(crate) fn write_line(out: &mut impl Write, line: &impl serde::Serialize) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, line)?;
+    out.write_all(b"\n")
 }
 
 /// How [`run`] ended.
@@ -113,42 +116,72 @@ pub(crate) enum Ended<T, E> {
     Refused(E),
 }
 
-/// Drives `stream`, handing each fresh event to `handle`, until the handler
-/// stops (`Ok(Some(T))`) or refuses an event (`Err(E)`), a stop signal
-/// arrives, `keeper` (the task renewing the stream's lease, if any) ends, or
-/// the stream stops. `Ok(None)` from the handler means delivered, go on.
+/// Drives `stream`, handing each fresh event to `handle` with `out`, until
+/// the handler stops (`Ok(Some(T))`) or refuses an event (`Err(E)`), `admit`
+/// refuses a group, a stop signal arrives, `keeper` (the task renewing the
+/// stream's lease, if any) ends, or the stream stops. `Ok(None)` from the
+/// handler means accepted, go on.
 ///
-/// Every event the handler accepted is committed before this returns; a
-/// refused one is not. Lifecycle changes are reported on stderr.
-pub(crate) async fn run<C: Connector, T, E>(
+/// Group commit: `admit` is asked before each group (the lease check: a
+/// group is written in microseconds), then the events of one received chunk
+/// go to the handler one after the other (the core's `next_ready`), then
+/// `out` is flushed once, and only then, at the next read, does the cursor
+/// move past all of them. Every group the handler accepted and that was
+/// flushed is committed before this returns. A group `admit` refused is
+/// not delivered at all. When the handler refuses an event (its output
+/// failed), or the flush fails, nothing of that group is committed: lines
+/// written before it may be printed again later (at least once), never
+/// skipped. Lifecycle changes are reported on stderr.
+pub(crate) async fn run<C: Connector, W: Write, T, E: From<io::Error>>(
     stream: &mut ResumableStream<C, SmolClock>,
     clock: SmolClock,
     signals: &mut Signals,
     mut keeper: Option<&mut smol::Task<LeaseLost>>,
-    mut handle: impl AsyncFnMut(Event) -> Result<Option<T>, E>,
+    out: &mut W,
+    mut admit: impl FnMut() -> Result<(), E>,
+    mut handle: impl AsyncFnMut(Event, &mut W) -> Result<Option<T>, E>,
 ) -> Ended<T, E> {
     let mut lifecycle = Lifecycle::default();
     let ended = loop {
         let next = {
             let item = pin!(stream.next());
             let lost = pin!(lease_lost(keeper.as_deref_mut()));
-            match select(item, select(signals.next(), lost)).await {
-                Either::Left((item, _)) => item,
-                Either::Right((Either::Left(_), _)) => {
+            // Stops first: a stream that always has data ready must not
+            // starve them.
+            match select(select(signals.next(), lost), item).await {
+                Either::Right((item, _)) => item,
+                Either::Left((Either::Left(_), _)) => {
                     eprintln!("tidemark: stopping on signal");
                     break Ended::Signal;
                 }
-                Either::Right((Either::Right((lost, _)), _)) => break Ended::Lease(lost),
+                Either::Left((Either::Right((lost, _)), _)) => break Ended::Lease(lost),
             }
         };
         match next {
             Err(error) => break Ended::Stream(error),
-            Ok(StreamItem::Event(event)) => match handle(event).await {
-                Ok(None) => {}
-                Ok(Some(done)) => break Ended::Done(done),
-                // Not delivered: the cursor stays before it.
-                Err(refused) => return Ended::Refused(refused),
-            },
+            Ok(StreamItem::Event(mut event)) => {
+                if let Err(refused) = admit() {
+                    // Not delivered: the cursor stays before it.
+                    return Ended::Refused(refused);
+                }
+                let handled = loop {
+                    match handle(event, out).await {
+                        Ok(None) => match stream.next_ready() {
+                            Some(ready) => event = ready,
+                            None => break Ok(None),
+                        },
+                        other => break other,
+                    }
+                };
+                let flushed = out.flush();
+                match (handled, flushed) {
+                    // Not delivered: the cursor stays before the group.
+                    (Err(refused), _) => return Ended::Refused(refused),
+                    (Ok(_), Err(error)) => return Ended::Refused(E::from(error)),
+                    (Ok(Some(done)), Ok(())) => break Ended::Done(done),
+                    (Ok(None), Ok(())) => {}
+                }
+            }
             Ok(item) => lifecycle.report(&item, clock.now()),
         }
     };

@@ -1,6 +1,7 @@
 //! The `tidemark` command: argument parsing and wiring only.
 
 use clap::{Parser, Subcommand};
+use std::io::BufWriter;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -157,6 +158,10 @@ fn parse_arguments(value: &str) -> Result<serde_json::Value, String> {
     }
 }
 
+/// The output buffer of `follow` and `mcp`: a received chunk's lines in
+/// one write, mostly.
+const OUTPUT_BUFFER: usize = 64 * 1024;
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Demo { events } => {
@@ -182,7 +187,8 @@ fn main() -> ExitCode {
                 max_events,
                 redis: redis.into_options(),
             };
-            let mut stdout = std::io::stdout().lock();
+            // Flushed once per received chunk by the client loop.
+            let mut stdout = BufWriter::with_capacity(OUTPUT_BUFFER, std::io::stdout().lock());
             follow::exit_code(&smol::block_on(follow::follow(options, &mut stdout)))
         }
         Command::Mcp {
@@ -203,7 +209,8 @@ fn main() -> ExitCode {
                 headers,
                 new,
             };
-            let mut stdout = std::io::stdout().lock();
+            // Flushed once per received chunk by the client loop.
+            let mut stdout = BufWriter::with_capacity(OUTPUT_BUFFER, std::io::stdout().lock());
             mcp::exit_code(&smol::block_on(mcp::call(options, &mut stdout)))
         }
         Command::Serve {
