@@ -1,17 +1,19 @@
 //! The core's [`Connector`] over hyper's HTTP/1 client on smol.
 
 use futures::Stream;
+use futures::future::{Either, select};
 use futures_rustls::TlsConnector;
 use futures_rustls::pki_types::ServerName;
 use futures_rustls::rustls::{ClientConfig, RootCertStore};
-use http_body_util::{BodyStream, Full};
-use hyper::body::Bytes;
+use http_body_util::Full;
+use hyper::body::{Body as _, Bytes};
 use hyper::header::{
     ACCEPT, CACHE_CONTROL, CONTENT_TYPE, HOST, HeaderName, HeaderValue, LOCATION, RETRY_AFTER,
 };
 use hyper::{Method, Request};
 use smol_hyper::rt::FuturesIo;
-use std::pin::Pin;
+use std::future::Future;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -93,19 +95,36 @@ impl HttpConnector {
     }
 }
 
-/// A response body: its data chunks, and the task driving the connection
-/// (cancelled, closing the socket, when the body is dropped).
+/// A response body: its data chunks, and the connection they come from.
+///
+/// The body drives its connection itself: each poll polls hyper's
+/// connection future first (reading the socket into the body's channel),
+/// then the body. Socket reads, parsing and the consumer stay on the task
+/// that reads the body, so no chunk crosses threads and no executor thread
+/// is woken per chunk. Dropping the body drops the connection, closing the
+/// socket.
 pub struct HttpBody {
-    chunks: Pin<Box<dyn Stream<Item = Result<Bytes, Failure>> + Send>>,
-    _connection: Option<smol::Task<()>>,
+    source: Source,
 }
+
+enum Source {
+    /// A body already read; `None` once taken.
+    Bytes(Option<Bytes>),
+    Hyper {
+        body: hyper::body::Incoming,
+        /// `None` once the connection is done.
+        connection: Option<Connection>,
+    },
+}
+
+/// Hyper's connection future, over plain TCP or TLS.
+type Connection = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl HttpBody {
     /// A body of `bytes` already read: one chunk, then the end.
     pub fn from_bytes(bytes: Bytes) -> Self {
         HttpBody {
-            chunks: Box::pin(futures::stream::once(async move { Ok(bytes) })),
-            _connection: None,
+            source: Source::Bytes(Some(bytes)),
         }
     }
 }
@@ -114,7 +133,27 @@ impl Stream for HttpBody {
     type Item = Result<Bytes, Failure>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.chunks.as_mut().poll_next(cx)
+        let (body, connection) = match &mut self.source {
+            Source::Bytes(bytes) => return Poll::Ready(bytes.take().map(Ok)),
+            Source::Hyper { body, connection } => (body, connection),
+        };
+        if let Some(running) = connection {
+            if running.as_mut().poll(cx).is_ready() {
+                *connection = None;
+            }
+        }
+        loop {
+            return match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => Poll::Ready(Some(Ok(data))),
+                    // Trailers: not data.
+                    Err(_) => continue,
+                },
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(network(e)))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            };
+        }
     }
 }
 
@@ -210,7 +249,7 @@ impl HttpConnector {
         let mut on_origin = true;
         let mut body_dropped = false;
         let mut redirects = 0;
-        let (response, task) = loop {
+        let (response, connection) = loop {
             // Once a redirect has left the original origin, the credentials
             // stay behind for the rest of the chain.
             on_origin &= url.origin() == origin;
@@ -221,14 +260,14 @@ impl HttpConnector {
             if body_dropped {
                 headers.retain(|(name, _)| !is_one_of(name, &BODY_HEADERS));
             }
-            let (response, task) = self.open(&url, &method, &headers, body.clone()).await?;
+            let (response, connection) = self.open(&url, &method, &headers, body.clone()).await?;
             let status = response.status().as_u16();
             let location = response
                 .headers()
                 .get(LOCATION)
                 .filter(|_| matches!(status, 301 | 302 | 303 | 307 | 308));
             let Some(location) = location else {
-                break (response, task);
+                break (response, connection);
             };
             redirects += 1;
             if redirects > self.max_redirects {
@@ -251,18 +290,11 @@ impl HttpConnector {
             url = next;
         };
         let (head, body) = response.into_parts();
-        let chunks = futures::StreamExt::filter_map(BodyStream::new(body), |frame| async move {
-            match frame {
-                Ok(frame) => frame.into_data().ok().map(Ok),
-                Err(e) => Some(Err(network(e))),
-            }
-        });
         Ok(HttpResponse {
             status: head.status.as_u16(),
             headers: head.headers,
             body: HttpBody {
-                chunks: Box::pin(chunks),
-                _connection: Some(task),
+                source: Source::Hyper { body, connection },
             },
         })
     }
@@ -274,7 +306,7 @@ impl HttpConnector {
         method: &Method,
         headers: &[&(String, String)],
         body: Bytes,
-    ) -> Result<(hyper::Response<hyper::body::Incoming>, smol::Task<()>), Failure> {
+    ) -> Result<(hyper::Response<hyper::body::Incoming>, Option<Connection>), Failure> {
         let tls = match url.scheme() {
             "http" => false,
             "https" => true,
@@ -396,23 +428,30 @@ fn tls_failure(host: &str, error: &std::io::Error) -> Failure {
     }
 }
 
-/// Sends `request` over `io` and waits for the response headers; the
-/// returned task drives the connection.
+/// Sends `request` over `io` and waits for the response headers, driving
+/// the connection meanwhile; the returned future (`None` if the connection
+/// is already done) drives it from then on.
 async fn exchange<IO>(
     io: IO,
     request: Request<Full<Bytes>>,
-) -> Result<(hyper::Response<hyper::body::Incoming>, smol::Task<()>), Failure>
+) -> Result<(hyper::Response<hyper::body::Incoming>, Option<Connection>), Failure>
 where
     IO: futures::AsyncRead + futures::AsyncWrite + Unpin + Send + 'static,
 {
     let (mut sender, connection) = hyper::client::conn::http1::handshake(FuturesIo::new(io))
         .await
         .map_err(network)?;
-    let task = smol::spawn(async move {
+    let mut connection: Connection = Box::pin(async move {
         let _ = connection.await;
     });
-    let response = sender.send_request(request).await.map_err(network)?;
-    Ok((response, task))
+    let sent = pin!(sender.send_request(request));
+    let (response, connection) = match select(sent, connection.as_mut()).await {
+        Either::Left((response, _)) => (response, Some(connection)),
+        // The connection is done (a short response, then close), or failed
+        // and the request fails with its error.
+        Either::Right(((), sent)) => (sent.await, None),
+    };
+    Ok((response.map_err(network)?, connection))
 }
 
 impl Connector for HttpConnector {
