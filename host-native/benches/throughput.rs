@@ -88,6 +88,18 @@ fn main() {
         }
     }
     drop(server);
+    if let Some(baseline) = &baseline {
+        // The same clients against the older server (one frame per event).
+        let server = LiveServer::start(baseline, live);
+        let url = format!("http://{}/events", server.addr);
+        let runs = measure(&contenders, &url, live, rounds, None);
+        report("live, baseline serve", live, &runs, None);
+        if strace {
+            for contender in contenders.iter().filter(|c| c.follow_binary().is_some()) {
+                strace_follow(contender, &url, live);
+            }
+        }
+    }
 
     let body = Arc::new(mcp_body(bulk));
     let addr = serve_bulk(body.clone());
@@ -385,7 +397,7 @@ impl Drop for LiveServer {
 }
 
 /// Reads `/events` of `addr` over raw HTTP/1.1 until `count` events are in
-/// (every event ends with an empty line; so does the `retry:` hint).
+/// (every event ends with an empty line; the `retry:` hint does not).
 fn read_raw(addr: SocketAddr, count: u64) -> Duration {
     let start = Instant::now();
     let mut stream = std::net::TcpStream::connect(addr).expect("the server accepts");
@@ -394,7 +406,7 @@ fn read_raw(addr: SocketAddr, count: u64) -> Duration {
         .expect("the request goes out");
     let mut buffer = vec![0; 1 << 16];
     let (mut ends, mut last) = (0u64, 0u8);
-    while ends < count + 1 {
+    while ends < count {
         let n = stream.read(&mut buffer).expect("the stream goes on");
         assert!(n > 0, "the server closed the stream after {ends} events");
         for &byte in &buffer[..n] {
