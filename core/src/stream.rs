@@ -208,6 +208,9 @@ pub struct ResumableStream<C: Connector, K> {
     stats: StreamStats,
     /// Failures since the last connection that received a byte.
     failures: u32,
+    /// When the last chunk was read: the time `next_ready` observes its
+    /// events at, without a clock read per event.
+    read_at: Millis,
 }
 
 impl<C: Connector, K> fmt::Debug for ResumableStream<C, K> {
@@ -249,6 +252,7 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
             state: State::Connect,
             stats: StreamStats::default(),
             failures: 0,
+            read_at: Millis::ZERO,
         }
     }
 
@@ -301,7 +305,8 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
                     }
                 }
                 State::Open(body, mut parser) => {
-                    if let Some(event) = self.drain(&mut parser, true) {
+                    let now = self.clock.now();
+                    if let Some(event) = self.drain(&mut parser, now, true) {
                         self.state = State::Open(body, parser);
                         return Ok(StreamItem::Event(event));
                     }
@@ -330,6 +335,7 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
                         Some(Some(Ok(chunk))) => {
                             let bytes = chunk.as_ref();
                             self.stats.bytes += bytes.len() as u64;
+                            self.read_at = now;
                             self.policy.on_bytes(now);
                             self.failures = 0;
                             if let Err(error) = parser.feed(bytes) {
@@ -375,7 +381,8 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
 
     /// A fresh event the stream already has in hand (parsed from the chunk
     /// last read), without waiting, reading or committing; `None` when the
-    /// next one needs a read (or the stream is not open).
+    /// next one needs a read (or the stream is not open). It is observed at
+    /// the time that chunk was read: no clock read per event.
     ///
     /// For group commit: after [`next`](Self::next) yields an event, a host
     /// takes the rest of the chunk's events with `next_ready`, hands them
@@ -386,7 +393,7 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
     pub fn next_ready(&mut self) -> Option<Event> {
         match std::mem::replace(&mut self.state, State::Connect) {
             State::Open(body, mut parser) => {
-                let event = self.drain(&mut parser, false);
+                let event = self.drain(&mut parser, self.read_at, false);
                 self.state = State::Open(body, parser);
                 event
             }
@@ -397,11 +404,10 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
         }
     }
 
-    /// Runs parsed items through the tracker until a fresh event comes out.
-    /// A fresh id-only event is committed at once if `commit_ids` (nothing
+    /// Runs parsed items through the tracker (at `now`) until a fresh event
+    /// comes out. A fresh id-only event is committed at once if `commit_ids` (nothing
     /// handed out is pending then), else it waits for the next commit.
-    fn drain(&mut self, parser: &mut Parser, commit_ids: bool) -> Option<Event> {
-        let now = self.clock.now();
+    fn drain(&mut self, parser: &mut Parser, now: Millis, commit_ids: bool) -> Option<Event> {
         while let Some(item) = parser.next_item() {
             match item {
                 Item::Event(event) => {

@@ -94,12 +94,13 @@ pub(crate) fn stop_signals() -> io::Result<Signals> {
     Signals::new([Signal::Int, Signal::Term])
 }
 
-/// Writes `line` as one line of JSON into `out`'s buffer, without flushing
-/// and without allocating: [`run`] flushes a group of lines at once, and a
-/// line is delivered only once that flush succeeds.
-pub(crate) fn write_line(out: &mut impl Write, line: &impl serde::Serialize) -> io::Result<()> {
-    serde_json::to_writer(&mut *out, line)?;
-    out.write_all(b"\n")
+/// Appends `line` as one line of JSON to a group of lines: [`run`] writes
+/// and flushes a group at once, and a line is delivered only once that
+/// flush succeeds.
+pub(crate) fn write_line(group: &mut Vec<u8>, line: &impl serde::Serialize) -> io::Result<()> {
+    serde_json::to_writer(&mut *group, line)?;
+    group.push(b'\n');
+    Ok(())
 }
 
 /// How [`run`] ended.
@@ -116,7 +117,8 @@ pub(crate) enum Ended<T, E> {
     Refused(E),
 }
 
-/// Drives `stream`, handing each fresh event to `handle` with `out`, until
+/// Drives `stream`, handing each fresh event to `handle` with the group of
+/// lines to append its output to, until
 /// the handler stops (`Ok(Some(T))`) or refuses an event (`Err(E)`), `admit`
 /// refuses a group, a stop signal arrives, `keeper` (the task renewing the
 /// stream's lease, if any) ends, or the stream stops. `Ok(None)` from the
@@ -125,7 +127,7 @@ pub(crate) enum Ended<T, E> {
 /// Group commit: `admit` is asked before each group (the lease check: a
 /// group is written in microseconds), then the events of one received chunk
 /// go to the handler one after the other (the core's `next_ready`), then
-/// `out` is flushed once, and only then, at the next read, does the cursor
+/// the group is written to `out` in one write and flushed, and only then, at the next read, does the cursor
 /// move past all of them. Every group the handler accepted and that was
 /// flushed is committed before this returns. A group `admit` refused is
 /// not delivered at all. When the handler refuses an event (its output
@@ -139,9 +141,11 @@ pub(crate) async fn run<C: Connector, W: Write, T, E: From<io::Error>>(
     mut keeper: Option<&mut smol::Task<LeaseLost>>,
     out: &mut W,
     mut admit: impl FnMut() -> Result<(), E>,
-    mut handle: impl AsyncFnMut(Event, &mut W) -> Result<Option<T>, E>,
+    mut handle: impl AsyncFnMut(Event, &mut Vec<u8>) -> Result<Option<T>, E>,
 ) -> Ended<T, E> {
     let mut lifecycle = Lifecycle::default();
+    // Kept across groups: its capacity is the largest group's output.
+    let mut group = Vec::new();
     let ended = loop {
         let next = {
             let item = pin!(stream.next());
@@ -165,7 +169,7 @@ pub(crate) async fn run<C: Connector, W: Write, T, E: From<io::Error>>(
                     return Ended::Refused(refused);
                 }
                 let handled = loop {
-                    match handle(event, out).await {
+                    match handle(event, &mut group).await {
                         Ok(None) => match stream.next_ready() {
                             Some(ready) => event = ready,
                             None => break Ok(None),
@@ -173,7 +177,8 @@ pub(crate) async fn run<C: Connector, W: Write, T, E: From<io::Error>>(
                         other => break other,
                     }
                 };
-                let flushed = out.flush();
+                let flushed = out.write_all(&group).and_then(|()| out.flush());
+                group.clear();
                 match (handled, flushed) {
                     // Not delivered: the cursor stays before the group.
                     (Err(refused), _) => return Ended::Refused(refused),

@@ -297,13 +297,13 @@ impl Turn<'_> {
                     })),
                     None => Ok(()),
                 },
-                async |event: Event, out: &mut W| {
+                async |event: Event, group: &mut Vec<u8>| {
                     let line = Line {
                         data: &event.data,
                         event: &event.event,
                         id: event.id.as_deref(),
                     };
-                    write_line(out, &line)?;
+                    write_line(group, &line)?;
                     *written += 1;
                     Ok(max_events.filter(|max| *written >= *max).map(|_| ()))
                 },

@@ -1,7 +1,6 @@
 //! The `tidemark` command: argument parsing and wiring only.
 
 use clap::{Parser, Subcommand};
-use std::io::BufWriter;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -158,10 +157,6 @@ fn parse_arguments(value: &str) -> Result<serde_json::Value, String> {
     }
 }
 
-/// The output buffer of `follow` and `mcp`: a received chunk's lines in
-/// one write, mostly.
-const OUTPUT_BUFFER: usize = 64 * 1024;
-
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Demo { events } => {
@@ -187,8 +182,8 @@ fn main() -> ExitCode {
                 max_events,
                 redis: redis.into_options(),
             };
-            // Flushed once per received chunk by the client loop.
-            let mut stdout = BufWriter::with_capacity(OUTPUT_BUFFER, std::io::stdout().lock());
+            // The client loop writes a received chunk's lines in one write.
+            let mut stdout = std::io::stdout().lock();
             follow::exit_code(&smol::block_on(follow::follow(options, &mut stdout)))
         }
         Command::Mcp {
@@ -209,8 +204,8 @@ fn main() -> ExitCode {
                 headers,
                 new,
             };
-            // Flushed once per received chunk by the client loop.
-            let mut stdout = BufWriter::with_capacity(OUTPUT_BUFFER, std::io::stdout().lock());
+            // The client loop writes a received chunk's lines in one write.
+            let mut stdout = std::io::stdout().lock();
             mcp::exit_code(&smol::block_on(mcp::call(options, &mut stdout)))
         }
         Command::Serve {

@@ -247,7 +247,7 @@ async fn run<W: Write>(
         None,
         out,
         || Ok(()),
-        async |event: Event, out: &mut W| {
+        async |event: Event, group: &mut Vec<u8>| {
             // A priming event: an id for the cursor, no message.
             if event.data.is_empty() {
                 return Ok(None);
@@ -268,7 +268,7 @@ async fn run<W: Write>(
                 id: event.id.as_deref(),
                 message: &message,
             };
-            write_line(out, &line)?;
+            write_line(group, &line)?;
             let mut result = None;
             for message in session::messages_of(&message) {
                 if session::is_request(message) {
