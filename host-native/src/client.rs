@@ -7,10 +7,10 @@
 //! it retries and which attempt that is), and its return (with the
 //! `Last-Event-ID` it resumed from). Nothing is reconstructed from counters.
 //!
-//! Delivery follows the core's rule, in groups: the handler writes each
-//! event of a received chunk into the (buffered) output, the loop flushes
-//! the output once, and the cursor moves past the whole group when the loop
-//! asks for the next item or stops. A group with an event the handler
+//! Delivery follows the core's rule, in groups: the handler appends the
+//! line of each event of a received chunk to a buffer, the loop writes the
+//! buffer to the output in one write and flushes it, and the cursor moves
+//! past the whole group when the loop asks for the next item or stops. A group with an event the handler
 //! refused (its output failed, the lease was lost), or whose flush failed,
 //! is not committed: the cursor stays before it.
 
@@ -118,17 +118,16 @@ pub(crate) enum Ended<T, E> {
 }
 
 /// Drives `stream`, handing each fresh event to `handle` with the group of
-/// lines to append its output to, until
-/// the handler stops (`Ok(Some(T))`) or refuses an event (`Err(E)`), `admit`
-/// refuses a group, a stop signal arrives, `keeper` (the task renewing the
-/// stream's lease, if any) ends, or the stream stops. `Ok(None)` from the
-/// handler means accepted, go on.
+/// lines to append its line to, until the handler stops (`Ok(Some(T))`) or
+/// refuses an event (`Err(E)`), `admit` refuses a group, a stop signal
+/// arrives, `keeper` (the task renewing the stream's lease, if any) ends, or
+/// the stream stops. `Ok(None)` from the handler means accepted, go on.
 ///
 /// Group commit: `admit` is asked before each group (the lease check: a
 /// group is written in microseconds), then the events of one received chunk
 /// go to the handler one after the other (the core's `next_ready`), then
-/// the group is written to `out` in one write and flushed, and only then, at the next read, does the cursor
-/// move past all of them. Every group the handler accepted and that was
+/// the group is written to `out` in one write and flushed, and only then,
+/// at the next read, does the cursor move past all of them. Every group the handler accepted and that was
 /// flushed is committed before this returns. A group `admit` refused is
 /// not delivered at all. When the handler refuses an event (its output
 /// failed), or the flush fails, nothing of that group is committed: lines
