@@ -285,6 +285,105 @@ async fn report_store_health(worker: WorkerHandle, clock: SmolClock) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tidemark_core::{ConnectRequest, EventTracker, Failure, StreamConfig, StreamKey};
+
+    /// One body: `chunk`, then nothing (the connection stays open).
+    struct OneChunk(&'static str);
+
+    impl Connector for OneChunk {
+        type Chunk = &'static [u8];
+        type Body = futures::stream::BoxStream<'static, Result<&'static [u8], Failure>>;
+
+        async fn connect(&self, _: ConnectRequest<'_>) -> Result<Self::Body, Failure> {
+            let chunk = futures::stream::once(std::future::ready(Ok(self.0.as_bytes())));
+            Ok(Box::pin(chunk.chain(futures::stream::pending())))
+        }
+    }
+
+    /// Records each write and flush; its flushes fail if `fail`.
+    #[derive(Default)]
+    struct Recorder {
+        writes: Vec<Vec<u8>>,
+        flushes: usize,
+        fail: bool,
+    }
+
+    impl Write for Recorder {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            self.writes.push(bytes.to_vec());
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            self.flushes += 1;
+            if self.fail {
+                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "closed"));
+            }
+            Ok(())
+        }
+    }
+
+    const THREE: &str = "id: 1\ndata: a\n\nid: 2\ndata: b\n\nid: 3\ndata: c\n\n";
+
+    /// Runs the loop over [`THREE`] until the third event; returns the
+    /// outcome and the stream.
+    fn run_three(
+        out: &mut Recorder,
+    ) -> (Ended<(), io::Error>, ResumableStream<OneChunk, SmolClock>) {
+        let clock = SmolClock::new();
+        let tracker = EventTracker::new(StreamKey::new("s", "1"), Default::default());
+        let mut stream = ResumableStream::new(
+            OneChunk(THREE),
+            clock,
+            "http://x/",
+            tracker,
+            StreamConfig::default(),
+        );
+        let mut signals = stop_signals().unwrap();
+        let mut seen = 0;
+        let ended = smol::block_on(run(
+            &mut stream,
+            clock,
+            &mut signals,
+            None,
+            out,
+            || Ok(()),
+            async |event: Event, group: &mut Vec<u8>| {
+                group.extend_from_slice(event.data.as_bytes());
+                seen += 1;
+                Ok((seen == 3).then_some(()))
+            },
+        ));
+        (ended, stream)
+    }
+
+    #[test]
+    fn a_chunk_is_one_write_and_one_flush_then_one_commit() {
+        let mut out = Recorder::default();
+        let (ended, stream) = run_three(&mut out);
+        assert!(matches!(ended, Ended::Done(())));
+        assert_eq!(out.writes, [b"abc".to_vec()]);
+        assert_eq!(out.flushes, 1);
+        assert_eq!(stream.tracker().seq(), 1, "one commit for the group");
+        assert!(!stream.tracker().has_uncommitted());
+        assert_eq!(stream.last_event_id(), Some("3"));
+    }
+
+    #[test]
+    fn a_group_whose_flush_fails_is_not_committed() {
+        let mut out = Recorder {
+            fail: true,
+            ..Recorder::default()
+        };
+        let (ended, stream) = run_three(&mut out);
+        assert!(matches!(ended, Ended::Refused(e) if e.kind() == io::ErrorKind::BrokenPipe));
+        assert_eq!(
+            stream.tracker().seq(),
+            0,
+            "the cursor stays before the group"
+        );
+        assert!(stream.tracker().has_uncommitted());
+    }
 
     #[test]
     fn delays_read_as_people_write_them() {
