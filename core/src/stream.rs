@@ -28,6 +28,9 @@
 //! The next call to `next` (or an explicit [`ResumableStream::commit`])
 //! declares the previous event delivered and moves the cursor: a crash
 //! between receiving and handling an event repeats it, never skips it.
+//! Hosts that deliver in groups take the other events already parsed with
+//! [`ResumableStream::next_ready`] (no wait, no commit), hand them all over,
+//! and the next call to `next` commits the whole group.
 //! `next` is cancel-safe: dropping its future (to select on a shutdown
 //! signal, say) loses nothing; the next call carries on. Every item is
 //! yielded in the same poll that changes the state it reports, so a dropped
@@ -205,6 +208,9 @@ pub struct ResumableStream<C: Connector, K> {
     stats: StreamStats,
     /// Failures since the last connection that received a byte.
     failures: u32,
+    /// When the last chunk was read: the time `next_ready` observes its
+    /// events at, without a clock read per event.
+    read_at: Millis,
 }
 
 impl<C: Connector, K> fmt::Debug for ResumableStream<C, K> {
@@ -246,6 +252,7 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
             state: State::Connect,
             stats: StreamStats::default(),
             failures: 0,
+            read_at: Millis::ZERO,
         }
     }
 
@@ -298,7 +305,8 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
                     }
                 }
                 State::Open(body, mut parser) => {
-                    if let Some(event) = self.drain(&mut parser) {
+                    let now = self.clock.now();
+                    if let Some(event) = self.drain(&mut parser, now, true) {
                         self.state = State::Open(body, parser);
                         return Ok(StreamItem::Event(event));
                     }
@@ -327,6 +335,7 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
                         Some(Some(Ok(chunk))) => {
                             let bytes = chunk.as_ref();
                             self.stats.bytes += bytes.len() as u64;
+                            self.read_at = now;
                             self.policy.on_bytes(now);
                             self.failures = 0;
                             if let Err(error) = parser.feed(bytes) {
@@ -370,9 +379,35 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
         }
     }
 
-    /// Runs parsed items through the tracker until a fresh event comes out.
-    fn drain(&mut self, parser: &mut Parser) -> Option<Event> {
-        let now = self.clock.now();
+    /// A fresh event the stream already has in hand (parsed from the chunk
+    /// last read), without waiting, reading or committing; `None` when the
+    /// next one needs a read (or the stream is not open). It is observed at
+    /// the time that chunk was read: no clock read per event.
+    ///
+    /// For group commit: after [`next`](Self::next) yields an event, a host
+    /// takes the rest of the chunk's events with `next_ready`, hands them
+    /// all to the application (writes every line, flushes once), and then
+    /// calls `next` (or [`commit`](Self::commit)), which declares all of them
+    /// delivered at once. Nothing is committed before that call, not even
+    /// the cursor of an id-only event, which moves with the group.
+    pub fn next_ready(&mut self) -> Option<Event> {
+        match std::mem::replace(&mut self.state, State::Connect) {
+            State::Open(body, mut parser) => {
+                let event = self.drain(&mut parser, self.read_at, false);
+                self.state = State::Open(body, parser);
+                event
+            }
+            other => {
+                self.state = other;
+                None
+            }
+        }
+    }
+
+    /// Runs parsed items through the tracker (at `now`) until a fresh event
+    /// comes out. A fresh id-only event is committed at once if `commit_ids` (nothing
+    /// handed out is pending then), else it waits for the next commit.
+    fn drain(&mut self, parser: &mut Parser, now: Millis, commit_ids: bool) -> Option<Event> {
         while let Some(item) = parser.next_item() {
             match item {
                 Item::Event(event) => {
@@ -384,7 +419,7 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
                 }
                 Item::IdOnly(id) => {
                     // Nothing to deliver, but the cursor moves.
-                    if self.tracker.observe(Some(&id), now).is_fresh() {
+                    if self.tracker.observe(Some(&id), now).is_fresh() && commit_ids {
                         self.tracker.commit();
                     }
                 }

@@ -7,10 +7,12 @@
 //! it retries and which attempt that is), and its return (with the
 //! `Last-Event-ID` it resumed from). Nothing is reconstructed from counters.
 //!
-//! Delivery follows the core's rule: an event the command's handler accepted
-//! is delivered, and the cursor moves past it when the loop asks for the
-//! next item or stops; an event the handler refused (its output failed, the
-//! lease was lost) is not, and the cursor stays before it.
+//! Delivery follows the core's rule, in groups: the handler appends the
+//! line of each event of a received chunk to a buffer, the loop writes the
+//! buffer to the output in one write and flushes it, and the cursor moves
+//! past the whole group when the loop asks for the next item or stops. A group with an event the handler
+//! refused (its output failed, the lease was lost), or whose flush failed,
+//! is not committed: the cursor stays before it.
 
 use crate::{FileStore, LeaseLost, NativeStore, SmolClock};
 use async_signal::{Signal, Signals};
@@ -92,11 +94,13 @@ pub(crate) fn stop_signals() -> io::Result<Signals> {
     Signals::new([Signal::Int, Signal::Term])
 }
 
-/// Writes one line and flushes it: once this returns `Ok`, the line is
-/// delivered.
-pub(crate) fn deliver(out: &mut impl Write, line: &serde_json::Value) -> io::Result<()> {
-    writeln!(out, "{line}")?;
-    out.flush()
+/// Appends `line` as one line of JSON to a group of lines: [`run`] writes
+/// and flushes a group at once, and a line is delivered only once that
+/// flush succeeds.
+pub(crate) fn write_line(group: &mut Vec<u8>, line: &impl serde::Serialize) -> io::Result<()> {
+    serde_json::to_writer(&mut *group, line)?;
+    group.push(b'\n');
+    Ok(())
 }
 
 /// How [`run`] ended.
@@ -113,42 +117,75 @@ pub(crate) enum Ended<T, E> {
     Refused(E),
 }
 
-/// Drives `stream`, handing each fresh event to `handle`, until the handler
-/// stops (`Ok(Some(T))`) or refuses an event (`Err(E)`), a stop signal
+/// Drives `stream`, handing each fresh event to `handle` with the group of
+/// lines to append its line to, until the handler stops (`Ok(Some(T))`) or
+/// refuses an event (`Err(E)`), `admit` refuses a group, a stop signal
 /// arrives, `keeper` (the task renewing the stream's lease, if any) ends, or
-/// the stream stops. `Ok(None)` from the handler means delivered, go on.
+/// the stream stops. `Ok(None)` from the handler means accepted, go on.
 ///
-/// Every event the handler accepted is committed before this returns; a
-/// refused one is not. Lifecycle changes are reported on stderr.
-pub(crate) async fn run<C: Connector, T, E>(
+/// Group commit: `admit` is asked before each group (the lease check: a
+/// group is written in microseconds), then the events of one received chunk
+/// go to the handler one after the other (the core's `next_ready`), then
+/// the group is written to `out` in one write and flushed, and only then,
+/// at the next read, does the cursor move past all of them. Every group the handler accepted and that was
+/// flushed is committed before this returns. A group `admit` refused is
+/// not delivered at all. When the handler refuses an event (its output
+/// failed), or the flush fails, nothing of that group is committed: lines
+/// written before it may be printed again later (at least once), never
+/// skipped. Lifecycle changes are reported on stderr.
+pub(crate) async fn run<C: Connector, W: Write, T, E: From<io::Error>>(
     stream: &mut ResumableStream<C, SmolClock>,
     clock: SmolClock,
     signals: &mut Signals,
     mut keeper: Option<&mut smol::Task<LeaseLost>>,
-    mut handle: impl AsyncFnMut(Event) -> Result<Option<T>, E>,
+    out: &mut W,
+    mut admit: impl FnMut() -> Result<(), E>,
+    mut handle: impl AsyncFnMut(Event, &mut Vec<u8>) -> Result<Option<T>, E>,
 ) -> Ended<T, E> {
     let mut lifecycle = Lifecycle::default();
+    // Kept across groups: its capacity is the largest group's output.
+    let mut group = Vec::new();
     let ended = loop {
         let next = {
             let item = pin!(stream.next());
             let lost = pin!(lease_lost(keeper.as_deref_mut()));
-            match select(item, select(signals.next(), lost)).await {
-                Either::Left((item, _)) => item,
-                Either::Right((Either::Left(_), _)) => {
+            // Stops first: a stream that always has data ready must not
+            // starve them.
+            match select(select(signals.next(), lost), item).await {
+                Either::Right((item, _)) => item,
+                Either::Left((Either::Left(_), _)) => {
                     eprintln!("tidemark: stopping on signal");
                     break Ended::Signal;
                 }
-                Either::Right((Either::Right((lost, _)), _)) => break Ended::Lease(lost),
+                Either::Left((Either::Right((lost, _)), _)) => break Ended::Lease(lost),
             }
         };
         match next {
             Err(error) => break Ended::Stream(error),
-            Ok(StreamItem::Event(event)) => match handle(event).await {
-                Ok(None) => {}
-                Ok(Some(done)) => break Ended::Done(done),
-                // Not delivered: the cursor stays before it.
-                Err(refused) => return Ended::Refused(refused),
-            },
+            Ok(StreamItem::Event(mut event)) => {
+                if let Err(refused) = admit() {
+                    // Not delivered: the cursor stays before it.
+                    return Ended::Refused(refused);
+                }
+                let handled = loop {
+                    match handle(event, &mut group).await {
+                        Ok(None) => match stream.next_ready() {
+                            Some(ready) => event = ready,
+                            None => break Ok(None),
+                        },
+                        other => break other,
+                    }
+                };
+                let flushed = out.write_all(&group).and_then(|()| out.flush());
+                group.clear();
+                match (handled, flushed) {
+                    // Not delivered: the cursor stays before the group.
+                    (Err(refused), _) => return Ended::Refused(refused),
+                    (Ok(_), Err(error)) => return Ended::Refused(E::from(error)),
+                    (Ok(Some(done)), Ok(())) => break Ended::Done(done),
+                    (Ok(None), Ok(())) => {}
+                }
+            }
             Ok(item) => lifecycle.report(&item, clock.now()),
         }
     };
@@ -248,6 +285,105 @@ async fn report_store_health(worker: WorkerHandle, clock: SmolClock) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tidemark_core::{ConnectRequest, EventTracker, Failure, StreamConfig, StreamKey};
+
+    /// One body: `chunk`, then nothing (the connection stays open).
+    struct OneChunk(&'static str);
+
+    impl Connector for OneChunk {
+        type Chunk = &'static [u8];
+        type Body = futures::stream::BoxStream<'static, Result<&'static [u8], Failure>>;
+
+        async fn connect(&self, _: ConnectRequest<'_>) -> Result<Self::Body, Failure> {
+            let chunk = futures::stream::once(std::future::ready(Ok(self.0.as_bytes())));
+            Ok(Box::pin(chunk.chain(futures::stream::pending())))
+        }
+    }
+
+    /// Records each write and flush; its flushes fail if `fail`.
+    #[derive(Default)]
+    struct Recorder {
+        writes: Vec<Vec<u8>>,
+        flushes: usize,
+        fail: bool,
+    }
+
+    impl Write for Recorder {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            self.writes.push(bytes.to_vec());
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            self.flushes += 1;
+            if self.fail {
+                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "closed"));
+            }
+            Ok(())
+        }
+    }
+
+    const THREE: &str = "id: 1\ndata: a\n\nid: 2\ndata: b\n\nid: 3\ndata: c\n\n";
+
+    /// Runs the loop over [`THREE`] until the third event; returns the
+    /// outcome and the stream.
+    fn run_three(
+        out: &mut Recorder,
+    ) -> (Ended<(), io::Error>, ResumableStream<OneChunk, SmolClock>) {
+        let clock = SmolClock::new();
+        let tracker = EventTracker::new(StreamKey::new("s", "1"), Default::default());
+        let mut stream = ResumableStream::new(
+            OneChunk(THREE),
+            clock,
+            "http://x/",
+            tracker,
+            StreamConfig::default(),
+        );
+        let mut signals = stop_signals().unwrap();
+        let mut seen = 0;
+        let ended = smol::block_on(run(
+            &mut stream,
+            clock,
+            &mut signals,
+            None,
+            out,
+            || Ok(()),
+            async |event: Event, group: &mut Vec<u8>| {
+                group.extend_from_slice(event.data.as_bytes());
+                seen += 1;
+                Ok((seen == 3).then_some(()))
+            },
+        ));
+        (ended, stream)
+    }
+
+    #[test]
+    fn a_chunk_is_one_write_and_one_flush_then_one_commit() {
+        let mut out = Recorder::default();
+        let (ended, stream) = run_three(&mut out);
+        assert!(matches!(ended, Ended::Done(())));
+        assert_eq!(out.writes, [b"abc".to_vec()]);
+        assert_eq!(out.flushes, 1);
+        assert_eq!(stream.tracker().seq(), 1, "one commit for the group");
+        assert!(!stream.tracker().has_uncommitted());
+        assert_eq!(stream.last_event_id(), Some("3"));
+    }
+
+    #[test]
+    fn a_group_whose_flush_fails_is_not_committed() {
+        let mut out = Recorder {
+            fail: true,
+            ..Recorder::default()
+        };
+        let (ended, stream) = run_three(&mut out);
+        assert!(matches!(ended, Ended::Refused(e) if e.kind() == io::ErrorKind::BrokenPipe));
+        assert_eq!(
+            stream.tracker().seq(),
+            0,
+            "the cursor stays before the group"
+        );
+        assert!(stream.tracker().has_uncommitted());
+    }
 
     #[test]
     fn delays_read_as_people_write_them() {

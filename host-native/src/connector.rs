@@ -1,17 +1,19 @@
 //! The core's [`Connector`] over hyper's HTTP/1 client on smol.
 
 use futures::Stream;
+use futures::future::{Either, select};
 use futures_rustls::TlsConnector;
 use futures_rustls::pki_types::ServerName;
 use futures_rustls::rustls::{ClientConfig, RootCertStore};
-use http_body_util::{BodyStream, Full};
-use hyper::body::Bytes;
+use http_body_util::Full;
+use hyper::body::{Body as _, Bytes};
 use hyper::header::{
     ACCEPT, CACHE_CONTROL, CONTENT_TYPE, HOST, HeaderName, HeaderValue, LOCATION, RETRY_AFTER,
 };
 use hyper::{Method, Request};
 use smol_hyper::rt::FuturesIo;
-use std::pin::Pin;
+use std::future::Future;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -93,27 +95,86 @@ impl HttpConnector {
     }
 }
 
-/// A response body: its data chunks, and the task driving the connection
-/// (cancelled, closing the socket, when the body is dropped).
+/// A response body: its data chunks, and the connection they come from.
+///
+/// The body drives its connection itself: each poll polls hyper's
+/// connection future first (reading the socket into the body's channel),
+/// then the body. Socket reads, parsing and the consumer stay on the task
+/// that reads the body, so no chunk crosses threads and no executor thread
+/// is woken per chunk. Frames that are already in are joined into one chunk
+/// (up to 64 KiB): a server that writes one HTTP chunk per event still
+/// makes one chunk per read for the client loop, which flushes its output
+/// once per chunk. Dropping the body drops the connection, closing the
+/// socket.
 pub struct HttpBody {
-    chunks: Pin<Box<dyn Stream<Item = Result<Bytes, Failure>> + Send>>,
-    _connection: Option<smol::Task<()>>,
+    source: Source,
 }
 
 impl std::fmt::Debug for HttpBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let source = match &self.source {
+            Source::Bytes(_) => "bytes",
+            Source::Hyper { .. } => "connection",
+        };
         f.debug_struct("HttpBody")
-            .field("connection", &self._connection.is_some())
+            .field("source", &source)
             .finish_non_exhaustive()
     }
 }
+
+enum Source {
+    /// A body already read; `None` once taken.
+    Bytes(Option<Bytes>),
+    Hyper {
+        body: hyper::body::Incoming,
+        /// `None` once the connection is done.
+        connection: Option<Connection>,
+        /// The end (`None`) or error that came right after data already
+        /// returned, for the next poll.
+        end: Option<Option<Failure>>,
+    },
+}
+
+/// Frames that are already in (a server that writes one frame per event
+/// sends many in one TCP segment) are joined into one chunk up to this
+/// size, so that the client loop flushes its output once for all of them.
+const COALESCE_BYTES: usize = 64 * 1024;
+
+/// The next data frame of `body`, skipping trailers.
+fn poll_data(
+    body: &mut hyper::body::Incoming,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Bytes, Failure>>> {
+    loop {
+        return match Pin::new(&mut *body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => Poll::Ready(Some(Ok(data))),
+                Err(_) => continue,
+            },
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(network(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        };
+    }
+}
+
+/// Polls the connection, forgetting it once it is done.
+fn drive(connection: &mut Option<Connection>, cx: &mut Context<'_>) {
+    if let Some(running) = connection
+        && running.as_mut().poll(cx).is_ready()
+    {
+        *connection = None;
+    }
+}
+
+/// Hyper's connection future, over plain TCP or TLS.
+type Connection = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl HttpBody {
     /// A body of `bytes` already read: one chunk, then the end.
     pub fn from_bytes(bytes: Bytes) -> Self {
         HttpBody {
-            chunks: Box::pin(futures::stream::once(async move { Ok(bytes) })),
-            _connection: None,
+            source: Source::Bytes(Some(bytes)),
         }
     }
 }
@@ -122,7 +183,45 @@ impl Stream for HttpBody {
     type Item = Result<Bytes, Failure>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.chunks.as_mut().poll_next(cx)
+        let (body, connection, end) = match &mut self.source {
+            Source::Bytes(bytes) => return Poll::Ready(bytes.take().map(Ok)),
+            Source::Hyper {
+                body,
+                connection,
+                end,
+            } => (body, connection, end),
+        };
+        if let Some(end) = end.take() {
+            return Poll::Ready(end.map(Err));
+        }
+        drive(connection, cx);
+        let first = match poll_data(body, cx) {
+            Poll::Ready(Some(Ok(data))) => data,
+            other => return other,
+        };
+        let mut joined: Option<Vec<u8>> = None;
+        while joined.as_ref().map_or(first.len(), Vec::len) < COALESCE_BYTES {
+            drive(connection, cx);
+            match poll_data(body, cx) {
+                Poll::Ready(Some(Ok(data))) => joined
+                    .get_or_insert_with(|| {
+                        let mut joined = Vec::with_capacity(COALESCE_BYTES + data.len());
+                        joined.extend_from_slice(&first);
+                        joined
+                    })
+                    .extend_from_slice(&data),
+                Poll::Ready(Some(Err(failure))) => {
+                    *end = Some(Some(failure));
+                    break;
+                }
+                Poll::Ready(None) => {
+                    *end = Some(None);
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        Poll::Ready(Some(Ok(joined.map_or(first, Bytes::from))))
     }
 }
 
@@ -229,7 +328,7 @@ impl HttpConnector {
         let mut on_origin = true;
         let mut body_dropped = false;
         let mut redirects = 0;
-        let (response, task) = loop {
+        let (response, connection) = loop {
             // Once a redirect has left the original origin, the credentials
             // stay behind for the rest of the chain.
             on_origin &= url.origin() == origin;
@@ -240,14 +339,14 @@ impl HttpConnector {
             if body_dropped {
                 headers.retain(|(name, _)| !is_one_of(name, &BODY_HEADERS));
             }
-            let (response, task) = self.open(&url, &method, &headers, body.clone()).await?;
+            let (response, connection) = self.open(&url, &method, &headers, body.clone()).await?;
             let status = response.status().as_u16();
             let location = response
                 .headers()
                 .get(LOCATION)
                 .filter(|_| matches!(status, 301 | 302 | 303 | 307 | 308));
             let Some(location) = location else {
-                break (response, task);
+                break (response, connection);
             };
             redirects += 1;
             if redirects > self.max_redirects {
@@ -270,18 +369,15 @@ impl HttpConnector {
             url = next;
         };
         let (head, body) = response.into_parts();
-        let chunks = futures::StreamExt::filter_map(BodyStream::new(body), |frame| async move {
-            match frame {
-                Ok(frame) => frame.into_data().ok().map(Ok),
-                Err(e) => Some(Err(network(e))),
-            }
-        });
         Ok(HttpResponse {
             status: head.status.as_u16(),
             headers: head.headers,
             body: HttpBody {
-                chunks: Box::pin(chunks),
-                _connection: Some(task),
+                source: Source::Hyper {
+                    body,
+                    connection,
+                    end: None,
+                },
             },
         })
     }
@@ -293,7 +389,7 @@ impl HttpConnector {
         method: &Method,
         headers: &[&(String, String)],
         body: Bytes,
-    ) -> Result<(hyper::Response<hyper::body::Incoming>, smol::Task<()>), Failure> {
+    ) -> Result<(hyper::Response<hyper::body::Incoming>, Option<Connection>), Failure> {
         let tls = match url.scheme() {
             "http" => false,
             "https" => true,
@@ -415,23 +511,30 @@ fn tls_failure(host: &str, error: &std::io::Error) -> Failure {
     }
 }
 
-/// Sends `request` over `io` and waits for the response headers; the
-/// returned task drives the connection.
+/// Sends `request` over `io` and waits for the response headers, driving
+/// the connection meanwhile; the returned future (`None` if the connection
+/// is already done) drives it from then on.
 async fn exchange<IO>(
     io: IO,
     request: Request<Full<Bytes>>,
-) -> Result<(hyper::Response<hyper::body::Incoming>, smol::Task<()>), Failure>
+) -> Result<(hyper::Response<hyper::body::Incoming>, Option<Connection>), Failure>
 where
     IO: futures::AsyncRead + futures::AsyncWrite + Unpin + Send + 'static,
 {
     let (mut sender, connection) = hyper::client::conn::http1::handshake(FuturesIo::new(io))
         .await
         .map_err(network)?;
-    let task = smol::spawn(async move {
+    let mut connection: Connection = Box::pin(async move {
         let _ = connection.await;
     });
-    let response = sender.send_request(request).await.map_err(network)?;
-    Ok((response, task))
+    let sent = pin!(sender.send_request(request));
+    let (response, connection) = match select(sent, connection.as_mut()).await {
+        Either::Left((response, _)) => (response, Some(connection)),
+        // The connection is done (a short response, then close), or failed
+        // and the request fails with its error.
+        Either::Right(((), sent)) => (sent.await, None),
+    };
+    Ok((response.map_err(network)?, connection))
 }
 
 impl Connector for HttpConnector {

@@ -4,7 +4,7 @@
 //! (in the crate's private `client` module); this module adds what is `follow`'s own: the output format, the event
 //! budget, and following under a Redis lease as a holder or a standby.
 
-use crate::client::{self, Ended, Persistence, deliver, stop_signals};
+use crate::client::{self, Ended, Persistence, stop_signals, write_line};
 use crate::lease::TAKEOVER_SEQ_GAP;
 use crate::{
     FileStore, HttpConnector, Lease, LeaseLost, NativeStore, RedisConfig, RedisStore, SmolClock,
@@ -90,6 +90,21 @@ enum Refusal {
     Lease(LeaseLost),
     /// Writing it failed.
     Output(io::Error),
+}
+
+impl From<io::Error> for Refusal {
+    fn from(error: io::Error) -> Self {
+        Refusal::Output(error)
+    }
+}
+
+/// One output line of `follow` (keys in the order serde_json's maps print
+/// them, as before: `data`, `event`, `id`).
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    data: &'a str,
+    event: &'a str,
+    id: Option<&'a str>,
 }
 
 /// Follows the stream, writing each fresh event to `out` as one JSON object
@@ -208,10 +223,10 @@ impl Turn<'_> {
     /// committed in earlier turns: the turn starts from it when it is newer
     /// than the stored one (Redis lost the stored one, or never got it), and
     /// it is updated when the turn ends.
-    async fn run(
+    async fn run<W: Write>(
         &self,
         signals: &mut Signals,
-        out: &mut impl Write,
+        out: &mut W,
         written: &mut u64,
         committed: &mut Option<Cursor>,
     ) -> Result<Option<LeaseLost>, FollowError> {
@@ -271,22 +286,24 @@ impl Turn<'_> {
                 self.clock,
                 signals,
                 keeper.as_mut(),
-                async |event: Event| {
-                    if let Some(lease) = lease.filter(|l| !l.is_valid()) {
-                        // A renewal that found another token zeroes the
-                        // deadline.
-                        return Err(Refusal::Lease(if lease.valid_until() == Millis::ZERO {
-                            LeaseLost::Taken
-                        } else {
-                            LeaseLost::Lapsed(None)
-                        }));
-                    }
-                    let line = serde_json::json!({
-                        "id": event.id,
-                        "event": event.event,
-                        "data": event.data,
-                    });
-                    deliver(out, &line).map_err(Refusal::Output)?;
+                out,
+                || match lease.filter(|l| !l.is_valid()) {
+                    // A renewal that found another token zeroes the
+                    // deadline.
+                    Some(lease) => Err(Refusal::Lease(if lease.valid_until() == Millis::ZERO {
+                        LeaseLost::Taken
+                    } else {
+                        LeaseLost::Lapsed(None)
+                    })),
+                    None => Ok(()),
+                },
+                async |event: Event, group: &mut Vec<u8>| {
+                    let line = Line {
+                        data: &event.data,
+                        event: &event.event,
+                        id: event.id.as_deref(),
+                    };
+                    write_line(group, &line)?;
                     *written += 1;
                     Ok(max_events.filter(|max| *written >= *max).map(|_| ()))
                 },

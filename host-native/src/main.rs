@@ -182,6 +182,7 @@ fn main() -> ExitCode {
                 max_events,
                 redis: redis.into_options(),
             };
+            // The client loop writes a received chunk's lines in one write.
             let mut stdout = std::io::stdout().lock();
             follow::exit_code(&smol::block_on(follow::follow(options, &mut stdout)))
         }
@@ -203,6 +204,7 @@ fn main() -> ExitCode {
                 headers,
                 new,
             };
+            // The client loop writes a received chunk's lines in one write.
             let mut stdout = std::io::stdout().lock();
             mcp::exit_code(&smol::block_on(mcp::call(options, &mut stdout)))
         }

@@ -227,8 +227,13 @@ async fn static_file(root: &Path, path: &str) -> Option<Response<Body>> {
     Some(response)
 }
 
+/// How many bytes of events due at once go into one chunk.
+const BATCH_BYTES: usize = 64 * 1024;
+
 /// The body of one connection: the `retry:` hint, then events after `after`,
-/// keep-alives while idle, and the end after `drop_every` events.
+/// keep-alives while idle, and the end after `drop_every` events. With no
+/// interval, every event is due at once: they go out in chunks of up to
+/// [`BATCH_BYTES`].
 fn events(config: Arc<ServerConfig>, after: u64) -> impl Stream<Item = Bytes> + Send {
     struct State {
         config: Arc<ServerConfig>,
@@ -245,7 +250,11 @@ fn events(config: Arc<ServerConfig>, after: u64) -> impl Stream<Item = Bytes> + 
         waited: Duration::ZERO,
     };
     futures::stream::unfold(state, |mut s| async move {
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(if s.config.interval.is_zero() {
+            BATCH_BYTES + 64
+        } else {
+            64
+        });
         if !s.hinted {
             s.hinted = true;
             if let Some(ms) = s.config.retry_ms {
@@ -260,6 +269,20 @@ fn events(config: Arc<ServerConfig>, after: u64) -> impl Stream<Item = Bytes> + 
             // Everything is sent: stay open with keep-alives.
             async_io::Timer::after(s.config.keep_alive).await;
             encode_comment(&mut out, "keep-alive");
+            return Some((Bytes::from(out), s));
+        }
+        if s.config.interval.is_zero() {
+            // Every event is due now: send as many as fit in one chunk (one
+            // write), not one frame and one timer per event.
+            while out.len() < BATCH_BYTES
+                && s.config.count.is_none_or(|n| s.next <= n)
+                && s.config.drop_every.is_none_or(|k| s.sent < k)
+            {
+                let id = s.next.to_string();
+                encode_event(&mut out, None, Some(&id), &id).expect("numeric ids are valid");
+                s.next += 1;
+                s.sent += 1;
+            }
             return Some((Bytes::from(out), s));
         }
         // A gap longer than the keep-alive period is bridged with comments.

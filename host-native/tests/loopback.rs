@@ -160,3 +160,49 @@ fn long_gaps_between_events_carry_keep_alives() {
         assert_eq!(stream.stats().connects, 1);
     });
 }
+
+/// A server that writes one HTTP chunk per event, all in one write: the
+/// body hands them over as one chunk, so the client loop flushes once.
+#[test]
+fn frames_already_in_come_as_one_chunk() {
+    use futures::StreamExt;
+    use std::io::{Read, Write};
+    use tidemark_core::{ConnectRequest, Connector};
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut socket, _) = listener.accept().unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            socket.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        let mut response = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+            transfer-encoding: chunked\r\n\r\n"
+            .to_vec();
+        for id in 1..=3 {
+            let event = format!("id: {id}\ndata: {id}\n\n");
+            write!(response, "{:x}\r\n{event}\r\n", event.len()).unwrap();
+        }
+        socket.write_all(&response).unwrap();
+        // Hold the connection open until the client is done.
+        let _ = socket.read(&mut byte);
+    });
+    let chunk = smol::block_on(async {
+        let url = format!("http://{addr}/events");
+        let request = ConnectRequest {
+            url: &url,
+            headers: &[],
+            last_event_id: None,
+        };
+        let mut body = HttpConnector::default().connect(request).await.unwrap();
+        body.next().await.unwrap().unwrap()
+    });
+    assert_eq!(
+        &chunk[..],
+        b"id: 1\ndata: 1\n\nid: 2\ndata: 2\n\nid: 3\ndata: 3\n\n"
+    );
+    server.join().unwrap();
+}

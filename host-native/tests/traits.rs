@@ -93,5 +93,5 @@ fn debug_shows_the_state_and_no_password() {
     });
 
     let body = format!("{:?}", HttpBody::from_bytes("x".into()));
-    assert_eq!(body, "HttpBody { connection: false, .. }");
+    assert_eq!(body, "HttpBody { source: \"bytes\", .. }");
 }

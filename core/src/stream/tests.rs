@@ -221,6 +221,64 @@ fn delivers_events_and_commits_each_on_the_next_call() {
 }
 
 #[test]
+fn next_ready_takes_the_rest_of_a_chunk_without_committing() {
+    let (clock, conn, mut s) = setup(
+        vec![body(&[
+            Step::Bytes("id: 1\ndata: a\n\nid: 2\ndata: b\n\nid: 3\n\nid: 4\ndata: d\n\nid: 5\nda"),
+            Step::Bytes("ta: e\n\n"),
+            Step::Hang,
+        ])],
+        64,
+    );
+    assert!(s.next_ready().is_none(), "nothing before the first read");
+    let first = run(&clock, s.next_event()).unwrap();
+    assert_eq!(first.id.as_deref(), Some("1"));
+    let second = s.next_ready().expect("parsed from the same chunk");
+    assert_eq!(second.id.as_deref(), Some("2"));
+    // Past the id-only event 3: its cursor waits for the group's commit.
+    let fourth = s.next_ready().expect("parsed from the same chunk");
+    assert_eq!(fourth.id.as_deref(), Some("4"));
+    assert!(s.next_ready().is_none(), "event 5 needs a read");
+    assert_eq!(
+        s.tracker().seq(),
+        0,
+        "nothing committed before the next call"
+    );
+    assert!(s.tracker().has_uncommitted());
+    assert_eq!(s.stats().delivered, 3);
+    // The next call commits the whole group at once, then reads on.
+    let fifth = run(&clock, s.next_event()).unwrap();
+    assert_eq!(fifth.id.as_deref(), Some("5"));
+    assert_eq!(s.tracker().seq(), 1, "one commit for the whole group");
+    s.commit();
+    assert_eq!(s.last_event_id(), Some("5"));
+    assert_eq!(conn.last_event_ids(), [None]);
+}
+
+#[test]
+fn next_ready_is_none_unless_open_and_keeps_the_state() {
+    let (clock, _, mut s) = setup(
+        vec![
+            Answer::Refuse(Failure::Network("refused".into())),
+            body(&[Step::Bytes("id: 1\ndata: a\n\n"), Step::Hang]),
+        ],
+        64,
+    );
+    let item = run(&clock, s.next()).unwrap();
+    assert!(matches!(item, StreamItem::Reconnecting { .. }));
+    assert!(s.next_ready().is_none(), "waiting to reconnect");
+    assert!(!s.is_connected());
+    let item = run(&clock, s.next()).unwrap();
+    assert!(matches!(item, StreamItem::Open { .. }));
+    assert!(s.next_ready().is_none(), "open, nothing read yet");
+    assert!(s.is_connected(), "still open");
+    assert_eq!(take(&clock, &mut s, 1), ["1"]);
+    s.close();
+    assert!(s.next_ready().is_none());
+    assert_eq!(run(&clock, s.next()), Err(StreamError::Closed));
+}
+
+#[test]
 fn a_drop_mid_event_resumes_from_the_last_complete_event() {
     let (clock, conn, mut s) = setup(
         vec![

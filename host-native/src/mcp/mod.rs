@@ -54,7 +54,7 @@ mod session;
 
 pub use session::{PROTOCOL_VERSION, RESUMABLE_VERSIONS};
 
-use crate::client::{self, Ended, Persistence, deliver, stop_signals};
+use crate::client::{self, Ended, Persistence, stop_signals, write_line};
 use crate::{HttpConnector, NativeStore};
 use connector::CallConnector;
 use hyper::body::Bytes;
@@ -179,10 +179,10 @@ pub async fn call(options: McpOptions, out: &mut impl Write) -> Result<Value, Mc
     outcome
 }
 
-async fn run(
+async fn run<W: Write>(
     options: &McpOptions,
     persistence: &Persistence,
-    out: &mut impl Write,
+    out: &mut W,
 ) -> Result<Value, McpError> {
     let http = HttpConnector::default();
     let path = record_path(&options.state, &options.url, &options.name);
@@ -245,7 +245,9 @@ async fn run(
         clock,
         &mut signals,
         None,
-        async |event: Event| {
+        out,
+        || Ok(()),
+        async |event: Event, group: &mut Vec<u8>| {
             // A priming event: an id for the cursor, no message.
             if event.data.is_empty() {
                 return Ok(None);
@@ -262,7 +264,11 @@ async fn run(
             };
             // Not delivered if this fails: the cursor stays before it, and a
             // rerun prints it.
-            deliver(out, &json!({ "id": event.id, "message": message }))?;
+            let line = Line {
+                id: event.id.as_deref(),
+                message: &message,
+            };
+            write_line(group, &line)?;
             let mut result = None;
             for message in session::messages_of(&message) {
                 if session::is_request(message) {
@@ -296,6 +302,13 @@ async fn run(
     remove_record(&path).map_err(McpError::Store)?;
     forget(&http, registry, &record, &options.headers).await;
     Ok(result)
+}
+
+/// One output line: the event's id and its message.
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    id: Option<&'a str>,
+    message: &'a Value,
 }
 
 /// The HTTP status a stream gave up on, if that is why it stopped.
