@@ -5,8 +5,11 @@
 // 2. sustained events/s with persistence in IndexedDB against a naive
 //    baseline that writes each event id with idb-keyval; and IndexedDB
 //    transactions per second at two event rates.
+// 3. a live stream: ResumableEventSource against the browser's own
+//    EventSource on the same `/events` of `tidemark serve --interval-ms 0`,
+//    events/s to the page's `message` listener.
 // Results land in `globalThis.benchResults` and on the page.
-import { openTracker, initialize } from 'tidemark';
+import { openTracker, initialize, ResumableEventSource } from 'tidemark';
 import { set as idbSet, createStore } from 'idb-keyval';
 
 const WINDOW = 1024;
@@ -209,7 +212,87 @@ async function persistenceBench() {
   };
 }
 
-async function run() {
+/**
+ * Opens a stream with `open()`, counts its `message` events until the
+ * `n`th, closes it and returns the events/s from just before `open()` to the
+ * `n`th event (connecting included). Both contenders get the same listener.
+ * Fails if the `n`th event has not arrived after `limitMs`, e.g. when the
+ * server serves fewer than `n` events or not at `--interval-ms 0`.
+ */
+function streamRun(open, n, limitMs = 120_000) {
+  return new Promise((resolve, reject) => {
+    let count = 0;
+    const t0 = performance.now();
+    const source = open();
+    const timer = setTimeout(() => {
+      source.close();
+      reject(new Error(`${count} of ${n} events in ${limitMs} ms`));
+    }, limitMs);
+    source.onmessage = (event) => {
+      if (++count !== n) return;
+      const seconds = (performance.now() - t0) / 1000;
+      clearTimeout(timer);
+      // EventSource reconnects by itself when the server ends the stream:
+      // close at once. ResumableEventSource's close() resolves once its
+      // cursor is written (in memory here), outside the timed part.
+      const closed = source.close();
+      const lastEventId = event.lastEventId;
+      Promise.resolve(closed).then(() => {
+        if (lastEventId !== String(n)) return reject(new Error(`event ${n} had id ${lastEventId}`));
+        const stats = source instanceof ResumableEventSource ? source.stats() : undefined;
+        resolve({
+          events: n,
+          seconds,
+          eventsPerSecond: n / seconds,
+          ...(stats && { duplicates: stats.duplicates, reconnects: stats.reconnects }),
+        });
+      }, reject);
+    };
+  });
+}
+
+/**
+ * ResumableEventSource (in-memory store, a fresh streamKey per run, so each
+ * run reads from event 1) against the browser's EventSource on the same
+ * `url`, alternating, `rounds` runs of `n` events each after one shorter
+ * untimed warm-up run of each. The stream must serve at least `n` events
+ * as fast as it can: `tidemark serve --interval-ms 0 --count N` with N ≥ n.
+ */
+async function liveStreamBench({ url = '/events', n = 200_000, rounds = 5, warmup = 20_000 } = {}) {
+  let key = 0;
+  const contenders = {
+    tidemark: () =>
+      new ResumableEventSource(url, { store: 'memory', streamKey: `bench-live-${Date.now()}-${key++}` }),
+    eventSource: () => new EventSource(url),
+  };
+  const runs = { tidemark: [], eventSource: [] };
+  for (let r = -1; r < rounds; r++) {
+    for (const [name, open] of Object.entries(contenders)) {
+      const result = await streamRun(open, r < 0 ? warmup : n);
+      if (r >= 0) runs[name].push(result);
+      await new Promise((resolve) => setTimeout(resolve, 200));
+    }
+  }
+  const medians = {
+    tidemark: median(runs.tidemark.map((x) => x.eventsPerSecond)),
+    eventSource: median(runs.eventSource.map((x) => x.eventsPerSecond)),
+  };
+  return {
+    url,
+    events: n,
+    rounds,
+    warmupEvents: warmup,
+    runs,
+    medians,
+    ratio: medians.tidemark / medians.eventSource,
+  };
+}
+
+/**
+ * Runs every benchmark. `options.liveStream` goes to liveStreamBench
+ * (`{ url, n, rounds, warmup }`), or `false` to leave it out.
+ */
+async function run(options = {}) {
   const out = document.getElementById('out');
   out.textContent = 'running...';
   await initialize();
@@ -219,11 +302,13 @@ async function run() {
     observeUuid: await observeBench('uuid'),
     persistence: await persistenceBench(),
   };
+  if (options.liveStream !== false) results.liveStream = await liveStreamBench(options.liveStream);
   out.textContent = JSON.stringify(results, null, 2);
   globalThis.benchResults = results;
   return results;
 }
 
-document.getElementById('run').onclick = run;
+document.getElementById('run').onclick = () => run();
 globalThis.runBench = run;
+globalThis.runLiveStreamBench = liveStreamBench;
 if (new URLSearchParams(location.search).has('auto')) run();
