@@ -3,10 +3,13 @@
 //! original origin, never a downgrade from https to http, methods changed as
 //! `fetch` changes them, and a bounded chain.
 
+mod support {
+    pub mod tls;
+}
+
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use futures_rustls::TlsAcceptor;
-use futures_rustls::pki_types::PrivatePkcs8KeyDer;
-use futures_rustls::rustls::{RootCertStore, ServerConfig};
+use futures_rustls::rustls::RootCertStore;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -160,19 +163,10 @@ async fn exchange(
 /// A TLS acceptor with a fresh certificate for 127.0.0.1, and roots that
 /// trust it.
 fn tls_fixture() -> (TlsAcceptor, RootCertStore) {
-    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
-    let cert = certified.cert.der().clone();
-    let key = PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der());
-    let provider = Arc::new(futures_rustls::rustls::crypto::ring::default_provider());
-    let config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.clone()], key.into())
-        .unwrap();
+    let (acceptor, cert) = support::tls::self_signed("127.0.0.1");
     let mut roots = RootCertStore::empty();
     roots.add(cert).unwrap();
-    (TlsAcceptor::from(Arc::new(config)), roots)
+    (acceptor, roots)
 }
 
 fn connector(roots: RootCertStore) -> HttpConnector {

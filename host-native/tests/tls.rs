@@ -1,11 +1,13 @@
 //! https on loopback with a certificate generated for the test: trusted, it
 //! streams; untrusted, the stream stops with a clear, permanent error.
 
+mod support {
+    pub mod tls;
+}
+
 use futures::{AsyncReadExt, AsyncWriteExt};
-use futures_rustls::TlsAcceptor;
-use futures_rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
-use futures_rustls::rustls::{RootCertStore, ServerConfig};
-use std::sync::Arc;
+use futures_rustls::pki_types::CertificateDer;
+use futures_rustls::rustls::RootCertStore;
 use std::time::Duration;
 use tidemark::{HttpConnector, SmolClock};
 use tidemark_core::{
@@ -14,17 +16,7 @@ use tidemark_core::{
 
 /// An https server for `localhost` sending one event per connection.
 async fn tls_server() -> (u16, CertificateDer<'static>) {
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let cert = certified.cert.der().clone();
-    let key = PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der());
-    let provider = Arc::new(futures_rustls::rustls::crypto::ring::default_provider());
-    let config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.clone()], key.into())
-        .unwrap();
-    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let (acceptor, cert) = support::tls::self_signed("localhost");
     let listener = smol::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     smol::spawn(async move {
