@@ -159,16 +159,6 @@ pub enum StreamItem {
     },
 }
 
-impl StreamItem {
-    /// The event, if this item is one.
-    pub fn into_event(self) -> Option<Event> {
-        match self {
-            StreamItem::Event(event) => Some(event),
-            _ => None,
-        }
-    }
-}
-
 /// Counters of one resumable stream.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StreamStats {

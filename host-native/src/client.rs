@@ -127,9 +127,9 @@ pub(crate) enum Ended<T, E> {
 /// group is written in microseconds), then the events of one received chunk
 /// go to the handler one after the other (the core's `next_ready`), then
 /// the group is written to `out` in one write and flushed, and only then,
-/// at the next read, does the cursor move past all of them. Every group the handler accepted and that was
-/// flushed is committed before this returns. A group `admit` refused is
-/// not delivered at all. When the handler refuses an event (its output
+/// at the next read, does the cursor move past all of them. Every group the
+/// handler accepted and that was flushed is committed before this returns.
+/// A group `admit` refused is not delivered at all. When the handler refuses an event (its output
 /// failed), or the flush fails, nothing of that group is committed: lines
 /// written before it may be printed again later (at least once), never
 /// skipped. Lifecycle changes are reported on stderr.
