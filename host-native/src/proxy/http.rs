@@ -185,8 +185,19 @@ async fn open(
         stream.changed.notify(usize::MAX);
         hub.discard_if_empty(stream);
     };
-    let response = match answer {
-        Ok(response) if response.status == 200 && is_event_stream(&response) => response,
+    let stored = stream.state().stored;
+    let body = match answer {
+        Ok(response) if response.status == 200 && is_event_stream(&response) => {
+            *stream.headers.lock().unwrap_or_else(|p| p.into_inner()) =
+                stream_headers(&response.headers);
+            Some(response.body)
+        }
+        // A stream that was logged before, whose upstream is down or busy
+        // (a restart, a deploy): its clients are served from the log while
+        // the follower retries with backoff. A plain EventSource would
+        // stop for good on a 502.
+        Ok(response) if stored && (response.status >= 500 || response.status == 429) => None,
+        Err(_) if stored => None,
         Ok(response) => {
             not_a_stream(hub, &stream);
             return pass_through(response);
@@ -196,7 +207,6 @@ async fn open(
             return status(StatusCode::BAD_GATEWAY, &e.to_string());
         }
     };
-    *stream.headers.lock().unwrap_or_else(|p| p.into_inner()) = stream_headers(&response.headers);
     let first = {
         let mut state = stream.state();
         state.upstream = Upstream::Live;
@@ -213,7 +223,7 @@ async fn open(
         stream.clone(),
         url,
         headers,
-        response.body,
+        body,
     ))
     .detach();
     let start = start_of(&stream, last_event_id.as_deref());

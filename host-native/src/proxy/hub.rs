@@ -58,6 +58,8 @@ pub(super) struct LoggedStream {
     /// Notified when clients may have something new: an event became
     /// durable, the stream ended, the upstream side changed.
     pub changed: Event,
+    /// Notified when the follower must stop (`stop` was set).
+    pub stopping: Event,
 }
 
 impl LoggedStream {
@@ -176,6 +178,7 @@ impl Hub {
                         stored: true,
                     }),
                     changed: Event::new(),
+                    stopping: Event::new(),
                 }),
             );
         }
@@ -259,6 +262,7 @@ impl Hub {
                 stored: kind == StreamKind::Post,
             }),
             changed: Event::new(),
+            stopping: Event::new(),
         });
         streams.by_token.insert(token, stream.clone());
         Ok(stream)
@@ -361,7 +365,7 @@ impl Hub {
                     {
                         state.stop = true;
                         drop(state);
-                        stream.changed.notify(usize::MAX);
+                        stream.stopping.notify(usize::MAX);
                     }
                     Upstream::Idle if state.log.is_expired(now) => {
                         drop(state);
@@ -382,7 +386,7 @@ impl Hub {
         let all: Vec<Arc<LoggedStream>> = self.lock().by_token.values().cloned().collect();
         for stream in all {
             stream.state().stop = true;
-            stream.changed.notify(usize::MAX);
+            stream.stopping.notify(usize::MAX);
         }
     }
 

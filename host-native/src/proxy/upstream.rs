@@ -81,14 +81,15 @@ fn append(hub: &Hub, stream: &LoggedStream, events: &[Event]) {
     }
 }
 
-/// Follows a GET stream whose first answer is `body`, with the request
-/// `headers`, until the linger is over or the upstream gives up.
+/// Follows a GET stream whose first answer is `body` (`None`: connect
+/// first), with the request `headers`, until the linger is over or the
+/// upstream gives up.
 pub(super) async fn follow_get(
     hub: Arc<Hub>,
     stream: Arc<LoggedStream>,
     url: String,
     headers: Vec<(String, String)>,
-    body: HttpBody,
+    body: Option<HttpBody>,
 ) {
     let mut tracker = EventTracker::new(
         StreamKey::new("proxy", stream.meta.token.to_string()),
@@ -103,7 +104,7 @@ pub(super) async fn follow_get(
         ..StreamConfig::default()
     };
     let connector = Primed {
-        first: Mutex::new(Some(body)),
+        first: Mutex::new(body),
         inner: hub.get_connector.clone(),
     };
     let mut upstream = ResumableStream::new(connector, hub.clock, url, tracker, config);
@@ -114,7 +115,7 @@ pub(super) async fn follow_get(
             state
                 .stop
                 .then_some(())
-                .ok_or_else(|| stream.changed.listen())
+                .ok_or_else(|| stream.stopping.listen())
         };
         let listener = match stopped {
             Ok(()) => break None,
