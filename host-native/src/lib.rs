@@ -21,6 +21,8 @@
 //! - [`follow`]: `tidemark follow`, one resumable stream printed as JSON lines.
 //! - [`mcp`]: `tidemark mcp`, one MCP tool call over Streamable HTTP that
 //!   resumes across dropped streams and restarts.
+//! - [`metrics`]: Prometheus metrics of the proxy and of `follow`, and a
+//!   small server for `GET /metrics`.
 //! - [`demo`]: `tidemark demo`, a chaotic server and a follower with a live
 //!   display and a lost/duplicated verdict.
 //!
@@ -37,6 +39,7 @@ mod file_store;
 pub mod follow;
 mod lease;
 pub mod mcp;
+pub mod metrics;
 mod native_store;
 pub mod proxy;
 mod redis_store;
