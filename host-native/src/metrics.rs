@@ -24,7 +24,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use smol_hyper::rt::FuturesIo;
+use smol_hyper::rt::{FuturesIo, SmolTimer};
 use std::convert::Infallible;
 use std::fmt::{self, Write as _};
 use std::future::Future;
@@ -503,6 +503,11 @@ impl FollowMetrics {
 /// At most this many scrape connections at once; more are closed at once.
 const MAX_CONNECTIONS: usize = 64;
 
+/// A connection that sends no whole request head for this long (idle
+/// between scrapes, or slow on purpose) is closed, so idle connections
+/// cannot hold every slot.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves `GET /metrics` on `listener` until `shutdown` completes: each
 /// scrape calls `render` with the format the scraper asked for (see
 /// [`Format::from_accept`]) and answers its text. Every other path is `404`,
@@ -541,6 +546,8 @@ pub async fn serve_metrics(
             let service = service_fn(move |request| std::future::ready(respond(&request, render)));
             connections.push(async move {
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(SmolTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
                     .serve_connection(FuturesIo::new(stream), service)
                     .await;
             });
@@ -746,10 +753,12 @@ mod tests {
             let listener = smol::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let (stop, stopped) = async_channel::bounded::<()>(1);
-            let render = |format| metrics.render(format);
-            let server = serve_metrics(listener, render, async move {
+            // Spawned, as the proxy does: the server is Send with a Sync render.
+            let handle = metrics.clone();
+            let render = move |format| handle.render(format);
+            let server = smol::spawn(serve_metrics(listener, render, async move {
                 let _ = stopped.recv().await;
-            });
+            }));
             let client = async {
                 let ok = get(addr, "GET /metrics HTTP/1.0\r\n\r\n").await;
                 assert!(ok.starts_with("HTTP/1.0 200"), "{ok}");
