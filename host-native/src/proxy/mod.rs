@@ -286,7 +286,7 @@ pub async fn proxy_until_signal(config: ProxyConfig, options: ProxyOptions) -> i
         // Each client is a socket; the upstream connections and the log
         // need a few more.
         Ok((soft, _)) if soft < clients as u64 + 64 => eprintln!(
-            "tidemark: the open-files limit is {soft}, below --max-clients {clients}: clients beyond it are refused when accepted"
+            "tidemark: the open-files limit is {soft}, below --max-clients {clients}: no more than about {soft} connections can be open at once"
         ),
         Ok(_) => {}
         Err(e) => eprintln!("tidemark: cannot raise the open-files limit: {e}"),
