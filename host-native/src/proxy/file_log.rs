@@ -61,14 +61,16 @@
 //! # Bounded disk: compaction
 //!
 //! The log knows, per segment, how many bytes of it are still *live*: the
-//! newest copy of each open stream's `Open`, `End` and retained events.
+//! newest copy of each open stream's `Open`, `End` and retained events, and
+//! its last `Trim` while every one of its events is trimmed (it alone then
+//! says where the stream stands).
 //! `Trim` and `Drop` ops make records dead. A segment with nothing live is
 //! deleted, unless it holds the `Trim` or `Drop` that keeps dead records in
 //! an older segment from coming back on recovery; that older segment goes
 //! first. When the segments hold more than twice the live bytes plus one
 //! segment, the oldest segment is compacted after a write: its live records
 //! are written again at the end of the log (per stream: the `Open`, the
-//! events oldest first, the `End`), made durable, and only then is the old
+//! `Trim`, the events oldest first, the `End`), made durable, and only then is the old
 //! segment deleted (and the directory fsynced, before anything that relies
 //! on the deletion). A crash between the two leaves both copies, which
 //! recovery reads as one.
@@ -146,7 +148,7 @@ struct Segment {
 }
 
 /// Where one record is stored: its segment and its framed length.
-#[derive(Copy, Clone, Debug)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
 struct Loc {
     seg: u64,
     len: u64,
@@ -170,12 +172,21 @@ struct Stream {
     /// The lowest sequence number an `Append` may still store.
     next_seq: u64,
     end: Option<Loc>,
-    /// The segment of the `Trim` record that set `floor`, if it is on disk.
-    trim_seg: Option<u64>,
+    /// The `Trim` record that set `floor`, if it is on disk.
+    trim: Option<Loc>,
     /// Segments holding any copy of an `Append` of this stream, live or not.
     append_segs: BTreeSet<u64>,
     /// Segments holding any record of this stream.
     segs: BTreeSet<u64>,
+}
+
+impl Stream {
+    /// The `Trim` record, when it is live: every event was trimmed, so it
+    /// alone keeps the stream's place (no `Append` below `floor` may be
+    /// stored after a reopen).
+    fn live_trim(&self) -> Option<Loc> {
+        self.trim.filter(|_| self.records.is_empty())
+    }
 }
 
 /// A dropped stream whose records may still be on disk.
@@ -306,20 +317,21 @@ impl FileLog {
                 records: records.iter().map(|s| s.record.clone()).collect(),
                 ended: entry.end.is_some(),
             });
-            log.streams.insert(
-                token,
-                Stream {
-                    meta,
-                    open,
-                    records,
-                    floor: entry.floor,
-                    next_seq,
-                    end: entry.end,
-                    trim_seg: entry.trim_seg,
-                    append_segs: entry.append_segs,
-                    segs: entry.segs,
-                },
-            );
+            let stream = Stream {
+                meta,
+                open,
+                records,
+                floor: entry.floor,
+                next_seq,
+                end: entry.end,
+                trim: entry.trim,
+                append_segs: entry.append_segs,
+                segs: entry.segs,
+            };
+            if let Some(trim) = stream.live_trim() {
+                log.live(trim, true);
+            }
+            log.streams.insert(token, stream);
         }
         log.recovered
             .sort_by_key(|s| (s.meta.created, s.meta.token));
@@ -423,7 +435,7 @@ impl FileLog {
                         floor: 0,
                         next_seq: 1,
                         end: None,
-                        trim_seg: None,
+                        trim: None,
                         append_segs: BTreeSet::new(),
                         segs: BTreeSet::from([loc.seg]),
                     },
@@ -432,6 +444,7 @@ impl FileLog {
             LogOp::Append { token, record } => {
                 self.live(loc, true);
                 let stream = self.streams.get_mut(token).expect("accepted: open");
+                let trim = stream.live_trim();
                 stream.next_seq = record.seq + 1;
                 stream.records.push_back(Stored {
                     record: record.clone(),
@@ -439,14 +452,17 @@ impl FileLog {
                 });
                 stream.append_segs.insert(loc.seg);
                 stream.segs.insert(loc.seg);
+                if let Some(trim) = trim {
+                    self.live(trim, false);
+                }
             }
             LogOp::Trim { token, first_seq } => {
                 let stream = self.streams.get_mut(token).expect("accepted: open");
+                let mut dead: Vec<Loc> = stream.live_trim().into_iter().collect();
                 stream.floor = *first_seq;
                 stream.next_seq = stream.next_seq.max(*first_seq);
-                let previous = stream.trim_seg.replace(loc.seg);
+                let previous = stream.trim.replace(loc);
                 stream.segs.insert(loc.seg);
-                let mut dead = Vec::new();
                 while stream
                     .records
                     .front()
@@ -454,10 +470,14 @@ impl FileLog {
                 {
                     dead.push(stream.records.pop_front().expect("front").loc);
                 }
+                let trim = stream.live_trim();
                 for loc in dead {
                     self.live(loc, false);
                 }
-                if previous.is_some_and(|p| p != loc.seg) {
+                if let Some(trim) = trim {
+                    self.live(trim, true);
+                }
+                if previous.is_some_and(|p| p.seg != loc.seg) {
                     self.collect_due = true;
                 }
             }
@@ -475,6 +495,9 @@ impl FileLog {
                 }
                 if let Some(end) = stream.end {
                     self.live(end, false);
+                }
+                if let Some(trim) = stream.live_trim() {
+                    self.live(trim, false);
                 }
                 let grave = self.graves.entry(*token).or_insert_with(|| Grave {
                     drop_seg: loc.seg,
@@ -592,10 +615,10 @@ impl FileLog {
     fn pinned(&self) -> BTreeSet<u64> {
         let mut pinned = BTreeSet::new();
         for stream in self.streams.values() {
-            if let Some(trim) = stream.trim_seg
-                && stream.append_segs.first().is_some_and(|&s| s < trim)
+            if let Some(trim) = stream.trim
+                && stream.append_segs.first().is_some_and(|&s| s < trim.seg)
             {
-                pinned.insert(trim);
+                pinned.insert(trim.seg);
             }
         }
         for grave in self.graves.values() {
@@ -636,8 +659,8 @@ impl FileLog {
         for stream in self.streams.values_mut() {
             stream.append_segs.remove(&id);
             stream.segs.remove(&id);
-            if stream.trim_seg == Some(id) {
-                stream.trim_seg = None;
+            if stream.trim.is_some_and(|t| t.seg == id) {
+                stream.trim = None;
             }
         }
         self.graves.retain(|_, grave| {
@@ -661,6 +684,14 @@ impl FileLog {
                 let len = encode_open(&mut buf, &stream.meta)?;
                 moves.push((*token, Move::Open, len));
             }
+            if stream.live_trim().is_some_and(|trim| trim.seg == oldest) {
+                let trim = LogOp::Trim {
+                    token: *token,
+                    first_seq: stream.floor,
+                };
+                let len = encode_op(&mut buf, &trim)?;
+                moves.push((*token, Move::Trim, len));
+            }
             for (i, stored) in stream.records.iter().enumerate() {
                 if stored.loc.seg == oldest {
                     let len = encode_append(&mut buf, *token, &stored.record)?;
@@ -680,6 +711,7 @@ impl FileLog {
                 stream.segs.insert(seg);
                 let old = match what {
                     Move::Open => std::mem::replace(&mut stream.open, new),
+                    Move::Trim => stream.trim.replace(new).expect("trimmed"),
                     Move::Record(i) => {
                         stream.append_segs.insert(seg);
                         std::mem::replace(&mut stream.records[i].loc, new)
@@ -706,6 +738,7 @@ impl FileLog {
 #[derive(Copy, Clone, Debug)]
 enum Move {
     Open,
+    Trim,
     Record(usize),
     End,
 }
@@ -1116,7 +1149,7 @@ struct Entry {
     /// The newest copy of each event.
     records: BTreeMap<u64, Stored>,
     floor: u64,
-    trim_seg: Option<u64>,
+    trim: Option<Loc>,
     end: Option<Loc>,
     append_segs: BTreeSet<u64>,
     segs: BTreeSet<u64>,
@@ -1246,7 +1279,7 @@ impl Replay {
             LogOp::Trim { first_seq, .. } => {
                 if first_seq >= entry.floor {
                     entry.floor = first_seq;
-                    entry.trim_seg = Some(loc.seg);
+                    entry.trim = Some(loc);
                 }
             }
             LogOp::End { .. } => entry.end = Some(loc),
