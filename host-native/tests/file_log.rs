@@ -22,7 +22,7 @@ fn token(n: u8) -> StreamToken {
 fn meta(n: u8) -> StreamMeta {
     StreamMeta {
         token: token(n),
-        kind: if n % 2 == 0 {
+        kind: if n.is_multiple_of(2) {
             StreamKind::Get
         } else {
             StreamKind::Post
@@ -40,7 +40,9 @@ fn record(n: u8, seq: u64, data_len: usize) -> LogRecord {
     LogRecord {
         seq,
         time: Millis(1_700_000_100_000 + seq),
-        upstream_id: (seq % 2 == 0).then(|| Arc::from(format!("upstream-{seq}"))),
+        upstream_id: seq
+            .is_multiple_of(2)
+            .then(|| Arc::from(format!("upstream-{seq}"))),
         frame: frame.into(),
     }
 }

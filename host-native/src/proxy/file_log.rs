@@ -1,87 +1,6 @@
 //! [`FileLog`]: the proxy's replay logs on disk, crash-safe (`tidemark proxy
-//! --log DIR`).
-//!
-//! # The directory
-//!
-//! - `lock`: held with an exclusive lock while a [`FileLog`] is open, so a
-//!   second proxy on the same directory fails at start instead of writing
-//!   over the first one's log. The operating system drops the lock when the
-//!   process dies, `kill -9` included.
-//! - `identity.key`: the key of the proxy's identity hashes
-//!   ([`LogStorage::identity_key`]), written once, crash-safely (temporary
-//!   file, fsync, rename, directory fsync): a magic line, the 32 key bytes,
-//!   a CRC-32 of both.
-//! - `segment-NNNNNNNNNNNNNNNNNNNN.log` (20 decimal digits, counting up from
-//!   1): the log itself, append-only. Only the last segment is written; it is
-//!   closed and a new one started once it would pass the segment size.
-//!
-//! # Segments
-//!
-//! A segment is a 16-byte header (`tidemark log` and the format version as
-//! a little-endian `u32`, now 1) and then records, each framed as
-//!
-//! ```text
-//! len: u32 LE | crc: u32 LE (CRC-32 of the len bytes and the payload) | payload: len bytes
-//! ```
-//!
-//! and each payload one [`LogOp`], a tag byte and its fields (integers
-//! little-endian, strings and byte strings as a `u32` length and the bytes):
-//!
-//! | tag | op | fields |
-//! |---|---|---|
-//! | 1 | `Open` | token (16 bytes), kind (1 GET, 2 POST), identity (16 bytes), created (`u64` ms), target (string) |
-//! | 2 | `Append` | token, seq (`u64`), time (`u64` ms), upstream id (0, or 1 and a string), frame (byte string) |
-//! | 3 | `Trim` | token, first seq (`u64`) |
-//! | 4 | `End` | token |
-//! | 5 | `Drop` | token |
-//!
-//! [`FileLog::write`](LogStorage::write) encodes a whole batch, appends it
-//! with one write and makes it durable with one `fdatasync` (a group
-//! commit). Ops that would change nothing (an `Open` of an open stream, an
-//! `Append` of a sequence number already stored, a `Trim` that does not
-//! move the stream's first event, an `End` of an ended stream, anything for
-//! a stream that is not open) are not written, so a batch retried after an
-//! error, or written twice, stores each change once.
-//!
-//! # Recovery
-//!
-//! [`FileLog::open`] reads every segment in order. The first record of the
-//! last segment that is torn (shorter than its frame says, as after a
-//! `kill -9` or power loss mid-write) or corrupt (its checksum or payload
-//! does not hold) ends the log: the file is cut there and new records go
-//! after the last whole one. A corrupt record in an earlier segment costs
-//! that segment's remainder only; it is reported on stderr and the segments
-//! after it are read. Replay is per stream and does not depend on the order
-//! of a stream's records across segments: `Open` creates a stream (once:
-//! a repeated `Open` keeps its records), `Append` adds an event (a repeated
-//! sequence number is kept once), `Trim` forgets older events, `End` marks
-//! the stream ended, `Drop` forgets it. [`FileLog::recover`]
-//! hands back what that leaves.
-//!
-//! # Bounded disk: compaction
-//!
-//! The log knows, per segment, how many bytes of it are still *live*: the
-//! newest copy of each open stream's `Open`, `End` and retained events, and
-//! its last `Trim` while every one of its events is trimmed (it alone then
-//! says where the stream stands).
-//! `Trim` and `Drop` ops make records dead. A segment with nothing live is
-//! deleted, unless it holds the `Trim` or `Drop` that keeps dead records in
-//! an older segment from coming back on recovery; that older segment goes
-//! first. When the segments hold more than twice the live bytes plus one
-//! segment, the oldest segment is compacted after a write: its live records
-//! are written again at the end of the log (per stream: the `Open`, the
-//! `Trim`, the events oldest first, the `End`), made durable, and only then is the old
-//! segment deleted (and the directory fsynced, before anything that relies
-//! on the deletion). A crash between the two leaves both copies, which
-//! recovery reads as one.
-//!
-//! # Errors
-//!
-//! A failed write or fsync (a full disk, an I/O error) returns `Err` and
-//! leaves the segment cut back to its last whole batch (or marks it to be cut
-//! before the next write), so a retry appends cleanly. Compaction never fails
-//! a write: the batch is durable by then; a compaction error is reported on
-//! stderr and tried again after the next new segment.
+//! --log DIR`). Its documentation describes the directory, the format,
+//! recovery and compaction.
 
 use super::storage::{LogOp, LogStorage, StoredStream, StreamKind, StreamMeta};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -111,8 +30,90 @@ const TAG_END: u8 = 4;
 const TAG_DROP: u8 = 5;
 
 /// The proxy's replay logs in a directory, crash-safe: append-only
-/// checksummed segments, group commits, compaction. See the
-/// [module docs](self).
+/// checksummed segments, group commits, compaction.
+///
+/// # The directory
+///
+/// - `lock`: held with an exclusive lock while a [`FileLog`] is open, so a
+///   second proxy on the same directory fails at start instead of writing
+///   over the first one's log. The operating system drops the lock when the
+///   process dies, `kill -9` included.
+/// - `identity.key`: the key of the proxy's identity hashes
+///   ([`LogStorage::identity_key`]), written once, crash-safely (temporary
+///   file, fsync, rename, directory fsync): a magic line, the 32 key bytes,
+///   a CRC-32 of both.
+/// - `segment-NNNNNNNNNNNNNNNNNNNN.log` (20 decimal digits, counting up from
+///   1): the log itself, append-only. Only the last segment is written; it is
+///   closed and a new one started once it would pass the segment size.
+///
+/// # Segments
+///
+/// A segment is a 16-byte header (`tidemark log` and the format version as
+/// a little-endian `u32`, now 1) and then records, each framed as
+///
+/// ```text
+/// len: u32 LE | crc: u32 LE (CRC-32 of the len bytes and the payload) | payload: len bytes
+/// ```
+///
+/// and each payload one [`LogOp`], a tag byte and its fields (integers
+/// little-endian, strings and byte strings as a `u32` length and the bytes):
+///
+/// | tag | op | fields |
+/// |---|---|---|
+/// | 1 | `Open` | token (16 bytes), kind (1 GET, 2 POST), identity (16 bytes), created (`u64` ms), target (string) |
+/// | 2 | `Append` | token, seq (`u64`), time (`u64` ms), upstream id (0, or 1 and a string), frame (byte string) |
+/// | 3 | `Trim` | token, first seq (`u64`) |
+/// | 4 | `End` | token |
+/// | 5 | `Drop` | token |
+///
+/// [`write`](LogStorage::write) encodes a whole batch, appends it with one
+/// write and makes it durable with one `fdatasync` (a group commit). Ops
+/// that would change nothing (an `Open` of an open stream, an `Append` not
+/// above the stream's last sequence number, a `Trim` that does not
+/// move the stream's first event, an `End` of an ended stream, anything for
+/// a stream that is not open) are not written, so a batch retried after an
+/// error, or written twice, stores each change once.
+///
+/// # Recovery
+///
+/// [`open`](FileLog::open) reads every segment in order. The first record of the
+/// last segment that is torn (shorter than its frame says, as after a
+/// `kill -9` or power loss mid-write) or corrupt (its checksum or payload
+/// does not hold) ends the log: the file is cut there and new records go
+/// after the last whole one. A corrupt record in an earlier segment costs
+/// that segment's remainder only; it is reported on stderr and the segments
+/// after it are read. Replay is per stream and does not depend on the order
+/// of a stream's records across segments: `Open` creates a stream (once:
+/// a repeated `Open` keeps its records), `Append` adds an event (a repeated
+/// sequence number is kept once), `Trim` forgets older events, `End` marks
+/// the stream ended, `Drop` forgets it. [`recover`](LogStorage::recover)
+/// hands back what that leaves.
+///
+/// # Bounded disk: compaction
+///
+/// The log knows, per segment, how many bytes of it are still *live*: the
+/// newest copy of each open stream's `Open`, `End` and retained events, and
+/// its last `Trim` while every one of its events is trimmed (it alone then
+/// says where the stream stands). `Trim` and `Drop` ops make records dead.
+/// A segment with nothing live is deleted, unless it holds the `Trim` or
+/// `Drop` that keeps dead records in an older segment from coming back on
+/// recovery; that older segment goes first. When the segments hold more
+/// than twice the live bytes plus one segment, the oldest segment is
+/// compacted after a write (one segment per write, so a write may take the
+/// time of copying one segment's live records): its live records are
+/// written again at the end of the log (per stream: the `Open`, the `Trim`,
+/// the events oldest first, the `End`) and made durable, and only then is
+/// the old segment deleted (and the directory fsynced, before anything that
+/// relies on the deletion). A crash between the two leaves both copies,
+/// which recovery reads as one.
+///
+/// # Errors
+///
+/// A failed write or fsync (a full disk, an I/O error) returns `Err` and
+/// leaves the segment cut back to its last whole batch (or marks it to be cut
+/// before the next write), so a retry appends cleanly. Compaction never fails
+/// a write: the batch is durable by then; a compaction error is reported on
+/// stderr and tried again after the next new segment.
 pub struct FileLog {
     dir: PathBuf,
     /// Held (locked) for as long as the log is open.

@@ -24,7 +24,7 @@ fn token(n: u8) -> StreamToken {
 fn open(n: u8) -> LogOp {
     LogOp::Open(StreamMeta {
         token: token(n),
-        kind: if n % 2 == 0 {
+        kind: if n.is_multiple_of(2) {
             StreamKind::Get
         } else {
             StreamKind::Post
@@ -46,7 +46,7 @@ fn record(n: u8, seq: u64) -> LogRecord {
     LogRecord {
         seq,
         time: Millis(5_000 + seq),
-        upstream_id: (seq % 3 != 0).then(|| Arc::from(format!("up-{seq}"))),
+        upstream_id: (!seq.is_multiple_of(3)).then(|| Arc::from(format!("up-{seq}"))),
         frame: Arc::from(format!("id: {}-{seq}\ndata: event {seq}\n\n", token(n)).as_bytes()),
     }
 }
