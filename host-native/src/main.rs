@@ -10,7 +10,9 @@ use tidemark::core::replay::Retention;
 use tidemark::demo::{self, DemoOptions};
 use tidemark::follow::{self, FollowOptions, RedisFollow};
 use tidemark::mcp::{self, McpOptions};
-use tidemark::proxy::{self, MemoryLog, ProxyConfig, ProxyLimits, ProxyOptions};
+use tidemark::proxy::{
+    self, FileLog, LogStorage, MemoryLog, ProxyConfig, ProxyLimits, ProxyOptions,
+};
 use tidemark::{RedisConfig, ServerConfig, default_state_dir, server};
 
 /// Resumable Server-Sent-Events streams.
@@ -129,6 +131,11 @@ struct ProxyArgs {
     /// Address to listen on; port 0 picks a free port (printed on stdout).
     #[arg(long, default_value = "127.0.0.1:8090")]
     listen: SocketAddr,
+    /// Keep the replay log on disk in this directory, crash-safe: after a
+    /// kill -9 and a restart on it, every event a client was sent is still
+    /// served (default: in memory).
+    #[arg(long, value_name = "DIR")]
+    log: Option<PathBuf>,
     /// Most events kept per stream.
     #[arg(long, default_value_t = 10_000)]
     retain: usize,
@@ -315,11 +322,21 @@ fn main() -> ExitCode {
         }
         Command::Proxy(args) => {
             let config = args.config();
+            let (storage, log_name): (Box<dyn LogStorage>, String) = match &args.log {
+                Some(dir) => match FileLog::open(dir) {
+                    Ok(log) => (Box::new(log), dir.display().to_string()),
+                    Err(e) => {
+                        eprintln!("tidemark: cannot open the log in {}: {e}", dir.display());
+                        return ExitCode::FAILURE;
+                    }
+                },
+                None => (Box::new(MemoryLog), "memory".into()),
+            };
             let options = ProxyOptions {
                 listen: args.listen,
                 metrics_listen: args.metrics_listen,
-                storage: Box::new(MemoryLog),
-                log_name: "memory".into(),
+                storage,
+                log_name,
             };
             server::exit_code(&smol::block_on(proxy::proxy_until_signal(config, options)))
         }

@@ -35,11 +35,13 @@
 //!   a crash.
 
 mod client;
+mod file_log;
 mod http;
 mod hub;
 mod storage;
 mod upstream;
 
+pub use file_log::FileLog;
 pub use http::STREAMS_PATH;
 pub use storage::{LogOp, LogStorage, MemoryLog, StoredStream, StreamKind, StreamMeta};
 
