@@ -184,15 +184,17 @@ async fn open(
     if let Some(id) = &upstream_id {
         request_headers.push(("last-event-id".into(), id.clone()));
     }
+    // Whatever ends this request before the stream is live (an answer that
+    // is no stream, a failure, the client leaving while the upstream
+    // thinks) puts the stream back to idle and wakes those waiting on it.
+    let opening = Opening {
+        hub: hub.clone(),
+        stream: stream.clone(),
+    };
     let answer = hub
         .get_connector
         .request(Method::GET, &url, &request_headers, Bytes::new())
         .await;
-    let not_a_stream = |hub: &Hub, stream: &LoggedStream| {
-        stream.state().upstream = Upstream::Idle;
-        stream.changed.notify(usize::MAX);
-        hub.discard_if_empty(stream);
-    };
     let stored = stream.state().stored;
     let body = match answer {
         Ok(response) if response.status == 200 && is_event_stream(&response) => {
@@ -209,26 +211,17 @@ async fn open(
             hub.metrics.upstream_failure();
             None
         }
-        Ok(response) => {
-            not_a_stream(hub, &stream);
-            return pass_through(response);
-        }
+        Ok(response) => return pass_through(response),
         Err(e) => {
             hub.metrics.upstream_failure();
-            not_a_stream(hub, &stream);
             return status(StatusCode::BAD_GATEWAY, &e.to_string());
         }
     };
-    let first = {
-        let mut state = stream.state();
-        state.upstream = Upstream::Live;
-        let first = !state.stored;
-        state.stored = true;
-        first
-    };
-    if first {
-        hub.log_open(&stream);
+    if !stored && let Err(limit) = hub.log_open(&stream) {
+        return refused(limit);
     }
+    stream.state().upstream = Upstream::Live;
+    std::mem::forget(opening);
     stream.changed.notify(usize::MAX);
     smol::spawn(follow_get(hub.clone(), stream.clone(), url, headers, body)).detach();
     if last_event_id.is_some() {
@@ -236,6 +229,21 @@ async fn open(
     }
     let start = start_of(&stream, last_event_id.as_deref());
     serve(hub, stream, start)
+}
+
+/// A GET stream being opened by a request; dropped before it is live, it
+/// goes back to idle.
+struct Opening {
+    hub: Arc<Hub>,
+    stream: Arc<LoggedStream>,
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        self.stream.state().upstream = Upstream::Idle;
+        self.stream.changed.notify(usize::MAX);
+        self.hub.discard_if_empty(&self.stream);
+    }
 }
 
 /// `GET /_tidemark/streams/<token>`: resumes a stream of this identity

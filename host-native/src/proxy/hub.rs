@@ -77,6 +77,9 @@ impl LoggedStream {
 struct Streams {
     by_token: HashMap<StreamToken, Arc<LoggedStream>>,
     gets: HashMap<GetKey, StreamToken>,
+    /// Streams that are logged (not GET streams still asking the upstream
+    /// whether their answer is a stream): what `--max-streams` bounds.
+    logged: usize,
 }
 
 /// The proxy's state, shared by every connection and task.
@@ -155,6 +158,7 @@ impl Hub {
                 ended.push(stored.meta.token);
             }
             let token = stored.meta.token;
+            streams.logged += 1;
             self.metrics.stream_opened(stored.meta.kind);
             self.metrics.log_bytes_add(log.bytes() as i64);
             if stored.meta.kind == StreamKind::Get {
@@ -221,6 +225,7 @@ impl Hub {
             let mut streams = self.lock();
             self.make(&mut streams, StreamKind::Post, target, identity)?
         };
+        self.metrics.stream_opened(StreamKind::Post);
         self.log_op(LogOp::Open(stream.meta.clone()));
         Ok(stream)
     }
@@ -232,11 +237,9 @@ impl Hub {
         target: String,
         identity: Identity,
     ) -> Result<Arc<LoggedStream>, Limit> {
-        if streams.by_token.len() >= self.config.limits.max_streams {
-            self.metrics.refused(Limit::Streams);
-            return Err(Limit::Streams);
+        if kind == StreamKind::Post {
+            self.admit(streams)?;
         }
-        self.metrics.stream_opened(kind);
         let now = self.clock.now();
         let token = loop {
             let token = StreamToken::random().expect("the OS has an entropy source");
@@ -281,9 +284,24 @@ impl Hub {
         }
     }
 
-    /// The GET stream becomes logged (its first answer was a stream).
-    pub fn log_open(&self, stream: &LoggedStream) {
+    /// Counts a stream as logged, unless `--max-streams` are.
+    fn admit(&self, streams: &mut Streams) -> Result<(), Limit> {
+        if streams.logged >= self.config.limits.max_streams {
+            self.metrics.refused(Limit::Streams);
+            return Err(Limit::Streams);
+        }
+        streams.logged += 1;
+        Ok(())
+    }
+
+    /// The GET stream becomes logged (its first answer was a stream),
+    /// unless `--max-streams` are.
+    pub fn log_open(&self, stream: &LoggedStream) -> Result<(), Limit> {
+        self.admit(&mut self.lock())?;
+        stream.state().stored = true;
+        self.metrics.stream_opened(stream.meta.kind);
         self.log_op(LogOp::Open(stream.meta.clone()));
+        Ok(())
     }
 
     /// Hands an op to storage; with a memory log, nothing to do.
@@ -413,9 +431,12 @@ impl Hub {
         if streams.gets.get(&key) == Some(&meta.token) {
             streams.gets.remove(&key);
         }
-        self.metrics.stream_closed(meta.kind);
-        self.metrics
-            .log_bytes_add(-(stream.state().log.bytes() as i64));
+        let state = stream.state();
+        if state.stored {
+            streams.logged -= 1;
+            self.metrics.stream_closed(meta.kind);
+        }
+        self.metrics.log_bytes_add(-(state.log.bytes() as i64));
     }
 }
 
