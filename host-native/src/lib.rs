@@ -38,6 +38,7 @@ pub mod follow;
 mod lease;
 pub mod mcp;
 mod native_store;
+pub mod proxy;
 mod redis_store;
 pub mod server;
 
