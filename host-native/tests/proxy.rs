@@ -443,8 +443,13 @@ fn a_resume_older_than_retention_or_unknown_gets_the_gap_signal() {
     let proxy = Proxy::start(&upstream.url(), &["--retain", "5"]);
     let mut opener = open(&proxy, "/live", &[]);
     upstream.wait_live_requests(1);
-    upstream.emit(20);
-    let seen = opener.events(20);
+    // One at a time, so that the opener never falls behind the five kept.
+    let seen: Vec<Event> = (1..=20)
+        .map(|_| {
+            upstream.emit(1);
+            opener.next_event().unwrap()
+        })
+        .collect();
     let token = token_of(&seen[0]);
     assert_eq!(seqs(&seen, &token), numbered(1..=20));
     let resume = |id: &str| open(&proxy, "/live", &[("Last-Event-ID", id)]);
@@ -716,22 +721,33 @@ fn header_and_body_caps_answer_431_and_413_and_reach_no_upstream() {
 }
 
 #[test]
-fn max_streams_and_max_clients_answer_503() {
+fn max_streams_refuses_another_get_stream_with_503() {
     let upstream = Upstream::start();
     let proxy = Proxy::start(&upstream.url(), &["--max-streams", "1"]);
     let _first = open(&proxy, "/live", &[]);
     upstream.wait_live_requests(1);
     let second = get_sse(&proxy.addr, "/live?another", &[]);
     assert_eq!(second.status, 503, "a second stream: {second:?}");
-    let chat = request(&proxy.addr, "POST", "/chat?tokens=2", &[], Some(b"{}"));
-    assert_eq!(chat.status, 503, "a POST stream is a stream too: {chat:?}");
     let _joined = open(&proxy, "/live", &[]); // no new stream
     assert_eq!(
         get(&proxy.addr, "/json", &[]).status,
         200,
         "plain answers are no stream"
     );
+}
 
+#[test]
+fn max_streams_refuses_a_post_stream_with_503() {
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(&upstream.url(), &["--max-streams", "1"]);
+    let _first = open(&proxy, "/live", &[]);
+    upstream.wait_live_requests(1);
+    let chat = request(&proxy.addr, "POST", "/chat?tokens=2", &[], Some(b"{}"));
+    assert_eq!(chat.status, 503, "a POST stream is a stream too: {chat:?}");
+}
+
+#[test]
+fn max_clients_refuses_another_client_with_503_until_one_leaves() {
     let upstream = Upstream::start();
     let proxy = Proxy::start(&upstream.url(), &["--max-clients", "2"]);
     let first = open(&proxy, "/live", &[]);
@@ -787,6 +803,43 @@ fn a_slow_client_does_not_slow_another() {
 }
 
 #[test]
+fn a_connected_client_that_falls_behind_retention_gets_the_gap_signal() {
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(&upstream.url(), &["--retain", "5"]);
+    let mut behind = open(&proxy, "/live", &[]);
+    upstream.wait_live_requests(1);
+    // Far more than the socket buffers of a client that does not read
+    // hold, and far more than the log keeps.
+    let pad = 64 * 1024;
+    upstream.emit_padded(200, pad);
+    // Everything up to 200 is accounted for: each event once and in order,
+    // and each hole announced by a gap signal that says exactly how many
+    // events it lost.
+    let mut last = 0;
+    let mut gaps = 0;
+    let mut token = None;
+    while last < 200 {
+        let event = behind.next_event().unwrap();
+        let (t, seq) = proxy_id(event.id());
+        assert_eq!(&t, token.get_or_insert_with(|| t.clone()), "{event:?}");
+        if event.event.as_deref() == Some("tidemark-gap") {
+            let signal = gap(&event);
+            assert_eq!(signal["reason"], "retention", "{event:?}");
+            assert_eq!(signal["lost"], seq - last, "lost after {last}: {event:?}");
+            gaps += 1;
+        } else {
+            assert_eq!(seq, last + 1, "after {last}: {}", &event.data[..16]);
+            assert!(event.data.starts_with(&format!("{seq} ")));
+        }
+        last = seq;
+    }
+    assert!(
+        gaps > 0,
+        "200 events of 64 KiB through --retain 5 lost none"
+    );
+}
+
+#[test]
 fn an_idle_stream_gets_retry_first_then_keep_alives() {
     let upstream = Upstream::start();
     let proxy = Proxy::start(
@@ -818,8 +871,7 @@ fn an_idle_stream_gets_retry_first_then_keep_alives() {
 fn sigterm_and_sigint_exit_0() {
     for signal in ["TERM", "INT"] {
         let upstream = Upstream::start();
-        let dir = tempfile::tempdir().unwrap();
-        let mut proxy = Proxy::start(&upstream.url(), &["--log", dir.path().to_str().unwrap()]);
+        let mut proxy = Proxy::start(&upstream.url(), &[]);
         let mut client = open(&proxy, "/live", &[]);
         upstream.wait_live_requests(1);
         upstream.emit(3);
@@ -832,6 +884,29 @@ fn sigterm_and_sigint_exit_0() {
         );
         until_cut(&mut client);
     }
+}
+
+#[test]
+fn sigterm_with_a_log_dir_exits_0_and_the_restart_serves_everything() {
+    let upstream = Upstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--log", dir.path().to_str().unwrap()];
+    let mut proxy = Proxy::start(&upstream.url(), &args);
+    let mut client = open(&proxy, "/live", &[]);
+    upstream.wait_live_requests(1);
+    upstream.emit(10);
+    let token = token_of(&client.events(10)[0]);
+    let status = proxy.signal_and_wait("TERM");
+    assert!(
+        status.success(),
+        "{status:?}; stderr:\n{}",
+        proxy.stderr().join("\n")
+    );
+    until_cut(&mut client);
+    let proxy = Proxy::start(&upstream.url(), &args);
+    let from = format!("{token}-3");
+    let mut resumed = open(&proxy, "/live", &[("Last-Event-ID", &from)]);
+    assert_eq!(seqs(&resumed.events(7), &token), numbered(4..=10));
 }
 
 #[test]

@@ -392,11 +392,16 @@ impl Sse {
     }
 
     /// The next event, skipping comments and `retry:`; `None` at the end.
+    /// Fails the test after [`TIMEOUT`] without one, keep-alives or not.
     pub fn next_event(&mut self) -> Option<Event> {
+        let deadline = std::time::Instant::now() + TIMEOUT;
         loop {
             match self.next_item()? {
                 Item::Event(event) => return Some(event),
-                Item::Comment(_) | Item::Retry(_) => {}
+                Item::Comment(_) | Item::Retry(_) => assert!(
+                    std::time::Instant::now() < deadline,
+                    "no event within {TIMEOUT:?}, only comments"
+                ),
             }
         }
     }
