@@ -41,6 +41,10 @@ enum Command {
         /// Exit after this many fresh events.
         #[arg(long)]
         max_events: Option<u64>,
+        /// Serve Prometheus metrics on GET /metrics at this address (port 0
+        /// picks a free port; the address is said on stderr).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<SocketAddr>,
         #[command(flatten)]
         redis: RedisArgs,
     },
@@ -267,6 +271,7 @@ fn main() -> ExitCode {
             stream,
             headers,
             max_events,
+            metrics_listen,
             redis,
         } => {
             let options = FollowOptions {
@@ -276,6 +281,7 @@ fn main() -> ExitCode {
                 headers,
                 max_events,
                 redis: redis.into_options(),
+                metrics_listen,
             };
             // The client loop writes a received chunk's lines in one write.
             let mut stdout = std::io::stdout().lock();

@@ -218,14 +218,7 @@ async fn open(
         hub.log_open(&stream);
     }
     stream.changed.notify(usize::MAX);
-    smol::spawn(follow_get(
-        hub.clone(),
-        stream.clone(),
-        url,
-        headers,
-        body,
-    ))
-    .detach();
+    smol::spawn(follow_get(hub.clone(), stream.clone(), url, headers, body)).detach();
     let start = start_of(&stream, last_event_id.as_deref());
     serve(hub, stream, start)
 }
