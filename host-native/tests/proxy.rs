@@ -321,6 +321,36 @@ fn two_hundred_clients_of_one_get_stream_share_one_upstream_connection() {
     );
 }
 
+#[test]
+fn a_client_that_leaves_before_the_upstream_answers_does_not_wedge_the_stream() {
+    use std::io::Write;
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(&upstream.url(), &[]);
+    let path = "/live?hold-head";
+    let mut impatient = std::net::TcpStream::connect(&proxy.addr).unwrap();
+    write!(
+        impatient,
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
+        proxy.addr
+    )
+    .unwrap();
+    upstream.wait_live_requests(1);
+    drop(impatient); // gone while the proxy waits for the upstream's head
+    upstream.release_heads();
+    // The next client of the same stream is served, by a new upstream
+    // request or by the first one's answer.
+    let mut next = open(&proxy, path, &[]);
+    wait_until("the upstream feed to be open", || {
+        upstream
+            .state
+            .live_open
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 1
+    });
+    upstream.emit(1);
+    assert_eq!(next.next_event().unwrap().data, "1");
+}
+
 /// The token in a `Content-Location: /_tidemark/streams/<token>`.
 fn location_token(location: &str) -> &str {
     let token = location

@@ -13,6 +13,8 @@
 //! - `POST /chat?tokens=K&hold=H`: an LLM-like answer, `K` events
 //!   (`event: token`, upstream ids `c1`...), then the end; events after the
 //!   first `H` wait for [`Upstream::release_chat`].
+//! - Any request with `hold-head` in its query gets its answer only after
+//!   [`Upstream::release_heads`] (an upstream slow to answer).
 //! - `GET /json`, `/missing` (404), `/redirect` (302), `/blob` (200 KB of
 //!   bytes), each with a custom header and hop-by-hop headers the proxy
 //!   must drop; `/echo` (any method) answers the request it saw as JSON.
@@ -108,6 +110,7 @@ pub struct State {
     live: Mutex<Live>,
     released: Watch,
     chat_gate: Watch,
+    head_gate: Watch,
 }
 
 #[derive(Default)]
@@ -226,6 +229,11 @@ impl Upstream {
         self.state.chat_gate.set(1);
     }
 
+    /// Lets `/live?hold-head` requests have their answer.
+    pub fn release_heads(&self) {
+        self.state.head_gate.set(1);
+    }
+
     /// Waits until `/live` was requested `n` times.
     pub fn wait_live_requests(&self, n: usize) {
         wait_until(&format!("{n} requests to /live"), || {
@@ -258,7 +266,8 @@ fn query(target: &str) -> HashMap<String, String> {
         .map(|(_, q)| q)
         .unwrap_or_default()
         .split('&')
-        .filter_map(|pair| pair.split_once('='))
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect()
 }
@@ -337,6 +346,9 @@ async fn respond(
             .copied()
             .collect()
     };
+    if params.contains_key("hold-head") {
+        state.head_gate.at_least(1).await;
+    }
     let response = match (&parts.method, seen.path()) {
         (&Method::GET, "/live") => live(&state),
         (&Method::GET, "/replay") => {
