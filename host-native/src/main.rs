@@ -10,7 +10,7 @@ use tidemark::core::replay::Retention;
 use tidemark::demo::{self, DemoOptions};
 use tidemark::follow::{self, FollowOptions, RedisFollow};
 use tidemark::mcp::{self, McpOptions};
-use tidemark::proxy::{self, LogStorage, MemoryLog, ProxyConfig, ProxyLimits};
+use tidemark::proxy::{self, MemoryLog, ProxyConfig, ProxyLimits, ProxyOptions};
 use tidemark::{RedisConfig, ServerConfig, default_state_dir, server};
 
 /// Resumable Server-Sent-Events streams.
@@ -169,6 +169,10 @@ struct ProxyArgs {
     /// Largest request body, in bytes; larger ones get 413.
     #[arg(long, default_value_t = 1 << 20)]
     max_body_bytes: usize,
+    /// Serve Prometheus metrics on GET /metrics at this address (port 0
+    /// picks a free port, said on stderr).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     /// How long the upstream may take to answer a request's head, in
     /// seconds (a POST answered with JSON only once its work is done).
     #[arg(long, default_value_t = 300)]
@@ -311,13 +315,13 @@ fn main() -> ExitCode {
         }
         Command::Proxy(args) => {
             let config = args.config();
-            let storage: Box<dyn LogStorage> = Box::new(MemoryLog);
-            server::exit_code(&smol::block_on(proxy::proxy_until_signal(
-                args.listen,
-                config,
-                storage,
-                "memory",
-            )))
+            let options = ProxyOptions {
+                listen: args.listen,
+                metrics_listen: args.metrics_listen,
+                storage: Box::new(MemoryLog),
+                log_name: "memory".into(),
+            };
+            server::exit_code(&smol::block_on(proxy::proxy_until_signal(config, options)))
         }
         Command::Serve {
             listen,

@@ -11,6 +11,7 @@
 //! OpenMetrics text when the scraper's `Accept` header asks for it (as
 //! Prometheus itself does); the sample names are the same in both.
 
+use crate::proxy::StreamKind;
 use futures::StreamExt;
 use futures::future::{Either, select};
 use futures::stream::FuturesUnordered;
@@ -32,6 +33,7 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
+use tidemark_core::replay::GapReason;
 
 /// The text format of a scrape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,24 +79,24 @@ fn encode(registry: &Registry, format: Format) -> String {
     text
 }
 
-/// The kind of a logged stream: label `kind` of `tidemark_proxy_streams`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum StreamKind {
-    /// A shared GET stream.
-    Get,
-    /// The stream of one POST.
-    Post,
+/// The values of label `kind`, in the order of `ProxyInner::streams`.
+const KINDS: [StreamKind; 2] = [StreamKind::Get, StreamKind::Post];
+
+/// The values of label `reason`, in the order of `ProxyInner::gaps`.
+const REASONS: [GapReason; 2] = [GapReason::Retention, GapReason::Unknown];
+
+fn kind_index(kind: StreamKind) -> usize {
+    match kind {
+        StreamKind::Get => 0,
+        StreamKind::Post => 1,
+    }
 }
 
-/// Why a client got a gap signal: label `reason` of
-/// `tidemark_proxy_gaps_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum GapReason {
-    /// Its `Last-Event-ID` is older than the retained log.
-    Retention,
-    /// Its `Last-Event-ID` is not one of the stream's (unparseable, another
-    /// stream's or identity's, or from a lost log).
-    Unknown,
+fn reason_index(reason: GapReason) -> usize {
+    match reason {
+        GapReason::Retention => 0,
+        GapReason::Unknown => 1,
+    }
 }
 
 /// A limit that refused a request: label `limit` of
@@ -109,30 +111,6 @@ pub enum Limit {
     HeaderBytes,
     /// `--max-body-bytes` (413).
     BodyBytes,
-}
-
-impl StreamKind {
-    const ALL: [StreamKind; 2] = [StreamKind::Get, StreamKind::Post];
-
-    /// The label value: `get`, `post`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StreamKind::Get => "get",
-            StreamKind::Post => "post",
-        }
-    }
-}
-
-impl GapReason {
-    const ALL: [GapReason; 2] = [GapReason::Retention, GapReason::Unknown];
-
-    /// The label value: `retention`, `unknown`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            GapReason::Retention => "retention",
-            GapReason::Unknown => "unknown",
-        }
-    }
 }
 
 impl Limit {
@@ -164,16 +142,16 @@ macro_rules! label_value {
         }
     )*};
 }
-label_value!(StreamKind, GapReason, Limit);
+label_value!(Limit);
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct KindLabel {
-    kind: StreamKind,
+    kind: &'static str,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReasonLabel {
-    reason: GapReason,
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -233,13 +211,21 @@ impl ProxyMetrics {
         let gaps = Family::<ReasonLabel, Counter>::default();
         let refusals = Family::<LimitLabel, Counter>::default();
         let inner = ProxyInner {
-            streams: StreamKind::ALL.map(|kind| streams.get_or_create_owned(&KindLabel { kind })),
+            streams: KINDS.map(|kind| {
+                streams.get_or_create_owned(&KindLabel {
+                    kind: kind.as_str(),
+                })
+            }),
             clients: Gauge::default(),
             upstream_connections: Gauge::default(),
             events_in: Counter::default(),
             events_out: Counter::default(),
             resumes: Counter::default(),
-            gaps: GapReason::ALL.map(|reason| gaps.get_or_create_owned(&ReasonLabel { reason })),
+            gaps: REASONS.map(|reason| {
+                gaps.get_or_create_owned(&ReasonLabel {
+                    reason: reason.as_str(),
+                })
+            }),
             upstream_reconnects: Counter::default(),
             upstream_failures: Counter::default(),
             log_bytes: Gauge::default(),
@@ -300,12 +286,12 @@ impl ProxyMetrics {
 
     /// A logged stream of `kind` opened.
     pub fn stream_opened(&self, kind: StreamKind) {
-        self.inner.streams[kind as usize].inc();
+        self.inner.streams[kind_index(kind)].inc();
     }
 
     /// A logged stream of `kind` was dropped.
     pub fn stream_closed(&self, kind: StreamKind) {
-        self.inner.streams[kind as usize].dec();
+        self.inner.streams[kind_index(kind)].dec();
     }
 
     /// A client connected to a logged stream.
@@ -345,7 +331,7 @@ impl ProxyMetrics {
 
     /// A client got a gap signal.
     pub fn gap(&self, reason: GapReason) {
-        self.inner.gaps[reason as usize].inc();
+        self.inner.gaps[reason_index(reason)].inc();
     }
 
     /// An upstream stream reconnects.

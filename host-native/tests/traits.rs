@@ -6,10 +6,12 @@ use std::error::Error;
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
+use tidemark::core::replay::GapReason;
 use tidemark::core::{Cursor, Millis, Store, StoreError, StreamKey};
 use tidemark::demo::{DemoOptions, Verdict};
 use tidemark::follow::FollowError;
-use tidemark::metrics::{FollowMetrics, Format, GapReason, Limit, ProxyMetrics, StreamKind};
+use tidemark::metrics::{FollowMetrics, Format, Limit, ProxyMetrics};
+use tidemark::proxy::StreamKind;
 use tidemark::{
     FileStore, HttpBody, HttpConnector, HttpResponse, Lease, LeaseLost, NativeStore, RedisConfig,
     RedisStore, ServerConfig, SmolClock, SseServer,

@@ -75,7 +75,11 @@ pub(super) fn body(
         loop {
             let listener = {
                 let state = stream.state();
-                state.log.read(&mut r.next, READ_BUDGET, &mut out);
+                let read = state.log.read(&mut r.next, READ_BUDGET, &mut out);
+                r.guard.hub.metrics.events_out(read.events);
+                if let Some(gap) = read.gap {
+                    r.guard.hub.metrics.gap(gap.reason);
+                }
                 let over = state.log.is_complete(r.next)
                     || (stream.meta.kind == StreamKind::Get
                         && state.upstream == Upstream::Idle

@@ -3,9 +3,10 @@
 //! joins) a logged stream served from the log.
 
 use super::client;
-use super::hub::{GetKey, Hub, LoggedStream, Refusal, Upstream, default_headers};
+use super::hub::{GetKey, Hub, LoggedStream, Upstream, default_headers};
 use super::upstream::{follow_get, read_post};
 use crate::HttpResponse;
+use crate::metrics::Limit;
 use futures::StreamExt;
 use http_body_util::{BodyExt, Empty, Full, Limited, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::{Bytes, Frame, Incoming};
@@ -66,6 +67,7 @@ pub(super) async fn handle(
     let body = match Limited::new(request.into_body(), limit).collect().await {
         Ok(body) => body.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            hub.metrics.refused(Limit::BodyBytes);
             return Ok(status(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!("request body larger than {limit} bytes"),
@@ -84,7 +86,10 @@ pub(super) async fn handle(
         .await
     {
         Ok(response) => response,
-        Err(e) => return Ok(status(StatusCode::BAD_GATEWAY, &e.to_string())),
+        Err(e) => {
+            hub.metrics.upstream_failure();
+            return Ok(status(StatusCode::BAD_GATEWAY, &e.to_string()));
+        }
     };
     if method == Method::HEAD || !is_event_stream(&response) {
         return Ok(pass_through(response));
@@ -125,7 +130,7 @@ async fn get(
     loop {
         let stream = match hub.get_stream(&key) {
             Ok(stream) => stream,
-            Err(refusal) => return refused(refusal),
+            Err(limit) => return refused(limit),
         };
         let next = {
             let mut state = stream.state();
@@ -140,6 +145,9 @@ async fn get(
         };
         match next {
             Next::Join => {
+                if last_event_id.is_some() {
+                    hub.metrics.resume();
+                }
                 let start = start_of(&stream, last_event_id.as_deref());
                 return serve(&hub, stream, start);
             }
@@ -197,12 +205,16 @@ async fn open(
         // the follower retries with backoff. A plain EventSource would
         // stop for good on a 502.
         Ok(response) if stored && (response.status >= 500 || response.status == 429) => None,
-        Err(_) if stored => None,
+        Err(_) if stored => {
+            hub.metrics.upstream_failure();
+            None
+        }
         Ok(response) => {
             not_a_stream(hub, &stream);
             return pass_through(response);
         }
         Err(e) => {
+            hub.metrics.upstream_failure();
             not_a_stream(hub, &stream);
             return status(StatusCode::BAD_GATEWAY, &e.to_string());
         }
@@ -219,6 +231,9 @@ async fn open(
     }
     stream.changed.notify(usize::MAX);
     smol::spawn(follow_get(hub.clone(), stream.clone(), url, headers, body)).detach();
+    if last_event_id.is_some() {
+        hub.metrics.resume();
+    }
     let start = start_of(&stream, last_event_id.as_deref());
     serve(hub, stream, start)
 }
@@ -236,6 +251,9 @@ fn resume(
     let Some(stream) = StreamToken::parse(token).and_then(|t| hub.find(t, identity)) else {
         return status(StatusCode::NOT_FOUND, "no such stream");
     };
+    if last_event_id.is_some() {
+        hub.metrics.resume();
+    }
     let start = stream.state().log.start(last_event_id);
     if start.gap.is_none() && stream.state().log.is_complete(start.next) {
         return empty(StatusCode::NO_CONTENT);
@@ -245,8 +263,11 @@ fn resume(
 
 /// A client of a logged stream, from `start`.
 fn serve(hub: &Arc<Hub>, stream: Arc<LoggedStream>, start: Start) -> Response<Body> {
-    if let Err(refusal) = hub.client_in(&stream) {
-        return refused(refusal);
+    if let Err(limit) = hub.client_in(&stream) {
+        return refused(limit);
+    }
+    if let Some(gap) = start.gap {
+        hub.metrics.gap(gap.reason);
     }
     let headers = stream
         .headers
@@ -350,10 +371,12 @@ fn is_event_stream(response: &HttpResponse) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("text/event-stream"))
 }
 
-fn refused(refusal: Refusal) -> Response<Body> {
-    let what = match refusal {
-        Refusal::Streams => "too many streams (--max-streams)",
-        Refusal::Clients => "too many clients (--max-clients)",
+fn refused(limit: Limit) -> Response<Body> {
+    let what = match limit {
+        Limit::Streams => "too many streams (--max-streams)",
+        Limit::Clients => "too many clients (--max-clients)",
+        Limit::HeaderBytes => "request head too large (--max-header-bytes)",
+        Limit::BodyBytes => "request body too large (--max-body-bytes)",
     };
     let mut response = status(StatusCode::SERVICE_UNAVAILABLE, what);
     response

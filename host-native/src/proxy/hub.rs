@@ -3,6 +3,7 @@
 
 use super::ProxyConfig;
 use super::storage::{LogOp, LogStorage, StoredStream, StreamKind, StreamMeta};
+use crate::metrics::{Limit, ProxyMetrics};
 use crate::{HttpConnector, SmolClock};
 use event_listener::Event;
 use hyper::HeaderMap;
@@ -78,21 +79,14 @@ struct Streams {
     gets: HashMap<GetKey, StreamToken>,
 }
 
-/// A limit that refused a request.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub(super) enum Refusal {
-    /// `--max-streams`.
-    Streams,
-    /// `--max-clients`.
-    Clients,
-}
-
 /// The proxy's state, shared by every connection and task.
 #[derive(Debug)]
 pub(super) struct Hub {
     pub config: ProxyConfig,
     pub key: IdentityKey,
     pub clock: SmolClock,
+    /// What the proxy counts.
+    pub metrics: ProxyMetrics,
     /// Opens GET streams upstream.
     pub get_connector: HttpConnector,
     /// Sends every other request upstream.
@@ -109,6 +103,7 @@ impl Hub {
     pub fn new(
         config: ProxyConfig,
         mut storage: Box<dyn LogStorage>,
+        metrics: ProxyMetrics,
     ) -> io::Result<(Arc<Hub>, Option<Writer>)> {
         let clock = SmolClock::new();
         let fresh = tidemark_core::replay::random_bytes().map_err(io::Error::other)?;
@@ -128,6 +123,7 @@ impl Hub {
             config,
             key,
             clock,
+            metrics,
             streams: Mutex::default(),
             clients: AtomicUsize::new(0),
             writer,
@@ -159,6 +155,8 @@ impl Hub {
                 ended.push(stored.meta.token);
             }
             let token = stored.meta.token;
+            self.metrics.stream_opened(stored.meta.kind);
+            self.metrics.log_bytes_add(log.bytes() as i64);
             if stored.meta.kind == StreamKind::Get {
                 streams
                     .gets
@@ -203,7 +201,7 @@ impl Hub {
 
     /// The GET stream of `key`, made (idle, not logged yet) if there is
     /// none; `Err` when that would exceed `--max-streams`.
-    pub fn get_stream(&self, key: &GetKey) -> Result<Arc<LoggedStream>, Refusal> {
+    pub fn get_stream(&self, key: &GetKey) -> Result<Arc<LoggedStream>, Limit> {
         let mut streams = self.lock();
         if let Some(stream) = streams.gets.get(key).and_then(|t| streams.by_token.get(t)) {
             return Ok(stream.clone());
@@ -218,7 +216,7 @@ impl Hub {
         &self,
         target: String,
         identity: Identity,
-    ) -> Result<Arc<LoggedStream>, Refusal> {
+    ) -> Result<Arc<LoggedStream>, Limit> {
         let stream = {
             let mut streams = self.lock();
             self.make(&mut streams, StreamKind::Post, target, identity)?
@@ -233,10 +231,12 @@ impl Hub {
         kind: StreamKind,
         target: String,
         identity: Identity,
-    ) -> Result<Arc<LoggedStream>, Refusal> {
+    ) -> Result<Arc<LoggedStream>, Limit> {
         if streams.by_token.len() >= self.config.limits.max_streams {
-            return Err(Refusal::Streams);
+            self.metrics.refused(Limit::Streams);
+            return Err(Limit::Streams);
         }
+        self.metrics.stream_opened(kind);
         let now = self.clock.now();
         let token = loop {
             let token = StreamToken::random().expect("the OS has an entropy source");
@@ -277,7 +277,7 @@ impl Hub {
             state.log.next_seq() == 1 && state.clients == 0 && state.upstream == Upstream::Idle
         };
         if empty {
-            remove(&mut streams, &stream.meta);
+            self.remove(&mut streams, stream);
         }
     }
 
@@ -315,11 +315,12 @@ impl Hub {
     }
 
     /// Counts a client in, unless `--max-clients` are connected.
-    pub fn client_in(&self, stream: &LoggedStream) -> Result<(), Refusal> {
+    pub fn client_in(&self, stream: &LoggedStream) -> Result<(), Limit> {
         let mut now = self.clients.load(Ordering::Relaxed);
         loop {
             if now >= self.config.limits.max_clients {
-                return Err(Refusal::Clients);
+                self.metrics.refused(Limit::Clients);
+                return Err(Limit::Clients);
             }
             match self.clients.compare_exchange_weak(
                 now,
@@ -332,12 +333,14 @@ impl Hub {
             }
         }
         stream.state().clients += 1;
+        self.metrics.client_connected();
         Ok(())
     }
 
     /// Counts a client out.
     pub fn client_out(&self, stream: &LoggedStream) {
         self.clients.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.client_disconnected();
         let mut state = stream.state();
         state.clients -= 1;
         state.left_at = self.clock.now();
@@ -369,7 +372,7 @@ impl Hub {
                     }
                     Upstream::Idle if state.log.is_expired(now) => {
                         drop(state);
-                        remove(&mut streams, &stream.meta);
+                        self.remove(&mut streams, &stream);
                         dropped.push(stream.meta.token);
                     }
                     _ => {}
@@ -402,11 +405,17 @@ impl Hub {
     }
 }
 
-fn remove(streams: &mut Streams, meta: &StreamMeta) {
-    streams.by_token.remove(&meta.token);
-    let key = (meta.target.clone(), meta.identity);
-    if streams.gets.get(&key) == Some(&meta.token) {
-        streams.gets.remove(&key);
+impl Hub {
+    fn remove(&self, streams: &mut Streams, stream: &LoggedStream) {
+        let meta = &stream.meta;
+        streams.by_token.remove(&meta.token);
+        let key = (meta.target.clone(), meta.identity);
+        if streams.gets.get(&key) == Some(&meta.token) {
+            streams.gets.remove(&key);
+        }
+        self.metrics.stream_closed(meta.kind);
+        self.metrics
+            .log_bytes_add(-(stream.state().log.bytes() as i64));
     }
 }
 

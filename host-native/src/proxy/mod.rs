@@ -44,6 +44,7 @@ pub use http::STREAMS_PATH;
 pub use storage::{LogOp, LogStorage, MemoryLog, StoredStream, StreamKind, StreamMeta};
 
 use crate::HttpConnector;
+use crate::metrics::{Format, Limit, ProxyMetrics, serve_metrics};
 use futures::StreamExt;
 use hub::Hub;
 use hyper::header::HeaderName;
@@ -169,7 +170,8 @@ impl Proxy {
         storage: Box<dyn LogStorage>,
     ) -> io::Result<Proxy> {
         let listener = smol::net::TcpListener::bind(addr).await?;
-        let (hub, writer) = smol::unblock(move || Hub::new(config, storage)).await?;
+        let metrics = ProxyMetrics::new();
+        let (hub, writer) = smol::unblock(move || Hub::new(config, storage, metrics)).await?;
         Ok(Proxy {
             listener,
             hub,
@@ -180,6 +182,11 @@ impl Proxy {
     /// The address the proxy listens on, with the real port.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The proxy's metrics (a handle: it stays current).
+    pub fn metrics(&self) -> ProxyMetrics {
+        self.hub.metrics.clone()
     }
 
     /// Logged streams held now: (GET, POST).
@@ -227,12 +234,16 @@ impl Proxy {
                 let connections = connections.clone();
                 smol::spawn(async move {
                     let service = service_fn(|request| http::handle(hub.clone(), request));
-                    let _ = hyper::server::conn::http1::Builder::new()
+                    let served = hyper::server::conn::http1::Builder::new()
                         .timer(SmolTimer::new())
                         .header_read_timeout(Duration::from_secs(30))
                         .max_buf_size(hub.config.limits.max_header_bytes.max(8192))
                         .serve_connection(FuturesIo::new(socket), service)
                         .await;
+                    // hyper answered 431 itself.
+                    if served.is_err_and(|e| e.is_parse_too_large()) {
+                        hub.metrics.refused(Limit::HeaderBytes);
+                    }
                     connections.fetch_sub(1, Ordering::AcqRel);
                 })
                 .detach();
@@ -250,27 +261,71 @@ impl Proxy {
     }
 }
 
-/// `tidemark proxy`: binds `listen`, prints the bound address (the real
-/// port for port 0) as the first line of stdout, and proxies until SIGINT
-/// or SIGTERM, then writes what the log still has queued and returns.
-pub async fn proxy_until_signal(
-    listen: SocketAddr,
-    config: ProxyConfig,
-    storage: Box<dyn LogStorage>,
-    log_name: &str,
-) -> io::Result<()> {
+/// How `tidemark proxy` runs, beyond its [`ProxyConfig`].
+#[derive(Debug)]
+pub struct ProxyOptions {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Where to serve `GET /metrics`, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The log's storage.
+    pub storage: Box<dyn LogStorage>,
+    /// What the storage is, for the start-up line (`memory`, a directory).
+    pub log_name: String,
+}
+
+/// `tidemark proxy`: raises the open-files limit, binds `listen`, prints
+/// the bound address (the real port for port 0) as the first line of
+/// stdout, and proxies until SIGINT or SIGTERM, then writes what the log
+/// still has queued and returns.
+pub async fn proxy_until_signal(config: ProxyConfig, options: ProxyOptions) -> io::Result<()> {
     let mut signals =
         async_signal::Signals::new([async_signal::Signal::Int, async_signal::Signal::Term])?;
+    let clients = config.limits.max_clients;
+    match crate::raise_open_files_limit() {
+        // Each client is a socket; the upstream connections and the log
+        // need a few more.
+        Ok((soft, _)) if soft < clients as u64 + 64 => eprintln!(
+            "tidemark: the open-files limit is {soft}, below --max-clients {clients}: no more than about {soft} connections can be open at once"
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("tidemark: cannot raise the open-files limit: {e}"),
+    }
     let upstream = config.upstream.to_string();
-    let proxy = Proxy::bind(listen, config, storage).await?;
+    let proxy = Proxy::bind(options.listen, config, options.storage).await?;
     let addr = proxy.local_addr()?;
+    let metrics_listener = match options.metrics_listen {
+        Some(at) => Some(smol::net::TcpListener::bind(at).await?),
+        None => None,
+    };
     println!("{addr}");
     use std::io::Write as _;
     io::stdout().flush()?;
-    eprintln!("tidemark: proxy on http://{addr} for {upstream} (log: {log_name})");
-    proxy
+    eprintln!(
+        "tidemark: proxy on http://{addr} for {upstream} (log: {})",
+        options.log_name
+    );
+    let (stop, stopped) = async_channel::bounded::<()>(1);
+    if let Some(listener) = metrics_listener {
+        eprintln!(
+            "tidemark: metrics on http://{}/metrics",
+            listener.local_addr()?
+        );
+        let metrics = proxy.metrics();
+        smol::spawn(serve_metrics(
+            listener,
+            move |format: Format| metrics.render(format),
+            async move {
+                let _ = stopped.recv().await;
+            },
+        ))
+        .detach();
+    }
+    let result = proxy
         .run(async move {
             signals.next().await;
         })
-        .await
+        .await;
+    drop(stop);
+    result
 }

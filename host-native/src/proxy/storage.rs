@@ -25,6 +25,16 @@ pub enum StreamKind {
     Post,
 }
 
+impl StreamKind {
+    /// `"get"` or `"post"` (a metrics label).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            StreamKind::Get => "get",
+            StreamKind::Post => "post",
+        }
+    }
+}
+
 /// What a logged stream is: stored once, when it opens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StreamMeta {
@@ -86,7 +96,7 @@ pub struct StoredStream {
 
 /// Durable storage of replay logs. Implementations are driven from one
 /// thread of their own, so methods block.
-pub trait LogStorage: Send + 'static {
+pub trait LogStorage: Send + std::fmt::Debug + 'static {
     /// Makes `ops` durable, in order: once this returns `Ok`, a crash
     /// (`kill -9`, power loss) loses none of them. On `Err` the proxy keeps
     /// serving from memory and retries the same ops with the next batch.

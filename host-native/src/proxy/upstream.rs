@@ -44,6 +44,8 @@ fn append(hub: &Hub, stream: &LoggedStream, events: &[Event]) {
     }
     let now = hub.clock.now();
     let mut ops = Vec::new();
+    let mut bytes = 0;
+    hub.metrics.events_in(events.len() as u64);
     {
         let mut state = stream.state();
         for event in events {
@@ -54,6 +56,7 @@ fn append(hub: &Hub, stream: &LoggedStream, events: &[Event]) {
             else {
                 continue; // the parser never yields a type with a line end
             };
+            bytes += appended.bytes_delta;
             if hub.is_durable() {
                 let record = state.log.last().expect("just appended").clone();
                 ops.push(LogOp::Append {
@@ -73,6 +76,7 @@ fn append(hub: &Hub, stream: &LoggedStream, events: &[Event]) {
             state.log.mark_durable(last);
         }
     }
+    hub.metrics.log_bytes_add(bytes);
     for op in ops {
         hub.log_op(op);
     }
@@ -109,6 +113,7 @@ pub(super) async fn follow_get(
     };
     let mut upstream = ResumableStream::new(connector, hub.clock, url, tracker, config);
     let mut events = Vec::new();
+    let mut connected = false;
     let reason = loop {
         let stopped = {
             let state = stream.state();
@@ -134,10 +139,29 @@ pub(super) async fn follow_get(
                 append(&hub, &stream, &events);
                 events.clear();
             }
-            Ok(StreamItem::Reconnecting { .. }) | Ok(_) => {}
-            Err(e) => break Some(e),
+            Ok(StreamItem::Open { .. }) => {
+                connected = true;
+                hub.metrics.upstream_connected();
+            }
+            Ok(StreamItem::Reconnecting { .. }) => {
+                hub.metrics.upstream_reconnect();
+                if connected {
+                    connected = false;
+                    hub.metrics.upstream_disconnected();
+                } else {
+                    hub.metrics.upstream_failure();
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                hub.metrics.upstream_failure();
+                break Some(e);
+            }
         }
     };
+    if connected {
+        hub.metrics.upstream_disconnected();
+    }
     if let Some(e) = reason {
         eprintln!("tidemark: stopped following {}: {e}", stream.meta.target);
     }
@@ -153,6 +177,7 @@ pub(super) async fn read_post(hub: Arc<Hub>, stream: Arc<LoggedStream>, mut body
     let mut parser = Parser::new(hub.config.limits.parser());
     let mut events = Vec::new();
     let mut failure = None;
+    hub.metrics.upstream_connected();
     loop {
         let chunk = match body.next().await {
             Some(Ok(chunk)) => chunk,
@@ -183,7 +208,10 @@ pub(super) async fn read_post(hub: Arc<Hub>, stream: Arc<LoggedStream>, mut body
         }
     }
     append(&hub, &stream, &events);
+    drop(body);
+    hub.metrics.upstream_disconnected();
     if let Some(e) = failure {
+        hub.metrics.upstream_failure();
         eprintln!(
             "tidemark: the answer to POST {} broke off: {e}",
             stream.meta.target
