@@ -944,7 +944,16 @@ fn metrics_count_events_clients_gaps_and_refusals() {
     let upstream = Upstream::start();
     let proxy = Proxy::start(
         &upstream.url(),
-        &["--metrics-listen", "127.0.0.1:0", "--max-clients", "2"],
+        &[
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--max-clients",
+            "2",
+            "--max-body-bytes",
+            "100",
+            "--max-header-bytes",
+            "8192",
+        ],
     );
     let metrics = proxy.metrics_addr();
     let value = |name: &str| scrape(&metrics).get(name).copied();
@@ -986,8 +995,26 @@ fn metrics_count_events_clients_gaps_and_refusals() {
     eventually("tidemark_proxy_gaps_total{reason=\"unknown\"}", 1.0);
     drop(garbage);
     eventually("tidemark_proxy_clients", 1.0);
+    // Whether the garbage id counted as a resume is the proxy's to say; a
+    // good one counts once more.
+    let resumes = value("tidemark_proxy_resumes_total").unwrap_or_default();
     let resumed_from = format!("{token}-1");
     let mut resumed = open(&proxy, "/live", &[("Last-Event-ID", &resumed_from)]);
     assert_eq!(seqs(&resumed.events(2), &token), numbered(2..=3));
-    eventually("tidemark_proxy_resumes_total", 1.0);
+    eventually("tidemark_proxy_resumes_total", resumes + 1.0);
+
+    let body = [b'x'; 500];
+    assert_eq!(
+        request(&proxy.addr, "POST", "/echo", &[], Some(&body)).status,
+        413
+    );
+    eventually("tidemark_proxy_refusals_total{limit=\"body_bytes\"}", 1.0);
+    let big = "h".repeat(12_000);
+    assert_eq!(get(&proxy.addr, "/echo", &[("X-Big", &big)]).status, 431);
+    eventually("tidemark_proxy_refusals_total{limit=\"header_bytes\"}", 1.0);
+    assert_eq!(
+        value("tidemark_proxy_gaps_total{reason=\"unknown\"}"),
+        Some(1.0),
+        "a good resume is no gap"
+    );
 }
