@@ -1,0 +1,1020 @@
+//! `tidemark proxy` end to end: the binary in front of the test upstreams
+//! of `support/upstream.rs`, driven over raw HTTP on loopback as any client
+//! would (issue 14).
+
+mod support {
+    pub mod http;
+    pub mod proxy;
+    pub mod upstream;
+}
+
+use std::time::{Duration, Instant};
+use support::http::{self, Event, Item, Sse, get, get_sse, proxy_id, request};
+use support::proxy::{Proxy, scrape};
+use support::upstream::{Upstream, blob, wait_until};
+
+/// Opens an event stream through the proxy and checks that it is one.
+fn open(proxy: &Proxy, path: &str, headers: &[(&str, &str)]) -> Sse {
+    let response = get_sse(&proxy.addr, path, headers);
+    assert_eq!(response.status, 200, "GET {path}: {response:?}");
+    assert!(response.is_sse(), "GET {path}: {response:?}");
+    response.sse()
+}
+
+/// `(seq, data)` of each event, checking that all carry `token`.
+fn seqs(events: &[Event], token: &str) -> Vec<(u64, String)> {
+    events
+        .iter()
+        .map(|e| {
+            let (t, seq) = proxy_id(e.id());
+            assert_eq!(t, token, "an event of another stream: {e:?}");
+            (seq, e.data.clone())
+        })
+        .collect()
+}
+
+/// `(k, "k")` for each `k` in `range`: a live-feed event the proxy
+/// numbered as the upstream did.
+fn numbered(range: std::ops::RangeInclusive<u64>) -> Vec<(u64, String)> {
+    range.map(|k| (k, k.to_string())).collect()
+}
+
+/// The token of a stream whose first event the test just read.
+fn token_of(event: &Event) -> String {
+    proxy_id(event.id()).0
+}
+
+/// A gap signal's JSON.
+fn gap(event: &Event) -> serde_json::Value {
+    assert_eq!(
+        event.event.as_deref(),
+        Some("tidemark-gap"),
+        "expected the gap signal, got {event:?}"
+    );
+    serde_json::from_str(&event.data).unwrap_or_else(|e| panic!("gap data {event:?}: {e}"))
+}
+
+#[test]
+fn the_test_upstream_behaves_as_the_proxy_tests_assume() {
+    // The fixtures on their own, no proxy: what the other tests rely on.
+    let upstream = Upstream::start();
+    let addr = upstream.addr.to_string();
+
+    // The live feed never replays: a second connection asking for
+    // everything after 0 gets only what is emitted from then on.
+    let mut first = get_sse(&addr, "/live", &[]).sse();
+    upstream.wait_live_requests(1);
+    upstream.emit(3);
+    assert_eq!(first.next_item(), Some(Item::Retry(20)));
+    assert_eq!(
+        first.next_item(),
+        Some(Item::Comment("upstream comment".into()))
+    );
+    let ids: Vec<String> = first.events(3).into_iter().map(|e| e.data).collect();
+    assert_eq!(ids, ["1", "2", "3"]);
+    let mut second = get_sse(&addr, "/live", &[("Last-Event-ID", "0")]).sse();
+    upstream.wait_live_requests(2);
+    upstream.emit(2);
+    assert_eq!(second.next_event().unwrap().data, "4");
+    assert_eq!(first.events(2)[1].data, "5");
+    assert_eq!(
+        upstream
+            .state
+            .live_open
+            .load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+
+    // The replay feed: replays after Last-Event-ID, ends every N events.
+    upstream.release(25);
+    let mut replay = get_sse(&addr, "/replay?drop=10&count=25", &[("Last-Event-ID", "7")]).sse();
+    let rest: Vec<String> = replay.rest().into_iter().map(|e| e.data).collect();
+    assert_eq!(rest, (8..=17).map(|i| i.to_string()).collect::<Vec<_>>());
+    let mut last = get_sse(
+        &addr,
+        "/replay?drop=10&count=25",
+        &[("Last-Event-ID", "20")],
+    )
+    .sse();
+    assert_eq!(last.events(5).last().unwrap().data, "25");
+    last.set_timeout(Duration::from_millis(200));
+    assert!(
+        last.try_item().is_err(),
+        "the replay feed stays open at its end"
+    );
+
+    // The chat: K events, those after H held until released, then the end.
+    let chat = request(
+        &addr,
+        "POST",
+        "/chat?tokens=4&hold=2",
+        &[],
+        Some(b"{\"q\":1}"),
+    );
+    let mut chat = chat.sse();
+    let held = chat.events(2);
+    assert_eq!(held[0].event.as_deref(), Some("token"));
+    assert_eq!(held[1].id.as_deref(), Some("c2"));
+    upstream.release_chat();
+    assert_eq!(chat.rest().len(), 2);
+    assert_eq!(
+        upstream
+            .state
+            .chats_done
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    assert_eq!(upstream.state.requests_to("/chat")[0].body, b"{\"q\":1}");
+
+    // Plain answers carry the hop-by-hop headers the proxy must drop.
+    let json = get(&addr, "/json", &[]);
+    assert_eq!(json.header("x-upstream-hop"), Some("dropped"));
+    assert_eq!(json.header("keep-alive"), Some("timeout=30"));
+    assert_eq!(json.header("x-custom"), Some("kept"));
+    assert_eq!(json.text(), r#"{"ok":true,"n":42}"#);
+    assert_eq!(get(&addr, "/blob", &[]).body(), blob());
+    assert_eq!(get(&addr, "/redirect", &[]).status, 302);
+}
+
+#[test]
+fn plain_answers_pass_through_unchanged_and_redirects_are_not_followed() {
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(&upstream.url(), &[]);
+
+    let json = get(&proxy.addr, "/json", &[]);
+    assert_eq!(json.status, 200);
+    assert_eq!(json.header("content-type"), Some("application/json"));
+    assert_eq!(json.header("x-custom"), Some("kept"));
+    assert_eq!(json.text(), r#"{"ok":true,"n":42}"#);
+
+    let missing = get(&proxy.addr, "/missing", &[]);
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.header("x-custom"), Some("kept"));
+    assert_eq!(missing.text(), "not here\n");
+
+    let redirect = get(&proxy.addr, "/redirect", &[]);
+    assert_eq!(
+        redirect.status, 302,
+        "a redirect is passed on, not followed"
+    );
+    assert_eq!(redirect.header("location"), Some("/json"));
+    assert_eq!(redirect.header("x-custom"), Some("kept"));
+    assert_eq!(redirect.text(), "moved\n");
+    assert_eq!(
+        upstream.state.count("/json"),
+        1,
+        "only the client's own GET"
+    );
+
+    let big = get(&proxy.addr, "/blob", &[]);
+    assert_eq!(big.status, 200);
+    assert_eq!(big.header("content-type"), Some("application/octet-stream"));
+    assert!(big.body() == blob(), "200 KB of bytes unchanged");
+
+    // Method, path, query and body reach the upstream as sent.
+    let body = br#"{"hello":"upstream"}"#;
+    let echo = request(
+        &proxy.addr,
+        "POST",
+        "/echo?a=1&b=two%20words",
+        &[("Content-Type", "application/json")],
+        Some(body),
+    );
+    assert_eq!(echo.status, 200);
+    let seen: serde_json::Value = serde_json::from_slice(&echo.body()).unwrap();
+    assert_eq!(seen["method"], "POST");
+    assert_eq!(seen["target"], "/echo?a=1&b=two%20words");
+    assert_eq!(seen["body"], r#"{"hello":"upstream"}"#);
+    assert_eq!(seen["headers"]["content-type"], "application/json");
+    assert_eq!(seen["headers"]["host"], upstream.addr.to_string());
+}
+
+#[test]
+fn hop_by_hop_headers_are_not_forwarded_either_way() {
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(&upstream.url(), &[]);
+    let echo = get(
+        &proxy.addr,
+        "/echo",
+        &[
+            ("Connection", "keep-alive, X-Client-Hop"),
+            ("X-Client-Hop", "secret"),
+            ("Keep-Alive", "timeout=5"),
+            ("TE", "trailers"),
+            ("Trailer", "X-End"),
+            ("Proxy-Authorization", "Basic Zm9vOmJhcg=="),
+            ("X-Kept", "yes"),
+            ("Authorization", "Bearer end-to-end"),
+        ],
+    );
+    assert_eq!(echo.status, 200);
+    let seen: serde_json::Value = serde_json::from_slice(&echo.body()).unwrap();
+    let headers = seen["headers"].as_object().unwrap();
+    assert_eq!(headers["x-kept"], "yes");
+    assert_eq!(headers["authorization"], "Bearer end-to-end");
+    for hop in [
+        "x-client-hop",
+        "keep-alive",
+        "te",
+        "trailer",
+        "proxy-authorization",
+    ] {
+        assert!(
+            !headers.contains_key(hop),
+            "{hop} was forwarded: {headers:?}"
+        );
+    }
+    if let Some(connection) = headers.get("connection") {
+        assert!(
+            !connection
+                .as_str()
+                .unwrap()
+                .to_ascii_lowercase()
+                .contains("x-client-hop"),
+            "{connection}"
+        );
+    }
+
+    // And from the upstream's answer.
+    let json = get(&proxy.addr, "/json", &[]);
+    assert_eq!(json.status, 200);
+    assert_eq!(json.header("x-custom"), Some("kept"));
+    assert_eq!(json.header("x-upstream-hop"), None, "{json:?}");
+    assert_eq!(json.header("keep-alive"), None, "{json:?}");
+    if let Some(connection) = json.header("connection") {
+        assert!(
+            !connection.to_ascii_lowercase().contains("x-upstream-hop"),
+            "{json:?}"
+        );
+    }
+}
+
+#[test]
+fn a_replaying_upstream_that_drops_is_followed_once_for_all_clients() {
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(&upstream.url(), &[]);
+    let path = "/replay?drop=10&count=60";
+    let mut clients = vec![open(&proxy, path, &[])];
+    wait_until("the proxy's upstream request", || {
+        upstream.state.count("/replay") == 1
+    });
+    clients.push(open(&proxy, path, &[]));
+    clients.push(open(&proxy, path, &[]));
+    upstream.release(60);
+    let mut tokens = Vec::new();
+    for (i, client) in clients.iter_mut().enumerate() {
+        let events = client.events(60);
+        let token = token_of(&events[0]);
+        assert_eq!(seqs(&events, &token), numbered(1..=60), "client {i}");
+        // Nothing after the 60th: the stream is idle.
+        client.set_timeout(Duration::from_millis(300));
+        match client.try_item() {
+            Err(_) | Ok(Some(Item::Comment(_))) => {}
+            other => panic!("client {i}: after the last event: {other:?}"),
+        }
+        tokens.push(token);
+    }
+    assert!(
+        tokens.windows(2).all(|w| w[0] == w[1]),
+        "one stream: {tokens:?}"
+    );
+    let requests = upstream.state.requests_to("/replay");
+    let resumed_from: Vec<Option<&str>> =
+        requests.iter().map(|r| r.header("last-event-id")).collect();
+    assert_eq!(
+        resumed_from,
+        [
+            None,
+            Some("10"),
+            Some("20"),
+            Some("30"),
+            Some("40"),
+            Some("50")
+        ],
+        "one upstream connection per drop (not per client), each resuming with the upstream's own id"
+    );
+}
+
+#[test]
+fn two_hundred_clients_of_one_get_stream_share_one_upstream_connection() {
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(&upstream.url(), &[]);
+    let mut clients = vec![open(&proxy, "/live?room=1", &[])];
+    upstream.wait_live_requests(1);
+    for _ in 1..200 {
+        clients.push(open(&proxy, "/live?room=1", &[]));
+    }
+    upstream.emit(5);
+    let mut token = None;
+    for (i, client) in clients.iter_mut().enumerate() {
+        let events = client.events(5);
+        let t = token.get_or_insert_with(|| token_of(&events[0])).clone();
+        assert_eq!(seqs(&events, &t), numbered(1..=5), "client {i}");
+    }
+    assert_eq!(upstream.state.count("/live"), 1);
+    assert_eq!(
+        upstream
+            .state
+            .live_open
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+}
+
+#[test]
+fn a_client_that_leaves_before_the_upstream_answers_does_not_wedge_the_stream() {
+    use std::io::Write;
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(&upstream.url(), &[]);
+    let path = "/live?hold-head";
+    let mut impatient = std::net::TcpStream::connect(&proxy.addr).unwrap();
+    write!(
+        impatient,
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
+        proxy.addr
+    )
+    .unwrap();
+    upstream.wait_live_requests(1);
+    drop(impatient); // gone while the proxy waits for the upstream's head
+    upstream.release_heads();
+    // The next client of the same stream is served, by a new upstream
+    // request or by the first one's answer.
+    let mut next = open(&proxy, path, &[]);
+    wait_until("the upstream feed to be open", || {
+        upstream
+            .state
+            .live_open
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 1
+    });
+    upstream.emit(1);
+    assert_eq!(next.next_event().unwrap().data, "1");
+}
+
+/// The token in a `Content-Location: /_tidemark/streams/<token>`.
+fn location_token(location: &str) -> &str {
+    let token = location
+        .strip_prefix("/_tidemark/streams/")
+        .unwrap_or_else(|| panic!("Content-Location {location:?}"));
+    assert!(
+        token.len() == 32
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        "Content-Location {location:?}: not 128 bits of lowercase hex"
+    );
+    token
+}
+
+/// `(seq, data)` of chat events `range`, as the upstream sent them.
+fn tokens(range: std::ops::RangeInclusive<u64>) -> Vec<(u64, String)> {
+    range.map(|i| (i, format!("{{\"i\":{i}}}"))).collect()
+}
+
+#[test]
+fn a_post_stream_resumes_at_its_content_location_then_answers_204() {
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(&upstream.url(), &[]);
+    let auth = ("Authorization", "Bearer A");
+    let prompt = br#"{"prompt":"twenty tokens please"}"#;
+    let answer = request(
+        &proxy.addr,
+        "POST",
+        "/chat?tokens=20&hold=10",
+        &[
+            auth,
+            ("Content-Type", "application/json"),
+            ("Accept", "text/event-stream"),
+        ],
+        Some(prompt),
+    );
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert!(answer.is_sse(), "{answer:?}");
+    let location = answer
+        .header("content-location")
+        .unwrap_or_else(|| panic!("no Content-Location: {answer:?}"))
+        .to_owned();
+    location_token(&location);
+    let mut first = answer.sse();
+    let half = first.events(10);
+    let token = token_of(&half[0]);
+    assert_eq!(seqs(&half, &token), tokens(1..=10));
+    assert!(half.iter().all(|e| e.event.as_deref() == Some("token")));
+    drop(first); // the client goes away halfway
+
+    // The upstream answer goes on without any client, to its end.
+    upstream.release_chat();
+    wait_until("the upstream's answer to end", || {
+        upstream
+            .state
+            .chats_done
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 1
+    });
+    let last_seen = format!("{token}-10");
+    let mut resumed = open(&proxy, &location, &[auth, ("Last-Event-ID", &last_seen)]);
+    let rest = resumed.rest(); // the stream has ended: the response ends
+    assert_eq!(seqs(&rest, &token), tokens(11..=20), "the rest, once");
+    assert!(rest.iter().all(|e| e.event.as_deref() == Some("token")));
+
+    let last = format!("{token}-20");
+    let done = get_sse(&proxy.addr, &location, &[auth, ("Last-Event-ID", &last)]);
+    assert_eq!(done.status, 204, "everything was delivered: {done:?}");
+
+    // Without Last-Event-ID: from the first retained event.
+    let all = open(&proxy, &location, &[auth]).rest();
+    assert_eq!(seqs(&all, &token), tokens(1..=20));
+
+    let posts = upstream.state.requests_to("/chat");
+    assert_eq!(posts.len(), 1, "the upstream saw one POST");
+    assert_eq!(posts[0].body, prompt);
+    assert_eq!(posts[0].header("authorization"), Some("Bearer A"));
+    assert_eq!(posts[0].header("content-type"), Some("application/json"));
+}
+
+/// Reads until the stream ends or fails (a killed proxy).
+fn until_cut(sse: &mut Sse) {
+    while let Ok(Some(_)) = sse.try_item() {}
+}
+
+#[test]
+fn kill_9_with_a_log_dir_loses_nothing_a_client_saw() {
+    let upstream = Upstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--log", dir.path().to_str().unwrap()];
+    let mut proxy = Proxy::start(&upstream.url(), &args);
+    let mut client = open(&proxy, "/live", &[]);
+    upstream.wait_live_requests(1);
+    upstream.emit(30);
+    let seen = client.events(30);
+    let token = token_of(&seen[0]);
+    assert_eq!(seqs(&seen, &token), numbered(1..=30));
+
+    proxy.kill9(); // mid-stream: the stream and its upstream are open
+    until_cut(&mut client);
+    let proxy = Proxy::start(&upstream.url(), &args);
+    let last_seen = format!("{token}-30");
+    let mut resumed = open(&proxy, "/live", &[("Last-Event-ID", &last_seen)]);
+    let early_id = format!("{token}-5");
+    let mut early = open(&proxy, "/live", &[("Last-Event-ID", &early_id)]);
+    // What the client saw before the kill is all still there.
+    assert_eq!(seqs(&early.events(25), &token), numbered(6..=30));
+    // The restarted proxy follows the upstream again; new events continue
+    // the stream's ids, with no gap signal and nothing repeated.
+    upstream.wait_live_requests(2);
+    upstream.emit(30);
+    assert_eq!(seqs(&resumed.events(30), &token), numbered(31..=60));
+    assert_eq!(seqs(&early.events(30), &token), numbered(31..=60));
+}
+
+#[test]
+fn a_resume_older_than_retention_or_unknown_gets_the_gap_signal() {
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(&upstream.url(), &["--retain", "5"]);
+    let mut opener = open(&proxy, "/live", &[]);
+    upstream.wait_live_requests(1);
+    // One at a time, so that the opener never falls behind the five kept.
+    let seen: Vec<Event> = (1..=20)
+        .map(|_| {
+            upstream.emit(1);
+            opener.next_event().unwrap()
+        })
+        .collect();
+    let token = token_of(&seen[0]);
+    assert_eq!(seqs(&seen, &token), numbered(1..=20));
+    let resume = |id: &str| open(&proxy, "/live", &[("Last-Event-ID", id)]);
+
+    // Retention: 16..=20 are kept, 4..=15 are lost to a client at 3.
+    let mut old = resume(&format!("{token}-3"));
+    let signal = old.next_event().unwrap();
+    assert_eq!(
+        gap(&signal),
+        serde_json::json!({"reason": "retention", "lost": 12})
+    );
+    assert_eq!(signal.id.as_deref(), Some(format!("{token}-15").as_str()));
+    assert_eq!(seqs(&old.events(5), &token), numbered(16..=20));
+
+    // Within retention: no signal.
+    let mut recent = resume(&format!("{token}-17"));
+    assert_eq!(seqs(&recent.events(3), &token), numbered(18..=20));
+
+    // Unknown: garbage, and a well-formed id of a stream that does not exist.
+    let mut unknown = Vec::new();
+    for id in ["garbage", "0123456789abcdef0123456789abcdef-7"] {
+        let mut client = resume(id);
+        let signal = client.next_event().unwrap();
+        assert_eq!(
+            gap(&signal),
+            serde_json::json!({"reason": "unknown", "lost": null}),
+            "Last-Event-ID {id}"
+        );
+        assert_eq!(signal.id.as_deref(), Some(format!("{token}-15").as_str()));
+        assert_eq!(
+            seqs(&client.events(5), &token),
+            numbered(16..=20),
+            "Last-Event-ID {id}"
+        );
+        unknown.push(client);
+    }
+
+    // And all of them go on live.
+    upstream.emit(1);
+    for client in [&mut opener, &mut old, &mut recent]
+        .into_iter()
+        .chain(unknown.iter_mut())
+    {
+        assert_eq!(seqs(&client.events(1), &token), numbered(21..=21));
+    }
+}
+
+/// Whether two answers are the same but for `Date`.
+fn same_answer(a: http::Response, b: http::Response) {
+    let strip = |headers: &[(String, String)]| -> Vec<(String, String)> {
+        headers
+            .iter()
+            .filter(|(n, _)| n != "date")
+            .cloned()
+            .collect()
+    };
+    assert_eq!(a.status, b.status);
+    assert_eq!(strip(&a.headers), strip(&b.headers));
+    assert_eq!(a.body(), b.body());
+}
+
+#[test]
+fn identity_another_identitys_content_location_is_404_like_an_unknown_token() {
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(&upstream.url(), &[]);
+    let a = ("Authorization", "Bearer A");
+    let b = ("Authorization", "Bearer B");
+    let answer = request(&proxy.addr, "POST", "/chat?tokens=5", &[a], Some(b"{}"));
+    assert_eq!(answer.status, 200);
+    let location = answer.header("content-location").unwrap().to_owned();
+    let events = answer.sse().rest();
+    let token = token_of(&events[0]);
+    assert_eq!(seqs(&events, &token), tokens(1..=5));
+    let nowhere = "/_tidemark/streams/00112233445566778899aabbccddeeff";
+    let mid = format!("{token}-2");
+
+    // The owner resumes (the control).
+    let mut owner = open(&proxy, &location, &[a, ("Last-Event-ID", &mid)]);
+    assert_eq!(seqs(&owner.rest(), &token), tokens(3..=5));
+
+    let unknown = || get_sse(&proxy.addr, nowhere, &[b, ("Connection", "close")]);
+    assert_eq!(unknown().status, 404);
+    for headers in [
+        vec![b],
+        vec![b, ("Last-Event-ID", mid.as_str())],
+        vec![],
+        vec![("Authorization", "Bearer a")],
+        vec![a, ("Cookie", "session=other")],
+    ] {
+        let mut all = headers.clone();
+        all.push(("Connection", "close"));
+        let other = get_sse(&proxy.addr, &location, &all);
+        assert_eq!(other.status, 404, "{headers:?}: {other:?}");
+        same_answer(other, unknown());
+    }
+    assert_eq!(upstream.state.count("/chat"), 1);
+}
+
+#[test]
+fn identity_a_get_stream_is_never_joined_by_another_identity() {
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(&upstream.url(), &[]);
+    let a = ("Authorization", "Bearer A");
+    let mut opened = vec![open(&proxy, "/live", &[a])];
+    upstream.wait_live_requests(1);
+    opened.push(open(&proxy, "/live", &[a])); // joins
+    let others: [&[(&str, &str)]; 4] = [
+        &[("Authorization", "Bearer B")],
+        &[("Cookie", "session=1")],
+        &[("Cookie", "session=2")],
+        &[a, ("Mcp-Session-Id", "m1")],
+    ];
+    for (i, headers) in others.iter().enumerate() {
+        opened.push(open(&proxy, "/live", headers));
+        upstream.wait_live_requests(2 + i);
+        let request = &upstream.state.requests_to("/live")[1 + i];
+        for (name, value) in *headers {
+            assert_eq!(
+                request.header(&name.to_ascii_lowercase()),
+                Some(*value),
+                "the upstream request of identity {headers:?} carries its own credentials"
+            );
+        }
+    }
+    upstream.emit(1);
+    let ids: Vec<String> = opened
+        .iter_mut()
+        .map(|client| {
+            let event = client.next_event().unwrap();
+            assert_eq!(event.data, "1");
+            token_of(&event)
+        })
+        .collect();
+    assert_eq!(ids[0], ids[1], "the same identity shares the stream");
+    let mut distinct = ids[1..].to_vec();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 5, "one stream per identity: {ids:?}");
+    assert_eq!(
+        upstream.state.count("/live"),
+        5,
+        "one upstream connection per identity"
+    );
+}
+
+#[test]
+fn identity_a_last_event_id_of_another_identity_gets_what_garbage_gets() {
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(&upstream.url(), &[]);
+    let a = ("Authorization", "Bearer A");
+    let b = ("Authorization", "Bearer B");
+    let mut of_a = open(&proxy, "/live", &[a]);
+    upstream.wait_live_requests(1);
+    let mut of_b = open(&proxy, "/live", &[b]);
+    upstream.wait_live_requests(2);
+    upstream.emit(3);
+    let token_a = token_of(&of_a.events(3)[0]);
+    let token_b = token_of(&of_b.events(3)[0]);
+    assert_ne!(token_a, token_b);
+
+    let copied = format!("{token_a}-1");
+    let mut with_copied = open(&proxy, "/live", &[b, ("Last-Event-ID", &copied)]);
+    let mut with_garbage = open(&proxy, "/live", &[b, ("Last-Event-ID", "garbage")]);
+    let copied_got = with_copied.events(4);
+    let garbage_got = with_garbage.events(4);
+    assert_eq!(copied_got, garbage_got);
+    assert_eq!(
+        gap(&garbage_got[0]),
+        serde_json::json!({"reason": "unknown", "lost": null})
+    );
+    assert_eq!(seqs(&garbage_got[1..], &token_b), numbered(1..=3));
+    // B joined its own stream: no new upstream connection, none to A's.
+    assert_eq!(upstream.state.count("/live"), 2);
+}
+
+#[test]
+fn identity_header_flag_makes_a_header_part_of_the_identity() {
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(&upstream.url(), &["--identity-header", "X-Api-Key"]);
+    let k1 = ("X-Api-Key", "k1");
+    let k2 = ("X-Api-Key", "k2");
+    let mut first = open(&proxy, "/live", &[k1]);
+    upstream.wait_live_requests(1);
+    let mut joined = open(&proxy, "/live", &[k1]);
+    let mut second = open(&proxy, "/live", &[k2]);
+    upstream.wait_live_requests(2);
+    assert_eq!(
+        upstream.state.requests_to("/live")[1].header("x-api-key"),
+        Some("k2")
+    );
+    upstream.emit(1);
+    let t1 = token_of(&first.next_event().unwrap());
+    assert_eq!(token_of(&joined.next_event().unwrap()), t1);
+    assert_ne!(token_of(&second.next_event().unwrap()), t1);
+
+    let answer = request(&proxy.addr, "POST", "/chat?tokens=3", &[k1], Some(b"{}"));
+    let location = answer.header("content-location").unwrap().to_owned();
+    answer.sse().rest();
+    assert_eq!(get_sse(&proxy.addr, &location, &[k2]).status, 404);
+    assert_eq!(get_sse(&proxy.addr, &location, &[]).status, 404);
+    assert_eq!(open(&proxy, &location, &[k1]).rest().len(), 3);
+    assert_eq!(upstream.state.count("/live"), 2);
+
+    // Without the flag the header is not part of the identity: one stream.
+    let plain_upstream = Upstream::start();
+    let plain = Proxy::start(&plain_upstream.url(), &[]);
+    let mut p1 = open(&plain, "/live", &[k1]);
+    plain_upstream.wait_live_requests(1);
+    let mut p2 = open(&plain, "/live", &[k2]);
+    plain_upstream.emit(1);
+    assert_eq!(
+        token_of(&p1.next_event().unwrap()),
+        token_of(&p2.next_event().unwrap())
+    );
+    assert_eq!(plain_upstream.state.count("/live"), 1);
+}
+
+#[test]
+fn header_and_body_caps_answer_431_and_413_and_reach_no_upstream() {
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(
+        &upstream.url(),
+        &["--max-header-bytes", "8192", "--max-body-bytes", "1000"],
+    );
+    let small = "a".repeat(2000);
+    let ok = get(&proxy.addr, "/echo?under", &[("X-Big", &small)]);
+    assert_eq!(ok.status, 200);
+    let big = "a".repeat(12_000);
+    let refused = get(&proxy.addr, "/echo?over", &[("X-Big", &big)]);
+    assert_eq!(refused.status, 431, "{refused:?}");
+
+    let under = vec![b'x'; 900];
+    let ok = request(&proxy.addr, "POST", "/echo?body-under", &[], Some(&under));
+    assert_eq!(ok.status, 200);
+    let seen: serde_json::Value = serde_json::from_slice(&ok.body()).unwrap();
+    assert_eq!(seen["body"].as_str().unwrap().len(), 900);
+    let over = vec![b'x'; 5000];
+    let refused = request(&proxy.addr, "POST", "/echo?body-over", &[], Some(&over));
+    assert_eq!(
+        refused.status, 413,
+        "Content-Length over the cap: {refused:?}"
+    );
+
+    // A chunked body with no Content-Length, over the cap as it arrives.
+    let mut chunked = format!(
+        "POST /echo?chunked-over HTTP/1.1\r\nHost: {}\r\nTransfer-Encoding: chunked\r\n\r\n",
+        proxy.addr
+    )
+    .into_bytes();
+    for _ in 0..5 {
+        chunked.extend_from_slice(b"3e8\r\n");
+        chunked.extend_from_slice(&[b'y'; 1000]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let refused = http::raw(&proxy.addr, &chunked);
+    assert_eq!(
+        refused.status, 413,
+        "a chunked body over the cap: {refused:?}"
+    );
+
+    let targets: Vec<String> = upstream
+        .state
+        .seen()
+        .into_iter()
+        .map(|s| s.target)
+        .collect();
+    assert_eq!(targets, ["/echo?under", "/echo?body-under"]);
+}
+
+#[test]
+fn max_streams_refuses_another_get_stream_with_503() {
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(&upstream.url(), &["--max-streams", "1"]);
+    let _first = open(&proxy, "/live", &[]);
+    upstream.wait_live_requests(1);
+    let second = get_sse(&proxy.addr, "/live?another", &[]);
+    assert_eq!(second.status, 503, "a second stream: {second:?}");
+    let _joined = open(&proxy, "/live", &[]); // no new stream
+    assert_eq!(
+        get(&proxy.addr, "/json", &[]).status,
+        200,
+        "plain answers are no stream"
+    );
+}
+
+#[test]
+fn max_streams_refuses_a_post_stream_with_503() {
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(&upstream.url(), &["--max-streams", "1"]);
+    let _first = open(&proxy, "/live", &[]);
+    upstream.wait_live_requests(1);
+    let chat = request(&proxy.addr, "POST", "/chat?tokens=2", &[], Some(b"{}"));
+    assert_eq!(chat.status, 503, "a POST stream is a stream too: {chat:?}");
+}
+
+#[test]
+fn max_clients_refuses_another_client_with_503_until_one_leaves() {
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(&upstream.url(), &["--max-clients", "2"]);
+    let first = open(&proxy, "/live", &[]);
+    upstream.wait_live_requests(1);
+    let _second = open(&proxy, "/live", &[]);
+    let third = get_sse(&proxy.addr, "/live", &[]);
+    assert_eq!(third.status, 503, "a third client: {third:?}");
+    drop(first);
+    // Once the proxy sees the first client gone, a new one is let in.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let again = get_sse(&proxy.addr, "/live", &[]);
+        if again.status == 200 {
+            break;
+        }
+        assert_eq!(again.status, 503);
+        assert!(
+            Instant::now() < deadline,
+            "the first client's place was never freed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_slow_client_does_not_slow_another() {
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(&upstream.url(), &[]);
+    let mut slow = open(&proxy, "/live", &[]);
+    upstream.wait_live_requests(1);
+    let mut fast = open(&proxy, "/live", &[]);
+    // 300 events of 64 KiB: about 20 MB, far more than the socket buffers
+    // of a client that never reads.
+    let pad = 64 * 1024;
+    upstream.emit_padded(300, pad);
+    let started = Instant::now();
+    let check = |events: Vec<Event>, who: &str| {
+        let token = token_of(&events[0]);
+        for (k, event) in (1u64..).zip(&events) {
+            assert_eq!(proxy_id(event.id()), (token.clone(), k), "{who}");
+            assert!(event.data.starts_with(&format!("{k} ")), "{who}: event {k}");
+            assert_eq!(event.data.len(), format!("{k} ").len() + pad, "{who}");
+        }
+    };
+    check(fast.events(300), "the fast client");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the fast client took {:?}",
+        started.elapsed()
+    );
+    // The slow client was stalled all along; it still gets everything.
+    check(slow.events(300), "the slow client");
+}
+
+#[test]
+fn a_connected_client_that_falls_behind_retention_gets_the_gap_signal() {
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(&upstream.url(), &["--retain", "5"]);
+    let mut behind = open(&proxy, "/live", &[]);
+    upstream.wait_live_requests(1);
+    // Far more than the socket buffers of a client that does not read
+    // hold, and far more than the log keeps.
+    let pad = 64 * 1024;
+    upstream.emit_padded(200, pad);
+    // Everything up to 200 is accounted for: each event once and in order,
+    // and each hole announced by a gap signal that says exactly how many
+    // events it lost.
+    let mut last = 0;
+    let mut gaps = 0;
+    let mut token = None;
+    while last < 200 {
+        let event = behind.next_event().unwrap();
+        let (t, seq) = proxy_id(event.id());
+        assert_eq!(&t, token.get_or_insert_with(|| t.clone()), "{event:?}");
+        if event.event.as_deref() == Some("tidemark-gap") {
+            let signal = gap(&event);
+            assert_eq!(signal["reason"], "retention", "{event:?}");
+            assert_eq!(signal["lost"], seq - last, "lost after {last}: {event:?}");
+            gaps += 1;
+        } else {
+            assert_eq!(seq, last + 1, "after {last}: {}", &event.data[..16]);
+            assert!(event.data.starts_with(&format!("{seq} ")));
+        }
+        last = seq;
+    }
+    assert!(
+        gaps > 0,
+        "200 events of 64 KiB through --retain 5 lost none"
+    );
+}
+
+#[test]
+fn an_idle_stream_gets_retry_first_then_keep_alives() {
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(
+        &upstream.url(),
+        &["--keep-alive-secs", "1", "--retry-ms", "1234"],
+    );
+    let mut idle = open(&proxy, "/live", &[]);
+    let opened = Instant::now();
+    assert_eq!(idle.next_item(), Some(Item::Retry(1234)), "retry: first");
+    let mut comments = Vec::new();
+    while comments.len() < 2 {
+        match idle.next_item() {
+            Some(Item::Comment(text)) => comments.push(text),
+            other => panic!("on an idle stream after retry: {other:?}"),
+        }
+    }
+    let took = opened.elapsed();
+    assert!(
+        took > Duration::from_millis(900) && took < Duration::from_secs(4),
+        "two keep-alives at 1 s took {took:?}"
+    );
+    assert!(
+        comments.iter().all(|c| c != "upstream comment"),
+        "the upstream's comment was forwarded: {comments:?}"
+    );
+}
+
+#[test]
+fn sigterm_and_sigint_exit_0() {
+    for signal in ["TERM", "INT"] {
+        let upstream = Upstream::start();
+        let mut proxy = Proxy::start(&upstream.url(), &[]);
+        let mut client = open(&proxy, "/live", &[]);
+        upstream.wait_live_requests(1);
+        upstream.emit(3);
+        client.events(3);
+        let status = proxy.signal_and_wait(signal);
+        assert!(
+            status.success(),
+            "SIG{signal}: {status:?}; stderr:\n{}",
+            proxy.stderr().join("\n")
+        );
+        until_cut(&mut client);
+    }
+}
+
+#[test]
+fn sigterm_with_a_log_dir_exits_0_and_the_restart_serves_everything() {
+    let upstream = Upstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--log", dir.path().to_str().unwrap()];
+    let mut proxy = Proxy::start(&upstream.url(), &args);
+    let mut client = open(&proxy, "/live", &[]);
+    upstream.wait_live_requests(1);
+    upstream.emit(10);
+    let token = token_of(&client.events(10)[0]);
+    let status = proxy.signal_and_wait("TERM");
+    assert!(
+        status.success(),
+        "{status:?}; stderr:\n{}",
+        proxy.stderr().join("\n")
+    );
+    until_cut(&mut client);
+    let proxy = Proxy::start(&upstream.url(), &args);
+    let from = format!("{token}-3");
+    let mut resumed = open(&proxy, "/live", &[("Last-Event-ID", &from)]);
+    assert_eq!(seqs(&resumed.events(7), &token), numbered(4..=10));
+}
+
+#[test]
+fn metrics_count_events_clients_gaps_and_refusals() {
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(
+        &upstream.url(),
+        &[
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--max-clients",
+            "2",
+            "--max-body-bytes",
+            "100",
+            "--max-header-bytes",
+            "8192",
+        ],
+    );
+    let metrics = proxy.metrics_addr();
+    let value = |name: &str| scrape(&metrics).get(name).copied();
+    let eventually = |name: &str, expected: f64| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = value(name);
+            if got == Some(expected) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} is {got:?}, expected {expected}; scrape:\n{:?}",
+                scrape(&metrics)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut first = open(&proxy, "/live", &[]);
+    upstream.wait_live_requests(1);
+    let mut second = open(&proxy, "/live", &[]);
+    upstream.emit(3);
+    let token = token_of(&first.events(3)[0]);
+    second.events(3);
+    eventually("tidemark_proxy_events_in_total", 3.0);
+    eventually("tidemark_proxy_clients", 2.0);
+    eventually("tidemark_proxy_streams{kind=\"get\"}", 1.0);
+    eventually("tidemark_proxy_upstream_connections", 1.0);
+    let out = value("tidemark_proxy_events_out_total").unwrap_or_default();
+    assert!(out >= 6.0, "events out {out}");
+
+    assert_eq!(get_sse(&proxy.addr, "/live", &[]).status, 503);
+    eventually("tidemark_proxy_refusals_total{limit=\"clients\"}", 1.0);
+
+    drop(second);
+    eventually("tidemark_proxy_clients", 1.0);
+    let mut garbage = open(&proxy, "/live", &[("Last-Event-ID", "garbage")]);
+    gap(&garbage.next_event().unwrap());
+    eventually("tidemark_proxy_gaps_total{reason=\"unknown\"}", 1.0);
+    drop(garbage);
+    eventually("tidemark_proxy_clients", 1.0);
+    // Whether the garbage id counted as a resume is the proxy's to say; a
+    // good one counts once more.
+    let resumes = value("tidemark_proxy_resumes_total").unwrap_or_default();
+    let resumed_from = format!("{token}-1");
+    let mut resumed = open(&proxy, "/live", &[("Last-Event-ID", &resumed_from)]);
+    assert_eq!(seqs(&resumed.events(2), &token), numbered(2..=3));
+    eventually("tidemark_proxy_resumes_total", resumes + 1.0);
+
+    let body = [b'x'; 500];
+    assert_eq!(
+        request(&proxy.addr, "POST", "/echo", &[], Some(&body)).status,
+        413
+    );
+    eventually("tidemark_proxy_refusals_total{limit=\"body_bytes\"}", 1.0);
+    let big = "h".repeat(12_000);
+    assert_eq!(get(&proxy.addr, "/echo", &[("X-Big", &big)]).status, 431);
+    eventually("tidemark_proxy_refusals_total{limit=\"header_bytes\"}", 1.0);
+    assert_eq!(
+        value("tidemark_proxy_gaps_total{reason=\"unknown\"}"),
+        Some(1.0),
+        "a good resume is no gap"
+    );
+}

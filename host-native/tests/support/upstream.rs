@@ -1,0 +1,509 @@
+//! Upstream servers for the proxy tests: hyper on smol, on a thread of its
+//! own, recording every request it sees so that a test can count what
+//! reached the upstream. One server has every route:
+//!
+//! - `GET /live` (any query): a live feed that never replays. Events come
+//!   from one global sequence (ids and data `1`, `2`, ...) emitted by the
+//!   test ([`Upstream::emit`]); each connection gets those emitted while it
+//!   is open and ignores `Last-Event-ID`. It starts with an upstream
+//!   `retry:` and a comment, which the proxy must not forward.
+//! - `GET /replay?drop=N&count=M`: ids `1..=M` after `Last-Event-ID`, each
+//!   event only once the test released it ([`Upstream::release`]); the
+//!   connection ends after `N` events, and stays open once `M` is sent.
+//! - `POST /chat?tokens=K&hold=H`: an LLM-like answer, `K` events
+//!   (`event: token`, upstream ids `c1`...), then the end; events after the
+//!   first `H` wait for [`Upstream::release_chat`].
+//! - Any request with `hold-head` in its query gets its answer only after
+//!   [`Upstream::release_heads`] (an upstream slow to answer).
+//! - `GET /json`, `/missing` (404), `/redirect` (302), `/blob` (200 KB of
+//!   bytes), each with a custom header and hop-by-hop headers the proxy
+//!   must drop; `/echo` (any method) answers the request it saw as JSON.
+
+#![allow(dead_code)] // each test binary uses its own part
+
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response};
+use smol_hyper::rt::FuturesIo;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// One request the upstream saw.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// The method.
+    pub method: String,
+    /// The path with its query.
+    pub target: String,
+    /// The header fields, names in lower case.
+    pub headers: Vec<(String, String)>,
+    /// The request body.
+    pub body: Vec<u8>,
+}
+
+impl Seen {
+    /// The path without the query.
+    pub fn path(&self) -> &str {
+        self.target.split('?').next().unwrap_or_default()
+    }
+
+    /// The first value of header `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A value tasks can wait on.
+#[derive(Default)]
+struct Watch {
+    inner: Mutex<(u64, Vec<async_channel::Sender<()>>)>,
+}
+
+impl Watch {
+    fn get(&self) -> u64 {
+        self.inner.lock().unwrap().0
+    }
+
+    fn set(&self, value: u64) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.0 = value;
+        inner.1.clear(); // closing the channels wakes every waiter
+    }
+
+    async fn at_least(&self, value: u64) {
+        loop {
+            let rx = {
+                let mut inner = self.inner.lock().unwrap();
+                if inner.0 >= value {
+                    return;
+                }
+                let (tx, rx) = async_channel::bounded(1);
+                inner.1.push(tx);
+                rx
+            };
+            let _ = rx.recv().await;
+        }
+    }
+}
+
+/// What the upstream shares with the test.
+#[derive(Default)]
+pub struct State {
+    /// TCP connections accepted.
+    pub connections: AtomicU64,
+    /// `/live` responses open now.
+    pub live_open: AtomicU64,
+    /// `/chat` answers sent to their end.
+    pub chats_done: AtomicU64,
+    seen: Mutex<Vec<Seen>>,
+    live: Mutex<Live>,
+    released: Watch,
+    chat_gate: Watch,
+    head_gate: Watch,
+}
+
+#[derive(Default)]
+struct Live {
+    last: u64,
+    subscribers: Vec<async_channel::Sender<Bytes>>,
+}
+
+impl State {
+    /// Every request seen so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// The requests seen for `path` (without query).
+    pub fn requests_to(&self, path: &str) -> Vec<Seen> {
+        self.seen()
+            .into_iter()
+            .filter(|s| s.path() == path)
+            .collect()
+    }
+
+    /// How many requests for `path` were seen.
+    pub fn count(&self, path: &str) -> usize {
+        self.requests_to(path).len()
+    }
+}
+
+/// A running upstream; stops (closing every connection) when dropped.
+pub struct Upstream {
+    /// Its address, `127.0.0.1:PORT`.
+    pub addr: SocketAddr,
+    /// What it saw.
+    pub state: Arc<State>,
+    stop: Option<async_channel::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Upstream {
+    /// Binds `127.0.0.1:0` and serves on a thread.
+    pub fn start() -> Upstream {
+        let state = Arc::new(State::default());
+        let listener = smol::block_on(smol::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = async_channel::bounded::<()>(1);
+        let shared = state.clone();
+        let thread = std::thread::spawn(move || {
+            smol::block_on(async move {
+                let accept = async {
+                    let mut connections: Vec<smol::Task<()>> = Vec::new();
+                    loop {
+                        let Ok((stream, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        shared.connections.fetch_add(1, Ordering::SeqCst);
+                        let state = shared.clone();
+                        let service = service_fn(move |request| respond(request, state.clone()));
+                        connections.push(smol::spawn(async move {
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(FuturesIo::new(stream), service)
+                                .await;
+                        }));
+                        connections.retain(|task| !task.is_finished());
+                    }
+                };
+                smol::future::or(accept, async {
+                    let _ = stopped.recv().await;
+                })
+                .await;
+            });
+        });
+        Upstream {
+            addr,
+            state,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// Its base URL, `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Emits `n` events on the live feed (ids and data continue the global
+    /// sequence); returns the last id.
+    pub fn emit(&self, n: u64) -> u64 {
+        self.emit_padded(n, 0)
+    }
+
+    /// Emits `n` events whose data is the id, a space and `pad` bytes.
+    pub fn emit_padded(&self, n: u64, pad: usize) -> u64 {
+        let mut live = self.state.live.lock().unwrap();
+        for _ in 0..n {
+            live.last += 1;
+            let id = live.last.to_string();
+            let data = if pad == 0 {
+                id.clone()
+            } else {
+                format!("{id} {}", "x".repeat(pad))
+            };
+            let bytes = Bytes::from(format!("id: {id}\ndata: {data}\n\n"));
+            live.subscribers
+                .retain(|subscriber| subscriber.try_send(bytes.clone()).is_ok());
+        }
+        live.last
+    }
+
+    /// Lets the replay feed send every id up to `id`.
+    pub fn release(&self, id: u64) {
+        self.state.released.set(id);
+    }
+
+    /// Lets every `/chat` answer send its held events.
+    pub fn release_chat(&self) {
+        self.state.chat_gate.set(1);
+    }
+
+    /// Lets `/live?hold-head` requests have their answer.
+    pub fn release_heads(&self) {
+        self.state.head_gate.set(1);
+    }
+
+    /// Waits until `/live` was requested `n` times.
+    pub fn wait_live_requests(&self, n: usize) {
+        wait_until(&format!("{n} requests to /live"), || {
+            self.state.count("/live") >= n
+        });
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Polls `condition` every 10 ms until it holds; fails the test after 20 s.
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn query(target: &str) -> HashMap<String, String> {
+    target
+        .split_once('?')
+        .map(|(_, q)| q)
+        .unwrap_or_default()
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+fn full(status: u16, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(Full::new(body.into()).boxed());
+    *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+    for (name, value) in headers {
+        response.headers_mut().append(
+            hyper::header::HeaderName::from_bytes(name.as_bytes()).expect("a valid header name"),
+            value.parse().expect("a valid header value"),
+        );
+    }
+    response
+}
+
+fn sse(body: impl futures::Stream<Item = Bytes> + Send + Sync + 'static) -> Response<Body> {
+    let mut response = Response::new(BodyExt::boxed(StreamBody::new(
+        body.map(|bytes| Ok::<_, Infallible>(Frame::data(bytes))),
+    )));
+    let headers = response.headers_mut();
+    headers.insert("content-type", "text/event-stream".parse().unwrap());
+    headers.insert("cache-control", "no-cache".parse().unwrap());
+    response
+}
+
+/// The hop-by-hop headers every plain answer carries, which the proxy must
+/// not pass on.
+const HOP_BY_HOP: [(&str, &str); 3] = [
+    ("connection", "x-upstream-hop"),
+    ("x-upstream-hop", "dropped"),
+    ("keep-alive", "timeout=30"),
+];
+
+async fn respond(
+    request: Request<Incoming>,
+    state: Arc<State>,
+) -> Result<Response<Body>, Infallible> {
+    let (parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes().to_vec())
+        .unwrap_or_default();
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or("/".to_owned(), |pq| pq.as_str().to_owned());
+    let seen = Seen {
+        method: parts.method.to_string(),
+        target: target.clone(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        body,
+    };
+    state.seen.lock().unwrap().push(seen.clone());
+    let params = query(&target);
+    let last_event_id = seen
+        .header("last-event-id")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let custom = [("x-custom", "kept")];
+    let with_hops = |extra: &[(&'static str, &'static str)]| -> Vec<(&'static str, &'static str)> {
+        custom
+            .iter()
+            .chain(&HOP_BY_HOP)
+            .chain(extra)
+            .copied()
+            .collect()
+    };
+    if params.contains_key("hold-head") {
+        state.head_gate.at_least(1).await;
+    }
+    let response = match (&parts.method, seen.path()) {
+        (&Method::GET, "/live") => live(&state),
+        (&Method::GET, "/replay") => {
+            let drop: u64 = params
+                .get("drop")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(10);
+            let count: u64 = params
+                .get("count")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(100);
+            replay(state.clone(), last_event_id, drop, count)
+        }
+        (&Method::POST, "/chat") => {
+            let tokens: u64 = params
+                .get("tokens")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(10);
+            let hold: u64 = params
+                .get("hold")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(tokens);
+            chat(state.clone(), tokens, hold)
+        }
+        (&Method::GET, "/json") => full(
+            200,
+            &with_hops(&[("content-type", "application/json")]),
+            r#"{"ok":true,"n":42}"#,
+        ),
+        (&Method::GET, "/missing") => full(
+            404,
+            &with_hops(&[("content-type", "text/plain")]),
+            "not here\n",
+        ),
+        (&Method::GET, "/redirect") => full(
+            302,
+            &with_hops(&[("location", "/json"), ("content-type", "text/plain")]),
+            "moved\n",
+        ),
+        (&Method::GET, "/blob") => full(
+            200,
+            &with_hops(&[("content-type", "application/octet-stream")]),
+            blob(),
+        ),
+        (_, "/echo") => {
+            let headers: serde_json::Map<String, serde_json::Value> = seen
+                .headers
+                .iter()
+                .map(|(n, v)| (n.clone(), serde_json::Value::from(v.clone())))
+                .collect();
+            let answer = serde_json::json!({
+                "method": seen.method,
+                "target": seen.target,
+                "headers": headers,
+                "body": String::from_utf8_lossy(&seen.body),
+            });
+            full(
+                200,
+                &[("content-type", "application/json")],
+                answer.to_string(),
+            )
+        }
+        _ => full(404, &[], "no route\n"),
+    };
+    Ok(response)
+}
+
+/// The `/blob` body: 200,000 bytes of a pattern.
+pub fn blob() -> Vec<u8> {
+    (0..200_000u32).map(|i| (i % 251) as u8).collect()
+}
+
+/// Decrements `live_open` when the response body is dropped.
+struct Open(Arc<State>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.live_open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn live(state: &Arc<State>) -> Response<Body> {
+    let (tx, rx) = async_channel::unbounded();
+    state.live.lock().unwrap().subscribers.push(tx);
+    state.live_open.fetch_add(1, Ordering::SeqCst);
+    let open = Open(state.clone());
+    let hello = Bytes::from_static(b"retry: 20\n\n: upstream comment\n\n");
+    let events = rx.map(move |bytes| {
+        let _open = &open;
+        bytes
+    });
+    sse(futures::stream::once(async move { hello }).chain(events))
+}
+
+fn replay(state: Arc<State>, after: u64, drop: u64, count: u64) -> Response<Body> {
+    struct S {
+        state: Arc<State>,
+        next: u64,
+        sent: u64,
+        hinted: bool,
+    }
+    let s = S {
+        state,
+        next: after + 1,
+        sent: 0,
+        hinted: false,
+    };
+    let body = futures::stream::unfold(s, move |mut s| async move {
+        if !s.hinted {
+            s.hinted = true;
+            return Some((Bytes::from_static(b"retry: 20\n\n"), s));
+        }
+        if s.next > count {
+            // Everything is sent: stay open, silent.
+            futures::future::pending::<()>().await;
+        }
+        if s.sent >= drop {
+            return None;
+        }
+        s.state.released.at_least(s.next).await;
+        let bytes = Bytes::from(format!("id: {0}\ndata: {0}\n\n", s.next));
+        s.next += 1;
+        s.sent += 1;
+        Some((bytes, s))
+    });
+    let mut response = sse(body);
+    response
+        .headers_mut()
+        .insert("connection", "close".parse().unwrap());
+    response
+}
+
+fn chat(state: Arc<State>, tokens: u64, hold: u64) -> Response<Body> {
+    let body = futures::stream::unfold((state, 1u64), move |(state, i)| async move {
+        if i > tokens {
+            state.chats_done.fetch_add(1, Ordering::SeqCst);
+            return None;
+        }
+        if i > hold {
+            state.chat_gate.at_least(1).await;
+        }
+        let bytes = Bytes::from(format!("id: c{i}\nevent: token\ndata: {{\"i\":{i}}}\n\n"));
+        Some((bytes, (state, i + 1)))
+    });
+    sse(body)
+}
+
+impl State {
+    /// The last id the live feed emitted.
+    pub fn live_last(&self) -> u64 {
+        self.live.lock().unwrap().last
+    }
+
+    /// How far the replay feed is released.
+    pub fn released(&self) -> u64 {
+        self.released.get()
+    }
+}
