@@ -767,13 +767,30 @@ fn max_streams_refuses_another_get_stream_with_503() {
 }
 
 #[test]
-fn max_streams_refuses_a_post_stream_with_503() {
+fn a_post_stream_over_max_streams_is_passed_through_unlogged_and_counted() {
+    // The POST has reached the upstream by the time its answer shows it is
+    // a stream: refusing it then would lose an answer that was made (and
+    // maybe paid for). It goes to the client as it is, not resumable.
     let upstream = Upstream::start();
-    let proxy = Proxy::start(&upstream.url(), &["--max-streams", "1"]);
+    let proxy = Proxy::start(
+        &upstream.url(),
+        &["--max-streams", "1", "--metrics-listen", "127.0.0.1:0"],
+    );
     let _first = open(&proxy, "/live", &[]);
     upstream.wait_live_requests(1);
     let chat = request(&proxy.addr, "POST", "/chat?tokens=2", &[], Some(b"{}"));
-    assert_eq!(chat.status, 503, "a POST stream is a stream too: {chat:?}");
+    assert_eq!(chat.status, 200, "{chat:?}");
+    assert_eq!(
+        chat.header("content-location"),
+        None,
+        "not logged: {chat:?}"
+    );
+    let metrics = scrape(&proxy.metrics_addr());
+    assert_eq!(
+        metrics["tidemark_proxy_refusals_total{limit=\"streams\"}"],
+        1.0
+    );
+    assert_eq!(metrics["tidemark_proxy_streams{kind=\"post\"}"], 0.0);
 }
 
 #[test]
