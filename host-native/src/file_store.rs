@@ -110,7 +110,10 @@ impl FileStore {
         change(&mut next);
         let bytes = encode(next.values());
         let dir = self.dir.clone();
-        smol::unblock(move || replace_durably(&dir, STATE, &bytes)).await?;
+        smol::unblock(move || {
+            replace_durably(&dir, STATE, &bytes).map_err(|(path, e)| io_error(&path, &e))
+        })
+        .await?;
         *self.state() = next;
         Ok(())
     }
@@ -138,23 +141,30 @@ impl Store for FileStore {
 
 /// Replaces the file `name` in `dir` with `bytes`, so that a crash at any
 /// instant leaves the old content or the new one: write `name.tmp`, fsync,
-/// rename it over `name`, fsync the directory.
-pub(crate) fn replace_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+/// rename it over `name`, fsync the directory. A failure says which path
+/// failed.
+pub(crate) fn replace_durably(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+) -> Result<(), (PathBuf, io::Error)> {
     let temp = dir.join(format!("{name}.tmp"));
     let path = dir.join(name);
+    let on = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e| (path, e)
+    };
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(&temp)
-        .map_err(|e| io_error(&temp, &e))?;
-    file.write_all(bytes).map_err(|e| io_error(&temp, &e))?;
-    file.sync_all().map_err(|e| io_error(&temp, &e))?;
+        .map_err(on(&temp))?;
+    file.write_all(bytes).map_err(on(&temp))?;
+    file.sync_all().map_err(on(&temp))?;
     drop(file);
-    fs::rename(&temp, &path).map_err(|e| io_error(&path, &e))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_error(dir, &e))
+    fs::rename(&temp, &path).map_err(on(&path))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(on(dir))
 }
 
 /// A failed file operation on `path` as a store error: out of space or

@@ -93,7 +93,7 @@ pub(super) fn write_record(path: &Path, record: &Record) -> Result<(), StoreErro
         .and_then(|n| n.to_str())
         .expect("record names are ASCII");
     let bytes = serde_json::to_vec_pretty(record).expect("records serialize");
-    replace_durably(dir, name, &bytes)
+    replace_durably(dir, name, &bytes).map_err(|(path, e)| io_error(&path, &e))
 }
 
 /// Removes the record at `path`, if there is one.

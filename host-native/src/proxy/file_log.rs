@@ -3,6 +3,7 @@
 //! recovery and compaction.
 
 use super::storage::{LogOp, LogStorage, StoredStream, StreamKind, StreamMeta};
+use crate::file_store::replace_durably;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::fs::{self, File, OpenOptions, TryLockError};
@@ -801,7 +802,7 @@ impl LogStorage for FileLog {
                 bytes.extend_from_slice(&fresh);
                 let crc = crc32fast::hash(&bytes);
                 bytes.extend_from_slice(&crc.to_le_bytes());
-                replace_durably(&self.dir, KEY, KEY_TEMP, &bytes)?;
+                replace_durably(&self.dir, KEY, &bytes).map_err(|(path, e)| at(&path, e))?;
                 Ok(fresh)
             }
             Err(e) => Err(at(&path, e)),
@@ -817,24 +818,6 @@ fn decode_key(bytes: &[u8]) -> Option<[u8; 32]> {
     let (key, crc) = body.split_at(32);
     let stored = u32::from_le_bytes(crc.try_into().ok()?);
     (crc32fast::hash(&bytes[..bytes.len() - 4]) == stored).then(|| key.try_into().expect("32"))
-}
-
-/// Writes `bytes` to `dir/name` so that a crash leaves the old file or the
-/// new one: `temp`, fsync, rename, directory fsync.
-fn replace_durably(dir: &Path, name: &str, temp: &str, bytes: &[u8]) -> io::Result<()> {
-    let temp = dir.join(temp);
-    let path = dir.join(name);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&temp)
-        .map_err(|e| at(&temp, e))?;
-    file.write_all(bytes).map_err(|e| at(&temp, e))?;
-    file.sync_all().map_err(|e| at(&temp, e))?;
-    drop(file);
-    fs::rename(&temp, &path).map_err(|e| at(&path, e))?;
-    sync_dir(dir)
 }
 
 /// Takes the directory's lock, or says who holds it.
