@@ -437,6 +437,11 @@ impl ReplayLog {
         }
     }
 
+    /// The retained events, oldest first.
+    pub fn records(&self) -> impl DoubleEndedIterator<Item = &LogRecord> + ExactSizeIterator {
+        self.records.iter()
+    }
+
     /// The last appended event, to hand to storage.
     pub fn last(&self) -> Option<&LogRecord> {
         self.records.back()

@@ -95,12 +95,29 @@ pub(super) async fn follow_get(
     headers: Vec<(String, String)>,
     body: Option<HttpBody>,
 ) {
+    let tracker_config = TrackerConfig::default();
+    let window = tracker_config.window;
     let mut tracker = EventTracker::new(
         StreamKey::new("proxy", stream.meta.token.to_string()),
-        TrackerConfig::default(),
+        tracker_config,
     );
-    if let Some(id) = stream.state().log.upstream_id() {
-        tracker.seed_last_event_id(id, hub.clock.now());
+    {
+        // Resume after the newest upstream id logged, remembering the ones
+        // before it, so that an upstream that replays too much after a
+        // revival (or a restart of the proxy) has its repeats dropped.
+        let state = stream.state();
+        let now = hub.clock.now();
+        let ids: Vec<&str> = state
+            .log
+            .records()
+            .rev()
+            .filter_map(|r| r.upstream_id.as_deref())
+            .take(window)
+            .collect();
+        for id in ids.into_iter().rev() {
+            let _ = tracker.observe(Some(id), now);
+        }
+        tracker.commit();
     }
     let config = StreamConfig {
         headers,
