@@ -5,6 +5,7 @@
 mod support {
     pub mod http;
     pub mod proxy;
+    pub mod serve;
     pub mod upstream;
 }
 
@@ -1034,4 +1035,34 @@ fn metrics_count_events_clients_gaps_and_refusals() {
         Some(1.0),
         "a good resume is no gap"
     );
+}
+
+#[test]
+fn a_revived_stream_drops_what_the_upstream_replays_too_much() {
+    // An upstream that replays 5 events before the Last-Event-ID it is sent:
+    // once the proxy stops following it (linger 0) and a client revives the
+    // stream, the follower resumes from the newest upstream id logged and
+    // must drop the 5 repeats, which it remembers from the log.
+    let server = support::serve::Server::start(&["--interval-ms", "20", "--rewind", "5"]);
+    let proxy = Proxy::start(
+        &format!("http://{}", server.addr),
+        &["--linger-secs", "0", "--metrics-listen", "127.0.0.1:0"],
+    );
+    let metrics = proxy.metrics_addr();
+    let mut first = open(&proxy, "/events", &[]);
+    let seen = first.events(10);
+    let token = token_of(&seen[0]);
+    assert_eq!(seqs(&seen, &token), numbered(1..=10));
+    drop(first);
+    wait_until("the follower stops after the last client left", || {
+        scrape(&metrics)["tidemark_proxy_upstream_connections"] == 0.0
+    });
+    let mut again = open(&proxy, "/events", &[("Last-Event-ID", seen[9].id())]);
+    let events = again.events(40);
+    assert_eq!(
+        seqs(&events, &token),
+        numbered(11..=50),
+        "no replayed event logged twice"
+    );
+    assert!(scrape(&metrics)["tidemark_proxy_upstream_reconnects_total"] == 0.0);
 }
