@@ -142,9 +142,16 @@ fn plain_answers_pass_through_unchanged_and_redirects_are_not_followed() {
     let upstream = Upstream::start();
     let proxy = Proxy::start(&upstream.url(), &[]);
 
-    let json = get(&proxy.addr, "/json", &[]);
+    let json = get(&proxy.addr, "/json", &[("Accept", "application/json")]);
     assert_eq!(json.status, 200);
     assert_eq!(json.header("content-type"), Some("application/json"));
+    let asked = &upstream.state.requests_to("/json")[0];
+    assert_eq!(
+        asked.header("accept"),
+        Some("application/json"),
+        "the request goes upstream as the client sent it"
+    );
+    assert_eq!(asked.header("cache-control"), None);
     assert_eq!(json.header("x-custom"), Some("kept"));
     assert_eq!(json.text(), r#"{"ok":true,"n":42}"#);
 

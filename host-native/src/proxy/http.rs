@@ -77,7 +77,9 @@ pub(super) async fn handle(
     };
     let url = hub.config.upstream_url(&target);
     if method == Method::GET && body.is_empty() {
-        headers.retain(|(name, _)| !is_one_of(name, &["last-event-id", "accept", "cache-control"]));
+        // The client's Last-Event-ID is one of the proxy's ids, never the
+        // upstream's.
+        headers.retain(|(name, _)| !name.eq_ignore_ascii_case("last-event-id"));
         return Ok(get(hub, (target, identity), url, headers, last_event_id).await);
     }
     let response = match hub
@@ -178,9 +180,12 @@ async fn open(
     upstream_id: Option<String>,
     last_event_id: Option<String>,
 ) -> Response<Body> {
+    // The first request goes as the client sent it (it may not be for a
+    // stream at all); the follower's reconnects send the connector's own
+    // Accept and Cache-Control.
     let mut request_headers = headers.clone();
-    request_headers.push(("accept".into(), "text/event-stream".into()));
-    request_headers.push(("cache-control".into(), "no-cache".into()));
+    let mut headers = headers;
+    headers.retain(|(name, _)| !is_one_of(name, &["accept", "cache-control"]));
     if let Some(id) = &upstream_id {
         request_headers.push(("last-event-id".into(), id.clone()));
     }
