@@ -354,7 +354,7 @@ fn is_one_of(name: &str, names: &[&str]) -> bool {
 }
 
 /// The identity of a request: a keyed hash of its `Authorization`,
-/// `Cookie`, `Mcp-Session-Id` and `--identity-header`s.
+/// `Cookie`, `Mcp-Session-Id`, `Origin` and `--identity-header`s.
 fn identity(hub: &Hub, headers: &HeaderMap) -> Identity {
     let value = |name: &HeaderName| {
         let mut joined = Vec::new();
@@ -366,10 +366,13 @@ fn identity(hub: &Hub, headers: &HeaderMap) -> Identity {
         }
         joined
     };
+    // The Origin too: a stream's clients get the headers of its upstream
+    // answer, whose CORS headers may be for one origin only.
     let mut parts = vec![
         value(&hyper::header::AUTHORIZATION),
         value(&hyper::header::COOKIE),
         value(&HeaderName::from_static("mcp-session-id")),
+        value(&hyper::header::ORIGIN),
     ];
     for name in &hub.config.identity_headers {
         parts.push(value(name));

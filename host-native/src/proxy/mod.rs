@@ -27,7 +27,7 @@
 //!   `tidemark-gap` whose data is `{"reason":"retention","lost":N}` or
 //!   `{"reason":"unknown","lost":null}`, then the oldest retained event on.
 //! - **Identity**: a stream belongs to a keyed hash of the `Authorization`,
-//!   `Cookie` and `Mcp-Session-Id` headers and of each `--identity-header`
+//!   `Cookie`, `Mcp-Session-Id` and `Origin` headers and of each `--identity-header`
 //!   it was opened with; for any other identity it does not exist.
 //! - **Storage** ([`LogStorage`]): memory by default ([`MemoryLog`]); with
 //!   a durable storage, every event is written (group commits on a thread
@@ -113,7 +113,7 @@ pub struct ProxyConfig {
     /// The `retry:` hint sent to every client, in milliseconds.
     pub retry_ms: u64,
     /// Headers that are part of a request's identity, beyond
-    /// `Authorization`, `Cookie` and `Mcp-Session-Id`.
+    /// `Authorization`, `Cookie`, `Mcp-Session-Id` and `Origin`.
     pub identity_headers: Vec<HeaderName>,
     /// How long the upstream may take to answer a request's head.
     pub upstream_timeout: Duration,
