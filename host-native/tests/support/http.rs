@@ -428,7 +428,8 @@ impl Sse {
 }
 
 /// A proxy id `<token>-<seq>`, split; fails the test if it is not one (the
-/// token must be 32 lowercase hex digits).
+/// token must be 32 lowercase hex digits, the seq a plain decimal: digits
+/// only, no sign, no leading zero).
 pub fn proxy_id(id: &str) -> (String, u64) {
     let (token, seq) = id
         .rsplit_once('-')
@@ -439,6 +440,12 @@ pub fn proxy_id(id: &str) -> (String, u64) {
                 .bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
         "the token of {id:?} is not 32 lowercase hex digits"
+    );
+    assert!(
+        !seq.is_empty()
+            && seq.bytes().all(|b| b.is_ascii_digit())
+            && (seq == "0" || !seq.starts_with('0')),
+        "the seq of {id:?} is not a plain decimal"
     );
     let seq = seq
         .parse()

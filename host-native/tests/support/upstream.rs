@@ -7,12 +7,16 @@
 //!   test ([`Upstream::emit`]); each connection gets those emitted while it
 //!   is open and ignores `Last-Event-ID`. It starts with an upstream
 //!   `retry:` and a comment, which the proxy must not forward.
-//! - `GET /replay?drop=N&count=M`: ids `1..=M` after `Last-Event-ID`, each
-//!   event only once the test released it ([`Upstream::release`]); the
-//!   connection ends after `N` events, and stays open once `M` is sent.
-//! - `POST /chat?tokens=K&hold=H`: an LLM-like answer, `K` events
+//! - `GET /replay?drop=N&count=M&rewind=R`: ids `1..=M` after
+//!   `Last-Event-ID`, each event only once the test released it
+//!   ([`Upstream::release`]); the connection ends after `N` events, and
+//!   stays open once `M` is sent. With `rewind`, a resume starts `R` events
+//!   before the one after `Last-Event-ID` (an upstream that replays too
+//!   much).
+//! - `POST /chat?tokens=K&hold=H&big=B`: an LLM-like answer, `K` events
 //!   (`event: token`, upstream ids `c1`...), then the end; events after the
-//!   first `H` wait for [`Upstream::release_chat`].
+//!   first `H` wait for [`Upstream::release_chat`]. With `big`, the last
+//!   event's data has `B` more bytes (a space, then `x`s).
 //! - Any request with `hold-head` in its query gets its answer only after
 //!   [`Upstream::release_heads`] (an upstream slow to answer).
 //! - `GET /json`, `/missing` (404), `/redirect` (302), `/blob` (200 KB of
@@ -155,39 +159,47 @@ impl Upstream {
         let state = Arc::new(State::default());
         let listener = smol::block_on(smol::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = async_channel::bounded::<()>(1);
-        let shared = state.clone();
-        let thread = std::thread::spawn(move || {
-            smol::block_on(async move {
-                let accept = async {
-                    let mut connections: Vec<smol::Task<()>> = Vec::new();
-                    loop {
-                        let Ok((stream, _)) = listener.accept().await else {
-                            continue;
-                        };
-                        shared.connections.fetch_add(1, Ordering::SeqCst);
-                        let state = shared.clone();
-                        let service = service_fn(move |request| respond(request, state.clone()));
-                        connections.push(smol::spawn(async move {
-                            let _ = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(FuturesIo::new(stream), service)
-                                .await;
-                        }));
-                        connections.retain(|task| !task.is_finished());
-                    }
-                };
-                smol::future::or(accept, async {
-                    let _ = stopped.recv().await;
-                })
-                .await;
-            });
-        });
+        let (stop, thread) = serve(listener, state.clone());
         Upstream {
             addr,
             state,
             stop: Some(stop),
             thread: Some(thread),
         }
+    }
+
+    /// Stops serving, as if the upstream were killed: the listener is
+    /// closed (connecting is refused) and every open connection is cut.
+    /// What it saw, and the live feed's sequence, are kept for
+    /// [`resume`](Self::resume).
+    pub fn stop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+
+    /// Serves again on the same address with the same state (the live feed
+    /// goes on from its last id), as a restarted upstream would.
+    pub fn resume(&mut self) {
+        assert!(self.thread.is_none(), "the upstream is still running");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match smol::block_on(smol::net::TcpListener::bind(self.addr)) {
+                Ok(listener) => break listener,
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "rebinding the upstream on {}: {e}",
+                        self.addr
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        let (stop, thread) = serve(listener, self.state.clone());
+        self.stop = Some(stop);
+        self.thread = Some(thread);
     }
 
     /// Its base URL, `http://127.0.0.1:PORT`.
@@ -234,6 +246,14 @@ impl Upstream {
         self.state.head_gate.set(1);
     }
 
+    /// Waits until exactly `n` `/live` responses are open (each subscribed
+    /// to the feed: what is emitted from then on reaches them).
+    pub fn wait_live_open(&self, n: u64) {
+        wait_until(&format!("{n} open /live responses"), || {
+            self.state.live_open.load(Ordering::SeqCst) == n
+        });
+    }
+
     /// Waits until `/live` was requested `n` times.
     pub fn wait_live_requests(&self, n: usize) {
         wait_until(&format!("{n} requests to /live"), || {
@@ -244,11 +264,43 @@ impl Upstream {
 
 impl Drop for Upstream {
     fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.stop();
     }
+}
+
+/// Serves `listener` on a thread of its own until the sender is dropped;
+/// then every connection is cut.
+fn serve(
+    listener: smol::net::TcpListener,
+    shared: Arc<State>,
+) -> (async_channel::Sender<()>, std::thread::JoinHandle<()>) {
+    let (stop, stopped) = async_channel::bounded::<()>(1);
+    let thread = std::thread::spawn(move || {
+        smol::block_on(async move {
+            let accept = async {
+                let mut connections: Vec<smol::Task<()>> = Vec::new();
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    shared.connections.fetch_add(1, Ordering::SeqCst);
+                    let state = shared.clone();
+                    let service = service_fn(move |request| respond(request, state.clone()));
+                    connections.push(smol::spawn(async move {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(FuturesIo::new(stream), service)
+                            .await;
+                    }));
+                    connections.retain(|task| !task.is_finished());
+                }
+            };
+            smol::future::or(accept, async {
+                let _ = stopped.recv().await;
+            })
+            .await;
+        });
+    });
+    (stop, thread)
 }
 
 /// Polls `condition` every 10 ms until it holds; fails the test after 20 s.
@@ -360,7 +412,11 @@ async fn respond(
                 .get("count")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(100);
-            replay(state.clone(), last_event_id, drop, count)
+            let rewind: u64 = params
+                .get("rewind")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            replay(state.clone(), last_event_id, drop, count, rewind)
         }
         (&Method::POST, "/chat") => {
             let tokens: u64 = params
@@ -371,7 +427,8 @@ async fn respond(
                 .get("hold")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(tokens);
-            chat(state.clone(), tokens, hold)
+            let big: usize = params.get("big").and_then(|v| v.parse().ok()).unwrap_or(0);
+            chat(state.clone(), tokens, hold, big)
         }
         (&Method::GET, "/json") => full(
             200,
@@ -443,7 +500,7 @@ fn live(state: &Arc<State>) -> Response<Body> {
     sse(futures::stream::once(async move { hello }).chain(events))
 }
 
-fn replay(state: Arc<State>, after: u64, drop: u64, count: u64) -> Response<Body> {
+fn replay(state: Arc<State>, after: u64, drop: u64, count: u64, rewind: u64) -> Response<Body> {
     struct S {
         state: Arc<State>,
         next: u64,
@@ -452,7 +509,7 @@ fn replay(state: Arc<State>, after: u64, drop: u64, count: u64) -> Response<Body
     }
     let s = S {
         state,
-        next: after + 1,
+        next: (after + 1).saturating_sub(rewind).max(1),
         sent: 0,
         hinted: false,
     };
@@ -481,7 +538,7 @@ fn replay(state: Arc<State>, after: u64, drop: u64, count: u64) -> Response<Body
     response
 }
 
-fn chat(state: Arc<State>, tokens: u64, hold: u64) -> Response<Body> {
+fn chat(state: Arc<State>, tokens: u64, hold: u64, big: usize) -> Response<Body> {
     let body = futures::stream::unfold((state, 1u64), move |(state, i)| async move {
         if i > tokens {
             state.chats_done.fetch_add(1, Ordering::SeqCst);
@@ -490,7 +547,14 @@ fn chat(state: Arc<State>, tokens: u64, hold: u64) -> Response<Body> {
         if i > hold {
             state.chat_gate.at_least(1).await;
         }
-        let bytes = Bytes::from(format!("id: c{i}\nevent: token\ndata: {{\"i\":{i}}}\n\n"));
+        let pad = if i == tokens && big > 0 {
+            format!(" {}", "x".repeat(big))
+        } else {
+            String::new()
+        };
+        let bytes = Bytes::from(format!(
+            "id: c{i}\nevent: token\ndata: {{\"i\":{i}}}{pad}\n\n"
+        ));
         Some((bytes, (state, i + 1)))
     });
     sse(body)
