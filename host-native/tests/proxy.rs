@@ -1073,3 +1073,270 @@ fn a_revived_stream_drops_what_the_upstream_replays_too_much() {
     );
     assert!(scrape(&metrics)["tidemark_proxy_upstream_reconnects_total"] == 0.0);
 }
+
+/// Every event up to the end of the response, which must come within 5 s
+/// (keep-alives or not); fails the test with `what` and the events so far
+/// otherwise.
+fn to_the_end(sse: &mut Sse, what: &str) -> Vec<Event> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut events = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "{what}: the response did not end; events so far: {events:?}"
+        );
+        sse.set_timeout(left);
+        match sse.try_item() {
+            Ok(None) => return events,
+            Ok(Some(Item::Event(event))) => events.push(event),
+            Ok(Some(_)) => {}
+            Err(e) => panic!("{what}: the response did not end ({e}); events so far: {events:?}"),
+        }
+    }
+}
+
+/// One sample of the proxy's metrics at `addr`, if it is there.
+fn metric(addr: &str, name: &str) -> Option<f64> {
+    scrape(addr).get(name).copied()
+}
+
+/// Waits (up to 10 s) until metric `name` at `addr` is `expected`.
+fn metric_eventually(addr: &str, name: &str, expected: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = metric(addr, name);
+        if got == Some(expected) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} is {got:?}, expected {expected}; scrape:\n{:?}",
+            scrape(addr)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// How many `/live` responses the upstream has open.
+fn live_open(upstream: &Upstream) -> u64 {
+    upstream
+        .state
+        .live_open
+        .load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[test]
+fn linger_keeps_the_upstream_for_a_returning_client_then_lets_it_go() {
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(
+        &upstream.url(),
+        &["--linger-secs", "1", "--metrics-listen", "127.0.0.1:0"],
+    );
+    let metrics = proxy.metrics_addr();
+    let mut first = open(&proxy, "/live", &[]);
+    upstream.wait_live_open(1);
+    upstream.emit(3);
+    let seen = first.events(3);
+    let token = token_of(&seen[0]);
+    assert_eq!(seqs(&seen, &token), numbered(1..=3));
+    drop(first);
+    metric_eventually(&metrics, "tidemark_proxy_clients", 0.0);
+
+    // Nobody reads now, but the proxy still follows the (never replaying)
+    // upstream and logs what it sends: a page reloading loses nothing.
+    upstream.emit(2);
+    let last = format!("{token}-3");
+    let mut back = open(&proxy, "/live", &[("Last-Event-ID", &last)]);
+    assert_eq!(
+        seqs(&back.events(2), &token),
+        numbered(4..=5),
+        "every event since its id, logged while it was away"
+    );
+    upstream.emit(1);
+    assert_eq!(seqs(&back.events(1), &token), numbered(6..=6));
+    assert_eq!(
+        upstream
+            .state
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the upstream saw no new connection"
+    );
+    assert_eq!(upstream.state.count("/live"), 1);
+    assert_eq!(
+        metric(&metrics, "tidemark_proxy_upstream_connections"),
+        Some(1.0)
+    );
+
+    // The last client leaves: the upstream is let go after the linger,
+    // not before.
+    drop(back);
+    let left = Instant::now();
+    wait_until("the upstream feed to be closed after the linger", || {
+        live_open(&upstream) == 0
+    });
+    let took = left.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "the upstream was closed {took:?} after the last client left, within --linger-secs 1"
+    );
+    metric_eventually(&metrics, "tidemark_proxy_upstream_connections", 0.0);
+    // The stream itself is retained (--retain-secs 300).
+    assert_eq!(
+        metric(&metrics, "tidemark_proxy_streams{kind=\"get\"}"),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn a_stream_past_retain_secs_that_nobody_follows_is_dropped() {
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(
+        &upstream.url(),
+        &[
+            "--retain-secs",
+            "1",
+            "--linger-secs",
+            "0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let metrics = proxy.metrics_addr();
+    let mut first = open(&proxy, "/live", &[]);
+    upstream.wait_live_open(1);
+    upstream.emit(3);
+    let token = token_of(&first.events(3)[0]);
+    let last_event = Instant::now();
+    // The control: while the stream is retained, an old id resumes.
+    let from = format!("{token}-1");
+    let mut second = open(&proxy, "/live", &[("Last-Event-ID", &from)]);
+    assert_eq!(seqs(&second.events(2), &token), numbered(2..=3));
+    assert_eq!(
+        metric(&metrics, "tidemark_proxy_streams{kind=\"get\"}"),
+        Some(1.0)
+    );
+    drop(first);
+    drop(second);
+
+    metric_eventually(&metrics, "tidemark_proxy_streams{kind=\"get\"}", 0.0);
+    let took = last_event.elapsed();
+    assert!(
+        took >= Duration::from_millis(800),
+        "dropped {took:?} after its last event, within --retain-secs 1"
+    );
+    wait_until("the upstream feed to be let go", || {
+        live_open(&upstream) == 0
+    });
+
+    // The log is gone: an old id is unknown now, and the stream starts
+    // over (a new token, a new upstream request).
+    let old = format!("{token}-2");
+    let mut late = open(&proxy, "/live", &[("Last-Event-ID", &old)]);
+    let signal = late.next_event().unwrap();
+    assert_eq!(
+        gap(&signal),
+        serde_json::json!({"reason": "unknown", "lost": null})
+    );
+    let (fresh, seq) = proxy_id(signal.id());
+    assert_ne!(fresh, token, "a dropped stream is not revived");
+    assert_eq!(seq, 0);
+    upstream.wait_live_open(1);
+    upstream.emit(1);
+    assert_eq!(
+        seqs(&late.events(1), &fresh),
+        [(1, "4".to_owned())],
+        "then the stream"
+    );
+    assert_eq!(upstream.state.count("/live"), 2);
+    metric_eventually(&metrics, "tidemark_proxy_streams{kind=\"get\"}", 1.0);
+    metric_eventually(
+        &metrics,
+        "tidemark_proxy_gaps_total{reason=\"unknown\"}",
+        1.0,
+    );
+}
+
+#[test]
+fn a_memory_log_lost_in_a_restart_gives_an_old_id_the_unknown_gap_then_the_stream() {
+    let upstream = Upstream::start();
+    let mut proxy = Proxy::start(&upstream.url(), &[]);
+    let mut client = open(&proxy, "/live", &[]);
+    upstream.wait_live_open(1);
+    upstream.emit(3);
+    let token = token_of(&client.events(3)[0]);
+    let answer = request(&proxy.addr, "POST", "/chat?tokens=2", &[], Some(b"{}"));
+    let location = answer.header("content-location").unwrap().to_owned();
+    assert_eq!(answer.sse().rest().len(), 2);
+
+    proxy.kill9();
+    until_cut(&mut client);
+    upstream.wait_live_open(0);
+    let proxy = Proxy::start(&upstream.url(), &[]);
+    let old = format!("{token}-3");
+    let mut back = open(&proxy, "/live", &[("Last-Event-ID", &old)]);
+    let signal = back.next_event().unwrap();
+    assert_eq!(
+        gap(&signal),
+        serde_json::json!({"reason": "unknown", "lost": null}),
+        "the log was lost: said, not silent"
+    );
+    let (fresh, seq) = proxy_id(signal.id());
+    assert_ne!(fresh, token);
+    assert_eq!(seq, 0);
+    upstream.wait_live_open(1);
+    upstream.emit(2);
+    assert_eq!(
+        seqs(&back.events(2), &fresh),
+        [(1, "4".to_owned()), (2, "5".to_owned())],
+        "then the stream"
+    );
+    // A POST stream of the lost log is as unknown as one never made.
+    assert_eq!(get_sse(&proxy.addr, &location, &[]).status, 404);
+}
+
+#[test]
+fn kill_9_mid_post_stream_with_a_log_dir_then_its_content_location_serves_what_was_logged() {
+    let upstream = Upstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--log", dir.path().to_str().unwrap()];
+    let mut proxy = Proxy::start(&upstream.url(), &args);
+    let auth = ("Authorization", "Bearer A");
+    let answer = request(
+        &proxy.addr,
+        "POST",
+        "/chat?tokens=20&hold=10",
+        &[auth, ("Accept", "text/event-stream")],
+        Some(b"{}"),
+    );
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let location = answer
+        .header("content-location")
+        .unwrap_or_else(|| panic!("no Content-Location: {answer:?}"))
+        .to_owned();
+    let mut reader = answer.sse();
+    let seen = reader.events(6);
+    let token = token_of(&seen[0]);
+    assert_eq!(seqs(&seen, &token), tokens(1..=6));
+    // Another reader got all ten the upstream sent so far: all ten were
+    // logged (a client sees only what is on disk).
+    let mut other = open(&proxy, &location, &[auth]);
+    assert_eq!(seqs(&other.events(10), &token), tokens(1..=10));
+
+    proxy.kill9(); // the upstream's answer is still being read
+    until_cut(&mut reader);
+    until_cut(&mut other);
+    let proxy = Proxy::start(&upstream.url(), &args);
+    let last_seen = format!("{token}-6");
+    let mut resumed = open(&proxy, &location, &[auth, ("Last-Event-ID", &last_seen)]);
+    assert_eq!(
+        seqs(&to_the_end(&mut resumed, "the resumed POST stream"), &token),
+        tokens(7..=10),
+        "the rest of what was logged, then the end"
+    );
+    let last = format!("{token}-10");
+    let done = get_sse(&proxy.addr, &location, &[auth, ("Last-Event-ID", &last)]);
+    assert_eq!(done.status, 204, "the stream ended at the crash: {done:?}");
+    assert_eq!(upstream.state.count("/chat"), 1, "the POST is not repeated");
+}
