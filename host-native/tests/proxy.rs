@@ -1259,6 +1259,131 @@ fn a_stream_past_retain_secs_that_nobody_follows_is_dropped() {
 }
 
 #[test]
+fn an_upstream_event_over_max_event_bytes_fails_the_stream() {
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(
+        &upstream.url(),
+        &[
+            "--max-event-bytes",
+            "1000",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let metrics = proxy.metrics_addr();
+
+    // A GET stream: an event under the cap passes, the one over it ends
+    // every client's response (and nothing after it is logged).
+    let mut clients = vec![open(&proxy, "/live", &[])];
+    upstream.wait_live_open(1);
+    clients.push(open(&proxy, "/live", &[]));
+    upstream.emit_padded(1, 900); // a data line of 908 bytes
+    let mut token = None;
+    for (i, client) in clients.iter_mut().enumerate() {
+        let event = client.next_event().unwrap();
+        let (t, seq) = proxy_id(event.id());
+        assert_eq!(&t, token.get_or_insert_with(|| t.clone()));
+        assert_eq!(seq, 1, "client {i}");
+        assert_eq!(event.data, format!("1 {}", "x".repeat(900)), "client {i}");
+    }
+    upstream.emit_padded(1, 2000);
+    upstream.emit(1);
+    for (i, client) in clients.iter_mut().enumerate() {
+        let rest = to_the_end(client, &format!("client {i}"));
+        assert!(
+            rest.is_empty(),
+            "client {i}: after the event over the cap: {rest:?}"
+        );
+    }
+    proxy.stderr_line("stopped following /live");
+    wait_until("the upstream feed to be closed", || {
+        live_open(&upstream) == 0
+    });
+    metric_eventually(&metrics, "tidemark_proxy_upstream_connections", 0.0);
+    let failures = metric(&metrics, "tidemark_proxy_upstream_failures_total").unwrap_or(0.0);
+    assert!(failures >= 1.0, "upstream failures {failures}");
+
+    // A POST answer: the same.
+    let small = request(
+        &proxy.addr,
+        "POST",
+        "/chat?tokens=3&big=900",
+        &[],
+        Some(b"{}"),
+    );
+    assert_eq!(small.status, 200, "{small:?}");
+    let events = to_the_end(&mut small.sse(), "a POST answer under the cap");
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert_eq!(
+        events[2].data,
+        format!("{{\"i\":3}} {}", "x".repeat(900)),
+        "an event under the cap passes"
+    );
+    let big = request(
+        &proxy.addr,
+        "POST",
+        "/chat?tokens=3&big=2000",
+        &[],
+        Some(b"{}"),
+    );
+    assert_eq!(big.status, 200, "{big:?}");
+    let events = to_the_end(&mut big.sse(), "a POST answer over the cap");
+    let token = token_of(&events[0]);
+    assert_eq!(
+        seqs(&events, &token),
+        tokens(1..=2),
+        "the answer ends at the event over the cap"
+    );
+    proxy.stderr_line("the answer to POST /chat?tokens=3&big=2000 broke off");
+}
+
+#[test]
+fn a_client_back_while_the_upstream_is_down_is_served_from_the_log_until_it_returns() {
+    let mut upstream = Upstream::start();
+    let proxy = Proxy::start(
+        &upstream.url(),
+        &["--linger-secs", "0", "--metrics-listen", "127.0.0.1:0"],
+    );
+    let metrics = proxy.metrics_addr();
+    let mut first = open(&proxy, "/live", &[]);
+    upstream.wait_live_open(1);
+    upstream.emit(5);
+    let token = token_of(&first.events(5)[0]);
+    drop(first);
+    // Nobody reads: with --linger-secs 0 the proxy lets the upstream go.
+    upstream.wait_live_open(0);
+    metric_eventually(&metrics, "tidemark_proxy_upstream_connections", 0.0);
+
+    upstream.stop();
+    assert!(
+        std::net::TcpStream::connect(upstream.addr).is_err(),
+        "the upstream is down"
+    );
+    let from = format!("{token}-3");
+    let back = get_sse(&proxy.addr, "/live", &[("Last-Event-ID", &from)]);
+    assert_eq!(back.status, 200, "served from the log, not a 502: {back:?}");
+    assert!(back.is_sse(), "{back:?}");
+    let mut back = back.sse();
+    assert_eq!(seqs(&back.events(2), &token), numbered(4..=5));
+    let failures = metric(&metrics, "tidemark_proxy_upstream_failures_total").unwrap_or(0.0);
+    assert!(failures >= 1.0, "upstream failures {failures}");
+
+    // The upstream comes back on the same port: the proxy, retrying all
+    // along, resumes it with the upstream's own id of the last event.
+    upstream.resume();
+    upstream.wait_live_open(1);
+    let requests = upstream.state.requests_to("/live");
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    assert_eq!(
+        requests[1].header("last-event-id"),
+        Some("5"),
+        "the follower resumes with the upstream's Last-Event-ID"
+    );
+    upstream.emit(2);
+    assert_eq!(seqs(&back.events(2), &token), numbered(6..=7));
+}
+
+#[test]
 fn a_memory_log_lost_in_a_restart_gives_an_old_id_the_unknown_gap_then_the_stream() {
     let upstream = Upstream::start();
     let mut proxy = Proxy::start(&upstream.url(), &[]);
@@ -1339,4 +1464,59 @@ fn kill_9_mid_post_stream_with_a_log_dir_then_its_content_location_serves_what_w
     let done = get_sse(&proxy.addr, &location, &[auth, ("Last-Event-ID", &last)]);
     assert_eq!(done.status, 204, "the stream ended at the crash: {done:?}");
     assert_eq!(upstream.state.count("/chat"), 1, "the POST is not repeated");
+}
+
+#[test]
+fn ids_increase_strictly_across_upstream_reconnects_even_when_the_upstream_replays_too_much() {
+    let mut upstream = Upstream::start();
+    let proxy = Proxy::start(&upstream.url(), &[]);
+    // Each connection ends after 7 events, and each resume starts 3 events
+    // before the one after Last-Event-ID: repeats the proxy must drop.
+    let path = "/replay?drop=7&count=30&rewind=3";
+    let mut first = open(&proxy, path, &[]);
+    wait_until("the proxy's upstream request", || {
+        upstream.state.count("/replay") == 1
+    });
+    upstream.release(12);
+    let mut all_first = first.events(12);
+    let token = token_of(&all_first[0]);
+    let from = all_first[4].id().to_owned();
+    let mut second = open(&proxy, path, &[("Last-Event-ID", &from)]);
+    let mut all_second = second.events(7);
+    // The upstream dies mid-connection and comes back.
+    upstream.stop();
+    upstream.resume();
+    upstream.release(30);
+    all_first.extend(first.events(18));
+    all_second.extend(second.events(18));
+    for (who, events, from) in [("first", &all_first, 1), ("second", &all_second, 6)] {
+        // proxy_id: each is <32 lowercase hex>-<decimal>.
+        let ids: Vec<(String, u64)> = events.iter().map(|e| proxy_id(e.id())).collect();
+        assert!(
+            ids.windows(2).all(|w| w[0].0 == w[1].0 && w[1].1 > w[0].1),
+            "{who}: ids of one stream, strictly increasing: {ids:?}"
+        );
+        assert_eq!(
+            seqs(events, &token),
+            numbered(from..=30),
+            "{who}: each upstream event once, in order"
+        );
+    }
+    let requests = upstream.state.requests_to("/replay");
+    let resumed_from: Vec<Option<&str>> =
+        requests.iter().map(|r| r.header("last-event-id")).collect();
+    let expected = [
+        None,
+        Some("7"),
+        Some("11"),
+        Some("12"), // cut there
+        Some("16"),
+        Some("20"),
+        Some("24"),
+        Some("28"),
+    ];
+    assert_eq!(
+        resumed_from, expected,
+        "one upstream connection per drop or cut, each resuming with the upstream's own id"
+    );
 }
