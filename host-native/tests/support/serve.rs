@@ -1,5 +1,7 @@
 //! `tidemark serve` processes for the tests that run the binary.
 
+#![allow(dead_code)] // each test binary uses its own part
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
