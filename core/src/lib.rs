@@ -27,6 +27,8 @@
 //! - [`ResumableStream`]: the client loop both hosts share, generic over a
 //!   host [`Connector`] and [`Clock`]: connect with `Last-Event-ID`, parse,
 //!   drop replays, deliver fresh events, back off, reconnect.
+//! - [`replay`]: the rules of a proxy's replay log: ids that name their
+//!   stream, retention, durability, gap signals, keyed identities.
 //! - [`Millis`], [`Clock`], [`Cursor`], [`StreamKey`], [`MemStore`],
 //!   [`EitherStore`] (one store type for a store chosen at run time), and
 //!   behind the `test-util` feature `ManualClock` and `FlakyStore`.
@@ -118,6 +120,7 @@ mod fingerprint;
 mod flaky;
 pub mod reconnect;
 mod registry;
+pub mod replay;
 mod slot;
 pub mod sse;
 mod store;

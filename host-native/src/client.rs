@@ -132,13 +132,19 @@ pub(crate) enum Ended<T, E> {
 /// A group `admit` refused is not delivered at all. When the handler refuses an event (its output
 /// failed), or the flush fails, nothing of that group is committed: lines
 /// written before it may be printed again later (at least once), never
-/// skipped. Lifecycle changes are reported on stderr.
+/// skipped. Lifecycle changes are reported on stderr, after `observe` has
+/// seen them (every item but events: `Open`, `Reconnecting`).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "each is one independent part of the loop; a struct of them would only be unpacked here"
+)]
 pub(crate) async fn run<C: Connector, W: Write, T, E: From<io::Error>>(
     stream: &mut ResumableStream<C, SmolClock>,
     clock: SmolClock,
     signals: &mut Signals,
     mut keeper: Option<&mut smol::Task<LeaseLost>>,
     out: &mut W,
+    mut observe: impl FnMut(&StreamItem),
     mut admit: impl FnMut() -> Result<(), E>,
     mut handle: impl AsyncFnMut(Event, &mut Vec<u8>) -> Result<Option<T>, E>,
 ) -> Ended<T, E> {
@@ -186,7 +192,10 @@ pub(crate) async fn run<C: Connector, W: Write, T, E: From<io::Error>>(
                     (Ok(None), Ok(())) => {}
                 }
             }
-            Ok(item) => lifecycle.report(&item, clock.now()),
+            Ok(item) => {
+                observe(&item);
+                lifecycle.report(&item, clock.now());
+            }
         }
     };
     stream.commit();
@@ -347,6 +356,7 @@ mod tests {
             &mut signals,
             None,
             out,
+            |_| {},
             || Ok(()),
             async |event: Event, group: &mut Vec<u8>| {
                 group.extend_from_slice(event.data.as_bytes());

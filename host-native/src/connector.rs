@@ -65,6 +65,9 @@ pub struct HttpConnector {
     pub connect_timeout: Duration,
     /// How many redirects to follow before failing.
     pub max_redirects: u32,
+    /// Whether to follow redirects at all; `false` hands a 3xx back as the
+    /// answer (what a proxy wants).
+    pub follow_redirects: bool,
     tls: Arc<ClientConfig>,
 }
 
@@ -90,6 +93,7 @@ impl HttpConnector {
         HttpConnector {
             connect_timeout: Duration::from_secs(10),
             max_redirects: 5,
+            follow_redirects: true,
             tls: Arc::new(tls),
         }
     }
@@ -344,7 +348,7 @@ impl HttpConnector {
             let location = response
                 .headers()
                 .get(LOCATION)
-                .filter(|_| matches!(status, 301 | 302 | 303 | 307 | 308));
+                .filter(|_| self.follow_redirects && matches!(status, 301 | 302 | 303 | 307 | 308));
             let Some(location) = location else {
                 break (response, connection);
             };

@@ -2,10 +2,12 @@
 //!
 //! The client loop, signals and persistence are shared with [`mcp`](crate::mcp)
 //! (in the crate's private `client` module); this module adds what is `follow`'s own: the output format, the event
-//! budget, and following under a Redis lease as a holder or a standby.
+//! budget, following under a Redis lease as a holder or a standby, and its
+//! metrics ([`FollowMetrics`], served with `--metrics-listen`).
 
 use crate::client::{self, Ended, Persistence, stop_signals, write_line};
 use crate::lease::TAKEOVER_SEQ_GAP;
+use crate::metrics::{FollowMetrics, serve_metrics};
 use crate::{
     FileStore, HttpConnector, Lease, LeaseLost, NativeStore, RedisConfig, RedisStore, SmolClock,
 };
@@ -13,6 +15,7 @@ use async_signal::Signals;
 use futures::StreamExt;
 use futures::future::{Either, select};
 use std::io::{self, Write};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::pin;
 use std::process::ExitCode;
@@ -21,7 +24,7 @@ use std::time::Duration;
 use tidemark_core::sse::Event;
 use tidemark_core::{
     Clock, Cursor, Millis, Registry, RegistryError, ResumableStream, StoreError, StreamConfig,
-    StreamError, StreamKey,
+    StreamError, StreamItem, StreamKey,
 };
 
 /// What to follow and where to keep its cursor.
@@ -40,6 +43,9 @@ pub struct FollowOptions {
     /// Keep the cursor in Redis instead of the state directory, following
     /// the stream only while holding its lease.
     pub redis: Option<RedisFollow>,
+    /// Serve [`FollowMetrics`] on `GET /metrics` at this address (port 0
+    /// picks a free port; the address is said on stderr).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Where `follow` keeps the cursor in Redis, and its lease.
@@ -69,6 +75,9 @@ pub enum FollowError {
     /// Writing the output failed.
     #[error("writing output: {0}")]
     Output(#[source] io::Error),
+    /// The metrics address could not be bound.
+    #[error("metrics: {0}")]
+    Metrics(#[source] io::Error),
 }
 
 /// The exit status of `tidemark follow`: success when it stopped after
@@ -117,10 +126,25 @@ struct Line<'a> {
 /// lease: it waits as a standby until it can take it, stops delivering at
 /// once when it loses it (another instance took it, or Redis was out of
 /// reach for most of a TTL), and then waits as a standby again.
+///
+/// With `metrics_listen`, it serves its [`FollowMetrics`] there while it
+/// follows, and says `tidemark: metrics on http://ADDR/metrics` on stderr.
 pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64, FollowError> {
     let clock = SmolClock::new();
     let key = StreamKey::new(&options.url, &options.stream);
     let mut signals = stop_signals().map_err(FollowError::Output)?;
+    let metrics_listener = match options.metrics_listen {
+        Some(addr) => {
+            let listener = smol::net::TcpListener::bind(addr)
+                .await
+                .map_err(FollowError::Metrics)?;
+            let addr = listener.local_addr().map_err(FollowError::Metrics)?;
+            eprintln!("tidemark: metrics on http://{addr}/metrics");
+            Some(listener)
+        }
+        None => None,
+    };
+    let metrics = FollowMetrics::new();
     let (store, lease) = match &options.redis {
         None => {
             let store = FileStore::open(&options.state).map_err(FollowError::Store)?;
@@ -141,42 +165,60 @@ pub async fn follow(options: FollowOptions, out: &mut impl Write) -> Result<u64,
     let mut written = 0u64;
     // The newest cursor this process committed, carried from turn to turn.
     let mut committed = None;
-    let outcome = loop {
-        if let Some(lease) = &lease {
-            let signalled = {
-                let acquired = pin!(acquire(lease, &key));
-                matches!(select(acquired, signals.next()).await, Either::Right(_))
+    let following = async {
+        loop {
+            if let Some(lease) = &lease {
+                let signalled = {
+                    let acquired = pin!(acquire(lease, &key));
+                    matches!(select(acquired, signals.next()).await, Either::Right(_))
+                };
+                if signalled {
+                    eprintln!("tidemark: stopping on signal");
+                    break Ok(());
+                }
+            }
+            let turn = Turn {
+                options: &options,
+                key: &key,
+                registry,
+                lease: lease.as_ref(),
+                clock,
+                metrics: &metrics,
             };
-            if signalled {
-                eprintln!("tidemark: stopping on signal");
-                break Ok(());
+            match turn
+                .run(&mut signals, out, &mut written, &mut committed)
+                .await
+            {
+                Ok(Some(lost)) => eprintln!("tidemark: {lost}; stopped delivering"),
+                Ok(None) => break Ok(()),
+                Err(FollowError::Registry(RegistryError::Store(e)))
+                    if e.is_transient() && lease.is_some() =>
+                {
+                    // Redis failed right after the lease was taken: let it go
+                    // and try again as a standby.
+                    eprintln!("tidemark: loading the cursor: {e}; standby again");
+                    if let Some(lease) = &lease {
+                        let _ = lease.release().await;
+                    }
+                    clock.sleep_until(clock.now() + Millis::from_secs(1)).await;
+                }
+                Err(e) => break Err(e),
             }
         }
-        let turn = Turn {
-            options: &options,
-            key: &key,
-            registry,
-            lease: lease.as_ref(),
-            clock,
-        };
-        match turn
-            .run(&mut signals, out, &mut written, &mut committed)
-            .await
-        {
-            Ok(Some(lost)) => eprintln!("tidemark: {lost}; stopped delivering"),
-            Ok(None) => break Ok(()),
-            Err(FollowError::Registry(RegistryError::Store(e)))
-                if e.is_transient() && lease.is_some() =>
-            {
-                // Redis failed right after the lease was taken: let it go
-                // and try again as a standby.
-                eprintln!("tidemark: loading the cursor: {e}; standby again");
-                if let Some(lease) = &lease {
-                    let _ = lease.release().await;
-                }
-                clock.sleep_until(clock.now() + Millis::from_secs(1)).await;
+    };
+    let outcome = match metrics_listener {
+        None => following.await,
+        Some(listener) => {
+            // Duplicates and the store's counters are the registry's.
+            let render = |format| {
+                metrics.update(&registry.stats());
+                metrics.render(format)
+            };
+            let serving = serve_metrics(listener, render, std::future::pending());
+            match select(pin!(following), pin!(serving)).await {
+                Either::Left((outcome, _)) => outcome,
+                Either::Right(((), following)) => following.await,
             }
-            Err(e) => break Err(e),
         }
     };
     let worker = registry.worker().clone();
@@ -214,6 +256,7 @@ struct Turn<'a> {
     registry: &'a Registry<Arc<NativeStore>>,
     lease: Option<&'a Lease>,
     clock: SmolClock,
+    metrics: &'a FollowMetrics,
 }
 
 impl Turn<'_> {
@@ -277,6 +320,7 @@ impl Turn<'_> {
             config,
         );
         let lease = self.lease;
+        let metrics = self.metrics;
         let max_events = options.max_events;
         let ended = if max_events.is_some_and(|max| *written >= max) {
             Ended::Done(())
@@ -287,6 +331,14 @@ impl Turn<'_> {
                 signals,
                 keeper.as_mut(),
                 out,
+                |item| match item {
+                    StreamItem::Open { .. } => metrics.set_connected(true),
+                    StreamItem::Reconnecting { .. } => {
+                        metrics.set_connected(false);
+                        metrics.reconnect();
+                    }
+                    _ => {}
+                },
                 || match lease.filter(|l| !l.is_valid()) {
                     // A renewal that found another token zeroes the
                     // deadline.
@@ -305,11 +357,13 @@ impl Turn<'_> {
                     };
                     write_line(group, &line)?;
                     *written += 1;
+                    metrics.events(1);
                     Ok(max_events.filter(|max| *written >= *max).map(|_| ()))
                 },
             )
             .await
         };
+        metrics.set_connected(false);
         let outcome = match ended {
             Ended::Done(()) | Ended::Signal => Ok(None),
             Ended::Lease(lost) | Ended::Refused(Refusal::Lease(lost)) => Ok(Some(lost)),

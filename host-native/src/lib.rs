@@ -21,6 +21,9 @@
 //! - [`follow`]: `tidemark follow`, one resumable stream printed as JSON lines.
 //! - [`mcp`]: `tidemark mcp`, one MCP tool call over Streamable HTTP that
 //!   resumes across dropped streams and restarts.
+//! - [`metrics`]: Prometheus metrics of the proxy and of `follow`, and a
+//!   small server for `GET /metrics`.
+//! - [`raise_open_files_limit`]: the soft open-files limit up to the hard one.
 //! - [`demo`]: `tidemark demo`, a chaotic server and a follower with a live
 //!   display and a lost/duplicated verdict.
 //!
@@ -37,8 +40,11 @@ mod file_store;
 pub mod follow;
 mod lease;
 pub mod mcp;
+pub mod metrics;
 mod native_store;
+pub mod proxy;
 mod redis_store;
+mod rlimit;
 pub mod server;
 
 pub use client::default_state_dir;
@@ -49,5 +55,6 @@ pub use hyper::{HeaderMap, Method};
 pub use lease::{Lease, LeaseLost};
 pub use native_store::NativeStore;
 pub use redis_store::{CURSORS_PER_ROUND_TRIP, CURSORS_PER_SCRIPT, RedisConfig, RedisStore};
+pub use rlimit::raise_open_files_limit;
 pub use server::{ServerConfig, SseServer};
 pub use tidemark_core as core;

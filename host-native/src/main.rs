@@ -5,9 +5,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use tidemark::core::Millis;
+use tidemark::core::replay::Retention;
 use tidemark::demo::{self, DemoOptions};
 use tidemark::follow::{self, FollowOptions, RedisFollow};
 use tidemark::mcp::{self, McpOptions};
+use tidemark::proxy::{self, LogStorage, MemoryLog, ProxyConfig, ProxyLimits};
 use tidemark::{RedisConfig, ServerConfig, default_state_dir, server};
 
 /// Resumable Server-Sent-Events streams.
@@ -38,6 +41,10 @@ enum Command {
         /// Exit after this many fresh events.
         #[arg(long)]
         max_events: Option<u64>,
+        /// Serve Prometheus metrics on GET /metrics at this address (port 0
+        /// picks a free port; the address is said on stderr).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<SocketAddr>,
         #[command(flatten)]
         redis: RedisArgs,
     },
@@ -92,6 +99,17 @@ enum Command {
         #[arg(long)]
         www: Option<PathBuf>,
     },
+    /// Put any SSE service behind a replay log: every client (a browser's
+    /// own EventSource, curl, tidemark) resumes its streams with nothing
+    /// lost or repeated, even from servers that cannot replay.
+    ///
+    /// Requests are forwarded to the upstream with their path, query and
+    /// headers; answers that are not text/event-stream pass through
+    /// unchanged. Event streams are logged and served from the log with the
+    /// proxy's own ids: GET streams shared by path, query and identity
+    /// (Authorization, Cookie, Mcp-Session-Id, --identity-header), POST
+    /// answers resumable at their Content-Location.
+    Proxy(ProxyArgs),
     /// Run a chaotic server and a resumable follower together, with a live
     /// display and a final verdict: events expected, received, lost, duplicated.
     Demo {
@@ -99,6 +117,87 @@ enum Command {
         #[arg(long, default_value_t = 20_000)]
         events: u64,
     },
+}
+
+/// `tidemark proxy`'s flags.
+#[derive(clap::Args)]
+struct ProxyArgs {
+    /// The service to front, e.g. http://127.0.0.1:3000 (a request's path
+    /// and query are joined to it).
+    #[arg(long)]
+    upstream: url::Url,
+    /// Address to listen on; port 0 picks a free port (printed on stdout).
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    listen: SocketAddr,
+    /// Most events kept per stream.
+    #[arg(long, default_value_t = 10_000)]
+    retain: usize,
+    /// How long a stream is kept after its last event, in seconds; ended
+    /// streams are dropped after that.
+    #[arg(long, default_value_t = 300)]
+    retain_secs: u64,
+    /// A keep-alive comment to every client this often, in seconds.
+    #[arg(long, default_value_t = 15)]
+    keep_alive_secs: u64,
+    /// How long a GET stream stays open upstream after its last client
+    /// left, in seconds (a reloading page loses nothing).
+    #[arg(long, default_value_t = 60)]
+    linger_secs: u64,
+    /// The `retry:` hint sent to clients, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    retry_ms: u64,
+    /// A request header that is part of the identity a stream belongs to,
+    /// beside Authorization, Cookie and Mcp-Session-Id (repeatable).
+    #[arg(long = "identity-header", value_name = "NAME")]
+    identity_headers: Vec<hyper::header::HeaderName>,
+    /// Most logged streams at once; more are refused with 503.
+    #[arg(long, default_value_t = 10_000)]
+    max_streams: usize,
+    /// Most clients of logged streams at once; more are refused with 503.
+    #[arg(long, default_value_t = 50_000)]
+    max_clients: usize,
+    /// Most bytes of events kept per stream; the oldest go first.
+    #[arg(long, default_value_t = 64 << 20)]
+    max_stream_bytes: usize,
+    /// Largest upstream event (and line), in bytes; a stream with a larger
+    /// one fails.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_event_bytes: usize,
+    /// Largest request head, in bytes (at least 8192); larger ones get 431.
+    #[arg(long, default_value_t = 64 << 10, value_parser = clap::value_parser!(u32).range(8192..))]
+    max_header_bytes: u32,
+    /// Largest request body, in bytes; larger ones get 413.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body_bytes: usize,
+    /// How long the upstream may take to answer a request's head, in
+    /// seconds (a POST answered with JSON only once its work is done).
+    #[arg(long, default_value_t = 300)]
+    upstream_timeout_secs: u64,
+}
+
+impl ProxyArgs {
+    fn config(&self) -> ProxyConfig {
+        ProxyConfig {
+            retention: Retention {
+                max_events: self.retain.max(1),
+                max_bytes: self.max_stream_bytes,
+                idle: Millis::from_secs(self.retain_secs),
+            },
+            keep_alive: Duration::from_secs(self.keep_alive_secs.max(1)),
+            linger: Duration::from_secs(self.linger_secs),
+            retry_ms: self.retry_ms,
+            identity_headers: self.identity_headers.clone(),
+            upstream_timeout: Duration::from_secs(self.upstream_timeout_secs),
+            limits: ProxyLimits {
+                max_streams: self.max_streams,
+                max_clients: self.max_clients,
+                max_event_bytes: self.max_event_bytes,
+                max_header_bytes: self.max_header_bytes as usize,
+                max_body_bytes: self.max_body_bytes,
+            },
+            ..ProxyConfig::new(self.upstream.clone())
+        }
+    }
 }
 
 /// `follow`'s Redis flags.
@@ -172,6 +271,7 @@ fn main() -> ExitCode {
             stream,
             headers,
             max_events,
+            metrics_listen,
             redis,
         } => {
             let options = FollowOptions {
@@ -181,6 +281,7 @@ fn main() -> ExitCode {
                 headers,
                 max_events,
                 redis: redis.into_options(),
+                metrics_listen,
             };
             // The client loop writes a received chunk's lines in one write.
             let mut stdout = std::io::stdout().lock();
@@ -207,6 +308,16 @@ fn main() -> ExitCode {
             // The client loop writes a received chunk's lines in one write.
             let mut stdout = std::io::stdout().lock();
             mcp::exit_code(&smol::block_on(mcp::call(options, &mut stdout)))
+        }
+        Command::Proxy(args) => {
+            let config = args.config();
+            let storage: Box<dyn LogStorage> = Box::new(MemoryLog);
+            server::exit_code(&smol::block_on(proxy::proxy_until_signal(
+                args.listen,
+                config,
+                storage,
+                "memory",
+            )))
         }
         Command::Serve {
             listen,

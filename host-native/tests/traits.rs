@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tidemark::core::{Cursor, Millis, Store, StoreError, StreamKey};
 use tidemark::demo::{DemoOptions, Verdict};
+use tidemark::follow::FollowError;
+use tidemark::metrics::{FollowMetrics, Format, GapReason, Limit, ProxyMetrics, StreamKind};
 use tidemark::{
     FileStore, HttpBody, HttpConnector, HttpResponse, Lease, LeaseLost, NativeStore, RedisConfig,
     RedisStore, ServerConfig, SmolClock, SseServer,
@@ -16,6 +18,8 @@ use tidemark::{
 fn assert_debug<T: Debug>() {}
 
 fn assert_error<T: Error + Send + Sync + 'static>() {}
+
+fn assert_shared<T: Clone + Send + Sync + 'static>() {}
 
 /// Compile-time checks: this test does not build if a type loses `Debug`
 /// or an error stops being a thread-safe `Error`.
@@ -34,8 +38,19 @@ fn every_public_type_is_debug_and_every_error_an_error() {
     assert_debug::<SmolClock>();
     assert_debug::<SseServer>();
     assert_debug::<Verdict>();
+    assert_debug::<ProxyMetrics>();
+    assert_debug::<FollowMetrics>();
+    assert_debug::<Format>();
+    assert_debug::<StreamKind>();
+    assert_debug::<GapReason>();
+    assert_debug::<Limit>();
 
     assert_error::<LeaseLost>();
+    assert_error::<FollowError>();
+
+    // Handles the proxy's tasks share.
+    assert_shared::<ProxyMetrics>();
+    assert_shared::<FollowMetrics>();
 }
 
 #[test]

@@ -246,6 +246,7 @@ async fn run<W: Write>(
         &mut signals,
         None,
         out,
+        |_| {},
         || Ok(()),
         async |event: Event, group: &mut Vec<u8>| {
             // A priming event: an id for the cursor, no message.

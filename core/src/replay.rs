@@ -1,0 +1,619 @@
+//! The replay log's rules, for a proxy that makes streams resumable.
+//!
+//! A proxy in front of a server that cannot replay keeps, per stream, a log
+//! of the events it carried and serves every client from it. This module is
+//! that log's logic, sans-I/O like the tracker: plain synchronous code with
+//! `now: Millis` passed in, no clock reads, no storage.
+//!
+//! - **Ids.** The log assigns ids `<token>-<seq>`: the stream's
+//!   [`StreamToken`] (128 random bits as 32 lowercase hex digits) and a
+//!   sequence number counting from 1. Ids are strictly increasing per stream
+//!   and name their stream, so a `Last-Event-ID` alone says which stream a
+//!   client resumes. The upstream's own id of each event is kept beside it.
+//! - **Frames.** Each event is encoded once, as the SSE frame every client
+//!   gets ([`LogRecord::frame`]); a client's next read is a copy of the
+//!   frames after its offset ([`ReplayLog::read`]).
+//! - **Retention** ([`Retention`]): at most `max_events` events and
+//!   `max_bytes` bytes of frames per stream, the oldest dropped first; a
+//!   stream expires `idle` after its last event (or its start, if it has
+//!   none).
+//! - **Durability.** A log may hold events its storage has not yet made
+//!   durable; clients see only what [`ReplayLog::mark_durable`] allowed, so
+//!   what a client saw survives a crash.
+//! - **Gaps are never silent.** A client asking to resume from an id the log
+//!   no longer holds, or from an id it never issued (another stream's, a lost
+//!   log's, garbage), first gets a gap event ([`GAP_EVENT`], see
+//!   [`encode_gap`]) saying what was lost, then the oldest retained event
+//!   onward. A connected client that falls behind the retained log gets the
+//!   same signal on its next read.
+//! - **Identity.** A stream belongs to a keyed hash of the credentials it
+//!   was opened with ([`IdentityKey::identity`]); the proxy keeps the hash,
+//!   never the credentials.
+
+use crate::clock::Millis;
+use crate::entropy::{EntropyError, random_u64s};
+use crate::fingerprint::FingerprintKey;
+use crate::sse::{EncodeError, encode_event};
+use core::fmt;
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+/// The event type of the gap signal.
+pub const GAP_EVENT: &str = "tidemark-gap";
+
+/// The random name of one logged stream: 128 bits, written as 32 lowercase
+/// hex digits in ids and paths.
+#[derive(Copy, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamToken([u8; 16]);
+
+impl StreamToken {
+    /// A fresh token from the platform's entropy source.
+    pub fn random() -> Result<Self, EntropyError> {
+        let [a, b] = random_u64s()?;
+        let mut bytes = [0; 16];
+        bytes[..8].copy_from_slice(&a.to_le_bytes());
+        bytes[8..].copy_from_slice(&b.to_le_bytes());
+        Ok(StreamToken(bytes))
+    }
+
+    /// The token with these bits (from storage).
+    pub const fn from_bytes(bytes: [u8; 16]) -> Self {
+        StreamToken(bytes)
+    }
+
+    /// The token's bits.
+    pub const fn to_bytes(self) -> [u8; 16] {
+        self.0
+    }
+
+    /// The token written as `s` (32 lowercase hex digits), if it is one.
+    pub fn parse(s: &str) -> Option<Self> {
+        let s = s.as_bytes();
+        if s.len() != 32 {
+            return None;
+        }
+        let mut bytes = [0; 16];
+        for (byte, pair) in bytes.iter_mut().zip(s.chunks_exact(2)) {
+            *byte = (hex_value(pair[0])? << 4) | hex_value(pair[1])?;
+        }
+        Some(StreamToken(bytes))
+    }
+
+    /// Appends the 32 hex digits to `out`.
+    fn write_hex(&self, out: &mut Vec<u8>) {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for byte in self.0 {
+            out.push(DIGITS[usize::from(byte >> 4)]);
+            out.push(DIGITS[usize::from(byte & 15)]);
+        }
+    }
+}
+
+fn hex_value(digit: u8) -> Option<u8> {
+    match digit {
+        b'0'..=b'9' => Some(digit - b'0'),
+        b'a'..=b'f' => Some(digit - b'a' + 10),
+        _ => None,
+    }
+}
+
+impl fmt::Display for StreamToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut hex = Vec::with_capacity(32);
+        self.write_hex(&mut hex);
+        f.write_str(core::str::from_utf8(&hex).expect("hex digits are ASCII"))
+    }
+}
+
+impl fmt::Debug for StreamToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StreamToken({self})")
+    }
+}
+
+/// The id the log gives event `seq` of stream `token`: `<token>-<seq>`.
+pub fn event_id(token: StreamToken, seq: u64) -> String {
+    let mut id = Vec::with_capacity(53);
+    write_id(&mut id, token, seq);
+    String::from_utf8(id).expect("hex digits, a dash and decimal digits are ASCII")
+}
+
+fn write_id(out: &mut Vec<u8>, token: StreamToken, seq: u64) {
+    token.write_hex(out);
+    out.push(b'-');
+    let mut digits = [0u8; 20];
+    let mut n = seq;
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// The stream and sequence number an id names, if it is one of the log's
+/// ids (`<32 hex digits>-<decimal>`, no sign, no leading zeros but for 0).
+pub fn parse_event_id(id: &str) -> Option<(StreamToken, u64)> {
+    let (token, seq) = id.split_once('-')?;
+    let token = StreamToken::parse(token)?;
+    if seq.is_empty()
+        || !seq.bytes().all(|b| b.is_ascii_digit())
+        || (seq.len() > 1 && seq.starts_with('0'))
+    {
+        return None;
+    }
+    Some((token, seq.parse().ok()?))
+}
+
+/// A keyed 128-bit hash of credentials: which identity a stream belongs to.
+#[derive(Copy, Clone, PartialEq, Eq, Hash)]
+pub struct Identity([u8; 16]);
+
+impl Identity {
+    /// The identity with these bits (from storage).
+    pub const fn from_bytes(bytes: [u8; 16]) -> Self {
+        Identity(bytes)
+    }
+
+    /// The identity's bits.
+    pub const fn to_bytes(self) -> [u8; 16] {
+        self.0
+    }
+}
+
+/// Hash values only, never the credentials: this prints no bits at all.
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Identity(..)")
+    }
+}
+
+/// The secret key of [`Identity`] hashes: two independent SipHash keys, 256
+/// bits, giving two independent 64-bit hashes of the same input.
+///
+/// Without the key nobody can tell whether two credentials hash alike, so a
+/// client cannot search for another identity's hash; a host that keeps
+/// identities across restarts keeps the key with them.
+#[derive(Copy, Clone, PartialEq, Eq)]
+pub struct IdentityKey([FingerprintKey; 2]);
+
+impl fmt::Debug for IdentityKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("IdentityKey(..)")
+    }
+}
+
+impl IdentityKey {
+    /// A random key from the platform's entropy source.
+    pub fn random() -> Result<Self, EntropyError> {
+        Ok(Self::from_bytes(random_bytes()?))
+    }
+
+    /// The key with these bits (from storage).
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        let word =
+            |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        IdentityKey([
+            FingerprintKey::new(word(0), word(1)),
+            FingerprintKey::new(word(2), word(3)),
+        ])
+    }
+
+    /// The identity of a request whose credentials are `parts`, in a fixed
+    /// order (a missing credential as an empty part). Each part is
+    /// length-prefixed, so moving bytes from one part to the next changes
+    /// the hash.
+    pub fn identity<'a>(&self, parts: impl IntoIterator<Item = &'a [u8]>) -> Identity {
+        let mut input = Vec::with_capacity(128);
+        for part in parts {
+            input.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            input.extend_from_slice(part);
+        }
+        let mut bytes = [0; 16];
+        bytes[..8].copy_from_slice(&self.0[0].fingerprint(&input).to_le_bytes());
+        bytes[8..].copy_from_slice(&self.0[1].fingerprint(&input).to_le_bytes());
+        Identity(bytes)
+    }
+}
+
+/// 32 random bytes, for a fresh [`IdentityKey`] a host wants to store.
+pub fn random_bytes() -> Result<[u8; 32], EntropyError> {
+    let words: [u64; 4] = random_u64s()?;
+    let mut bytes = [0; 32];
+    for (chunk, word) in bytes.chunks_exact_mut(8).zip(words) {
+        chunk.copy_from_slice(&word.to_le_bytes());
+    }
+    Ok(bytes)
+}
+
+/// How much of a stream the log keeps, and for how long.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Most events kept per stream (at least one is always kept).
+    pub max_events: usize,
+    /// Most bytes of frames kept per stream (the newest event is kept even
+    /// when it alone is larger).
+    pub max_bytes: usize,
+    /// How long a stream is kept after its last event.
+    pub idle: Millis,
+}
+
+impl Default for Retention {
+    /// 10,000 events, 64 MiB, 300 s.
+    fn default() -> Self {
+        Retention {
+            max_events: 10_000,
+            max_bytes: 64 << 20,
+            idle: Millis::from_secs(300),
+        }
+    }
+}
+
+/// One logged event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogRecord {
+    /// Its sequence number in the stream (the id's tail).
+    pub seq: u64,
+    /// When it was appended.
+    pub time: Millis,
+    /// The upstream's id of the event, if it had one.
+    pub upstream_id: Option<Arc<str>>,
+    /// The SSE frame clients get: `id: <token>-<seq>`, the event type
+    /// unless `message`, the data lines, the blank line.
+    pub frame: Arc<[u8]>,
+}
+
+/// Why a client's resume point was not in the log.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum GapReason {
+    /// The events after the client's id were dropped by retention.
+    Retention,
+    /// The id was never issued by this stream: another stream's, a log that
+    /// was lost, or not an id of the log at all.
+    Unknown,
+}
+
+impl GapReason {
+    /// `"retention"` or `"unknown"`, as in the gap event's data.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            GapReason::Retention => "retention",
+            GapReason::Unknown => "unknown",
+        }
+    }
+}
+
+/// What a client missed: the gap signal it gets before the events.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Gap {
+    /// Why.
+    pub reason: GapReason,
+    /// How many events were lost, when known.
+    pub lost: Option<u64>,
+}
+
+/// Where a client starts reading a stream.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Start {
+    /// The sequence number of the first event the client gets.
+    pub next: u64,
+    /// The gap signal to send first, if the client's id was not resumable.
+    pub gap: Option<Gap>,
+}
+
+/// What one [`ReplayLog::read`] wrote.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Read {
+    /// Events written.
+    pub events: u64,
+    /// The gap the client fell into (it fell behind retention), if any.
+    pub gap: Option<Gap>,
+}
+
+/// What [`ReplayLog::append`] did.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// The new event's sequence number.
+    pub seq: u64,
+    /// Bytes of frames the log holds now minus before (negative when
+    /// retention dropped more than was added).
+    pub bytes_delta: i64,
+    /// The first sequence number the log still holds, if retention dropped
+    /// events (storage may forget everything before it).
+    pub trimmed_to: Option<u64>,
+}
+
+/// One stream's log: its events in order, the ids, retention, what clients
+/// may see, and where each client goes next. See the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct ReplayLog {
+    token: StreamToken,
+    retention: Retention,
+    records: VecDeque<LogRecord>,
+    next_seq: u64,
+    durable: u64,
+    bytes: usize,
+    last_event_at: Millis,
+    ended: bool,
+}
+
+impl ReplayLog {
+    /// An empty log for stream `token`, started at `now`.
+    pub fn new(token: StreamToken, retention: Retention, now: Millis) -> Self {
+        ReplayLog {
+            token,
+            retention,
+            records: VecDeque::new(),
+            next_seq: 1,
+            durable: 0,
+            bytes: 0,
+            last_event_at: now,
+            ended: false,
+        }
+    }
+
+    /// A log rebuilt from stored `records` (in any order; if their sequence
+    /// numbers do not run without a hole, only the run after the last hole
+    /// is kept), all of them durable. `ended` says whether the stream had
+    /// ended; `now` counts as the last activity if there are no records.
+    pub fn restore(
+        token: StreamToken,
+        retention: Retention,
+        records: impl IntoIterator<Item = LogRecord>,
+        ended: bool,
+        now: Millis,
+    ) -> Self {
+        let mut sorted: Vec<LogRecord> = records.into_iter().collect();
+        sorted.sort_by_key(|r| r.seq);
+        sorted.dedup_by_key(|r| r.seq);
+        let run_start = sorted
+            .windows(2)
+            .rposition(|pair| pair[1].seq != pair[0].seq + 1)
+            .map_or(0, |i| i + 1);
+        let mut log = ReplayLog::new(token, retention, now);
+        for record in sorted.drain(run_start..) {
+            log.next_seq = record.seq + 1;
+            log.last_event_at = record.time;
+            log.bytes += record.frame.len();
+            log.records.push_back(record);
+        }
+        log.durable = log.next_seq - 1;
+        log.ended = ended;
+        log.trim();
+        log
+    }
+
+    /// The stream's token.
+    pub fn token(&self) -> StreamToken {
+        self.token
+    }
+
+    /// Encodes and appends one event at `now`, gives it the next id, and
+    /// applies retention. Clients see it once [`mark_durable`](Self::mark_durable)
+    /// covers it.
+    pub fn append(
+        &mut self,
+        now: Millis,
+        upstream_id: Option<&str>,
+        event: &str,
+        data: &str,
+    ) -> Result<Appended, EncodeError> {
+        let seq = self.next_seq;
+        let mut frame = Vec::with_capacity(data.len() + 64);
+        let mut id = Vec::with_capacity(53);
+        write_id(&mut id, self.token, seq);
+        let id = core::str::from_utf8(&id).expect("ASCII");
+        let event = (event != "message" && !event.is_empty()).then_some(event);
+        encode_event(&mut frame, event, Some(id), data)?;
+        let before = self.bytes as i64;
+        self.bytes += frame.len();
+        self.records.push_back(LogRecord {
+            seq,
+            time: now,
+            upstream_id: upstream_id.map(Arc::from),
+            frame: frame.into(),
+        });
+        self.next_seq += 1;
+        self.last_event_at = now;
+        let first = self.first_seq();
+        self.trim();
+        Ok(Appended {
+            seq,
+            bytes_delta: self.bytes as i64 - before,
+            trimmed_to: (self.first_seq() != first).then(|| self.first_seq()),
+        })
+    }
+
+    fn trim(&mut self) {
+        while self.records.len() > self.retention.max_events.max(1)
+            || (self.bytes > self.retention.max_bytes && self.records.len() > 1)
+        {
+            let dropped = self.records.pop_front().expect("more than one record");
+            self.bytes -= dropped.frame.len();
+        }
+    }
+
+    /// The last appended event, to hand to storage.
+    pub fn last(&self) -> Option<&LogRecord> {
+        self.records.back()
+    }
+
+    /// Lets clients see every event up to `seq` (storage has made them
+    /// durable). Never moves back.
+    pub fn mark_durable(&mut self, seq: u64) {
+        self.durable = self.durable.max(seq.min(self.next_seq - 1));
+    }
+
+    /// The newest event clients may see.
+    pub fn durable(&self) -> u64 {
+        self.durable
+    }
+
+    /// The upstream ended the stream: nothing more will be appended.
+    pub fn end(&mut self) {
+        self.ended = true;
+    }
+
+    /// Whether the stream has ended upstream.
+    pub fn is_ended(&self) -> bool {
+        self.ended
+    }
+
+    /// The sequence number of the oldest retained event (the next one's if
+    /// the log is empty).
+    pub fn first_seq(&self) -> u64 {
+        self.records.front().map_or(self.next_seq, |r| r.seq)
+    }
+
+    /// The sequence number the next appended event gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Events retained.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Whether no event is retained.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Bytes of frames retained.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The upstream id of the newest retained event that had one: where to
+    /// resume the upstream from.
+    pub fn upstream_id(&self) -> Option<&str> {
+        self.records
+            .iter()
+            .rev()
+            .find_map(|r| r.upstream_id.as_deref())
+    }
+
+    /// When the last event was appended (or the log started).
+    pub fn last_event_at(&self) -> Millis {
+        self.last_event_at
+    }
+
+    /// Whether the stream is past retention at `now`: `idle` after its last
+    /// event. The host drops an expired stream once nothing uses it.
+    pub fn is_expired(&self, now: Millis) -> bool {
+        now >= self.last_event_at.saturating_add(self.retention.idle)
+    }
+
+    /// Where a new client joining live starts: the next event appended.
+    pub fn start_live(&self) -> Start {
+        Start {
+            next: self.next_seq,
+            gap: None,
+        }
+    }
+
+    /// Where a client starts that sent `last_event_id` (`None`: it wants the
+    /// stream from its first event).
+    ///
+    /// - One of this log's ids still retained, or the one just before the
+    ///   oldest: right after it.
+    /// - One of this log's ids older than that: a [`GapReason::Retention`]
+    ///   gap with the count lost, then the oldest retained event.
+    /// - Anything else (another stream's id, an id this log has not issued
+    ///   or not yet let clients see, not an id at all): a
+    ///   [`GapReason::Unknown`] gap, then the oldest retained event.
+    /// - `None`: the oldest retained event, after a retention gap if events
+    ///   were already dropped.
+    pub fn start(&self, last_event_id: Option<&str>) -> Start {
+        let first = self.first_seq();
+        let after = match last_event_id {
+            None => 0,
+            Some(id) => match parse_event_id(id) {
+                Some((token, seq)) if token == self.token && seq <= self.durable => seq,
+                _ => {
+                    return Start {
+                        next: first,
+                        gap: Some(Gap {
+                            reason: GapReason::Unknown,
+                            lost: None,
+                        }),
+                    };
+                }
+            },
+        };
+        if after + 1 >= first {
+            return Start {
+                next: after + 1,
+                gap: None,
+            };
+        }
+        Start {
+            next: first,
+            gap: Some(Gap {
+                reason: GapReason::Retention,
+                lost: Some(first - after - 1),
+            }),
+        }
+    }
+
+    /// Appends to `out` the frames from sequence number `*next` on that
+    /// clients may see, whole frames only, stopping once `out` has grown by
+    /// `budget` bytes (at least one frame is written if any is due), and
+    /// moves `*next` past them. A client that fell behind the retained log
+    /// gets the gap signal first ([`encode_gap`]) and goes on from the
+    /// oldest retained event.
+    pub fn read(&self, next: &mut u64, budget: usize, out: &mut Vec<u8>) -> Read {
+        let mut read = Read::default();
+        let first = self.first_seq();
+        if *next < first {
+            let gap = Gap {
+                reason: GapReason::Retention,
+                lost: Some(first - *next),
+            };
+            encode_gap(out, self.token, first, gap);
+            read.gap = Some(gap);
+            *next = first;
+        }
+        if *next > self.durable {
+            return read;
+        }
+        let start = out.len();
+        let skip = (*next - first) as usize;
+        for record in self.records.range(skip..) {
+            if record.seq > self.durable || (out.len() - start >= budget && read.events > 0) {
+                break;
+            }
+            out.extend_from_slice(&record.frame);
+            read.events += 1;
+            *next = record.seq + 1;
+        }
+        read
+    }
+
+    /// Whether a client whose next event would be `next` has everything and
+    /// will get nothing more: the stream ended and all of it was sent.
+    pub fn is_complete(&self, next: u64) -> bool {
+        self.ended && next >= self.next_seq && self.durable + 1 >= self.next_seq
+    }
+}
+
+/// Appends the gap signal to `out`: an event of type [`GAP_EVENT`] with the
+/// id just before `next` (so a client that reconnects right after it resumes
+/// at `next` and is not told again) and data `{"reason":"retention","lost":N}`
+/// or `{"reason":"unknown","lost":null}`.
+pub fn encode_gap(out: &mut Vec<u8>, token: StreamToken, next: u64, gap: Gap) {
+    let id = event_id(token, next.saturating_sub(1));
+    let data = match gap.lost {
+        Some(lost) => format!("{{\"reason\":\"{}\",\"lost\":{lost}}}", gap.reason.as_str()),
+        None => format!("{{\"reason\":\"{}\",\"lost\":null}}", gap.reason.as_str()),
+    };
+    encode_event(out, Some(GAP_EVENT), Some(&id), &data).expect("a valid type, id and data");
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,394 @@
+use super::*;
+use crate::sse::{Item, Limits, Parser};
+use proptest::prelude::*;
+
+const TOKEN: StreamToken = StreamToken::from_bytes([0xab; 16]);
+const OTHER: StreamToken = StreamToken::from_bytes([0xcd; 16]);
+
+fn retention(max_events: usize) -> Retention {
+    Retention {
+        max_events,
+        max_bytes: usize::MAX,
+        idle: Millis(1000),
+    }
+}
+
+/// A log of `n` durable events with data "1".."n".
+fn log_of(n: u64, max_events: usize) -> ReplayLog {
+    let mut log = ReplayLog::new(TOKEN, retention(max_events), Millis(0));
+    for i in 1..=n {
+        log.append(Millis(i), Some(&format!("u{i}")), "message", &i.to_string())
+            .unwrap();
+    }
+    log.mark_durable(n);
+    log
+}
+
+/// Parses what a client got: (event type, id, data) per event.
+fn events(bytes: &[u8]) -> Vec<(String, String, String)> {
+    let mut parser = Parser::new(Limits::default());
+    parser.feed(bytes).unwrap();
+    let mut out = Vec::new();
+    while let Some(item) = parser.next_item() {
+        if let Item::Event(e) = item {
+            out.push((e.event, e.id.unwrap_or_default(), e.data));
+        }
+    }
+    out
+}
+
+fn id(seq: u64) -> String {
+    event_id(TOKEN, seq)
+}
+
+#[test]
+fn tokens_and_ids_round_trip() {
+    let token = StreamToken::random().unwrap();
+    assert_ne!(token, StreamToken::random().unwrap());
+    let text = token.to_string();
+    assert_eq!(text.len(), 32);
+    assert!(
+        text.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    );
+    assert_eq!(StreamToken::parse(&text), Some(token));
+    assert_eq!(parse_event_id(&event_id(token, 0)), Some((token, 0)));
+    assert_eq!(
+        parse_event_id(&event_id(token, u64::MAX)),
+        Some((token, u64::MAX))
+    );
+    assert_eq!(id(42), format!("{}-42", "ab".repeat(16)));
+}
+
+#[test]
+fn malformed_ids_are_not_ids() {
+    let t = "ab".repeat(16);
+    for bad in [
+        String::new(),
+        "42".into(),
+        t.clone(),
+        format!("{t}-"),
+        format!("{t}-+1"),
+        format!("{t}-01"),
+        format!("{t}-1x"),
+        format!("{t}-99999999999999999999999"),
+        format!("{}-1", "AB".repeat(16)),
+        format!("{}-1", "ab".repeat(15)),
+        format!("{}g-1", "ab".repeat(15) + "a"),
+    ] {
+        assert_eq!(parse_event_id(&bad), None, "{bad:?}");
+    }
+}
+
+#[test]
+fn appended_events_get_increasing_ids_and_keep_type_and_data() {
+    let mut log = ReplayLog::new(TOKEN, retention(10), Millis(0));
+    log.append(Millis(1), Some("up-1"), "message", "a\nb")
+        .unwrap();
+    log.append(Millis(2), None, "delta", "c").unwrap();
+    log.mark_durable(2);
+    let mut next = 1;
+    let mut out = Vec::new();
+    let read = log.read(&mut next, usize::MAX, &mut out);
+    assert_eq!(
+        read,
+        Read {
+            events: 2,
+            gap: None
+        }
+    );
+    assert_eq!(next, 3);
+    assert_eq!(
+        events(&out),
+        [
+            ("message".into(), id(1), "a\nb".into()),
+            ("delta".into(), id(2), "c".into())
+        ]
+    );
+    assert!(out.starts_with(format!("id: {}\ndata: a\ndata: b\n\n", id(1)).as_bytes()));
+    assert_eq!(
+        log.upstream_id(),
+        Some("up-1"),
+        "newest with an upstream id"
+    );
+}
+
+#[test]
+fn refuses_event_types_with_line_ends() {
+    let mut log = ReplayLog::new(TOKEN, retention(10), Millis(0));
+    assert_eq!(
+        log.append(Millis(1), None, "a\nb", "x"),
+        Err(EncodeError::InvalidEventType)
+    );
+    assert!(log.is_empty());
+    assert_eq!(log.next_seq(), 1);
+}
+
+#[test]
+fn clients_see_only_durable_events() {
+    let mut log = ReplayLog::new(TOKEN, retention(10), Millis(0));
+    log.append(Millis(1), None, "message", "1").unwrap();
+    log.append(Millis(2), None, "message", "2").unwrap();
+    let mut next = 1;
+    let mut out = Vec::new();
+    assert_eq!(log.read(&mut next, usize::MAX, &mut out).events, 0);
+    assert!(out.is_empty());
+    log.mark_durable(1);
+    assert_eq!(log.read(&mut next, usize::MAX, &mut out).events, 1);
+    assert_eq!(next, 2);
+    log.mark_durable(0);
+    assert_eq!(log.durable(), 1, "never moves back");
+    // An id the log has issued but not let anyone see is not resumable.
+    assert_eq!(
+        log.start(Some(&id(2))).gap.unwrap().reason,
+        GapReason::Unknown
+    );
+    log.mark_durable(99);
+    assert_eq!(log.durable(), 2, "never past the last event");
+}
+
+#[test]
+fn read_budget_writes_whole_frames_and_at_least_one() {
+    let log = log_of(10, 100);
+    let frame = log.records[0].frame.len();
+    let mut next = 1;
+    let mut out = Vec::new();
+    assert_eq!(
+        log.read(&mut next, 1, &mut out).events,
+        1,
+        "one even over budget"
+    );
+    assert_eq!(log.read(&mut next, 2 * frame, &mut out).events, 2);
+    assert_eq!(next, 4);
+    assert_eq!(log.read(&mut next, usize::MAX, &mut out).events, 7);
+    assert_eq!(log.read(&mut next, usize::MAX, &mut out).events, 0);
+    let got: Vec<String> = events(&out).into_iter().map(|e| e.2).collect();
+    assert_eq!(got, (1..=10).map(|i| i.to_string()).collect::<Vec<_>>());
+}
+
+#[test]
+fn retention_by_count_and_bytes() {
+    let log = log_of(20, 5);
+    assert_eq!((log.first_seq(), log.len()), (16, 5));
+    let mut log = ReplayLog::new(
+        TOKEN,
+        Retention {
+            max_events: 100,
+            max_bytes: 200,
+            idle: Millis(1000),
+        },
+        Millis(0),
+    );
+    let big = "x".repeat(150);
+    let a = log.append(Millis(1), None, "message", &big).unwrap();
+    assert_eq!(a.trimmed_to, None);
+    let b = log.append(Millis(2), None, "message", &big).unwrap();
+    assert_eq!(b.trimmed_to, Some(2), "the first one no longer fits");
+    assert_eq!(log.len(), 1);
+    assert!(b.bytes_delta == 0, "one frame in, one of the same size out");
+    assert_eq!(log.bytes() as i64, a.bytes_delta);
+    let huge = "y".repeat(1000);
+    log.append(Millis(3), None, "message", &huge).unwrap();
+    assert_eq!(log.len(), 1, "the newest is kept even alone over the cap");
+}
+
+#[test]
+fn start_rules() {
+    let log = log_of(20, 5); // holds 16..=20
+    let at = |next, gap| Start { next, gap };
+    assert_eq!(log.start_live(), at(21, None));
+    assert_eq!(log.start(Some(&id(20))), at(21, None));
+    assert_eq!(log.start(Some(&id(17))), at(18, None));
+    assert_eq!(
+        log.start(Some(&id(15))),
+        at(16, None),
+        "just before the oldest"
+    );
+    let retention = |lost| {
+        Some(Gap {
+            reason: GapReason::Retention,
+            lost: Some(lost),
+        })
+    };
+    let unknown = Some(Gap {
+        reason: GapReason::Unknown,
+        lost: None,
+    });
+    assert_eq!(log.start(Some(&id(14))), at(16, retention(1)));
+    assert_eq!(log.start(Some(&id(0))), at(16, retention(15)));
+    assert_eq!(log.start(None), at(16, retention(15)));
+    assert_eq!(log_of(3, 5).start(None), at(1, None));
+    assert_eq!(log.start(Some(&id(21))), at(16, unknown), "not issued yet");
+    assert_eq!(log.start(Some(&event_id(OTHER, 18))), at(16, unknown));
+    assert_eq!(log.start(Some("18")), at(16, unknown));
+    assert_eq!(log.start(Some("")), at(16, unknown));
+}
+
+#[test]
+fn gap_signal_then_oldest_retained() {
+    let log = log_of(20, 5);
+    let start = log.start(Some(&id(10)));
+    let mut out = Vec::new();
+    encode_gap(&mut out, TOKEN, start.next, start.gap.unwrap());
+    let mut next = start.next;
+    log.read(&mut next, usize::MAX, &mut out);
+    let got = events(&out);
+    assert_eq!(
+        got[0],
+        (
+            GAP_EVENT.into(),
+            id(15),
+            r#"{"reason":"retention","lost":5}"#.into()
+        )
+    );
+    assert_eq!(got[1].1, id(16));
+    assert_eq!(got.len(), 6);
+    // Resuming from the gap event's own id is not told again.
+    assert_eq!(log.start(Some(&got[0].1)).gap, None);
+
+    let mut out = Vec::new();
+    encode_gap(
+        &mut out,
+        TOKEN,
+        16,
+        Gap {
+            reason: GapReason::Unknown,
+            lost: None,
+        },
+    );
+    assert_eq!(events(&out)[0].2, r#"{"reason":"unknown","lost":null}"#);
+}
+
+#[test]
+fn a_client_behind_retention_is_told_on_read() {
+    let mut log = log_of(3, 5);
+    let mut next = 2;
+    for i in 4..=12 {
+        log.append(Millis(i), None, "message", &i.to_string())
+            .unwrap();
+    }
+    log.mark_durable(12);
+    let mut out = Vec::new();
+    let read = log.read(&mut next, usize::MAX, &mut out);
+    assert_eq!(
+        read.gap,
+        Some(Gap {
+            reason: GapReason::Retention,
+            lost: Some(6)
+        })
+    );
+    assert_eq!(read.events, 5);
+    let got = events(&out);
+    assert_eq!(got[0].0, GAP_EVENT);
+    assert_eq!(got[1].2, "8");
+    assert_eq!(next, 13);
+}
+
+#[test]
+fn completion_and_expiry() {
+    let mut log = log_of(3, 5);
+    assert!(!log.is_complete(4), "not ended");
+    log.end();
+    assert!(log.is_complete(4));
+    assert!(!log.is_complete(3), "one event left");
+    assert!(!log.is_expired(Millis(1002)));
+    assert!(
+        log.is_expired(Millis(1003)),
+        "idle after the last event at 3"
+    );
+    let fresh = ReplayLog::new(TOKEN, retention(5), Millis(50));
+    assert!(fresh.is_expired(Millis(1050)) && !fresh.is_expired(Millis(1049)));
+}
+
+#[test]
+fn restore_keeps_the_run_after_the_last_hole() {
+    let log = log_of(8, 100);
+    let mut records: Vec<LogRecord> = log.records.iter().cloned().collect();
+    records.remove(2); // seq 3 is missing
+    records.reverse();
+    let restored = ReplayLog::restore(TOKEN, retention(100), records, true, Millis(500));
+    assert_eq!((restored.first_seq(), restored.next_seq()), (4, 9));
+    assert_eq!(restored.durable(), 8);
+    assert!(restored.is_ended());
+    assert_eq!(restored.last_event_at(), Millis(8));
+    assert_eq!(restored.upstream_id(), Some("u8"));
+    assert_eq!(restored.start(Some(&id(5))).next, 6);
+    let empty = ReplayLog::restore(TOKEN, retention(5), Vec::new(), false, Millis(7));
+    assert_eq!((empty.next_seq(), empty.last_event_at()), (1, Millis(7)));
+    let trimmed = ReplayLog::restore(TOKEN, retention(2), log.records.clone(), false, Millis(0));
+    assert_eq!(
+        trimmed.first_seq(),
+        7,
+        "retention applies to what is restored"
+    );
+}
+
+#[test]
+fn identities_are_keyed_and_unambiguous() {
+    let key = IdentityKey::from_bytes([7; 32]);
+    let other = IdentityKey::from_bytes([8; 32]);
+    let a = key.identity([b"Bearer A".as_slice(), b""]);
+    assert_eq!(a, key.identity([b"Bearer A".as_slice(), b""]));
+    assert_ne!(a, key.identity([b"Bearer B".as_slice(), b""]));
+    assert_ne!(a, other.identity([b"Bearer A".as_slice(), b""]));
+    assert_ne!(
+        key.identity([b"ab".as_slice(), b"c"]),
+        key.identity([b"a".as_slice(), b"bc"]),
+        "parts are length-prefixed"
+    );
+    assert_ne!(
+        IdentityKey::random().unwrap(),
+        IdentityKey::random().unwrap()
+    );
+    assert_eq!(format!("{a:?}"), "Identity(..)");
+}
+
+proptest! {
+    /// Whatever is appended, trimmed and made durable, and wherever a client
+    /// starts, it gets events in strictly increasing order with no hole
+    /// except right after a gap signal whose count is the hole's size.
+    #[test]
+    fn clients_never_miss_silently(
+        steps in proptest::collection::vec((0u8..4, 0usize..6), 1..80),
+        max_events in 1usize..8,
+        start_at in 0u64..40,
+    ) {
+        let mut log = ReplayLog::new(TOKEN, retention(max_events), Millis(0));
+        let mut next = log.start(Some(&id(start_at))).next;
+        let mut expected = next;
+        let mut out = Vec::new();
+        let mut time = 0;
+        for (op, n) in steps {
+            match op {
+                0 | 1 => for _ in 0..n {
+                    time += 1;
+                    log.append(Millis(time), None, "message", &log.next_seq().to_string()).unwrap();
+                },
+                2 => log.mark_durable(log.next_seq() - 1),
+                _ => {
+                    out.clear();
+                    log.read(&mut next, n * 40, &mut out);
+                    for (event, id_got, data) in events(&out) {
+                        let (token, seq) = parse_event_id(&id_got).unwrap();
+                        prop_assert_eq!(token, TOKEN);
+                        if event == GAP_EVENT {
+                            let lost: u64 = data
+                                .trim_start_matches("{\"reason\":\"retention\",\"lost\":")
+                                .trim_end_matches('}')
+                                .parse()
+                                .unwrap();
+                            prop_assert_eq!(seq + 1 - expected, lost);
+                            expected = seq + 1;
+                        } else {
+                            prop_assert_eq!(seq, expected);
+                            prop_assert_eq!(data, seq.to_string());
+                            prop_assert!(seq <= log.durable());
+                            expected += 1;
+                        }
+                    }
+                    prop_assert_eq!(next, expected);
+                }
+            }
+        }
+    }
+}

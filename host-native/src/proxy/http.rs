@@ -1,0 +1,384 @@
+//! One request through the proxy: forwarded upstream, its answer passed
+//! through unchanged unless it is an event stream, which becomes (or
+//! joins) a logged stream served from the log.
+
+use super::client;
+use super::hub::{GetKey, Hub, LoggedStream, Refusal, Upstream, default_headers};
+use super::upstream::{follow_get, read_post};
+use crate::HttpResponse;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Empty, Full, Limited, StreamBody, combinators::UnsyncBoxBody};
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::header::{
+    CONTENT_LOCATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER,
+};
+use hyper::{Method, Request, Response, StatusCode};
+use std::convert::Infallible;
+use std::io;
+use std::sync::Arc;
+use tidemark_core::replay::{Identity, Start, StreamToken};
+
+/// A response body: from the log, from the upstream, or fixed.
+pub(super) type Body = UnsyncBoxBody<Bytes, io::Error>;
+
+/// Where POST streams are resumed: `/_tidemark/streams/<token>`.
+pub const STREAMS_PATH: &str = "/_tidemark/streams/";
+
+/// Headers that belong to one connection (RFC 9110 section 7.6.1), never
+/// forwarded either way, and those the proxy sets itself.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Answers one request.
+pub(super) async fn handle(
+    hub: Arc<Hub>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let identity = identity(&hub, request.headers());
+    let last_event_id = request
+        .headers()
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if let Some(token) = request.uri().path().strip_prefix(STREAMS_PATH) {
+        if request.method() != Method::GET {
+            return Ok(status(StatusCode::METHOD_NOT_ALLOWED, "resume with GET"));
+        }
+        return Ok(resume(&hub, token, identity, last_event_id.as_deref()));
+    }
+    let method = request.method().clone();
+    let mut headers = forwarded(request.headers());
+    let limit = hub.config.limits.max_body_bytes;
+    let body = match Limited::new(request.into_body(), limit).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Ok(status(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("request body larger than {limit} bytes"),
+            ));
+        }
+        Err(e) => return Ok(status(StatusCode::BAD_REQUEST, &e.to_string())),
+    };
+    let url = hub.config.upstream_url(&target);
+    if method == Method::GET && body.is_empty() {
+        headers.retain(|(name, _)| !is_one_of(name, &["last-event-id", "accept", "cache-control"]));
+        return Ok(get(hub, (target, identity), url, headers, last_event_id).await);
+    }
+    let response = match hub
+        .request_connector
+        .request(method.clone(), &url, &headers, body)
+        .await
+    {
+        Ok(response) => response,
+        Err(e) => return Ok(status(StatusCode::BAD_GATEWAY, &e.to_string())),
+    };
+    if method == Method::HEAD || !is_event_stream(&response) {
+        return Ok(pass_through(response));
+    }
+    let stream = match hub.post_stream(target, identity) {
+        Ok(stream) => stream,
+        // Logging it is refused, but the request was made: pass the answer
+        // on as it is, not resumable, rather than lose it.
+        Err(_) => return Ok(pass_through(response)),
+    };
+    *stream.headers.lock().unwrap_or_else(|p| p.into_inner()) = stream_headers(&response.headers);
+    stream.state().upstream = Upstream::Live;
+    smol::spawn(read_post(hub.clone(), stream.clone(), response.body)).detach();
+    let location = format!("{STREAMS_PATH}{}", stream.meta.token);
+    let start = stream.state().log.start(None);
+    let mut response = serve(&hub, stream, start);
+    if let Ok(location) = HeaderValue::try_from(location) {
+        response.headers_mut().insert(CONTENT_LOCATION, location);
+    }
+    Ok(response)
+}
+
+/// A GET of `key`: joins its live stream, or asks the upstream (once for
+/// all requests that arrive meanwhile) and logs the answer if it is a
+/// stream.
+async fn get(
+    hub: Arc<Hub>,
+    key: GetKey,
+    url: String,
+    headers: Vec<(String, String)>,
+    last_event_id: Option<String>,
+) -> Response<Body> {
+    enum Next {
+        Join,
+        Wait(event_listener::EventListener),
+        Open(Option<String>),
+    }
+    loop {
+        let stream = match hub.get_stream(&key) {
+            Ok(stream) => stream,
+            Err(refusal) => return refused(refusal),
+        };
+        let next = {
+            let mut state = stream.state();
+            match state.upstream {
+                Upstream::Live if !state.stop => Next::Join,
+                Upstream::Live | Upstream::Opening => Next::Wait(stream.changed.listen()),
+                Upstream::Idle => {
+                    state.upstream = Upstream::Opening;
+                    Next::Open(state.log.upstream_id().map(str::to_owned))
+                }
+            }
+        };
+        match next {
+            Next::Join => {
+                let start = start_of(&stream, last_event_id.as_deref());
+                return serve(&hub, stream, start);
+            }
+            Next::Wait(listener) => listener.await,
+            Next::Open(upstream_id) => {
+                return open(&hub, stream, url, headers, upstream_id, last_event_id).await;
+            }
+        }
+    }
+}
+
+/// Where a client of a GET stream starts: after its `Last-Event-ID`, or
+/// live without one.
+fn start_of(stream: &LoggedStream, last_event_id: Option<&str>) -> Start {
+    let state = stream.state();
+    match last_event_id {
+        Some(id) => state.log.start(Some(id)),
+        None => state.log.start_live(),
+    }
+}
+
+/// Asks the upstream for a GET stream this request found idle.
+async fn open(
+    hub: &Arc<Hub>,
+    stream: Arc<LoggedStream>,
+    url: String,
+    headers: Vec<(String, String)>,
+    upstream_id: Option<String>,
+    last_event_id: Option<String>,
+) -> Response<Body> {
+    let mut request_headers = headers.clone();
+    request_headers.push(("accept".into(), "text/event-stream".into()));
+    request_headers.push(("cache-control".into(), "no-cache".into()));
+    if let Some(id) = &upstream_id {
+        request_headers.push(("last-event-id".into(), id.clone()));
+    }
+    let answer = hub
+        .get_connector
+        .request(Method::GET, &url, &request_headers, Bytes::new())
+        .await;
+    let not_a_stream = |hub: &Hub, stream: &LoggedStream| {
+        stream.state().upstream = Upstream::Idle;
+        stream.changed.notify(usize::MAX);
+        hub.discard_if_empty(stream);
+    };
+    let stored = stream.state().stored;
+    let body = match answer {
+        Ok(response) if response.status == 200 && is_event_stream(&response) => {
+            *stream.headers.lock().unwrap_or_else(|p| p.into_inner()) =
+                stream_headers(&response.headers);
+            Some(response.body)
+        }
+        // A stream that was logged before, whose upstream is down or busy
+        // (a restart, a deploy): its clients are served from the log while
+        // the follower retries with backoff. A plain EventSource would
+        // stop for good on a 502.
+        Ok(response) if stored && (response.status >= 500 || response.status == 429) => None,
+        Err(_) if stored => None,
+        Ok(response) => {
+            not_a_stream(hub, &stream);
+            return pass_through(response);
+        }
+        Err(e) => {
+            not_a_stream(hub, &stream);
+            return status(StatusCode::BAD_GATEWAY, &e.to_string());
+        }
+    };
+    let first = {
+        let mut state = stream.state();
+        state.upstream = Upstream::Live;
+        let first = !state.stored;
+        state.stored = true;
+        first
+    };
+    if first {
+        hub.log_open(&stream);
+    }
+    stream.changed.notify(usize::MAX);
+    smol::spawn(follow_get(hub.clone(), stream.clone(), url, headers, body)).detach();
+    let start = start_of(&stream, last_event_id.as_deref());
+    serve(hub, stream, start)
+}
+
+/// `GET /_tidemark/streams/<token>`: resumes a stream of this identity
+/// after `Last-Event-ID` (from its first event without one); `204` when it
+/// has ended and the client has it all; `404` for a stream that is unknown
+/// or another identity's, alike.
+fn resume(
+    hub: &Arc<Hub>,
+    token: &str,
+    identity: Identity,
+    last_event_id: Option<&str>,
+) -> Response<Body> {
+    let Some(stream) = StreamToken::parse(token).and_then(|t| hub.find(t, identity)) else {
+        return status(StatusCode::NOT_FOUND, "no such stream");
+    };
+    let start = stream.state().log.start(last_event_id);
+    if start.gap.is_none() && stream.state().log.is_complete(start.next) {
+        return empty(StatusCode::NO_CONTENT);
+    }
+    serve(hub, stream, start)
+}
+
+/// A client of a logged stream, from `start`.
+fn serve(hub: &Arc<Hub>, stream: Arc<LoggedStream>, start: Start) -> Response<Body> {
+    if let Err(refusal) = hub.client_in(&stream) {
+        return refused(refusal);
+    }
+    let headers = stream
+        .headers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let body = client::body(hub.clone(), stream, start).map(|bytes| Ok(Frame::data(bytes)));
+    let mut response = Response::new(BodyExt::boxed_unsync(StreamBody::new(body)));
+    *response.headers_mut() = headers;
+    response
+}
+
+/// The upstream's answer as it is, but for the headers of its connection.
+fn pass_through(response: HttpResponse) -> Response<Body> {
+    let HttpResponse {
+        status,
+        mut headers,
+        body,
+    } = response;
+    strip_hop_by_hop(&mut headers);
+    let body = body.map(|chunk| chunk.map(Frame::data).map_err(io::Error::other));
+    let mut out = Response::new(BodyExt::boxed_unsync(StreamBody::new(body)));
+    *out.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    *out.headers_mut() = headers;
+    out
+}
+
+/// The headers every client of a stream gets: the upstream's, but for
+/// those of its connection and its body's length, and the proxy's own.
+fn stream_headers(upstream: &HeaderMap) -> HeaderMap {
+    let mut headers = upstream.clone();
+    strip_hop_by_hop(&mut headers);
+    headers.remove(hyper::header::CONTENT_LENGTH);
+    headers.extend(default_headers());
+    headers
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// The request headers to send upstream: all but those of the client's
+/// connection, `Host` (the connector sets the upstream's) and
+/// `Accept-Encoding` (the proxy reads streams as they are, uncompressed).
+fn forwarded(headers: &HeaderMap) -> Vec<(String, String)> {
+    let mut headers = headers.clone();
+    strip_hop_by_hop(&mut headers);
+    headers.remove(hyper::header::HOST);
+    headers.remove(hyper::header::ACCEPT_ENCODING);
+    headers.remove(hyper::header::CONTENT_LENGTH);
+    headers
+        .iter()
+        .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_owned())))
+        .collect()
+}
+
+fn is_one_of(name: &str, names: &[&str]) -> bool {
+    names.iter().any(|n| name.eq_ignore_ascii_case(n))
+}
+
+/// The identity of a request: a keyed hash of its `Authorization`,
+/// `Cookie`, `Mcp-Session-Id` and `--identity-header`s.
+fn identity(hub: &Hub, headers: &HeaderMap) -> Identity {
+    let value = |name: &HeaderName| {
+        let mut joined = Vec::new();
+        for (i, value) in headers.get_all(name).iter().enumerate() {
+            if i > 0 {
+                joined.push(b'\n');
+            }
+            joined.extend_from_slice(value.as_bytes());
+        }
+        joined
+    };
+    let mut parts = vec![
+        value(&hyper::header::AUTHORIZATION),
+        value(&hyper::header::COOKIE),
+        value(&HeaderName::from_static("mcp-session-id")),
+    ];
+    for name in &hub.config.identity_headers {
+        parts.push(value(name));
+    }
+    hub.key.identity(parts.iter().map(Vec::as_slice))
+}
+
+fn is_event_stream(response: &HttpResponse) -> bool {
+    response
+        .header(CONTENT_TYPE.as_str())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("text/event-stream"))
+}
+
+fn refused(refusal: Refusal) -> Response<Body> {
+    let what = match refusal {
+        Refusal::Streams => "too many streams (--max-streams)",
+        Refusal::Clients => "too many clients (--max-clients)",
+    };
+    let mut response = status(StatusCode::SERVICE_UNAVAILABLE, what);
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+/// A short text answer.
+pub(super) fn status(code: StatusCode, message: &str) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(format!("tidemark proxy: {message}\n")))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = code;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn empty(code: StatusCode) -> Response<Body> {
+    let mut response = Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
+    *response.status_mut() = code;
+    response
+}

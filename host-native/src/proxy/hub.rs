@@ -1,0 +1,508 @@
+//! The proxy's shared state: every logged stream, its log, its clients, and
+//! the storage writer that makes appends durable before clients see them.
+
+use super::ProxyConfig;
+use super::storage::{LogOp, LogStorage, StoredStream, StreamKind, StreamMeta};
+use crate::{HttpConnector, SmolClock};
+use event_listener::Event;
+use hyper::HeaderMap;
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tidemark_core::replay::{Identity, IdentityKey, ReplayLog, StreamToken};
+use tidemark_core::{Clock, Millis};
+
+/// Which GET stream a request belongs to: its path and query, and identity.
+pub(super) type GetKey = (String, Identity);
+
+/// Who reads the upstream of a stream right now.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(super) enum Upstream {
+    /// Nobody: a GET stream between clients (after its linger), or a
+    /// stream restored from disk.
+    Idle,
+    /// A request is asking the upstream; others wait for its answer.
+    Opening,
+    /// A task follows (GET) or reads (POST) the upstream.
+    Live,
+}
+
+/// What a logged stream's lock guards.
+#[derive(Debug)]
+pub(super) struct StreamState {
+    /// The log clients read.
+    pub log: ReplayLog,
+    /// Clients reading now.
+    pub clients: usize,
+    /// When the last client left.
+    pub left_at: Millis,
+    /// The upstream side.
+    pub upstream: Upstream,
+    /// Set to make the follower stop (linger over, shutdown).
+    pub stop: bool,
+    /// Whether storage has the stream (its `Open` was handed over).
+    pub stored: bool,
+}
+
+/// One logged stream.
+#[derive(Debug)]
+pub(super) struct LoggedStream {
+    /// What it is.
+    pub meta: StreamMeta,
+    /// The headers the upstream answered with, for every client (those that
+    /// belong to one connection removed).
+    pub headers: Mutex<HeaderMap>,
+    state: Mutex<StreamState>,
+    /// Notified when clients may have something new: an event became
+    /// durable, the stream ended, the upstream side changed.
+    pub changed: Event,
+    /// Notified when the follower must stop (`stop` was set).
+    pub stopping: Event,
+}
+
+impl LoggedStream {
+    /// Locks the stream's state.
+    pub fn state(&self) -> MutexGuard<'_, StreamState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Every stream, by token, and the GET streams by key.
+#[derive(Debug, Default)]
+struct Streams {
+    by_token: HashMap<StreamToken, Arc<LoggedStream>>,
+    gets: HashMap<GetKey, StreamToken>,
+}
+
+/// A limit that refused a request.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(super) enum Refusal {
+    /// `--max-streams`.
+    Streams,
+    /// `--max-clients`.
+    Clients,
+}
+
+/// The proxy's state, shared by every connection and task.
+#[derive(Debug)]
+pub(super) struct Hub {
+    pub config: ProxyConfig,
+    pub key: IdentityKey,
+    pub clock: SmolClock,
+    /// Opens GET streams upstream.
+    pub get_connector: HttpConnector,
+    /// Sends every other request upstream.
+    pub request_connector: HttpConnector,
+    streams: Mutex<Streams>,
+    clients: AtomicUsize,
+    /// The storage writer's queue; `None` for a memory log.
+    writer: Option<async_channel::Sender<LogOp>>,
+}
+
+impl Hub {
+    /// The hub over `storage`: recovers its streams, and starts the writer
+    /// thread when the storage is durable (joined by [`Writer::finish`]).
+    pub fn new(
+        config: ProxyConfig,
+        mut storage: Box<dyn LogStorage>,
+    ) -> io::Result<(Arc<Hub>, Option<Writer>)> {
+        let clock = SmolClock::new();
+        let fresh = tidemark_core::replay::random_bytes().map_err(io::Error::other)?;
+        let key = IdentityKey::from_bytes(storage.identity_key(fresh)?);
+        let recovered = storage.recover()?;
+        let durable = storage.is_durable();
+        let (writer, queue) = if durable {
+            let (sender, receiver) = async_channel::unbounded();
+            (Some(sender), Some(receiver))
+        } else {
+            (None, None)
+        };
+        let (get_connector, request_connector) = config.connectors();
+        let hub = Arc::new(Hub {
+            get_connector,
+            request_connector,
+            config,
+            key,
+            clock,
+            streams: Mutex::default(),
+            clients: AtomicUsize::new(0),
+            writer,
+        });
+        let ended_on_recovery = hub.restore(recovered);
+        for token in ended_on_recovery {
+            hub.log_op(LogOp::End { token });
+        }
+        let writer = queue.map(|queue| Writer::start(storage, queue, Arc::downgrade(&hub)));
+        Ok((hub, writer))
+    }
+
+    /// Puts recovered streams back; returns the POST streams that were
+    /// still being read (they cannot be read on: they end here).
+    fn restore(&self, recovered: Vec<StoredStream>) -> Vec<StreamToken> {
+        let now = self.clock.now();
+        let mut ended = Vec::new();
+        let mut streams = self.lock();
+        for stored in recovered {
+            let mut log = ReplayLog::restore(
+                stored.meta.token,
+                self.config.retention,
+                stored.records,
+                stored.ended,
+                now,
+            );
+            if stored.meta.kind == StreamKind::Post && !log.is_ended() {
+                log.end();
+                ended.push(stored.meta.token);
+            }
+            let token = stored.meta.token;
+            if stored.meta.kind == StreamKind::Get {
+                streams
+                    .gets
+                    .insert((stored.meta.target.clone(), stored.meta.identity), token);
+            }
+            streams.by_token.insert(
+                token,
+                Arc::new(LoggedStream {
+                    meta: stored.meta,
+                    headers: Mutex::new(default_headers()),
+                    state: Mutex::new(StreamState {
+                        log,
+                        clients: 0,
+                        left_at: now,
+                        upstream: Upstream::Idle,
+                        stop: false,
+                        stored: true,
+                    }),
+                    changed: Event::new(),
+                    stopping: Event::new(),
+                }),
+            );
+        }
+        ended
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Streams> {
+        self.streams
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The stream of `token`, if it belongs to `identity`: another
+    /// identity's stream is as unknown as one that never was.
+    pub fn find(&self, token: StreamToken, identity: Identity) -> Option<Arc<LoggedStream>> {
+        self.lock()
+            .by_token
+            .get(&token)
+            .filter(|s| s.meta.identity == identity)
+            .cloned()
+    }
+
+    /// The GET stream of `key`, made (idle, not logged yet) if there is
+    /// none; `Err` when that would exceed `--max-streams`.
+    pub fn get_stream(&self, key: &GetKey) -> Result<Arc<LoggedStream>, Refusal> {
+        let mut streams = self.lock();
+        if let Some(stream) = streams.gets.get(key).and_then(|t| streams.by_token.get(t)) {
+            return Ok(stream.clone());
+        }
+        let stream = self.make(&mut streams, StreamKind::Get, key.0.clone(), key.1)?;
+        streams.gets.insert(key.clone(), stream.meta.token);
+        Ok(stream)
+    }
+
+    /// A new POST stream, logged at once.
+    pub fn post_stream(
+        &self,
+        target: String,
+        identity: Identity,
+    ) -> Result<Arc<LoggedStream>, Refusal> {
+        let stream = {
+            let mut streams = self.lock();
+            self.make(&mut streams, StreamKind::Post, target, identity)?
+        };
+        self.log_op(LogOp::Open(stream.meta.clone()));
+        Ok(stream)
+    }
+
+    fn make(
+        &self,
+        streams: &mut Streams,
+        kind: StreamKind,
+        target: String,
+        identity: Identity,
+    ) -> Result<Arc<LoggedStream>, Refusal> {
+        if streams.by_token.len() >= self.config.limits.max_streams {
+            return Err(Refusal::Streams);
+        }
+        let now = self.clock.now();
+        let token = loop {
+            let token = StreamToken::random().expect("the OS has an entropy source");
+            if !streams.by_token.contains_key(&token) {
+                break token;
+            }
+        };
+        let stream = Arc::new(LoggedStream {
+            meta: StreamMeta {
+                token,
+                kind,
+                target,
+                identity,
+                created: now,
+            },
+            headers: Mutex::new(default_headers()),
+            state: Mutex::new(StreamState {
+                log: ReplayLog::new(token, self.config.retention, now),
+                clients: 0,
+                left_at: now,
+                upstream: Upstream::Idle,
+                stop: false,
+                stored: kind == StreamKind::Post,
+            }),
+            changed: Event::new(),
+            stopping: Event::new(),
+        });
+        streams.by_token.insert(token, stream.clone());
+        Ok(stream)
+    }
+
+    /// Forgets a GET stream that was made for a request whose answer was
+    /// not a stream, if nothing was ever logged in it.
+    pub fn discard_if_empty(&self, stream: &LoggedStream) {
+        let mut streams = self.lock();
+        let empty = {
+            let state = stream.state();
+            state.log.next_seq() == 1 && state.clients == 0 && state.upstream == Upstream::Idle
+        };
+        if empty {
+            remove(&mut streams, &stream.meta);
+        }
+    }
+
+    /// The GET stream becomes logged (its first answer was a stream).
+    pub fn log_open(&self, stream: &LoggedStream) {
+        self.log_op(LogOp::Open(stream.meta.clone()));
+    }
+
+    /// Hands an op to storage; with a memory log, nothing to do.
+    pub fn log_op(&self, op: LogOp) {
+        if let Some(writer) = &self.writer {
+            // Unbounded: never blocks the stream; the writer drains it.
+            let _ = writer.try_send(op);
+        }
+    }
+
+    /// Whether appends must wait for the writer before clients see them.
+    pub fn is_durable(&self) -> bool {
+        self.writer.is_some()
+    }
+
+    /// Marks events durable after the writer wrote them, and wakes clients.
+    fn mark_durable(&self, marks: &HashMap<StreamToken, u64>) {
+        let streams: Vec<Arc<LoggedStream>> = {
+            let streams = self.lock();
+            marks
+                .keys()
+                .filter_map(|t| streams.by_token.get(t).cloned())
+                .collect()
+        };
+        for stream in streams {
+            stream.state().log.mark_durable(marks[&stream.meta.token]);
+            stream.changed.notify(usize::MAX);
+        }
+    }
+
+    /// Counts a client in, unless `--max-clients` are connected.
+    pub fn client_in(&self, stream: &LoggedStream) -> Result<(), Refusal> {
+        let mut now = self.clients.load(Ordering::Relaxed);
+        loop {
+            if now >= self.config.limits.max_clients {
+                return Err(Refusal::Clients);
+            }
+            match self.clients.compare_exchange_weak(
+                now,
+                now + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(actual) => now = actual,
+            }
+        }
+        stream.state().clients += 1;
+        Ok(())
+    }
+
+    /// Counts a client out.
+    pub fn client_out(&self, stream: &LoggedStream) {
+        self.clients.fetch_sub(1, Ordering::AcqRel);
+        let mut state = stream.state();
+        state.clients -= 1;
+        state.left_at = self.clock.now();
+    }
+
+    /// One round of housekeeping at `now`: stops GET followers whose last
+    /// client left more than `--linger-secs` ago, and drops streams past
+    /// retention that nothing uses.
+    pub fn sweep(&self, now: Millis) {
+        let linger = Millis(u64::try_from(self.config.linger.as_millis()).unwrap_or(u64::MAX));
+        let mut dropped = Vec::new();
+        {
+            let mut streams = self.lock();
+            let all: Vec<Arc<LoggedStream>> = streams.by_token.values().cloned().collect();
+            for stream in all {
+                let mut state = stream.state();
+                if state.clients > 0 {
+                    continue;
+                }
+                match state.upstream {
+                    Upstream::Live
+                        if stream.meta.kind == StreamKind::Get
+                            && now >= state.left_at.saturating_add(linger)
+                            && !state.stop =>
+                    {
+                        state.stop = true;
+                        drop(state);
+                        stream.stopping.notify(usize::MAX);
+                    }
+                    Upstream::Idle if state.log.is_expired(now) => {
+                        drop(state);
+                        remove(&mut streams, &stream.meta);
+                        dropped.push(stream.meta.token);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for token in dropped {
+            self.log_op(LogOp::Drop { token });
+        }
+    }
+
+    /// Stops every follower (shutdown).
+    pub fn stop_all(&self) {
+        let all: Vec<Arc<LoggedStream>> = self.lock().by_token.values().cloned().collect();
+        for stream in all {
+            stream.state().stop = true;
+            stream.stopping.notify(usize::MAX);
+        }
+    }
+
+    /// Streams held now, by kind.
+    pub fn stream_counts(&self) -> (usize, usize) {
+        let streams = self.lock();
+        let gets = streams
+            .by_token
+            .values()
+            .filter(|s| s.meta.kind == StreamKind::Get)
+            .count();
+        (gets, streams.by_token.len() - gets)
+    }
+}
+
+fn remove(streams: &mut Streams, meta: &StreamMeta) {
+    streams.by_token.remove(&meta.token);
+    let key = (meta.target.clone(), meta.identity);
+    if streams.gets.get(&key) == Some(&meta.token) {
+        streams.gets.remove(&key);
+    }
+}
+
+/// What every client of a logged stream gets, whatever the upstream sent.
+pub(super) fn default_headers() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-cache"),
+    );
+    headers.insert(
+        "x-accel-buffering",
+        hyper::header::HeaderValue::from_static("no"),
+    );
+    headers
+}
+
+/// The storage writer: a thread that writes whatever ops arrived while it
+/// wrote the previous batch (a group commit), then lets clients see the
+/// events of that batch.
+#[derive(Debug)]
+pub(super) struct Writer {
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(
+        mut storage: Box<dyn LogStorage>,
+        queue: async_channel::Receiver<LogOp>,
+        hub: std::sync::Weak<Hub>,
+    ) -> Writer {
+        let thread = std::thread::Builder::new()
+            .name("tidemark-log".into())
+            .spawn(move || {
+                let mut batch = Vec::new();
+                let mut failing = false;
+                while let Ok(op) = queue.recv_blocking() {
+                    batch.push(op);
+                    while let Ok(op) = queue.try_recv() {
+                        batch.push(op);
+                    }
+                    loop {
+                        match storage.write(&batch) {
+                            Ok(()) => {
+                                if failing {
+                                    eprintln!("tidemark: the log is writable again");
+                                    failing = false;
+                                }
+                                break;
+                            }
+                            Err(e) => {
+                                if !failing {
+                                    eprintln!(
+                                        "tidemark: cannot write the log ({e}); clients wait for new events until it is written, retrying"
+                                    );
+                                    failing = true;
+                                }
+                                std::thread::sleep(Duration::from_millis(200));
+                                while let Ok(op) = queue.try_recv() {
+                                    batch.push(op);
+                                }
+                            }
+                        }
+                    }
+                    let mut marks = HashMap::new();
+                    for op in batch.drain(..) {
+                        if let LogOp::Append { token, record } = op {
+                            marks.insert(token, record.seq);
+                        }
+                    }
+                    match hub.upgrade() {
+                        Some(hub) if !marks.is_empty() => hub.mark_durable(&marks),
+                        _ => {}
+                    }
+                }
+            })
+            .expect("spawn the log writer thread");
+        Writer { thread }
+    }
+
+    /// Waits until every op handed over so far is written (the queue must
+    /// be closed: every [`Hub`] dropped).
+    pub fn finish(self) {
+        let _ = self.thread.join();
+    }
+}
+
+impl Hub {
+    /// Closes the writer's queue: it writes what is queued and stops.
+    pub fn close_log(&self) {
+        if let Some(writer) = &self.writer {
+            writer.close();
+        }
+    }
+}
