@@ -231,6 +231,16 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The threads of a process.
+fn threads(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// The processes whose parent is `pid`.
 fn children(pid: u32) -> Vec<u32> {
     let mut found = Vec::new();
@@ -347,8 +357,14 @@ impl Tidemark {
         println!("tidemark did not exit within 20 s of SIGTERM: killed");
     }
 
+    /// What it wrote to stderr, but its status line.
     fn errors(&self) -> String {
-        std::fs::read_to_string(self.stderr.path()).unwrap_or_default()
+        std::fs::read_to_string(self.stderr.path())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.starts_with("tidemark: proxy on "))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
@@ -387,7 +403,16 @@ impl Nginx {
         let dir = tempfile::tempdir().expect("a directory");
         let addr = free_port();
         let d = dir.path().display();
-        let connections = connections.max(1024);
+        // nginx stops accepting well before its free connections run out
+        // ("worker_connections are not enough"): let open files be the
+        // limit.
+        let files = connections.max(1024) + 100;
+        let files = files.min(
+            rustix::process::getrlimit(rustix::process::Resource::Nofile)
+                .current
+                .unwrap_or(u64::MAX),
+        );
+        let connections = (connections * 2).max(1024);
         let conf = format!(
             "daemon off;\n\
              master_process on;\n\
@@ -415,7 +440,6 @@ impl Nginx {
                  }}\n\
                }}\n\
              }}\n",
-            files = (connections + 100).min(rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX)),
         );
         let conf_path = dir.path().join("nginx.conf");
         std::fs::write(&conf_path, conf).expect("writing nginx.conf");
@@ -725,7 +749,20 @@ fn read_stream(
     let mut buffer = vec![0; 1 << 16];
     let (mut bytes, mut finished, mut first, mut gaps) = (0u64, false, None, 0u64);
     let mut last_id = Vec::new();
+    let mut gap = None;
+    let deadline = start + Duration::from_secs(300);
     while !finished {
+        assert!(
+            Instant::now() < deadline,
+            "{addr}{path}: {} events in 300 s",
+            decoder.events
+        );
+        if let Some(gap) = gap {
+            panic!(
+                "{addr}{path}: a gap signal after {} events: {gap}",
+                decoder.events
+            );
+        }
         let n = match stream.read(&mut buffer) {
             Ok(n) => n,
             Err(e) => panic!(
@@ -746,6 +783,7 @@ fn read_stream(
             first.get_or_insert_with(|| start.elapsed());
             if event.kind == b"tidemark-gap" {
                 gaps += 1;
+                gap.get_or_insert_with(|| String::from_utf8_lossy(event.data).into_owned());
             }
             if !finished && done(count, event) {
                 finished = true;
@@ -798,8 +836,12 @@ fn one_stream(sizes: &Sizes, nginx: Option<&Path>, proxy: bool) {
     let n = sizes.events;
     let upstream = Tidemark::serve(n);
     let nginx = nginx.map(|b| (b, Nginx::start(b, upstream.addr, 1024, None)));
-    let memory = proxy.then(|| Tidemark::proxy(upstream.addr, false, &[], None));
-    let file = (proxy && sizes.file_log).then(|| Tidemark::proxy(upstream.addr, true, &[], None));
+    // The upstream writes the whole stream at once, faster than any client
+    // reads: a log that kept fewer events than the stream would trim events
+    // before the client read them (a gap), so it keeps them all.
+    let keep = keep_all(n);
+    let memory = proxy.then(|| Tidemark::proxy(upstream.addr, false, &keep, None));
+    let file = (proxy && sizes.file_log).then(|| Tidemark::proxy(upstream.addr, true, &keep, None));
     let new = |name, addr, middle| Path1 {
         name,
         addr,
@@ -911,7 +953,7 @@ fn one_stream(sizes: &Sizes, nginx: Option<&Path>, proxy: bool) {
             for &file_log in logs {
                 let name = if file_log { "tidemark proxy --log" } else { "tidemark proxy" };
                 let summary = tempfile::NamedTempFile::new().expect("a temporary file");
-                let traced = Tidemark::proxy(upstream.addr, file_log, &[], Some(summary.path()));
+                let traced = Tidemark::proxy(upstream.addr, file_log, &keep, Some(summary.path()));
                 let read = read_stream(traced.addr, "/events?strace=proxy", None, |c, _| c == n);
                 assert_eq!(read.events, n);
                 traced.stop();
@@ -921,6 +963,16 @@ fn one_stream(sizes: &Sizes, nginx: Option<&Path>, proxy: bool) {
     }
     drop(nginx);
     drop((memory, file));
+}
+
+/// Proxy flags that keep every one of `events` small events in the log.
+fn keep_all(events: u64) -> Vec<String> {
+    vec![
+        "--retain".into(),
+        events.to_string(),
+        "--max-stream-bytes".into(),
+        (events * 256).max(64 << 20).to_string(),
+    ]
 }
 
 fn verdict(met: bool) -> &'static str {
@@ -1273,6 +1325,9 @@ struct FanResult {
     p50_ms: f64,
     p99_ms: f64,
     cpu_us_per_event: f64,
+    /// This process: the clients (and the upstream's writes).
+    bench_cpu_us_per_event: f64,
+    load: String,
 }
 
 fn fan_out(sizes: &Sizes, nginx: Option<&Path>, proxy: bool) {
@@ -1293,6 +1348,12 @@ fn fan_out(sizes: &Sizes, nginx: Option<&Path>, proxy: bool) {
                 1,
                 "the proxy's clients share one upstream connection"
             );
+            println!(
+                "tidemark proxy ({} ms): {} threads{}",
+                interval.as_millis(),
+                threads(proxy.pid),
+                std::env::var("SMOL_THREADS").map_or(String::new(), |t| format!(", SMOL_THREADS={t}"))
+            );
             if !proxy.errors().trim().is_empty() {
                 println!("proxy stderr:\n{}", tail(&proxy.errors(), 10));
             }
@@ -1302,7 +1363,7 @@ fn fan_out(sizes: &Sizes, nginx: Option<&Path>, proxy: bool) {
             // nginx holds two sockets per client (client and upstream), and
             // so does this process (client and the ticker's end); its worker
             // cannot raise its open-files limit above the hard limit.
-            let clients = clients.min((sizes.open_files as usize).saturating_sub(300) / 2);
+            let clients = clients.min((sizes.open_files as usize).saturating_sub(500) / 2);
             if clients < sizes.clients {
                 println!(
                     "nginx fan-out: {clients} clients, not {}: two sockets per client in nginx and here, open files limited to {}",
@@ -1324,12 +1385,12 @@ fn fan_out(sizes: &Sizes, nginx: Option<&Path>, proxy: bool) {
         load_average()
     );
     println!(
-        "| path | interval | clients (failed, cut) | connecting | delivered events/s | of the upstream's × clients | p50 delay | p99 delay | CPU µs/delivered event | idle KiB/client | RSS 1 client → all |"
+        "| path | interval | clients (failed, cut) | connecting | delivered events/s | of the upstream's × clients | p50 delay | p99 delay | CPU µs/delivered event | clients' CPU µs/event | idle KiB/client | RSS 1 client → all | load |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (name, interval, r) in &results {
         println!(
-            "| {name} | {} ms | {} ({}, {}) | {:.1} s | {:.0} | {:.1}% | {:.2} ms | {:.2} ms | {:.2} | {:.2} | {:.1} → {:.1} MiB |",
+            "| {name} | {} ms | {} ({}, {}) | {:.1} s | {:.0} | {:.1}% | {:.2} ms | {:.2} ms | {:.2} | {:.2} | {:.2} | {:.1} → {:.1} MiB | {} |",
             interval.as_millis(),
             r.clients,
             r.failed,
@@ -1340,9 +1401,11 @@ fn fan_out(sizes: &Sizes, nginx: Option<&Path>, proxy: bool) {
             r.p50_ms,
             r.p99_ms,
             r.cpu_us_per_event,
+            r.bench_cpu_us_per_event,
             r.idle_kib_per_client,
             r.rss_one_mib,
             r.rss_all_mib,
+            r.load,
         );
     }
     for (name, _, r) in &results {
@@ -1401,13 +1464,15 @@ fn measure_fan_out(
     ticker.running.store(true, Ordering::Relaxed);
     std::thread::sleep(Duration::from_secs(1));
     fleet.delays.clear();
+    let me = std::process::id();
     let (cpu0, ticks0, start) = (cpu_ticks(pid), ticker.ticks.load(Ordering::Relaxed), Instant::now());
+    let own0 = cpu_ticks(me);
     counters.measured.store(0, Ordering::Relaxed);
     counters.measuring.store(true, Ordering::Relaxed);
     std::thread::sleep(Duration::from_secs(sizes.fanout_secs));
     counters.measuring.store(false, Ordering::Relaxed);
     let elapsed = start.elapsed().as_secs_f64();
-    let (cpu1, ticks1) = (cpu_ticks(pid), ticker.ticks.load(Ordering::Relaxed));
+    let (cpu1, ticks1, own1) = (cpu_ticks(pid), ticker.ticks.load(Ordering::Relaxed), cpu_ticks(me));
     let delivered = counters.measured.load(Ordering::Relaxed);
     assert!(delivered > 0, "events reached the clients");
     let closed = counters.closed.load(Ordering::Relaxed);
@@ -1427,6 +1492,8 @@ fn measure_fan_out(
         p50_ms: fleet.delays.quantile(0.5) / 1000.0,
         p99_ms: fleet.delays.quantile(0.99) / 1000.0,
         cpu_us_per_event: (cpu1 - cpu0) as f64 / TICKS_PER_SECOND * 1e6 / delivered as f64,
+        bench_cpu_us_per_event: (own1 - own0) as f64 / TICKS_PER_SECOND * 1e6 / delivered as f64,
+        load: load_average(),
     };
     if !sizes.full {
         assert_eq!(connected, clients as u64, "every client connected");
@@ -1450,7 +1517,7 @@ fn resume(sizes: &Sizes) {
     for &behind in &sizes.behind {
         let last = behind + 1;
         let upstream = Tidemark::serve(last);
-        let retain = ["--retain".to_owned(), behind.to_string()];
+        let retain = keep_all(behind);
         let memory = Tidemark::proxy(upstream.addr, false, &retain, None);
         let file = sizes
             .file_log
