@@ -114,9 +114,7 @@ fn main() {
 
     let nginx = nginx_binary();
     if nginx.is_none() {
-        println!(
-            "nginx is not installed (apt-get install -y nginx): the nginx cases are skipped"
-        );
+        println!("nginx is not installed (apt-get install -y nginx): the nginx cases are skipped");
     }
     let help = Command::new(TIDEMARK)
         .args(["proxy", "--help"])
@@ -134,7 +132,10 @@ fn main() {
     }
 
     let only = env("ONLY");
-    let part = |name: &str| only.as_ref().is_none_or(|o| o.split(',').any(|p| p.trim() == name));
+    let part = |name: &str| {
+        only.as_ref()
+            .is_none_or(|o| o.split(',').any(|p| p.trim() == name))
+    };
     if part("one") {
         one_stream(&sizes, nginx.as_deref(), proxy);
     }
@@ -185,7 +186,10 @@ fn load_average() -> String {
 fn raise_open_files(want: u64) -> u64 {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let old = getrlimit(Resource::Nofile);
-    let (current, maximum) = (old.current.unwrap_or(u64::MAX), old.maximum.unwrap_or(u64::MAX));
+    let (current, maximum) = (
+        old.current.unwrap_or(u64::MAX),
+        old.maximum.unwrap_or(u64::MAX),
+    );
     if current >= want {
         return current;
     }
@@ -216,7 +220,12 @@ fn cpu_ticks(pid: u32) -> u64 {
     let Some(end) = stat.rfind(')') else { return 0 };
     let fields: Vec<&str> = stat[end + 1..].split_whitespace().collect();
     // After the command: field 3 (state) is index 0; utime is 14, stime 15.
-    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     field(11) + field(12)
 }
 
@@ -245,7 +254,11 @@ fn threads(pid: u32) -> u64 {
 fn children(pid: u32) -> Vec<u32> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
@@ -281,7 +294,14 @@ struct Tidemark {
 impl Tidemark {
     /// `tidemark serve --interval-ms 0 --count N`.
     fn serve(count: u64) -> Self {
-        let args = ["serve", "--listen", "127.0.0.1:0", "--interval-ms", "0", "--count"];
+        let args = [
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--interval-ms",
+            "0",
+            "--count",
+        ];
         let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         args.push(count.to_string());
         Self::start(None, &args, None)
@@ -289,7 +309,12 @@ impl Tidemark {
 
     /// `tidemark proxy --upstream URL`, with `--log DIR` when `file_log`,
     /// optionally under `strace -c -f -o SUMMARY`.
-    fn proxy(upstream: SocketAddr, file_log: bool, extra: &[String], strace: Option<&Path>) -> Self {
+    fn proxy(
+        upstream: SocketAddr,
+        file_log: bool,
+        extra: &[String],
+        strace: Option<&Path>,
+    ) -> Self {
         let mut args: Vec<String> = ["proxy", "--listen", "127.0.0.1:0", "--upstream"]
             .iter()
             .map(|a| a.to_string())
@@ -534,7 +559,10 @@ struct Event<'a> {
 enum Body {
     Head,
     /// Reading a chunk size (hex digits, then extensions to the line end).
-    Size { value: u64, extension: bool },
+    Size {
+        value: u64,
+        extension: bool,
+    },
     Data(u64),
     /// The CRLF after a chunk's data.
     AfterData,
@@ -939,7 +967,9 @@ fn one_stream(sizes: &Sizes, nginx: Option<&Path>, proxy: bool) {
     }
 
     if sizes.strace {
-        println!("\nsyscalls per event, `strace -c -f` of the middle process, one run of {n} events:");
+        println!(
+            "\nsyscalls per event, `strace -c -f` of the middle process, one run of {n} events:"
+        );
         if let Some((binary, _)) = &nginx {
             let summary = tempfile::NamedTempFile::new().expect("a temporary file");
             let traced = Nginx::start(binary, upstream.addr, 1024, Some(summary.path()));
@@ -949,9 +979,17 @@ fn one_stream(sizes: &Sizes, nginx: Option<&Path>, proxy: bool) {
             print_strace("nginx", summary.path(), n);
         }
         if proxy {
-            let logs: &[_] = if sizes.file_log { &[false, true] } else { &[false] };
+            let logs: &[_] = if sizes.file_log {
+                &[false, true]
+            } else {
+                &[false]
+            };
             for &file_log in logs {
-                let name = if file_log { "tidemark proxy --log" } else { "tidemark proxy" };
+                let name = if file_log {
+                    "tidemark proxy --log"
+                } else {
+                    "tidemark proxy"
+                };
                 let summary = tempfile::NamedTempFile::new().expect("a temporary file");
                 let traced = Tidemark::proxy(upstream.addr, file_log, &keep, Some(summary.path()));
                 let read = read_stream(traced.addr, "/events?strace=proxy", None, |c, _| c == n);
@@ -1251,9 +1289,9 @@ impl Fleet {
                     let mut measured = 0;
                     let before = decoder.events;
                     decoder.feed(&buffer[..n], &mut |event| {
-                        if measuring && let Ok(sent) = std::str::from_utf8(event.data)
-                            .unwrap_or("")
-                            .parse::<u64>()
+                        if measuring
+                            && let Ok(sent) =
+                                std::str::from_utf8(event.data).unwrap_or("").parse::<u64>()
                         {
                             delays.record(now.saturating_sub(sent));
                             measured += 1;
@@ -1342,7 +1380,14 @@ fn fan_out(sizes: &Sizes, nginx: Option<&Path>, proxy: bool) {
         if proxy {
             let ticker = Ticker::start(interval);
             let proxy = Tidemark::proxy(ticker.addr, false, &[], None);
-            let result = measure_fan_out("tidemark proxy", &ticker, proxy.addr, proxy.pid, clients, sizes);
+            let result = measure_fan_out(
+                "tidemark proxy",
+                &ticker,
+                proxy.addr,
+                proxy.pid,
+                clients,
+                sizes,
+            );
             assert_eq!(
                 ticker.connections(),
                 1,
@@ -1352,7 +1397,8 @@ fn fan_out(sizes: &Sizes, nginx: Option<&Path>, proxy: bool) {
                 "tidemark proxy ({} ms): {} threads{}",
                 interval.as_millis(),
                 threads(proxy.pid),
-                std::env::var("SMOL_THREADS").map_or(String::new(), |t| format!(", SMOL_THREADS={t}"))
+                std::env::var("SMOL_THREADS")
+                    .map_or(String::new(), |t| format!(", SMOL_THREADS={t}"))
             );
             if !proxy.errors().trim().is_empty() {
                 println!("proxy stderr:\n{}", tail(&proxy.errors(), 10));
@@ -1372,7 +1418,8 @@ fn fan_out(sizes: &Sizes, nginx: Option<&Path>, proxy: bool) {
             }
             let ticker = Ticker::start(interval);
             let nginx = Nginx::start(binary, ticker.addr, clients as u64 * 2 + 100, None);
-            let result = measure_fan_out("nginx", &ticker, nginx.addr, nginx.worker, clients, sizes);
+            let result =
+                measure_fan_out("nginx", &ticker, nginx.addr, nginx.worker, clients, sizes);
             if !nginx.errors().trim().is_empty() {
                 println!("nginx error log:\n{}", tail(&nginx.errors(), 10));
             }
@@ -1436,7 +1483,10 @@ fn measure_fan_out(
     fleet.connect(addr, "/fan", 1);
     let deadline = Instant::now() + Duration::from_secs(20);
     while counters.seen.load(Ordering::Relaxed) == 0 {
-        assert!(Instant::now() < deadline, "no event reached the first client");
+        assert!(
+            Instant::now() < deadline,
+            "no event reached the first client"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     ticker.running.store(false, Ordering::Relaxed);
@@ -1465,14 +1515,22 @@ fn measure_fan_out(
     std::thread::sleep(Duration::from_secs(1));
     fleet.delays.clear();
     let me = std::process::id();
-    let (cpu0, ticks0, start) = (cpu_ticks(pid), ticker.ticks.load(Ordering::Relaxed), Instant::now());
+    let (cpu0, ticks0, start) = (
+        cpu_ticks(pid),
+        ticker.ticks.load(Ordering::Relaxed),
+        Instant::now(),
+    );
     let own0 = cpu_ticks(me);
     counters.measured.store(0, Ordering::Relaxed);
     counters.measuring.store(true, Ordering::Relaxed);
     std::thread::sleep(Duration::from_secs(sizes.fanout_secs));
     counters.measuring.store(false, Ordering::Relaxed);
     let elapsed = start.elapsed().as_secs_f64();
-    let (cpu1, ticks1, own1) = (cpu_ticks(pid), ticker.ticks.load(Ordering::Relaxed), cpu_ticks(me));
+    let (cpu1, ticks1, own1) = (
+        cpu_ticks(pid),
+        ticker.ticks.load(Ordering::Relaxed),
+        cpu_ticks(me),
+    );
     let delivered = counters.measured.load(Ordering::Relaxed);
     assert!(delivered > 0, "events reached the clients");
     let closed = counters.closed.load(Ordering::Relaxed);
@@ -1512,7 +1570,9 @@ fn resume(sizes: &Sizes) {
         sizes.rounds,
         load_average()
     );
-    println!("| behind | path | catch-up events/s | runs (events/s) | time to the last event | time to the first |");
+    println!(
+        "| behind | path | catch-up events/s | runs (events/s) | time to the last event | time to the first |"
+    );
     println!("|---|---|---|---|---|---|");
     for &behind in &sizes.behind {
         let last = behind + 1;
@@ -1534,7 +1594,9 @@ fn resume(sizes: &Sizes) {
             for (name, reads) in rows.iter_mut() {
                 let read = if name.starts_with("tidemark serve") {
                     let path = format!("/events?resume={round}");
-                    read_stream(upstream.addr, &path, Some("1"), |_, e| e.id == last.to_string().as_bytes())
+                    read_stream(upstream.addr, &path, Some("1"), |_, e| {
+                        e.id == last.to_string().as_bytes()
+                    })
                 } else {
                     let proxy = match &file {
                         Some(file) if *name == "tidemark proxy --log" => file,
@@ -1553,7 +1615,10 @@ fn resume(sizes: &Sizes) {
                         e.id.ends_with(suffix.as_bytes())
                     })
                 };
-                assert_eq!(read.events, behind, "{name}: every event after the first, once");
+                assert_eq!(
+                    read.events, behind,
+                    "{name}: every event after the first, once"
+                );
                 assert_eq!(read.gaps, 0, "{name}: no gap");
                 reads.push(read);
             }
