@@ -121,8 +121,12 @@ pub fn event_id(token: StreamToken, seq: u64) -> String {
 fn write_id(out: &mut Vec<u8>, token: StreamToken, seq: u64) {
     token.write_hex(out);
     out.push(b'-');
+    write_decimal(out, seq);
+}
+
+fn write_decimal(out: &mut Vec<u8>, n: u64) {
     let mut digits = [0u8; 20];
-    let mut n = seq;
+    let mut n = n;
     let mut at = digits.len();
     loop {
         at -= 1;
@@ -339,6 +343,11 @@ pub struct ReplayLog {
     bytes: usize,
     last_event_at: Millis,
     ended: bool,
+    /// Reused for each appended event's frame (one allocation per event:
+    /// the frame's own).
+    scratch: Vec<u8>,
+    /// `<token>-`, then the sequence number of the event being appended.
+    id: Vec<u8>,
 }
 
 impl ReplayLog {
@@ -353,6 +362,13 @@ impl ReplayLog {
             bytes: 0,
             last_event_at: now,
             ended: false,
+            scratch: Vec::new(),
+            id: {
+                let mut id = Vec::with_capacity(53);
+                write_id(&mut id, token, 0);
+                id.pop();
+                id
+            },
         }
     }
 
@@ -403,19 +419,24 @@ impl ReplayLog {
         data: &str,
     ) -> Result<Appended, EncodeError> {
         let seq = self.next_seq;
-        let mut frame = Vec::with_capacity(data.len() + 64);
-        let mut id = Vec::with_capacity(53);
-        write_id(&mut id, self.token, seq);
-        let id = core::str::from_utf8(&id).expect("ASCII");
+        self.id.truncate(33);
+        write_decimal(&mut self.id, seq);
+        let id = core::str::from_utf8(&self.id).expect("ASCII");
         let event = (event != "message" && !event.is_empty()).then_some(event);
-        encode_event(&mut frame, event, Some(id), data)?;
+        self.scratch.clear();
+        encode_event(&mut self.scratch, event, Some(id), data)?;
+        let frame: Arc<[u8]> = Arc::from(&self.scratch[..]);
+        if self.scratch.capacity() > 64 << 10 {
+            // One huge event does not pin its size for the stream's life.
+            self.scratch = Vec::new();
+        }
         let before = self.bytes as i64;
         self.bytes += frame.len();
         self.records.push_back(LogRecord {
             seq,
             time: now,
             upstream_id: upstream_id.map(Arc::from),
-            frame: frame.into(),
+            frame,
         });
         self.next_seq += 1;
         self.last_event_at = now;

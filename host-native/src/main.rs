@@ -176,6 +176,10 @@ struct ProxyArgs {
     /// Largest request body, in bytes; larger ones get 413.
     #[arg(long, default_value_t = 1 << 20)]
     max_body_bytes: usize,
+    /// Threads that run connections and upstream streams (default: one per
+    /// core).
+    #[arg(long)]
+    threads: Option<usize>,
     /// Serve Prometheus metrics on GET /metrics at this address (port 0
     /// picks a free port, said on stderr).
     #[arg(long, value_name = "ADDR")]
@@ -188,7 +192,7 @@ struct ProxyArgs {
 
 impl ProxyArgs {
     fn config(&self) -> ProxyConfig {
-        ProxyConfig {
+        let mut config = ProxyConfig {
             retention: Retention {
                 max_events: self.retain.max(1),
                 max_bytes: self.max_stream_bytes,
@@ -207,7 +211,11 @@ impl ProxyArgs {
                 max_body_bytes: self.max_body_bytes,
             },
             ..ProxyConfig::new(self.upstream.clone())
+        };
+        if let Some(threads) = self.threads {
+            config.threads = threads.max(1);
         }
+        config
     }
 }
 

@@ -860,13 +860,21 @@ fn a_slow_client_does_not_slow_another() {
 #[test]
 fn a_connected_client_that_falls_behind_retention_gets_the_gap_signal() {
     let upstream = Upstream::start();
-    let proxy = Proxy::start(&upstream.url(), &["--retain", "5"]);
+    let proxy = Proxy::start(
+        &upstream.url(),
+        &["--retain", "5", "--metrics-listen", "127.0.0.1:0"],
+    );
+    let metrics = proxy.metrics_addr();
     let mut behind = open(&proxy, "/live", &[]);
     upstream.wait_live_requests(1);
     // Far more than the socket buffers of a client that does not read
-    // hold, and far more than the log keeps.
+    // hold, and far more than the log keeps: all logged before the client
+    // reads anything.
     let pad = 64 * 1024;
     upstream.emit_padded(200, pad);
+    wait_until("the proxy logged all 200", || {
+        scrape(&metrics)["tidemark_proxy_events_in_total"] == 200.0
+    });
     // Everything up to 200 is accounted for: each event once and in order,
     // and each hole announced by a gap signal that says exactly how many
     // events it lost.

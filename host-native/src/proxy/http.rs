@@ -104,7 +104,9 @@ pub(super) async fn handle(
     };
     *stream.headers.lock().unwrap_or_else(|p| p.into_inner()) = stream_headers(&response.headers);
     stream.state().upstream = Upstream::Live;
-    smol::spawn(read_post(hub.clone(), stream.clone(), response.body)).detach();
+    hub.executor
+        .spawn(read_post(hub.clone(), stream.clone(), response.body))
+        .detach();
     let location = format!("{STREAMS_PATH}{}", stream.meta.token);
     let start = stream.state().log.start(None);
     let mut response = serve(&hub, stream, start);
@@ -228,7 +230,9 @@ async fn open(
     stream.state().upstream = Upstream::Live;
     std::mem::forget(opening);
     stream.changed.notify(usize::MAX);
-    smol::spawn(follow_get(hub.clone(), stream.clone(), url, headers, body)).detach();
+    hub.executor
+        .spawn(follow_get(hub.clone(), stream.clone(), url, headers, body))
+        .detach();
     if last_event_id.is_some() {
         hub.metrics.resume();
     }

@@ -90,6 +90,8 @@ pub(super) struct Hub {
     pub clock: SmolClock,
     /// What the proxy counts.
     pub metrics: ProxyMetrics,
+    /// Runs the proxy's tasks (see `Proxy::run`).
+    pub executor: Arc<smol::Executor<'static>>,
     /// Opens GET streams upstream.
     pub get_connector: HttpConnector,
     /// Sends every other request upstream.
@@ -127,6 +129,7 @@ impl Hub {
             key,
             clock,
             metrics,
+            executor: Arc::new(smol::Executor::new()),
             streams: Mutex::default(),
             clients: AtomicUsize::new(0),
             writer,

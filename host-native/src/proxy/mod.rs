@@ -119,10 +119,13 @@ pub struct ProxyConfig {
     pub upstream_timeout: Duration,
     /// The bounds.
     pub limits: ProxyLimits,
+    /// Threads that run connections and upstream streams.
+    pub threads: usize,
 }
 
 impl ProxyConfig {
-    /// Defaults for `upstream`: 15 s keep-alives, 60 s linger, `retry: 1000`.
+    /// Defaults for `upstream`: 15 s keep-alives, 60 s linger, `retry: 1000`,
+    /// a thread per core.
     pub fn new(upstream: url::Url) -> Self {
         ProxyConfig {
             upstream,
@@ -133,6 +136,7 @@ impl ProxyConfig {
             identity_headers: Vec::new(),
             upstream_timeout: Duration::from_secs(300),
             limits: ProxyLimits::default(),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 
@@ -204,7 +208,24 @@ impl Proxy {
             hub,
             writer,
         } = self;
-        let sweeper = smol::spawn({
+        // Connections, followers and readers run on the proxy's own
+        // executor, on `threads` threads: this one and `threads - 1` more.
+        let (stop_workers, workers_stop) = async_channel::bounded::<()>(1);
+        let workers: Vec<std::thread::JoinHandle<()>> = (1..hub.config.threads.max(1))
+            .map(|i| {
+                let executor = hub.executor.clone();
+                let stop = workers_stop.clone();
+                std::thread::Builder::new()
+                    .name(format!("tidemark-proxy-{i}"))
+                    .spawn(move || {
+                        smol::block_on(executor.run(async move {
+                            let _ = stop.recv().await;
+                        }))
+                    })
+                    .expect("spawn a proxy thread")
+            })
+            .collect();
+        let sweeper = hub.executor.spawn({
             let hub = hub.clone();
             async move {
                 loop {
@@ -234,26 +255,40 @@ impl Proxy {
                 connections.fetch_add(1, Ordering::AcqRel);
                 let hub = hub.clone();
                 let connections = connections.clone();
-                smol::spawn(async move {
-                    let service = service_fn(|request| http::handle(hub.clone(), request));
-                    let served = hyper::server::conn::http1::Builder::new()
-                        .timer(SmolTimer::new())
-                        .header_read_timeout(Duration::from_secs(30))
-                        .max_buf_size(hub.config.limits.max_header_bytes.max(8192))
-                        .serve_connection(FuturesIo::new(socket), service)
-                        .await;
-                    // hyper answered 431 itself.
-                    if served.is_err_and(|e| e.is_parse_too_large()) {
-                        hub.metrics.refused(Limit::HeaderBytes);
-                    }
-                    connections.fetch_sub(1, Ordering::AcqRel);
-                })
-                .detach();
+                hub.executor
+                    .clone()
+                    .spawn(async move {
+                        // Boxed: hyper keeps the allocation of a connection's request
+                        // future for as long as the connection lives, and
+                        // `handle`'s future is large (kilobytes) while an idle SSE
+                        // client's connection is otherwise ~17 KB.
+                        let service =
+                            service_fn(|request| Box::pin(http::handle(hub.clone(), request)));
+                        let served = hyper::server::conn::http1::Builder::new()
+                            .timer(SmolTimer::new())
+                            .header_read_timeout(Duration::from_secs(30))
+                            .max_buf_size(hub.config.limits.max_header_bytes.max(8192))
+                            .serve_connection(FuturesIo::new(socket), service)
+                            .await;
+                        // hyper answered 431 itself.
+                        if served.is_err_and(|e| e.is_parse_too_large()) {
+                            hub.metrics.refused(Limit::HeaderBytes);
+                        }
+                        connections.fetch_sub(1, Ordering::AcqRel);
+                    })
+                    .detach();
             }
         };
-        smol::future::or(accept, shutdown).await;
+        hub.executor.run(smol::future::or(accept, shutdown)).await;
         drop(listener);
         drop(sweeper);
+        drop(stop_workers);
+        smol::unblock(move || {
+            for worker in workers {
+                let _ = worker.join();
+            }
+        })
+        .await;
         hub.stop_all();
         hub.close_log();
         if let Some(writer) = writer {
