@@ -194,9 +194,10 @@ async fn open(
     // Whatever ends this request before the stream is live (an answer that
     // is no stream, a failure, the client leaving while the upstream
     // thinks) puts the stream back to idle and wakes those waiting on it.
-    let opening = Opening {
+    let mut opening = Opening {
         hub: hub.clone(),
         stream: stream.clone(),
+        live: false,
     };
     let answer = hub
         .get_connector
@@ -228,7 +229,7 @@ async fn open(
         return refused(limit);
     }
     stream.state().upstream = Upstream::Live;
-    std::mem::forget(opening);
+    opening.live = true;
     stream.changed.notify(usize::MAX);
     hub.executor
         .spawn(follow_get(hub.clone(), stream.clone(), url, headers, body))
@@ -245,10 +246,15 @@ async fn open(
 struct Opening {
     hub: Arc<Hub>,
     stream: Arc<LoggedStream>,
+    /// Set once the stream is live: nothing to undo.
+    live: bool,
 }
 
 impl Drop for Opening {
     fn drop(&mut self) {
+        if self.live {
+            return;
+        }
         self.stream.state().upstream = Upstream::Idle;
         self.stream.changed.notify(usize::MAX);
         self.hub.discard_if_empty(&self.stream);
