@@ -93,7 +93,7 @@ pub(super) async fn handle(
             return Ok(status(StatusCode::BAD_GATEWAY, &e.to_string()));
         }
     };
-    if method == Method::HEAD || !is_event_stream(&response) {
+    if method == Method::HEAD || response.status != 200 || !is_event_stream(&response) {
         return Ok(pass_through(response));
     }
     let stream = match hub.post_stream(target, identity) {
@@ -102,7 +102,7 @@ pub(super) async fn handle(
         // on as it is, not resumable, rather than lose it.
         Err(_) => return Ok(pass_through(response)),
     };
-    *stream.headers.lock().unwrap_or_else(|p| p.into_inner()) = stream_headers(&response.headers);
+    stream.set_headers(stream_headers(&response.headers));
     stream.state().upstream = Upstream::Live;
     hub.executor
         .spawn(read_post(hub.clone(), stream.clone(), response.body))
@@ -206,8 +206,7 @@ async fn open(
     let stored = stream.state().stored;
     let body = match answer {
         Ok(response) if response.status == 200 && is_event_stream(&response) => {
-            *stream.headers.lock().unwrap_or_else(|p| p.into_inner()) =
-                stream_headers(&response.headers);
+            stream.set_headers(stream_headers(&response.headers));
             Some(response.body)
         }
         // A stream that was logged before, whose upstream is down or busy
@@ -292,11 +291,7 @@ fn serve(hub: &Arc<Hub>, stream: Arc<LoggedStream>, start: Start) -> Response<Bo
     if let Some(gap) = start.gap {
         hub.metrics.gap(gap.reason);
     }
-    let headers = stream
-        .headers
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let headers = stream.headers();
     let body = client::body(hub.clone(), stream, start).map(|bytes| Ok(Frame::data(bytes)));
     let mut response = Response::new(BodyExt::boxed_unsync(StreamBody::new(body)));
     *response.headers_mut() = headers;

@@ -54,7 +54,7 @@ pub(super) struct LoggedStream {
     pub meta: StreamMeta,
     /// The headers the upstream answered with, for every client (those that
     /// belong to one connection removed).
-    pub headers: Mutex<HeaderMap>,
+    headers: Mutex<HeaderMap>,
     state: Mutex<StreamState>,
     /// Notified when clients may have something new: an event became
     /// durable, the stream ended, the upstream side changed.
@@ -64,6 +64,22 @@ pub(super) struct LoggedStream {
 }
 
 impl LoggedStream {
+    /// The headers every client of the stream gets.
+    pub fn headers(&self) -> HeaderMap {
+        self.headers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Sets the headers every client of the stream gets.
+    pub fn set_headers(&self, headers: HeaderMap) {
+        *self
+            .headers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = headers;
+    }
+
     /// Locks the stream's state.
     pub fn state(&self) -> MutexGuard<'_, StreamState> {
         self.state
