@@ -279,14 +279,19 @@ pub enum GapReason {
     /// The id was never issued by this stream: another stream's, a log that
     /// was lost, or not an id of the log at all.
     Unknown,
+    /// The upstream sent an event (or line) over the proxy's size cap; it
+    /// was dropped, and a gap event stands in the log in its place.
+    TooLarge,
 }
 
 impl GapReason {
-    /// `"retention"` or `"unknown"`, as in the gap event's data.
+    /// `"retention"`, `"unknown"` or `"too_large"`, as in the gap event's
+    /// data.
     pub const fn as_str(self) -> &'static str {
         match self {
             GapReason::Retention => "retention",
             GapReason::Unknown => "unknown",
+            GapReason::TooLarge => "too_large",
         }
     }
 }
@@ -630,15 +635,20 @@ impl ReplayLog {
 
 /// Appends the gap signal to `out`: an event of type [`GAP_EVENT`] with the
 /// id just before `next` (so a client that reconnects right after it resumes
-/// at `next` and is not told again) and data `{"reason":"retention","lost":N}`
-/// or `{"reason":"unknown","lost":null}`.
+/// at `next` and is not told again) and the data of [`gap_data`].
 pub fn encode_gap(out: &mut Vec<u8>, token: StreamToken, next: u64, gap: Gap) {
     let id = event_id(token, next.saturating_sub(1));
-    let data = match gap.lost {
+    encode_event(out, Some(GAP_EVENT), Some(&id), &gap_data(gap))
+        .expect("a valid type, id and data");
+}
+
+/// The data of a gap event: `{"reason":"retention","lost":N}`, or
+/// `{"reason":"unknown","lost":null}` when the count is not known.
+pub fn gap_data(gap: Gap) -> String {
+    match gap.lost {
         Some(lost) => format!("{{\"reason\":\"{}\",\"lost\":{lost}}}", gap.reason.as_str()),
         None => format!("{{\"reason\":\"{}\",\"lost\":null}}", gap.reason.as_str()),
-    };
-    encode_event(out, Some(GAP_EVENT), Some(&id), &data).expect("a valid type, id and data");
+    }
 }
 
 #[cfg(test)]

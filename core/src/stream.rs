@@ -121,6 +121,10 @@ pub struct StreamConfig {
     pub reconnect: ReconnectConfig,
     /// Parser limits on line and event size.
     pub limits: Limits,
+    /// Go on past a line or event over `limits` (the parser discards it),
+    /// yielding [`StreamItem::Skipped`], instead of ending the stream with
+    /// [`StreamError::Parse`] (the default).
+    pub skip_oversized: bool,
 }
 
 impl StreamConfig {
@@ -156,6 +160,13 @@ pub enum StreamItem {
         /// Which attempt in a row the next one is: 1 after a connection
         /// that received data, counting up while attempts receive nothing.
         attempt: u32,
+    },
+    /// With [`StreamConfig::skip_oversized`]: a line or event over the
+    /// limits was discarded (yielded after the events parsed from the same
+    /// chunk); the stream goes on.
+    Skipped {
+        /// Which limit.
+        error: ParseError,
     },
 }
 
@@ -201,6 +212,10 @@ pub struct ResumableStream<C: Connector, K> {
     /// When the last chunk was read: the time `next_ready` observes its
     /// events at, without a clock read per event.
     read_at: Millis,
+    /// See [`StreamConfig::skip_oversized`].
+    skip_oversized: bool,
+    /// A discarded line or event not yet reported.
+    skipped: Option<ParseError>,
 }
 
 impl<C: Connector, K> fmt::Debug for ResumableStream<C, K> {
@@ -243,6 +258,8 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
             stats: StreamStats::default(),
             failures: 0,
             read_at: Millis::ZERO,
+            skip_oversized: config.skip_oversized,
+            skipped: None,
         }
     }
 
@@ -300,6 +317,10 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
                         self.state = State::Open(body, parser);
                         return Ok(StreamItem::Event(event));
                     }
+                    if let Some(error) = self.skipped.take() {
+                        self.state = State::Open(body, parser);
+                        return Ok(StreamItem::Skipped { error });
+                    }
                     let deadline = self.policy.idle_deadline().unwrap_or(Millis::MAX);
                     // Keep the connection in place while waiting, so that a
                     // cancelled `next` finds it again.
@@ -329,6 +350,11 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
                             self.policy.on_bytes(now);
                             self.failures = 0;
                             if let Err(error) = parser.feed(bytes) {
+                                if self.skip_oversized {
+                                    self.skipped.get_or_insert(error);
+                                    self.state = State::Open(body, parser);
+                                    continue;
+                                }
                                 drop(body);
                                 self.state = State::Stopped(StreamError::Parse(error));
                                 return Err(StreamError::Parse(error));

@@ -166,8 +166,8 @@ struct ProxyArgs {
     /// Most bytes of events kept per stream; the oldest go first.
     #[arg(long, default_value_t = 64 << 20)]
     max_stream_bytes: usize,
-    /// Largest upstream event (and line), in bytes; a stream with a larger
-    /// one fails.
+    /// Largest upstream event (and line), in bytes; a larger one is dropped
+    /// and a tidemark-gap event with reason too_large logged in its place.
     #[arg(long, default_value_t = 1 << 20)]
     max_event_bytes: usize,
     /// Largest request head, in bytes (at least 8192); larger ones get 431.

@@ -83,7 +83,11 @@ fn encode(registry: &Registry, format: Format) -> String {
 const KINDS: [StreamKind; 2] = [StreamKind::Get, StreamKind::Post];
 
 /// The values of label `reason`, in the order of `ProxyInner::gaps`.
-const REASONS: [GapReason; 2] = [GapReason::Retention, GapReason::Unknown];
+const REASONS: [GapReason; 3] = [
+    GapReason::Retention,
+    GapReason::Unknown,
+    GapReason::TooLarge,
+];
 
 fn kind_index(kind: StreamKind) -> usize {
     match kind {
@@ -96,6 +100,7 @@ fn reason_index(reason: GapReason) -> usize {
     match reason {
         GapReason::Retention => 0,
         GapReason::Unknown => 1,
+        GapReason::TooLarge => 2,
     }
 }
 
@@ -169,7 +174,7 @@ struct LimitLabel {
 /// | `tidemark_proxy_events_in_total` | counter | |
 /// | `tidemark_proxy_events_out_total` | counter | |
 /// | `tidemark_proxy_resumes_total` | counter | |
-/// | `tidemark_proxy_gaps_total` | counter | `reason="retention\|unknown"` |
+/// | `tidemark_proxy_gaps_total` | counter | `reason="retention\|unknown\|too_large"` |
 /// | `tidemark_proxy_upstream_reconnects_total` | counter | |
 /// | `tidemark_proxy_upstream_failures_total` | counter | |
 /// | `tidemark_proxy_log_bytes` | gauge | |
@@ -190,7 +195,7 @@ struct ProxyInner {
     events_in: Counter,
     events_out: Counter,
     resumes: Counter,
-    gaps: [Counter; 2],
+    gaps: [Counter; 3],
     upstream_reconnects: Counter,
     upstream_failures: Counter,
     log_bytes: Gauge,
@@ -591,6 +596,7 @@ mod tests {
             "tidemark_proxy_resumes_total 0",
             "tidemark_proxy_gaps_total{reason=\"retention\"} 0",
             "tidemark_proxy_gaps_total{reason=\"unknown\"} 0",
+            "tidemark_proxy_gaps_total{reason=\"too_large\"} 0",
             "tidemark_proxy_upstream_reconnects_total 0",
             "tidemark_proxy_upstream_failures_total 0",
             "tidemark_proxy_log_bytes 0",
@@ -625,6 +631,7 @@ mod tests {
         metrics.gap(GapReason::Retention);
         metrics.gap(GapReason::Unknown);
         metrics.gap(GapReason::Unknown);
+        metrics.gap(GapReason::TooLarge);
         metrics.upstream_reconnect();
         metrics.upstream_failure();
         metrics.upstream_failure();
@@ -648,6 +655,7 @@ mod tests {
             "tidemark_proxy_resumes_total 1",
             "tidemark_proxy_gaps_total{reason=\"retention\"} 1",
             "tidemark_proxy_gaps_total{reason=\"unknown\"} 2",
+            "tidemark_proxy_gaps_total{reason=\"too_large\"} 1",
             "tidemark_proxy_upstream_reconnects_total 1",
             "tidemark_proxy_upstream_failures_total 2",
             "tidemark_proxy_log_bytes 120",
@@ -658,7 +666,7 @@ mod tests {
         ] {
             assert!(got.contains(&line), "{line} missing from\n{text}");
         }
-        assert_eq!(got.len(), 16, "{text}");
+        assert_eq!(got.len(), 17, "{text}");
     }
 
     #[test]

@@ -1267,7 +1267,7 @@ fn a_stream_past_retain_secs_that_nobody_follows_is_dropped() {
 }
 
 #[test]
-fn an_upstream_event_over_max_event_bytes_fails_the_stream() {
+fn an_upstream_event_over_max_event_bytes_becomes_a_too_large_gap_event() {
     let upstream = Upstream::start();
     let proxy = Proxy::start(
         &upstream.url(),
@@ -1280,38 +1280,53 @@ fn an_upstream_event_over_max_event_bytes_fails_the_stream() {
     );
     let metrics = proxy.metrics_addr();
 
-    // A GET stream: an event under the cap passes, the one over it ends
-    // every client's response (and nothing after it is logged).
+    // A GET stream: an event under the cap passes; the one over it is
+    // dropped and a gap event says so (after the events of the same
+    // upstream read: the parser reports a cap per chunk); the stream goes
+    // on with one upstream connection.
     let mut clients = vec![open(&proxy, "/live", &[])];
     upstream.wait_live_open(1);
     clients.push(open(&proxy, "/live", &[]));
     upstream.emit_padded(1, 900); // a data line of 908 bytes
-    let mut token = None;
-    for (i, client) in clients.iter_mut().enumerate() {
-        let event = client.next_event().unwrap();
-        let (t, seq) = proxy_id(event.id());
-        assert_eq!(&t, token.get_or_insert_with(|| t.clone()));
-        assert_eq!(seq, 1, "client {i}");
-        assert_eq!(event.data, format!("1 {}", "x".repeat(900)), "client {i}");
-    }
     upstream.emit_padded(1, 2000);
     upstream.emit(1);
+    let mut token = None;
     for (i, client) in clients.iter_mut().enumerate() {
-        let rest = to_the_end(client, &format!("client {i}"));
-        assert!(
-            rest.is_empty(),
-            "client {i}: after the event over the cap: {rest:?}"
+        let events = client.events(3);
+        let (t, _) = proxy_id(events[0].id());
+        let token = token.get_or_insert(t).clone();
+        assert_eq!(
+            events[0].data,
+            format!("1 {}", "x".repeat(900)),
+            "client {i}"
         );
+        let (signals, rest): (Vec<&Event>, Vec<&Event>) = events[1..]
+            .iter()
+            .partition(|e| e.event.as_deref() == Some("tidemark-gap"));
+        assert_eq!(signals.len(), 1, "client {i}: one gap event: {events:?}");
+        let signal = gap(signals[0]);
+        assert_eq!(signal["reason"], "too_large", "client {i}: {events:?}");
+        assert!(signal["lost"].is_null());
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].data, "3", "client {i}: the stream goes on");
+        let ids: Vec<u64> = events
+            .iter()
+            .map(|e| {
+                let (t, seq) = proxy_id(e.id());
+                assert_eq!(t, token);
+                seq
+            })
+            .collect();
+        assert_eq!(ids, [1, 2, 3], "client {i}");
     }
-    proxy.stderr_line("stopped following /live");
-    wait_until("the upstream feed to be closed", || {
-        live_open(&upstream) == 0
-    });
-    metric_eventually(&metrics, "tidemark_proxy_upstream_connections", 0.0);
-    let failures = metric(&metrics, "tidemark_proxy_upstream_failures_total").unwrap_or(0.0);
-    assert!(failures >= 1.0, "upstream failures {failures}");
+    assert_eq!(live_open(&upstream), 1, "still one upstream connection");
+    metric_eventually(
+        &metrics,
+        "tidemark_proxy_gaps_total{reason=\"too_large\"}",
+        1.0,
+    );
 
-    // A POST answer: the same.
+    // A POST answer: the same, and it is read to its end.
     let small = request(
         &proxy.addr,
         "POST",
@@ -1337,12 +1352,10 @@ fn an_upstream_event_over_max_event_bytes_fails_the_stream() {
     assert_eq!(big.status, 200, "{big:?}");
     let events = to_the_end(&mut big.sse(), "a POST answer over the cap");
     let token = token_of(&events[0]);
-    assert_eq!(
-        seqs(&events, &token),
-        tokens(1..=2),
-        "the answer ends at the event over the cap"
-    );
-    proxy.stderr_line("the answer to POST /chat?tokens=3&big=2000 broke off");
+    assert_eq!(seqs(&events[..2], &token), tokens(1..=2));
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert_eq!(gap(&events[2])["reason"], "too_large");
+    assert_eq!(proxy_id(events[2].id()), (token, 3));
 }
 
 #[test]

@@ -144,6 +144,7 @@ fn config() -> StreamConfig {
             seed: 3,
         },
         limits: Limits::default(),
+        skip_oversized: false,
     }
 }
 
@@ -519,6 +520,33 @@ fn oversized_lines_stop_the_stream_with_bounded_memory() {
 }
 
 #[test]
+fn skip_oversized_goes_on_past_an_oversized_event_and_says_so() {
+    let clock = ManualClock::new();
+    let conn = Scripted::new(
+        &clock,
+        vec![body(&[
+            Step::Bytes("id: 1\ndata: a\n\nid: 2\ndata: "),
+            Step::Bytes("xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"),
+            Step::Bytes("xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\n\n"),
+            Step::Bytes("id: 3\ndata: c\n\n"),
+            Step::Hang,
+        ])],
+    );
+    let mut cfg = config();
+    cfg.limits = Limits {
+        max_line: 64,
+        max_event: 64,
+    };
+    cfg.skip_oversized = true;
+    let mut s = ResumableStream::new(conn, clock.clone(), "http://x", tracker(8), cfg);
+    let items = items(&clock, &mut s, 4);
+    assert_eq!(items[..2], ["open -", "1"]);
+    assert!(items[2].starts_with("skipped: "), "{items:?}");
+    assert_eq!(items[3], "3", "the stream goes on after it");
+    assert_eq!(s.last_event_id(), Some("3"));
+}
+
+#[test]
 fn next_is_cancel_safe() {
     let (clock, _, mut s) = setup(
         vec![body(&[
@@ -572,6 +600,7 @@ fn items(
                 retry_at,
                 attempt,
             } => format!("retry {attempt} at {}: {failure}", retry_at.0),
+            StreamItem::Skipped { error } => format!("skipped: {error}"),
         })
         .collect()
 }

@@ -69,7 +69,8 @@ pub struct ProxyLimits {
     pub max_streams: usize,
     /// Most clients reading logged streams at once (`503` beyond).
     pub max_clients: usize,
-    /// Largest upstream event or line (the stream fails beyond).
+    /// Largest upstream event or line (beyond, it is dropped and a
+    /// `too_large` gap event logged in its place).
     pub max_event_bytes: usize,
     /// Largest request head (`431` beyond; at least 8 KiB).
     pub max_header_bytes: usize,

@@ -10,6 +10,7 @@ use futures::StreamExt;
 use futures::future::{Either, select};
 use std::pin::pin;
 use std::sync::{Arc, Mutex};
+use tidemark_core::replay::{GAP_EVENT, Gap, GapReason, gap_data};
 use tidemark_core::sse::{Event, Item, Parser};
 use tidemark_core::{
     Clock, ConnectRequest, Connector, EventTracker, Failure, ResumableStream, StreamConfig,
@@ -85,6 +86,20 @@ fn append(hub: &Hub, stream: &LoggedStream, events: &[Event]) {
     }
 }
 
+/// What stands in the log for an upstream event over `--max-event-bytes`
+/// (the parser dropped it): a gap event, so that clients are told.
+fn too_large() -> Event {
+    Event {
+        event: GAP_EVENT.to_owned(),
+        data: gap_data(Gap {
+            reason: GapReason::TooLarge,
+            lost: None,
+        }),
+        id: None,
+        last_event_id: String::new(),
+    }
+}
+
 /// Follows a GET stream whose first answer is `body` (`None`: connect
 /// first), with the request `headers`, until the linger is over or the
 /// upstream gives up.
@@ -122,6 +137,7 @@ pub(super) async fn follow_get(
     let config = StreamConfig {
         headers,
         limits: hub.config.limits.parser(),
+        skip_oversized: true,
         ..StreamConfig::default()
     };
     let connector = Primed {
@@ -155,6 +171,10 @@ pub(super) async fn follow_get(
                 }
                 append(&hub, &stream, &events);
                 events.clear();
+            }
+            Ok(StreamItem::Skipped { .. }) => {
+                hub.metrics.gap(GapReason::TooLarge);
+                append(&hub, &stream, &[too_large()]);
             }
             Ok(StreamItem::Open { .. }) => {
                 connected = true;
@@ -207,14 +227,15 @@ pub(super) async fn read_post(hub: Arc<Hub>, stream: Arc<LoggedStream>, mut body
                 break;
             }
         };
-        if let Err(e) = parser.feed(&chunk) {
-            failure = Some(format!("malformed stream: {e}"));
-            break;
-        }
+        let oversized = parser.feed(&chunk).is_err();
         while let Some(item) = parser.next_item() {
             if let Item::Event(event) = item {
                 events.push(event);
             }
+        }
+        if oversized {
+            hub.metrics.gap(GapReason::TooLarge);
+            events.push(too_large());
         }
         append(&hub, &stream, &events);
         events.clear();
