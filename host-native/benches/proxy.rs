@@ -36,6 +36,10 @@
 //! when it is not installed, and the proxy cases when this `tidemark` has no
 //! `proxy` command.
 
+mod support {
+    pub mod strace;
+}
+
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -1026,18 +1030,12 @@ fn print_strace(name: &str, summary: &Path, events: u64) {
     let text = std::fs::read_to_string(summary).unwrap_or_default();
     let mut rows = Vec::new();
     let mut total = 0.0;
-    for line in text.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() < 5 || fields[0].starts_with('%') || fields[0].starts_with('-') {
+    for row in support::strace::rows(&text) {
+        if row.name == "total" {
+            total = row.calls;
             continue;
         }
-        let syscall = fields[fields.len() - 1];
-        let calls: f64 = fields[3].parse().unwrap_or(0.0);
-        if syscall == "total" {
-            total = calls;
-            continue;
-        }
-        rows.push((syscall.to_owned(), calls));
+        rows.push((row.name.to_owned(), row.calls));
     }
     let shown: Vec<String> = rows
         .iter()

@@ -21,6 +21,10 @@
 //! event; the Node peer is skipped there when Node or the package is
 //! missing.
 
+mod support {
+    pub mod strace;
+}
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -338,14 +342,12 @@ fn strace_follow(contender: &Contender, url: &str, count: u64) {
         "strace -c -f of {}, per event ({count} events):",
         contender.name()
     );
-    for line in text.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() < 5 || fields[0].starts_with('%') || fields[0].starts_with('-') {
-            continue;
-        }
-        let name = fields[fields.len() - 1];
-        let calls: f64 = fields[3].parse().unwrap_or(0.0);
-        let errors = if fields.len() == 6 { fields[4] } else { "0" };
+    for support::strace::Row {
+        name,
+        calls,
+        errors,
+    } in support::strace::rows(&text)
+    {
         println!(
             "  {name:<16} {:>10.3} calls/event  ({calls} calls, {errors} errors)",
             calls / count as f64
