@@ -478,7 +478,8 @@ const BODY_HEADERS: [&str; 4] = [
     "content-type",
 ];
 
-fn is_one_of(name: &str, names: &[&str]) -> bool {
+/// Whether header `name` is one of `names`, ignoring ASCII case.
+pub(crate) fn is_one_of(name: &str, names: &[&str]) -> bool {
     names.iter().any(|n| name.eq_ignore_ascii_case(n))
 }
 

@@ -6,6 +6,7 @@ use super::client;
 use super::hub::{GetKey, Hub, LoggedStream, Upstream, default_headers};
 use super::upstream::{follow_get, read_post};
 use crate::HttpResponse;
+use crate::connector::is_one_of;
 use crate::metrics::Limit;
 use futures::StreamExt;
 use http_body_util::{BodyExt, Empty, Full, Limited, StreamBody, combinators::UnsyncBoxBody};
@@ -352,10 +353,6 @@ fn forwarded(headers: &HeaderMap) -> Vec<(String, String)> {
         .iter()
         .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_owned())))
         .collect()
-}
-
-fn is_one_of(name: &str, names: &[&str]) -> bool {
-    names.iter().any(|n| name.eq_ignore_ascii_case(n))
 }
 
 /// The identity of a request: a keyed hash of its `Authorization`,

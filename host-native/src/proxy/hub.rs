@@ -429,17 +429,6 @@ impl Hub {
             stream.stopping.notify(usize::MAX);
         }
     }
-
-    /// Streams held now, by kind.
-    pub fn stream_counts(&self) -> (usize, usize) {
-        let streams = self.lock();
-        let gets = streams
-            .by_token
-            .values()
-            .filter(|s| s.meta.kind == StreamKind::Get)
-            .count();
-        (gets, streams.by_token.len() - gets)
-    }
 }
 
 impl Hub {

@@ -196,11 +196,6 @@ impl Proxy {
         self.hub.metrics.clone()
     }
 
-    /// Logged streams held now: (GET, POST).
-    pub fn stream_counts(&self) -> (usize, usize) {
-        self.hub.stream_counts()
-    }
-
     /// Serves until `shutdown` completes, then stops the followers and
     /// writes everything still queued to storage before returning.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
