@@ -37,6 +37,7 @@
 //! `proxy` command.
 
 mod support {
+    pub mod http;
     pub mod strace;
 }
 
@@ -1090,13 +1091,8 @@ impl Ticker {
                 let connections = connections.clone();
                 std::thread::spawn(move || {
                     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        match stream.read(&mut byte) {
-                            Ok(1) => head.push(byte[0]),
-                            _ => return,
-                        }
+                    if support::http::read_head(&mut stream).is_none() {
+                        return;
                     }
                     let _ = stream.set_nodelay(true);
                     let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));

@@ -22,6 +22,7 @@
 //! missing.
 
 mod support {
+    pub mod http;
     pub mod strace;
 }
 
@@ -446,13 +447,8 @@ fn serve_bulk(body: Arc<Vec<u8>>) -> SocketAddr {
             let Ok(mut stream) = stream else { continue };
             let body = body.clone();
             std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match stream.read(&mut byte) {
-                        Ok(1) => head.push(byte[0]),
-                        _ => return,
-                    }
+                if support::http::read_head(&mut stream).is_none() {
+                    return;
                 }
                 let _ = stream.write_all(
                     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
