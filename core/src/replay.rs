@@ -258,18 +258,142 @@ impl Default for Retention {
 }
 
 /// One logged event.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// Its bytes live in a block shared with the other events appended in the
+/// same batch ([`ReplayLog::append_batch`]): the frames one after the other,
+/// then their upstream ids. A block is freed with the last of its events,
+/// so retention may hold up to one batch's bytes more than it counts.
+#[derive(Clone)]
 pub struct LogRecord {
     /// Its sequence number in the stream (the id's tail).
     pub seq: u64,
     /// When it was appended.
     pub time: Millis,
-    /// The upstream's id of the event, if it had one.
-    pub upstream_id: Option<Arc<str>>,
+    block: Arc<[u8]>,
+    /// Where its frame lies in `block`.
+    frame: (usize, usize),
+    /// Where its upstream id lies in `block`, if it had one.
+    upstream_id: Option<(usize, usize)>,
+}
+
+impl LogRecord {
+    /// A record of its own (from storage): event `seq`, appended at `time`,
+    /// with the upstream's id and the frame clients get.
+    pub fn new(seq: u64, time: Millis, upstream_id: Option<&str>, frame: &[u8]) -> Self {
+        let id = upstream_id.unwrap_or("");
+        let mut block = Vec::with_capacity(frame.len() + id.len());
+        block.extend_from_slice(frame);
+        block.extend_from_slice(id.as_bytes());
+        LogRecord {
+            seq,
+            time,
+            block: Arc::from(block),
+            frame: (0, frame.len()),
+            upstream_id: upstream_id.map(|id| (frame.len(), frame.len() + id.len())),
+        }
+    }
+
     /// The SSE frame clients get: `id: <token>-<seq>`, the event type
     /// unless `message`, the data lines, the blank line.
-    pub frame: Arc<[u8]>,
+    pub fn frame(&self) -> &[u8] {
+        &self.block[self.frame.0..self.frame.1]
+    }
+
+    /// The upstream's id of the event, if it had one.
+    pub fn upstream_id(&self) -> Option<&str> {
+        let (start, end) = self.upstream_id?;
+        Some(core::str::from_utf8(&self.block[start..end]).expect("stored from a str"))
+    }
 }
+
+impl PartialEq for LogRecord {
+    fn eq(&self, other: &Self) -> bool {
+        self.seq == other.seq
+            && self.time == other.time
+            && self.frame() == other.frame()
+            && self.upstream_id() == other.upstream_id()
+    }
+}
+
+impl Eq for LogRecord {}
+
+impl fmt::Debug for LogRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LogRecord")
+            .field("seq", &self.seq)
+            .field("time", &self.time)
+            .field("upstream_id", &self.upstream_id())
+            .field("frame", &String::from_utf8_lossy(self.frame()))
+            .finish()
+    }
+}
+
+/// Events read from upstream but not yet in the log: what
+/// [`ReplayLog::append_batch`] appends in one go. Each is encoded as it is
+/// pushed (its frame without the id line, which the log writes once it
+/// assigns the id), so a host builds a batch without holding the log.
+#[derive(Clone, Debug, Default)]
+pub struct LogBatch {
+    /// The frames without their id lines, one after the other.
+    bodies: Vec<u8>,
+    /// The upstream ids, one after the other.
+    ids: Vec<u8>,
+    /// Per event: where its body ends in `bodies`, and where its upstream
+    /// id ends in `ids` if it had one (each starts where the one before
+    /// ended).
+    events: Vec<(usize, Option<usize>)>,
+}
+
+impl LogBatch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds an event of type `event` (`message` or empty: none written) with
+    /// `data` and the upstream's id. An event type with a line end is
+    /// refused and nothing is added.
+    pub fn push(
+        &mut self,
+        upstream_id: Option<&str>,
+        event: &str,
+        data: &str,
+    ) -> Result<(), EncodeError> {
+        let event = (event != "message" && !event.is_empty()).then_some(event);
+        encode_event(&mut self.bodies, event, None, data)?;
+        let id_end = upstream_id.map(|id| {
+            self.ids.extend_from_slice(id.as_bytes());
+            self.ids.len()
+        });
+        self.events.push((self.bodies.len(), id_end));
+        Ok(())
+    }
+
+    /// Events in the batch.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Whether the batch has no event.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// Empties the batch, keeping its buffers (one huge batch does not pin
+    /// its size, though).
+    pub fn clear(&mut self) {
+        for buffer in [&mut self.bodies, &mut self.ids] {
+            buffer.clear();
+            if buffer.capacity() > KEEP_BATCH_BUFFER {
+                *buffer = Vec::new();
+            }
+        }
+        self.events.clear();
+    }
+}
+
+/// A batch buffer larger than this is freed once appended.
+const KEEP_BATCH_BUFFER: usize = 1 << 20;
 
 /// Why a client's resume point was not in the log.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -323,11 +447,14 @@ pub struct Read {
     pub gap: Option<Gap>,
 }
 
-/// What [`ReplayLog::append`] did.
+/// What [`ReplayLog::append`] or [`ReplayLog::append_batch`] did.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Appended {
-    /// The new event's sequence number.
+    /// The sequence number of the last event appended (of the one before,
+    /// if none was).
     pub seq: u64,
+    /// How many events were appended.
+    pub events: usize,
     /// Bytes of frames the log holds now minus before (negative when
     /// retention dropped more than was added).
     pub bytes_delta: i64,
@@ -348,11 +475,15 @@ pub struct ReplayLog {
     bytes: usize,
     last_event_at: Millis,
     ended: bool,
-    /// Reused for each appended event's frame (one allocation per event:
-    /// the frame's own).
+    /// Reused to build each appended batch's block (one allocation per
+    /// batch: the block's own).
     scratch: Vec<u8>,
-    /// `<token>-`, then the sequence number of the event being appended.
-    id: Vec<u8>,
+    /// Reused for the frame spans of the batch being appended.
+    spans: Vec<(usize, usize)>,
+    /// Reused for [`append`](Self::append)'s one-event batch.
+    single: LogBatch,
+    /// `id: <token>-`, the start of every frame.
+    id_prefix: Vec<u8>,
 }
 
 impl ReplayLog {
@@ -368,11 +499,13 @@ impl ReplayLog {
             last_event_at: now,
             ended: false,
             scratch: Vec::new(),
-            id: {
-                let mut id = Vec::with_capacity(53);
-                write_id(&mut id, token, 0);
-                id.pop();
-                id
+            spans: Vec::new(),
+            single: LogBatch::new(),
+            id_prefix: {
+                let mut prefix = b"id: ".to_vec();
+                write_id(&mut prefix, token, 0);
+                prefix.pop();
+                prefix
             },
         }
     }
@@ -399,7 +532,7 @@ impl ReplayLog {
         for record in sorted.drain(run_start..) {
             log.next_seq = record.seq + 1;
             log.last_event_at = record.time;
-            log.bytes += record.frame.len();
+            log.bytes += record.frame().len();
             log.records.push_back(record);
         }
         log.durable = log.next_seq - 1;
@@ -423,35 +556,77 @@ impl ReplayLog {
         event: &str,
         data: &str,
     ) -> Result<Appended, EncodeError> {
-        let seq = self.next_seq;
-        self.id.truncate(33);
-        write_decimal(&mut self.id, seq);
-        let id = core::str::from_utf8(&self.id).expect("ASCII");
-        let event = (event != "message" && !event.is_empty()).then_some(event);
-        self.scratch.clear();
-        encode_event(&mut self.scratch, event, Some(id), data)?;
-        let frame: Arc<[u8]> = Arc::from(&self.scratch[..]);
-        if self.scratch.capacity() > 64 << 10 {
-            // One huge event does not pin its size for the stream's life.
-            self.scratch = Vec::new();
-        }
-        let before = self.bytes as i64;
-        self.bytes += frame.len();
-        self.records.push_back(LogRecord {
-            seq,
-            time: now,
-            upstream_id: upstream_id.map(Arc::from),
-            frame,
-        });
-        self.next_seq += 1;
-        self.last_event_at = now;
+        let mut single = std::mem::take(&mut self.single);
+        single.clear();
+        let pushed = single.push(upstream_id, event, data);
+        let appended = pushed.map(|()| self.append_batch(now, &single));
+        self.single = single;
+        appended
+    }
+
+    /// Appends every event of `batch` at `now`, in order, with the next
+    /// ids, and applies retention: one allocation for the whole batch.
+    /// Clients see them once [`mark_durable`](Self::mark_durable) covers
+    /// them.
+    pub fn append_batch(&mut self, now: Millis, batch: &LogBatch) -> Appended {
         let first = self.first_seq();
+        let before = self.bytes as i64;
+        if batch.is_empty() {
+            return Appended {
+                seq: self.next_seq - 1,
+                events: 0,
+                bytes_delta: 0,
+                trimmed_to: None,
+            };
+        }
+        let block = &mut self.scratch;
+        block.clear();
+        block.reserve(
+            batch.bodies.len() + batch.ids.len() + batch.len() * (self.id_prefix.len() + 21),
+        );
+        self.spans.clear();
+        let mut body_start = 0;
+        for (i, &(body_end, _)) in batch.events.iter().enumerate() {
+            let start = block.len();
+            block.extend_from_slice(&self.id_prefix);
+            write_decimal(block, self.next_seq + i as u64);
+            block.push(b'\n');
+            block.extend_from_slice(&batch.bodies[body_start..body_end]);
+            body_start = body_end;
+            self.spans.push((start, block.len()));
+        }
+        let ids_at = block.len();
+        block.extend_from_slice(&batch.ids);
+        let shared: Arc<[u8]> = Arc::from(&block[..]);
+        if block.capacity() > KEEP_BATCH_BUFFER {
+            // One huge batch does not pin its size for the stream's life.
+            *block = Vec::new();
+        }
+        let mut id_start = 0;
+        for (&frame, &(_, id_end)) in self.spans.iter().zip(&batch.events) {
+            let upstream_id = id_end.map(|end| {
+                let span = (ids_at + id_start, ids_at + end);
+                id_start = end;
+                span
+            });
+            self.bytes += frame.1 - frame.0;
+            self.records.push_back(LogRecord {
+                seq: self.next_seq,
+                time: now,
+                block: shared.clone(),
+                frame,
+                upstream_id,
+            });
+            self.next_seq += 1;
+        }
+        self.last_event_at = now;
         self.trim();
-        Ok(Appended {
-            seq,
+        Appended {
+            seq: self.next_seq - 1,
+            events: batch.len(),
             bytes_delta: self.bytes as i64 - before,
             trimmed_to: (self.first_seq() != first).then(|| self.first_seq()),
-        })
+        }
     }
 
     fn trim(&mut self) {
@@ -459,7 +634,7 @@ impl ReplayLog {
             || (self.bytes > self.retention.max_bytes && self.records.len() > 1)
         {
             let dropped = self.records.pop_front().expect("more than one record");
-            self.bytes -= dropped.frame.len();
+            self.bytes -= dropped.frame().len();
         }
     }
 
@@ -471,6 +646,13 @@ impl ReplayLog {
     /// The last appended event, to hand to storage.
     pub fn last(&self) -> Option<&LogRecord> {
         self.records.back()
+    }
+
+    /// The retained events from sequence number `seq` on (the ones just
+    /// appended, to hand to storage).
+    pub fn since(&self, seq: u64) -> impl DoubleEndedIterator<Item = &LogRecord> {
+        let skip = seq.saturating_sub(self.first_seq()) as usize;
+        self.records.range(skip.min(self.records.len())..)
     }
 
     /// Lets clients see every event up to `seq` (storage has made them
@@ -523,10 +705,7 @@ impl ReplayLog {
     /// The upstream id of the newest retained event that had one: where to
     /// resume the upstream from.
     pub fn upstream_id(&self) -> Option<&str> {
-        self.records
-            .iter()
-            .rev()
-            .find_map(|r| r.upstream_id.as_deref())
+        self.records.iter().rev().find_map(LogRecord::upstream_id)
     }
 
     /// When the last event was appended (or the log started).
@@ -613,15 +792,33 @@ impl ReplayLog {
         if *next > self.durable {
             return read;
         }
-        let start = out.len();
         let skip = (*next - first) as usize;
+        let mut written = 0;
+        // Frames of one block lie one after the other: copy runs, not frames.
+        let mut run: Option<(&LogRecord, usize)> = None;
         for record in self.records.range(skip..) {
-            if record.seq > self.durable || (out.len() - start >= budget && read.events > 0) {
+            if record.seq > self.durable || (written >= budget && read.events > 0) {
                 break;
             }
-            out.extend_from_slice(&record.frame);
+            written += record.frame.1 - record.frame.0;
             read.events += 1;
             *next = record.seq + 1;
+            match &mut run {
+                Some((head, end))
+                    if Arc::ptr_eq(&head.block, &record.block) && *end == record.frame.0 =>
+                {
+                    *end = record.frame.1;
+                }
+                _ => {
+                    if let Some((head, end)) = run {
+                        out.extend_from_slice(&head.block[head.frame.0..end]);
+                    }
+                    run = Some((record, record.frame.1));
+                }
+            }
+        }
+        if let Some((head, end)) = run {
+            out.extend_from_slice(&head.block[head.frame.0..end]);
         }
         read
     }

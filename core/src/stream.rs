@@ -45,7 +45,7 @@
 
 use crate::clock::{Clock, Millis};
 use crate::reconnect::{Decision, Failure, GiveUp, ReconnectConfig, ReconnectPolicy};
-use crate::sse::{Event, Item, Limits, ParseError, Parser};
+use crate::sse::{Event, EventRef, Item, ItemRef, Limits, ParseError, Parser};
 use crate::tracker::EventTracker;
 use core::fmt;
 use futures::future::{Either, select};
@@ -161,6 +161,12 @@ pub enum StreamItem {
         /// that received data, counting up while attempts receive nothing.
         attempt: u32,
     },
+    /// Only from [`ResumableStream::next_with`]: this many fresh events
+    /// (at least one) were handed to its sink.
+    Delivered {
+        /// How many.
+        events: usize,
+    },
     /// With [`StreamConfig::skip_oversized`]: a line or event over the
     /// limits was discarded (yielded after the events parsed from the same
     /// chunk); the stream goes on.
@@ -274,6 +280,29 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
     /// the stream breaks its limits, every later call returns the same
     /// error.
     pub async fn next(&mut self) -> Result<StreamItem, StreamError> {
+        self.advance::<fn(EventRef<'_>)>(None).await
+    }
+
+    /// [`next`](Self::next) for hosts that take events borrowed, a chunk at
+    /// a time, with no copy of each: the fresh events of each chunk read go
+    /// to `sink` as they are parsed, and the call then yields
+    /// [`StreamItem::Delivered`] with their count. The other items, the
+    /// commit of the previous call's events and cancel safety are those of
+    /// `next` (the sink is called only inside the poll that reads a chunk,
+    /// and all of that chunk's events go to it).
+    pub async fn next_with(
+        &mut self,
+        mut sink: impl FnMut(EventRef<'_>),
+    ) -> Result<StreamItem, StreamError> {
+        self.advance(Some(&mut sink)).await
+    }
+
+    /// `next` without a sink, `next_with` with one. Generic rather than
+    /// `dyn`, so that the future is `Send` when the sink is.
+    async fn advance<F: FnMut(EventRef<'_>)>(
+        &mut self,
+        mut sink: Option<&mut F>,
+    ) -> Result<StreamItem, StreamError> {
         self.tracker.commit();
         loop {
             match std::mem::replace(&mut self.state, State::Connect) {
@@ -313,9 +342,13 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
                 }
                 State::Open(body, mut parser) => {
                     let now = self.clock.now();
-                    if let Some(event) = self.drain(&mut parser, now, true) {
+                    let drained = match sink.as_deref_mut() {
+                        None => self.drain(&mut parser, now, true).map(StreamItem::Event),
+                        Some(sink) => self.drain_into(&mut parser, now, sink),
+                    };
+                    if let Some(item) = drained {
                         self.state = State::Open(body, parser);
-                        return Ok(StreamItem::Event(event));
+                        return Ok(item);
                     }
                     if let Some(error) = self.skipped.take() {
                         self.state = State::Open(body, parser);
@@ -349,17 +382,28 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
                             self.read_at = now;
                             self.policy.on_bytes(now);
                             self.failures = 0;
-                            if let Err(error) = parser.feed(bytes) {
-                                if self.skip_oversized {
-                                    self.skipped.get_or_insert(error);
-                                    self.state = State::Open(body, parser);
-                                    continue;
+                            let mut delivered = 0;
+                            let fed = match sink.as_deref_mut() {
+                                None => parser.feed(bytes),
+                                Some(sink) => parser.feed_with(bytes, |item| {
+                                    if let Some(event) = self.route(item, now, delivered == 0) {
+                                        delivered += 1;
+                                        sink(event);
+                                    }
+                                }),
+                            };
+                            if let Err(error) = fed {
+                                if !self.skip_oversized {
+                                    drop(body);
+                                    self.state = State::Stopped(StreamError::Parse(error));
+                                    return Err(StreamError::Parse(error));
                                 }
-                                drop(body);
-                                self.state = State::Stopped(StreamError::Parse(error));
-                                return Err(StreamError::Parse(error));
+                                self.skipped.get_or_insert(error);
                             }
                             self.state = State::Open(body, parser);
+                            if delivered > 0 {
+                                return Ok(StreamItem::Delivered { events: delivered });
+                            }
                         }
                         Some(Some(Err(failure))) => {
                             drop(body);
@@ -425,23 +469,60 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
     /// handed out is pending then), else it waits for the next commit.
     fn drain(&mut self, parser: &mut Parser, now: Millis, commit_ids: bool) -> Option<Event> {
         while let Some(item) = parser.next_item() {
-            match item {
-                Item::Event(event) => {
-                    if self.tracker.observe(event.id.as_deref(), now).is_fresh() {
-                        self.stats.delivered += 1;
-                        return Some(event);
-                    }
-                    self.stats.duplicates += 1;
-                }
-                Item::IdOnly(id) => {
-                    // Nothing to deliver, but the cursor moves.
-                    if self.tracker.observe(Some(&id), now).is_fresh() && commit_ids {
-                        self.tracker.commit();
-                    }
-                }
-                Item::Comment(_) => self.stats.comments += 1,
-                Item::Retry(ms) => self.policy.on_retry_hint(ms),
+            if self.route(item.as_item_ref(), now, commit_ids).is_some() {
+                let Item::Event(event) = item else {
+                    unreachable!("only events are fresh")
+                };
+                return Some(event);
             }
+        }
+        None
+    }
+
+    /// [`drain`](Self::drain) into a sink: every queued item (left by
+    /// `next` before a `next_with`), the fresh events to `sink`.
+    fn drain_into(
+        &mut self,
+        parser: &mut Parser,
+        now: Millis,
+        sink: &mut impl FnMut(EventRef<'_>),
+    ) -> Option<StreamItem> {
+        let mut events = 0;
+        while let Some(item) = parser.next_item() {
+            if let Some(event) = self.route(item.as_item_ref(), now, events == 0) {
+                events += 1;
+                sink(event);
+            }
+        }
+        (events > 0).then_some(StreamItem::Delivered { events })
+    }
+
+    /// Runs one parsed item through the tracker at `now`: the event, if it
+    /// is a fresh one. A fresh id-only event is committed at once if
+    /// `commit_ids` (nothing handed out is pending then), else it waits for
+    /// the next commit.
+    fn route<'a>(
+        &mut self,
+        item: ItemRef<'a>,
+        now: Millis,
+        commit_ids: bool,
+    ) -> Option<EventRef<'a>> {
+        match item {
+            ItemRef::Event(event) => {
+                if self.tracker.observe(event.id, now).is_fresh() {
+                    self.stats.delivered += 1;
+                    return Some(event);
+                }
+                self.stats.duplicates += 1;
+            }
+            ItemRef::IdOnly(id) => {
+                // Nothing to deliver, but the cursor moves.
+                if self.tracker.observe(Some(id), now).is_fresh() && commit_ids {
+                    self.tracker.commit();
+                }
+            }
+            ItemRef::Comment(_) => self.stats.comments += 1,
+            ItemRef::Retry(ms) => self.policy.on_retry_hint(ms),
         }
         None
     }

@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tidemark::core::Millis;
 use tidemark::core::replay::{Identity, LogRecord, StreamToken};
@@ -37,14 +36,14 @@ fn record(n: u8, seq: u64, data_len: usize) -> LogRecord {
     let mut frame = format!("id: {}-{seq}\ndata: ", token(n)).into_bytes();
     frame.extend(std::iter::repeat_n(b'a' + (seq % 26) as u8, data_len));
     frame.extend_from_slice(b"\n\n");
-    LogRecord {
+    LogRecord::new(
         seq,
-        time: Millis(1_700_000_100_000 + seq),
-        upstream_id: seq
-            .is_multiple_of(2)
-            .then(|| Arc::from(format!("upstream-{seq}"))),
-        frame: frame.into(),
-    }
+        Millis(1_700_000_100_000 + seq),
+        seq.is_multiple_of(2)
+            .then(|| format!("upstream-{seq}"))
+            .as_deref(),
+        &frame,
+    )
 }
 
 fn append(n: u8, seq: u64) -> LogOp {
@@ -509,7 +508,7 @@ fn appends_per_second() {
     for size in [1usize, 100] {
         let mut log = FileLog::open(root.path().join(size.to_string())).unwrap();
         log.write(&[LogOp::Open(meta(1))]).unwrap();
-        let frame: Arc<[u8]> = Arc::from(&[b'x'; 100][..]);
+        let record = LogRecord::new(0, Millis(0), Some("upstream-id-123"), &[b'x'; 100]);
         let mut seq = 0;
         let mut batches = 0u64;
         let start = Instant::now();
@@ -519,11 +518,11 @@ fn appends_per_second() {
                     seq += 1;
                     LogOp::Append {
                         token: token(1),
-                        record: LogRecord {
-                            seq,
-                            time: Millis(seq),
-                            upstream_id: Some(Arc::from("upstream-id-123")),
-                            frame: frame.clone(),
+                        record: {
+                            let mut record = record.clone();
+                            record.seq = seq;
+                            record.time = Millis(seq);
+                            record
                         },
                     }
                 })

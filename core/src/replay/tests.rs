@@ -114,6 +114,79 @@ fn appended_events_get_increasing_ids_and_keep_type_and_data() {
 }
 
 #[test]
+fn a_batch_is_appended_in_order_in_one_block() {
+    let mut log = ReplayLog::new(TOKEN, retention(10), Millis(0));
+    log.append(Millis(1), Some("up-1"), "message", "one")
+        .unwrap();
+    let mut batch = LogBatch::new();
+    batch.push(Some("up-2"), "message", "two").unwrap();
+    assert_eq!(
+        batch.push(None, "bad\ntype", "x"),
+        Err(EncodeError::InvalidEventType)
+    );
+    batch.push(None, "delta", "three\nlines\nhere").unwrap();
+    batch.push(Some(""), "", "four").unwrap();
+    assert_eq!(batch.len(), 3, "the refused event is not in it");
+    let appended = log.append_batch(Millis(2), &batch);
+    assert_eq!(appended.seq, 4);
+    assert_eq!(appended.events, 3);
+    assert_eq!(appended.trimmed_to, None);
+    let frames: usize = log.records().map(|r| r.frame().len()).sum();
+    assert_eq!(log.bytes(), frames);
+    assert_eq!(
+        appended.bytes_delta as usize,
+        frames - log.records[0].frame().len()
+    );
+    let new: Vec<_> = log.since(2).collect();
+    assert_eq!(new.len(), 3);
+    assert!(new.iter().all(|r| Arc::ptr_eq(&r.block, &new[0].block)));
+    assert!(!Arc::ptr_eq(&log.records[0].block, &new[0].block));
+    assert_eq!(
+        new.iter().map(|r| r.upstream_id()).collect::<Vec<_>>(),
+        [Some("up-2"), None, Some("")]
+    );
+    assert_eq!(
+        new.iter().map(|r| r.time).collect::<Vec<_>>(),
+        [Millis(2); 3]
+    );
+    assert_eq!(
+        *new[1],
+        LogRecord::new(
+            3,
+            Millis(2),
+            None,
+            format!(
+                "id: {}\nevent: delta\ndata: three\ndata: lines\ndata: here\n\n",
+                id(3)
+            )
+            .as_bytes()
+        ),
+        "a record of a batch equals one built alone"
+    );
+    assert_eq!(
+        log.upstream_id(),
+        Some(""),
+        "the newest with an id, even empty"
+    );
+    log.mark_durable(4);
+    let (mut next, mut out) = (1, Vec::new());
+    assert_eq!(log.read(&mut next, usize::MAX, &mut out).events, 4);
+    assert_eq!(
+        events(&out),
+        [
+            ("message".into(), id(1), "one".into()),
+            ("message".into(), id(2), "two".into()),
+            ("delta".into(), id(3), "three\nlines\nhere".into()),
+            ("message".into(), id(4), "four".into()),
+        ]
+    );
+    let empty = log.append_batch(Millis(3), &LogBatch::new());
+    assert_eq!((empty.seq, empty.events, empty.bytes_delta), (4, 0, 0));
+    batch.clear();
+    assert!(batch.is_empty());
+}
+
+#[test]
 fn refuses_event_types_with_line_ends() {
     let mut log = ReplayLog::new(TOKEN, retention(10), Millis(0));
     assert_eq!(
@@ -150,7 +223,7 @@ fn clients_see_only_durable_events() {
 #[test]
 fn read_budget_writes_whole_frames_and_at_least_one() {
     let log = log_of(10, 100);
-    let frame = log.records[0].frame.len();
+    let frame = log.records[0].frame().len();
     let mut next = 1;
     let mut out = Vec::new();
     assert_eq!(
@@ -360,9 +433,21 @@ proptest! {
         let mut time = 0;
         for (op, n) in steps {
             match op {
-                0 | 1 => for _ in 0..n {
+                0 => for _ in 0..n {
                     time += 1;
                     log.append(Millis(time), None, "message", &log.next_seq().to_string()).unwrap();
+                },
+                1 => {
+                    // One batch: one block, which retention may cut.
+                    time += 1;
+                    let mut batch = LogBatch::new();
+                    for i in 0..n as u64 {
+                        let upstream = (i % 2 == 0).then(|| format!("u{i}"));
+                        batch.push(upstream.as_deref(), "message", &(log.next_seq() + i).to_string()).unwrap();
+                    }
+                    let appended = log.append_batch(Millis(time), &batch);
+                    prop_assert_eq!(appended.events, n);
+                    prop_assert_eq!(appended.seq, log.next_seq() - 1);
                 },
                 2 => log.mark_durable(log.next_seq() - 1),
                 _ => {

@@ -88,7 +88,7 @@ mod parse;
 mod tests;
 
 pub use encode::{EncodeError, encode_comment, encode_event, encode_retry};
-pub use parse::{Event, Item, Limits, ParseError, Parser};
+pub use parse::{Event, EventRef, Item, ItemRef, Limits, ParseError, Parser};
 
 /// Position of the first CR or LF in `hay`.
 ///

@@ -56,6 +56,82 @@ pub enum Item {
     IdOnly(String),
 }
 
+/// An [`Item`] borrowed from the parser's buffers, for
+/// [`Parser::feed_with`]: the same items, without a copy of each.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ItemRef<'a> {
+    /// See [`Item::Event`].
+    Event(EventRef<'a>),
+    /// See [`Item::Comment`].
+    Comment(&'a str),
+    /// See [`Item::Retry`].
+    Retry(u64),
+    /// See [`Item::IdOnly`].
+    IdOnly(&'a str),
+}
+
+impl ItemRef<'_> {
+    /// The owned item.
+    pub fn to_item(self) -> Item {
+        match self {
+            ItemRef::Event(event) => Item::Event(event.to_event()),
+            ItemRef::Comment(text) => Item::Comment(text.to_owned()),
+            ItemRef::Retry(ms) => Item::Retry(ms),
+            ItemRef::IdOnly(id) => Item::IdOnly(id.to_owned()),
+        }
+    }
+}
+
+impl Item {
+    /// The item borrowed.
+    pub fn as_item_ref(&self) -> ItemRef<'_> {
+        match self {
+            Item::Event(event) => ItemRef::Event(event.as_event_ref()),
+            Item::Comment(text) => ItemRef::Comment(text),
+            Item::Retry(ms) => ItemRef::Retry(*ms),
+            Item::IdOnly(id) => ItemRef::IdOnly(id),
+        }
+    }
+}
+
+/// An [`Event`] borrowed from the parser's buffers; the fields mean the
+/// same.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct EventRef<'a> {
+    /// See [`Event::event`].
+    pub event: &'a str,
+    /// See [`Event::data`].
+    pub data: &'a str,
+    /// See [`Event::id`].
+    pub id: Option<&'a str>,
+    /// See [`Event::last_event_id`].
+    pub last_event_id: &'a str,
+}
+
+impl EventRef<'_> {
+    /// The owned event.
+    pub fn to_event(self) -> Event {
+        Event {
+            event: self.event.to_owned(),
+            data: self.data.to_owned(),
+            id: self.id.map(str::to_owned),
+            last_event_id: self.last_event_id.to_owned(),
+        }
+    }
+}
+
+impl Event {
+    /// The event borrowed.
+    pub fn as_event_ref(&self) -> EventRef<'_> {
+        EventRef {
+            event: &self.event,
+            data: &self.data,
+            id: self.id.as_deref(),
+            last_event_id: &self.last_event_id,
+        }
+    }
+}
+
 /// One dispatched event.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Event {
@@ -187,6 +263,22 @@ impl Parser {
     /// parsed and queued as usual, and the first error met in this chunk is
     /// returned; the caller may keep feeding.
     pub fn feed(&mut self, chunk: &[u8]) -> Result<(), ParseError> {
+        let mut items = std::mem::take(&mut self.items);
+        let fed = self.feed_with(chunk, |item| items.push_back(item.to_item()));
+        self.items = items;
+        fed
+    }
+
+    /// [`feed`](Self::feed) for hosts that take each item as it completes,
+    /// borrowed from the parser's buffers: `sink` gets every item the chunk
+    /// completes, in order, and nothing is queued (nor copied). Items
+    /// already queued by `feed` stay queued.
+    pub fn feed_with(
+        &mut self,
+        chunk: &[u8],
+        mut sink: impl FnMut(ItemRef<'_>),
+    ) -> Result<(), ParseError> {
+        let sink = &mut sink;
         let mut rest = chunk;
         if self.bom < 3 {
             rest = self.skip_bom(rest);
@@ -207,7 +299,7 @@ impl Parser {
                     None => self.after_cr = true,
                 }
             }
-            self.end_line(line);
+            self.end_line(line, sink);
             rest = &rest[next..];
         }
         if !rest.is_empty() {
@@ -282,7 +374,7 @@ impl Parser {
     }
 
     /// A line end was found; `tail` is the part of the line in this chunk.
-    fn end_line(&mut self, tail: &[u8]) {
+    fn end_line(&mut self, tail: &[u8], sink: &mut impl FnMut(ItemRef<'_>)) {
         if self.skipping_line {
             self.skipping_line = false;
             return;
@@ -291,7 +383,7 @@ impl Parser {
             if tail.len() > self.limits.max_line {
                 self.line_too_long(tail);
             } else {
-                self.interpret(tail);
+                self.interpret(tail, sink);
             }
             return;
         }
@@ -301,7 +393,7 @@ impl Parser {
         }
         self.line.extend_from_slice(tail);
         let line = std::mem::take(&mut self.line);
-        self.interpret(&line);
+        self.interpret(&line, sink);
         self.line = line;
         self.line.clear();
     }
@@ -338,15 +430,14 @@ impl Parser {
 
     /// The "process the line" steps of the specification, for one complete
     /// line without its line end.
-    fn interpret(&mut self, line: &[u8]) {
+    fn interpret(&mut self, line: &[u8], sink: &mut impl FnMut(ItemRef<'_>)) {
         if line.is_empty() {
-            self.dispatch();
+            self.dispatch(sink);
             return;
         }
         let (name, value) = match line.iter().position(|&b| b == b':') {
             Some(0) => {
-                let text = decode(strip_space(&line[1..])).into_owned();
-                self.items.push_back(Item::Comment(text));
+                sink(ItemRef::Comment(&decode(strip_space(&line[1..]))));
                 return;
             }
             Some(colon) => (&line[..colon], strip_space(&line[colon + 1..])),
@@ -370,7 +461,7 @@ impl Parser {
                     ms.saturating_mul(10)
                         .saturating_add(u64::from(digit - b'0'))
                 });
-                self.items.push_back(Item::Retry(ms));
+                sink(ItemRef::Retry(ms));
             }
             _ => {}
         }
@@ -396,39 +487,36 @@ impl Parser {
     }
 
     /// The "dispatch the event" steps of the specification, at a blank line.
-    fn dispatch(&mut self) {
+    fn dispatch(&mut self, sink: &mut impl FnMut(ItemRef<'_>)) {
         let id_in_block = std::mem::take(&mut self.id_in_block);
         if id_in_block {
             self.last_event_id.clone_from(&self.id_buffer);
         }
         if !self.has_data {
             if id_in_block {
-                self.items
-                    .push_back(Item::IdOnly(self.last_event_id.clone()));
+                sink(ItemRef::IdOnly(&self.last_event_id));
             }
             self.reset_block();
             return;
         }
         self.has_data = false;
-        // A copy of exactly the right size: the event holds no spare capacity
-        // and the buffer is reused, so a multi-line event never reallocates
+        sink(ItemRef::Event(EventRef {
+            event: if self.event_type.is_empty() {
+                "message"
+            } else {
+                &self.event_type
+            },
+            data: &decode(&self.data),
+            id: id_in_block.then_some(self.last_event_id.as_str()),
+            last_event_id: &self.last_event_id,
+        }));
+        // The buffers are reused, so a multi-line event never reallocates
         // once the parser has seen one as large.
-        let data = decode(&self.data).into_owned();
         self.data.clear();
         if self.data.capacity() > KEEP_DATA_BUFFER {
             self.data = Vec::new();
         }
-        let event = if self.event_type.is_empty() {
-            String::from("message")
-        } else {
-            std::mem::take(&mut self.event_type)
-        };
-        self.items.push_back(Item::Event(Event {
-            event,
-            data,
-            id: id_in_block.then(|| self.last_event_id.clone()),
-            last_event_id: self.last_event_id.clone(),
-        }));
+        self.event_type.clear();
     }
 
     fn reset_block(&mut self) {

@@ -744,6 +744,35 @@ proptest! {
         prop_assert_eq!(unlimited, reference(&input, ""));
     }
 
+    /// `feed_with` hands out, borrowed, exactly the items `feed` queues,
+    /// caps and errors included.
+    #[test]
+    fn feed_with_hands_out_what_feed_queues(
+        input in stream(),
+        cuts in prop::collection::vec(any::<Index>(), 0..12),
+        max_line in 4usize..40,
+        max_event in 0usize..40,
+    ) {
+        let limits = Limits { max_line, max_event };
+        let cuts: Vec<usize> = cuts.iter().map(|i| i.index(input.len() + 1)).collect();
+        let chunks = split_at(&input, &cuts);
+        let (queued, queued_errors) = parse_chunks(Parser::new(limits), chunks.iter().copied());
+        let mut parser = Parser::new(limits);
+        let mut handed = Vec::new();
+        let mut errors = Vec::new();
+        for chunk in &chunks {
+            if let Err(error) = parser.feed_with(chunk, |item| handed.push(item.to_item())) {
+                errors.push(error);
+            }
+            prop_assert!(parser.next_item().is_none(), "nothing queued");
+        }
+        prop_assert_eq!(&handed, &queued);
+        prop_assert_eq!(errors, queued_errors);
+        for item in &handed {
+            prop_assert_eq!(&item.as_item_ref().to_item(), item);
+        }
+    }
+
     /// What the encoder writes parses back to the same items, line ends in
     /// data and comments read as LF.
     #[test]

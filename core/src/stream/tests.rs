@@ -601,8 +601,209 @@ fn items(
                 attempt,
             } => format!("retry {attempt} at {}: {failure}", retry_at.0),
             StreamItem::Skipped { error } => format!("skipped: {error}"),
+            StreamItem::Delivered { events } => format!("delivered {events}"),
         })
         .collect()
+}
+
+/// `items` through `next_with`: each `Delivered` becomes the ids (or data)
+/// its sink got, checked against its count, one string per event.
+fn items_with(
+    clock: &ManualClock,
+    stream: &mut ResumableStream<Scripted, ManualClock>,
+    n: usize,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let mut got = Vec::new();
+        let item = run(
+            clock,
+            stream.next_with(|event| got.push(event.id.unwrap_or(event.data).to_owned())),
+        )
+        .expect("an item");
+        match item {
+            StreamItem::Delivered { events } => {
+                assert_eq!(events, got.len(), "the count is what the sink got");
+                out.extend(got);
+            }
+            other => {
+                assert!(got.is_empty(), "only Delivered hands out events");
+                out.extend(items_of(other));
+            }
+        }
+    }
+    out
+}
+
+fn items_of(item: StreamItem) -> Option<String> {
+    Some(match item {
+        StreamItem::Open { last_event_id } => {
+            format!("open {}", last_event_id.as_deref().unwrap_or("-"))
+        }
+        StreamItem::Reconnecting {
+            failure,
+            retry_at,
+            attempt,
+        } => format!("retry {attempt} at {}: {failure}", retry_at.0),
+        StreamItem::Skipped { error } => format!("skipped: {error}"),
+        StreamItem::Event(event) => event.id.unwrap_or(event.data),
+        StreamItem::Delivered { .. } => unreachable!("handled by the caller"),
+    })
+}
+
+#[test]
+fn next_with_hands_a_chunk_to_the_sink_and_commits_it_on_the_next_call() {
+    let (clock, conn, mut s) = setup(
+        vec![
+            body(&[
+                Step::Bytes("id: 1\ndata: a\n\nid: 2\ndata: b\n\n: keep\n\nid: 3\nda"),
+                Step::Bytes("ta: c\n\n"),
+                Step::Fail("reset"),
+            ]),
+            body(&[
+                Step::Bytes("id: 2\ndata: b\n\nid: 3\ndata: c\n\nid: 4\ndata: d\n\n"),
+                Step::Hang,
+            ]),
+        ],
+        64,
+    );
+    let mut got = Vec::new();
+    let mut next = |s: &mut ResumableStream<Scripted, ManualClock>| {
+        let mut chunk = Vec::new();
+        let item = run(
+            &clock,
+            s.next_with(|event| chunk.push((event.id.map(str::to_owned), event.data.to_owned()))),
+        );
+        got.push(chunk);
+        item.expect("an item")
+    };
+    assert!(matches!(next(&mut s), StreamItem::Open { .. }));
+    assert_eq!(next(&mut s), StreamItem::Delivered { events: 2 });
+    assert_eq!(s.tracker().seq(), 0, "not committed before the next call");
+    assert_eq!(next(&mut s), StreamItem::Delivered { events: 1 });
+    assert_eq!(
+        s.tracker().seq(),
+        1,
+        "the first chunk's events in one commit"
+    );
+    assert!(matches!(next(&mut s), StreamItem::Reconnecting { .. }));
+    assert!(matches!(next(&mut s), StreamItem::Open { .. }));
+    assert_eq!(next(&mut s), StreamItem::Delivered { events: 1 });
+    let events: Vec<_> = got.concat();
+    assert_eq!(
+        events,
+        [
+            (Some("1".into()), "a".into()),
+            (Some("2".into()), "b".into()),
+            (Some("3".into()), "c".into()),
+            (Some("4".into()), "d".into()),
+        ]
+    );
+    assert_eq!(conn.last_event_ids()[1].as_deref(), Some("3"));
+    assert_eq!(s.stats().duplicates, 2);
+    assert_eq!(s.stats().comments, 1);
+}
+
+#[test]
+fn next_with_takes_what_next_left_queued() {
+    let (clock, _, mut s) = setup(
+        vec![body(&[
+            Step::Bytes("id: 1\ndata: a\n\nid: 2\ndata: b\n\nid: 3\ndata: c\n\n"),
+            Step::Hang,
+        ])],
+        64,
+    );
+    assert_eq!(items(&clock, &mut s, 2), ["open -", "1"]);
+    assert_eq!(items_with(&clock, &mut s, 2), ["2", "3"]);
+}
+
+#[test]
+fn next_with_reports_a_skipped_event_after_the_chunk_it_was_in() {
+    let clock = ManualClock::new();
+    let conn = Scripted::new(
+        &clock,
+        vec![body(&[
+            Step::Bytes(
+                "id: 1\ndata: a\n\nid: 2\ndata: xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\n\nid: 3\ndata: c\n\n",
+            ),
+            Step::Bytes("id: 4\ndata: d\n\n"),
+            Step::Hang,
+        ])],
+    );
+    let mut cfg = config();
+    cfg.limits = Limits {
+        max_line: 64,
+        max_event: 64,
+    };
+    cfg.skip_oversized = true;
+    let mut s = ResumableStream::new(conn, clock.clone(), "http://x", tracker(8), cfg);
+    let items = items_with(&clock, &mut s, 5);
+    assert_eq!(items[..3], ["open -", "1", "3"]);
+    assert!(items[3].starts_with("skipped: "), "{items:?}");
+    assert_eq!(items[4], "4");
+}
+
+proptest::proptest! {
+    /// Whatever the chunking, replays and drops, `next_with` hands out
+    /// exactly the events `next` yields, with the same other items.
+    #[test]
+    fn next_with_yields_what_next_yields(
+        events in proptest::collection::vec((0u8..12, proptest::bool::ANY), 1..30),
+        cuts in proptest::collection::vec(0usize..400, 0..8),
+        drop_at in 0usize..30,
+    ) {
+        let mut text = String::new();
+        for (i, (id, comment)) in events.iter().enumerate() {
+            if *comment {
+                text.push_str(": ping\n\n");
+            }
+            if i % 5 == 4 {
+                text.push_str(&format!("id: {id}\n\n"));
+            } else {
+                text.push_str(&format!("id: {id}\ndata: e{i}\n\n"));
+            }
+        }
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(text.len())).collect();
+        cuts.push(text.len());
+        cuts.sort_unstable();
+        let script = |text: &str| {
+            let mut steps = Vec::new();
+            let mut at = 0;
+            for &cut in &cuts {
+                if cut > at {
+                    let piece: &'static str = Box::leak(text[at..cut].to_owned().into_boxed_str());
+                    steps.push(Step::Bytes(piece));
+                    at = cut;
+                }
+            }
+            steps
+        };
+        let mut first = script(&text);
+        first.truncate(drop_at.min(first.len()));
+        first.push(Step::Fail("reset"));
+        let mut second = script(&text);
+        second.push(Step::Hang);
+        let answers = || vec![body(&first), body(&second)];
+        let count = {
+            // How many items `next` yields before the policy gives up (the
+            // connections after the second only hang).
+            let (clock, _, mut s) = setup(answers(), 64);
+            let mut n = 0;
+            while run(&clock, s.next()).is_ok() {
+                n += 1;
+            }
+            n
+        };
+        let (clock, conn_a, mut a) = setup(answers(), 64);
+        let by_next = items(&clock, &mut a, count);
+        let (clock, conn_b, mut b) = setup(answers(), 64);
+        let events = by_next.iter().filter(|i| !i.starts_with("open ") && !i.starts_with("retry ")).count();
+        let by_next_with = items_with(&clock, &mut b, count);
+        proptest::prop_assert_eq!(&by_next, &by_next_with);
+        proptest::prop_assert_eq!(b.stats(), a.stats());
+        proptest::prop_assert_eq!(conn_a.last_event_ids(), conn_b.last_event_ids());
+        proptest::prop_assert_eq!(a.stats().delivered as usize, events);
+    }
 }
 
 #[test]

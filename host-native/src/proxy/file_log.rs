@@ -9,7 +9,6 @@ use std::fmt;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use tidemark_core::Millis;
 use tidemark_core::replay::{Identity, LogRecord, StreamToken};
 
@@ -959,14 +958,14 @@ fn encode_append(out: &mut Vec<u8>, token: StreamToken, record: &LogRecord) -> i
         p.extend_from_slice(&token.to_bytes());
         p.extend_from_slice(&record.seq.to_le_bytes());
         p.extend_from_slice(&record.time.as_u64().to_le_bytes());
-        match &record.upstream_id {
+        match record.upstream_id() {
             None => p.push(0),
             Some(id) => {
                 p.push(1);
                 put_bytes(p, id.as_bytes());
             }
         }
-        put_bytes(p, &record.frame);
+        put_bytes(p, record.frame());
     })
 }
 
@@ -1063,18 +1062,12 @@ fn decode_op(payload: &[u8]) -> Option<LogOp> {
             let time = Millis(r.u64()?);
             let upstream_id = match r.u8()? {
                 0 => None,
-                1 => Some(Arc::from(r.text()?)),
+                1 => Some(r.text()?),
                 _ => return None,
             };
-            let frame = Arc::from(r.bytes()?);
             LogOp::Append {
                 token,
-                record: LogRecord {
-                    seq,
-                    time,
-                    upstream_id,
-                    frame,
-                },
+                record: LogRecord::new(seq, time, upstream_id, r.bytes()?),
             }
         }
         TAG_TRIM => LogOp::Trim {

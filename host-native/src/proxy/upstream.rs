@@ -10,8 +10,8 @@ use futures::StreamExt;
 use futures::future::{Either, select};
 use std::pin::pin;
 use std::sync::{Arc, Mutex};
-use tidemark_core::replay::{GAP_EVENT, Gap, GapReason, gap_data};
-use tidemark_core::sse::{Event, Item, Parser};
+use tidemark_core::replay::{GAP_EVENT, Gap, GapReason, LogBatch, LogRecord, gap_data};
+use tidemark_core::sse::{EventRef, ItemRef, Parser};
 use tidemark_core::{
     Clock, ConnectRequest, Connector, EventTracker, Failure, ResumableStream, StreamConfig,
     StreamItem, StreamKey, TrackerConfig,
@@ -37,47 +37,36 @@ impl Connector for Primed {
     }
 }
 
-/// Appends `events` to the stream's log and wakes its clients (at once for
+/// Appends `batch` to the stream's log and wakes its clients (at once for
 /// a memory log; the writer wakes them once they are durable).
-fn append(hub: &Hub, stream: &LoggedStream, events: &[Event]) {
-    if events.is_empty() {
+fn append(hub: &Hub, stream: &LoggedStream, batch: &LogBatch) {
+    if batch.is_empty() {
         return;
     }
     let now = hub.clock.now();
     let mut ops = Vec::new();
-    let mut bytes = 0;
-    hub.metrics.events_in(events.len() as u64);
-    {
+    hub.metrics.events_in(batch.len() as u64);
+    let appended = {
         let mut state = stream.state();
-        for event in events {
-            let Ok(appended) =
-                state
-                    .log
-                    .append(now, event.id.as_deref(), &event.event, &event.data)
-            else {
-                continue; // the parser never yields a type with a line end
-            };
-            bytes += appended.bytes_delta;
-            if hub.is_durable() {
-                let record = state.log.last().expect("just appended").clone();
-                ops.push(LogOp::Append {
+        let appended = state.log.append_batch(now, batch);
+        if hub.is_durable() {
+            let first = appended.seq + 1 - appended.events as u64;
+            ops.extend(state.log.since(first).map(|record| LogOp::Append {
+                token: stream.meta.token,
+                record: record.clone(),
+            }));
+            if let Some(first_seq) = appended.trimmed_to {
+                ops.push(LogOp::Trim {
                     token: stream.meta.token,
-                    record,
+                    first_seq,
                 });
-                if let Some(first_seq) = appended.trimmed_to {
-                    ops.push(LogOp::Trim {
-                        token: stream.meta.token,
-                        first_seq,
-                    });
-                }
             }
+        } else {
+            state.log.mark_durable(appended.seq);
         }
-        if !hub.is_durable() {
-            let last = state.log.next_seq() - 1;
-            state.log.mark_durable(last);
-        }
-    }
-    hub.metrics.log_bytes_add(bytes);
+        appended
+    };
+    hub.metrics.log_bytes_add(appended.bytes_delta);
     for op in ops {
         hub.log_op(op);
     }
@@ -86,18 +75,23 @@ fn append(hub: &Hub, stream: &LoggedStream, events: &[Event]) {
     }
 }
 
+/// Adds a fresh upstream event to `batch`.
+fn push(batch: &mut LogBatch, event: EventRef<'_>) {
+    // The parser never yields a type with a line end, which is all `push`
+    // refuses.
+    let _ = batch.push(event.id, event.event, event.data);
+}
+
 /// What stands in the log for an upstream event over `--max-event-bytes`
 /// (the parser dropped it): a gap event, so that clients are told.
-fn too_large() -> Event {
-    Event {
-        event: GAP_EVENT.to_owned(),
-        data: gap_data(Gap {
-            reason: GapReason::TooLarge,
-            lost: None,
-        }),
-        id: None,
-        last_event_id: String::new(),
-    }
+fn push_too_large(batch: &mut LogBatch) {
+    let data = gap_data(Gap {
+        reason: GapReason::TooLarge,
+        lost: None,
+    });
+    batch
+        .push(None, GAP_EVENT, &data)
+        .expect("a valid event type");
 }
 
 /// Follows a GET stream whose first answer is `body` (`None`: connect
@@ -126,7 +120,7 @@ pub(super) async fn follow_get(
             .log
             .records()
             .rev()
-            .filter_map(|r| r.upstream_id.as_deref())
+            .filter_map(LogRecord::upstream_id)
             .take(window)
             .collect();
         for id in ids.into_iter().rev() {
@@ -145,7 +139,7 @@ pub(super) async fn follow_get(
         inner: hub.get_connector.clone(),
     };
     let mut upstream = ResumableStream::new(connector, hub.clock, url, tracker, config);
-    let mut events = Vec::new();
+    let mut batch = LogBatch::new();
     let mut connected = false;
     let reason = loop {
         let stopped = {
@@ -159,22 +153,21 @@ pub(super) async fn follow_get(
             Ok(()) => break None,
             Err(listener) => listener,
         };
-        let item = match select(pin!(upstream.next()), listener).await {
+        let next = upstream.next_with(|event| push(&mut batch, event));
+        let item = match select(pin!(next), listener).await {
             Either::Left((item, _)) => item,
             Either::Right(((), _)) => continue,
         };
         match item {
-            Ok(StreamItem::Event(event)) => {
-                events.push(event);
-                while let Some(event) = upstream.next_ready() {
-                    events.push(event);
-                }
-                append(&hub, &stream, &events);
-                events.clear();
+            Ok(StreamItem::Delivered { .. }) => {
+                append(&hub, &stream, &batch);
+                batch.clear();
             }
             Ok(StreamItem::Skipped { .. }) => {
                 hub.metrics.gap(GapReason::TooLarge);
-                append(&hub, &stream, &[too_large()]);
+                push_too_large(&mut batch);
+                append(&hub, &stream, &batch);
+                batch.clear();
             }
             Ok(StreamItem::Open { .. }) => {
                 connected = true;
@@ -212,7 +205,7 @@ pub(super) async fn follow_get(
 /// Reads a POST answer to its end, whether or not a client reads along.
 pub(super) async fn read_post(hub: Arc<Hub>, stream: Arc<LoggedStream>, mut body: HttpBody) {
     let mut parser = Parser::new(hub.config.limits.parser());
-    let mut events = Vec::new();
+    let mut batch = LogBatch::new();
     let mut failure = None;
     hub.metrics.upstream_connected();
     loop {
@@ -222,30 +215,20 @@ pub(super) async fn read_post(hub: Arc<Hub>, stream: Arc<LoggedStream>, mut body
                 failure = Some(e.to_string());
                 break;
             }
-            None => {
-                parser.finish();
-                break;
-            }
+            None => break,
         };
-        let oversized = parser.feed(&chunk).is_err();
-        while let Some(item) = parser.next_item() {
-            if let Item::Event(event) = item {
-                events.push(event);
+        let fed = parser.feed_with(&chunk, |item| {
+            if let ItemRef::Event(event) = item {
+                push(&mut batch, event);
             }
-        }
-        if oversized {
+        });
+        if fed.is_err() {
             hub.metrics.gap(GapReason::TooLarge);
-            events.push(too_large());
+            push_too_large(&mut batch);
         }
-        append(&hub, &stream, &events);
-        events.clear();
+        append(&hub, &stream, &batch);
+        batch.clear();
     }
-    while let Some(item) = parser.next_item() {
-        if let Item::Event(event) = item {
-            events.push(event);
-        }
-    }
-    append(&hub, &stream, &events);
     drop(body);
     hub.metrics.upstream_disconnected();
     if let Some(e) = failure {

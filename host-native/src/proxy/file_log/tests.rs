@@ -43,12 +43,14 @@ fn append(n: u8, seq: u64) -> LogOp {
 }
 
 fn record(n: u8, seq: u64) -> LogRecord {
-    LogRecord {
+    LogRecord::new(
         seq,
-        time: Millis(5_000 + seq),
-        upstream_id: (!seq.is_multiple_of(3)).then(|| Arc::from(format!("up-{seq}"))),
-        frame: Arc::from(format!("id: {}-{seq}\ndata: event {seq}\n\n", token(n)).as_bytes()),
-    }
+        Millis(5_000 + seq),
+        (!seq.is_multiple_of(3))
+            .then(|| format!("up-{seq}"))
+            .as_deref(),
+        format!("id: {}-{seq}\ndata: event {seq}\n\n", token(n)).as_bytes(),
+    )
 }
 
 fn seqs(stream: &StoredStream) -> Vec<u64> {
@@ -64,12 +66,7 @@ fn every_op_encodes_and_decodes_to_itself() {
         append(1, 3),
         LogOp::Append {
             token: token(2),
-            record: LogRecord {
-                seq: u64::MAX,
-                time: Millis(u64::MAX),
-                upstream_id: Some(Arc::from("")),
-                frame: Arc::from(&b""[..]),
-            },
+            record: LogRecord::new(u64::MAX, Millis(u64::MAX), Some(""), b""),
         },
         LogOp::Trim {
             token: token(1),
