@@ -482,9 +482,15 @@ pub struct ReplayLog {
     spans: Vec<(usize, usize)>,
     /// Reused for [`append`](Self::append)'s one-event batch.
     single: LogBatch,
-    /// `id: <token>-`, the start of every frame.
-    id_prefix: Vec<u8>,
+    /// `id: <token>-<seq>` and LF, the first line of the frame of event
+    /// `id_line_seq`: the next one's is an increment of its digits.
+    id_line: Vec<u8>,
+    id_line_seq: u64,
 }
+
+/// Where the sequence number starts in an id line: after `id: `, 32 hex
+/// digits and the dash.
+const SEQ_AT: usize = 4 + 32 + 1;
 
 impl ReplayLog {
     /// An empty log for stream `token`, started at `now`.
@@ -501,12 +507,8 @@ impl ReplayLog {
             scratch: Vec::new(),
             spans: Vec::new(),
             single: LogBatch::new(),
-            id_prefix: {
-                let mut prefix = b"id: ".to_vec();
-                write_id(&mut prefix, token, 0);
-                prefix.pop();
-                prefix
-            },
+            id_line: Vec::new(),
+            id_line_seq: u64::MAX,
         }
     }
 
@@ -579,18 +581,15 @@ impl ReplayLog {
                 trimmed_to: None,
             };
         }
-        let block = &mut self.scratch;
+        let mut block = std::mem::take(&mut self.scratch);
         block.clear();
-        block.reserve(
-            batch.bodies.len() + batch.ids.len() + batch.len() * (self.id_prefix.len() + 21),
-        );
+        block.reserve(batch.bodies.len() + batch.ids.len() + batch.len() * (SEQ_AT + 21));
         self.spans.clear();
         let mut body_start = 0;
         for (i, &(body_end, _)) in batch.events.iter().enumerate() {
             let start = block.len();
-            block.extend_from_slice(&self.id_prefix);
-            write_decimal(block, self.next_seq + i as u64);
-            block.push(b'\n');
+            self.advance_id_line(self.next_seq + i as u64);
+            block.extend_from_slice(&self.id_line);
             block.extend_from_slice(&batch.bodies[body_start..body_end]);
             body_start = body_end;
             self.spans.push((start, block.len()));
@@ -598,9 +597,9 @@ impl ReplayLog {
         let ids_at = block.len();
         block.extend_from_slice(&batch.ids);
         let shared: Arc<[u8]> = Arc::from(&block[..]);
-        if block.capacity() > KEEP_BATCH_BUFFER {
+        if block.capacity() <= KEEP_BATCH_BUFFER {
             // One huge batch does not pin its size for the stream's life.
-            *block = Vec::new();
+            self.scratch = block;
         }
         let mut id_start = 0;
         for (&frame, &(_, id_end)) in self.spans.iter().zip(&batch.events) {
@@ -627,6 +626,31 @@ impl ReplayLog {
             bytes_delta: self.bytes as i64 - before,
             trimmed_to: (self.first_seq() != first).then(|| self.first_seq()),
         }
+    }
+
+    /// Makes `id_line` the id line of event `seq`: an increment of the
+    /// previous one's digits, or written anew.
+    fn advance_id_line(&mut self, seq: u64) {
+        if self.id_line_seq.wrapping_add(1) != seq || self.id_line.len() <= SEQ_AT {
+            self.id_line.clear();
+            self.id_line.extend_from_slice(b"id: ");
+            write_id(&mut self.id_line, self.token, seq);
+            self.id_line.push(b'\n');
+            self.id_line_seq = seq;
+            return;
+        }
+        self.id_line_seq = seq;
+        let digits = &mut self.id_line[SEQ_AT..];
+        let last = digits.len() - 1; // the LF
+        for digit in digits[..last].iter_mut().rev() {
+            if *digit != b'9' {
+                *digit += 1;
+                return;
+            }
+            *digit = b'0';
+        }
+        // All nines: one digit more.
+        self.id_line.insert(SEQ_AT, b'1');
     }
 
     fn trim(&mut self) {

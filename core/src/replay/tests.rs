@@ -187,6 +187,50 @@ fn a_batch_is_appended_in_order_in_one_block() {
 }
 
 #[test]
+fn ids_count_up_across_digit_carries_and_restores() {
+    let mut log = ReplayLog::new(TOKEN, retention(2000), Millis(0));
+    let mut batch = LogBatch::new();
+    for n in 1..=1001u64 {
+        batch.push(None, "message", "x").unwrap();
+        if n % 7 == 0 || n == 1001 {
+            log.append_batch(Millis(n), &batch);
+            batch.clear();
+        }
+    }
+    for record in log.records() {
+        let frame = std::str::from_utf8(record.frame()).unwrap();
+        assert_eq!(frame, format!("id: {}\ndata: x\n\n", id(record.seq)));
+    }
+    let records: Vec<LogRecord> = log.records().skip(997).cloned().collect();
+    let mut restored = ReplayLog::restore(TOKEN, retention(10), records, false, Millis(0));
+    restored.append(Millis(1), None, "message", "y").unwrap();
+    assert_eq!(
+        restored.last().unwrap().frame(),
+        format!("id: {}\ndata: y\n\n", id(1002)).as_bytes()
+    );
+    let mut at_nines = ReplayLog::restore(
+        TOKEN,
+        retention(10),
+        [LogRecord::new(99_999, Millis(0), None, b"")],
+        false,
+        Millis(0),
+    );
+    at_nines.append(Millis(1), None, "message", "z").unwrap();
+    at_nines.append(Millis(1), None, "message", "z").unwrap();
+    let ids: Vec<_> = at_nines
+        .since(100_000)
+        .map(|r| r.frame().to_vec())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            format!("id: {}\ndata: z\n\n", id(100_000)).into_bytes(),
+            format!("id: {}\ndata: z\n\n", id(100_001)).into_bytes()
+        ]
+    );
+}
+
+#[test]
 fn refuses_event_types_with_line_ends() {
     let mut log = ReplayLog::new(TOKEN, retention(10), Millis(0));
     assert_eq!(

@@ -192,8 +192,11 @@ pub struct Parser {
     skipping_line: bool,
     /// A line that was cut by a chunk boundary, at most `max_line` bytes.
     line: Vec<u8>,
-    /// The data buffer without its trailing LF, at most `max_event` bytes.
-    data: Vec<u8>,
+    /// The data buffer without its trailing LF, decoded line by line (the
+    /// same text as decoding it whole: see the module docs).
+    data: String,
+    /// Bytes of the data buffer as received, at most `max_event`.
+    data_len: usize,
     has_data: bool,
     event_type: String,
     /// The event source's "last event ID string": the specification's last
@@ -221,7 +224,8 @@ impl Parser {
             after_cr: false,
             skipping_line: false,
             line: Vec::new(),
-            data: Vec::new(),
+            data: String::new(),
+            data_len: 0,
             has_data: false,
             event_type: String::new(),
             id_buffer: String::new(),
@@ -289,6 +293,13 @@ impl Parser {
                 rest = &rest[1..];
             }
         }
+        // The chunk's text, validated once (up to a sequence the next chunk
+        // completes, or the first invalid byte): lines inside it need no
+        // decoding of their own.
+        let mut text = match std::str::from_utf8(rest) {
+            Ok(text) => text,
+            Err(e) => std::str::from_utf8(&rest[..e.valid_up_to()]).expect("valid up to there"),
+        };
         while let Some(end) = find_line_end(rest) {
             let line = &rest[..end];
             let mut next = end + 1;
@@ -299,8 +310,10 @@ impl Parser {
                     None => self.after_cr = true,
                 }
             }
-            self.end_line(line, sink);
+            // Both cuts follow an ASCII byte, so they are char boundaries.
+            self.end_line(line, text.get(..end), sink);
             rest = &rest[next..];
+            text = text.get(next..).unwrap_or("");
         }
         if !rest.is_empty() {
             self.carry(rest);
@@ -374,7 +387,13 @@ impl Parser {
     }
 
     /// A line end was found; `tail` is the part of the line in this chunk.
-    fn end_line(&mut self, tail: &[u8], sink: &mut impl FnMut(ItemRef<'_>)) {
+    /// `tail_text` is `tail` as text, when the chunk's validation covered it.
+    fn end_line(
+        &mut self,
+        tail: &[u8],
+        tail_text: Option<&str>,
+        sink: &mut impl FnMut(ItemRef<'_>),
+    ) {
         if self.skipping_line {
             self.skipping_line = false;
             return;
@@ -383,7 +402,7 @@ impl Parser {
             if tail.len() > self.limits.max_line {
                 self.line_too_long(tail);
             } else {
-                self.interpret(tail, sink);
+                self.interpret(tail, tail_text, sink);
             }
             return;
         }
@@ -393,7 +412,7 @@ impl Parser {
         }
         self.line.extend_from_slice(tail);
         let line = std::mem::take(&mut self.line);
-        self.interpret(&line, sink);
+        self.interpret(&line, None, sink);
         self.line = line;
         self.line.clear();
     }
@@ -425,35 +444,45 @@ impl Parser {
     fn poison(&mut self) {
         self.poisoned = true;
         self.has_data = false;
-        self.data = Vec::new();
+        self.data = String::new();
+        self.data_len = 0;
     }
 
     /// The "process the line" steps of the specification, for one complete
-    /// line without its line end.
-    fn interpret(&mut self, line: &[u8], sink: &mut impl FnMut(ItemRef<'_>)) {
+    /// line without its line end; `text` is the line as text, if it has been
+    /// validated already.
+    fn interpret(&mut self, line: &[u8], text: Option<&str>, sink: &mut impl FnMut(ItemRef<'_>)) {
         if line.is_empty() {
             self.dispatch(sink);
             return;
         }
-        let (name, value) = match line.iter().position(|&b| b == b':') {
-            Some(0) => {
-                sink(ItemRef::Comment(&decode(strip_space(&line[1..]))));
-                return;
+        // The two fields of nearly every event first, without a search.
+        let (name, start) = if line.starts_with(b"data:") {
+            (&b"data"[..], 5)
+        } else if line.starts_with(b"id:") {
+            (&b"id"[..], 3)
+        } else {
+            match line.iter().position(|&b| b == b':') {
+                Some(colon) => (&line[..colon], colon + 1),
+                None => (line, line.len()),
             }
-            Some(colon) => (&line[..colon], strip_space(&line[colon + 1..])),
-            None => (line, &[][..]),
         };
+        let start = start + usize::from(line.get(start) == Some(&b' '));
+        let value = &line[start..];
+        // Decoded only if the chunk's validation did not cover it.
+        let value_text = || text.map_or_else(|| decode(value), |t| Cow::Borrowed(&t[start..]));
         match name {
-            b"data" => self.append_data(value),
+            b"" => sink(ItemRef::Comment(&value_text())),
+            b"data" => self.append_data(value.len(), value_text),
             b"event" => {
                 self.event_type.clear();
-                self.event_type.push_str(&decode(value));
+                self.event_type.push_str(&value_text());
             }
             // The NUL test has no early exit: for short ids it compiles to a
             // few wide compares, cheaper than a call to `memchr`.
             b"id" if !value.iter().fold(false, |nul, &b| nul | (b == 0)) => {
                 self.id_buffer.clear();
-                self.id_buffer.push_str(&decode(value));
+                self.id_buffer.push_str(&value_text());
                 self.id_in_block = true;
             }
             b"retry" if !value.is_empty() && value.iter().all(u8::is_ascii_digit) => {
@@ -467,22 +496,32 @@ impl Parser {
         }
     }
 
-    fn append_data(&mut self, value: &[u8]) {
+    /// Appends a `data` value of `len` bytes as received, whose text is
+    /// `text()`.
+    fn append_data<'a>(&mut self, len: usize, text: impl FnOnce() -> Cow<'a, str>) {
         if self.poisoned {
             return;
         }
         let separator = usize::from(self.has_data);
         let max = self.limits.max_event;
-        if self.data.len() + separator + value.len() > max {
+        if self.data_len + separator + len > max {
             self.poison();
             self.fail(ParseError::EventTooLarge { limit: max });
             return;
         }
-        reserve_capped(&mut self.data, separator + value.len(), max);
-        if self.has_data {
-            self.data.push(b'\n');
+        let text = text();
+        // Capped as received; a replacement character may make the text a
+        // little longer than that.
+        let needed = self.data.len() + separator + text.len();
+        if needed > self.data.capacity() {
+            let target = (self.data.capacity() * 2).min(max).max(needed);
+            self.data.reserve_exact(target - self.data.len());
         }
-        self.data.extend_from_slice(value);
+        if self.has_data {
+            self.data.push('\n');
+        }
+        self.data.push_str(&text);
+        self.data_len += separator + len;
         self.has_data = true;
     }
 
@@ -490,7 +529,9 @@ impl Parser {
     fn dispatch(&mut self, sink: &mut impl FnMut(ItemRef<'_>)) {
         let id_in_block = std::mem::take(&mut self.id_in_block);
         if id_in_block {
-            self.last_event_id.clone_from(&self.id_buffer);
+            // No copy: the buffer is not read again before the next `id`
+            // field clears it.
+            std::mem::swap(&mut self.last_event_id, &mut self.id_buffer);
         }
         if !self.has_data {
             if id_in_block {
@@ -506,15 +547,16 @@ impl Parser {
             } else {
                 &self.event_type
             },
-            data: &decode(&self.data),
+            data: &self.data,
             id: id_in_block.then_some(self.last_event_id.as_str()),
             last_event_id: &self.last_event_id,
         }));
         // The buffers are reused, so a multi-line event never reallocates
         // once the parser has seen one as large.
         self.data.clear();
+        self.data_len = 0;
         if self.data.capacity() > KEEP_DATA_BUFFER {
-            self.data = Vec::new();
+            self.data = String::new();
         }
         self.event_type.clear();
     }
@@ -524,6 +566,7 @@ impl Parser {
         self.poisoned = false;
         self.has_data = false;
         self.data.clear();
+        self.data_len = 0;
         self.event_type.clear();
     }
 }
@@ -552,11 +595,6 @@ fn may_shape_event(head: &[u8]) -> bool {
             .iter()
             .any(|name| name.starts_with(head)),
     }
-}
-
-#[inline]
-fn strip_space(value: &[u8]) -> &[u8] {
-    value.strip_prefix(b" ").unwrap_or(value)
 }
 
 /// `String::from_utf8_lossy`, with the fast validation of `from_utf8` for the
