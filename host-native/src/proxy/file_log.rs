@@ -2,7 +2,7 @@
 //! --log DIR`). Its documentation describes the directory, the format,
 //! recovery and compaction.
 
-use super::storage::{LogOp, LogStorage, StoredStream, StreamKind, StreamMeta};
+use super::storage::{LogOp, LogStorage, StoredStream, StreamKind, StreamMeta, TokenMap};
 use crate::file_store::replace_durably;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
@@ -127,9 +127,9 @@ pub struct FileLog {
     active_len: u64,
     /// A failed write may have left bytes after `active_len`.
     torn: bool,
-    streams: HashMap<StreamToken, Stream>,
+    streams: TokenMap<Stream>,
     /// Dropped streams whose `Drop` record is still on disk.
-    graves: HashMap<StreamToken, Grave>,
+    graves: TokenMap<Grave>,
     recovered: Vec<StoredStream>,
     /// A segment may have become deletable.
     collect_due: bool,
@@ -285,7 +285,7 @@ impl FileLog {
             active_id,
             active_len,
             torn: false,
-            streams: HashMap::new(),
+            streams: TokenMap::default(),
             graves: replay.graves,
             recovered: Vec::new(),
             collect_due: true,
@@ -378,7 +378,7 @@ impl FileLog {
 
     /// Whether the log stores `op`, given the ops before it in the batch
     /// (`batch`: the state of each stream they touched).
-    fn accepts(&self, batch: &mut HashMap<StreamToken, View>, op: &LogOp) -> bool {
+    fn accepts(&self, batch: &mut TokenMap<View>, op: &LogOp) -> bool {
         let token = op_token(op);
         let view = batch
             .entry(token)
@@ -451,8 +451,13 @@ impl FileLog {
                     record: record.clone(),
                     loc,
                 });
-                stream.append_segs.insert(loc.seg);
-                stream.segs.insert(loc.seg);
+                // Appends go to the newest segment: most are in it already.
+                if stream.append_segs.last() != Some(&loc.seg) {
+                    stream.append_segs.insert(loc.seg);
+                }
+                if stream.segs.last() != Some(&loc.seg) {
+                    stream.segs.insert(loc.seg);
+                }
                 if let Some(trim) = trim {
                     self.live(trim, false);
                 }
@@ -755,7 +760,7 @@ struct View {
 
 impl LogStorage for FileLog {
     fn write(&mut self, ops: &[LogOp]) -> io::Result<()> {
-        let mut batch = HashMap::new();
+        let mut batch = TokenMap::default();
         let mut buf = Vec::new();
         let mut planned = Vec::new();
         for op in ops {
@@ -1136,7 +1141,7 @@ struct Entry {
 #[derive(Default)]
 struct Replay {
     entries: HashMap<StreamToken, Entry>,
-    graves: HashMap<StreamToken, Grave>,
+    graves: TokenMap<Grave>,
 }
 
 impl Replay {

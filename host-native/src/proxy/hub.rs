@@ -2,7 +2,7 @@
 //! the storage writer that makes appends durable before clients see them.
 
 use super::ProxyConfig;
-use super::storage::{LogOp, LogStorage, StoredStream, StreamKind, StreamMeta};
+use super::storage::{LogOp, LogStorage, StoredStream, StreamKind, StreamMeta, TokenMap};
 use crate::metrics::{Limit, ProxyMetrics};
 use crate::{HttpConnector, SmolClock};
 use event_listener::Event;
@@ -115,7 +115,7 @@ pub(super) struct Hub {
     streams: Mutex<Streams>,
     clients: AtomicUsize,
     /// The storage writer's queue; `None` for a memory log.
-    writer: Option<async_channel::Sender<LogOp>>,
+    writer: Option<async_channel::Sender<Vec<LogOp>>>,
 }
 
 impl Hub {
@@ -325,9 +325,17 @@ impl Hub {
 
     /// Hands an op to storage; with a memory log, nothing to do.
     pub fn log_op(&self, op: LogOp) {
-        if let Some(writer) = &self.writer {
+        self.log_ops(vec![op]);
+    }
+
+    /// Hands ops to storage in one go (an appended batch's); with a memory
+    /// log, nothing to do.
+    pub fn log_ops(&self, ops: Vec<LogOp>) {
+        if let Some(writer) = &self.writer
+            && !ops.is_empty()
+        {
             // Unbounded: never blocks the stream; the writer drains it.
-            let _ = writer.try_send(op);
+            let _ = writer.try_send(ops);
         }
     }
 
@@ -337,7 +345,7 @@ impl Hub {
     }
 
     /// Marks events durable after the writer wrote them, and wakes clients.
-    fn mark_durable(&self, marks: &HashMap<StreamToken, u64>) {
+    fn mark_durable(&self, marks: &TokenMap<u64>) {
         let streams: Vec<Arc<LoggedStream>> = {
             let streams = self.lock();
             marks
@@ -477,7 +485,7 @@ pub(super) struct Writer {
 impl Writer {
     fn start(
         mut storage: Box<dyn LogStorage>,
-        queue: async_channel::Receiver<LogOp>,
+        queue: async_channel::Receiver<Vec<LogOp>>,
         hub: std::sync::Weak<Hub>,
     ) -> Writer {
         let thread = std::thread::Builder::new()
@@ -485,10 +493,10 @@ impl Writer {
             .spawn(move || {
                 let mut batch = Vec::new();
                 let mut failing = false;
-                while let Ok(op) = queue.recv_blocking() {
-                    batch.push(op);
-                    while let Ok(op) = queue.try_recv() {
-                        batch.push(op);
+                while let Ok(ops) = queue.recv_blocking() {
+                    batch.extend(ops);
+                    while let Ok(ops) = queue.try_recv() {
+                        batch.extend(ops);
                     }
                     loop {
                         match storage.write(&batch) {
@@ -507,13 +515,13 @@ impl Writer {
                                     failing = true;
                                 }
                                 std::thread::sleep(Duration::from_millis(200));
-                                while let Ok(op) = queue.try_recv() {
-                                    batch.push(op);
+                                while let Ok(ops) = queue.try_recv() {
+                                    batch.extend(ops);
                                 }
                             }
                         }
                     }
-                    let mut marks = HashMap::new();
+                    let mut marks = TokenMap::default();
                     for op in batch.drain(..) {
                         if let LogOp::Append { token, record } = op {
                             marks.insert(token, record.seq);

@@ -11,6 +11,8 @@
 //!
 //! [`ReplayLog`]: tidemark_core::replay::ReplayLog
 
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use tidemark_core::Millis;
 use tidemark_core::replay::{Identity, LogRecord, StreamToken};
@@ -138,5 +140,29 @@ impl LogStorage for MemoryLog {
 
     fn is_durable(&self) -> bool {
         false
+    }
+}
+
+/// A map keyed by stream token, without SipHash: tokens are 128 random
+/// bits that no client chooses, so their own bits hash them well, and the
+/// log's writer looks one up for every event.
+pub(super) type TokenMap<V> = HashMap<StreamToken, V, BuildHasherDefault<TokenHasher>>;
+
+/// Folds the bytes written into a word (a token is written as its 16
+/// bytes, after their count).
+#[derive(Default)]
+pub(super) struct TokenHasher(u64);
+
+impl Hasher for TokenHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(23) ^ u64::from_le_bytes(word);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
     }
 }

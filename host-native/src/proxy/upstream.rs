@@ -67,9 +67,7 @@ fn append(hub: &Hub, stream: &LoggedStream, batch: &LogBatch) {
         appended
     };
     hub.metrics.log_bytes_add(appended.bytes_delta);
-    for op in ops {
-        hub.log_op(op);
-    }
+    hub.log_ops(ops);
     if !hub.is_durable() {
         stream.changed.notify(usize::MAX);
     }
