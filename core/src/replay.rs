@@ -12,7 +12,10 @@
 //!   client resumes. The upstream's own id of each event is kept beside it.
 //! - **Frames.** Each event is encoded once, as the SSE frame every client
 //!   gets ([`LogRecord::frame`]); a client's next read is a copy of the
-//!   frames after its offset ([`ReplayLog::read`]).
+//!   frames after its offset ([`ReplayLog::read`]). Events read from one
+//!   upstream chunk are appended together ([`LogBatch`],
+//!   [`ReplayLog::append_batch`]) into one shared block: one allocation per
+//!   batch, and a client's read copies whole runs of a block.
 //! - **Retention** ([`Retention`]): at most `max_events` events and
 //!   `max_bytes` bytes of frames per stream, the oldest dropped first; a
 //!   stream expires `idle` after its last event (or its start, if it has

@@ -30,7 +30,11 @@
 //! between receiving and handling an event repeats it, never skips it.
 //! Hosts that deliver in groups take the other events already parsed with
 //! [`ResumableStream::next_ready`] (no wait, no commit), hand them all over,
-//! and the next call to `next` commits the whole group.
+//! and the next call to `next` commits the whole group. Hosts that take
+//! events borrowed, a chunk at a time, call [`ResumableStream::next_with`]:
+//! each chunk's fresh events go to a closure, without a copy, and the call
+//! yields [`StreamItem::Delivered`] with their count; the next call commits
+//! them.
 //! `next` is cancel-safe: dropping its future (to select on a shutdown
 //! signal, say) loses nothing; the next call carries on. Every item is
 //! yielded in the same poll that changes the state it reports, so a dropped

@@ -14,6 +14,10 @@
 //! 2. For every chunk of the response body, call [`Parser::feed`], then drain
 //!    [`Parser::next_item`] until it returns `None`. `feed` always consumes the
 //!    whole chunk; items wait in the parser until drained, in stream order.
+//!    Hosts that handle each item at once call [`Parser::feed_with`] instead:
+//!    it hands the same items, in the same order, to a closure, borrowed
+//!    from the parser's buffers ([`ItemRef`]), so no event is copied (the
+//!    proxy's path: a chunk of a thousand events costs no allocation).
 //! 3. When the body ends, call [`Parser::finish`] and drain again. Per the
 //!    specification an event that was not terminated by a blank line is
 //!    discarded: the end of the stream does not dispatch it.
