@@ -313,6 +313,22 @@ async fn respond(
     drop(parts);
 
     let mut pipelined = false;
+    let whole = send_body(socket, &mut body, head, framing, &mut pipelined).await?;
+    Ok(whole && !close && !pipelined)
+}
+
+/// Writes `head`, then `body` framed as `framing` while watching for the
+/// client's leaving; whether all of it went out.
+async fn send_body(
+    socket: &Async<TcpStream>,
+    body: &mut Body,
+    mut head: Vec<u8>,
+    framing: Framing,
+    pipelined: &mut bool,
+) -> io::Result<bool> {
+    // One watch for the whole body, so that the socket's interest in
+    // reading stays registered from one frame to the next.
+    let mut left = pin!(client_left(socket, pipelined));
     let mut written = 0u64;
     loop {
         // The head goes out with the first data when that is ready at once
@@ -329,11 +345,10 @@ async fn respond(
                     write_all(socket, &mut [IoSlice::new(&head)]).await?;
                     head = Vec::new();
                 }
-                let left = pin!(client_left(socket, &mut pipelined));
-                match select(body.frame(), left).await {
+                match select(body.frame(), left.as_mut()).await {
                     Either::Left((frame, _)) => frame,
                     // Gone: the body (a client of a log) is dropped with
-                    // this future, which counts it out.
+                    // the connection, which counts it out.
                     Either::Right(_) => return Ok(false),
                 }
             }
@@ -384,11 +399,10 @@ async fn respond(
         _ => b"",
     };
     write_all(socket, &mut [IoSlice::new(&head), IoSlice::new(end)]).await?;
-    let whole = match framing {
+    Ok(match framing {
         Framing::Length(length) => written == length,
         _ => true,
-    };
-    Ok(whole && !close && !pipelined)
+    })
 }
 
 /// Completes when the client has left (end of file, an error), without a
