@@ -1541,3 +1541,263 @@ fn ids_increase_strictly_across_upstream_reconnects_even_when_the_upstream_repla
         "one upstream connection per drop or cut, each resuming with the upstream's own id"
     );
 }
+
+// The proxy's own front: GETs without a body are answered without hyper,
+// everything else goes to hyper with the bytes read so far replayed.
+
+/// Reads a response head from `reader`: the status line and the header
+/// fields (names in lower case).
+fn raw_head(reader: &mut impl std::io::BufRead) -> (String, Vec<(String, String)>) {
+    let mut status = String::new();
+    reader.read_line(&mut status).unwrap();
+    assert!(status.ends_with("\r\n"), "status line {status:?}");
+    let mut fields = Vec::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.ends_with("\r\n"), "header line {line:?}");
+        let line = line.trim_end();
+        if line.is_empty() {
+            return (status.trim_end().to_owned(), fields);
+        }
+        let (name, value) = line.split_once(':').unwrap();
+        fields.push((name.to_ascii_lowercase(), value.trim().to_owned()));
+    }
+}
+
+/// Reads a chunked body exactly as framed (`<hex>\r\n<data>\r\n`, then
+/// `0\r\n\r\n`), failing the test on any other byte; the chunks.
+fn raw_chunks(reader: &mut impl std::io::BufRead) -> Vec<Vec<u8>> {
+    let mut chunks = Vec::new();
+    loop {
+        let mut size = String::new();
+        reader.read_line(&mut size).unwrap();
+        let hex = size
+            .strip_suffix("\r\n")
+            .unwrap_or_else(|| panic!("chunk size line {size:?}"));
+        assert!(
+            !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+            "chunk size line {size:?}"
+        );
+        let len = usize::from_str_radix(hex, 16).unwrap();
+        let mut chunk = vec![0; len + 2];
+        std::io::Read::read_exact(reader, &mut chunk).unwrap();
+        assert_eq!(
+            &chunk[len..],
+            b"\r\n",
+            "a chunk of {len} bytes ends with CRLF"
+        );
+        if len == 0 {
+            return chunks;
+        }
+        chunk.truncate(len);
+        chunks.push(chunk);
+    }
+}
+
+#[test]
+fn front_a_keep_alive_connection_takes_gets_a_whole_chunked_stream_then_a_post() {
+    use std::io::{BufReader, Write};
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(&upstream.url(), &[]);
+    // A POST stream that ends, so that a resume of it is a whole stream.
+    let auth = ("Authorization", "Bearer F");
+    let answer = request(
+        &proxy.addr,
+        "POST",
+        "/chat?tokens=5&hold=5",
+        &[auth, ("Accept", "text/event-stream")],
+        Some(b"{}"),
+    );
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let location = answer.header("content-location").unwrap().to_owned();
+    let token = token_of(&answer.sse().rest()[0]);
+
+    let socket = std::net::TcpStream::connect(&proxy.addr).unwrap();
+    socket.set_read_timeout(Some(http::TIMEOUT)).unwrap();
+    let mut reader = BufReader::new(socket.try_clone().unwrap());
+    let send = |head: String| (&socket).write_all(head.as_bytes()).unwrap();
+    let host = &proxy.addr;
+
+    // A plain answer, with its length, twice on the same connection.
+    for _ in 0..2 {
+        send(format!("GET /json HTTP/1.1\r\nHost: {host}\r\n\r\n"));
+        let (status, fields) = raw_head(&mut reader);
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        let length = fields.iter().find(|(n, _)| n == "content-length");
+        let body = r#"{"ok":true,"n":42}"#;
+        assert_eq!(length.map(|(_, v)| v.as_str()), Some("18"), "{fields:?}");
+        let mut got = vec![0; body.len()];
+        std::io::Read::read_exact(&mut reader, &mut got).unwrap();
+        assert_eq!(got, body.as_bytes());
+    }
+
+    // The stream from its first event: chunked, to its last chunk.
+    send(format!(
+        "GET {location} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\nAuthorization: Bearer F\r\n\r\n"
+    ));
+    let (status, fields) = raw_head(&mut reader);
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let field = |name: &str| {
+        fields
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(field("transfer-encoding"), ["chunked"], "{fields:?}");
+    assert_eq!(field("content-type"), ["text/event-stream"], "{fields:?}");
+    assert_eq!(field("cache-control"), ["no-cache"], "{fields:?}");
+    assert!(field("content-length").is_empty(), "{fields:?}");
+    assert_eq!(field("date").len(), 1, "{fields:?}");
+    let chunks = raw_chunks(&mut reader);
+    assert!(!chunks.is_empty());
+    let text = String::from_utf8(chunks.concat()).unwrap();
+    assert!(text.starts_with("retry: 1000\n"), "{text:?}");
+    let ids: Vec<&str> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("id: "))
+        .collect();
+    let expected: Vec<String> = (1..=5).map(|seq| format!("{token}-{seq}")).collect();
+    assert_eq!(ids, expected, "{text:?}");
+
+    // Then a POST on the same connection, which hyper answers.
+    send(format!(
+        "POST /echo?after HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\n\r\nhello"
+    ));
+    drop(reader);
+    let echo = http::read_response(socket.try_clone().unwrap());
+    assert_eq!(echo.status, 200, "{echo:?}");
+    let seen: serde_json::Value = serde_json::from_slice(&echo.body()).unwrap();
+    assert_eq!(seen["method"], "POST");
+    assert_eq!(seen["target"], "/echo?after");
+    assert_eq!(seen["body"], "hello");
+    let to_json = upstream.state.count("/json");
+    assert_eq!(to_json, 2, "each GET of /json reached the upstream");
+}
+
+#[test]
+fn front_a_head_over_max_header_bytes_gets_431_whatever_the_method() {
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(
+        &upstream.url(),
+        &[
+            "--max-header-bytes",
+            "10000",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let metrics = proxy.metrics_addr();
+    // Under the cap, but over a first read of the head.
+    let under = "u".repeat(9000);
+    let ok = get_sse(&proxy.addr, "/echo?under", &[("X-Big", &under)]);
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let over = "o".repeat(10_000);
+    let refused = get_sse(&proxy.addr, "/live?over", &[("X-Big", &over)]);
+    assert_eq!(refused.status, 431, "{refused:?}");
+    assert_eq!(refused.header("content-length"), Some("0"));
+    let refused = request(
+        &proxy.addr,
+        "POST",
+        "/echo?over",
+        &[("X-Big", &over)],
+        Some(b"x"),
+    );
+    assert_eq!(refused.status, 431, "{refused:?}");
+    metric_eventually(
+        &metrics,
+        "tidemark_proxy_refusals_total{limit=\"header_bytes\"}",
+        2.0,
+    );
+    let targets: Vec<String> = upstream
+        .state
+        .seen()
+        .into_iter()
+        .map(|s| s.target)
+        .collect();
+    assert_eq!(targets, ["/echo?under"]);
+}
+
+#[test]
+fn front_http_1_0_and_head_go_through_hyper() {
+    use std::io::{BufReader, Write};
+    let upstream = Upstream::start();
+    let proxy = Proxy::start(&upstream.url(), &[]);
+    // HTTP/1.0 knows no chunks: hyper ends the stream's body with the
+    // connection, which the front never does.
+    let old = http::raw(
+        &proxy.addr,
+        b"GET /live HTTP/1.0\r\nAccept: text/event-stream\r\n\r\n",
+    );
+    assert_eq!(old.status, 200, "{old:?}");
+    assert!(old.is_sse(), "{old:?}");
+    assert_eq!(old.header("transfer-encoding"), None, "{old:?}");
+    let mut old = old.sse();
+    upstream.wait_live_open(1);
+    upstream.emit(2);
+    assert_eq!(old.events(2).len(), 2);
+
+    // HEAD: the head alone, and the connection goes on.
+    let socket = std::net::TcpStream::connect(&proxy.addr).unwrap();
+    socket.set_read_timeout(Some(http::TIMEOUT)).unwrap();
+    let mut reader = BufReader::new(socket.try_clone().unwrap());
+    let host = &proxy.addr;
+    (&socket)
+        .write_all(format!("HEAD /echo HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .unwrap();
+    let (status, fields) = raw_head(&mut reader);
+    assert_eq!(status, "HTTP/1.1 200 OK", "{fields:?}");
+    assert!(
+        fields
+            .iter()
+            .any(|(n, v)| n == "content-type" && v == "application/json"),
+        "{fields:?}"
+    );
+    (&socket)
+        .write_all(format!("GET /missing HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .unwrap();
+    let (status, _) = raw_head(&mut reader);
+    assert_eq!(
+        status, "HTTP/1.1 404 Not Found",
+        "no body came after HEAD's head"
+    );
+    let seen = upstream.state.requests_to("/echo");
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].method, "HEAD");
+}
+
+#[test]
+fn front_a_client_that_leaves_an_idle_stream_is_counted_out_at_once() {
+    use std::io::Write;
+    let upstream = Upstream::start();
+    // No keep-alive within the test: only the read side can tell that the
+    // client left.
+    let proxy = Proxy::start(
+        &upstream.url(),
+        &[
+            "--keep-alive-secs",
+            "600",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let metrics = proxy.metrics_addr();
+    let mut staying = open(&proxy, "/live", &[]);
+    upstream.wait_live_open(1);
+    let leaving = open(&proxy, "/live", &[]);
+    metric_eventually(&metrics, "tidemark_proxy_clients", 2.0);
+    drop(leaving);
+    metric_eventually(&metrics, "tidemark_proxy_clients", 1.0);
+
+    // Bytes sent mid-stream (a pipelined request) are no leaving.
+    (&staying.socket)
+        .write_all(b"GET /json HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    upstream.emit(3);
+    assert_eq!(staying.events(3).len(), 3);
+    assert_eq!(metric(&metrics, "tidemark_proxy_clients"), Some(1.0));
+    staying.socket.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(staying);
+    metric_eventually(&metrics, "tidemark_proxy_clients", 0.0);
+}

@@ -40,7 +40,7 @@ const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
-/// Answers one request.
+/// Answers one request that hyper read.
 pub(super) async fn handle(
     hub: Arc<Hub>,
     request: Request<Incoming>,
@@ -50,22 +50,15 @@ pub(super) async fn handle(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
-    let identity = identity(&hub, request.headers());
-    let last_event_id = request
-        .headers()
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    if let Some(token) = request.uri().path().strip_prefix(STREAMS_PATH) {
+    if request.uri().path().starts_with(STREAMS_PATH) {
         if request.method() != Method::GET {
             return Ok(status(StatusCode::METHOD_NOT_ALLOWED, "resume with GET"));
         }
-        return Ok(resume(&hub, token, identity, last_event_id.as_deref()));
+        return Ok(handle_get(hub, target, request.headers()).await);
     }
-    let method = request.method().clone();
-    let mut headers = forwarded(request.headers());
+    let (parts, body) = request.into_parts();
     let limit = hub.config.limits.max_body_bytes;
-    let body = match Limited::new(request.into_body(), limit).collect().await {
+    let body = match Limited::new(body, limit).collect().await {
         Ok(body) => body.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             hub.metrics.refused(Limit::BodyBytes);
@@ -76,13 +69,13 @@ pub(super) async fn handle(
         }
         Err(e) => return Ok(status(StatusCode::BAD_REQUEST, &e.to_string())),
     };
-    let url = hub.config.upstream_url(&target);
+    let method = parts.method;
     if method == Method::GET && body.is_empty() {
-        // The client's Last-Event-ID is one of the proxy's ids, never the
-        // upstream's.
-        headers.retain(|(name, _)| !name.eq_ignore_ascii_case("last-event-id"));
-        return Ok(get(hub, (target, identity), url, headers, last_event_id).await);
+        return Ok(handle_get(hub, target, &parts.headers).await);
     }
+    let identity = identity(&hub, &parts.headers);
+    let headers = forwarded(&parts.headers);
+    let url = hub.config.upstream_url(&target);
     let response = match hub
         .request_connector
         .request(method.clone(), &url, &headers, body)
@@ -115,6 +108,33 @@ pub(super) async fn handle(
         response.headers_mut().insert(CONTENT_LOCATION, location);
     }
     Ok(response)
+}
+
+/// Answers a `GET` without a body of `target` (its path and query), read
+/// by hyper or by the proxy's own front: a resume at [`STREAMS_PATH`], or
+/// a GET stream joined or opened, or the upstream's answer passed through.
+pub(super) async fn handle_get(
+    hub: Arc<Hub>,
+    target: String,
+    headers: &HeaderMap,
+) -> Response<Body> {
+    let identity = identity(&hub, headers);
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let path = target
+        .split_once('?')
+        .map_or(target.as_str(), |(path, _)| path);
+    if let Some(token) = path.strip_prefix(STREAMS_PATH) {
+        return resume(&hub, token, identity, last_event_id.as_deref());
+    }
+    let mut headers = forwarded(headers);
+    // The client's Last-Event-ID is one of the proxy's ids, never the
+    // upstream's.
+    headers.retain(|(name, _)| !name.eq_ignore_ascii_case("last-event-id"));
+    let url = hub.config.upstream_url(&target);
+    get(hub, (target, identity), url, headers, last_event_id).await
 }
 
 /// A GET of `key`: joins its live stream, or asks the upstream (once for

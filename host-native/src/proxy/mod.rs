@@ -33,9 +33,14 @@
 //!   a durable storage, every event is written (group commits on a thread
 //!   of their own) before any client sees it, so what a client saw survives
 //!   a crash.
+//! - **Connections**: the proxy's own HTTP/1.1 front reads every request
+//!   head and answers a GET without a body itself, so an idle client costs
+//!   its socket, its task and its reader (about 2 KB); anything else goes
+//!   to hyper for the rest of its connection.
 
 mod client;
 mod file_log;
+mod front;
 mod http;
 mod hub;
 mod storage;
@@ -46,12 +51,10 @@ pub use http::STREAMS_PATH;
 pub use storage::{LogOp, LogStorage, MemoryLog, StoredStream, StreamKind, StreamMeta};
 
 use crate::HttpConnector;
-use crate::metrics::{Format, Limit, ProxyMetrics, serve_metrics};
+use crate::metrics::{Format, ProxyMetrics, serve_metrics};
 use futures::StreamExt;
 use hub::Hub;
 use hyper::header::HeaderName;
-use hyper::service::service_fn;
-use smol_hyper::rt::{FuturesIo, SmolTimer};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -163,7 +166,7 @@ impl ProxyConfig {
 /// A bound proxy; [`run`](Proxy::run) serves until shut down.
 #[derive(Debug)]
 pub struct Proxy {
-    listener: smol::net::TcpListener,
+    listener: async_io::Async<std::net::TcpListener>,
     hub: Arc<Hub>,
     writer: Option<hub::Writer>,
 }
@@ -176,7 +179,7 @@ impl Proxy {
         config: ProxyConfig,
         storage: Box<dyn LogStorage>,
     ) -> io::Result<Proxy> {
-        let listener = smol::net::TcpListener::bind(addr).await?;
+        let listener = async_io::Async::<std::net::TcpListener>::bind(addr)?;
         let metrics = ProxyMetrics::new();
         let (hub, writer) = smol::unblock(move || Hub::new(config, storage, metrics)).await?;
         Ok(Proxy {
@@ -188,7 +191,7 @@ impl Proxy {
 
     /// The address the proxy listens on, with the real port.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.listener.get_ref().local_addr()
     }
 
     /// The proxy's metrics (a handle: it stays current).
@@ -247,29 +250,14 @@ impl Proxy {
                     drop(socket);
                     continue;
                 }
-                let _ = socket.set_nodelay(true);
+                let _ = socket.get_ref().set_nodelay(true);
                 connections.fetch_add(1, Ordering::AcqRel);
                 let hub = hub.clone();
                 let connections = connections.clone();
                 hub.executor
                     .clone()
                     .spawn(async move {
-                        // Boxed: hyper keeps the allocation of a connection's request
-                        // future for as long as the connection lives, and
-                        // `handle`'s future is large (kilobytes) while an idle SSE
-                        // client's connection is otherwise ~17 KB.
-                        let service =
-                            service_fn(|request| Box::pin(http::handle(hub.clone(), request)));
-                        let served = hyper::server::conn::http1::Builder::new()
-                            .timer(SmolTimer::new())
-                            .header_read_timeout(Duration::from_secs(30))
-                            .max_buf_size(hub.config.limits.max_header_bytes.max(8192))
-                            .serve_connection(FuturesIo::new(socket), service)
-                            .await;
-                        // hyper answered 431 itself.
-                        if served.is_err_and(|e| e.is_parse_too_large()) {
-                            hub.metrics.refused(Limit::HeaderBytes);
-                        }
+                        front::serve(hub, socket).await;
                         connections.fetch_sub(1, Ordering::AcqRel);
                     })
                     .detach();
