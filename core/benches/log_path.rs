@@ -5,7 +5,7 @@
 //! `owned` is the path it replaced, in the same run (`Parser::feed` and an
 //! owned `Event` per event, `ReplayLog::append` per event).
 //!
-//! Input: 1M events shaped like `tidemark serve`'s (`id: N`, `data: N`), in
+//! Input: 1M events (10,000 under `cargo test --benches`) shaped like `tidemark serve`'s (`id: N`, `data: N`), in
 //! 64 KiB chunks, with the default tracker window and a retention of 10,000
 //! events (the proxy's default), read by one client after each chunk.
 //!
@@ -27,12 +27,19 @@ use tidemark_core::replay::{LogBatch, ReplayLog, Retention, StreamToken};
 use tidemark_core::sse::{Item, ItemRef, Limits, Parser};
 use tidemark_core::{EventTracker, Millis, StreamKey, TrackerConfig};
 
-const EVENTS: u64 = 1_000_000;
 const CHUNK: usize = 64 << 10;
 
-fn chunks() -> Vec<Vec<u8>> {
+/// 1M events when measuring; 10,000 when `cargo test --benches` runs the
+/// bench once, unoptimized, as a test.
+fn events() -> u64 {
+    let measuring =
+        std::env::args().any(|a| a == "--bench") || std::env::var_os("TIDEMARK_LOG_PATH").is_some();
+    if measuring { 1_000_000 } else { 10_000 }
+}
+
+fn chunks(events: u64) -> Vec<Vec<u8>> {
     let mut text = String::new();
-    for n in 1..=EVENTS {
+    for n in 1..=events {
         write!(text, "id: {n}\ndata: {n}\n\n").unwrap();
     }
     text.into_bytes()
@@ -108,16 +115,17 @@ fn run_owned(chunks: &[Vec<u8>]) -> (u64, usize) {
 }
 
 fn log_path(c: &mut Criterion) {
-    let chunks = chunks();
+    let events = events();
+    let chunks = chunks(events);
     let owned = run_owned(&chunks);
-    assert_eq!(owned.0, EVENTS);
+    assert_eq!(owned.0, events);
     assert_eq!(
         run_borrowed(&chunks),
         owned,
         "both paths serve the same bytes"
     );
     let mut group = c.benchmark_group("log_path");
-    group.throughput(Throughput::Elements(EVENTS));
+    group.throughput(Throughput::Elements(events));
     group.sample_size(10);
     group.bench_function("borrowed", |b| b.iter(|| run_borrowed(black_box(&chunks))));
     group.bench_function("owned", |b| b.iter(|| run_owned(black_box(&chunks))));
@@ -134,7 +142,7 @@ fn main() {
             "owned" => run_owned,
             _ => panic!("path is borrowed or owned"),
         };
-        let chunks = chunks();
+        let chunks = chunks(events());
         let mut read = (0, 0);
         for _ in 0..n.parse::<usize>().expect("n") {
             read = black_box(run(black_box(&chunks)));

@@ -904,7 +904,21 @@ fn one_stream(sizes: &Sizes, nginx: Option<&Path>, proxy: bool) {
             let target = format!("/events?round={round}&path={i}");
             let middle0 = path.middle.map_or(0, cpu_ticks);
             let upstream0 = cpu_ticks(upstream.pid);
-            let read = read_stream(path.addr, &target, None, |count, _| count == n);
+            let read = std::panic::catch_unwind(|| {
+                read_stream(path.addr, &target, None, |count, _| count == n)
+            });
+            let read = read.unwrap_or_else(|panic| {
+                // Say what the proxy said, then fail as the read did.
+                let process = match path.name {
+                    "tidemark proxy" => memory.as_ref(),
+                    "tidemark proxy --log" => file.as_ref(),
+                    _ => None,
+                };
+                if let Some(process) = process {
+                    println!("{} stderr: {}", path.name, process.errors());
+                }
+                std::panic::resume_unwind(panic)
+            });
             // Let the middle finish what it does after the last event
             // (the file log's writes) before reading its CPU time.
             std::thread::sleep(Duration::from_millis(200));
