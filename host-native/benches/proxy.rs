@@ -320,10 +320,17 @@ impl Tidemark {
         extra: &[String],
         strace: Option<&Path>,
     ) -> Self {
-        let mut args: Vec<String> = ["proxy", "--listen", "127.0.0.1:0", "--upstream"]
-            .iter()
-            .map(|a| a.to_string())
-            .collect();
+        let mut args: Vec<String> = [
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--upstream",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
         args.push(format!("http://{upstream}"));
         let dir = file_log.then(|| tempfile::tempdir().expect("a log directory"));
         if let Some(dir) = &dir {
@@ -387,12 +394,37 @@ impl Tidemark {
         println!("tidemark did not exit within 20 s of SIGTERM: killed");
     }
 
+    /// Its metrics' event counters, if it serves metrics (read from the
+    /// address its status line gives).
+    fn event_metrics(&self) -> String {
+        let errors = std::fs::read_to_string(self.stderr.path()).unwrap_or_default();
+        let Some(addr) = errors
+            .lines()
+            .find_map(|l| l.strip_prefix("tidemark: metrics on http://"))
+            .and_then(|l| l.strip_suffix("/metrics"))
+        else {
+            return String::new();
+        };
+        let Ok(mut stream) = TcpStream::connect(addr) else {
+            return String::new();
+        };
+        let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut text = String::new();
+        let _ = stream.read_to_string(&mut text);
+        text.lines()
+            .filter(|l| l.contains("events") && !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// What it wrote to stderr, but its status line.
     fn errors(&self) -> String {
         std::fs::read_to_string(self.stderr.path())
             .unwrap_or_default()
             .lines()
-            .filter(|l| !l.starts_with("tidemark: proxy on "))
+            .filter(|l| {
+                !l.starts_with("tidemark: proxy on ") && !l.starts_with("tidemark: metrics on ")
+            })
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -783,12 +815,19 @@ fn read_stream(
     let (mut bytes, mut finished, mut first, mut gaps) = (0u64, false, None, 0u64);
     let mut last_id = Vec::new();
     let mut gap = None;
-    let deadline = start + Duration::from_secs(300);
+    let deadline = start
+        + Duration::from_secs(
+            std::env::var("TIDEMARK_PROXY_DEADLINE_SECS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(300),
+        );
     while !finished {
         assert!(
             Instant::now() < deadline,
-            "{addr}{path}: {} events in 300 s",
-            decoder.events
+            "{addr}{path}: {} events in {:?}",
+            decoder.events,
+            deadline - start
         );
         if let Some(gap) = gap {
             panic!(
@@ -916,6 +955,7 @@ fn one_stream(sizes: &Sizes, nginx: Option<&Path>, proxy: bool) {
                 };
                 if let Some(process) = process {
                     println!("{} stderr: {}", path.name, process.errors());
+                    println!("{} metrics:\n{}", path.name, process.event_metrics());
                 }
                 std::panic::resume_unwind(panic)
             });
