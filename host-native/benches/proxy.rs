@@ -785,6 +785,26 @@ fn request(path: &str, last_event_id: Option<&str>) -> Vec<u8> {
     request.into_bytes()
 }
 
+/// How many events a client resuming `path` from an id the proxy never
+/// issued gets (a gap, then everything the log lets clients see), reading
+/// until 2 s pass without data: what the log holds, when a reader stalls.
+fn available(addr: SocketAddr, path: &str) -> (u64, String) {
+    let Ok(mut stream) = TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = stream.write_all(&request(path, Some("not-an-id")));
+    let mut decoder = SseDecoder::new();
+    let mut buffer = vec![0; 1 << 16];
+    let mut last = String::new();
+    while let Ok(n @ 1..) = stream.read(&mut buffer) {
+        decoder.feed(&buffer[..n], &mut |event| {
+            last = String::from_utf8_lossy(event.id).into_owned();
+        });
+    }
+    (decoder.events, last)
+}
+
 /// What one blocking read of a stream saw.
 struct Read1 {
     elapsed: Duration,
@@ -814,6 +834,7 @@ fn read_stream(
     let mut buffer = vec![0; 1 << 16];
     let (mut bytes, mut finished, mut first, mut gaps) = (0u64, false, None, 0u64);
     let mut last_id = Vec::new();
+    let mut first_id = String::new();
     let mut gap = None;
     let deadline = start
         + Duration::from_secs(
@@ -825,7 +846,7 @@ fn read_stream(
     while !finished {
         assert!(
             Instant::now() < deadline,
-            "{addr}{path}: {} events in {:?}",
+            "{addr}{path}: {} events in {:?}, the first {first_id:?}",
             decoder.events,
             deadline - start
         );
@@ -852,7 +873,10 @@ fn read_stream(
         let mut count = decoder.events;
         decoder.feed(&buffer[..n], &mut |event| {
             count += 1;
-            first.get_or_insert_with(|| start.elapsed());
+            first.get_or_insert_with(|| {
+                first_id = String::from_utf8_lossy(event.id).into_owned();
+                start.elapsed()
+            });
             if event.kind == b"tidemark-gap" {
                 gaps += 1;
                 gap.get_or_insert_with(|| String::from_utf8_lossy(event.data).into_owned());
@@ -956,6 +980,8 @@ fn one_stream(sizes: &Sizes, nginx: Option<&Path>, proxy: bool) {
                 if let Some(process) = process {
                     println!("{} stderr: {}", path.name, process.errors());
                     println!("{} metrics:\n{}", path.name, process.event_metrics());
+                    let (events, last) = available(path.addr, &target);
+                    println!("a new client resuming {target} got {events} events, the last {last}");
                 }
                 std::panic::resume_unwind(panic)
             });

@@ -258,6 +258,29 @@ fn hop_by_hop_headers_are_not_forwarded_either_way() {
 }
 
 #[test]
+fn the_client_that_opens_a_stream_gets_it_from_its_first_event_however_fast_the_upstream() {
+    // Every event is ready upstream before the stream is asked for, so the
+    // proxy's follower (on another executor thread) logs a burst at once;
+    // the client that opened the stream must still start at event 1, not
+    // wherever the log had got to when its answer was made. (It did not:
+    // a million-event stream through the proxy bench then missed its first
+    // few thousand events now and then.)
+    let upstream = Upstream::start();
+    upstream.release(3000);
+    let proxy = Proxy::start(&upstream.url(), &["--threads", "4"]);
+    for round in 0..30 {
+        let path = format!("/replay?drop=100000&count=3000&round={round}");
+        let mut client = open(&proxy, &path, &[]);
+        let first = client.next_event().expect("an event");
+        assert_eq!(
+            proxy_id(first.id()).1,
+            1,
+            "round {round}: the opener's first event"
+        );
+    }
+}
+
+#[test]
 fn a_replaying_upstream_that_drops_is_followed_once_for_all_clients() {
     let upstream = Upstream::start();
     let proxy = Proxy::start(&upstream.url(), &[]);

@@ -248,6 +248,10 @@ async fn open(
     if !stored && let Err(limit) = hub.log_open(&stream) {
         return refused(limit);
     }
+    // Where this client starts, before the follower can append: it gets
+    // the stream from the follower's first event (computed after the spawn,
+    // a follower on another thread could log events it would then miss).
+    let start = start_of(&stream, last_event_id.as_deref());
     stream.state().upstream = Upstream::Live;
     opening.live = true;
     stream.changed.notify(usize::MAX);
@@ -257,7 +261,6 @@ async fn open(
     if last_event_id.is_some() {
         hub.metrics.resume();
     }
-    let start = start_of(&stream, last_event_id.as_deref());
     serve(hub, stream, start)
 }
 
