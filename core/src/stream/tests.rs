@@ -519,26 +519,32 @@ fn oversized_lines_stop_the_stream_with_bounded_memory() {
     ));
 }
 
-#[test]
-fn skip_oversized_goes_on_past_an_oversized_event_and_says_so() {
-    let clock = ManualClock::new();
-    let conn = Scripted::new(
-        &clock,
-        vec![body(&[
-            Step::Bytes("id: 1\ndata: a\n\nid: 2\ndata: "),
-            Step::Bytes("xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"),
-            Step::Bytes("xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\n\n"),
-            Step::Bytes("id: 3\ndata: c\n\n"),
-            Step::Hang,
-        ])],
-    );
+/// A stream of one connection playing `steps`, with 64-byte caps and
+/// [`StreamConfig::skip_oversized`].
+fn skipping(clock: &ManualClock, steps: &[Step]) -> ResumableStream<Scripted, ManualClock> {
+    let conn = Scripted::new(clock, vec![body(steps)]);
     let mut cfg = config();
     cfg.limits = Limits {
         max_line: 64,
         max_event: 64,
     };
     cfg.skip_oversized = true;
-    let mut s = ResumableStream::new(conn, clock.clone(), "http://x", tracker(8), cfg);
+    ResumableStream::new(conn, clock.clone(), "http://x", tracker(8), cfg)
+}
+
+#[test]
+fn skip_oversized_goes_on_past_an_oversized_event_and_says_so() {
+    let clock = ManualClock::new();
+    let mut s = skipping(
+        &clock,
+        &[
+            Step::Bytes("id: 1\ndata: a\n\nid: 2\ndata: "),
+            Step::Bytes("xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"),
+            Step::Bytes("xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\n\n"),
+            Step::Bytes("id: 3\ndata: c\n\n"),
+            Step::Hang,
+        ],
+    );
     let items = items(&clock, &mut s, 4);
     assert_eq!(items[..2], ["open -", "1"]);
     assert!(items[2].starts_with("skipped: "), "{items:?}");
@@ -720,23 +726,16 @@ fn next_with_takes_what_next_left_queued() {
 #[test]
 fn next_with_reports_a_skipped_event_after_the_chunk_it_was_in() {
     let clock = ManualClock::new();
-    let conn = Scripted::new(
+    let mut s = skipping(
         &clock,
-        vec![body(&[
+        &[
             Step::Bytes(
                 "id: 1\ndata: a\n\nid: 2\ndata: xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\n\nid: 3\ndata: c\n\n",
             ),
             Step::Bytes("id: 4\ndata: d\n\n"),
             Step::Hang,
-        ])],
+        ],
     );
-    let mut cfg = config();
-    cfg.limits = Limits {
-        max_line: 64,
-        max_event: 64,
-    };
-    cfg.skip_oversized = true;
-    let mut s = ResumableStream::new(conn, clock.clone(), "http://x", tracker(8), cfg);
     let items = items_with(&clock, &mut s, 5);
     assert_eq!(items[..3], ["open -", "1", "3"]);
     assert!(items[3].starts_with("skipped: "), "{items:?}");
