@@ -512,10 +512,10 @@ impl Parser {
         let text = text();
         // Capped as received; a replacement character may make the text a
         // little longer than that.
-        let needed = self.data.len() + separator + text.len();
-        if needed > self.data.capacity() {
-            let target = (self.data.capacity() * 2).min(max).max(needed);
-            self.data.reserve_exact(target - self.data.len());
+        let data = &mut self.data;
+        if let Some(more) = capped_growth(data.len(), data.capacity(), separator + text.len(), max)
+        {
+            data.reserve_exact(more);
         }
         if self.has_data {
             self.data.push('\n');
@@ -576,11 +576,18 @@ impl Parser {
 /// capped buffer's memory is capped too.
 #[inline]
 fn reserve_capped(buf: &mut Vec<u8>, additional: usize, cap: usize) {
-    let needed = buf.len() + additional;
-    if needed > buf.capacity() {
-        let target = (buf.capacity() * 2).min(cap).max(needed);
-        buf.reserve_exact(target - buf.len());
+    if let Some(more) = capped_growth(buf.len(), buf.capacity(), additional, cap) {
+        buf.reserve_exact(more);
     }
+}
+
+/// What to reserve for `additional` more bytes in a buffer of `len` bytes
+/// and `capacity`: `None` if they fit, else doubling but not past `cap`
+/// (nor below what is needed).
+#[inline]
+fn capped_growth(len: usize, capacity: usize, additional: usize, cap: usize) -> Option<usize> {
+    let needed = len + additional;
+    (needed > capacity).then(|| (capacity * 2).min(cap).max(needed) - len)
 }
 
 /// Whether an oversized line whose first `max_line` bytes are `head` may be a
