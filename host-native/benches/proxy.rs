@@ -343,14 +343,7 @@ impl Tidemark {
 
     fn start(strace: Option<&Path>, args: &[String], dir: Option<tempfile::TempDir>) -> Self {
         let stderr = tempfile::NamedTempFile::new().expect("a temporary file");
-        let mut command = match strace {
-            Some(summary) => {
-                let mut c = Command::new("strace");
-                c.args(["-c", "-f", "-o"]).arg(summary).arg(TIDEMARK);
-                c
-            }
-            None => Command::new(TIDEMARK),
-        };
+        let mut command = support::strace::command(TIDEMARK, strace);
         let mut child = command
             .args(args)
             .stdout(Stdio::piped())
@@ -505,14 +498,7 @@ impl Nginx {
         );
         let conf_path = dir.path().join("nginx.conf");
         std::fs::write(&conf_path, conf).expect("writing nginx.conf");
-        let mut command = match strace {
-            Some(summary) => {
-                let mut c = Command::new("strace");
-                c.args(["-c", "-f", "-o"]).arg(summary).arg(binary);
-                c
-            }
-            None => Command::new(binary),
-        };
+        let mut command = support::strace::command(binary, strace);
         let mut child = command
             .arg("-e")
             .arg(dir.path().join("error.log"))

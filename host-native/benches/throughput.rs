@@ -325,12 +325,8 @@ fn report(case: &str, count: u64, runs: &[(Contender, Vec<Run>)], body_len: Opti
 fn strace_follow(contender: &Contender, url: &str, count: u64) {
     let (args, _state) = contender.command(url, count);
     let summary = tempfile::NamedTempFile::new().expect("a temporary file");
-    let mut child = Command::new("strace")
-        .arg("-c")
-        .arg("-f")
-        .arg("-o")
-        .arg(summary.path())
-        .args(&args)
+    let mut child = support::strace::command(&args[0], Some(summary.path()))
+        .args(&args[1..])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -1,5 +1,23 @@
-//! The rows of an `strace -c -f -o FILE` summary, for the benches that
-//! count system calls per event.
+//! `strace -c -f -o FILE` for the benches that count system calls per
+//! event: the command that runs a program under it, and the rows of its
+//! summary.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::Command;
+
+/// A command running `program`, under `strace -c -f -o SUMMARY` when a
+/// summary file is given.
+pub fn command(program: impl AsRef<OsStr>, summary: Option<&Path>) -> Command {
+    match summary {
+        Some(summary) => {
+            let mut command = Command::new("strace");
+            command.args(["-c", "-f", "-o"]).arg(summary).arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
+}
 
 /// One row of the summary: a system call (or `total`), its calls and its
 /// errors.
