@@ -16,13 +16,11 @@
 // the harness itself. PROXY_TEST_DEBUG=1 prints the proxy's stderr.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import http from 'node:http';
-import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { launchBrowser, tidemarkBin } from './harness.mjs';
+import { launchBrowser, listen, startChaosRelay, startTidemark } from './harness.mjs';
 
 /** The page: the browser's EventSource and nothing else; every message,
  * gap signal, error and open is reported to the test with the page life it
@@ -49,44 +47,6 @@ before(async () => {
 after(async () => {
   await browser?.close();
 });
-
-/** Spawns `tidemark ...args` and resolves with the address it prints first. */
-async function startTidemark(args) {
-  const child = spawn(tidemarkBin(), args, { stdio: ['ignore', 'pipe', 'pipe'] });
-  let stderr = '';
-  child.stderr.on('data', (chunk) => {
-    stderr += chunk;
-    if (process.env.PROXY_TEST_DEBUG) process.stderr.write(chunk);
-  });
-  const address = await new Promise((resolve, reject) => {
-    let out = '';
-    const timer = setTimeout(() => reject(new Error(`tidemark ${args[0]} printed no address in 10 s: ${stderr}`)), 10_000);
-    child.once('error', reject);
-    child.once('exit', (code) => reject(new Error(`tidemark ${args[0]} exited with ${code}: ${stderr}`)));
-    child.stdout.on('data', (chunk) => {
-      out += chunk;
-      if (out.includes('\n')) {
-        clearTimeout(timer);
-        resolve(out.split('\n')[0].trim());
-      }
-    });
-  });
-  child.removeAllListeners('exit');
-  assert.match(address, /^127\.0\.0\.1:\d+$/);
-  return {
-    address,
-    stderr: () => stderr,
-    async stop() {
-      if (child.exitCode !== null || child.signalCode !== null) return;
-      const exited = new Promise((r) => child.once('exit', r));
-      child.kill('SIGTERM');
-      await exited;
-    },
-  };
-}
-
-const listen = (server) =>
-  new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve(server.address().port)));
 
 /**
  * The upstream that never replays: `/page.html` is the page; `/feed` is
@@ -128,80 +88,12 @@ async function startUpstream(intervalMs) {
   return upstream;
 }
 
-/** A small seeded PRNG (mulberry32), so that a failing run can be replayed with its seed. */
-function prng(seed) {
-  let a = seed >>> 0;
-  return (lo, hi) => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    const r = ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-    return lo + Math.floor(r * (hi - lo + 1));
-  };
-}
-
 /**
- * A TCP relay to `target` (`host:port`) that cuts every connection that
- * carries a request for `streamPath` after a random number of bytes
- * towards the page (response head included) or a random time, whichever
- * comes first. Other connections (the page itself) are relayed untouched.
+ * The relay cuts every connection that carries a GET of `path` after a
+ * random number of bytes towards the page (response head included) or a
+ * random time, whichever comes first; the page itself is relayed untouched.
  */
-async function startChaosRelay(target, streamPath, seed) {
-  const random = prng(seed);
-  const [host, port] = target.split(':');
-  const relay = { cuts: 0, streams: 0 };
-  const sockets = new Set();
-  const server = net.createServer((page) => {
-    const proxy = net.connect(Number(port), host);
-    sockets.add(page);
-    sockets.add(proxy);
-    let budget = Infinity;
-    let timer;
-    const cut = () => {
-      if (page.destroyed && proxy.destroyed) return;
-      relay.cuts++;
-      clearTimeout(timer);
-      page.destroy();
-      proxy.destroy();
-    };
-    page.on('data', (chunk) => {
-      if (budget === Infinity && chunk.toString('latin1').includes(`GET ${streamPath}`)) {
-        relay.streams++;
-        budget = random(60, 1500);
-        timer = setTimeout(cut, random(30, 400));
-      }
-      proxy.write(chunk);
-    });
-    proxy.on('data', (chunk) => {
-      if (chunk.length >= budget) {
-        page.write(chunk.subarray(0, budget), cut);
-        budget = 0;
-        return;
-      }
-      budget -= chunk.length;
-      page.write(chunk);
-    });
-    const close = () => {
-      clearTimeout(timer);
-      page.destroy();
-      proxy.destroy();
-      sockets.delete(page);
-      sockets.delete(proxy);
-    };
-    for (const socket of [page, proxy]) {
-      socket.on('error', close);
-      socket.on('close', close);
-    }
-  });
-  const relayPort = await listen(server);
-  relay.url = `http://127.0.0.1:${relayPort}`;
-  relay.stop = async () => {
-    for (const socket of sockets) socket.destroy();
-    await new Promise((r) => server.close(r));
-  };
-  return relay;
-}
+const streamRequest = (path) => (request) => request.method === 'GET' && request.path.startsWith(path);
 
 /**
  * Opens `url` in a new page and records what every life of it reports:
@@ -288,7 +180,7 @@ test('EventSource through a chaos relay and tidemark proxy, reloaded: every even
     'proxy', '--upstream', upstream.url, '--listen', '127.0.0.1:0',
     '--retry-ms', '50', '--keep-alive-secs', '1',
   ]);
-  const relay = await startChaosRelay(proxy.address, '/feed', seed);
+  const relay = await startChaosRelay(proxy.address, { seed, cuts: streamRequest('/feed') });
   try {
     const watched = await watchPage(`${relay.url}/page.html`);
     const lives = 4;
@@ -338,7 +230,7 @@ test('the chaos relay and the page against tidemark serve (which replays): every
   const server = await startTidemark([
     'serve', '--listen', '127.0.0.1:0', '--www', www, '--interval-ms', '15', '--retry-ms', '50',
   ]);
-  const relay = await startChaosRelay(server.address, '/events', seed);
+  const relay = await startChaosRelay(server.address, { seed, cuts: streamRequest('/events') });
   try {
     const watched = await watchPage(`${relay.url}/page.html?feed=/events`);
     await watched.until(
