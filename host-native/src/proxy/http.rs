@@ -3,7 +3,9 @@
 //! joins) a logged stream served from the log.
 
 use super::client;
-use super::hub::{GetKey, Hub, LoggedStream, Upstream, default_headers};
+use super::hub::{GetKey, Hub, LoggedStream, Upstream, Who, default_headers};
+use super::mcp::Mcp;
+use super::storage::StreamKind;
 use super::upstream::{follow_get, read_post};
 use crate::HttpResponse;
 use crate::connector::is_one_of;
@@ -18,7 +20,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use std::convert::Infallible;
 use std::io;
 use std::sync::Arc;
-use tidemark_core::replay::{Identity, Start, StreamToken};
+use std::time::Duration;
+use tidemark_core::replay::{Identity, Start, StreamToken, parse_event_id};
+use tidemark_core::sse::encode_comment;
 
 /// A response body: from the log, from the upstream, or fixed.
 pub(super) type Body = UnsyncBoxBody<Bytes, io::Error>;
@@ -73,22 +77,21 @@ pub(super) async fn handle(
     if method == Method::GET && body.is_empty() {
         return Ok(handle_get(hub, target, &parts.headers).await);
     }
-    let identity = identity(&hub, &parts.headers);
+    let identity = who(&hub, &parts.headers).owner;
+    let mcp = Mcp::of(&parts.headers);
     let headers = forwarded(&parts.headers);
-    let url = hub.config.upstream_url(&target);
-    let response = match hub
-        .request_connector
-        .request(method.clone(), &url, &headers, body)
-        .await
-    {
+    let response = match forward(&hub, method.clone(), &target, &headers, body).await {
         Ok(response) => response,
-        Err(e) => {
-            hub.metrics.upstream_failure();
-            return Ok(status(StatusCode::BAD_GATEWAY, &e.to_string()));
-        }
+        Err(answer) => return Ok(answer),
     };
+    if mcp.session {
+        session_answered(&hub, &method, identity, response.status);
+    }
     if method == Method::HEAD || response.status != 200 || !is_event_stream(&response) {
         return Ok(pass_through(response));
+    }
+    if mcp.passes_through() {
+        return Ok(kept_alive(response, hub.config.keep_alive));
     }
     let stream = match hub.post_stream(target, identity) {
         Ok(stream) => stream,
@@ -103,7 +106,7 @@ pub(super) async fn handle(
         .detach();
     let location = format!("{STREAMS_PATH}{}", stream.meta.token);
     let start = stream.state().log.start(None);
-    let mut response = serve(&hub, stream, start);
+    let mut response = serve(&hub, stream, start, mcp.primes());
     if let Ok(location) = HeaderValue::try_from(location) {
         response.headers_mut().insert(CONTENT_LOCATION, location);
     }
@@ -118,7 +121,8 @@ pub(super) async fn handle_get(
     target: String,
     headers: &HeaderMap,
 ) -> Response<Body> {
-    let identity = identity(&hub, headers);
+    let who = who(&hub, headers);
+    let mcp = Mcp::of(headers);
     let last_event_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -127,33 +131,126 @@ pub(super) async fn handle_get(
         .split_once('?')
         .map_or(target.as_str(), |(path, _)| path);
     if let Some(token) = path.strip_prefix(STREAMS_PATH) {
-        return resume(&hub, token, identity, last_event_id.as_deref());
+        let Some(stream) = StreamToken::parse(token).and_then(|t| hub.find(t, who.owner)) else {
+            return no_such_stream();
+        };
+        return resume(&hub, stream, last_event_id.as_deref(), mcp);
     }
-    let mut headers = forwarded(headers);
+    let mut upstream_headers = forwarded(headers);
+    if mcp.passes_through() {
+        // No ids to resume with in this revision: the stream as it comes.
+        let response =
+            match forward(&hub, Method::GET, &target, &upstream_headers, Bytes::new()).await {
+                Ok(response) => response,
+                Err(answer) => return answer,
+            };
+        if mcp.session {
+            session_answered(&hub, &Method::GET, who.owner, response.status);
+        }
+        return if response.status == 200 && is_event_stream(&response) {
+            kept_alive(response, hub.config.keep_alive)
+        } else {
+            pass_through(response)
+        };
+    }
     // The client's Last-Event-ID is one of the proxy's ids, never the
     // upstream's.
-    headers.retain(|(name, _)| !name.eq_ignore_ascii_case("last-event-id"));
-    let url = hub.config.upstream_url(&target);
-    get(hub, (target, identity), url, headers, last_event_id).await
+    upstream_headers.retain(|(name, _)| !name.eq_ignore_ascii_case("last-event-id"));
+    // An id names its stream: resume that one, whichever key it was shared
+    // by (an MCP session resumes any of its streams so, by id alone).
+    let named = last_event_id
+        .as_deref()
+        .and_then(parse_event_id)
+        .and_then(|(token, _)| hub.find(token, who.owner))
+        .filter(|s| mcp.session || (s.meta.kind == StreamKind::Get && s.meta.target == target));
+    let mut request = GetRequest {
+        key: (target, who.sharing),
+        owner: who.owner,
+        url: String::new(),
+        headers: upstream_headers,
+        last_event_id,
+        mcp,
+    };
+    match named {
+        Some(stream) => resume_named(hub, stream, request).await,
+        None if mcp.session && request.last_event_id.is_some() => no_such_stream(),
+        None => {
+            request.url = hub.config.upstream_url(&request.key.0);
+            get(hub, request).await
+        }
+    }
+}
+
+/// A GET whose `Last-Event-ID` names `stream`: a POST answer, or a GET
+/// stream that ended, served as logged; a GET stream joined (revived if
+/// idle) by the key it is shared by.
+async fn resume_named(
+    hub: Arc<Hub>,
+    stream: Arc<LoggedStream>,
+    mut request: GetRequest,
+) -> Response<Body> {
+    let shared = match &stream.key {
+        Some(key) if !stream.state().log.is_ended() => Some(key.clone()),
+        _ => None,
+    };
+    let Some(key) = shared else {
+        return resume(&hub, stream, request.last_event_id.as_deref(), request.mcp);
+    };
+    request.url = hub.config.upstream_url(&key.0);
+    request.key = key;
+    get(hub, request).await
+}
+
+/// Sends a request upstream; on failure, the answer for the client.
+async fn forward(
+    hub: &Hub,
+    method: Method,
+    target: &str,
+    headers: &[(String, String)],
+    body: Bytes,
+) -> Result<HttpResponse, Response<Body>> {
+    let url = hub.config.upstream_url(target);
+    hub.request_connector
+        .request(method, &url, headers, body)
+        .await
+        .map_err(|e| {
+            hub.metrics.upstream_failure();
+            status(StatusCode::BAD_GATEWAY, &e.to_string())
+        })
+}
+
+/// What the upstream's answer to a request of an MCP session says of the
+/// session: a `DELETE` it accepted drops the session's logs, a `404` (it
+/// does not know the session) ends them.
+fn session_answered(hub: &Hub, method: &Method, identity: Identity, status: u16) {
+    if *method == Method::DELETE && (200..300).contains(&status) {
+        hub.end_identity(identity, true);
+    } else if status == 404 {
+        hub.end_identity(identity, false);
+    }
+}
+
+/// A GET of a stream path, as [`get`] takes it.
+struct GetRequest {
+    key: GetKey,
+    owner: Identity,
+    url: String,
+    headers: Vec<(String, String)>,
+    last_event_id: Option<String>,
+    mcp: Mcp,
 }
 
 /// A GET of `key`: joins its live stream, or asks the upstream (once for
 /// all requests that arrive meanwhile) and logs the answer if it is a
 /// stream.
-async fn get(
-    hub: Arc<Hub>,
-    key: GetKey,
-    url: String,
-    headers: Vec<(String, String)>,
-    last_event_id: Option<String>,
-) -> Response<Body> {
+async fn get(hub: Arc<Hub>, request: GetRequest) -> Response<Body> {
     enum Next {
         Join,
         Wait(event_listener::EventListener),
         Open(Option<String>),
     }
     loop {
-        let stream = match hub.get_stream(&key) {
+        let stream = match hub.get_stream(&request.key, request.owner) {
             Ok(stream) => stream,
             Err(limit) => return refused(limit),
         };
@@ -170,16 +267,14 @@ async fn get(
         };
         match next {
             Next::Join => {
-                if last_event_id.is_some() {
+                if request.last_event_id.is_some() {
                     hub.metrics.resume();
                 }
-                let start = start_of(&stream, last_event_id.as_deref());
-                return serve(&hub, stream, start);
+                let start = start_of(&stream, request.last_event_id.as_deref());
+                return serve(&hub, stream, start, request.mcp.primes());
             }
             Next::Wait(listener) => listener.await,
-            Next::Open(upstream_id) => {
-                return open(&hub, stream, url, headers, upstream_id, last_event_id).await;
-            }
+            Next::Open(upstream_id) => return open(&hub, stream, request, upstream_id).await,
         }
     }
 }
@@ -198,11 +293,17 @@ fn start_of(stream: &LoggedStream, last_event_id: Option<&str>) -> Start {
 async fn open(
     hub: &Arc<Hub>,
     stream: Arc<LoggedStream>,
-    url: String,
-    headers: Vec<(String, String)>,
+    request: GetRequest,
     upstream_id: Option<String>,
-    last_event_id: Option<String>,
 ) -> Response<Body> {
+    let GetRequest {
+        key: _,
+        owner: identity,
+        url,
+        headers,
+        last_event_id,
+        mcp,
+    } = request;
     // The first request goes as the client sent it (it may not be for a
     // stream at all); the follower's reconnects send the connector's own
     // Accept and Cache-Control.
@@ -225,6 +326,11 @@ async fn open(
         .request(Method::GET, &url, &request_headers, Bytes::new())
         .await;
     let stored = stream.state().stored;
+    if mcp.session
+        && let Ok(response) = &answer
+    {
+        session_answered(hub, &Method::GET, identity, response.status);
+    }
     let body = match answer {
         Ok(response) if response.status == 200 && is_event_stream(&response) => {
             stream.set_headers(stream_headers(&response.headers));
@@ -261,7 +367,7 @@ async fn open(
     if last_event_id.is_some() {
         hub.metrics.resume();
     }
-    serve(hub, stream, start)
+    serve(hub, stream, start, mcp.primes())
 }
 
 /// A GET stream being opened by a request; dropped before it is live, it
@@ -284,19 +390,15 @@ impl Drop for Opening {
     }
 }
 
-/// `GET /_tidemark/streams/<token>`: resumes a stream of this identity
-/// after `Last-Event-ID` (from its first event without one); `204` when it
-/// has ended and the client has it all; `404` for a stream that is unknown
-/// or another identity's, alike.
+/// A resume of a POST stream (`GET /_tidemark/streams/<token>`, or an
+/// MCP session's GET by id) after `Last-Event-ID` (from its first event
+/// without one); `204` when it has ended and the client has it all.
 fn resume(
     hub: &Arc<Hub>,
-    token: &str,
-    identity: Identity,
+    stream: Arc<LoggedStream>,
     last_event_id: Option<&str>,
+    mcp: Mcp,
 ) -> Response<Body> {
-    let Some(stream) = StreamToken::parse(token).and_then(|t| hub.find(t, identity)) else {
-        return status(StatusCode::NOT_FOUND, "no such stream");
-    };
     if last_event_id.is_some() {
         hub.metrics.resume();
     }
@@ -304,11 +406,16 @@ fn resume(
     if start.gap.is_none() && stream.state().log.is_complete(start.next) {
         return empty(StatusCode::NO_CONTENT);
     }
-    serve(hub, stream, start)
+    serve(hub, stream, start, mcp.primes())
 }
 
-/// A client of a logged stream, from `start`.
-fn serve(hub: &Arc<Hub>, stream: Arc<LoggedStream>, start: Start) -> Response<Body> {
+/// What a resume of a stream that is unknown, or another identity's, gets.
+fn no_such_stream() -> Response<Body> {
+    status(StatusCode::NOT_FOUND, "no such stream")
+}
+
+/// A client of a logged stream, from `start`, primed if `priming`.
+fn serve(hub: &Arc<Hub>, stream: Arc<LoggedStream>, start: Start, priming: bool) -> Response<Body> {
     if let Err(limit) = hub.client_in(&stream) {
         return refused(limit);
     }
@@ -316,7 +423,8 @@ fn serve(hub: &Arc<Hub>, stream: Arc<LoggedStream>, start: Start) -> Response<Bo
         hub.metrics.gap(gap.reason);
     }
     let headers = stream.headers();
-    let body = client::body(hub.clone(), stream, start).map(|bytes| Ok(Frame::data(bytes)));
+    let body =
+        client::body(hub.clone(), stream, start, priming).map(|bytes| Ok(Frame::data(bytes)));
     let mut response = Response::new(BodyExt::boxed_unsync(StreamBody::new(body)));
     *response.headers_mut() = headers;
     response
@@ -326,15 +434,76 @@ fn serve(hub: &Arc<Hub>, stream: Arc<LoggedStream>, start: Start) -> Response<Bo
 fn pass_through(response: HttpResponse) -> Response<Body> {
     let HttpResponse {
         status,
-        mut headers,
+        headers,
         body,
     } = response;
-    strip_hop_by_hop(&mut headers);
     let body = body.map(|chunk| chunk.map(Frame::data).map_err(io::Error::other));
-    let mut out = Response::new(BodyExt::boxed_unsync(StreamBody::new(body)));
+    relayed(
+        status,
+        headers,
+        BodyExt::boxed_unsync(StreamBody::new(body)),
+    )
+}
+
+/// An upstream answer's status and headers (but for those of its
+/// connection) with `body`.
+fn relayed(status: u16, mut headers: HeaderMap, body: Body) -> Response<Body> {
+    strip_hop_by_hop(&mut headers);
+    let mut out = Response::new(body);
     *out.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
     *out.headers_mut() = headers;
     out
+}
+
+/// An upstream event stream passed through unchanged but for a keep-alive
+/// comment after a line end whenever nothing came for `every` (a comment
+/// line inside an event is ignored, so it changes no event; after a bare
+/// CR it could end a line early, so none is added there).
+fn kept_alive(response: HttpResponse, every: Duration) -> Response<Body> {
+    let HttpResponse {
+        status,
+        headers,
+        body,
+    } = response;
+    struct State {
+        body: crate::HttpBody,
+        timer: async_io::Timer,
+        at_line_start: bool,
+    }
+    let state = State {
+        body,
+        timer: async_io::Timer::after(every),
+        at_line_start: true,
+    };
+    let body = futures::stream::unfold(state, move |mut s| async move {
+        loop {
+            match futures::future::select(s.body.next(), &mut s.timer).await {
+                futures::future::Either::Left((chunk, _)) => {
+                    let chunk = chunk?.map_err(io::Error::other);
+                    if let Ok(bytes) = &chunk
+                        && let Some(&last) = bytes.last()
+                    {
+                        s.at_line_start = last == b'\n';
+                    }
+                    s.timer.set_after(every);
+                    return Some((chunk.map(Frame::data), s));
+                }
+                futures::future::Either::Right(_) => {
+                    s.timer.set_after(every);
+                    if s.at_line_start {
+                        let mut comment = Vec::new();
+                        encode_comment(&mut comment, "keep-alive");
+                        return Some((Ok(Frame::data(Bytes::from(comment))), s));
+                    }
+                }
+            }
+        }
+    });
+    relayed(
+        status,
+        headers,
+        BodyExt::boxed_unsync(StreamBody::new(body)),
+    )
 }
 
 /// The headers every client of a stream gets: the upstream's, but for
@@ -378,9 +547,9 @@ fn forwarded(headers: &HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The identity of a request: a keyed hash of its `Authorization`,
-/// `Cookie`, `Mcp-Session-Id`, `Origin` and `--identity-header`s.
-fn identity(hub: &Hub, headers: &HeaderMap) -> Identity {
+/// Who sent a request: the keyed hash of its `Authorization`, `Cookie`,
+/// `Mcp-Session-Id` and `--identity-header`s, and that with its `Origin`.
+fn who(hub: &Hub, headers: &HeaderMap) -> Who {
     let value = |name: &HeaderName| {
         let mut joined = Vec::new();
         for (i, value) in headers.get_all(name).iter().enumerate() {
@@ -391,18 +560,22 @@ fn identity(hub: &Hub, headers: &HeaderMap) -> Identity {
         }
         joined
     };
-    // The Origin too: a stream's clients get the headers of its upstream
-    // answer, whose CORS headers may be for one origin only.
     let mut parts = vec![
         value(&hyper::header::AUTHORIZATION),
         value(&hyper::header::COOKIE),
         value(&HeaderName::from_static("mcp-session-id")),
-        value(&hyper::header::ORIGIN),
     ];
     for name in &hub.config.identity_headers {
         parts.push(value(name));
     }
-    hub.key.identity(parts.iter().map(Vec::as_slice))
+    let owner = hub.key.identity(parts.iter().map(Vec::as_slice));
+    let sharing = if headers.contains_key(hyper::header::ORIGIN) {
+        parts.push(value(&hyper::header::ORIGIN));
+        hub.key.identity(parts.iter().map(Vec::as_slice))
+    } else {
+        owner
+    };
+    Who { owner, sharing }
 }
 
 fn is_event_stream(response: &HttpResponse) -> bool {

@@ -15,8 +15,21 @@ use std::time::Duration;
 use tidemark_core::replay::{Identity, IdentityKey, ReplayLog, StreamToken};
 use tidemark_core::{Clock, Millis};
 
-/// Which GET stream a request belongs to: its path and query, and identity.
+/// Which GET stream a request shares: its path and query, and its
+/// [`Who::sharing`].
 pub(super) type GetKey = (String, Identity);
+
+/// Who sent a request.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(super) struct Who {
+    /// Whose streams it may read: a keyed hash of its credentials.
+    pub owner: Identity,
+    /// Which GET streams it shares: the owner, and its `Origin` when it
+    /// has one (a stream's clients get its upstream answer's headers, whose
+    /// CORS headers may be for one origin only). Browsers send no `Origin`
+    /// on same-origin GETs, so the owner alone decides resumes.
+    pub sharing: Identity,
+}
 
 /// Who reads the upstream of a stream right now.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -52,6 +65,8 @@ pub(super) struct StreamState {
 pub(super) struct LoggedStream {
     /// What it is.
     pub meta: StreamMeta,
+    /// The key GET requests share it by (`None` for POST streams).
+    pub key: Option<GetKey>,
     /// The headers the upstream answered with, for every client (those that
     /// belong to one connection removed).
     headers: Mutex<HeaderMap>,
@@ -180,15 +195,18 @@ impl Hub {
             streams.logged += 1;
             self.metrics.stream_opened(stored.meta.kind);
             self.metrics.log_bytes_add(log.bytes() as i64);
-            if stored.meta.kind == StreamKind::Get {
-                streams
-                    .gets
-                    .insert((stored.meta.target.clone(), stored.meta.identity), token);
+            // Shared again by requests without an `Origin`; those with one
+            // resume it by its ids.
+            let key = (stored.meta.kind == StreamKind::Get)
+                .then(|| (stored.meta.target.clone(), stored.meta.identity));
+            if let Some(key) = &key {
+                streams.gets.insert(key.clone(), token);
             }
             streams.by_token.insert(
                 token,
                 Arc::new(LoggedStream {
                     meta: stored.meta,
+                    key,
                     headers: Mutex::new(default_headers()),
                     state: Mutex::new(StreamState {
                         log,
@@ -222,14 +240,14 @@ impl Hub {
             .cloned()
     }
 
-    /// The GET stream of `key`, made (idle, not logged yet) if there is
-    /// none; `Err` when that would exceed `--max-streams`.
-    pub fn get_stream(&self, key: &GetKey) -> Result<Arc<LoggedStream>, Limit> {
+    /// The GET stream of `key`, made (idle, not logged yet, `owner`'s) if
+    /// there is none; `Err` when that would exceed `--max-streams`.
+    pub fn get_stream(&self, key: &GetKey, owner: Identity) -> Result<Arc<LoggedStream>, Limit> {
         let mut streams = self.lock();
         if let Some(stream) = streams.gets.get(key).and_then(|t| streams.by_token.get(t)) {
             return Ok(stream.clone());
         }
-        let stream = self.make(&mut streams, StreamKind::Get, key.0.clone(), key.1)?;
+        let stream = self.make(&mut streams, Some(key.clone()), key.0.clone(), owner)?;
         streams.gets.insert(key.clone(), stream.meta.token);
         Ok(stream)
     }
@@ -242,20 +260,26 @@ impl Hub {
     ) -> Result<Arc<LoggedStream>, Limit> {
         let stream = {
             let mut streams = self.lock();
-            self.make(&mut streams, StreamKind::Post, target, identity)?
+            self.make(&mut streams, None, target, identity)?
         };
         self.metrics.stream_opened(StreamKind::Post);
         self.log_op(LogOp::Open(stream.meta.clone()));
         Ok(stream)
     }
 
+    /// A new stream: a GET stream shared by `key`, or a POST stream.
     fn make(
         &self,
         streams: &mut Streams,
-        kind: StreamKind,
+        key: Option<GetKey>,
         target: String,
         identity: Identity,
     ) -> Result<Arc<LoggedStream>, Limit> {
+        let kind = if key.is_some() {
+            StreamKind::Get
+        } else {
+            StreamKind::Post
+        };
         if kind == StreamKind::Post {
             self.admit(streams)?;
         }
@@ -274,6 +298,7 @@ impl Hub {
                 identity,
                 created: now,
             },
+            key,
             headers: Mutex::new(default_headers()),
             state: Mutex::new(StreamState {
                 log: ReplayLog::new(token, self.config.retention, now),
@@ -429,6 +454,46 @@ impl Hub {
         }
     }
 
+    /// Ends every stream of `identity` (an MCP session the upstream ended
+    /// or forgot): followers stop, readers of POST answers stop, nothing
+    /// more is appended, and a new GET of the same path opens a new stream.
+    /// What was logged stays resumable until retention drops it, or is
+    /// dropped now if `drop` (the session was deleted).
+    pub fn end_identity(&self, identity: Identity, drop: bool) {
+        let mut ops = Vec::new();
+        let mut streams = self.lock();
+        let ours: Vec<Arc<LoggedStream>> = streams
+            .by_token
+            .values()
+            .filter(|s| s.meta.identity == identity)
+            .cloned()
+            .collect();
+        for stream in ours {
+            let token = stream.meta.token;
+            {
+                let mut state = stream.state();
+                state.stop = true;
+                if !state.log.is_ended() {
+                    state.log.end();
+                    if state.stored {
+                        ops.push(LogOp::End { token });
+                    }
+                }
+                if drop && state.stored {
+                    ops.push(LogOp::Drop { token });
+                }
+            }
+            streams.unshare(&stream);
+            if drop {
+                self.remove(&mut streams, &stream);
+            }
+            stream.stopping.notify(usize::MAX);
+            stream.changed.notify(usize::MAX);
+        }
+        std::mem::drop(streams);
+        self.log_ops(ops);
+    }
+
     /// Stops every follower (shutdown).
     pub fn stop_all(&self) {
         let all: Vec<Arc<LoggedStream>> = self.lock().by_token.values().cloned().collect();
@@ -439,14 +504,22 @@ impl Hub {
     }
 }
 
+impl Streams {
+    /// New GET requests no longer join `stream`.
+    fn unshare(&mut self, stream: &LoggedStream) {
+        if let Some(key) = &stream.key
+            && self.gets.get(key) == Some(&stream.meta.token)
+        {
+            self.gets.remove(key);
+        }
+    }
+}
+
 impl Hub {
     fn remove(&self, streams: &mut Streams, stream: &LoggedStream) {
         let meta = &stream.meta;
         streams.by_token.remove(&meta.token);
-        let key = (meta.target.clone(), meta.identity);
-        if streams.gets.get(&key) == Some(&meta.token) {
-            streams.gets.remove(&key);
-        }
+        streams.unshare(stream);
         let state = stream.state();
         if state.stored {
             streams.logged -= 1;

@@ -43,6 +43,7 @@ mod file_log;
 mod front;
 mod http;
 mod hub;
+mod mcp;
 mod storage;
 mod upstream;
 

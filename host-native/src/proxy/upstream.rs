@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use tidemark_core::replay::{GAP_EVENT, Gap, GapReason, LogBatch, LogRecord, gap_data};
 use tidemark_core::sse::{EventRef, ItemRef, Parser};
 use tidemark_core::{
-    Clock, ConnectRequest, Connector, EventTracker, Failure, ResumableStream, StreamConfig,
-    StreamItem, StreamKey, TrackerConfig,
+    Clock, ConnectRequest, Connector, EventTracker, Failure, GiveUp, ResumableStream, StreamConfig,
+    StreamError, StreamItem, StreamKey, TrackerConfig,
 };
 
 /// A connector whose first connection is one already open: the request
@@ -38,16 +38,21 @@ impl Connector for Primed {
 }
 
 /// Appends `batch` to the stream's log and wakes its clients (at once for
-/// a memory log; the writer wakes them once they are durable).
-fn append(hub: &Hub, stream: &LoggedStream, batch: &LogBatch) {
+/// a memory log; the writer wakes them once they are durable). `false`
+/// when the stream was ended meanwhile (its MCP session ended): nothing is
+/// appended, and the reader stops.
+fn append(hub: &Hub, stream: &LoggedStream, batch: &LogBatch) -> bool {
     if batch.is_empty() {
-        return;
+        return !stream.state().log.is_ended();
     }
     let now = hub.clock.now();
     let mut ops = Vec::new();
-    hub.metrics.events_in(batch.len() as u64);
     let appended = {
         let mut state = stream.state();
+        if state.log.is_ended() {
+            return false;
+        }
+        hub.metrics.events_in(batch.len() as u64);
         let appended = state.log.append_batch(now, batch);
         if hub.is_durable() {
             let first = appended.seq + 1 - appended.events as u64;
@@ -71,6 +76,7 @@ fn append(hub: &Hub, stream: &LoggedStream, batch: &LogBatch) {
     if !hub.is_durable() {
         stream.changed.notify(usize::MAX);
     }
+    true
 }
 
 /// Adds a fresh upstream event to `batch`.
@@ -102,6 +108,9 @@ pub(super) async fn follow_get(
     headers: Vec<(String, String)>,
     body: Option<HttpBody>,
 ) {
+    let session = headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("mcp-session-id"));
     let tracker_config = TrackerConfig::default();
     let window = tracker_config.window;
     let mut tracker = EventTracker::new(
@@ -190,8 +199,14 @@ pub(super) async fn follow_get(
     if connected {
         hub.metrics.upstream_disconnected();
     }
-    if let Some(e) = reason {
+    if let Some(e) = &reason {
         eprintln!("tidemark: stopped following {}: {e}", stream.meta.target);
+    }
+    // An MCP server that no longer knows the session: its logs end.
+    if let Some(StreamError::GaveUp(GiveUp::Permanent(Failure::Status { code: 404, .. }))) = reason
+        && session
+    {
+        hub.end_identity(stream.meta.identity, false);
     }
     let mut state = stream.state();
     state.upstream = Upstream::Idle;
@@ -224,8 +239,11 @@ pub(super) async fn read_post(hub: Arc<Hub>, stream: Arc<LoggedStream>, mut body
             hub.metrics.gap(GapReason::TooLarge);
             push_too_large(&mut batch);
         }
-        append(&hub, &stream, &batch);
+        let taken = append(&hub, &stream, &batch);
         batch.clear();
+        if !taken {
+            break;
+        }
     }
     drop(body);
     hub.metrics.upstream_disconnected();
@@ -236,13 +254,17 @@ pub(super) async fn read_post(hub: Arc<Hub>, stream: Arc<LoggedStream>, mut body
             stream.meta.target
         );
     }
-    {
+    let ended_here = {
         let mut state = stream.state();
-        state.log.end();
         state.upstream = Upstream::Idle;
+        let ended_here = !state.log.is_ended();
+        state.log.end();
+        ended_here
+    };
+    if ended_here {
+        hub.log_op(LogOp::End {
+            token: stream.meta.token,
+        });
     }
-    hub.log_op(LogOp::End {
-        token: stream.meta.token,
-    });
     stream.changed.notify(usize::MAX);
 }
