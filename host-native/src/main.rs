@@ -108,9 +108,11 @@ enum Command {
     /// Requests are forwarded to the upstream with their path, query and
     /// headers; answers that are not text/event-stream pass through
     /// unchanged. Event streams are logged and served from the log with the
-    /// proxy's own ids: GET streams shared by path, query and identity
-    /// (Authorization, Cookie, Mcp-Session-Id, Origin, --identity-header), POST
-    /// answers resumable at their Content-Location.
+    /// proxy's own ids: GET streams shared by path, query, Origin and identity
+    /// (Authorization, Cookie, Mcp-Session-Id, --identity-header), POST
+    /// answers resumable at their Content-Location. MCP Streamable HTTP is
+    /// recognised by its headers: a session resumes any of its streams by
+    /// Last-Event-ID alone.
     Proxy(ProxyArgs),
     /// Run a chaotic server and a resumable follower together, with a live
     /// display and a final verdict: events expected, received, lost, duplicated.
@@ -154,7 +156,7 @@ struct ProxyArgs {
     #[arg(long, default_value_t = 1000)]
     retry_ms: u64,
     /// A request header that is part of the identity a stream belongs to,
-    /// beside Authorization, Cookie, Mcp-Session-Id and Origin (repeatable).
+    /// beside Authorization, Cookie and Mcp-Session-Id (repeatable).
     #[arg(long = "identity-header", value_name = "NAME")]
     identity_headers: Vec<hyper::header::HeaderName>,
     /// Most logged streams at once; more are refused with 503.

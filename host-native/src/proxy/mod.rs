@@ -27,8 +27,11 @@
 //!   `tidemark-gap` whose data is `{"reason":"retention","lost":N}` or
 //!   `{"reason":"unknown","lost":null}`, then the oldest retained event on.
 //! - **Identity**: a stream belongs to a keyed hash of the `Authorization`,
-//!   `Cookie`, `Mcp-Session-Id` and `Origin` headers and of each `--identity-header`
-//!   it was opened with; for any other identity it does not exist.
+//!   `Cookie` and `Mcp-Session-Id` headers and of each `--identity-header`
+//!   it was opened with; for any other identity it does not exist. GET
+//!   streams are shared per `Origin` too.
+//! - **MCP** Streamable HTTP is recognised by its headers (see `mcp.rs`):
+//!   a session's GET resumes any of its streams by `Last-Event-ID` alone.
 //! - **Storage** ([`LogStorage`]): memory by default ([`MemoryLog`]); with
 //!   a durable storage, every event is written (group commits on a thread
 //!   of their own) before any client sees it, so what a client saw survives
@@ -118,7 +121,7 @@ pub struct ProxyConfig {
     /// The `retry:` hint sent to every client, in milliseconds.
     pub retry_ms: u64,
     /// Headers that are part of a request's identity, beyond
-    /// `Authorization`, `Cookie`, `Mcp-Session-Id` and `Origin`.
+    /// `Authorization`, `Cookie` and `Mcp-Session-Id`.
     pub identity_headers: Vec<HeaderName>,
     /// How long the upstream may take to answer a request's head.
     pub upstream_timeout: Duration,
