@@ -11,8 +11,11 @@ use tidemark::demo::{self, DemoOptions};
 use tidemark::follow::{self, FollowOptions, RedisFollow};
 use tidemark::mcp::{self, McpOptions};
 use tidemark::proxy::{
-    self, FileLog, LogStorage, MemoryLog, ProxyConfig, ProxyLimits, ProxyOptions,
+    self, FileLog, LogStorage, MemoryLog, ProxyConfig, ProxyLimits, ProxyOptions, RedisLog,
 };
+
+/// What a `--log` URL of Redis starts with (anything else is a directory).
+const REDIS_SCHEMES: [&str; 3] = ["redis://", "rediss://", "redis+unix://"];
 use tidemark::{RedisConfig, ServerConfig, default_state_dir, server};
 
 /// Resumable Server-Sent-Events streams.
@@ -135,9 +138,14 @@ struct ProxyArgs {
     listen: SocketAddr,
     /// Keep the replay log on disk in this directory, crash-safe: after a
     /// kill -9 and a restart on it, every event a client was sent is still
-    /// served (default: in memory).
-    #[arg(long, value_name = "DIR")]
+    /// served. Or in Redis Streams, with a redis://HOST:PORT/[DB] URL (also
+    /// rediss://, redis+unix:///PATH): it then outlives the machine, and
+    /// a Redis outage does not stop live streams (default: in memory).
+    #[arg(long, value_name = "DIR|URL")]
     log: Option<PathBuf>,
+    /// Prefix of the Redis keys of --log redis://.
+    #[arg(long, value_name = "PREFIX", default_value = "tidemark:")]
+    redis_prefix: String,
     /// Most events kept per stream.
     #[arg(long, default_value_t = 10_000)]
     retain: usize,
@@ -332,15 +340,34 @@ fn main() -> ExitCode {
         }
         Command::Proxy(args) => {
             let config = args.config();
-            let (storage, log_name): (Box<dyn LogStorage>, String) = match &args.log {
-                Some(dir) => match FileLog::open(dir) {
+            let redis_url = args
+                .log
+                .as_deref()
+                .and_then(|log| log.to_str())
+                .filter(|log| REDIS_SCHEMES.iter().any(|s| log.starts_with(s)));
+            let (storage, log_name): (Box<dyn LogStorage>, String) = match (&args.log, redis_url) {
+                (_, Some(url)) => {
+                    let redis = RedisConfig {
+                        prefix: args.redis_prefix.clone(),
+                        ..RedisConfig::new(url)
+                    };
+                    let shown = redis.redacted_url();
+                    match RedisLog::new(redis, config.retention) {
+                        Ok(log) => (Box::new(log), shown),
+                        Err(e) => {
+                            eprintln!("tidemark: cannot open the log in {shown}: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                }
+                (Some(dir), None) => match FileLog::open(dir) {
                     Ok(log) => (Box::new(log), dir.display().to_string()),
                     Err(e) => {
                         eprintln!("tidemark: cannot open the log in {}: {e}", dir.display());
                         return ExitCode::FAILURE;
                     }
                 },
-                None => (Box::new(MemoryLog), "memory".into()),
+                (None, None) => (Box::new(MemoryLog), "memory".into()),
             };
             let options = ProxyOptions {
                 listen: args.listen,

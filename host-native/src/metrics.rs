@@ -178,6 +178,8 @@ struct LimitLabel {
 /// | `tidemark_proxy_upstream_reconnects_total` | counter | |
 /// | `tidemark_proxy_upstream_failures_total` | counter | |
 /// | `tidemark_proxy_log_bytes` | gauge | |
+/// | `tidemark_proxy_log_up` | gauge | |
+/// | `tidemark_proxy_log_write_failures_total` | counter | |
 /// | `tidemark_proxy_refusals_total` | counter | `limit="streams\|clients\|header_bytes\|body_bytes"` |
 ///
 /// Every labelled series is exported from the start, at 0.
@@ -199,6 +201,8 @@ struct ProxyInner {
     upstream_reconnects: Counter,
     upstream_failures: Counter,
     log_bytes: Gauge,
+    log_up: Gauge,
+    log_write_failures: Counter,
     refusals: [Counter; 4],
 }
 
@@ -234,6 +238,8 @@ impl ProxyMetrics {
             upstream_reconnects: Counter::default(),
             upstream_failures: Counter::default(),
             log_bytes: Gauge::default(),
+            log_up: Gauge::default(),
+            log_write_failures: Counter::default(),
             refusals: Limit::ALL.map(|limit| refusals.get_or_create_owned(&LimitLabel { limit })),
             registry: Registry::default(),
         };
@@ -282,6 +288,17 @@ impl ProxyMetrics {
             "log_bytes",
             "Bytes held in the replay log",
             inner.log_bytes.clone(),
+        );
+        registry.register(
+            "log_up",
+            "1 while the log's storage takes writes (always, for a memory log), 0 while writes fail",
+            inner.log_up.clone(),
+        );
+        inner.log_up.set(1);
+        registry.register(
+            "log_write_failures",
+            "Writes of a batch to the log's storage that failed (each retry counts)",
+            inner.log_write_failures.clone(),
         );
         registry.register("refusals", "Requests refused by a limit", refusals.clone());
         ProxyMetrics {
@@ -357,6 +374,17 @@ impl ProxyMetrics {
     /// The log holds `bytes` bytes (after loading it from disk).
     pub fn log_bytes_set(&self, bytes: i64) {
         self.inner.log_bytes.set(bytes);
+    }
+
+    /// A write of the log's storage failed.
+    pub fn log_write_failed(&self) {
+        self.inner.log_write_failures.inc();
+        self.inner.log_up.set(0);
+    }
+
+    /// A write of the log's storage succeeded.
+    pub fn log_written(&self) {
+        self.inner.log_up.set(1);
     }
 
     /// A request was refused by `limit`.
@@ -600,6 +628,8 @@ mod tests {
             "tidemark_proxy_upstream_reconnects_total 0",
             "tidemark_proxy_upstream_failures_total 0",
             "tidemark_proxy_log_bytes 0",
+            "tidemark_proxy_log_up 1",
+            "tidemark_proxy_log_write_failures_total 0",
             "tidemark_proxy_refusals_total{limit=\"streams\"} 0",
             "tidemark_proxy_refusals_total{limit=\"clients\"} 0",
             "tidemark_proxy_refusals_total{limit=\"header_bytes\"} 0",
@@ -643,6 +673,10 @@ mod tests {
         metrics.refused(Limit::HeaderBytes);
         metrics.refused(Limit::HeaderBytes);
         metrics.refused(Limit::BodyBytes);
+        metrics.log_write_failed();
+        metrics.log_write_failed();
+        assert!(samples(&clone.render(Format::Prometheus)).contains(&"tidemark_proxy_log_up 0"));
+        metrics.log_written();
         let text = clone.render(Format::Prometheus);
         let got = samples(&text);
         for line in [
@@ -659,6 +693,8 @@ mod tests {
             "tidemark_proxy_upstream_reconnects_total 1",
             "tidemark_proxy_upstream_failures_total 2",
             "tidemark_proxy_log_bytes 120",
+            "tidemark_proxy_log_up 1",
+            "tidemark_proxy_log_write_failures_total 2",
             "tidemark_proxy_refusals_total{limit=\"streams\"} 1",
             "tidemark_proxy_refusals_total{limit=\"clients\"} 1",
             "tidemark_proxy_refusals_total{limit=\"header_bytes\"} 2",
@@ -666,7 +702,7 @@ mod tests {
         ] {
             assert!(got.contains(&line), "{line} missing from\n{text}");
         }
-        assert_eq!(got.len(), 17, "{text}");
+        assert_eq!(got.len(), 19, "{text}");
     }
 
     #[test]

@@ -51,6 +51,17 @@ impl SharedConnection {
         })
     }
 
+    /// Another connection to the same server with another response bound
+    /// (for requests that block, which must not hold up the others).
+    pub fn sibling(&self, response_timeout: Duration) -> Self {
+        SharedConnection {
+            client: self.client.clone(),
+            connect_timeout: self.connect_timeout,
+            response_timeout,
+            slot: Mutex::new(None),
+        }
+    }
+
     fn slot(&self) -> MutexGuard<'_, Option<MultiplexedConnection>> {
         self.slot.lock().unwrap_or_else(|e| e.into_inner())
     }

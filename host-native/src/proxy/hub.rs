@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tidemark_core::replay::{Identity, IdentityKey, ReplayLog, StreamToken};
 use tidemark_core::{Clock, Millis};
 
@@ -169,7 +169,8 @@ impl Hub {
         for token in ended_on_recovery {
             hub.log_op(LogOp::End { token });
         }
-        let writer = queue.map(|queue| Writer::start(storage, queue, Arc::downgrade(&hub)));
+        let writer = queue
+            .map(|queue| Writer::start(storage, queue, Arc::downgrade(&hub), hub.metrics.clone()));
         Ok((hub, writer))
     }
 
@@ -369,7 +370,8 @@ impl Hub {
         self.writer.is_some()
     }
 
-    /// Marks events durable after the writer wrote them, and wakes clients.
+    /// Lets clients see events up to the marks (the writer wrote them, or
+    /// the storage serves while it fails), and wakes them.
     fn mark_durable(&self, marks: &TokenMap<u64>) {
         let streams: Vec<Arc<LoggedStream>> = {
             let streams = self.lock();
@@ -547,9 +549,16 @@ pub(super) fn default_headers() -> HeaderMap {
     headers
 }
 
+/// How long a proxy that is shutting down keeps retrying a log that fails.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// The storage writer: a thread that writes whatever ops arrived while it
 /// wrote the previous batch (a group commit), then lets clients see the
-/// events of that batch.
+/// events of that batch. While the storage fails, it retries the batch
+/// (with whatever arrived meanwhile, [compacted](compact)) every 200 ms; a
+/// storage that [serves while failing](LogStorage::serves_while_failing)
+/// has its events shown to clients meanwhile. At shutdown it gives up
+/// after [`SHUTDOWN_GRACE`].
 #[derive(Debug)]
 pub(super) struct Writer {
     thread: std::thread::JoinHandle<()>,
@@ -560,7 +569,9 @@ impl Writer {
         mut storage: Box<dyn LogStorage>,
         queue: async_channel::Receiver<Vec<LogOp>>,
         hub: std::sync::Weak<Hub>,
+        metrics: ProxyMetrics,
     ) -> Writer {
+        let serve_while_failing = storage.serves_while_failing();
         let thread = std::thread::Builder::new()
             .name("tidemark-log".into())
             .spawn(move || {
@@ -571,21 +582,54 @@ impl Writer {
                     while let Ok(ops) = queue.try_recv() {
                         batch.extend(ops);
                     }
+                    // The ops before this one have had their events shown.
+                    let mut shown = 0;
+                    let mut closed_at = None;
                     loop {
+                        if failing {
+                            if serve_while_failing {
+                                show(&hub, &batch[shown..]);
+                            }
+                            compact(&mut batch);
+                            if serve_while_failing {
+                                shown = batch.len();
+                            }
+                        }
                         match storage.write(&batch) {
                             Ok(()) => {
+                                metrics.log_written();
                                 if failing {
-                                    eprintln!("tidemark: the log is writable again");
+                                    eprintln!(
+                                        "tidemark: the log is writable again ({} changes held meanwhile written)",
+                                        batch.len()
+                                    );
                                     failing = false;
                                 }
                                 break;
                             }
                             Err(e) => {
+                                metrics.log_write_failed();
                                 if !failing {
-                                    eprintln!(
-                                        "tidemark: cannot write the log ({e}); clients wait for new events until it is written, retrying"
-                                    );
+                                    if serve_while_failing {
+                                        eprintln!(
+                                            "tidemark: cannot write the log ({e}); serving clients from memory meanwhile (what they get until it is written is lost if the proxy stops first), retrying"
+                                        );
+                                    } else {
+                                        eprintln!(
+                                            "tidemark: cannot write the log ({e}); clients wait for new events until it is written, retrying"
+                                        );
+                                    }
                                     failing = true;
+                                }
+                                if queue.is_closed() {
+                                    let since = *closed_at.get_or_insert_with(Instant::now);
+                                    if since.elapsed() >= SHUTDOWN_GRACE {
+                                        eprintln!(
+                                            "tidemark: stopping with {} changes not written to the log ({e})",
+                                            batch.len()
+                                        );
+                                        return;
+                                    }
                                 }
                                 std::thread::sleep(Duration::from_millis(200));
                                 while let Ok(ops) = queue.try_recv() {
@@ -594,16 +638,8 @@ impl Writer {
                             }
                         }
                     }
-                    let mut marks = TokenMap::default();
-                    for op in batch.drain(..) {
-                        if let LogOp::Append { token, record } = op {
-                            marks.insert(token, record.seq);
-                        }
-                    }
-                    match hub.upgrade() {
-                        Some(hub) if !marks.is_empty() => hub.mark_durable(&marks),
-                        _ => {}
-                    }
+                    show(&hub, &batch[shown..]);
+                    batch.clear();
                 }
             })
             .expect("spawn the log writer thread");
@@ -623,5 +659,113 @@ impl Hub {
         if let Some(writer) = &self.writer {
             writer.close();
         }
+    }
+}
+
+/// Forgets what a batch that is being retried need not write any more, so
+/// that the backlog of a long outage stays within retention: a stream's
+/// events below its newest `Trim` in the batch (retention dropped them),
+/// its older `Trim`s, and every op of a stream that the batch drops but
+/// the `Drop`.
+fn compact(batch: &mut Vec<LogOp>) {
+    const DROPPED: u64 = u64::MAX;
+    let mut floors = TokenMap::<u64>::default();
+    for op in batch.iter() {
+        match op {
+            LogOp::Trim { token, first_seq } => {
+                let floor = floors.entry(*token).or_default();
+                *floor = (*floor).max(*first_seq);
+            }
+            LogOp::Drop { token } => {
+                floors.insert(*token, DROPPED);
+            }
+            _ => {}
+        }
+    }
+    if floors.is_empty() {
+        return;
+    }
+    batch.retain(|op| match op {
+        LogOp::Open(meta) => floors.get(&meta.token) != Some(&DROPPED),
+        LogOp::Append { token, record } => floors.get(token).is_none_or(|&f| record.seq >= f),
+        LogOp::Trim { token, first_seq } => floors.get(token) == Some(first_seq),
+        LogOp::End { token } => floors.get(token) != Some(&DROPPED),
+        LogOp::Drop { .. } => true,
+    });
+}
+
+/// Lets clients see the events appended by `ops`.
+fn show(hub: &std::sync::Weak<Hub>, ops: &[LogOp]) {
+    let mut marks = TokenMap::default();
+    for op in ops {
+        if let LogOp::Append { token, record } = op {
+            marks.insert(*token, record.seq);
+        }
+    }
+    match hub.upgrade() {
+        Some(hub) if !marks.is_empty() => hub.mark_durable(&marks),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark_core::replay::LogRecord;
+
+    fn append(token: StreamToken, seq: u64) -> LogOp {
+        LogOp::Append {
+            token,
+            record: LogRecord::new(seq, Millis(seq), None, b"data: x\n\n"),
+        }
+    }
+
+    #[test]
+    fn compact_keeps_what_retention_keeps_and_a_drop_alone() {
+        let [a, b, c] = [1, 2, 3].map(|n| StreamToken::from_bytes([n; 16]));
+        let meta = |token| StreamMeta {
+            token,
+            kind: StreamKind::Get,
+            target: "/".into(),
+            identity: Identity::from_bytes([0; 16]),
+            created: Millis(0),
+        };
+        let mut batch = vec![
+            LogOp::Open(meta(a)),
+            append(a, 1),
+            append(a, 2),
+            LogOp::Trim {
+                token: a,
+                first_seq: 2,
+            },
+            append(a, 3),
+            LogOp::Trim {
+                token: a,
+                first_seq: 3,
+            },
+            append(b, 7),
+            LogOp::Open(meta(c)),
+            append(c, 1),
+            LogOp::End { token: c },
+            LogOp::Drop { token: c },
+        ];
+        compact(&mut batch);
+        assert_eq!(
+            batch,
+            vec![
+                LogOp::Open(meta(a)),
+                append(a, 3),
+                LogOp::Trim {
+                    token: a,
+                    first_seq: 3,
+                },
+                append(b, 7),
+                LogOp::Drop { token: c },
+            ]
+        );
+        let unchanged = vec![append(b, 8), LogOp::End { token: b }];
+        let mut copy = unchanged.clone();
+        compact(&mut copy);
+        assert_eq!(copy, unchanged);
     }
 }

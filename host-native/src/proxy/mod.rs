@@ -47,11 +47,13 @@ mod front;
 mod http;
 mod hub;
 mod mcp;
+mod redis_log;
 mod storage;
 mod upstream;
 
 pub use file_log::FileLog;
 pub use http::STREAMS_PATH;
+pub use redis_log::{COMMANDS_PER_ROUND_TRIP, MAX_TAIL_BLOCK, RedisLog, TRIM_STEP};
 pub use storage::{LogOp, LogStorage, MemoryLog, StoredStream, StreamKind, StreamMeta};
 
 use crate::HttpConnector;
@@ -295,7 +297,8 @@ pub struct ProxyOptions {
     pub metrics_listen: Option<SocketAddr>,
     /// The log's storage.
     pub storage: Box<dyn LogStorage>,
-    /// What the storage is, for the start-up line (`memory`, a directory).
+    /// What the storage is, for the start-up line (`memory`, a directory,
+    /// a Redis URL without its password).
     pub log_name: String,
 }
 
