@@ -11,7 +11,8 @@ use tidemark::demo::{self, DemoOptions};
 use tidemark::follow::{self, FollowOptions, RedisFollow};
 use tidemark::mcp::{self, McpOptions};
 use tidemark::proxy::{
-    self, FileLog, LogStorage, MemoryLog, ProxyConfig, ProxyLimits, ProxyOptions, RedisLog,
+    self, FileLog, FleetOptions, LogStorage, MemoryLog, ProxyConfig, ProxyLimits, ProxyOptions,
+    RedisLog,
 };
 
 /// What a `--log` URL of Redis starts with (anything else is a directory).
@@ -146,6 +147,12 @@ struct ProxyArgs {
     /// Prefix of the Redis keys of --log redis://.
     #[arg(long, value_name = "PREFIX", default_value = "tidemark:")]
     redis_prefix: String,
+    /// With --log redis://, time to live of a stream's lease in Redis: the
+    /// instance holding it follows the upstream (or reads a POST answer),
+    /// the others of the fleet serve their clients from Redis, and take
+    /// over this long after it died.
+    #[arg(long, default_value_t = 10_000)]
+    lease_ms: u64,
     /// Most events kept per stream.
     #[arg(long, default_value_t = 10_000)]
     retain: usize,
@@ -369,11 +376,19 @@ fn main() -> ExitCode {
                 },
                 (None, None) => (Box::new(MemoryLog), "memory".into()),
             };
+            let fleet = redis_url.map(|url| FleetOptions {
+                redis: RedisConfig {
+                    prefix: args.redis_prefix.clone(),
+                    ..RedisConfig::new(url)
+                },
+                lease_ttl: Duration::from_millis(args.lease_ms),
+            });
             let options = ProxyOptions {
                 listen: args.listen,
                 metrics_listen: args.metrics_listen,
                 storage,
                 log_name,
+                fleet,
             };
             server::exit_code(&smol::block_on(proxy::proxy_until_signal(config, options)))
         }

@@ -181,6 +181,8 @@ struct LimitLabel {
 /// | `tidemark_proxy_log_up` | gauge | |
 /// | `tidemark_proxy_log_write_failures_total` | counter | |
 /// | `tidemark_proxy_refusals_total` | counter | `limit="streams\|clients\|header_bytes\|body_bytes"` |
+/// | `tidemark_proxy_fleet_mirrored_streams` | gauge | |
+/// | `tidemark_proxy_fleet_takeovers_total` | counter | |
 ///
 /// Every labelled series is exported from the start, at 0.
 #[derive(Clone, Debug)]
@@ -204,6 +206,8 @@ struct ProxyInner {
     log_up: Gauge,
     log_write_failures: Counter,
     refusals: [Counter; 4],
+    fleet_mirrored: Gauge,
+    fleet_takeovers: Counter,
 }
 
 impl Default for ProxyMetrics {
@@ -241,6 +245,8 @@ impl ProxyMetrics {
             log_up: Gauge::default(),
             log_write_failures: Counter::default(),
             refusals: Limit::ALL.map(|limit| refusals.get_or_create_owned(&LimitLabel { limit })),
+            fleet_mirrored: Gauge::default(),
+            fleet_takeovers: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("streams", "Logged streams open", streams.clone());
@@ -301,6 +307,16 @@ impl ProxyMetrics {
             inner.log_write_failures.clone(),
         );
         registry.register("refusals", "Requests refused by a limit", refusals.clone());
+        registry.register(
+            "fleet_mirrored_streams",
+            "Streams another instance of the fleet writes, mirrored here from Redis",
+            inner.fleet_mirrored.clone(),
+        );
+        registry.register(
+            "fleet_takeovers",
+            "Streams this instance took over from another (its lease lapsed or was let go)",
+            inner.fleet_takeovers.clone(),
+        );
         ProxyMetrics {
             inner: Arc::new(ProxyInner { registry, ..inner }),
         }
@@ -364,6 +380,16 @@ impl ProxyMetrics {
     /// An upstream connection, or an attempt to open one, failed.
     pub fn upstream_failure(&self) {
         self.inner.upstream_failures.inc();
+    }
+
+    /// `n` streams are mirrored from the fleet's log now.
+    pub fn set_mirrored(&self, n: usize) {
+        self.inner.fleet_mirrored.set(n as i64);
+    }
+
+    /// This instance took a stream over from another of the fleet.
+    pub fn fleet_takeover(&self) {
+        self.inner.fleet_takeovers.inc();
     }
 
     /// The log grew by `delta` bytes (shrank, when negative).
@@ -634,6 +660,8 @@ mod tests {
             "tidemark_proxy_refusals_total{limit=\"clients\"} 0",
             "tidemark_proxy_refusals_total{limit=\"header_bytes\"} 0",
             "tidemark_proxy_refusals_total{limit=\"body_bytes\"} 0",
+            "tidemark_proxy_fleet_mirrored_streams 0",
+            "tidemark_proxy_fleet_takeovers_total 0",
         ];
         want.sort_unstable();
         assert_eq!(got, want);
@@ -675,6 +703,8 @@ mod tests {
         metrics.refused(Limit::BodyBytes);
         metrics.log_write_failed();
         metrics.log_write_failed();
+        metrics.set_mirrored(3);
+        metrics.fleet_takeover();
         assert!(samples(&clone.render(Format::Prometheus)).contains(&"tidemark_proxy_log_up 0"));
         metrics.log_written();
         let text = clone.render(Format::Prometheus);
@@ -699,10 +729,12 @@ mod tests {
             "tidemark_proxy_refusals_total{limit=\"clients\"} 1",
             "tidemark_proxy_refusals_total{limit=\"header_bytes\"} 2",
             "tidemark_proxy_refusals_total{limit=\"body_bytes\"} 1",
+            "tidemark_proxy_fleet_mirrored_streams 3",
+            "tidemark_proxy_fleet_takeovers_total 1",
         ] {
             assert!(got.contains(&line), "{line} missing from\n{text}");
         }
-        assert_eq!(got.len(), 19, "{text}");
+        assert_eq!(got.len(), 21, "{text}");
     }
 
     #[test]

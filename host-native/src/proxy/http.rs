@@ -3,6 +3,7 @@
 //! joins) a logged stream served from the log.
 
 use super::client;
+use super::fleet::{self, key_hash};
 use super::hub::{GetKey, Hub, LoggedStream, Upstream, Who, default_headers};
 use super::mcp::Mcp;
 use super::storage::StreamKind;
@@ -101,8 +102,17 @@ pub(super) async fn handle(
     };
     stream.set_headers(stream_headers(&response.headers));
     stream.state().upstream = Upstream::Live;
+    // In a fleet, its reader holds its lease: the others know it is read.
+    let lease = match &hub.fleet {
+        Some(fleet) => {
+            let lease = fleet.lease(stream.meta.token);
+            let _ = lease.try_acquire().await;
+            Some(lease)
+        }
+        None => None,
+    };
     hub.executor
-        .spawn(read_post(hub.clone(), stream.clone(), response.body))
+        .spawn(read_post(hub.clone(), stream.clone(), response.body, lease))
         .detach();
     let location = format!("{STREAMS_PATH}{}", stream.meta.token);
     let start = stream.state().log.start(None);
@@ -131,10 +141,15 @@ pub(super) async fn handle_get(
         .split_once('?')
         .map_or(target.as_str(), |(path, _)| path);
     if let Some(token) = path.strip_prefix(STREAMS_PATH) {
-        let Some(stream) = StreamToken::parse(token).and_then(|t| hub.find(t, who.owner)) else {
-            return no_such_stream();
+        let found = match StreamToken::parse(token) {
+            Some(token) => find(&hub, token, who.owner).await,
+            None => Ok(None),
         };
-        return resume(&hub, stream, last_event_id.as_deref(), mcp);
+        return match found {
+            Ok(Some(stream)) => resume(&hub, stream, last_event_id.as_deref(), mcp),
+            Ok(None) => no_such_stream(),
+            Err(answer) => answer,
+        };
     }
     let mut upstream_headers = forwarded(headers);
     if mcp.passes_through() {
@@ -158,11 +173,19 @@ pub(super) async fn handle_get(
     upstream_headers.retain(|(name, _)| !name.eq_ignore_ascii_case("last-event-id"));
     // An id names its stream: resume that one, whichever key it was shared
     // by (an MCP session resumes any of its streams so, by id alone).
-    let named = last_event_id
-        .as_deref()
-        .and_then(parse_event_id)
-        .and_then(|(token, _)| hub.find(token, who.owner))
-        .filter(|s| mcp.session || (s.meta.kind == StreamKind::Get && s.meta.target == target));
+    let named = match last_event_id.as_deref().and_then(parse_event_id) {
+        Some((token, _)) => match find(&hub, token, who.owner).await {
+            Ok(found) => found,
+            Err(answer) => return answer,
+        },
+        None => None,
+    }
+    .filter(|s| mcp.session || (s.meta.kind == StreamKind::Get && s.meta.target == target));
+    let wants_stream = headers.get_all(hyper::header::ACCEPT).iter().any(|v| {
+        v.as_bytes()
+            .windows(17)
+            .any(|w| w.eq_ignore_ascii_case(b"text/event-stream"))
+    });
     let mut request = GetRequest {
         key: (target, who.sharing),
         owner: who.owner,
@@ -170,6 +193,7 @@ pub(super) async fn handle_get(
         headers: upstream_headers,
         last_event_id,
         mcp,
+        wants_stream,
     };
     match named {
         Some(stream) => resume_named(hub, stream, request).await,
@@ -238,6 +262,9 @@ struct GetRequest {
     headers: Vec<(String, String)>,
     last_event_id: Option<String>,
     mcp: Mcp,
+    /// It accepts `text/event-stream`: in a fleet, it agrees on the
+    /// stream's token with the other instances before asking upstream.
+    wants_stream: bool,
 }
 
 /// A GET of `key`: joins its live stream, or asks the upstream (once for
@@ -250,14 +277,15 @@ async fn get(hub: Arc<Hub>, request: GetRequest) -> Response<Body> {
         Open(Option<String>),
     }
     loop {
-        let stream = match hub.get_stream(&request.key, request.owner) {
+        let stream = match stream_of(&hub, &request).await {
             Ok(stream) => stream,
-            Err(limit) => return refused(limit),
+            Err(answer) => return answer,
         };
         let next = {
             let mut state = stream.state();
             match state.upstream {
                 Upstream::Live if !state.stop => Next::Join,
+                Upstream::Mirrored => Next::Join,
                 Upstream::Live | Upstream::Opening => Next::Wait(stream.changed.listen()),
                 Upstream::Idle => {
                     state.upstream = Upstream::Opening;
@@ -277,6 +305,72 @@ async fn get(hub: Arc<Hub>, request: GetRequest) -> Response<Body> {
             Next::Open(upstream_id) => return open(&hub, stream, request, upstream_id).await,
         }
     }
+}
+
+/// The stream of a GET: this instance's, else in a fleet the one the
+/// fleet agrees on (taken in from Redis if it was logged there), else a
+/// new one.
+async fn stream_of(hub: &Hub, request: &GetRequest) -> Result<Arc<LoggedStream>, Response<Body>> {
+    let mut token = None;
+    if let Some(fleet) = &hub.fleet
+        && request.wants_stream
+        && hub.local_get(&request.key).is_none()
+    {
+        let fresh = StreamToken::random()
+            .map_err(|e| status(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()))?;
+        let agreed = fleet
+            .agree(key_hash(hub, &request.key), fresh)
+            .await
+            .map_err(fleet_down)?;
+        if agreed != fresh
+            && let Some(stored) = fleet.load(agreed).await.map_err(fleet_down)?
+        {
+            return Ok(hub.adopt(stored, Some(request.key.clone())));
+        }
+        token = Some(agreed);
+    }
+    hub.get_stream(&request.key, request.owner, token)
+        .map_err(refused)
+}
+
+/// The stream of `token` if it is `owner`'s: this instance's, else in a
+/// fleet the one in Redis, taken in (and mirrored, if it is a POST answer
+/// still being read elsewhere).
+async fn find(
+    hub: &Arc<Hub>,
+    token: StreamToken,
+    owner: Identity,
+) -> Result<Option<Arc<LoggedStream>>, Response<Body>> {
+    if let Some(stream) = hub.find(token, owner) {
+        return Ok(Some(stream));
+    }
+    let Some(fleet) = &hub.fleet else {
+        return Ok(None);
+    };
+    let Some(stored) = fleet.load(token).await.map_err(fleet_down)? else {
+        return Ok(None);
+    };
+    if stored.meta.identity != owner {
+        return Ok(None);
+    }
+    let key = (stored.meta.kind == StreamKind::Get).then(|| (stored.meta.target.clone(), owner));
+    let stream = hub.adopt(stored, key);
+    if stream.meta.kind == StreamKind::Post && !stream.state().log.is_ended() {
+        fleet::mirror(hub, fleet, &stream, None);
+    }
+    Ok(Some(stream))
+}
+
+/// What a request that needs the fleet's log gets while Redis is down.
+fn fleet_down(e: io::Error) -> Response<Body> {
+    let mut response = status(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("the fleet's log is unreachable ({e})"),
+    );
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    response
 }
 
 /// Where a client of a GET stream starts: after its `Last-Event-ID`, or
@@ -303,6 +397,7 @@ async fn open(
         headers,
         last_event_id,
         mcp,
+        wants_stream: _,
     } = request;
     // The first request goes as the client sent it (it may not be for a
     // stream at all); the follower's reconnects send the connector's own
@@ -310,9 +405,6 @@ async fn open(
     let mut request_headers = headers.clone();
     let mut headers = headers;
     headers.retain(|(name, _)| !is_one_of(name, &["accept", "cache-control"]));
-    if let Some(id) = &upstream_id {
-        request_headers.push(("last-event-id".into(), id.clone()));
-    }
     // Whatever ends this request before the stream is live (an answer that
     // is no stream, a failure, the client leaving while the upstream
     // thinks) puts the stream back to idle and wakes those waiting on it.
@@ -321,10 +413,45 @@ async fn open(
         stream: stream.clone(),
         live: false,
     };
+    // In a fleet, the instance holding the stream's lease follows the
+    // upstream; the others mirror the stream from Redis.
+    let mut lease = None;
+    if let Some(fleet) = &hub.fleet {
+        let held = fleet.lease(stream.meta.token);
+        match held.try_acquire().await {
+            Ok(true) => {
+                if let Err(e) = fleet.catch_up(&stream).await {
+                    let _ = held.release().await;
+                    return fleet_down(e);
+                }
+                lease = Some(held);
+            }
+            Ok(false) => {
+                let start = start_of(&stream, last_event_id.as_deref());
+                opening.live = true;
+                fleet::mirror(hub, fleet, &stream, Some((url, headers)));
+                return serve(hub, stream, start, mcp.primes());
+            }
+            Err(e) => return fleet_down(io::Error::other(e)),
+        }
+    }
+    let upstream_id = match &lease {
+        // What the fleet logged meanwhile may have a newer upstream id.
+        Some(_) => stream.state().log.upstream_id().map(str::to_owned),
+        None => upstream_id,
+    };
+    if let Some(id) = &upstream_id {
+        request_headers.push(("last-event-id".into(), id.clone()));
+    }
     let answer = hub
         .get_connector
         .request(Method::GET, &url, &request_headers, Bytes::new())
         .await;
+    let give_back = |lease: Option<crate::Lease>| async move {
+        if let Some(lease) = lease {
+            let _ = lease.release().await;
+        }
+    };
     let stored = stream.state().stored;
     if mcp.session
         && let Ok(response) = &answer
@@ -345,13 +472,18 @@ async fn open(
             hub.metrics.upstream_failure();
             None
         }
-        Ok(response) => return pass_through(response),
+        Ok(response) => {
+            give_back(lease).await;
+            return pass_through(response);
+        }
         Err(e) => {
+            give_back(lease).await;
             hub.metrics.upstream_failure();
             return status(StatusCode::BAD_GATEWAY, &e.to_string());
         }
     };
     if !stored && let Err(limit) = hub.log_open(&stream) {
+        give_back(lease).await;
         return refused(limit);
     }
     // Where this client starts, before the follower can append: it gets
@@ -362,7 +494,14 @@ async fn open(
     opening.live = true;
     stream.changed.notify(usize::MAX);
     hub.executor
-        .spawn(follow_get(hub.clone(), stream.clone(), url, headers, body))
+        .spawn(follow_get(
+            hub.clone(),
+            stream.clone(),
+            url,
+            headers,
+            body,
+            lease,
+        ))
         .detach();
     if last_event_id.is_some() {
         hub.metrics.resume();

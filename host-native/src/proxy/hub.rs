@@ -1,8 +1,9 @@
 //! The proxy's shared state: every logged stream, its log, its clients, and
 //! the storage writer that makes appends durable before clients see them.
 
-use super::ProxyConfig;
+use super::fleet::Fleet;
 use super::storage::{LogOp, LogStorage, StoredStream, StreamKind, StreamMeta, TokenMap};
+use super::{FleetOptions, ProxyConfig};
 use crate::metrics::{Limit, ProxyMetrics};
 use crate::{HttpConnector, SmolClock};
 use event_listener::Event;
@@ -41,6 +42,9 @@ pub(super) enum Upstream {
     Opening,
     /// A task follows (GET) or reads (POST) the upstream.
     Live,
+    /// Another instance of the fleet writes the stream; this one mirrors
+    /// its log from Redis (see `fleet.rs`).
+    Mirrored,
 }
 
 /// What a logged stream's lock guards.
@@ -58,6 +62,10 @@ pub(super) struct StreamState {
     pub stop: bool,
     /// Whether storage has the stream (its `Open` was handed over).
     pub stored: bool,
+    /// Whether this instance hands the stream's changes to storage: it
+    /// made the stream, or took it over. A fleet's mirror does not (its
+    /// writer does).
+    pub writes: bool,
 }
 
 /// One logged stream.
@@ -131,20 +139,32 @@ pub(super) struct Hub {
     clients: AtomicUsize,
     /// The storage writer's queue; `None` for a memory log.
     writer: Option<async_channel::Sender<Vec<LogOp>>>,
+    /// The fleet this instance is one of, with a log in Redis.
+    pub fleet: Option<Arc<Fleet>>,
 }
 
 impl Hub {
     /// The hub over `storage`: recovers its streams, and starts the writer
     /// thread when the storage is durable (joined by [`Writer::finish`]).
+    /// In a `fleet`, nothing is recovered at start: streams are taken in
+    /// from the fleet's log when a client asks for them.
     pub fn new(
         config: ProxyConfig,
         mut storage: Box<dyn LogStorage>,
         metrics: ProxyMetrics,
+        fleet: Option<FleetOptions>,
     ) -> io::Result<(Arc<Hub>, Option<Writer>)> {
         let clock = SmolClock::new();
+        let fleet = match fleet {
+            Some(options) => Some(Fleet::new(options, config.retention, clock)?),
+            None => None,
+        };
         let fresh = tidemark_core::replay::random_bytes().map_err(io::Error::other)?;
         let key = IdentityKey::from_bytes(storage.identity_key(fresh)?);
-        let recovered = storage.recover()?;
+        let recovered = match fleet {
+            Some(_) => Vec::new(),
+            None => storage.recover()?,
+        };
         let durable = storage.is_durable();
         let (writer, queue) = if durable {
             let (sender, receiver) = async_channel::unbounded();
@@ -164,6 +184,7 @@ impl Hub {
             streams: Mutex::default(),
             clients: AtomicUsize::new(0),
             writer,
+            fleet: fleet.map(Arc::new),
         });
         let ended_on_recovery = hub.restore(recovered);
         for token in ended_on_recovery {
@@ -216,6 +237,7 @@ impl Hub {
                         upstream: Upstream::Idle,
                         stop: false,
                         stored: true,
+                        writes: true,
                     }),
                     changed: Event::new(),
                     stopping: Event::new(),
@@ -241,16 +263,118 @@ impl Hub {
             .cloned()
     }
 
-    /// The GET stream of `key`, made (idle, not logged yet, `owner`'s) if
-    /// there is none; `Err` when that would exceed `--max-streams`.
-    pub fn get_stream(&self, key: &GetKey, owner: Identity) -> Result<Arc<LoggedStream>, Limit> {
+    /// The GET stream of `key`, if this instance has it.
+    pub fn local_get(&self, key: &GetKey) -> Option<Arc<LoggedStream>> {
+        let streams = self.lock();
+        streams
+            .gets
+            .get(key)
+            .and_then(|t| streams.by_token.get(t))
+            .cloned()
+    }
+
+    /// The GET stream of `key`, made (idle, not logged yet, `owner`'s, of
+    /// `token` if given: the one the fleet agreed on) if there is none;
+    /// `Err` when that would exceed `--max-streams`.
+    pub fn get_stream(
+        &self,
+        key: &GetKey,
+        owner: Identity,
+        token: Option<StreamToken>,
+    ) -> Result<Arc<LoggedStream>, Limit> {
         let mut streams = self.lock();
         if let Some(stream) = streams.gets.get(key).and_then(|t| streams.by_token.get(t)) {
             return Ok(stream.clone());
         }
-        let stream = self.make(&mut streams, Some(key.clone()), key.0.clone(), owner)?;
+        if let Some(stream) = token.and_then(|t| streams.by_token.get(&t)).cloned() {
+            streams.gets.insert(key.clone(), stream.meta.token);
+            return Ok(stream);
+        }
+        let stream = self.make(&mut streams, Some(key.clone()), key.0.clone(), owner, token)?;
         streams.gets.insert(key.clone(), stream.meta.token);
         Ok(stream)
+    }
+
+    /// Takes in a stream of the fleet that this instance does not have,
+    /// as Redis has it (`key`: the key GET requests share it by), written
+    /// by another instance: the caller mirrors it, or takes it over. The
+    /// one already here, if another request took it in meanwhile.
+    pub fn adopt(&self, stored: StoredStream, key: Option<GetKey>) -> Arc<LoggedStream> {
+        let now = self.clock.now();
+        let mut streams = self.lock();
+        if let Some(stream) = streams.by_token.get(&stored.meta.token) {
+            return stream.clone();
+        }
+        let log = ReplayLog::restore(
+            stored.meta.token,
+            self.config.retention,
+            stored.records,
+            stored.ended,
+            now,
+        );
+        self.metrics.log_bytes_add(log.bytes() as i64);
+        let token = stored.meta.token;
+        if let Some(key) = &key {
+            streams.gets.insert(key.clone(), token);
+        }
+        let stream = Arc::new(LoggedStream {
+            meta: stored.meta,
+            key,
+            headers: Mutex::new(default_headers()),
+            state: Mutex::new(StreamState {
+                log,
+                clients: 0,
+                left_at: now,
+                upstream: Upstream::Idle,
+                stop: false,
+                stored: true,
+                writes: false,
+            }),
+            changed: Event::new(),
+            stopping: Event::new(),
+        });
+        streams.by_token.insert(token, stream.clone());
+        stream
+    }
+
+    /// This instance writes `stream` from now on (it took its lease).
+    pub fn take_over(&self, stream: &LoggedStream) {
+        let mut state = stream.state();
+        state.writes = true;
+        state.stored = true;
+    }
+
+    /// Forgets a mirrored stream nobody here reads any more (its writer
+    /// keeps it in the fleet's log).
+    pub fn forget_mirror(&self, stream: &LoggedStream) {
+        let mut streams = self.lock();
+        let idle = {
+            let mut state = stream.state();
+            if state.upstream == Upstream::Mirrored {
+                state.upstream = Upstream::Idle;
+            }
+            !state.writes && state.clients == 0
+        };
+        if idle && streams.by_token.contains_key(&stream.meta.token) {
+            self.remove(&mut streams, stream);
+        }
+    }
+
+    /// Ends `stream` here (and in storage, if this instance writes it):
+    /// nothing more is appended.
+    pub fn end_stream(&self, stream: &LoggedStream) {
+        let op = {
+            let mut state = stream.state();
+            let ended_here = !state.log.is_ended();
+            state.log.end();
+            (ended_here && state.writes && state.stored).then_some(LogOp::End {
+                token: stream.meta.token,
+            })
+        };
+        if let Some(op) = op {
+            self.log_op(op);
+        }
+        stream.changed.notify(usize::MAX);
     }
 
     /// A new POST stream, logged at once.
@@ -261,7 +385,7 @@ impl Hub {
     ) -> Result<Arc<LoggedStream>, Limit> {
         let stream = {
             let mut streams = self.lock();
-            self.make(&mut streams, None, target, identity)?
+            self.make(&mut streams, None, target, identity, None)?
         };
         self.metrics.stream_opened(StreamKind::Post);
         self.log_op(LogOp::Open(stream.meta.clone()));
@@ -275,6 +399,7 @@ impl Hub {
         key: Option<GetKey>,
         target: String,
         identity: Identity,
+        token: Option<StreamToken>,
     ) -> Result<Arc<LoggedStream>, Limit> {
         let kind = if key.is_some() {
             StreamKind::Get
@@ -285,12 +410,14 @@ impl Hub {
             self.admit(streams)?;
         }
         let now = self.clock.now();
-        let token = loop {
-            let token = StreamToken::random().expect("the OS has an entropy source");
-            if !streams.by_token.contains_key(&token) {
-                break token;
+        let token = token.unwrap_or_else(|| {
+            loop {
+                let token = StreamToken::random().expect("the OS has an entropy source");
+                if !streams.by_token.contains_key(&token) {
+                    break token;
+                }
             }
-        };
+        });
         let stream = Arc::new(LoggedStream {
             meta: StreamMeta {
                 token,
@@ -308,6 +435,7 @@ impl Hub {
                 upstream: Upstream::Idle,
                 stop: false,
                 stored: kind == StreamKind::Post,
+                writes: true,
             }),
             changed: Event::new(),
             stopping: Event::new(),
@@ -443,9 +571,12 @@ impl Hub {
                         stream.stopping.notify(usize::MAX);
                     }
                     Upstream::Idle if state.log.is_expired(now) => {
+                        let writes = state.writes;
                         drop(state);
                         self.remove(&mut streams, &stream);
-                        dropped.push(stream.meta.token);
+                        if writes {
+                            dropped.push(stream.meta.token);
+                        }
                     }
                     _ => {}
                 }
@@ -475,13 +606,14 @@ impl Hub {
             {
                 let mut state = stream.state();
                 state.stop = true;
+                let writes = state.stored && state.writes;
                 if !state.log.is_ended() {
                     state.log.end();
-                    if state.stored {
+                    if writes {
                         ops.push(LogOp::End { token });
                     }
                 }
-                if drop && state.stored {
+                if drop && writes {
                     ops.push(LogOp::Drop { token });
                 }
             }

@@ -175,6 +175,16 @@ impl RedisLog {
         after_seq: u64,
         count: usize,
     ) -> io::Result<Vec<LogRecord>> {
+        smol::block_on(self.read_after_async(token, after_seq, count))
+    }
+
+    /// [`read_after`](Self::read_after), on a task.
+    pub(super) async fn read_after_async(
+        &self,
+        token: StreamToken,
+        after_seq: u64,
+        count: usize,
+    ) -> io::Result<Vec<LogRecord>> {
         let key = self.log_key(token);
         let xrange = redis::cmd("XRANGE")
             .arg(&key)
@@ -183,7 +193,7 @@ impl RedisLog {
             .arg("COUNT")
             .arg(count)
             .take();
-        let reply: Value = self.block_on(&self.connection, &xrange)?;
+        let reply: Value = self.query(&self.connection, &xrange).await?;
         entries(&key, &reply)
     }
 
@@ -197,52 +207,145 @@ impl RedisLog {
         after_seq: u64,
         block: Duration,
     ) -> io::Result<Vec<LogRecord>> {
-        let key = self.log_key(token);
+        let records = smol::block_on(self.tail_many(&[(token, after_seq)], block))?;
+        Ok(records.into_iter().map(|(_, record)| record).collect())
+    }
+
+    /// The events of each stream `(token, after_seq)` after its `after_seq`,
+    /// with its token, waiting up to `block` (at most [`MAX_TAIL_BLOCK`])
+    /// if none has any yet: one `XREAD BLOCK` for all of them.
+    pub(super) async fn tail_many(
+        &self,
+        from: &[(StreamToken, u64)],
+        block: Duration,
+    ) -> io::Result<Vec<(StreamToken, LogRecord)>> {
         let block_ms = u64::try_from(block.min(MAX_TAIL_BLOCK).as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
-        let xread = redis::cmd("XREAD")
+        let mut xread = redis::cmd("XREAD");
+        xread
             .arg("COUNT")
             .arg(RECOVER_PAGE)
             .arg("BLOCK")
             .arg(block_ms)
-            .arg("STREAMS")
-            .arg(&key)
-            .arg(format!("{after_seq}-0"))
-            .take();
-        let reply: Value = self.block_on(&self.blocking, &xread)?;
+            .arg("STREAMS");
+        let keys: Vec<String> = from.iter().map(|&(token, _)| self.log_key(token)).collect();
+        for key in &keys {
+            xread.arg(key);
+        }
+        for (_, after_seq) in from {
+            xread.arg(format!("{after_seq}-0"));
+        }
+        let what = keys.first().map_or("XREAD", String::as_str);
+        let reply: Value = self.query(&self.blocking, &xread).await?;
         // Nil after the block; else per stream its key and entries, as
         // pairs (RESP2) or a map (RESP3).
-        let streams: Vec<&Value> = match &reply {
+        let streams: Vec<(&Value, &Value)> = match &reply {
             Value::Nil => Vec::new(),
             Value::Array(streams) => streams
                 .iter()
                 .map(|stream| match stream.as_sequence() {
-                    Some([_, entries]) => Ok(entries),
-                    _ => Err(corrupt(&key, "XREAD answered no stream and entries")),
+                    Some([key, entries]) => Ok((key, entries)),
+                    _ => Err(corrupt(what, "XREAD answered no stream and entries")),
                 })
                 .collect::<io::Result<_>>()?,
-            Value::Map(streams) => streams.iter().map(|(_, entries)| entries).collect(),
-            _ => return Err(corrupt(&key, "XREAD answered no list of streams")),
+            Value::Map(streams) => streams
+                .iter()
+                .map(|(key, entries)| (key, entries))
+                .collect(),
+            _ => return Err(corrupt(what, "XREAD answered no list of streams")),
         };
         let mut records = Vec::new();
-        for stream in streams {
-            records.extend(entries(&key, stream)?);
+        for (key, stream) in streams {
+            let key = text(key).ok_or_else(|| corrupt(what, "a stream key is not text"))?;
+            let Some(at) = keys.iter().position(|k| k == key) else {
+                return Err(corrupt(key, "XREAD answered a stream not asked for"));
+            };
+            let token = from[at].0;
+            records.extend(entries(key, stream)?.into_iter().map(|r| (token, r)));
         }
         Ok(records)
     }
 
-    /// Runs one command on `connection`, blocking.
-    fn block_on<T: redis::FromRedisValue>(
+    /// The stream of `token` as stored (its meta, every event, whether it
+    /// ended), if Redis has it.
+    pub(super) async fn load(&self, token: StreamToken) -> io::Result<Option<StoredStream>> {
+        let key = self.meta_key(token);
+        let hgetall = redis::cmd("HGETALL").arg(&key).take();
+        let reply: Value = self.query(&self.connection, &hgetall).await?;
+        let Some(mut stream) = parse_meta(token, &reply).map_err(|d| corrupt(&key, &d))? else {
+            return Ok(None);
+        };
+        loop {
+            let after = stream.records.last().map_or(0, |r| r.seq);
+            let page = self.read_after_async(token, after, RECOVER_PAGE).await?;
+            let full = page.len() == RECOVER_PAGE;
+            stream.records.extend(page);
+            if !full {
+                return Ok(Some(stream));
+            }
+        }
+    }
+
+    /// Whether each stream of `tokens` has ended, by its meta (one round
+    /// trip).
+    pub(super) async fn ended(&self, tokens: &[StreamToken]) -> io::Result<Vec<bool>> {
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for &token in tokens {
+            pipe.cmd("HEXISTS").arg(self.meta_key(token)).arg("ended");
+        }
+        let replies: Vec<bool> = self
+            .connection
+            .run(|mut connection| {
+                let pipe = &pipe;
+                async move { pipe.query_async(&mut connection).await }
+            })
+            .await
+            .map_err(|e| io_error(e, &self.shown))?;
+        Ok(replies)
+    }
+
+    /// The key naming the token of the GET stream whose keyed hash is
+    /// `hash`: `{prefix}proxy:get:{hash}`.
+    pub fn get_key(&self, hash: [u8; 16]) -> String {
+        format!("{}proxy:get:{}", self.config.prefix, hex(&hash))
+    }
+
+    /// The token of the GET stream `hash` names in the fleet: the stored
+    /// one, or `fresh`, stored now (`SET NX GET`, one atomic step).
+    pub(super) async fn agree(
+        &self,
+        hash: [u8; 16],
+        fresh: StreamToken,
+    ) -> io::Result<StreamToken> {
+        let key = self.get_key(hash);
+        let set = redis::cmd("SET")
+            .arg(&key)
+            .arg(fresh.to_string())
+            .arg("NX")
+            .arg("GET")
+            .take();
+        let stored: Option<String> = self.query(&self.connection, &set).await?;
+        match stored {
+            None => Ok(fresh),
+            Some(token) => StreamToken::parse(&token)
+                .ok_or_else(|| corrupt(&key, &format!("{token:?} is not a token"))),
+        }
+    }
+
+    /// Runs one command on `connection`.
+    async fn query<T: redis::FromRedisValue>(
         &self,
         connection: &SharedConnection,
         command: &redis::Cmd,
     ) -> io::Result<T> {
-        smol::block_on(
-            connection
-                .run(|mut connection| async move { command.query_async(&mut connection).await }),
-        )
-        .map_err(|e| io_error(e, &self.shown))
+        connection
+            .run(|mut connection| async move { command.query_async(&mut connection).await })
+            .await
+            .map_err(|e| io_error(e, &self.shown))
     }
 
     /// Sends `pipe`, blocking, and gives each command's reply, server
@@ -348,7 +451,7 @@ impl RedisLog {
     /// those whose meta is missing (a `Drop` cut short, say).
     fn stored_metas(&self) -> io::Result<(Vec<StoredStream>, Vec<StreamToken>)> {
         let smembers = redis::cmd("SMEMBERS").arg(self.streams_key()).take();
-        let members: Vec<String> = self.block_on(&self.connection, &smembers)?;
+        let members: Vec<String> = smol::block_on(self.query(&self.connection, &smembers))?;
         let mut tokens = Vec::with_capacity(members.len());
         for member in &members {
             let token = StreamToken::parse(member).ok_or_else(|| {

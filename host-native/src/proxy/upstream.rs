@@ -3,8 +3,10 @@
 //! `Last-Event-ID`, its replays dropped), a POST answer read once to its
 //! end. Both append every event to the stream's log.
 
+use super::fleet;
 use super::hub::{Hub, LoggedStream, Upstream};
-use super::storage::LogOp;
+use super::storage::{LogOp, StreamKind};
+use crate::Lease;
 use crate::{HttpBody, HttpConnector};
 use futures::StreamExt;
 use futures::future::{Either, select};
@@ -101,13 +103,18 @@ fn push_too_large(batch: &mut LogBatch) {
 /// Follows a GET stream whose first answer is `body` (`None`: connect
 /// first), with the request `headers`, until the linger is over or the
 /// upstream gives up.
+///
+/// In a fleet it holds the stream's `lease` meanwhile, stops when it loses
+/// it, and lets it go at the end.
 pub(super) async fn follow_get(
     hub: Arc<Hub>,
     stream: Arc<LoggedStream>,
     url: String,
     headers: Vec<(String, String)>,
     body: Option<HttpBody>,
+    lease: Option<Lease>,
 ) {
+    let holding = held(&hub, &stream, lease.clone());
     let session = headers
         .iter()
         .any(|(name, _)| name.eq_ignore_ascii_case("mcp-session-id"));
@@ -165,6 +172,10 @@ pub(super) async fn follow_get(
             Either::Left((item, _)) => item,
             Either::Right(((), _)) => continue,
         };
+        if lease.as_ref().is_some_and(|lease| !lease.is_valid()) {
+            // Another instance may be the writer now: append nothing more.
+            break None;
+        }
         match item {
             Ok(StreamItem::Delivered { .. }) => {
                 append(&hub, &stream, &batch);
@@ -208,15 +219,49 @@ pub(super) async fn follow_get(
     {
         hub.end_identity(stream.meta.identity, false);
     }
-    let mut state = stream.state();
-    state.upstream = Upstream::Idle;
-    state.stop = false;
-    drop(state);
+    {
+        let mut state = stream.state();
+        state.upstream = Upstream::Idle;
+        state.stop = false;
+    }
     stream.changed.notify(usize::MAX);
+    let_go(holding, lease).await;
+}
+
+/// In a fleet, the task that holds a writer's lease (see `fleet::hold`):
+/// a GET follower that loses it stops.
+fn held(hub: &Hub, stream: &Arc<LoggedStream>, lease: Option<Lease>) -> Option<smol::Task<()>> {
+    let fleet = hub.fleet.as_ref()?;
+    let stream = stream.clone();
+    let lost = move || {
+        if stream.meta.kind == StreamKind::Get {
+            stream.state().stop = true;
+            stream.stopping.notify(usize::MAX);
+        }
+    };
+    Some(
+        hub.executor
+            .spawn(fleet::hold(lease?, fleet.standby_period(), lost)),
+    )
+}
+
+/// The writer is done: stops holding its lease and gives it back.
+async fn let_go(holding: Option<smol::Task<()>>, lease: Option<Lease>) {
+    drop(holding);
+    if let Some(lease) = lease {
+        let _ = lease.release().await;
+    }
 }
 
 /// Reads a POST answer to its end, whether or not a client reads along.
-pub(super) async fn read_post(hub: Arc<Hub>, stream: Arc<LoggedStream>, mut body: HttpBody) {
+/// In a fleet it holds the stream's `lease` meanwhile.
+pub(super) async fn read_post(
+    hub: Arc<Hub>,
+    stream: Arc<LoggedStream>,
+    mut body: HttpBody,
+    lease: Option<Lease>,
+) {
+    let holding = held(&hub, &stream, lease.clone());
     let mut parser = Parser::new(hub.config.limits.parser());
     let mut batch = LogBatch::new();
     let mut failure = None;
@@ -267,4 +312,5 @@ pub(super) async fn read_post(hub: Arc<Hub>, stream: Arc<LoggedStream>, mut body
         });
     }
     stream.changed.notify(usize::MAX);
+    let_go(holding, lease).await;
 }
