@@ -214,3 +214,130 @@ fn three_instances_on_redis_every_client_gets_every_event_once_through_moves_a_k
         );
     }
 }
+
+/// `(seq, data)` of chat events `range`, as the upstream sent them.
+fn tokens(range: std::ops::RangeInclusive<u64>) -> Vec<(u64, String)> {
+    range.map(|i| (i, format!("{{\"i\":{i}}}"))).collect()
+}
+
+fn seqs(events: &[Event], token: &str) -> Vec<(u64, String)> {
+    events
+        .iter()
+        .map(|e| {
+            let (t, seq) = proxy_id(e.id());
+            assert_eq!(t, token, "an event of another stream: {e:?}");
+            (seq, e.data.clone())
+        })
+        .collect()
+}
+
+/// A POST answered with a stream, through `proxy`: its Content-Location
+/// and the stream.
+fn post(proxy: &Proxy, path: &str) -> (String, Sse) {
+    let answer = support::http::request(
+        &proxy.addr,
+        "POST",
+        path,
+        &[AUTH, ("Accept", "text/event-stream")],
+        Some(b"{}"),
+    );
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let location = answer.header("content-location").unwrap().to_owned();
+    (location, answer.sse())
+}
+
+const AUTH: (&str, &str) = ("Authorization", "Bearer fleet");
+
+#[test]
+fn a_post_answer_read_by_one_instance_resumes_on_another_then_ends_there() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    let a = fleet_proxy(&upstream, &redis, "post:");
+    let b = fleet_proxy(&upstream, &redis, "post:");
+    let (location, mut first) = post(&a, "/chat?tokens=20&hold=10");
+    let half = first.events(10);
+    let token = proxy_id(half[0].id()).0;
+    drop(first);
+    // Resumed on B while A still reads the answer: B mirrors it from Redis.
+    let last = format!("{token}-10");
+    let mut resumed = get_sse(&b.addr, &location, &[AUTH, ("Last-Event-ID", &last)]).sse();
+    resumed.set_timeout(Duration::from_secs(20));
+    upstream.release_chat();
+    let rest = resumed.rest(); // ends when the stream ends, as B learns from Redis
+    assert_eq!(seqs(&rest, &token), tokens(11..=20));
+    let done = format!("{token}-20");
+    let finished = get_sse(&b.addr, &location, &[AUTH, ("Last-Event-ID", &done)]);
+    assert_eq!(finished.status, 204, "{finished:?}");
+    // Another identity learns nothing of it, on any instance.
+    let stranger = get_sse(&b.addr, &location, &[("Last-Event-ID", &last)]);
+    assert_eq!(stranger.status, 404, "{stranger:?}");
+    assert_eq!(upstream.state.count("/chat"), 1, "one POST upstream");
+}
+
+#[test]
+fn when_the_instance_reading_a_post_answer_dies_another_ends_the_stream_at_what_was_logged() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    let mut a = fleet_proxy(&upstream, &redis, "orphan:");
+    let b = fleet_proxy(&upstream, &redis, "orphan:");
+    let (location, mut first) = post(&a, "/chat?tokens=20&hold=10");
+    let token = proxy_id(first.events(10)[0].id()).0;
+    let mut resumed = get_sse(&b.addr, &location, &[AUTH]).sse();
+    resumed.set_timeout(Duration::from_secs(20));
+    assert_eq!(seqs(&resumed.events(10), &token), tokens(1..=10));
+    a.kill9();
+    let killed = Instant::now();
+    // B takes the lease once it lapses and ends the stream: its client
+    // gets the end, not keep-alives forever.
+    assert_eq!(resumed.rest(), Vec::<Event>::new());
+    assert!(
+        killed.elapsed() < Duration::from_secs(5),
+        "ended {:?} after the kill",
+        killed.elapsed()
+    );
+    let done = format!("{token}-10");
+    let finished = get_sse(&b.addr, &location, &[AUTH, ("Last-Event-ID", &done)]);
+    assert_eq!(finished.status, 204, "{finished:?}");
+    let metrics = scrape(&b.metrics_addr());
+    assert_eq!(metrics.get("tidemark_proxy_fleet_takeovers_total"), Some(&1.0));
+}
+
+#[test]
+fn while_redis_is_down_what_needs_it_gets_503_and_everything_works_once_it_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = RedisServer::start_persistent(dir.path());
+    let upstream = Upstream::start();
+    let a = fleet_proxy(&upstream, &redis, "down:");
+    let b = fleet_proxy(&upstream, &redis, "down:");
+    let (location, mut answer) = post(&a, "/chat?tokens=3");
+    let token = proxy_id(answer.rest()[0].id()).0;
+    redis.stop();
+    // A stream B never saw cannot be found without Redis: a clear 503.
+    let resume = get_sse(&b.addr, &location, &[AUTH]);
+    assert_eq!(resume.status, 503, "{resume:?}");
+    assert_eq!(resume.header("retry-after"), Some("1"));
+    assert!(resume.text().contains("unreachable"));
+    // Nor can a new GET stream agree on its token.
+    let live = get_sse(&b.addr, "/live", &[]);
+    assert_eq!(live.status, 503, "{live:?}");
+    // A still serves what it has in memory.
+    let local = get_sse(&a.addr, &location, &[AUTH]);
+    assert_eq!(local.status, 200, "{local:?}");
+    assert_eq!(seqs(&local.sse().rest(), &token), tokens(1..=3));
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let resumed = loop {
+        let resumed = get_sse(&b.addr, &location, &[AUTH]);
+        if resumed.status != 503 {
+            break resumed;
+        }
+        assert!(Instant::now() < deadline, "Redis is back, B still answers 503");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(resumed.status, 200, "{resumed:?}");
+    assert_eq!(seqs(&resumed.sse().rest(), &token), tokens(1..=3));
+    let mut live = get_sse(&b.addr, "/live", &[]).sse();
+    upstream.wait_live_open(1);
+    upstream.emit(1);
+    assert!(live.next_event().is_some());
+}
