@@ -631,6 +631,36 @@ impl ReplayLog {
         }
     }
 
+    /// Appends a record another writer of the stream logged (a proxy of a
+    /// fleet mirrors the stream's shared log), durable at once, and applies
+    /// retention. A record this log already has is ignored (`None`); one
+    /// past a hole (the shared log dropped records before this log read
+    /// them) starts the log anew at its sequence number, so that clients
+    /// behind it get the retention gap.
+    pub fn append_stored(&mut self, record: LogRecord) -> Option<Appended> {
+        if record.seq < self.next_seq {
+            return None;
+        }
+        let first = self.first_seq();
+        let before = self.bytes as i64;
+        if record.seq > self.next_seq {
+            self.records.clear();
+            self.bytes = 0;
+        }
+        self.next_seq = record.seq + 1;
+        self.durable = record.seq;
+        self.last_event_at = record.time;
+        self.bytes += record.frame().len();
+        self.records.push_back(record);
+        self.trim();
+        Some(Appended {
+            seq: self.next_seq - 1,
+            events: 1,
+            bytes_delta: self.bytes as i64 - before,
+            trimmed_to: (self.first_seq() != first).then(|| self.first_seq()),
+        })
+    }
+
     /// Makes `id_line` the id line of event `seq`: an increment of the
     /// previous one's digits, or written anew.
     fn advance_id_line(&mut self, seq: u64) {

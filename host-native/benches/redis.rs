@@ -17,7 +17,6 @@
 //! test command's server (`TIDEMARK_TEST_REDIS`) or its own, and asserts no
 //! targets.
 
-#[allow(dead_code, reason = "the bench does not restart servers")]
 #[path = "../tests/support/redis_server.rs"]
 mod redis_server;
 

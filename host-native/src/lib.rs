@@ -43,6 +43,7 @@ pub mod mcp;
 pub mod metrics;
 mod native_store;
 pub mod proxy;
+mod redis_conn;
 mod redis_store;
 mod rlimit;
 pub mod server;

@@ -11,8 +11,12 @@ use tidemark::demo::{self, DemoOptions};
 use tidemark::follow::{self, FollowOptions, RedisFollow};
 use tidemark::mcp::{self, McpOptions};
 use tidemark::proxy::{
-    self, FileLog, LogStorage, MemoryLog, ProxyConfig, ProxyLimits, ProxyOptions,
+    self, FileLog, FleetOptions, LogStorage, MemoryLog, ProxyConfig, ProxyLimits, ProxyOptions,
+    RedisLog,
 };
+
+/// What a `--log` URL of Redis starts with (anything else is a directory).
+const REDIS_SCHEMES: [&str; 3] = ["redis://", "rediss://", "redis+unix://"];
 use tidemark::{RedisConfig, ServerConfig, default_state_dir, server};
 
 /// Resumable Server-Sent-Events streams.
@@ -108,9 +112,11 @@ enum Command {
     /// Requests are forwarded to the upstream with their path, query and
     /// headers; answers that are not text/event-stream pass through
     /// unchanged. Event streams are logged and served from the log with the
-    /// proxy's own ids: GET streams shared by path, query and identity
-    /// (Authorization, Cookie, Mcp-Session-Id, Origin, --identity-header), POST
-    /// answers resumable at their Content-Location.
+    /// proxy's own ids: GET streams shared by path, query, Origin and identity
+    /// (Authorization, Cookie, Mcp-Session-Id, --identity-header), POST
+    /// answers resumable at their Content-Location. MCP Streamable HTTP is
+    /// recognised by its headers: a session resumes any of its streams by
+    /// Last-Event-ID alone.
     Proxy(ProxyArgs),
     /// Run a chaotic server and a resumable follower together, with a live
     /// display and a final verdict: events expected, received, lost, duplicated.
@@ -133,9 +139,20 @@ struct ProxyArgs {
     listen: SocketAddr,
     /// Keep the replay log on disk in this directory, crash-safe: after a
     /// kill -9 and a restart on it, every event a client was sent is still
-    /// served (default: in memory).
-    #[arg(long, value_name = "DIR")]
+    /// served. Or in Redis Streams, with a redis://HOST:PORT/[DB] URL (also
+    /// rediss://, redis+unix:///PATH): it then outlives the machine, and
+    /// a Redis outage does not stop live streams (default: in memory).
+    #[arg(long, value_name = "DIR|URL")]
     log: Option<PathBuf>,
+    /// Prefix of the Redis keys of --log redis://.
+    #[arg(long, value_name = "PREFIX", default_value = "tidemark:")]
+    redis_prefix: String,
+    /// With --log redis://, time to live of a stream's lease in Redis: the
+    /// instance holding it follows the upstream (or reads a POST answer),
+    /// the others of the fleet serve their clients from Redis, and take
+    /// over this long after it died.
+    #[arg(long, default_value_t = 10_000)]
+    lease_ms: u64,
     /// Most events kept per stream.
     #[arg(long, default_value_t = 10_000)]
     retain: usize,
@@ -154,7 +171,7 @@ struct ProxyArgs {
     #[arg(long, default_value_t = 1000)]
     retry_ms: u64,
     /// A request header that is part of the identity a stream belongs to,
-    /// beside Authorization, Cookie, Mcp-Session-Id and Origin (repeatable).
+    /// beside Authorization, Cookie and Mcp-Session-Id (repeatable).
     #[arg(long = "identity-header", value_name = "NAME")]
     identity_headers: Vec<hyper::header::HeaderName>,
     /// Most logged streams at once; more are refused with 503.
@@ -330,21 +347,48 @@ fn main() -> ExitCode {
         }
         Command::Proxy(args) => {
             let config = args.config();
-            let (storage, log_name): (Box<dyn LogStorage>, String) = match &args.log {
-                Some(dir) => match FileLog::open(dir) {
+            let redis_url = args
+                .log
+                .as_deref()
+                .and_then(|log| log.to_str())
+                .filter(|log| REDIS_SCHEMES.iter().any(|s| log.starts_with(s)));
+            let (storage, log_name): (Box<dyn LogStorage>, String) = match (&args.log, redis_url) {
+                (_, Some(url)) => {
+                    let redis = RedisConfig {
+                        prefix: args.redis_prefix.clone(),
+                        ..RedisConfig::new(url)
+                    };
+                    let shown = redis.redacted_url();
+                    match RedisLog::new(redis, config.retention) {
+                        Ok(log) => (Box::new(log), shown),
+                        Err(e) => {
+                            eprintln!("tidemark: cannot open the log in {shown}: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                }
+                (Some(dir), None) => match FileLog::open(dir) {
                     Ok(log) => (Box::new(log), dir.display().to_string()),
                     Err(e) => {
                         eprintln!("tidemark: cannot open the log in {}: {e}", dir.display());
                         return ExitCode::FAILURE;
                     }
                 },
-                None => (Box::new(MemoryLog), "memory".into()),
+                (None, None) => (Box::new(MemoryLog), "memory".into()),
             };
+            let fleet = redis_url.map(|url| FleetOptions {
+                redis: RedisConfig {
+                    prefix: args.redis_prefix.clone(),
+                    ..RedisConfig::new(url)
+                },
+                lease_ttl: Duration::from_millis(args.lease_ms),
+            });
             let options = ProxyOptions {
                 listen: args.listen,
                 metrics_listen: args.metrics_listen,
                 storage,
                 log_name,
+                fleet,
             };
             server::exit_code(&smol::block_on(proxy::proxy_until_signal(config, options)))
         }

@@ -178,7 +178,11 @@ struct LimitLabel {
 /// | `tidemark_proxy_upstream_reconnects_total` | counter | |
 /// | `tidemark_proxy_upstream_failures_total` | counter | |
 /// | `tidemark_proxy_log_bytes` | gauge | |
+/// | `tidemark_proxy_log_up` | gauge | |
+/// | `tidemark_proxy_log_write_failures_total` | counter | |
 /// | `tidemark_proxy_refusals_total` | counter | `limit="streams\|clients\|header_bytes\|body_bytes"` |
+/// | `tidemark_proxy_fleet_mirrored_streams` | gauge | |
+/// | `tidemark_proxy_fleet_takeovers_total` | counter | |
 ///
 /// Every labelled series is exported from the start, at 0.
 #[derive(Clone, Debug)]
@@ -199,7 +203,11 @@ struct ProxyInner {
     upstream_reconnects: Counter,
     upstream_failures: Counter,
     log_bytes: Gauge,
+    log_up: Gauge,
+    log_write_failures: Counter,
     refusals: [Counter; 4],
+    fleet_mirrored: Gauge,
+    fleet_takeovers: Counter,
 }
 
 impl Default for ProxyMetrics {
@@ -234,7 +242,11 @@ impl ProxyMetrics {
             upstream_reconnects: Counter::default(),
             upstream_failures: Counter::default(),
             log_bytes: Gauge::default(),
+            log_up: Gauge::default(),
+            log_write_failures: Counter::default(),
             refusals: Limit::ALL.map(|limit| refusals.get_or_create_owned(&LimitLabel { limit })),
+            fleet_mirrored: Gauge::default(),
+            fleet_takeovers: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("streams", "Logged streams open", streams.clone());
@@ -283,7 +295,28 @@ impl ProxyMetrics {
             "Bytes held in the replay log",
             inner.log_bytes.clone(),
         );
+        registry.register(
+            "log_up",
+            "1 while the log's storage takes writes (always, for a memory log), 0 while writes fail",
+            inner.log_up.clone(),
+        );
+        inner.log_up.set(1);
+        registry.register(
+            "log_write_failures",
+            "Writes of a batch to the log's storage that failed (each retry counts)",
+            inner.log_write_failures.clone(),
+        );
         registry.register("refusals", "Requests refused by a limit", refusals.clone());
+        registry.register(
+            "fleet_mirrored_streams",
+            "Streams another instance of the fleet writes, mirrored here from Redis",
+            inner.fleet_mirrored.clone(),
+        );
+        registry.register(
+            "fleet_takeovers",
+            "Streams this instance took over from another (its lease lapsed or was let go)",
+            inner.fleet_takeovers.clone(),
+        );
         ProxyMetrics {
             inner: Arc::new(ProxyInner { registry, ..inner }),
         }
@@ -349,6 +382,16 @@ impl ProxyMetrics {
         self.inner.upstream_failures.inc();
     }
 
+    /// `n` streams are mirrored from the fleet's log now.
+    pub fn set_mirrored(&self, n: usize) {
+        self.inner.fleet_mirrored.set(n as i64);
+    }
+
+    /// This instance took a stream over from another of the fleet.
+    pub fn fleet_takeover(&self) {
+        self.inner.fleet_takeovers.inc();
+    }
+
     /// The log grew by `delta` bytes (shrank, when negative).
     pub fn log_bytes_add(&self, delta: i64) {
         self.inner.log_bytes.inc_by(delta);
@@ -357,6 +400,17 @@ impl ProxyMetrics {
     /// The log holds `bytes` bytes (after loading it from disk).
     pub fn log_bytes_set(&self, bytes: i64) {
         self.inner.log_bytes.set(bytes);
+    }
+
+    /// A write of the log's storage failed.
+    pub fn log_write_failed(&self) {
+        self.inner.log_write_failures.inc();
+        self.inner.log_up.set(0);
+    }
+
+    /// A write of the log's storage succeeded.
+    pub fn log_written(&self) {
+        self.inner.log_up.set(1);
     }
 
     /// A request was refused by `limit`.
@@ -600,10 +654,14 @@ mod tests {
             "tidemark_proxy_upstream_reconnects_total 0",
             "tidemark_proxy_upstream_failures_total 0",
             "tidemark_proxy_log_bytes 0",
+            "tidemark_proxy_log_up 1",
+            "tidemark_proxy_log_write_failures_total 0",
             "tidemark_proxy_refusals_total{limit=\"streams\"} 0",
             "tidemark_proxy_refusals_total{limit=\"clients\"} 0",
             "tidemark_proxy_refusals_total{limit=\"header_bytes\"} 0",
             "tidemark_proxy_refusals_total{limit=\"body_bytes\"} 0",
+            "tidemark_proxy_fleet_mirrored_streams 0",
+            "tidemark_proxy_fleet_takeovers_total 0",
         ];
         want.sort_unstable();
         assert_eq!(got, want);
@@ -643,6 +701,12 @@ mod tests {
         metrics.refused(Limit::HeaderBytes);
         metrics.refused(Limit::HeaderBytes);
         metrics.refused(Limit::BodyBytes);
+        metrics.log_write_failed();
+        metrics.log_write_failed();
+        metrics.set_mirrored(3);
+        metrics.fleet_takeover();
+        assert!(samples(&clone.render(Format::Prometheus)).contains(&"tidemark_proxy_log_up 0"));
+        metrics.log_written();
         let text = clone.render(Format::Prometheus);
         let got = samples(&text);
         for line in [
@@ -659,14 +723,18 @@ mod tests {
             "tidemark_proxy_upstream_reconnects_total 1",
             "tidemark_proxy_upstream_failures_total 2",
             "tidemark_proxy_log_bytes 120",
+            "tidemark_proxy_log_up 1",
+            "tidemark_proxy_log_write_failures_total 2",
             "tidemark_proxy_refusals_total{limit=\"streams\"} 1",
             "tidemark_proxy_refusals_total{limit=\"clients\"} 1",
             "tidemark_proxy_refusals_total{limit=\"header_bytes\"} 2",
             "tidemark_proxy_refusals_total{limit=\"body_bytes\"} 1",
+            "tidemark_proxy_fleet_mirrored_streams 3",
+            "tidemark_proxy_fleet_takeovers_total 1",
         ] {
             assert!(got.contains(&line), "{line} missing from\n{text}");
         }
-        assert_eq!(got.len(), 17, "{text}");
+        assert_eq!(got.len(), 21, "{text}");
     }
 
     #[test]

@@ -31,27 +31,24 @@
 //!
 //! # Connection loss
 //!
-//! The store holds one multiplexed connection and opens it lazily. A request
-//! that fails on the connection (refused, reset, timed out) drops it and
-//! reports [`StoreError::Unavailable`], which the persistence worker retries;
-//! the next request connects again. So Redis may restart, or be unreachable
-//! for a while, without restarting the instance: the stream keeps flowing,
-//! the newest cursor waits in memory, and the outage shows in the worker's
-//! stats. `LOADING`, `TRYAGAIN`, `READONLY` (a replica being promoted) and
-//! `OOM` replies are transient too; other server errors are permanent.
+//! The store holds one multiplexed connection and opens it lazily
+//! ([`redis_conn`](crate::redis_conn) has the rules). A request that fails
+//! on the connection drops it and reports [`StoreError::Unavailable`], which
+//! the persistence worker retries; the next request connects again. So Redis
+//! may restart, or be unreachable for a while, without restarting the
+//! instance: the stream keeps flowing, the newest cursor waits in memory,
+//! and the outage shows in the worker's stats.
 //!
 //! This store needs a single Redis server (or a primary with replicas): the
 //! scripts touch keys of many streams at once, which Redis Cluster refuses
 //! across slots.
 
+use crate::redis_conn::SharedConnection;
 use redis::aio::MultiplexedConnection;
-use redis::{
-    AsyncConnectionConfig, Client, ErrorKind, RedisError, RedisResult, Script, ServerErrorKind,
-};
+use redis::{ErrorKind, RedisResult, Script, ServerErrorKind};
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use tidemark_core::{Cursor, Millis, Store, StoreError, StreamKey};
 use url::Url;
@@ -146,9 +143,8 @@ impl fmt::Debug for RedisConfig {
 /// Cursors of many streams and instances in one Redis; see the
 /// [module docs](self).
 pub struct RedisStore {
-    client: Client,
     config: RedisConfig,
-    connection: Mutex<Option<MultiplexedConnection>>,
+    connection: SharedConnection,
     save: Script,
     stale_cursors: AtomicU64,
 }
@@ -157,7 +153,7 @@ impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("config", &self.config)
-            .field("connected", &self.slot().is_some())
+            .field("connected", &self.connection.is_connected())
             .field("stale_cursors", &self.stale_cursors())
             .finish_non_exhaustive()
     }
@@ -195,14 +191,15 @@ return stale
     /// A store on the server of `config`. Checks the URL; connects on first
     /// use, so a server that is down now is not an error yet.
     pub fn new(config: RedisConfig) -> Result<Self, StoreError> {
-        let client = Client::open(config.url.as_str()).map_err(|e| StoreError::Backend {
-            message: format!("redis URL {:?}: {e}", config.redacted_url()),
-            transient: false,
-        })?;
+        let connection = SharedConnection::new(
+            &config.url,
+            &config.redacted_url(),
+            config.timeout,
+            config.timeout,
+        )?;
         Ok(RedisStore {
-            client,
             config,
-            connection: Mutex::new(None),
+            connection,
             save: Script::new(Self::SAVE_SCRIPT),
             stale_cursors: AtomicU64::new(0),
         })
@@ -236,72 +233,15 @@ return stale
         self.stale_cursors.load(Relaxed)
     }
 
-    fn slot(&self) -> MutexGuard<'_, Option<MultiplexedConnection>> {
-        self.connection.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Runs `request` on the shared connection. A request that fails because
-    /// a connection opened earlier turned out broken (Redis restarted since)
-    /// is tried once more on a new connection, so that only a Redis that is
-    /// down now fails. Every request of this store is safe to repeat.
+    /// Runs `request` on the store's connection; see
+    /// [`SharedConnection::run`]. Every request of this store is safe to
+    /// repeat.
     pub(crate) async fn run<T, F, R>(&self, request: F) -> Result<T, StoreError>
     where
         F: Fn(MultiplexedConnection) -> R,
         R: Future<Output = RedisResult<T>>,
     {
-        let cached = self.slot().clone();
-        let reused = cached.is_some();
-        let connection = match cached {
-            Some(connection) => connection,
-            None => self.connect().await?,
-        };
-        match request(connection).await {
-            Ok(value) => Ok(value),
-            Err(e) if reused && is_broken(&e) => {
-                *self.slot() = None;
-                let connection = self.connect().await?;
-                request(connection).await.map_err(|e| self.error(e))
-            }
-            Err(e) => Err(self.error(e)),
-        }
-    }
-
-    /// Opens a connection and shares it.
-    async fn connect(&self) -> Result<MultiplexedConnection, StoreError> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.config.timeout))
-            .set_response_timeout(Some(self.config.timeout));
-        let connection = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(|e| self.error(e))?;
-        *self.slot() = Some(connection.clone());
-        Ok(connection)
-    }
-
-    /// Converts a Redis error into a store error, dropping the connection
-    /// when the error means it is broken.
-    fn error(&self, error: RedisError) -> StoreError {
-        if is_broken(&error) {
-            *self.slot() = None;
-            return StoreError::Unavailable(format!("redis: {error}"));
-        }
-        match error.kind() {
-            ErrorKind::Server(
-                ServerErrorKind::BusyLoading
-                | ServerErrorKind::TryAgain
-                | ServerErrorKind::ReadOnly
-                | ServerErrorKind::MasterDown,
-            ) => StoreError::Unavailable(format!("redis: {error}")),
-            _ if error.code() == Some("OOM") => {
-                StoreError::QuotaExceeded(format!("redis: {error}"))
-            }
-            _ => StoreError::Backend {
-                message: format!("redis: {error}"),
-                transient: false,
-            },
-        }
+        self.connection.run(request).await
     }
 
     async fn save(
@@ -388,15 +328,6 @@ impl Store for RedisStore {
         })
         .await
     }
-}
-
-/// Whether `error` means the connection is broken and must be replaced.
-fn is_broken(error: &RedisError) -> bool {
-    error.is_io_error()
-        || error.is_timeout()
-        || error.is_connection_dropped()
-        || error.is_connection_refusal()
-        || error.is_unrecoverable_error()
 }
 
 #[cfg(test)]

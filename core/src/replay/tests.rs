@@ -441,6 +441,49 @@ fn restore_keeps_the_run_after_the_last_hole() {
 }
 
 #[test]
+fn a_mirror_appends_stored_records_in_order_skips_repeats_and_restarts_after_a_hole() {
+    let source = log_of(10, 100);
+    let stored: Vec<LogRecord> = source.records().cloned().collect();
+    let mut mirror = ReplayLog::new(TOKEN, retention(4), Millis(0));
+    for record in &stored[..3] {
+        let appended = mirror.append_stored(record.clone()).unwrap();
+        assert_eq!((appended.seq, appended.events), (record.seq, 1));
+    }
+    assert_eq!(
+        (mirror.first_seq(), mirror.next_seq(), mirror.durable()),
+        (1, 4, 3)
+    );
+    assert_eq!(mirror.append_stored(stored[1].clone()), None, "a repeat");
+    // Clients read the mirror as they read the source.
+    let mut next = 1;
+    let mut out = Vec::new();
+    mirror.read(&mut next, usize::MAX, &mut out);
+    let mut expected = Vec::new();
+    let mut at = 1;
+    source.read(&mut at, usize::MAX, &mut expected);
+    assert_eq!(events(&out), events(&expected)[..3]);
+    // Retention applies.
+    let appended = mirror.append_stored(stored[3].clone()).unwrap();
+    assert_eq!(appended.trimmed_to, None);
+    let appended = mirror.append_stored(stored[4].clone()).unwrap();
+    assert_eq!(appended.trimmed_to, Some(2));
+    // A hole: the log starts anew at the record after it, and a client
+    // still at 6 is told what it lost.
+    let appended = mirror.append_stored(stored[8].clone()).unwrap();
+    assert_eq!(appended.trimmed_to, Some(9));
+    assert_eq!(
+        (mirror.first_seq(), mirror.next_seq(), mirror.len()),
+        (9, 10, 1)
+    );
+    let mut behind = 6;
+    let mut out = Vec::new();
+    let read = mirror.read(&mut behind, usize::MAX, &mut out);
+    assert_eq!(read.gap.map(|g| g.lost), Some(Some(3)));
+    assert_eq!(read.events, 1);
+    assert_eq!(mirror.upstream_id(), Some("u9"));
+}
+
+#[test]
 fn identities_are_keyed_and_unambiguous() {
     let key = IdentityKey::from_bytes([7; 32]);
     let other = IdentityKey::from_bytes([8; 32]);

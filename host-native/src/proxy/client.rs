@@ -11,8 +11,8 @@ use futures::future::{Either, select};
 use hyper::body::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
-use tidemark_core::replay::{Gap, Start, encode_gap};
-use tidemark_core::sse::{encode_comment, encode_retry};
+use tidemark_core::replay::{Gap, Start, encode_gap, event_id};
+use tidemark_core::sse::{encode_comment, encode_event, encode_retry};
 
 /// The most bytes of events one wake writes to a client.
 pub(super) const READ_BUDGET: usize = 64 * 1024;
@@ -34,13 +34,15 @@ struct Reader {
     next: u64,
     gap: Option<Gap>,
     hinted: bool,
+    priming: bool,
     done: bool,
     keep_alive: Duration,
     timer: async_io::Timer,
 }
 
 /// The body of one client already counted in ([`Hub::client_in`]): the
-/// `retry:` hint, the gap signal if `start` has one, then every event from
+/// `retry:` hint, the gap signal if `start` has one (else, with `priming`,
+/// an event of the id before `start.next` and empty data), then every event from
 /// `start.next` on, keep-alive comments while idle. It ends when the stream
 /// has ended and the client has everything, or when nobody follows the
 /// upstream any more (the client reconnects and revives it).
@@ -48,6 +50,7 @@ pub(super) fn body(
     hub: Arc<Hub>,
     stream: Arc<LoggedStream>,
     start: Start,
+    priming: bool,
 ) -> impl Stream<Item = Bytes> + Send + 'static {
     let keep_alive = hub.config.keep_alive;
     let reader = Reader {
@@ -55,6 +58,7 @@ pub(super) fn body(
         next: start.next,
         gap: start.gap,
         hinted: false,
+        priming,
         done: false,
         keep_alive,
         timer: async_io::Timer::after(keep_alive),
@@ -71,6 +75,11 @@ pub(super) fn body(
         let stream = r.guard.stream.clone();
         if let Some(gap) = r.gap.take() {
             encode_gap(&mut out, stream.meta.token, r.next, gap);
+            // The gap event has an id: it primes the client as well.
+            r.priming = false;
+        } else if std::mem::take(&mut r.priming) {
+            let id = event_id(stream.meta.token, r.next.saturating_sub(1));
+            encode_event(&mut out, None, Some(&id), "").expect("a valid id");
         }
         loop {
             let listener = {

@@ -3,7 +3,10 @@
 //! joins) a logged stream served from the log.
 
 use super::client;
-use super::hub::{GetKey, Hub, LoggedStream, Upstream, default_headers};
+use super::fleet::{self, key_hash};
+use super::hub::{GetKey, Hub, LoggedStream, Upstream, Who, default_headers};
+use super::mcp::Mcp;
+use super::storage::StreamKind;
 use super::upstream::{follow_get, read_post};
 use crate::HttpResponse;
 use crate::connector::is_one_of;
@@ -18,7 +21,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use std::convert::Infallible;
 use std::io;
 use std::sync::Arc;
-use tidemark_core::replay::{Identity, Start, StreamToken};
+use std::time::Duration;
+use tidemark_core::replay::{Identity, Start, StreamToken, parse_event_id};
+use tidemark_core::sse::encode_comment;
 
 /// A response body: from the log, from the upstream, or fixed.
 pub(super) type Body = UnsyncBoxBody<Bytes, io::Error>;
@@ -73,22 +78,21 @@ pub(super) async fn handle(
     if method == Method::GET && body.is_empty() {
         return Ok(handle_get(hub, target, &parts.headers).await);
     }
-    let identity = identity(&hub, &parts.headers);
+    let identity = who(&hub, &parts.headers).owner;
+    let mcp = Mcp::of(&parts.headers);
     let headers = forwarded(&parts.headers);
-    let url = hub.config.upstream_url(&target);
-    let response = match hub
-        .request_connector
-        .request(method.clone(), &url, &headers, body)
-        .await
-    {
+    let response = match forward(&hub, method.clone(), &target, &headers, body).await {
         Ok(response) => response,
-        Err(e) => {
-            hub.metrics.upstream_failure();
-            return Ok(status(StatusCode::BAD_GATEWAY, &e.to_string()));
-        }
+        Err(answer) => return Ok(answer),
     };
+    if mcp.session {
+        session_answered(&hub, &method, identity, response.status);
+    }
     if method == Method::HEAD || response.status != 200 || !is_event_stream(&response) {
         return Ok(pass_through(response));
+    }
+    if mcp.passes_through() {
+        return Ok(kept_alive(response, hub.config.keep_alive));
     }
     let stream = match hub.post_stream(target, identity) {
         Ok(stream) => stream,
@@ -98,12 +102,21 @@ pub(super) async fn handle(
     };
     stream.set_headers(stream_headers(&response.headers));
     stream.state().upstream = Upstream::Live;
+    // In a fleet, its reader holds its lease: the others know it is read.
+    let lease = match &hub.fleet {
+        Some(fleet) => {
+            let lease = fleet.lease(stream.meta.token);
+            let _ = lease.try_acquire().await;
+            Some(lease)
+        }
+        None => None,
+    };
     hub.executor
-        .spawn(read_post(hub.clone(), stream.clone(), response.body))
+        .spawn(read_post(hub.clone(), stream.clone(), response.body, lease))
         .detach();
     let location = format!("{STREAMS_PATH}{}", stream.meta.token);
     let start = stream.state().log.start(None);
-    let mut response = serve(&hub, stream, start);
+    let mut response = serve(&hub, stream, start, mcp.primes());
     if let Ok(location) = HeaderValue::try_from(location) {
         response.headers_mut().insert(CONTENT_LOCATION, location);
     }
@@ -118,7 +131,8 @@ pub(super) async fn handle_get(
     target: String,
     headers: &HeaderMap,
 ) -> Response<Body> {
-    let identity = identity(&hub, headers);
+    let who = who(&hub, headers);
+    let mcp = Mcp::of(headers);
     let last_event_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -127,40 +141,151 @@ pub(super) async fn handle_get(
         .split_once('?')
         .map_or(target.as_str(), |(path, _)| path);
     if let Some(token) = path.strip_prefix(STREAMS_PATH) {
-        return resume(&hub, token, identity, last_event_id.as_deref());
+        let found = match StreamToken::parse(token) {
+            Some(token) => find(&hub, token, who.owner).await,
+            None => Ok(None),
+        };
+        return match found {
+            Ok(Some(stream)) => resume(&hub, stream, last_event_id.as_deref(), mcp),
+            Ok(None) => no_such_stream(),
+            Err(answer) => answer,
+        };
     }
-    let mut headers = forwarded(headers);
+    let mut upstream_headers = forwarded(headers);
+    if mcp.passes_through() {
+        // No ids to resume with in this revision: the stream as it comes.
+        let response =
+            match forward(&hub, Method::GET, &target, &upstream_headers, Bytes::new()).await {
+                Ok(response) => response,
+                Err(answer) => return answer,
+            };
+        if mcp.session {
+            session_answered(&hub, &Method::GET, who.owner, response.status);
+        }
+        return if response.status == 200 && is_event_stream(&response) {
+            kept_alive(response, hub.config.keep_alive)
+        } else {
+            pass_through(response)
+        };
+    }
     // The client's Last-Event-ID is one of the proxy's ids, never the
     // upstream's.
-    headers.retain(|(name, _)| !name.eq_ignore_ascii_case("last-event-id"));
-    let url = hub.config.upstream_url(&target);
-    get(hub, (target, identity), url, headers, last_event_id).await
+    upstream_headers.retain(|(name, _)| !name.eq_ignore_ascii_case("last-event-id"));
+    // An id names its stream: resume that one, whichever key it was shared
+    // by (an MCP session resumes any of its streams so, by id alone).
+    let named = match last_event_id.as_deref().and_then(parse_event_id) {
+        Some((token, _)) => match find(&hub, token, who.owner).await {
+            Ok(found) => found,
+            Err(answer) => return answer,
+        },
+        None => None,
+    }
+    .filter(|s| mcp.session || (s.meta.kind == StreamKind::Get && s.meta.target == target));
+    let wants_stream = headers.get_all(hyper::header::ACCEPT).iter().any(|v| {
+        v.as_bytes()
+            .windows(17)
+            .any(|w| w.eq_ignore_ascii_case(b"text/event-stream"))
+    });
+    let mut request = GetRequest {
+        key: (target, who.sharing),
+        owner: who.owner,
+        url: String::new(),
+        headers: upstream_headers,
+        last_event_id,
+        mcp,
+        wants_stream,
+    };
+    match named {
+        Some(stream) => resume_named(hub, stream, request).await,
+        None if mcp.session && request.last_event_id.is_some() => no_such_stream(),
+        None => {
+            request.url = hub.config.upstream_url(&request.key.0);
+            get(hub, request).await
+        }
+    }
+}
+
+/// A GET whose `Last-Event-ID` names `stream`: a POST answer, or a GET
+/// stream that ended, served as logged; a GET stream joined (revived if
+/// idle) by the key it is shared by.
+async fn resume_named(
+    hub: Arc<Hub>,
+    stream: Arc<LoggedStream>,
+    mut request: GetRequest,
+) -> Response<Body> {
+    let shared = match &stream.key {
+        Some(key) if !stream.state().log.is_ended() => Some(key.clone()),
+        _ => None,
+    };
+    let Some(key) = shared else {
+        return resume(&hub, stream, request.last_event_id.as_deref(), request.mcp);
+    };
+    request.url = hub.config.upstream_url(&key.0);
+    request.key = key;
+    get(hub, request).await
+}
+
+/// Sends a request upstream; on failure, the answer for the client.
+async fn forward(
+    hub: &Hub,
+    method: Method,
+    target: &str,
+    headers: &[(String, String)],
+    body: Bytes,
+) -> Result<HttpResponse, Response<Body>> {
+    let url = hub.config.upstream_url(target);
+    hub.request_connector
+        .request(method, &url, headers, body)
+        .await
+        .map_err(|e| {
+            hub.metrics.upstream_failure();
+            status(StatusCode::BAD_GATEWAY, &e.to_string())
+        })
+}
+
+/// What the upstream's answer to a request of an MCP session says of the
+/// session: a `DELETE` it accepted drops the session's logs, a `404` (it
+/// does not know the session) ends them.
+fn session_answered(hub: &Hub, method: &Method, identity: Identity, status: u16) {
+    if *method == Method::DELETE && (200..300).contains(&status) {
+        hub.end_identity(identity, true);
+    } else if status == 404 {
+        hub.end_identity(identity, false);
+    }
+}
+
+/// A GET of a stream path, as [`get`] takes it.
+struct GetRequest {
+    key: GetKey,
+    owner: Identity,
+    url: String,
+    headers: Vec<(String, String)>,
+    last_event_id: Option<String>,
+    mcp: Mcp,
+    /// It accepts `text/event-stream`: in a fleet, it agrees on the
+    /// stream's token with the other instances before asking upstream.
+    wants_stream: bool,
 }
 
 /// A GET of `key`: joins its live stream, or asks the upstream (once for
 /// all requests that arrive meanwhile) and logs the answer if it is a
 /// stream.
-async fn get(
-    hub: Arc<Hub>,
-    key: GetKey,
-    url: String,
-    headers: Vec<(String, String)>,
-    last_event_id: Option<String>,
-) -> Response<Body> {
+async fn get(hub: Arc<Hub>, request: GetRequest) -> Response<Body> {
     enum Next {
         Join,
         Wait(event_listener::EventListener),
         Open(Option<String>),
     }
     loop {
-        let stream = match hub.get_stream(&key) {
+        let stream = match stream_of(&hub, &request).await {
             Ok(stream) => stream,
-            Err(limit) => return refused(limit),
+            Err(answer) => return answer,
         };
         let next = {
             let mut state = stream.state();
             match state.upstream {
                 Upstream::Live if !state.stop => Next::Join,
+                Upstream::Mirrored => Next::Join,
                 Upstream::Live | Upstream::Opening => Next::Wait(stream.changed.listen()),
                 Upstream::Idle => {
                     state.upstream = Upstream::Opening;
@@ -170,18 +295,82 @@ async fn get(
         };
         match next {
             Next::Join => {
-                if last_event_id.is_some() {
+                if request.last_event_id.is_some() {
                     hub.metrics.resume();
                 }
-                let start = start_of(&stream, last_event_id.as_deref());
-                return serve(&hub, stream, start);
+                let start = start_of(&stream, request.last_event_id.as_deref());
+                return serve(&hub, stream, start, request.mcp.primes());
             }
             Next::Wait(listener) => listener.await,
-            Next::Open(upstream_id) => {
-                return open(&hub, stream, url, headers, upstream_id, last_event_id).await;
-            }
+            Next::Open(upstream_id) => return open(&hub, stream, request, upstream_id).await,
         }
     }
+}
+
+/// The stream of a GET: this instance's, else in a fleet the one the
+/// fleet agrees on (taken in from Redis if it was logged there), else a
+/// new one.
+async fn stream_of(hub: &Hub, request: &GetRequest) -> Result<Arc<LoggedStream>, Response<Body>> {
+    let mut token = None;
+    if let Some(fleet) = &hub.fleet
+        && request.wants_stream
+        && hub.local_get(&request.key).is_none()
+    {
+        let fresh = StreamToken::random()
+            .map_err(|e| status(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()))?;
+        let agreed = fleet
+            .agree(key_hash(hub, &request.key), fresh)
+            .await
+            .map_err(fleet_down)?;
+        if agreed != fresh
+            && let Some(stored) = fleet.load(agreed).await.map_err(fleet_down)?
+        {
+            return Ok(hub.adopt(stored, Some(request.key.clone())));
+        }
+        token = Some(agreed);
+    }
+    hub.get_stream(&request.key, request.owner, token)
+        .map_err(refused)
+}
+
+/// The stream of `token` if it is `owner`'s: this instance's, else in a
+/// fleet the one in Redis, taken in (and mirrored, if it is a POST answer
+/// still being read elsewhere).
+async fn find(
+    hub: &Arc<Hub>,
+    token: StreamToken,
+    owner: Identity,
+) -> Result<Option<Arc<LoggedStream>>, Response<Body>> {
+    if let Some(stream) = hub.find(token, owner) {
+        return Ok(Some(stream));
+    }
+    let Some(fleet) = &hub.fleet else {
+        return Ok(None);
+    };
+    let Some(stored) = fleet.load(token).await.map_err(fleet_down)? else {
+        return Ok(None);
+    };
+    if stored.meta.identity != owner {
+        return Ok(None);
+    }
+    let key = (stored.meta.kind == StreamKind::Get).then(|| (stored.meta.target.clone(), owner));
+    let stream = hub.adopt(stored, key);
+    if stream.meta.kind == StreamKind::Post && !stream.state().log.is_ended() {
+        fleet::mirror(hub, fleet, &stream, None);
+    }
+    Ok(Some(stream))
+}
+
+/// What a request that needs the fleet's log gets while Redis is down.
+fn fleet_down(e: io::Error) -> Response<Body> {
+    let mut response = status(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("the fleet's log is unreachable ({e})"),
+    );
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    response
 }
 
 /// Where a client of a GET stream starts: after its `Last-Event-ID`, or
@@ -198,20 +387,24 @@ fn start_of(stream: &LoggedStream, last_event_id: Option<&str>) -> Start {
 async fn open(
     hub: &Arc<Hub>,
     stream: Arc<LoggedStream>,
-    url: String,
-    headers: Vec<(String, String)>,
+    request: GetRequest,
     upstream_id: Option<String>,
-    last_event_id: Option<String>,
 ) -> Response<Body> {
+    let GetRequest {
+        key: _,
+        owner: identity,
+        url,
+        headers,
+        last_event_id,
+        mcp,
+        wants_stream: _,
+    } = request;
     // The first request goes as the client sent it (it may not be for a
     // stream at all); the follower's reconnects send the connector's own
     // Accept and Cache-Control.
     let mut request_headers = headers.clone();
     let mut headers = headers;
     headers.retain(|(name, _)| !is_one_of(name, &["accept", "cache-control"]));
-    if let Some(id) = &upstream_id {
-        request_headers.push(("last-event-id".into(), id.clone()));
-    }
     // Whatever ends this request before the stream is live (an answer that
     // is no stream, a failure, the client leaving while the upstream
     // thinks) puts the stream back to idle and wakes those waiting on it.
@@ -220,11 +413,51 @@ async fn open(
         stream: stream.clone(),
         live: false,
     };
+    // In a fleet, the instance holding the stream's lease follows the
+    // upstream; the others mirror the stream from Redis.
+    let mut lease = None;
+    if let Some(fleet) = &hub.fleet {
+        let held = fleet.lease(stream.meta.token);
+        match held.try_acquire().await {
+            Ok(true) => {
+                if let Err(e) = fleet.catch_up(&stream).await {
+                    let _ = held.release().await;
+                    return fleet_down(e);
+                }
+                lease = Some(held);
+            }
+            Ok(false) => {
+                let start = start_of(&stream, last_event_id.as_deref());
+                opening.live = true;
+                fleet::mirror(hub, fleet, &stream, Some((url, headers)));
+                return serve(hub, stream, start, mcp.primes());
+            }
+            Err(e) => return fleet_down(io::Error::other(e)),
+        }
+    }
+    let upstream_id = match &lease {
+        // What the fleet logged meanwhile may have a newer upstream id.
+        Some(_) => stream.state().log.upstream_id().map(str::to_owned),
+        None => upstream_id,
+    };
+    if let Some(id) = &upstream_id {
+        request_headers.push(("last-event-id".into(), id.clone()));
+    }
     let answer = hub
         .get_connector
         .request(Method::GET, &url, &request_headers, Bytes::new())
         .await;
+    let give_back = |lease: Option<crate::Lease>| async move {
+        if let Some(lease) = lease {
+            let _ = lease.release().await;
+        }
+    };
     let stored = stream.state().stored;
+    if mcp.session
+        && let Ok(response) = &answer
+    {
+        session_answered(hub, &Method::GET, identity, response.status);
+    }
     let body = match answer {
         Ok(response) if response.status == 200 && is_event_stream(&response) => {
             stream.set_headers(stream_headers(&response.headers));
@@ -239,13 +472,18 @@ async fn open(
             hub.metrics.upstream_failure();
             None
         }
-        Ok(response) => return pass_through(response),
+        Ok(response) => {
+            give_back(lease).await;
+            return pass_through(response);
+        }
         Err(e) => {
+            give_back(lease).await;
             hub.metrics.upstream_failure();
             return status(StatusCode::BAD_GATEWAY, &e.to_string());
         }
     };
     if !stored && let Err(limit) = hub.log_open(&stream) {
+        give_back(lease).await;
         return refused(limit);
     }
     // Where this client starts, before the follower can append: it gets
@@ -256,12 +494,19 @@ async fn open(
     opening.live = true;
     stream.changed.notify(usize::MAX);
     hub.executor
-        .spawn(follow_get(hub.clone(), stream.clone(), url, headers, body))
+        .spawn(follow_get(
+            hub.clone(),
+            stream.clone(),
+            url,
+            headers,
+            body,
+            lease,
+        ))
         .detach();
     if last_event_id.is_some() {
         hub.metrics.resume();
     }
-    serve(hub, stream, start)
+    serve(hub, stream, start, mcp.primes())
 }
 
 /// A GET stream being opened by a request; dropped before it is live, it
@@ -284,19 +529,15 @@ impl Drop for Opening {
     }
 }
 
-/// `GET /_tidemark/streams/<token>`: resumes a stream of this identity
-/// after `Last-Event-ID` (from its first event without one); `204` when it
-/// has ended and the client has it all; `404` for a stream that is unknown
-/// or another identity's, alike.
+/// A resume of a POST stream (`GET /_tidemark/streams/<token>`, or an
+/// MCP session's GET by id) after `Last-Event-ID` (from its first event
+/// without one); `204` when it has ended and the client has it all.
 fn resume(
     hub: &Arc<Hub>,
-    token: &str,
-    identity: Identity,
+    stream: Arc<LoggedStream>,
     last_event_id: Option<&str>,
+    mcp: Mcp,
 ) -> Response<Body> {
-    let Some(stream) = StreamToken::parse(token).and_then(|t| hub.find(t, identity)) else {
-        return status(StatusCode::NOT_FOUND, "no such stream");
-    };
     if last_event_id.is_some() {
         hub.metrics.resume();
     }
@@ -304,11 +545,16 @@ fn resume(
     if start.gap.is_none() && stream.state().log.is_complete(start.next) {
         return empty(StatusCode::NO_CONTENT);
     }
-    serve(hub, stream, start)
+    serve(hub, stream, start, mcp.primes())
 }
 
-/// A client of a logged stream, from `start`.
-fn serve(hub: &Arc<Hub>, stream: Arc<LoggedStream>, start: Start) -> Response<Body> {
+/// What a resume of a stream that is unknown, or another identity's, gets.
+fn no_such_stream() -> Response<Body> {
+    status(StatusCode::NOT_FOUND, "no such stream")
+}
+
+/// A client of a logged stream, from `start`, primed if `priming`.
+fn serve(hub: &Arc<Hub>, stream: Arc<LoggedStream>, start: Start, priming: bool) -> Response<Body> {
     if let Err(limit) = hub.client_in(&stream) {
         return refused(limit);
     }
@@ -316,7 +562,8 @@ fn serve(hub: &Arc<Hub>, stream: Arc<LoggedStream>, start: Start) -> Response<Bo
         hub.metrics.gap(gap.reason);
     }
     let headers = stream.headers();
-    let body = client::body(hub.clone(), stream, start).map(|bytes| Ok(Frame::data(bytes)));
+    let body =
+        client::body(hub.clone(), stream, start, priming).map(|bytes| Ok(Frame::data(bytes)));
     let mut response = Response::new(BodyExt::boxed_unsync(StreamBody::new(body)));
     *response.headers_mut() = headers;
     response
@@ -326,15 +573,76 @@ fn serve(hub: &Arc<Hub>, stream: Arc<LoggedStream>, start: Start) -> Response<Bo
 fn pass_through(response: HttpResponse) -> Response<Body> {
     let HttpResponse {
         status,
-        mut headers,
+        headers,
         body,
     } = response;
-    strip_hop_by_hop(&mut headers);
     let body = body.map(|chunk| chunk.map(Frame::data).map_err(io::Error::other));
-    let mut out = Response::new(BodyExt::boxed_unsync(StreamBody::new(body)));
+    relayed(
+        status,
+        headers,
+        BodyExt::boxed_unsync(StreamBody::new(body)),
+    )
+}
+
+/// An upstream answer's status and headers (but for those of its
+/// connection) with `body`.
+fn relayed(status: u16, mut headers: HeaderMap, body: Body) -> Response<Body> {
+    strip_hop_by_hop(&mut headers);
+    let mut out = Response::new(body);
     *out.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
     *out.headers_mut() = headers;
     out
+}
+
+/// An upstream event stream passed through unchanged but for a keep-alive
+/// comment after a line end whenever nothing came for `every` (a comment
+/// line inside an event is ignored, so it changes no event; after a bare
+/// CR it could end a line early, so none is added there).
+fn kept_alive(response: HttpResponse, every: Duration) -> Response<Body> {
+    let HttpResponse {
+        status,
+        headers,
+        body,
+    } = response;
+    struct State {
+        body: crate::HttpBody,
+        timer: async_io::Timer,
+        at_line_start: bool,
+    }
+    let state = State {
+        body,
+        timer: async_io::Timer::after(every),
+        at_line_start: true,
+    };
+    let body = futures::stream::unfold(state, move |mut s| async move {
+        loop {
+            match futures::future::select(s.body.next(), &mut s.timer).await {
+                futures::future::Either::Left((chunk, _)) => {
+                    let chunk = chunk?.map_err(io::Error::other);
+                    if let Ok(bytes) = &chunk
+                        && let Some(&last) = bytes.last()
+                    {
+                        s.at_line_start = last == b'\n';
+                    }
+                    s.timer.set_after(every);
+                    return Some((chunk.map(Frame::data), s));
+                }
+                futures::future::Either::Right(_) => {
+                    s.timer.set_after(every);
+                    if s.at_line_start {
+                        let mut comment = Vec::new();
+                        encode_comment(&mut comment, "keep-alive");
+                        return Some((Ok(Frame::data(Bytes::from(comment))), s));
+                    }
+                }
+            }
+        }
+    });
+    relayed(
+        status,
+        headers,
+        BodyExt::boxed_unsync(StreamBody::new(body)),
+    )
 }
 
 /// The headers every client of a stream gets: the upstream's, but for
@@ -378,9 +686,9 @@ fn forwarded(headers: &HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The identity of a request: a keyed hash of its `Authorization`,
-/// `Cookie`, `Mcp-Session-Id`, `Origin` and `--identity-header`s.
-fn identity(hub: &Hub, headers: &HeaderMap) -> Identity {
+/// Who sent a request: the keyed hash of its `Authorization`, `Cookie`,
+/// `Mcp-Session-Id` and `--identity-header`s, and that with its `Origin`.
+fn who(hub: &Hub, headers: &HeaderMap) -> Who {
     let value = |name: &HeaderName| {
         let mut joined = Vec::new();
         for (i, value) in headers.get_all(name).iter().enumerate() {
@@ -391,18 +699,22 @@ fn identity(hub: &Hub, headers: &HeaderMap) -> Identity {
         }
         joined
     };
-    // The Origin too: a stream's clients get the headers of its upstream
-    // answer, whose CORS headers may be for one origin only.
     let mut parts = vec![
         value(&hyper::header::AUTHORIZATION),
         value(&hyper::header::COOKIE),
         value(&HeaderName::from_static("mcp-session-id")),
-        value(&hyper::header::ORIGIN),
     ];
     for name in &hub.config.identity_headers {
         parts.push(value(name));
     }
-    hub.key.identity(parts.iter().map(Vec::as_slice))
+    let owner = hub.key.identity(parts.iter().map(Vec::as_slice));
+    let sharing = if headers.contains_key(hyper::header::ORIGIN) {
+        parts.push(value(&hyper::header::ORIGIN));
+        hub.key.identity(parts.iter().map(Vec::as_slice))
+    } else {
+        owner
+    };
+    Who { owner, sharing }
 }
 
 fn is_event_stream(response: &HttpResponse) -> bool {

@@ -1,8 +1,9 @@
 //! The proxy's shared state: every logged stream, its log, its clients, and
 //! the storage writer that makes appends durable before clients see them.
 
-use super::ProxyConfig;
+use super::fleet::Fleet;
 use super::storage::{LogOp, LogStorage, StoredStream, StreamKind, StreamMeta, TokenMap};
+use super::{FleetOptions, ProxyConfig};
 use crate::metrics::{Limit, ProxyMetrics};
 use crate::{HttpConnector, SmolClock};
 use event_listener::Event;
@@ -11,12 +12,25 @@ use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tidemark_core::replay::{Identity, IdentityKey, ReplayLog, StreamToken};
 use tidemark_core::{Clock, Millis};
 
-/// Which GET stream a request belongs to: its path and query, and identity.
+/// Which GET stream a request shares: its path and query, and its
+/// [`Who::sharing`].
 pub(super) type GetKey = (String, Identity);
+
+/// Who sent a request.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(super) struct Who {
+    /// Whose streams it may read: a keyed hash of its credentials.
+    pub owner: Identity,
+    /// Which GET streams it shares: the owner, and its `Origin` when it
+    /// has one (a stream's clients get its upstream answer's headers, whose
+    /// CORS headers may be for one origin only). Browsers send no `Origin`
+    /// on same-origin GETs, so the owner alone decides resumes.
+    pub sharing: Identity,
+}
 
 /// Who reads the upstream of a stream right now.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -28,6 +42,9 @@ pub(super) enum Upstream {
     Opening,
     /// A task follows (GET) or reads (POST) the upstream.
     Live,
+    /// Another instance of the fleet writes the stream; this one mirrors
+    /// its log from Redis (see `fleet.rs`).
+    Mirrored,
 }
 
 /// What a logged stream's lock guards.
@@ -45,6 +62,10 @@ pub(super) struct StreamState {
     pub stop: bool,
     /// Whether storage has the stream (its `Open` was handed over).
     pub stored: bool,
+    /// Whether this instance hands the stream's changes to storage: it
+    /// made the stream, or took it over. A fleet's mirror does not (its
+    /// writer does).
+    pub writes: bool,
 }
 
 /// One logged stream.
@@ -52,6 +73,8 @@ pub(super) struct StreamState {
 pub(super) struct LoggedStream {
     /// What it is.
     pub meta: StreamMeta,
+    /// The key GET requests share it by (`None` for POST streams).
+    pub key: Option<GetKey>,
     /// The headers the upstream answered with, for every client (those that
     /// belong to one connection removed).
     headers: Mutex<HeaderMap>,
@@ -116,20 +139,32 @@ pub(super) struct Hub {
     clients: AtomicUsize,
     /// The storage writer's queue; `None` for a memory log.
     writer: Option<async_channel::Sender<Vec<LogOp>>>,
+    /// The fleet this instance is one of, with a log in Redis.
+    pub fleet: Option<Arc<Fleet>>,
 }
 
 impl Hub {
     /// The hub over `storage`: recovers its streams, and starts the writer
     /// thread when the storage is durable (joined by [`Writer::finish`]).
+    /// In a `fleet`, nothing is recovered at start: streams are taken in
+    /// from the fleet's log when a client asks for them.
     pub fn new(
         config: ProxyConfig,
         mut storage: Box<dyn LogStorage>,
         metrics: ProxyMetrics,
+        fleet: Option<FleetOptions>,
     ) -> io::Result<(Arc<Hub>, Option<Writer>)> {
         let clock = SmolClock::new();
+        let fleet = match fleet {
+            Some(options) => Some(Fleet::new(options, config.retention, clock)?),
+            None => None,
+        };
         let fresh = tidemark_core::replay::random_bytes().map_err(io::Error::other)?;
         let key = IdentityKey::from_bytes(storage.identity_key(fresh)?);
-        let recovered = storage.recover()?;
+        let recovered = match fleet {
+            Some(_) => Vec::new(),
+            None => storage.recover()?,
+        };
         let durable = storage.is_durable();
         let (writer, queue) = if durable {
             let (sender, receiver) = async_channel::unbounded();
@@ -149,12 +184,14 @@ impl Hub {
             streams: Mutex::default(),
             clients: AtomicUsize::new(0),
             writer,
+            fleet: fleet.map(Arc::new),
         });
         let ended_on_recovery = hub.restore(recovered);
         for token in ended_on_recovery {
             hub.log_op(LogOp::End { token });
         }
-        let writer = queue.map(|queue| Writer::start(storage, queue, Arc::downgrade(&hub)));
+        let writer = queue
+            .map(|queue| Writer::start(storage, queue, Arc::downgrade(&hub), hub.metrics.clone()));
         Ok((hub, writer))
     }
 
@@ -180,15 +217,18 @@ impl Hub {
             streams.logged += 1;
             self.metrics.stream_opened(stored.meta.kind);
             self.metrics.log_bytes_add(log.bytes() as i64);
-            if stored.meta.kind == StreamKind::Get {
-                streams
-                    .gets
-                    .insert((stored.meta.target.clone(), stored.meta.identity), token);
+            // Shared again by requests without an `Origin`; those with one
+            // resume it by its ids.
+            let key = (stored.meta.kind == StreamKind::Get)
+                .then(|| (stored.meta.target.clone(), stored.meta.identity));
+            if let Some(key) = &key {
+                streams.gets.insert(key.clone(), token);
             }
             streams.by_token.insert(
                 token,
                 Arc::new(LoggedStream {
                     meta: stored.meta,
+                    key,
                     headers: Mutex::new(default_headers()),
                     state: Mutex::new(StreamState {
                         log,
@@ -197,6 +237,7 @@ impl Hub {
                         upstream: Upstream::Idle,
                         stop: false,
                         stored: true,
+                        writes: true,
                     }),
                     changed: Event::new(),
                     stopping: Event::new(),
@@ -222,16 +263,118 @@ impl Hub {
             .cloned()
     }
 
-    /// The GET stream of `key`, made (idle, not logged yet) if there is
-    /// none; `Err` when that would exceed `--max-streams`.
-    pub fn get_stream(&self, key: &GetKey) -> Result<Arc<LoggedStream>, Limit> {
+    /// The GET stream of `key`, if this instance has it.
+    pub fn local_get(&self, key: &GetKey) -> Option<Arc<LoggedStream>> {
+        let streams = self.lock();
+        streams
+            .gets
+            .get(key)
+            .and_then(|t| streams.by_token.get(t))
+            .cloned()
+    }
+
+    /// The GET stream of `key`, made (idle, not logged yet, `owner`'s, of
+    /// `token` if given: the one the fleet agreed on) if there is none;
+    /// `Err` when that would exceed `--max-streams`.
+    pub fn get_stream(
+        &self,
+        key: &GetKey,
+        owner: Identity,
+        token: Option<StreamToken>,
+    ) -> Result<Arc<LoggedStream>, Limit> {
         let mut streams = self.lock();
         if let Some(stream) = streams.gets.get(key).and_then(|t| streams.by_token.get(t)) {
             return Ok(stream.clone());
         }
-        let stream = self.make(&mut streams, StreamKind::Get, key.0.clone(), key.1)?;
+        if let Some(stream) = token.and_then(|t| streams.by_token.get(&t)).cloned() {
+            streams.gets.insert(key.clone(), stream.meta.token);
+            return Ok(stream);
+        }
+        let stream = self.make(&mut streams, Some(key.clone()), key.0.clone(), owner, token)?;
         streams.gets.insert(key.clone(), stream.meta.token);
         Ok(stream)
+    }
+
+    /// Takes in a stream of the fleet that this instance does not have,
+    /// as Redis has it (`key`: the key GET requests share it by), written
+    /// by another instance: the caller mirrors it, or takes it over. The
+    /// one already here, if another request took it in meanwhile.
+    pub fn adopt(&self, stored: StoredStream, key: Option<GetKey>) -> Arc<LoggedStream> {
+        let now = self.clock.now();
+        let mut streams = self.lock();
+        if let Some(stream) = streams.by_token.get(&stored.meta.token) {
+            return stream.clone();
+        }
+        let log = ReplayLog::restore(
+            stored.meta.token,
+            self.config.retention,
+            stored.records,
+            stored.ended,
+            now,
+        );
+        self.metrics.log_bytes_add(log.bytes() as i64);
+        let token = stored.meta.token;
+        if let Some(key) = &key {
+            streams.gets.insert(key.clone(), token);
+        }
+        let stream = Arc::new(LoggedStream {
+            meta: stored.meta,
+            key,
+            headers: Mutex::new(default_headers()),
+            state: Mutex::new(StreamState {
+                log,
+                clients: 0,
+                left_at: now,
+                upstream: Upstream::Idle,
+                stop: false,
+                stored: true,
+                writes: false,
+            }),
+            changed: Event::new(),
+            stopping: Event::new(),
+        });
+        streams.by_token.insert(token, stream.clone());
+        stream
+    }
+
+    /// This instance writes `stream` from now on (it took its lease).
+    pub fn take_over(&self, stream: &LoggedStream) {
+        let mut state = stream.state();
+        state.writes = true;
+        state.stored = true;
+    }
+
+    /// Forgets a mirrored stream nobody here reads any more (its writer
+    /// keeps it in the fleet's log).
+    pub fn forget_mirror(&self, stream: &LoggedStream) {
+        let mut streams = self.lock();
+        let idle = {
+            let mut state = stream.state();
+            if state.upstream == Upstream::Mirrored {
+                state.upstream = Upstream::Idle;
+            }
+            !state.writes && state.clients == 0
+        };
+        if idle && streams.by_token.contains_key(&stream.meta.token) {
+            self.remove(&mut streams, stream);
+        }
+    }
+
+    /// Ends `stream` here (and in storage, if this instance writes it):
+    /// nothing more is appended.
+    pub fn end_stream(&self, stream: &LoggedStream) {
+        let op = {
+            let mut state = stream.state();
+            let ended_here = !state.log.is_ended();
+            state.log.end();
+            (ended_here && state.writes && state.stored).then_some(LogOp::End {
+                token: stream.meta.token,
+            })
+        };
+        if let Some(op) = op {
+            self.log_op(op);
+        }
+        stream.changed.notify(usize::MAX);
     }
 
     /// A new POST stream, logged at once.
@@ -242,30 +385,39 @@ impl Hub {
     ) -> Result<Arc<LoggedStream>, Limit> {
         let stream = {
             let mut streams = self.lock();
-            self.make(&mut streams, StreamKind::Post, target, identity)?
+            self.make(&mut streams, None, target, identity, None)?
         };
         self.metrics.stream_opened(StreamKind::Post);
         self.log_op(LogOp::Open(stream.meta.clone()));
         Ok(stream)
     }
 
+    /// A new stream: a GET stream shared by `key`, or a POST stream.
     fn make(
         &self,
         streams: &mut Streams,
-        kind: StreamKind,
+        key: Option<GetKey>,
         target: String,
         identity: Identity,
+        token: Option<StreamToken>,
     ) -> Result<Arc<LoggedStream>, Limit> {
+        let kind = if key.is_some() {
+            StreamKind::Get
+        } else {
+            StreamKind::Post
+        };
         if kind == StreamKind::Post {
             self.admit(streams)?;
         }
         let now = self.clock.now();
-        let token = loop {
-            let token = StreamToken::random().expect("the OS has an entropy source");
-            if !streams.by_token.contains_key(&token) {
-                break token;
+        let token = token.unwrap_or_else(|| {
+            loop {
+                let token = StreamToken::random().expect("the OS has an entropy source");
+                if !streams.by_token.contains_key(&token) {
+                    break token;
+                }
             }
-        };
+        });
         let stream = Arc::new(LoggedStream {
             meta: StreamMeta {
                 token,
@@ -274,6 +426,7 @@ impl Hub {
                 identity,
                 created: now,
             },
+            key,
             headers: Mutex::new(default_headers()),
             state: Mutex::new(StreamState {
                 log: ReplayLog::new(token, self.config.retention, now),
@@ -282,6 +435,7 @@ impl Hub {
                 upstream: Upstream::Idle,
                 stop: false,
                 stored: kind == StreamKind::Post,
+                writes: true,
             }),
             changed: Event::new(),
             stopping: Event::new(),
@@ -344,7 +498,8 @@ impl Hub {
         self.writer.is_some()
     }
 
-    /// Marks events durable after the writer wrote them, and wakes clients.
+    /// Lets clients see events up to the marks (the writer wrote them, or
+    /// the storage serves while it fails), and wakes them.
     fn mark_durable(&self, marks: &TokenMap<u64>) {
         let streams: Vec<Arc<LoggedStream>> = {
             let streams = self.lock();
@@ -416,9 +571,12 @@ impl Hub {
                         stream.stopping.notify(usize::MAX);
                     }
                     Upstream::Idle if state.log.is_expired(now) => {
+                        let writes = state.writes;
                         drop(state);
                         self.remove(&mut streams, &stream);
-                        dropped.push(stream.meta.token);
+                        if writes {
+                            dropped.push(stream.meta.token);
+                        }
                     }
                     _ => {}
                 }
@@ -427,6 +585,47 @@ impl Hub {
         for token in dropped {
             self.log_op(LogOp::Drop { token });
         }
+    }
+
+    /// Ends every stream of `identity` (an MCP session the upstream ended
+    /// or forgot): followers stop, readers of POST answers stop, nothing
+    /// more is appended, and a new GET of the same path opens a new stream.
+    /// What was logged stays resumable until retention drops it, or is
+    /// dropped now if `drop` (the session was deleted).
+    pub fn end_identity(&self, identity: Identity, drop: bool) {
+        let mut ops = Vec::new();
+        let mut streams = self.lock();
+        let ours: Vec<Arc<LoggedStream>> = streams
+            .by_token
+            .values()
+            .filter(|s| s.meta.identity == identity)
+            .cloned()
+            .collect();
+        for stream in ours {
+            let token = stream.meta.token;
+            {
+                let mut state = stream.state();
+                state.stop = true;
+                let writes = state.stored && state.writes;
+                if !state.log.is_ended() {
+                    state.log.end();
+                    if writes {
+                        ops.push(LogOp::End { token });
+                    }
+                }
+                if drop && writes {
+                    ops.push(LogOp::Drop { token });
+                }
+            }
+            streams.unshare(&stream);
+            if drop {
+                self.remove(&mut streams, &stream);
+            }
+            stream.stopping.notify(usize::MAX);
+            stream.changed.notify(usize::MAX);
+        }
+        std::mem::drop(streams);
+        self.log_ops(ops);
     }
 
     /// Stops every follower (shutdown).
@@ -439,14 +638,22 @@ impl Hub {
     }
 }
 
+impl Streams {
+    /// New GET requests no longer join `stream`.
+    fn unshare(&mut self, stream: &LoggedStream) {
+        if let Some(key) = &stream.key
+            && self.gets.get(key) == Some(&stream.meta.token)
+        {
+            self.gets.remove(key);
+        }
+    }
+}
+
 impl Hub {
     fn remove(&self, streams: &mut Streams, stream: &LoggedStream) {
         let meta = &stream.meta;
         streams.by_token.remove(&meta.token);
-        let key = (meta.target.clone(), meta.identity);
-        if streams.gets.get(&key) == Some(&meta.token) {
-            streams.gets.remove(&key);
-        }
+        streams.unshare(stream);
         let state = stream.state();
         if state.stored {
             streams.logged -= 1;
@@ -474,9 +681,16 @@ pub(super) fn default_headers() -> HeaderMap {
     headers
 }
 
+/// How long a proxy that is shutting down keeps retrying a log that fails.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// The storage writer: a thread that writes whatever ops arrived while it
 /// wrote the previous batch (a group commit), then lets clients see the
-/// events of that batch.
+/// events of that batch. While the storage fails, it retries the batch
+/// (with whatever arrived meanwhile, [compacted](compact)) every 200 ms; a
+/// storage that [serves while failing](LogStorage::serves_while_failing)
+/// has its events shown to clients meanwhile. At shutdown it gives up
+/// after [`SHUTDOWN_GRACE`].
 #[derive(Debug)]
 pub(super) struct Writer {
     thread: std::thread::JoinHandle<()>,
@@ -487,7 +701,9 @@ impl Writer {
         mut storage: Box<dyn LogStorage>,
         queue: async_channel::Receiver<Vec<LogOp>>,
         hub: std::sync::Weak<Hub>,
+        metrics: ProxyMetrics,
     ) -> Writer {
+        let serve_while_failing = storage.serves_while_failing();
         let thread = std::thread::Builder::new()
             .name("tidemark-log".into())
             .spawn(move || {
@@ -498,21 +714,54 @@ impl Writer {
                     while let Ok(ops) = queue.try_recv() {
                         batch.extend(ops);
                     }
+                    // The ops before this one have had their events shown.
+                    let mut shown = 0;
+                    let mut closed_at = None;
                     loop {
+                        if failing {
+                            if serve_while_failing {
+                                show(&hub, &batch[shown..]);
+                            }
+                            compact(&mut batch);
+                            if serve_while_failing {
+                                shown = batch.len();
+                            }
+                        }
                         match storage.write(&batch) {
                             Ok(()) => {
+                                metrics.log_written();
                                 if failing {
-                                    eprintln!("tidemark: the log is writable again");
+                                    eprintln!(
+                                        "tidemark: the log is writable again ({} changes held meanwhile written)",
+                                        batch.len()
+                                    );
                                     failing = false;
                                 }
                                 break;
                             }
                             Err(e) => {
+                                metrics.log_write_failed();
                                 if !failing {
-                                    eprintln!(
-                                        "tidemark: cannot write the log ({e}); clients wait for new events until it is written, retrying"
-                                    );
+                                    if serve_while_failing {
+                                        eprintln!(
+                                            "tidemark: cannot write the log ({e}); serving clients from memory meanwhile (what they get until it is written is lost if the proxy stops first), retrying"
+                                        );
+                                    } else {
+                                        eprintln!(
+                                            "tidemark: cannot write the log ({e}); clients wait for new events until it is written, retrying"
+                                        );
+                                    }
                                     failing = true;
+                                }
+                                if queue.is_closed() {
+                                    let since = *closed_at.get_or_insert_with(Instant::now);
+                                    if since.elapsed() >= SHUTDOWN_GRACE {
+                                        eprintln!(
+                                            "tidemark: stopping with {} changes not written to the log ({e})",
+                                            batch.len()
+                                        );
+                                        return;
+                                    }
                                 }
                                 std::thread::sleep(Duration::from_millis(200));
                                 while let Ok(ops) = queue.try_recv() {
@@ -521,16 +770,8 @@ impl Writer {
                             }
                         }
                     }
-                    let mut marks = TokenMap::default();
-                    for op in batch.drain(..) {
-                        if let LogOp::Append { token, record } = op {
-                            marks.insert(token, record.seq);
-                        }
-                    }
-                    match hub.upgrade() {
-                        Some(hub) if !marks.is_empty() => hub.mark_durable(&marks),
-                        _ => {}
-                    }
+                    show(&hub, &batch[shown..]);
+                    batch.clear();
                 }
             })
             .expect("spawn the log writer thread");
@@ -550,5 +791,113 @@ impl Hub {
         if let Some(writer) = &self.writer {
             writer.close();
         }
+    }
+}
+
+/// Forgets what a batch that is being retried need not write any more, so
+/// that the backlog of a long outage stays within retention: a stream's
+/// events below its newest `Trim` in the batch (retention dropped them),
+/// its older `Trim`s, and every op of a stream that the batch drops but
+/// the `Drop`.
+fn compact(batch: &mut Vec<LogOp>) {
+    const DROPPED: u64 = u64::MAX;
+    let mut floors = TokenMap::<u64>::default();
+    for op in batch.iter() {
+        match op {
+            LogOp::Trim { token, first_seq } => {
+                let floor = floors.entry(*token).or_default();
+                *floor = (*floor).max(*first_seq);
+            }
+            LogOp::Drop { token } => {
+                floors.insert(*token, DROPPED);
+            }
+            _ => {}
+        }
+    }
+    if floors.is_empty() {
+        return;
+    }
+    batch.retain(|op| match op {
+        LogOp::Open(meta) => floors.get(&meta.token) != Some(&DROPPED),
+        LogOp::Append { token, record } => floors.get(token).is_none_or(|&f| record.seq >= f),
+        LogOp::Trim { token, first_seq } => floors.get(token) == Some(first_seq),
+        LogOp::End { token } => floors.get(token) != Some(&DROPPED),
+        LogOp::Drop { .. } => true,
+    });
+}
+
+/// Lets clients see the events appended by `ops`.
+fn show(hub: &std::sync::Weak<Hub>, ops: &[LogOp]) {
+    let mut marks = TokenMap::default();
+    for op in ops {
+        if let LogOp::Append { token, record } = op {
+            marks.insert(*token, record.seq);
+        }
+    }
+    match hub.upgrade() {
+        Some(hub) if !marks.is_empty() => hub.mark_durable(&marks),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidemark_core::replay::LogRecord;
+
+    fn append(token: StreamToken, seq: u64) -> LogOp {
+        LogOp::Append {
+            token,
+            record: LogRecord::new(seq, Millis(seq), None, b"data: x\n\n"),
+        }
+    }
+
+    #[test]
+    fn compact_keeps_what_retention_keeps_and_a_drop_alone() {
+        let [a, b, c] = [1, 2, 3].map(|n| StreamToken::from_bytes([n; 16]));
+        let meta = |token| StreamMeta {
+            token,
+            kind: StreamKind::Get,
+            target: "/".into(),
+            identity: Identity::from_bytes([0; 16]),
+            created: Millis(0),
+        };
+        let mut batch = vec![
+            LogOp::Open(meta(a)),
+            append(a, 1),
+            append(a, 2),
+            LogOp::Trim {
+                token: a,
+                first_seq: 2,
+            },
+            append(a, 3),
+            LogOp::Trim {
+                token: a,
+                first_seq: 3,
+            },
+            append(b, 7),
+            LogOp::Open(meta(c)),
+            append(c, 1),
+            LogOp::End { token: c },
+            LogOp::Drop { token: c },
+        ];
+        compact(&mut batch);
+        assert_eq!(
+            batch,
+            vec![
+                LogOp::Open(meta(a)),
+                append(a, 3),
+                LogOp::Trim {
+                    token: a,
+                    first_seq: 3,
+                },
+                append(b, 7),
+                LogOp::Drop { token: c },
+            ]
+        );
+        let unchanged = vec![append(b, 8), LogOp::End { token: b }];
+        let mut copy = unchanged.clone();
+        compact(&mut copy);
+        assert_eq!(copy, unchanged);
     }
 }

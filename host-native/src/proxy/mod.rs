@@ -27,8 +27,11 @@
 //!   `tidemark-gap` whose data is `{"reason":"retention","lost":N}` or
 //!   `{"reason":"unknown","lost":null}`, then the oldest retained event on.
 //! - **Identity**: a stream belongs to a keyed hash of the `Authorization`,
-//!   `Cookie`, `Mcp-Session-Id` and `Origin` headers and of each `--identity-header`
-//!   it was opened with; for any other identity it does not exist.
+//!   `Cookie` and `Mcp-Session-Id` headers and of each `--identity-header`
+//!   it was opened with; for any other identity it does not exist. GET
+//!   streams are shared per `Origin` too.
+//! - **MCP** Streamable HTTP is recognised by its headers (see `mcp.rs`):
+//!   a session's GET resumes any of its streams by `Last-Event-ID` alone.
 //! - **Storage** ([`LogStorage`]): memory by default ([`MemoryLog`]); with
 //!   a durable storage, every event is written (group commits on a thread
 //!   of their own) before any client sees it, so what a client saw survives
@@ -40,14 +43,19 @@
 
 mod client;
 mod file_log;
+mod fleet;
 mod front;
 mod http;
 mod hub;
+mod mcp;
+mod redis_log;
 mod storage;
 mod upstream;
 
 pub use file_log::FileLog;
+pub use fleet::STANDBY_PERIOD;
 pub use http::STREAMS_PATH;
+pub use redis_log::{COMMANDS_PER_ROUND_TRIP, MAX_TAIL_BLOCK, RedisLog, TRIM_STEP};
 pub use storage::{LogOp, LogStorage, MemoryLog, StoredStream, StreamKind, StreamMeta};
 
 use crate::HttpConnector;
@@ -117,7 +125,7 @@ pub struct ProxyConfig {
     /// The `retry:` hint sent to every client, in milliseconds.
     pub retry_ms: u64,
     /// Headers that are part of a request's identity, beyond
-    /// `Authorization`, `Cookie`, `Mcp-Session-Id` and `Origin`.
+    /// `Authorization`, `Cookie` and `Mcp-Session-Id`.
     pub identity_headers: Vec<HeaderName>,
     /// How long the upstream may take to answer a request's head.
     pub upstream_timeout: Duration,
@@ -179,9 +187,22 @@ impl Proxy {
         config: ProxyConfig,
         storage: Box<dyn LogStorage>,
     ) -> io::Result<Proxy> {
+        Proxy::bind_with(addr, config, storage, None).await
+    }
+
+    /// [`bind`](Self::bind), as one instance of a `fleet` whose log
+    /// (`storage`, a [`RedisLog`]) is in Redis: streams are taken in from
+    /// the log when clients ask for them, not recovered at start.
+    pub async fn bind_with(
+        addr: SocketAddr,
+        config: ProxyConfig,
+        storage: Box<dyn LogStorage>,
+        fleet: Option<FleetOptions>,
+    ) -> io::Result<Proxy> {
         let listener = async_io::Async::<std::net::TcpListener>::bind(addr)?;
         let metrics = ProxyMetrics::new();
-        let (hub, writer) = smol::unblock(move || Hub::new(config, storage, metrics)).await?;
+        let (hub, writer) =
+            smol::unblock(move || Hub::new(config, storage, metrics, fleet)).await?;
         Ok(Proxy {
             listener,
             hub,
@@ -224,6 +245,10 @@ impl Proxy {
                     .expect("spawn a proxy thread")
             })
             .collect();
+        let tail = hub
+            .fleet
+            .clone()
+            .map(|fleet| hub.executor.spawn(fleet.tail(Arc::downgrade(&hub))));
         let sweeper = hub.executor.spawn({
             let hub = hub.clone();
             async move {
@@ -266,6 +291,7 @@ impl Proxy {
         hub.executor.run(smol::future::or(accept, shutdown)).await;
         drop(listener);
         drop(sweeper);
+        drop(tail);
         drop(stop_workers);
         smol::unblock(move || {
             for worker in workers {
@@ -282,6 +308,18 @@ impl Proxy {
     }
 }
 
+/// One instance of a fleet of proxies sharing their log in Redis: one
+/// follows each upstream stream, holding its lease, the others serve their
+/// clients from Redis.
+#[derive(Clone, Debug)]
+pub struct FleetOptions {
+    /// The Redis server and key prefix of the log and the leases.
+    pub redis: crate::RedisConfig,
+    /// Time to live of a stream's lease: how long the fleet waits for a
+    /// writer that died before another takes its streams over.
+    pub lease_ttl: Duration,
+}
+
 /// How `tidemark proxy` runs, beyond its [`ProxyConfig`].
 #[derive(Debug)]
 pub struct ProxyOptions {
@@ -291,8 +329,11 @@ pub struct ProxyOptions {
     pub metrics_listen: Option<SocketAddr>,
     /// The log's storage.
     pub storage: Box<dyn LogStorage>,
-    /// What the storage is, for the start-up line (`memory`, a directory).
+    /// What the storage is, for the start-up line (`memory`, a directory,
+    /// a Redis URL without its password).
     pub log_name: String,
+    /// The fleet this instance is one of (with a log in Redis).
+    pub fleet: Option<FleetOptions>,
 }
 
 /// `tidemark proxy`: raises the open-files limit, binds `listen`, prints
@@ -313,7 +354,7 @@ pub async fn proxy_until_signal(config: ProxyConfig, options: ProxyOptions) -> i
         Err(e) => eprintln!("tidemark: cannot raise the open-files limit: {e}"),
     }
     let upstream = config.upstream.to_string();
-    let proxy = Proxy::bind(options.listen, config, options.storage).await?;
+    let proxy = Proxy::bind_with(options.listen, config, options.storage, options.fleet).await?;
     let addr = proxy.local_addr()?;
     let metrics_listener = match options.metrics_listen {
         Some(at) => Some(smol::net::TcpListener::bind(at).await?),

@@ -118,6 +118,16 @@ pub trait LogStorage: Send + std::fmt::Debug + 'static {
     fn is_durable(&self) -> bool {
         true
     }
+
+    /// Whether clients may see events that `write` failed to make durable,
+    /// for as long as it keeps failing: `true` for a storage on a server
+    /// (Redis), whose outage should not stop the live streams, at the cost
+    /// of losing what clients saw meanwhile if the proxy dies before the
+    /// storage is back; `false` (the default) shows clients only what is
+    /// durable, so they wait while it fails (a full disk).
+    fn serves_while_failing(&self) -> bool {
+        false
+    }
 }
 
 /// No storage: logs live in memory only and die with the process (the

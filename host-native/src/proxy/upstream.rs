@@ -3,8 +3,10 @@
 //! `Last-Event-ID`, its replays dropped), a POST answer read once to its
 //! end. Both append every event to the stream's log.
 
+use super::fleet;
 use super::hub::{Hub, LoggedStream, Upstream};
-use super::storage::LogOp;
+use super::storage::{LogOp, StreamKind};
+use crate::Lease;
 use crate::{HttpBody, HttpConnector};
 use futures::StreamExt;
 use futures::future::{Either, select};
@@ -13,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use tidemark_core::replay::{GAP_EVENT, Gap, GapReason, LogBatch, LogRecord, gap_data};
 use tidemark_core::sse::{EventRef, ItemRef, Parser};
 use tidemark_core::{
-    Clock, ConnectRequest, Connector, EventTracker, Failure, ResumableStream, StreamConfig,
-    StreamItem, StreamKey, TrackerConfig,
+    Clock, ConnectRequest, Connector, EventTracker, Failure, GiveUp, ResumableStream, StreamConfig,
+    StreamError, StreamItem, StreamKey, TrackerConfig,
 };
 
 /// A connector whose first connection is one already open: the request
@@ -38,16 +40,21 @@ impl Connector for Primed {
 }
 
 /// Appends `batch` to the stream's log and wakes its clients (at once for
-/// a memory log; the writer wakes them once they are durable).
-fn append(hub: &Hub, stream: &LoggedStream, batch: &LogBatch) {
+/// a memory log; the writer wakes them once they are durable). `false`
+/// when the stream was ended meanwhile (its MCP session ended): nothing is
+/// appended, and the reader stops.
+fn append(hub: &Hub, stream: &LoggedStream, batch: &LogBatch) -> bool {
     if batch.is_empty() {
-        return;
+        return !stream.state().log.is_ended();
     }
     let now = hub.clock.now();
     let mut ops = Vec::new();
-    hub.metrics.events_in(batch.len() as u64);
     let appended = {
         let mut state = stream.state();
+        if state.log.is_ended() {
+            return false;
+        }
+        hub.metrics.events_in(batch.len() as u64);
         let appended = state.log.append_batch(now, batch);
         if hub.is_durable() {
             let first = appended.seq + 1 - appended.events as u64;
@@ -71,6 +78,7 @@ fn append(hub: &Hub, stream: &LoggedStream, batch: &LogBatch) {
     if !hub.is_durable() {
         stream.changed.notify(usize::MAX);
     }
+    true
 }
 
 /// Adds a fresh upstream event to `batch`.
@@ -95,13 +103,21 @@ fn push_too_large(batch: &mut LogBatch) {
 /// Follows a GET stream whose first answer is `body` (`None`: connect
 /// first), with the request `headers`, until the linger is over or the
 /// upstream gives up.
+///
+/// In a fleet it holds the stream's `lease` meanwhile, stops when it loses
+/// it, and lets it go at the end.
 pub(super) async fn follow_get(
     hub: Arc<Hub>,
     stream: Arc<LoggedStream>,
     url: String,
     headers: Vec<(String, String)>,
     body: Option<HttpBody>,
+    lease: Option<Lease>,
 ) {
+    let holding = held(&hub, &stream, lease.clone());
+    let session = headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("mcp-session-id"));
     let tracker_config = TrackerConfig::default();
     let window = tracker_config.window;
     let mut tracker = EventTracker::new(
@@ -156,6 +172,10 @@ pub(super) async fn follow_get(
             Either::Left((item, _)) => item,
             Either::Right(((), _)) => continue,
         };
+        if lease.as_ref().is_some_and(|lease| !lease.is_valid()) {
+            // Another instance may be the writer now: append nothing more.
+            break None;
+        }
         match item {
             Ok(StreamItem::Delivered { .. }) => {
                 append(&hub, &stream, &batch);
@@ -190,18 +210,58 @@ pub(super) async fn follow_get(
     if connected {
         hub.metrics.upstream_disconnected();
     }
-    if let Some(e) = reason {
+    if let Some(e) = &reason {
         eprintln!("tidemark: stopped following {}: {e}", stream.meta.target);
     }
-    let mut state = stream.state();
-    state.upstream = Upstream::Idle;
-    state.stop = false;
-    drop(state);
+    // An MCP server that no longer knows the session: its logs end.
+    if let Some(StreamError::GaveUp(GiveUp::Permanent(Failure::Status { code: 404, .. }))) = reason
+        && session
+    {
+        hub.end_identity(stream.meta.identity, false);
+    }
+    {
+        let mut state = stream.state();
+        state.upstream = Upstream::Idle;
+        state.stop = false;
+    }
     stream.changed.notify(usize::MAX);
+    let_go(holding, lease).await;
+}
+
+/// In a fleet, the task that holds a writer's lease (see `fleet::hold`):
+/// a GET follower that loses it stops.
+fn held(hub: &Hub, stream: &Arc<LoggedStream>, lease: Option<Lease>) -> Option<smol::Task<()>> {
+    let fleet = hub.fleet.as_ref()?;
+    let stream = stream.clone();
+    let lost = move || {
+        if stream.meta.kind == StreamKind::Get {
+            stream.state().stop = true;
+            stream.stopping.notify(usize::MAX);
+        }
+    };
+    Some(
+        hub.executor
+            .spawn(fleet::hold(lease?, fleet.standby_period(), lost)),
+    )
+}
+
+/// The writer is done: stops holding its lease and gives it back.
+async fn let_go(holding: Option<smol::Task<()>>, lease: Option<Lease>) {
+    drop(holding);
+    if let Some(lease) = lease {
+        let _ = lease.release().await;
+    }
 }
 
 /// Reads a POST answer to its end, whether or not a client reads along.
-pub(super) async fn read_post(hub: Arc<Hub>, stream: Arc<LoggedStream>, mut body: HttpBody) {
+/// In a fleet it holds the stream's `lease` meanwhile.
+pub(super) async fn read_post(
+    hub: Arc<Hub>,
+    stream: Arc<LoggedStream>,
+    mut body: HttpBody,
+    lease: Option<Lease>,
+) {
+    let holding = held(&hub, &stream, lease.clone());
     let mut parser = Parser::new(hub.config.limits.parser());
     let mut batch = LogBatch::new();
     let mut failure = None;
@@ -224,8 +284,11 @@ pub(super) async fn read_post(hub: Arc<Hub>, stream: Arc<LoggedStream>, mut body
             hub.metrics.gap(GapReason::TooLarge);
             push_too_large(&mut batch);
         }
-        append(&hub, &stream, &batch);
+        let taken = append(&hub, &stream, &batch);
         batch.clear();
+        if !taken {
+            break;
+        }
     }
     drop(body);
     hub.metrics.upstream_disconnected();
@@ -236,13 +299,18 @@ pub(super) async fn read_post(hub: Arc<Hub>, stream: Arc<LoggedStream>, mut body
             stream.meta.target
         );
     }
-    {
+    let ended_here = {
         let mut state = stream.state();
-        state.log.end();
         state.upstream = Upstream::Idle;
+        let ended_here = !state.log.is_ended();
+        state.log.end();
+        ended_here
+    };
+    if ended_here {
+        hub.log_op(LogOp::End {
+            token: stream.meta.token,
+        });
     }
-    hub.log_op(LogOp::End {
-        token: stream.meta.token,
-    });
     stream.changed.notify(usize::MAX);
+    let_go(holding, lease).await;
 }

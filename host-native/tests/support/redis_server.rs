@@ -2,27 +2,55 @@
 //! (`TIDEMARK_TEST_REDIS`), or one of our own on a free loopback port. Never
 //! any other Redis.
 
+#![allow(dead_code)] // each test binary uses its own part
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A `redis-server` child process without persistence, killed when dropped.
+/// A `redis-server` child process, without persistence unless started with
+/// [`start_persistent`](Self::start_persistent), killed when dropped.
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
+    /// The persistence flags.
+    persistence: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts a server on a free loopback port.
     pub fn start() -> RedisServer {
+        Self::start_with(&["--save", "", "--appendonly", "no"])
+    }
+
+    /// Starts a server on a free loopback port that keeps its data in `dir`
+    /// in an append-only file synced on every write, so that it loses
+    /// nothing it acknowledged when killed, and has it all back when
+    /// [restarted](Self::restart).
+    pub fn start_persistent(dir: &std::path::Path) -> RedisServer {
+        let dir = dir.to_str().expect("a UTF-8 temporary directory");
+        Self::start_with(&[
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--dir",
+            dir,
+        ])
+    }
+
+    fn start_with(persistence: &[&str]) -> RedisServer {
+        let persistence: Vec<String> = persistence.iter().map(|&a| a.to_owned()).collect();
         for _ in 0..10 {
             let port = TcpListener::bind("127.0.0.1:0")
                 .unwrap()
                 .local_addr()
                 .unwrap()
                 .port();
-            if let Some(server) = RedisServer::try_start(port) {
+            if let Some(server) = RedisServer::try_start(port, &persistence) {
                 return server;
             }
         }
@@ -30,10 +58,10 @@ impl RedisServer {
     }
 
     /// Starts a server on `port`, or `None` if it exits (the port is taken).
-    pub fn try_start(port: u16) -> Option<RedisServer> {
+    fn try_start(port: u16, persistence: &[String]) -> Option<RedisServer> {
         let mut child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(persistence)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -48,6 +76,7 @@ impl RedisServer {
                 return Some(RedisServer {
                     child: Some(child),
                     port,
+                    persistence: persistence.to_vec(),
                 });
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -62,7 +91,12 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
-    /// Kills the server (no persistence: its data is gone).
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server (`SIGKILL`; without persistence its data is gone).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -70,12 +104,13 @@ impl RedisServer {
         }
     }
 
-    /// Starts an empty server again on the same port.
+    /// Starts the server again on the same port: empty, or with its data
+    /// back if it is persistent.
     pub fn restart(&mut self) {
         self.stop();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Some(mut server) = RedisServer::try_start(self.port) {
+            if let Some(mut server) = RedisServer::try_start(self.port, &self.persistence) {
                 self.child = server.child.take();
                 return;
             }

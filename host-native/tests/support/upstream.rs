@@ -111,6 +111,8 @@ pub struct State {
     /// `/chat` answers sent to their end.
     pub chats_done: AtomicU64,
     seen: Mutex<Vec<Seen>>,
+    /// MCP sessions `/mcp` answers 404 for (deleted, or forgotten).
+    forgotten: Mutex<std::collections::HashSet<String>>,
     live: Mutex<Live>,
     released: Watch,
     chat_gate: Watch,
@@ -124,6 +126,12 @@ struct Live {
 }
 
 impl State {
+    /// Makes `/mcp` forget MCP session `session`, as a restarted server
+    /// would: its requests get 404 from now on.
+    pub fn forget(&self, session: &str) {
+        self.forgotten.lock().unwrap().insert(session.to_owned());
+    }
+
     /// Every request seen so far.
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
@@ -401,7 +409,23 @@ async fn respond(
     if params.contains_key("hold-head") {
         state.head_gate.at_least(1).await;
     }
-    let response = match (&parts.method, seen.path()) {
+    // `/mcp`, a Streamable HTTP endpoint in miniature: a POST is answered
+    // like `/chat`, a GET is the live feed, a DELETE ends the session;
+    // requests of a session it forgot get 404.
+    let session = seen.header("mcp-session-id").unwrap_or_default().to_owned();
+    let known = !state.forgotten.lock().unwrap().contains(&session);
+    let route = match seen.path() {
+        "/mcp" if !known => "/mcp-unknown",
+        "/mcp" if parts.method == Method::POST => "/chat",
+        "/mcp" if parts.method == Method::GET => "/live",
+        path => path,
+    };
+    let response = match (&parts.method, route) {
+        (_, "/mcp-unknown") => full(404, &[], "no such session\n"),
+        (&Method::DELETE, "/mcp") => {
+            state.forget(&session);
+            full(200, &[], "")
+        }
         (&Method::GET, "/live") => live(&state),
         (&Method::GET, "/replay") => {
             let drop: u64 = params

@@ -1,0 +1,726 @@
+//! [`RedisLog`]: the proxy's replay logs in Redis Streams (`tidemark proxy
+//! --log redis://HOST:PORT/[DB]`).
+//!
+//! Choose it over the file log when the log must outlive the machine, or
+//! (with the fleet to come) when several proxies serve the same streams. One
+//! proxy on one machine is better served by `--log DIR`: no server to run,
+//! and a group commit is one local `fdatasync`.
+//!
+//! # Layout
+//!
+//! Every key starts with the prefix (`--redis-prefix`, default `tidemark:`);
+//! `{token}` is the stream's token as 32 hex digits.
+//!
+//! - `{prefix}proxy:log:{token}`: a Redis Stream with one entry per event,
+//!   its entry id `<seq>-0`, and the fields `time` (milliseconds since the
+//!   Unix epoch, decimal), `upstream` (the upstream's id; absent when the
+//!   event had none) and `frame` (the SSE frame clients get, bytes as
+//!   logged). The explicit ids make Redis itself refuse a sequence number
+//!   that does not increase.
+//! - `{prefix}proxy:meta:{token}`: a hash with `kind` (`get` or `post`),
+//!   `target` (the upstream path and query), `identity` (32 hex digits),
+//!   `created` (milliseconds) and `ended` (`1`, once the stream ended).
+//! - `{prefix}proxy:streams`: the set of every stored stream's token, what
+//!   [`recover`](LogStorage::recover) reads.
+//! - `{prefix}proxy:identity-key`: the key of the proxy's identity hashes,
+//!   64 hex digits, written once with `SET NX` (the first proxy's key wins).
+//!
+//! # One round trip per batch
+//!
+//! [`write`](LogStorage::write) sends all ops of a batch in one pipeline:
+//!
+//! | op | commands |
+//! |---|---|
+//! | `Open` | `HSET meta kind .. target .. identity .. created ..`, `SADD streams token` |
+//! | `Append` | `XADD log MAXLEN ~ <retain> <seq>-0 time .. [upstream ..] frame ..` |
+//! | `Trim` | `XTRIM log MINID <first_seq>-0`, after the batch's appends, once per stream, and only once the first event moved [`TRIM_STEP`] past the last one sent |
+//! | `End` | `HSET meta ended 1` |
+//! | `Drop` | `SREM streams token`, `DEL meta log` |
+//!
+//! Only a batch of more than [`COMMANDS_PER_ROUND_TRIP`] commands (a
+//! backlog after an outage) takes more than one round trip, so that each
+//! fits in the response timeout. `MAXLEN ~` keeps a stream's entries near
+//! `--retain` at almost no cost; `XTRIM MINID` forgets what retention by
+//! bytes or age dropped, lazily: trims need not be durable, and recovery
+//! applies retention again.
+//!
+//! Every op may be written twice: the proxy retries a failed batch whole,
+//! and part of it may have reached Redis. `HSET`, `SADD`, `XTRIM`, `SREM`
+//! and `DEL` are idempotent; an `XADD` that Redis refuses because its id is
+//! not above the stream's last one was written before, and counts as
+//! written.
+//!
+//! # Outages
+//!
+//! The log holds one multiplexed connection and opens it lazily
+//! (`redis_conn` has the rules). While Redis is down or unreachable,
+//! `write` fails, and the proxy keeps serving clients from memory, live
+//! events included ([`LogStorage::serves_while_failing`]), retrying the
+//! batch until Redis takes it; it says so on stderr once when the outage
+//! begins and once when it ends, and in the `tidemark_proxy_log_up` and
+//! `tidemark_proxy_log_write_failures_total` metrics. A proxy killed during
+//! an outage loses what was not written yet. A Redis that loses data
+//! (restarted without persistence, `FLUSHDB`) loses the log as it would
+//! lose anything: run it with AOF persistence (`appendonly yes`) when the
+//! log must survive Redis restarts too.
+//!
+//! # Reading
+//!
+//! Besides what [`LogStorage`] needs, [`read_after`](RedisLog::read_after)
+//! (`XRANGE` with an exclusive start) and [`tail`](RedisLog::tail) (`XREAD
+//! BLOCK`, on a connection of its own so that it never holds up a write)
+//! read a stream's events back, as an instance serving clients from Redis
+//! does.
+
+use super::storage::{LogOp, LogStorage, StoredStream, StreamKind, StreamMeta, TokenMap};
+use crate::RedisConfig;
+use crate::redis_conn::{SharedConnection, store_error};
+use redis::{RedisError, Value};
+use std::fmt;
+use std::io;
+use std::time::Duration;
+use tidemark_core::replay::{Identity, LogRecord, Retention, StreamToken};
+use tidemark_core::{Millis, StoreError};
+
+/// The most commands one pipeline (one round trip) carries.
+pub const COMMANDS_PER_ROUND_TRIP: usize = 20_000;
+
+/// How far a stream's first retained event must move before the log sends
+/// it `XTRIM` again: trims are not urgent, and most are `MAXLEN`'s anyway.
+pub const TRIM_STEP: u64 = 256;
+
+/// The longest a [`tail`](RedisLog::tail) waits.
+pub const MAX_TAIL_BLOCK: Duration = Duration::from_secs(30);
+
+/// Entries per `XRANGE` page of [`recover`](LogStorage::recover).
+const RECOVER_PAGE: usize = 1000;
+
+/// Streams whose meta one pipeline of [`recover`](LogStorage::recover)
+/// reads.
+const META_PAGE: usize = 1000;
+
+/// The proxy's replay logs in Redis Streams; see the [module docs](self).
+/// Its `Debug` shows the redacted URL.
+pub struct RedisLog {
+    config: RedisConfig,
+    /// The redacted URL, for messages.
+    shown: String,
+    max_len: usize,
+    connection: SharedConnection,
+    /// For `XREAD BLOCK`, which holds its connection while it waits.
+    blocking: SharedConnection,
+    /// Per stream, the first event of the last `XTRIM` written.
+    trimmed: TokenMap<u64>,
+}
+
+impl fmt::Debug for RedisLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisLog")
+            .field("config", &self.config)
+            .field("max_len", &self.max_len)
+            .field("connected", &self.connection.is_connected())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisLog {
+    /// A log on the server of `config` (its `ttl` is not used: the proxy
+    /// drops streams itself) for streams kept with `retention`. Checks the
+    /// URL; connects on first use.
+    pub fn new(config: RedisConfig, retention: Retention) -> io::Result<RedisLog> {
+        let shown = config.redacted_url();
+        let connection = SharedConnection::new(&config.url, &shown, config.timeout, config.timeout)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        Ok(RedisLog {
+            shown,
+            blocking: connection.sibling(config.timeout + MAX_TAIL_BLOCK),
+            connection,
+            max_len: retention.max_events.max(1),
+            config,
+            trimmed: TokenMap::default(),
+        })
+    }
+
+    /// The settings of this log.
+    pub fn config(&self) -> &RedisConfig {
+        &self.config
+    }
+
+    /// The key of `token`'s events.
+    pub fn log_key(&self, token: StreamToken) -> String {
+        format!("{}proxy:log:{token}", self.config.prefix)
+    }
+
+    /// The key of `token`'s meta.
+    pub fn meta_key(&self, token: StreamToken) -> String {
+        format!("{}proxy:meta:{token}", self.config.prefix)
+    }
+
+    /// The key of the set of stored tokens.
+    pub fn streams_key(&self) -> String {
+        format!("{}proxy:streams", self.config.prefix)
+    }
+
+    /// The key of the identity key.
+    pub fn identity_key_key(&self) -> String {
+        format!("{}proxy:identity-key", self.config.prefix)
+    }
+
+    /// Up to `count` events of `token` after `after_seq`, oldest first
+    /// (`XRANGE` from `(<after_seq>-0`): none for a stream Redis does not
+    /// have.
+    pub fn read_after(
+        &self,
+        token: StreamToken,
+        after_seq: u64,
+        count: usize,
+    ) -> io::Result<Vec<LogRecord>> {
+        smol::block_on(self.read_after_async(token, after_seq, count))
+    }
+
+    /// [`read_after`](Self::read_after), on a task.
+    pub(super) async fn read_after_async(
+        &self,
+        token: StreamToken,
+        after_seq: u64,
+        count: usize,
+    ) -> io::Result<Vec<LogRecord>> {
+        let key = self.log_key(token);
+        let xrange = redis::cmd("XRANGE")
+            .arg(&key)
+            .arg(format!("({after_seq}-0"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(count)
+            .take();
+        let reply: Value = self.query(&self.connection, &xrange).await?;
+        entries(&key, &reply)
+    }
+
+    /// The events of `token` after `after_seq`, waiting up to `block` (at
+    /// most [`MAX_TAIL_BLOCK`]) for one if there is none yet (`XREAD
+    /// BLOCK`): empty if none came. Tails share one connection of their
+    /// own, so concurrent calls wait for each other, and never for a write.
+    pub fn tail(
+        &self,
+        token: StreamToken,
+        after_seq: u64,
+        block: Duration,
+    ) -> io::Result<Vec<LogRecord>> {
+        let records = smol::block_on(self.tail_many(&[(token, after_seq)], block))?;
+        Ok(records.into_iter().map(|(_, record)| record).collect())
+    }
+
+    /// The events of each stream `(token, after_seq)` after its `after_seq`,
+    /// with its token, waiting up to `block` (at most [`MAX_TAIL_BLOCK`])
+    /// if none has any yet: one `XREAD BLOCK` for all of them.
+    pub(super) async fn tail_many(
+        &self,
+        from: &[(StreamToken, u64)],
+        block: Duration,
+    ) -> io::Result<Vec<(StreamToken, LogRecord)>> {
+        let block_ms = u64::try_from(block.min(MAX_TAIL_BLOCK).as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let mut xread = redis::cmd("XREAD");
+        xread
+            .arg("COUNT")
+            .arg(RECOVER_PAGE)
+            .arg("BLOCK")
+            .arg(block_ms)
+            .arg("STREAMS");
+        let keys: Vec<String> = from.iter().map(|&(token, _)| self.log_key(token)).collect();
+        for key in &keys {
+            xread.arg(key);
+        }
+        for (_, after_seq) in from {
+            xread.arg(format!("{after_seq}-0"));
+        }
+        let what = keys.first().map_or("XREAD", String::as_str);
+        let reply: Value = self.query(&self.blocking, &xread).await?;
+        // Nil after the block; else per stream its key and entries, as
+        // pairs (RESP2) or a map (RESP3).
+        let streams: Vec<(&Value, &Value)> = match &reply {
+            Value::Nil => Vec::new(),
+            Value::Array(streams) => streams
+                .iter()
+                .map(|stream| match stream.as_sequence() {
+                    Some([key, entries]) => Ok((key, entries)),
+                    _ => Err(corrupt(what, "XREAD answered no stream and entries")),
+                })
+                .collect::<io::Result<_>>()?,
+            Value::Map(streams) => streams
+                .iter()
+                .map(|(key, entries)| (key, entries))
+                .collect(),
+            _ => return Err(corrupt(what, "XREAD answered no list of streams")),
+        };
+        let mut records = Vec::new();
+        for (key, stream) in streams {
+            let key = text(key).ok_or_else(|| corrupt(what, "a stream key is not text"))?;
+            let Some(at) = keys.iter().position(|k| k == key) else {
+                return Err(corrupt(key, "XREAD answered a stream not asked for"));
+            };
+            let token = from[at].0;
+            records.extend(entries(key, stream)?.into_iter().map(|r| (token, r)));
+        }
+        Ok(records)
+    }
+
+    /// The stream of `token` as stored (its meta, every event, whether it
+    /// ended), if Redis has it.
+    pub(super) async fn load(&self, token: StreamToken) -> io::Result<Option<StoredStream>> {
+        let key = self.meta_key(token);
+        let hgetall = redis::cmd("HGETALL").arg(&key).take();
+        let reply: Value = self.query(&self.connection, &hgetall).await?;
+        let Some(mut stream) = parse_meta(token, &reply).map_err(|d| corrupt(&key, &d))? else {
+            return Ok(None);
+        };
+        loop {
+            let after = stream.records.last().map_or(0, |r| r.seq);
+            let page = self.read_after_async(token, after, RECOVER_PAGE).await?;
+            let full = page.len() == RECOVER_PAGE;
+            stream.records.extend(page);
+            if !full {
+                return Ok(Some(stream));
+            }
+        }
+    }
+
+    /// Whether each stream of `tokens` has ended, by its meta (one round
+    /// trip).
+    pub(super) async fn ended(&self, tokens: &[StreamToken]) -> io::Result<Vec<bool>> {
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for &token in tokens {
+            pipe.cmd("HEXISTS").arg(self.meta_key(token)).arg("ended");
+        }
+        let replies: Vec<bool> = self
+            .connection
+            .run(|mut connection| {
+                let pipe = &pipe;
+                async move { pipe.query_async(&mut connection).await }
+            })
+            .await
+            .map_err(|e| io_error(e, &self.shown))?;
+        Ok(replies)
+    }
+
+    /// The key naming the token of the GET stream whose keyed hash is
+    /// `hash`: `{prefix}proxy:get:{hash}`.
+    pub fn get_key(&self, hash: [u8; 16]) -> String {
+        format!("{}proxy:get:{}", self.config.prefix, hex(&hash))
+    }
+
+    /// The token of the GET stream `hash` names in the fleet: the stored
+    /// one, or `fresh`, stored now (`SET NX GET`, one atomic step).
+    pub(super) async fn agree(
+        &self,
+        hash: [u8; 16],
+        fresh: StreamToken,
+    ) -> io::Result<StreamToken> {
+        let key = self.get_key(hash);
+        let set = redis::cmd("SET")
+            .arg(&key)
+            .arg(fresh.to_string())
+            .arg("NX")
+            .arg("GET")
+            .take();
+        let stored: Option<String> = self.query(&self.connection, &set).await?;
+        match stored {
+            None => Ok(fresh),
+            Some(token) => StreamToken::parse(&token)
+                .ok_or_else(|| corrupt(&key, &format!("{token:?} is not a token"))),
+        }
+    }
+
+    /// Runs one command on `connection`.
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        connection: &SharedConnection,
+        command: &redis::Cmd,
+    ) -> io::Result<T> {
+        connection
+            .run(|mut connection| async move { command.query_async(&mut connection).await })
+            .await
+            .map_err(|e| io_error(e, &self.shown))
+    }
+
+    /// Sends `pipe`, blocking, and gives each command's reply, server
+    /// errors included.
+    fn send(&self, pipe: &redis::Pipeline) -> io::Result<Vec<Value>> {
+        smol::block_on(
+            self.connection
+                .run(|mut connection| async move { pipe.query_async(&mut connection).await }),
+        )
+        .map_err(|e| io_error(e, &self.shown))
+    }
+
+    /// The commands of `ops`, in order (the trims last), and the trims
+    /// they write.
+    fn commands(&self, ops: &[LogOp]) -> (Vec<redis::Cmd>, TokenMap<u64>) {
+        let mut commands = Vec::with_capacity(ops.len());
+        let mut trims = TokenMap::<u64>::default();
+        for op in ops {
+            match op {
+                LogOp::Open(meta) => {
+                    // The meta before the token: whoever finds the token
+                    // finds its meta.
+                    commands.push(
+                        redis::cmd("HSET")
+                            .arg(self.meta_key(meta.token))
+                            .arg("kind")
+                            .arg(meta.kind.as_str())
+                            .arg("target")
+                            .arg(&meta.target)
+                            .arg("identity")
+                            .arg(hex(&meta.identity.to_bytes()))
+                            .arg("created")
+                            .arg(meta.created.as_u64())
+                            .take(),
+                    );
+                    commands.push(
+                        redis::cmd("SADD")
+                            .arg(self.streams_key())
+                            .arg(meta.token.to_string())
+                            .take(),
+                    );
+                }
+                LogOp::Append { token, record } => {
+                    let mut xadd = redis::cmd("XADD");
+                    xadd.arg(self.log_key(*token))
+                        .arg("MAXLEN")
+                        .arg("~")
+                        .arg(self.max_len)
+                        .arg(format!("{}-0", record.seq))
+                        .arg("time")
+                        .arg(record.time.as_u64());
+                    if let Some(id) = record.upstream_id() {
+                        xadd.arg("upstream").arg(id);
+                    }
+                    xadd.arg("frame").arg(record.frame());
+                    commands.push(xadd);
+                }
+                LogOp::Trim { token, first_seq } => {
+                    let trim = trims.entry(*token).or_default();
+                    *trim = (*trim).max(*first_seq);
+                }
+                LogOp::End { token } => commands.push(
+                    redis::cmd("HSET")
+                        .arg(self.meta_key(*token))
+                        .arg("ended")
+                        .arg(1)
+                        .take(),
+                ),
+                LogOp::Drop { token } => {
+                    trims.remove(token);
+                    commands.push(
+                        redis::cmd("SREM")
+                            .arg(self.streams_key())
+                            .arg(token.to_string())
+                            .take(),
+                    );
+                    commands.push(
+                        redis::cmd("DEL")
+                            .arg(self.meta_key(*token))
+                            .arg(self.log_key(*token))
+                            .take(),
+                    );
+                }
+            }
+        }
+        trims.retain(|token, first_seq| {
+            let last = self.trimmed.get(token).copied().unwrap_or(0);
+            *first_seq >= last.saturating_add(TRIM_STEP)
+        });
+        for (token, first_seq) in &trims {
+            commands.push(
+                redis::cmd("XTRIM")
+                    .arg(self.log_key(*token))
+                    .arg("MINID")
+                    .arg(format!("{first_seq}-0"))
+                    .take(),
+            );
+        }
+        (commands, trims)
+    }
+
+    /// Every stored stream, without its records yet, and the tokens of
+    /// those whose meta is missing (a `Drop` cut short, say).
+    fn stored_metas(&self) -> io::Result<(Vec<StoredStream>, Vec<StreamToken>)> {
+        let smembers = redis::cmd("SMEMBERS").arg(self.streams_key()).take();
+        let members: Vec<String> = smol::block_on(self.query(&self.connection, &smembers))?;
+        let mut tokens = Vec::with_capacity(members.len());
+        for member in &members {
+            let token = StreamToken::parse(member).ok_or_else(|| {
+                corrupt(&self.streams_key(), &format!("{member:?} is not a token"))
+            })?;
+            tokens.push(token);
+        }
+        let mut metas = Vec::with_capacity(tokens.len());
+        let mut orphans = Vec::new();
+        for page in tokens.chunks(META_PAGE) {
+            let mut pipe = redis::pipe();
+            for &token in page {
+                pipe.cmd("HGETALL").arg(self.meta_key(token));
+            }
+            let replies = self.send(&pipe)?;
+            for (&token, reply) in page.iter().zip(&replies) {
+                match parse_meta(token, reply) {
+                    Ok(Some(meta)) => metas.push(meta),
+                    Ok(None) => orphans.push(token),
+                    Err(detail) => return Err(corrupt(&self.meta_key(token), &detail)),
+                }
+            }
+        }
+        Ok((metas, orphans))
+    }
+
+    /// Every event stored of `token`, oldest first, read in pages.
+    fn stored_records(&self, token: StreamToken) -> io::Result<Vec<LogRecord>> {
+        let mut records: Vec<LogRecord> = Vec::new();
+        loop {
+            let after = records.last().map_or(0, |r| r.seq);
+            let page = self.read_after(token, after, RECOVER_PAGE)?;
+            let full = page.len() == RECOVER_PAGE;
+            records.extend(page);
+            if !full {
+                return Ok(records);
+            }
+        }
+    }
+}
+
+impl LogStorage for RedisLog {
+    fn write(&mut self, ops: &[LogOp]) -> io::Result<()> {
+        let (commands, trims) = self.commands(ops);
+        for part in commands.chunks(COMMANDS_PER_ROUND_TRIP) {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for command in part {
+                pipe.add_command(command.clone());
+            }
+            let replies = self.send(&pipe)?;
+            for reply in replies {
+                if let Value::ServerError(error) = reply
+                    && !is_written_before(error.details())
+                {
+                    return Err(io_error(store_error(RedisError::from(error)), &self.shown));
+                }
+            }
+        }
+        self.trimmed.extend(trims);
+        for op in ops {
+            if let LogOp::Drop { token } = op {
+                self.trimmed.remove(token);
+            }
+        }
+        Ok(())
+    }
+
+    fn recover(&mut self) -> io::Result<Vec<StoredStream>> {
+        let (metas, orphans) = self.stored_metas()?;
+        if !orphans.is_empty() {
+            eprintln!(
+                "tidemark: {} stream(s) in {} have no meta (dropped midway?): forgetting them",
+                orphans.len(),
+                self.streams_key()
+            );
+            let ops: Vec<LogOp> = orphans
+                .into_iter()
+                .map(|token| LogOp::Drop { token })
+                .collect();
+            self.write(&ops)?;
+        }
+        let mut streams = metas;
+        for stream in &mut streams {
+            stream.records = self.stored_records(stream.meta.token)?;
+            if let Some(first) = stream.records.first() {
+                self.trimmed.insert(stream.meta.token, first.seq);
+            }
+        }
+        streams.sort_by_key(|s| (s.meta.created, s.meta.token));
+        Ok(streams)
+    }
+
+    fn identity_key(&mut self, fresh: [u8; 32]) -> io::Result<[u8; 32]> {
+        let key = self.identity_key_key();
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(&key)
+            .arg(hex(&fresh))
+            .arg("NX")
+            .ignore()
+            .cmd("GET")
+            .arg(&key);
+        let (stored,): (Option<String>,) = smol::block_on(self.connection.run(|mut connection| {
+            let pipe = &pipe;
+            async move { pipe.query_async(&mut connection).await }
+        }))
+        .map_err(|e| io_error(e, &self.shown))?;
+        let stored = stored.ok_or_else(|| corrupt(&key, "it vanished right after SET NX"))?;
+        unhex::<32>(&stored).ok_or_else(|| corrupt(&key, "not 64 hex digits"))
+    }
+
+    fn serves_while_failing(&self) -> bool {
+        true
+    }
+}
+
+/// Whether an error's `details` say that Redis refused a command only
+/// because it was written before: an `XADD` whose id is not above the
+/// stream's last.
+fn is_written_before(details: Option<&str>) -> bool {
+    details.is_some_and(|d| d.contains("equal or smaller than the target stream top item"))
+}
+
+/// A stream (without its records) from its meta's `HGETALL` reply; `None`
+/// for an empty reply (no such key).
+fn parse_meta(token: StreamToken, reply: &Value) -> Result<Option<StoredStream>, String> {
+    let fields = reply
+        .as_map_iter()
+        .ok_or_else(|| format!("HGETALL answered {reply:?}"))?;
+    let mut kind = None;
+    let mut target = None;
+    let mut identity = None;
+    let mut created = None;
+    let mut ended = false;
+    let mut any = false;
+    for (name, value) in fields {
+        any = true;
+        let name = text(name).ok_or("a field name is not text")?;
+        let value = text(value).ok_or_else(|| format!("field {name} is not text"))?;
+        match name {
+            "kind" => {
+                kind = Some(match value {
+                    "get" => StreamKind::Get,
+                    "post" => StreamKind::Post,
+                    _ => return Err(format!("kind {value:?}")),
+                })
+            }
+            "target" => target = Some(value.to_owned()),
+            "identity" => {
+                identity = Some(Identity::from_bytes(
+                    unhex::<16>(value).ok_or("identity is not 32 hex digits")?,
+                ))
+            }
+            "created" => created = Some(Millis(value.parse().map_err(|_| "created")?)),
+            "ended" => ended = true,
+            _ => {}
+        }
+    }
+    if !any {
+        return Ok(None);
+    }
+    match (kind, target, identity, created) {
+        (Some(kind), Some(target), Some(identity), Some(created)) => Ok(Some(StoredStream {
+            meta: StreamMeta {
+                token,
+                kind,
+                target,
+                identity,
+                created,
+            },
+            records: Vec::new(),
+            ended,
+        })),
+        _ => Err("a field of kind, target, identity, created is missing".into()),
+    }
+}
+
+/// The records of an `XRANGE` reply (or of one stream of an `XREAD`
+/// reply: its key, then its entries).
+fn entries(key: &str, reply: &Value) -> io::Result<Vec<LogRecord>> {
+    let list = match reply.as_sequence() {
+        Some(list) => list,
+        None => return Err(corrupt(key, "the reply is not a list of entries")),
+    };
+    list.iter()
+        .map(|entry| record(entry).map_err(|detail| corrupt(key, &detail)))
+        .collect()
+}
+
+/// One entry, `[id, [field, value, ...]]`, as a record.
+fn record(entry: &Value) -> Result<LogRecord, String> {
+    let [id, fields] = entry.as_sequence().unwrap_or_default() else {
+        return Err(format!("entry {entry:?}"));
+    };
+    let id = text(id).ok_or("an entry id is not text")?;
+    let seq = id
+        .strip_suffix("-0")
+        .and_then(|seq| seq.parse().ok())
+        .ok_or_else(|| format!("entry id {id:?} is not <seq>-0"))?;
+    let mut time = None;
+    let mut upstream = None;
+    let mut frame = None;
+    for (name, value) in fields
+        .as_map_iter()
+        .ok_or_else(|| format!("entry {id}: fields {fields:?}"))?
+    {
+        match (name, value) {
+            (Value::BulkString(name), Value::BulkString(value)) => match &name[..] {
+                b"time" => time = std::str::from_utf8(value).ok().and_then(|t| t.parse().ok()),
+                b"upstream" => upstream = Some(String::from_utf8(value.clone()).ok()),
+                b"frame" => frame = Some(&value[..]),
+                _ => {}
+            },
+            _ => return Err(format!("entry {id}: a field is not a string")),
+        }
+    }
+    let upstream = match upstream {
+        Some(None) => return Err(format!("entry {id}: upstream is not UTF-8")),
+        Some(Some(upstream)) => Some(upstream),
+        None => None,
+    };
+    match (time, frame) {
+        (Some(time), Some(frame)) => Ok(LogRecord::new(
+            seq,
+            Millis(time),
+            upstream.as_deref(),
+            frame,
+        )),
+        _ => Err(format!("entry {id}: time or frame is missing")),
+    }
+}
+
+fn text(value: &Value) -> Option<&str> {
+    match value {
+        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != 2 * N || !s.is_ascii() {
+        return None;
+    }
+    let mut bytes = [0; N];
+    for (byte, pair) in bytes.iter_mut().zip(s.as_bytes().chunks_exact(2)) {
+        *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(bytes)
+}
+
+fn corrupt(key: &str, detail: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("redis key {key}: {detail}"),
+    )
+}
+
+/// A store error of the server at `shown` as the proxy's storage reports
+/// it.
+fn io_error(error: StoreError, shown: &str) -> io::Error {
+    let kind = match error {
+        StoreError::Unavailable(_) => io::ErrorKind::NotConnected,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, format!("{shown}: {error}"))
+}

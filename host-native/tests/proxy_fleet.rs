@@ -1,0 +1,343 @@
+//! A fleet of `tidemark proxy` instances sharing their log in Redis
+//! Streams (issue 15): three instances before one upstream, clients spread
+//! over them and moved between them mid-stream, `kill -9` of the instance
+//! that follows the upstream, a Redis restart. Every client gets every
+//! event once, in order. The Redis server is one the test starts (with an
+//! append-only file, so that its restart loses nothing it acknowledged).
+
+mod support {
+    pub mod http;
+    pub mod proxy;
+    pub mod redis_server;
+    pub mod serve;
+    pub mod upstream;
+}
+
+use std::time::{Duration, Instant};
+use support::http::{Event, Sse, get_sse, proxy_id};
+use support::proxy::{Proxy, scrape};
+use support::redis_server::RedisServer;
+use support::upstream::{Upstream, wait_until};
+
+/// The upstream feed: replays after `Last-Event-ID`, never drops by itself.
+const FEED: &str = "/replay?drop=1000000&count=100000";
+
+fn fleet_proxy(upstream: &Upstream, redis: &RedisServer, prefix: &str) -> Proxy {
+    Proxy::start(
+        &upstream.url(),
+        &[
+            "--log",
+            &redis.url(),
+            "--redis-prefix",
+            prefix,
+            "--lease-ms",
+            "1000",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    )
+}
+
+/// A client of the feed that remembers what it got and can move.
+struct Client {
+    sse: Option<Sse>,
+    events: Vec<Event>,
+}
+
+impl Client {
+    fn connect(&mut self, proxy: &Proxy) {
+        let mut headers = Vec::new();
+        let last = self.events.last().map(|e| e.id().to_owned());
+        if let Some(id) = &last {
+            headers.push(("Last-Event-ID", id.as_str()));
+        }
+        let response = get_sse(&proxy.addr, FEED, &headers);
+        assert_eq!(response.status, 200, "{response:?}");
+        let sse = response.sse();
+        sse.set_timeout(Duration::from_secs(20));
+        self.sse = Some(sse);
+    }
+
+    /// Reads until it has `n` events; `false` if its connection broke
+    /// first (its proxy died).
+    fn read_until(&mut self, n: usize) -> bool {
+        let Some(sse) = &mut self.sse else {
+            return false;
+        };
+        while self.events.len() < n {
+            match sse.try_item() {
+                Ok(Some(support::http::Item::Event(event))) => self.events.push(event),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    self.sse = None;
+                    return false;
+                }
+            }
+        }
+        true
+    }
+}
+
+/// The instance following the upstream now, by its metrics.
+fn follower(proxies: &[Option<Proxy>]) -> usize {
+    let mut found = None;
+    wait_until("one instance to follow the upstream", || {
+        let following: Vec<usize> = proxies
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                let p = p.as_ref()?;
+                let metrics = scrape(&p.metrics_addr());
+                (metrics.get("tidemark_proxy_upstream_connections") == Some(&1.0)).then_some(i)
+            })
+            .collect();
+        found = (following.len() == 1).then(|| following[0]);
+        found.is_some()
+    });
+    found.unwrap()
+}
+
+#[test]
+fn three_instances_on_redis_every_client_gets_every_event_once_through_moves_a_kill_and_a_redis_restart()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = RedisServer::start_persistent(dir.path());
+    let upstream = Upstream::start();
+    let mut proxies: Vec<Option<Proxy>> = (0..3)
+        .map(|_| Some(fleet_proxy(&upstream, &redis, "fleet:")))
+        .collect();
+    let mut clients: Vec<(usize, Client)> = (0..6)
+        .map(|i| {
+            let mut client = Client {
+                sse: None,
+                events: Vec::new(),
+            };
+            client.connect(proxies[i % 3].as_ref().unwrap());
+            (i % 3, client)
+        })
+        .collect();
+    let read_all = |clients: &mut Vec<(usize, Client)>, proxies: &[Option<Proxy>], n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for (at, client) in clients.iter_mut() {
+            while !client.read_until(n) {
+                assert!(Instant::now() < deadline, "a client never got {n} events");
+                // Its instance died: to the next one alive, as a load
+                // balancer would.
+                *at = (1..=3)
+                    .map(|k| (*at + k) % 3)
+                    .find(|&k| proxies[k].is_some())
+                    .unwrap();
+                client.connect(proxies[*at].as_ref().unwrap());
+            }
+        }
+    };
+
+    upstream.release(50);
+    read_all(&mut clients, &proxies, 50);
+    let first_follower = follower(&proxies);
+    assert_eq!(upstream.state.count("/replay"), 1, "one instance follows");
+
+    // Every client moves to the next instance mid-stream.
+    for (at, client) in clients.iter_mut() {
+        *at = (*at + 1) % 3;
+        client.connect(proxies[*at].as_ref().unwrap());
+    }
+    upstream.release(100);
+    read_all(&mut clients, &proxies, 100);
+
+    // The follower dies; another takes its lease and follows on from the
+    // upstream id in the log.
+    proxies[first_follower].as_mut().unwrap().kill9();
+    proxies[first_follower] = None;
+    upstream.release(150);
+    read_all(&mut clients, &proxies, 150);
+    let second_follower = follower(&proxies);
+    assert_ne!(second_follower, first_follower);
+    let resumed = upstream.state.requests_to("/replay");
+    assert_eq!(
+        resumed.len(),
+        2,
+        "one more upstream connection: {resumed:?}"
+    );
+    assert!(
+        resumed[1].header("last-event-id").is_some(),
+        "the new follower resumes the upstream: {:?}",
+        resumed[1]
+    );
+
+    // Redis goes down: the follower's own clients keep the live stream,
+    // from its memory.
+    redis.stop();
+    upstream.release(175);
+    assert!(
+        clients.iter().any(|(at, _)| *at == second_follower),
+        "a client of the follower"
+    );
+    for (at, client) in clients.iter_mut() {
+        if *at == second_follower {
+            assert!(
+                client.read_until(175),
+                "the follower's client keeps the stream"
+            );
+        }
+    }
+    // Redis is back (its append-only file has everything it acknowledged):
+    // the backlog is written, the mirrors catch up.
+    redis.restart();
+    upstream.release(200);
+    read_all(&mut clients, &proxies, 200);
+
+    for (i, (_, client)) in clients.iter().enumerate() {
+        let data: Vec<u64> = client
+            .events
+            .iter()
+            .map(|e| e.data.parse().unwrap())
+            .collect();
+        assert_eq!(
+            data,
+            (1..=200).collect::<Vec<u64>>(),
+            "client {i}: every event once, in order"
+        );
+        let token = proxy_id(client.events[0].id()).0;
+        let seqs: Vec<u64> = client
+            .events
+            .iter()
+            .map(|e| {
+                let (t, seq) = proxy_id(e.id());
+                assert_eq!(t, token, "client {i}: one stream for the whole fleet");
+                seq
+            })
+            .collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "client {i}: ids strictly increasing: {seqs:?}"
+        );
+    }
+}
+
+/// `(seq, data)` of chat events `range`, as the upstream sent them.
+fn tokens(range: std::ops::RangeInclusive<u64>) -> Vec<(u64, String)> {
+    range.map(|i| (i, format!("{{\"i\":{i}}}"))).collect()
+}
+
+fn seqs(events: &[Event], token: &str) -> Vec<(u64, String)> {
+    events
+        .iter()
+        .map(|e| {
+            let (t, seq) = proxy_id(e.id());
+            assert_eq!(t, token, "an event of another stream: {e:?}");
+            (seq, e.data.clone())
+        })
+        .collect()
+}
+
+/// A POST answered with a stream, through `proxy`: its Content-Location
+/// and the stream.
+fn post(proxy: &Proxy, path: &str) -> (String, Sse) {
+    let answer = support::http::request(
+        &proxy.addr,
+        "POST",
+        path,
+        &[AUTH, ("Accept", "text/event-stream")],
+        Some(b"{}"),
+    );
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let location = answer.header("content-location").unwrap().to_owned();
+    (location, answer.sse())
+}
+
+const AUTH: (&str, &str) = ("Authorization", "Bearer fleet");
+
+#[test]
+fn a_post_answer_read_by_one_instance_resumes_on_another_then_ends_there() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    let a = fleet_proxy(&upstream, &redis, "post:");
+    let b = fleet_proxy(&upstream, &redis, "post:");
+    let (location, mut first) = post(&a, "/chat?tokens=20&hold=10");
+    let half = first.events(10);
+    let token = proxy_id(half[0].id()).0;
+    drop(first);
+    // Resumed on B while A still reads the answer: B mirrors it from Redis.
+    let last = format!("{token}-10");
+    let mut resumed = get_sse(&b.addr, &location, &[AUTH, ("Last-Event-ID", &last)]).sse();
+    resumed.set_timeout(Duration::from_secs(20));
+    upstream.release_chat();
+    let rest = resumed.rest(); // ends when the stream ends, as B learns from Redis
+    assert_eq!(seqs(&rest, &token), tokens(11..=20));
+    let done = format!("{token}-20");
+    let finished = get_sse(&b.addr, &location, &[AUTH, ("Last-Event-ID", &done)]);
+    assert_eq!(finished.status, 204, "{finished:?}");
+    // Another identity learns nothing of it, on any instance.
+    let stranger = get_sse(&b.addr, &location, &[("Last-Event-ID", &last)]);
+    assert_eq!(stranger.status, 404, "{stranger:?}");
+    assert_eq!(upstream.state.count("/chat"), 1, "one POST upstream");
+}
+
+#[test]
+fn when_the_instance_reading_a_post_answer_dies_another_ends_the_stream_at_what_was_logged() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    let mut a = fleet_proxy(&upstream, &redis, "orphan:");
+    let b = fleet_proxy(&upstream, &redis, "orphan:");
+    let (location, mut first) = post(&a, "/chat?tokens=20&hold=10");
+    let token = proxy_id(first.events(10)[0].id()).0;
+    let mut resumed = get_sse(&b.addr, &location, &[AUTH]).sse();
+    resumed.set_timeout(Duration::from_secs(20));
+    assert_eq!(seqs(&resumed.events(10), &token), tokens(1..=10));
+    a.kill9();
+    let killed = Instant::now();
+    // B takes the lease once it lapses and ends the stream: its client
+    // gets the end, not keep-alives forever.
+    assert_eq!(resumed.rest(), Vec::<Event>::new());
+    assert!(
+        killed.elapsed() < Duration::from_secs(5),
+        "ended {:?} after the kill",
+        killed.elapsed()
+    );
+    let done = format!("{token}-10");
+    let finished = get_sse(&b.addr, &location, &[AUTH, ("Last-Event-ID", &done)]);
+    assert_eq!(finished.status, 204, "{finished:?}");
+    let metrics = scrape(&b.metrics_addr());
+    assert_eq!(metrics.get("tidemark_proxy_fleet_takeovers_total"), Some(&1.0));
+}
+
+#[test]
+fn while_redis_is_down_what_needs_it_gets_503_and_everything_works_once_it_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = RedisServer::start_persistent(dir.path());
+    let upstream = Upstream::start();
+    let a = fleet_proxy(&upstream, &redis, "down:");
+    let b = fleet_proxy(&upstream, &redis, "down:");
+    let (location, mut answer) = post(&a, "/chat?tokens=3");
+    let token = proxy_id(answer.rest()[0].id()).0;
+    redis.stop();
+    // A stream B never saw cannot be found without Redis: a clear 503.
+    let resume = get_sse(&b.addr, &location, &[AUTH]);
+    assert_eq!(resume.status, 503, "{resume:?}");
+    assert_eq!(resume.header("retry-after"), Some("1"));
+    assert!(resume.text().contains("unreachable"));
+    // Nor can a new GET stream agree on its token.
+    let live = get_sse(&b.addr, "/live", &[]);
+    assert_eq!(live.status, 503, "{live:?}");
+    // A still serves what it has in memory.
+    let local = get_sse(&a.addr, &location, &[AUTH]);
+    assert_eq!(local.status, 200, "{local:?}");
+    assert_eq!(seqs(&local.sse().rest(), &token), tokens(1..=3));
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let resumed = loop {
+        let resumed = get_sse(&b.addr, &location, &[AUTH]);
+        if resumed.status != 503 {
+            break resumed;
+        }
+        assert!(Instant::now() < deadline, "Redis is back, B still answers 503");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(resumed.status, 200, "{resumed:?}");
+    assert_eq!(seqs(&resumed.sse().rest(), &token), tokens(1..=3));
+    let mut live = get_sse(&b.addr, "/live", &[]).sse();
+    upstream.wait_live_open(1);
+    upstream.emit(1);
+    assert!(live.next_event().is_some());
+}
