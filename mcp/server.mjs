@@ -16,7 +16,8 @@
 //
 // As a module: `const s = await startMcpServer({ port: 0, staticDir })` gives
 // `{ url, cut(), log, close() }`. As a program: `node mcp/server.mjs --port 0
-// [--static DIR] [--retry-ms N] [--replay after|inclusive]` prints its URL.
+// [--static DIR] [--retry-ms N] [--replay after|inclusive] [--no-event-store]`
+// prints its URL.
 
 import { createServer } from 'node:http';
 import { randomUUID } from 'node:crypto';
@@ -290,7 +291,7 @@ export async function startMcpServer(options = {}) {
   };
 }
 
-// `node mcp/server.mjs --port 0 [--static DIR] [--retry-ms N] [--replay after|inclusive]`
+// `node mcp/server.mjs --port 0 [--static DIR] [--retry-ms N] [--replay after|inclusive] [--no-event-store]`
 if (import.meta.url === pathToFileURL(process.argv[1] ?? '').href) {
   const args = process.argv.slice(2);
   const value = (name, fallback) => {
@@ -302,6 +303,7 @@ if (import.meta.url === pathToFileURL(process.argv[1] ?? '').href) {
     staticDir: value('--static', defaultStaticDir),
     retryInterval: Number(value('--retry-ms', '100')),
     replay: value('--replay', 'after'),
+    resumable: !args.includes('--no-event-store'),
   });
   process.stdout.write(`${server.url}\n`);
   const stop = async () => {
