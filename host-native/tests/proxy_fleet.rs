@@ -299,7 +299,10 @@ fn when_the_instance_reading_a_post_answer_dies_another_ends_the_stream_at_what_
     let finished = get_sse(&b.addr, &location, &[AUTH, ("Last-Event-ID", &done)]);
     assert_eq!(finished.status, 204, "{finished:?}");
     let metrics = scrape(&b.metrics_addr());
-    assert_eq!(metrics.get("tidemark_proxy_fleet_takeovers_total"), Some(&1.0));
+    assert_eq!(
+        metrics.get("tidemark_proxy_fleet_takeovers_total"),
+        Some(&1.0)
+    );
 }
 
 #[test]
@@ -331,7 +334,10 @@ fn while_redis_is_down_what_needs_it_gets_503_and_everything_works_once_it_is_ba
         if resumed.status != 503 {
             break resumed;
         }
-        assert!(Instant::now() < deadline, "Redis is back, B still answers 503");
+        assert!(
+            Instant::now() < deadline,
+            "Redis is back, B still answers 503"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(resumed.status, 200, "{resumed:?}");
@@ -340,4 +346,51 @@ fn while_redis_is_down_what_needs_it_gets_503_and_everything_works_once_it_is_ba
     upstream.wait_live_open(1);
     upstream.emit(1);
     assert!(live.next_event().is_some());
+}
+
+#[test]
+fn a_get_stream_dropped_by_retention_is_opened_anew_with_a_new_token_never_the_old_one() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    let url = redis.url();
+    let args = [
+        "--log",
+        &url,
+        "--redis-prefix",
+        "drop:",
+        "--lease-ms",
+        "1000",
+        "--retain-secs",
+        "1",
+        "--linger-secs",
+        "0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    let a = Proxy::start(&upstream.url(), &args);
+    let b = Proxy::start(&upstream.url(), &args);
+    let mut first = get_sse(&a.addr, "/live", &[]).sse();
+    upstream.wait_live_open(1);
+    upstream.emit(2);
+    let old = first.events(2);
+    let old_token = proxy_id(old[0].id()).0;
+    drop(first);
+    let metrics = a.metrics_addr();
+    wait_until("A to drop the stream", || {
+        scrape(&metrics).get("tidemark_proxy_streams{kind=\"get\"}") == Some(&0.0)
+    });
+    let mut again = get_sse(&b.addr, "/live", &[]).sse();
+    upstream.wait_live_open(1);
+    upstream.emit(1);
+    let new = again.next_event().unwrap();
+    assert_ne!(
+        proxy_id(new.id()).0,
+        old_token,
+        "a dropped stream's token is not reused"
+    );
+    // An id of the dropped stream is unknown now, not an event of the new one.
+    let stale = format!("{old_token}-1");
+    let mut resumed = get_sse(&b.addr, "/live", &[("Last-Event-ID", &stale)]).sse();
+    let first = resumed.next_event().unwrap();
+    assert_eq!(first.event.as_deref(), Some("tidemark-gap"), "{first:?}");
 }

@@ -42,7 +42,7 @@
 use super::FleetOptions;
 use super::hub::{GetKey, Hub, LoggedStream, Upstream};
 use super::redis_log::RedisLog;
-use super::storage::{LogOp, StoredStream, StreamKind, TokenMap};
+use super::storage::{LogOp, StoredStream, StreamKind, StreamMeta, TokenMap};
 use super::upstream::follow_get;
 use crate::{Lease, RedisStore, SmolClock};
 use event_listener::Event;
@@ -102,10 +102,21 @@ impl Fleet {
         )
     }
 
-    /// The token of the GET stream of `key` (`hash`: its keyed hash) in
-    /// the whole fleet: the one stored, or `fresh`, stored now.
-    pub async fn agree(&self, hash: [u8; 16], fresh: StreamToken) -> io::Result<StreamToken> {
-        self.redis.agree(hash, fresh).await
+    /// The token of the GET stream of `key` in the whole fleet: the one
+    /// stored, or `meta`'s, stored now with `meta` (see
+    /// [`RedisLog::agree`]).
+    pub async fn agree(
+        &self,
+        hub: &Hub,
+        key: &GetKey,
+        meta: &StreamMeta,
+    ) -> io::Result<StreamToken> {
+        let hash = hub
+            .key
+            .identity([key.0.as_bytes(), &key.1.to_bytes()[..]])
+            .to_bytes();
+        let pending = Duration::from_millis(hub.config.retention.idle.as_u64());
+        self.redis.agree(hash, meta, pending).await
     }
 
     /// The stream of `token` as Redis has it (meta and records), if any.
@@ -352,11 +363,4 @@ async fn standby(
             let _ = lease.release().await;
         }
     }
-}
-
-/// The keyed hash that names the GET stream of `key` in the fleet.
-pub(super) fn key_hash(hub: &Hub, key: &GetKey) -> [u8; 16] {
-    hub.key
-        .identity([key.0.as_bytes(), &key.1.to_bytes()[..]])
-        .to_bytes()
 }
