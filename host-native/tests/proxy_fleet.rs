@@ -394,3 +394,40 @@ fn a_get_stream_dropped_by_retention_is_opened_anew_with_a_new_token_never_the_o
     let first = resumed.next_event().unwrap();
     assert_eq!(first.event.as_deref(), Some("tidemark-gap"), "{first:?}");
 }
+
+#[test]
+fn an_instance_stopped_with_sigterm_hands_its_streams_over_at_once() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    let url = redis.url();
+    // A lease of 30 s: a takeover within seconds can only be a handover.
+    let args = [
+        "--log",
+        &url,
+        "--redis-prefix",
+        "term:",
+        "--lease-ms",
+        "30000",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    let mut a = Proxy::start(&upstream.url(), &args);
+    let b = Proxy::start(&upstream.url(), &args);
+    let mut on_a = get_sse(&a.addr, FEED, &[]).sse();
+    let mut on_b = get_sse(&b.addr, FEED, &[]).sse();
+    on_b.set_timeout(Duration::from_secs(20));
+    upstream.release(5);
+    assert_eq!(on_a.events(5).len(), 5);
+    assert_eq!(on_b.events(5).len(), 5);
+    let stopped = Instant::now();
+    assert!(a.signal_and_wait("TERM").success());
+    upstream.release(10);
+    let rest = on_b.events(5);
+    let data: Vec<&str> = rest.iter().map(|e| e.data.as_str()).collect();
+    assert_eq!(data, ["6", "7", "8", "9", "10"]);
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "handed over in {:?}, not after the 30 s lease",
+        stopped.elapsed()
+    );
+}

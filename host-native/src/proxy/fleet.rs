@@ -73,6 +73,8 @@ pub(super) struct Fleet {
     clock: SmolClock,
     /// The streams mirrored here, by token.
     mirrors: Mutex<TokenMap<Arc<LoggedStream>>>,
+    /// The leases of the streams this instance writes.
+    held: Mutex<TokenMap<Lease>>,
     /// Notified when a stream is mirrored.
     mirrored: Event,
 }
@@ -88,6 +90,7 @@ impl Fleet {
             lease_ttl: options.lease_ttl,
             clock,
             mirrors: Mutex::default(),
+            held: Mutex::default(),
             mirrored: Event::new(),
         })
     }
@@ -144,6 +147,35 @@ impl Fleet {
             if !full {
                 return Ok(());
             }
+        }
+    }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, TokenMap<Lease>> {
+        self.held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// This instance writes the stream of `token` under `lease`.
+    pub fn holding(&self, token: StreamToken, lease: Lease) {
+        self.lock_held().insert(token, lease);
+    }
+
+    /// This instance is done writing the stream of `token`: its lease is
+    /// given back, so a standby need not wait for it to lapse.
+    pub async fn let_go(&self, token: StreamToken) {
+        let lease = self.lock_held().remove(&token);
+        if let Some(lease) = lease {
+            let _ = lease.release().await;
+        }
+    }
+
+    /// Gives back every lease held (the proxy stops): the fleet takes the
+    /// streams over at once.
+    pub async fn let_go_all(&self) {
+        let leases: Vec<Lease> = self.lock_held().drain().map(|(_, lease)| lease).collect();
+        for lease in leases {
+            let _ = lease.release().await;
         }
     }
 

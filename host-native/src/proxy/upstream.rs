@@ -12,7 +12,9 @@ use futures::StreamExt;
 use futures::future::{Either, select};
 use std::pin::pin;
 use std::sync::{Arc, Mutex};
-use tidemark_core::replay::{GAP_EVENT, Gap, GapReason, LogBatch, LogRecord, gap_data};
+use tidemark_core::replay::{
+    GAP_EVENT, Gap, GapReason, LogBatch, LogRecord, StreamToken, gap_data,
+};
 use tidemark_core::sse::{EventRef, ItemRef, Parser};
 use tidemark_core::{
     Clock, ConnectRequest, Connector, EventTracker, Failure, GiveUp, ResumableStream, StreamConfig,
@@ -225,13 +227,14 @@ pub(super) async fn follow_get(
         state.stop = false;
     }
     stream.changed.notify(usize::MAX);
-    let_go(holding, lease).await;
+    let_go(&hub, stream.meta.token, holding).await;
 }
 
 /// In a fleet, the task that holds a writer's lease (see `fleet::hold`):
 /// a GET follower that loses it stops.
 fn held(hub: &Hub, stream: &Arc<LoggedStream>, lease: Option<Lease>) -> Option<smol::Task<()>> {
     let fleet = hub.fleet.as_ref()?;
+    let token = stream.meta.token;
     let stream = stream.clone();
     let lost = move || {
         if stream.meta.kind == StreamKind::Get {
@@ -239,17 +242,19 @@ fn held(hub: &Hub, stream: &Arc<LoggedStream>, lease: Option<Lease>) -> Option<s
             stream.stopping.notify(usize::MAX);
         }
     };
+    let lease = lease?;
+    fleet.holding(token, lease.clone());
     Some(
         hub.executor
-            .spawn(fleet::hold(lease?, fleet.standby_period(), lost)),
+            .spawn(fleet::hold(lease, fleet.standby_period(), lost)),
     )
 }
 
 /// The writer is done: stops holding its lease and gives it back.
-async fn let_go(holding: Option<smol::Task<()>>, lease: Option<Lease>) {
+async fn let_go(hub: &Hub, token: StreamToken, holding: Option<smol::Task<()>>) {
     drop(holding);
-    if let Some(lease) = lease {
-        let _ = lease.release().await;
+    if let Some(fleet) = &hub.fleet {
+        fleet.let_go(token).await;
     }
 }
 
@@ -312,5 +317,5 @@ pub(super) async fn read_post(
         });
     }
     stream.changed.notify(usize::MAX);
-    let_go(holding, lease).await;
+    let_go(&hub, stream.meta.token, holding).await;
 }
