@@ -431,3 +431,59 @@ fn an_instance_stopped_with_sigterm_hands_its_streams_over_at_once() {
         stopped.elapsed()
     );
 }
+
+#[test]
+fn an_instance_that_let_a_stream_go_never_drops_it_while_another_writes_it() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    let url = redis.url();
+    let args = [
+        "--log",
+        &url,
+        "--redis-prefix",
+        "handover:",
+        "--lease-ms",
+        "1000",
+        "--retain-secs",
+        "1",
+        "--linger-secs",
+        "0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    let a = Proxy::start(&upstream.url(), &args);
+    let b = Proxy::start(&upstream.url(), &args);
+    let c = Proxy::start(&upstream.url(), &args);
+    let on_a = get_sse(&a.addr, FEED, &[]).sse();
+    let mut on_b = get_sse(&b.addr, FEED, &[]).sse();
+    on_b.set_timeout(Duration::from_secs(20));
+    upstream.release(3);
+    let first = on_b.events(3);
+    let token = proxy_id(first[0].id()).0;
+    // A's only client leaves: A lets the stream go, B takes it over.
+    drop(on_a);
+    let b_metrics = b.metrics_addr();
+    wait_until("B to take the stream over", || {
+        scrape(&b_metrics).get("tidemark_proxy_fleet_takeovers_total") == Some(&1.0)
+    });
+    // A's copy expires (--retain-secs 1): A must not drop the stream B
+    // writes now.
+    let a_metrics = a.metrics_addr();
+    wait_until("A to forget its copy", || {
+        scrape(&a_metrics).get("tidemark_proxy_streams{kind=\"get\"}") == Some(&0.0)
+    });
+    upstream.release(6);
+    let rest = on_b.events(3);
+    assert_eq!(
+        rest.iter().map(|e| e.data.as_str()).collect::<Vec<_>>(),
+        ["4", "5", "6"]
+    );
+    // Still in Redis, whole: a third instance resumes it from its start.
+    let from_start = format!("{token}-0");
+    let mut on_c = get_sse(&c.addr, FEED, &[("Last-Event-ID", &from_start)]).sse();
+    let all = on_c.events(6);
+    assert_eq!(
+        all.iter().map(|e| e.data.as_str()).collect::<Vec<_>>(),
+        ["1", "2", "3", "4", "5", "6"]
+    );
+}

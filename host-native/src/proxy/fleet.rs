@@ -170,6 +170,20 @@ impl Fleet {
         }
     }
 
+    /// Whether this instance may drop the stream of `token` from the
+    /// fleet's log: it holds the stream's lease (taken now if free), so no
+    /// other instance writes it. The lease is given back either way: there
+    /// is nothing left to write.
+    pub async fn take_to_drop(&self, token: StreamToken) -> bool {
+        let lease = self
+            .lock_held()
+            .remove(&token)
+            .unwrap_or_else(|| self.lease(token));
+        let held = lease.is_valid() || matches!(lease.try_acquire().await, Ok(true));
+        let _ = lease.release().await;
+        held
+    }
+
     /// Gives back every lease held (the proxy stops): the fleet takes the
     /// streams over at once.
     pub async fn let_go_all(&self) {
@@ -299,7 +313,12 @@ pub(super) fn mirror(
     stream: &Arc<LoggedStream>,
     follow: Option<(String, Vec<(String, String)>)>,
 ) {
-    stream.state().upstream = Upstream::Mirrored;
+    {
+        let mut state = stream.state();
+        state.upstream = Upstream::Mirrored;
+        // Its writer hands its changes to storage, not this instance.
+        state.writes = false;
+    }
     stream.changed.notify(usize::MAX);
     fleet.mirror(stream.clone());
     hub.metrics.set_mirrored(fleet.mirrored());

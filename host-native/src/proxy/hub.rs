@@ -582,8 +582,29 @@ impl Hub {
                 }
             }
         }
-        for token in dropped {
-            self.log_op(LogOp::Drop { token });
+        match &self.fleet {
+            // Only if no other instance writes it now (it may have taken
+            // the stream over since): the one that holds its lease drops it.
+            Some(fleet) => {
+                for token in dropped {
+                    let fleet = fleet.clone();
+                    let writer = self.writer.clone();
+                    self.executor
+                        .spawn(async move {
+                            if fleet.take_to_drop(token).await
+                                && let Some(writer) = writer
+                            {
+                                let _ = writer.try_send(vec![LogOp::Drop { token }]);
+                            }
+                        })
+                        .detach();
+                }
+            }
+            None => {
+                for token in dropped {
+                    self.log_op(LogOp::Drop { token });
+                }
+            }
         }
     }
 
