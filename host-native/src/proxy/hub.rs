@@ -717,6 +717,31 @@ pub(super) struct Writer {
     thread: std::thread::JoinHandle<()>,
 }
 
+/// In a fleet, drops from a backlog the changes of streams this instance
+/// no longer writes (it lost their lease while the log was down): another
+/// instance writes them now, and an old holder's events must not land in
+/// its log.
+fn fence(hub: &std::sync::Weak<Hub>, batch: &mut Vec<LogOp>) {
+    let Some(hub) = hub.upgrade() else { return };
+    if hub.fleet.is_none() {
+        return;
+    }
+    let streams = hub.lock();
+    batch.retain(|op| {
+        let token = match op {
+            LogOp::Open(meta) => meta.token,
+            LogOp::Append { token, .. }
+            | LogOp::Trim { token, .. }
+            | LogOp::End { token }
+            | LogOp::Drop { token } => *token,
+        };
+        streams
+            .by_token
+            .get(&token)
+            .is_none_or(|stream| stream.state().writes)
+    });
+}
+
 impl Writer {
     fn start(
         mut storage: Box<dyn LogStorage>,
@@ -743,6 +768,7 @@ impl Writer {
                             if serve_while_failing {
                                 show(&hub, &batch[shown..]);
                             }
+                            fence(&hub, &mut batch);
                             compact(&mut batch);
                             if serve_while_failing {
                                 shown = batch.len();

@@ -43,17 +43,20 @@ impl Connector for Primed {
 
 /// Appends `batch` to the stream's log and wakes its clients (at once for
 /// a memory log; the writer wakes them once they are durable). `false`
-/// when the stream was ended meanwhile (its MCP session ended): nothing is
-/// appended, and the reader stops.
+/// when the stream was ended meanwhile (its MCP session ended) or another
+/// instance of the fleet writes it now: nothing is appended, and the reader
+/// stops.
 fn append(hub: &Hub, stream: &LoggedStream, batch: &LogBatch) -> bool {
     if batch.is_empty() {
-        return !stream.state().log.is_ended();
+        let state = stream.state();
+        return !state.log.is_ended() && state.writes;
     }
     let now = hub.clock.now();
     let mut ops = Vec::new();
     let appended = {
         let mut state = stream.state();
-        if state.log.is_ended() {
+        // Ended meanwhile, or (in a fleet) written by another instance now.
+        if state.log.is_ended() || !state.writes {
             return false;
         }
         hub.metrics.events_in(batch.len() as u64);
@@ -237,8 +240,13 @@ fn held(hub: &Hub, stream: &Arc<LoggedStream>, lease: Option<Lease>) -> Option<s
     let token = stream.meta.token;
     let stream = stream.clone();
     let lost = move || {
+        let mut state = stream.state();
+        // Another instance may write it now: what this one still has
+        // queued for the log is dropped (see `hub::fence`).
+        state.writes = false;
         if stream.meta.kind == StreamKind::Get {
-            stream.state().stop = true;
+            state.stop = true;
+            drop(state);
             stream.stopping.notify(usize::MAX);
         }
     };
