@@ -299,7 +299,10 @@ fn when_the_instance_reading_a_post_answer_dies_another_ends_the_stream_at_what_
     let finished = get_sse(&b.addr, &location, &[AUTH, ("Last-Event-ID", &done)]);
     assert_eq!(finished.status, 204, "{finished:?}");
     let metrics = scrape(&b.metrics_addr());
-    assert_eq!(metrics.get("tidemark_proxy_fleet_takeovers_total"), Some(&1.0));
+    assert_eq!(
+        metrics.get("tidemark_proxy_fleet_takeovers_total"),
+        Some(&1.0)
+    );
 }
 
 #[test]
@@ -331,7 +334,10 @@ fn while_redis_is_down_what_needs_it_gets_503_and_everything_works_once_it_is_ba
         if resumed.status != 503 {
             break resumed;
         }
-        assert!(Instant::now() < deadline, "Redis is back, B still answers 503");
+        assert!(
+            Instant::now() < deadline,
+            "Redis is back, B still answers 503"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(resumed.status, 200, "{resumed:?}");
@@ -340,4 +346,278 @@ fn while_redis_is_down_what_needs_it_gets_503_and_everything_works_once_it_is_ba
     upstream.wait_live_open(1);
     upstream.emit(1);
     assert!(live.next_event().is_some());
+}
+
+#[test]
+fn a_get_stream_dropped_by_retention_is_opened_anew_with_a_new_token_never_the_old_one() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    let url = redis.url();
+    let args = [
+        "--log",
+        &url,
+        "--redis-prefix",
+        "drop:",
+        "--lease-ms",
+        "1000",
+        "--retain-secs",
+        "1",
+        "--linger-secs",
+        "0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    let a = Proxy::start(&upstream.url(), &args);
+    let b = Proxy::start(&upstream.url(), &args);
+    let mut first = get_sse(&a.addr, "/live", &[]).sse();
+    upstream.wait_live_open(1);
+    upstream.emit(2);
+    let old = first.events(2);
+    let old_token = proxy_id(old[0].id()).0;
+    drop(first);
+    let metrics = a.metrics_addr();
+    wait_until("A to drop the stream", || {
+        scrape(&metrics).get("tidemark_proxy_streams{kind=\"get\"}") == Some(&0.0)
+    });
+    let mut again = get_sse(&b.addr, "/live", &[]).sse();
+    upstream.wait_live_open(1);
+    upstream.emit(1);
+    let new = again.next_event().unwrap();
+    assert_ne!(
+        proxy_id(new.id()).0,
+        old_token,
+        "a dropped stream's token is not reused"
+    );
+    // An id of the dropped stream is unknown now, not an event of the new one.
+    let stale = format!("{old_token}-1");
+    let mut resumed = get_sse(&b.addr, "/live", &[("Last-Event-ID", &stale)]).sse();
+    let first = resumed.next_event().unwrap();
+    assert_eq!(first.event.as_deref(), Some("tidemark-gap"), "{first:?}");
+}
+
+#[test]
+fn an_instance_stopped_with_sigterm_hands_its_streams_over_at_once() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    let url = redis.url();
+    // A lease of 30 s: a takeover within seconds can only be a handover.
+    let args = [
+        "--log",
+        &url,
+        "--redis-prefix",
+        "term:",
+        "--lease-ms",
+        "30000",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    let mut a = Proxy::start(&upstream.url(), &args);
+    let b = Proxy::start(&upstream.url(), &args);
+    let mut on_a = get_sse(&a.addr, FEED, &[]).sse();
+    let mut on_b = get_sse(&b.addr, FEED, &[]).sse();
+    on_b.set_timeout(Duration::from_secs(20));
+    upstream.release(5);
+    assert_eq!(on_a.events(5).len(), 5);
+    assert_eq!(on_b.events(5).len(), 5);
+    let stopped = Instant::now();
+    assert!(a.signal_and_wait("TERM").success());
+    upstream.release(10);
+    let rest = on_b.events(5);
+    let data: Vec<&str> = rest.iter().map(|e| e.data.as_str()).collect();
+    assert_eq!(data, ["6", "7", "8", "9", "10"]);
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "handed over in {:?}, not after the 30 s lease",
+        stopped.elapsed()
+    );
+}
+
+#[test]
+fn an_instance_that_let_a_stream_go_never_drops_it_while_another_writes_it() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    let url = redis.url();
+    let args = [
+        "--log",
+        &url,
+        "--redis-prefix",
+        "handover:",
+        "--lease-ms",
+        "1000",
+        "--retain-secs",
+        "1",
+        "--linger-secs",
+        "0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    let a = Proxy::start(&upstream.url(), &args);
+    let b = Proxy::start(&upstream.url(), &args);
+    let c = Proxy::start(&upstream.url(), &args);
+    let on_a = get_sse(&a.addr, FEED, &[]).sse();
+    let mut on_b = get_sse(&b.addr, FEED, &[]).sse();
+    on_b.set_timeout(Duration::from_secs(20));
+    upstream.release(3);
+    let first = on_b.events(3);
+    let token = proxy_id(first[0].id()).0;
+    // A's only client leaves: A lets the stream go, B takes it over.
+    drop(on_a);
+    let b_metrics = b.metrics_addr();
+    wait_until("B to take the stream over", || {
+        scrape(&b_metrics).get("tidemark_proxy_fleet_takeovers_total") == Some(&1.0)
+    });
+    // A's copy expires (--retain-secs 1): A must not drop the stream B
+    // writes now.
+    let a_metrics = a.metrics_addr();
+    wait_until("A to forget its copy", || {
+        scrape(&a_metrics).get("tidemark_proxy_streams{kind=\"get\"}") == Some(&0.0)
+    });
+    upstream.release(6);
+    let rest = on_b.events(3);
+    assert_eq!(
+        rest.iter().map(|e| e.data.as_str()).collect::<Vec<_>>(),
+        ["4", "5", "6"]
+    );
+    // Still in Redis, whole: a third instance resumes it from its start.
+    let from_start = format!("{token}-0");
+    let mut on_c = get_sse(&c.addr, FEED, &[("Last-Event-ID", &from_start)]).sse();
+    let all = on_c.events(6);
+    assert_eq!(
+        all.iter().map(|e| e.data.as_str()).collect::<Vec<_>>(),
+        ["1", "2", "3", "4", "5", "6"]
+    );
+}
+
+/// A TCP relay to `target` that the test can cut (every connection closed,
+/// new ones refused at once) and heal: a network partition between one
+/// instance and Redis.
+struct Partition {
+    addr: String,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sockets: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Partition {
+    fn start(target: String) -> Partition {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sockets = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, s) = (cut.clone(), sockets.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                if c.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection is closed at once
+                }
+                let Ok(server) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                s.lock().unwrap().extend([client, server]);
+            }
+        });
+        Partition { addr, cut, sockets }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}/", self.addr)
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for socket in self.sockets.lock().unwrap().drain(..) {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_writer_cut_off_from_redis_that_lost_its_lease_never_writes_its_backlog_into_the_new_writers_log()
+ {
+    let redis = RedisServer::start();
+    let partition = Partition::start(
+        redis
+            .url()
+            .trim_start_matches("redis://")
+            .trim_end_matches('/')
+            .to_owned(),
+    );
+    let upstream = Upstream::start();
+    let args = |url: &str| {
+        [
+            "--log",
+            url,
+            "--redis-prefix",
+            "fence:",
+            "--lease-ms",
+            "1000",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ]
+        .map(str::to_owned)
+    };
+    let start = |url: &str| {
+        let args = args(url);
+        Proxy::start(
+            &upstream.url(),
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    };
+    let a = start(&partition.url());
+    let b = start(&redis.url());
+    let c = start(&redis.url());
+    // `/live` never replays: a new writer goes on from the live edge.
+    let mut on_a = get_sse(&a.addr, "/live", &[]).sse();
+    upstream.wait_live_open(1);
+    let mut on_b = get_sse(&b.addr, "/live", &[]).sse();
+    on_b.set_timeout(Duration::from_secs(20));
+    let base = upstream.emit(10) - 10;
+    assert_eq!(on_a.events(10).len(), 10);
+    let token = proxy_id(on_b.events(10)[0].id()).0;
+
+    partition.cut();
+    // A keeps following, with a backlog Redis never got, until its lease
+    // lapses; then B takes the stream over from the live edge.
+    upstream.emit(10);
+    let b_metrics = b.metrics_addr();
+    wait_until("B to take over", || {
+        scrape(&b_metrics).get("tidemark_proxy_fleet_takeovers_total") == Some(&1.0)
+    });
+    upstream.wait_live_open(1); // A's follower stopped; B's follows
+    upstream.emit(3);
+    assert_eq!(on_b.events(3).len(), 3);
+    partition.heal();
+    // A's writer gets Redis back: it must write nothing of that stream.
+    let a_metrics = a.metrics_addr();
+    wait_until("A's log to be up again", || {
+        scrape(&a_metrics).get("tidemark_proxy_log_up") == Some(&1.0)
+    });
+    upstream.emit(2);
+    assert_eq!(on_b.events(2).len(), 2);
+    drop(on_a);
+
+    // The log in Redis, read whole on a third instance: the upstream's
+    // events in order, none twice, none of A's backlog.
+    let from_start = format!("{token}-0");
+    let mut on_c = get_sse(&c.addr, "/live", &[("Last-Event-ID", &from_start)]).sse();
+    let all = on_c.events(15);
+    let data: Vec<u64> = all.iter().map(|e| e.data.parse().unwrap()).collect();
+    let expected: Vec<u64> = (base + 1..=base + 10)
+        .chain(base + 21..=base + 25)
+        .collect();
+    assert_eq!(data, expected, "the fleet's log");
 }

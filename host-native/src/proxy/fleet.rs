@@ -42,7 +42,7 @@
 use super::FleetOptions;
 use super::hub::{GetKey, Hub, LoggedStream, Upstream};
 use super::redis_log::RedisLog;
-use super::storage::{LogOp, StoredStream, StreamKind, TokenMap};
+use super::storage::{LogOp, StoredStream, StreamKind, StreamMeta, TokenMap};
 use super::upstream::follow_get;
 use crate::{Lease, RedisStore, SmolClock};
 use event_listener::Event;
@@ -73,6 +73,8 @@ pub(super) struct Fleet {
     clock: SmolClock,
     /// The streams mirrored here, by token.
     mirrors: Mutex<TokenMap<Arc<LoggedStream>>>,
+    /// The leases of the streams this instance writes.
+    held: Mutex<TokenMap<Lease>>,
     /// Notified when a stream is mirrored.
     mirrored: Event,
 }
@@ -88,6 +90,7 @@ impl Fleet {
             lease_ttl: options.lease_ttl,
             clock,
             mirrors: Mutex::default(),
+            held: Mutex::default(),
             mirrored: Event::new(),
         })
     }
@@ -102,10 +105,21 @@ impl Fleet {
         )
     }
 
-    /// The token of the GET stream of `key` (`hash`: its keyed hash) in
-    /// the whole fleet: the one stored, or `fresh`, stored now.
-    pub async fn agree(&self, hash: [u8; 16], fresh: StreamToken) -> io::Result<StreamToken> {
-        self.redis.agree(hash, fresh).await
+    /// The token of the GET stream of `key` in the whole fleet: the one
+    /// stored, or `meta`'s, stored now with `meta` (see
+    /// [`RedisLog::agree`]).
+    pub async fn agree(
+        &self,
+        hub: &Hub,
+        key: &GetKey,
+        meta: &StreamMeta,
+    ) -> io::Result<StreamToken> {
+        let hash = hub
+            .key
+            .identity([key.0.as_bytes(), &key.1.to_bytes()[..]])
+            .to_bytes();
+        let pending = Duration::from_millis(hub.config.retention.idle.as_u64());
+        self.redis.agree(hash, meta, pending).await
     }
 
     /// The stream of `token` as Redis has it (meta and records), if any.
@@ -133,6 +147,49 @@ impl Fleet {
             if !full {
                 return Ok(());
             }
+        }
+    }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, TokenMap<Lease>> {
+        self.held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// This instance writes the stream of `token` under `lease`.
+    pub fn holding(&self, token: StreamToken, lease: Lease) {
+        self.lock_held().insert(token, lease);
+    }
+
+    /// This instance is done writing the stream of `token`: its lease is
+    /// given back, so a standby need not wait for it to lapse.
+    pub async fn let_go(&self, token: StreamToken) {
+        let lease = self.lock_held().remove(&token);
+        if let Some(lease) = lease {
+            let _ = lease.release().await;
+        }
+    }
+
+    /// Whether this instance may drop the stream of `token` from the
+    /// fleet's log: it holds the stream's lease (taken now if free), so no
+    /// other instance writes it. The lease is given back either way: there
+    /// is nothing left to write.
+    pub async fn take_to_drop(&self, token: StreamToken) -> bool {
+        let lease = self
+            .lock_held()
+            .remove(&token)
+            .unwrap_or_else(|| self.lease(token));
+        let held = lease.is_valid() || matches!(lease.try_acquire().await, Ok(true));
+        let _ = lease.release().await;
+        held
+    }
+
+    /// Gives back every lease held (the proxy stops): the fleet takes the
+    /// streams over at once.
+    pub async fn let_go_all(&self) {
+        let leases: Vec<Lease> = self.lock_held().drain().map(|(_, lease)| lease).collect();
+        for lease in leases {
+            let _ = lease.release().await;
         }
     }
 
@@ -256,7 +313,12 @@ pub(super) fn mirror(
     stream: &Arc<LoggedStream>,
     follow: Option<(String, Vec<(String, String)>)>,
 ) {
-    stream.state().upstream = Upstream::Mirrored;
+    {
+        let mut state = stream.state();
+        state.upstream = Upstream::Mirrored;
+        // Its writer hands its changes to storage, not this instance.
+        state.writes = false;
+    }
     stream.changed.notify(usize::MAX);
     fleet.mirror(stream.clone());
     hub.metrics.set_mirrored(fleet.mirrored());
@@ -352,11 +414,4 @@ async fn standby(
             let _ = lease.release().await;
         }
     }
-}
-
-/// The keyed hash that names the GET stream of `key` in the fleet.
-pub(super) fn key_hash(hub: &Hub, key: &GetKey) -> [u8; 16] {
-    hub.key
-        .identity([key.0.as_bytes(), &key.1.to_bytes()[..]])
-        .to_bytes()
 }

@@ -3,10 +3,10 @@
 //! joins) a logged stream served from the log.
 
 use super::client;
-use super::fleet::{self, key_hash};
+use super::fleet;
 use super::hub::{GetKey, Hub, LoggedStream, Upstream, Who, default_headers};
 use super::mcp::Mcp;
-use super::storage::StreamKind;
+use super::storage::{StreamKind, StreamMeta};
 use super::upstream::{follow_get, read_post};
 use crate::HttpResponse;
 use crate::connector::is_one_of;
@@ -22,6 +22,7 @@ use std::convert::Infallible;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
+use tidemark_core::Clock;
 use tidemark_core::replay::{Identity, Start, StreamToken, parse_event_id};
 use tidemark_core::sse::encode_comment;
 
@@ -318,8 +319,15 @@ async fn stream_of(hub: &Hub, request: &GetRequest) -> Result<Arc<LoggedStream>,
     {
         let fresh = StreamToken::random()
             .map_err(|e| status(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()))?;
+        let meta = StreamMeta {
+            token: fresh,
+            kind: StreamKind::Get,
+            target: request.key.0.clone(),
+            identity: request.owner,
+            created: hub.clock.now(),
+        };
         let agreed = fleet
-            .agree(key_hash(hub, &request.key), fresh)
+            .agree(hub, &request.key, &meta)
             .await
             .map_err(fleet_down)?;
         if agreed != fresh

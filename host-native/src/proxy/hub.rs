@@ -582,8 +582,29 @@ impl Hub {
                 }
             }
         }
-        for token in dropped {
-            self.log_op(LogOp::Drop { token });
+        match &self.fleet {
+            // Only if no other instance writes it now (it may have taken
+            // the stream over since): the one that holds its lease drops it.
+            Some(fleet) => {
+                for token in dropped {
+                    let fleet = fleet.clone();
+                    let writer = self.writer.clone();
+                    self.executor
+                        .spawn(async move {
+                            if fleet.take_to_drop(token).await
+                                && let Some(writer) = writer
+                            {
+                                let _ = writer.try_send(vec![LogOp::Drop { token }]);
+                            }
+                        })
+                        .detach();
+                }
+            }
+            None => {
+                for token in dropped {
+                    self.log_op(LogOp::Drop { token });
+                }
+            }
         }
     }
 
@@ -696,6 +717,31 @@ pub(super) struct Writer {
     thread: std::thread::JoinHandle<()>,
 }
 
+/// In a fleet, drops from a backlog the changes of streams this instance
+/// no longer writes (it lost their lease while the log was down): another
+/// instance writes them now, and an old holder's events must not land in
+/// its log.
+fn fence(hub: &std::sync::Weak<Hub>, batch: &mut Vec<LogOp>) {
+    let Some(hub) = hub.upgrade() else { return };
+    if hub.fleet.is_none() {
+        return;
+    }
+    let streams = hub.lock();
+    batch.retain(|op| {
+        let token = match op {
+            LogOp::Open(meta) => meta.token,
+            LogOp::Append { token, .. }
+            | LogOp::Trim { token, .. }
+            | LogOp::End { token }
+            | LogOp::Drop { token } => *token,
+        };
+        streams
+            .by_token
+            .get(&token)
+            .is_none_or(|stream| stream.state().writes)
+    });
+}
+
 impl Writer {
     fn start(
         mut storage: Box<dyn LogStorage>,
@@ -722,6 +768,7 @@ impl Writer {
                             if serve_while_failing {
                                 show(&hub, &batch[shown..]);
                             }
+                            fence(&hub, &mut batch);
                             compact(&mut batch);
                             if serve_while_failing {
                                 shown = batch.len();

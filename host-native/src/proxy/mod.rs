@@ -300,6 +300,9 @@ impl Proxy {
         })
         .await;
         hub.stop_all();
+        if let Some(fleet) = &hub.fleet {
+            fleet.let_go_all().await;
+        }
         hub.close_log();
         if let Some(writer) = writer {
             smol::unblock(move || writer.finish()).await;

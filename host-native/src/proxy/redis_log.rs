@@ -22,6 +22,11 @@
 //!   `created` (milliseconds) and `ended` (`1`, once the stream ended).
 //! - `{prefix}proxy:streams`: the set of every stored stream's token, what
 //!   [`recover`](LogStorage::recover) reads.
+//! - `{prefix}proxy:get:{hash}`: the token of the GET stream whose path,
+//!   query and identity hash to `{hash}` (32 hex digits, a keyed hash), for
+//!   a fleet of proxies to agree on it. Set, with a meta that expires
+//!   unless the stream is logged, by one script that reuses the stored
+//!   token only while its meta exists.
 //! - `{prefix}proxy:identity-key`: the key of the proxy's identity hashes,
 //!   64 hex digits, written once with `SET NX` (the first proxy's key wins).
 //!
@@ -31,7 +36,7 @@
 //!
 //! | op | commands |
 //! |---|---|
-//! | `Open` | `HSET meta kind .. target .. identity .. created ..`, `SADD streams token` |
+//! | `Open` | `HSET meta kind .. target .. identity .. created ..`, `PERSIST meta`, `SADD streams token` |
 //! | `Append` | `XADD log MAXLEN ~ <retain> <seq>-0 time .. [upstream ..] frame ..` |
 //! | `Trim` | `XTRIM log MINID <first_seq>-0`, after the batch's appends, once per stream, and only once the first event moved [`TRIM_STEP`] past the last one sent |
 //! | `End` | `HSET meta ended 1` |
@@ -78,9 +83,27 @@ use crate::redis_conn::{SharedConnection, store_error};
 use redis::{RedisError, Value};
 use std::fmt;
 use std::io;
+use std::sync::LazyLock;
 use std::time::Duration;
 use tidemark_core::replay::{Identity, LogRecord, Retention, StreamToken};
 use tidemark_core::{Millis, StoreError};
+
+/// The fleet's agreement on a GET stream's token: KEYS[1] the stream's
+/// `get` key, KEYS[2] the meta key of the proposed token, KEYS[3] the meta
+/// key prefix; ARGV the proposed token, target, identity, created and the
+/// pending meta's time to live in milliseconds.
+const AGREE: &str = r"
+local stored = redis.call('GET', KEYS[1])
+if stored and redis.call('EXISTS', KEYS[3] .. stored) == 1 then
+  return stored
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[2], 'kind', 'get', 'target', ARGV[2], 'identity', ARGV[3], 'created', ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+return ARGV[1]
+";
+
+static AGREE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(AGREE));
 
 /// The most commands one pipeline (one round trip) carries.
 pub const COMMANDS_PER_ROUND_TRIP: usize = 20_000;
@@ -153,7 +176,12 @@ impl RedisLog {
 
     /// The key of `token`'s meta.
     pub fn meta_key(&self, token: StreamToken) -> String {
-        format!("{}proxy:meta:{token}", self.config.prefix)
+        format!("{}{token}", self.meta_key_prefix())
+    }
+
+    /// What every meta key starts with.
+    fn meta_key_prefix(&self) -> String {
+        format!("{}proxy:meta:", self.config.prefix)
     }
 
     /// The key of the set of stored tokens.
@@ -315,25 +343,41 @@ impl RedisLog {
     }
 
     /// The token of the GET stream `hash` names in the fleet: the stored
-    /// one, or `fresh`, stored now (`SET NX GET`, one atomic step).
+    /// one, if its stream is still stored, or else `meta`'s, stored now
+    /// with `meta` (which expires after `pending` unless the stream is
+    /// logged: an `Open` makes it last). One atomic step (a script), so two
+    /// instances opening the stream at once agree, and a token whose stream
+    /// was dropped is never reused: a client's old id of it cannot name an
+    /// event of a new stream.
     pub(super) async fn agree(
         &self,
         hash: [u8; 16],
-        fresh: StreamToken,
+        meta: &StreamMeta,
+        pending: Duration,
     ) -> io::Result<StreamToken> {
         let key = self.get_key(hash);
-        let set = redis::cmd("SET")
-            .arg(&key)
-            .arg(fresh.to_string())
-            .arg("NX")
-            .arg("GET")
-            .take();
-        let stored: Option<String> = self.query(&self.connection, &set).await?;
-        match stored {
-            None => Ok(fresh),
-            Some(token) => StreamToken::parse(&token)
-                .ok_or_else(|| corrupt(&key, &format!("{token:?} is not a token"))),
-        }
+        let mut call = AGREE_SCRIPT.key(&key);
+        call.key(self.meta_key(meta.token))
+            .key(self.meta_key_prefix())
+            .arg(meta.token.to_string())
+            .arg(&meta.target)
+            .arg(hex(&meta.identity.to_bytes()))
+            .arg(meta.created.as_u64())
+            .arg(
+                u64::try_from(pending.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            );
+        let token: String = self
+            .connection
+            .run(|mut connection| {
+                let call = &call;
+                async move { call.invoke_async(&mut connection).await }
+            })
+            .await
+            .map_err(|e| io_error(e, &self.shown))?;
+        StreamToken::parse(&token)
+            .ok_or_else(|| corrupt(&key, &format!("{token:?} is not a token")))
     }
 
     /// Runs one command on `connection`.
@@ -381,6 +425,9 @@ impl RedisLog {
                             .arg(meta.created.as_u64())
                             .take(),
                     );
+                    // A GET stream's meta the fleet agreed on expires
+                    // unless the stream is logged.
+                    commands.push(redis::cmd("PERSIST").arg(self.meta_key(meta.token)).take());
                     commands.push(
                         redis::cmd("SADD")
                             .arg(self.streams_key())

@@ -12,7 +12,9 @@ use futures::StreamExt;
 use futures::future::{Either, select};
 use std::pin::pin;
 use std::sync::{Arc, Mutex};
-use tidemark_core::replay::{GAP_EVENT, Gap, GapReason, LogBatch, LogRecord, gap_data};
+use tidemark_core::replay::{
+    GAP_EVENT, Gap, GapReason, LogBatch, LogRecord, StreamToken, gap_data,
+};
 use tidemark_core::sse::{EventRef, ItemRef, Parser};
 use tidemark_core::{
     Clock, ConnectRequest, Connector, EventTracker, Failure, GiveUp, ResumableStream, StreamConfig,
@@ -41,17 +43,20 @@ impl Connector for Primed {
 
 /// Appends `batch` to the stream's log and wakes its clients (at once for
 /// a memory log; the writer wakes them once they are durable). `false`
-/// when the stream was ended meanwhile (its MCP session ended): nothing is
-/// appended, and the reader stops.
+/// when the stream was ended meanwhile (its MCP session ended) or another
+/// instance of the fleet writes it now: nothing is appended, and the reader
+/// stops.
 fn append(hub: &Hub, stream: &LoggedStream, batch: &LogBatch) -> bool {
     if batch.is_empty() {
-        return !stream.state().log.is_ended();
+        let state = stream.state();
+        return !state.log.is_ended() && state.writes;
     }
     let now = hub.clock.now();
     let mut ops = Vec::new();
     let appended = {
         let mut state = stream.state();
-        if state.log.is_ended() {
+        // Ended meanwhile, or (in a fleet) written by another instance now.
+        if state.log.is_ended() || !state.writes {
             return false;
         }
         hub.metrics.events_in(batch.len() as u64);
@@ -225,31 +230,39 @@ pub(super) async fn follow_get(
         state.stop = false;
     }
     stream.changed.notify(usize::MAX);
-    let_go(holding, lease).await;
+    let_go(&hub, stream.meta.token, holding).await;
 }
 
 /// In a fleet, the task that holds a writer's lease (see `fleet::hold`):
 /// a GET follower that loses it stops.
 fn held(hub: &Hub, stream: &Arc<LoggedStream>, lease: Option<Lease>) -> Option<smol::Task<()>> {
     let fleet = hub.fleet.as_ref()?;
+    let token = stream.meta.token;
     let stream = stream.clone();
     let lost = move || {
+        let mut state = stream.state();
+        // Another instance may write it now: what this one still has
+        // queued for the log is dropped (see `hub::fence`).
+        state.writes = false;
         if stream.meta.kind == StreamKind::Get {
-            stream.state().stop = true;
+            state.stop = true;
+            drop(state);
             stream.stopping.notify(usize::MAX);
         }
     };
+    let lease = lease?;
+    fleet.holding(token, lease.clone());
     Some(
         hub.executor
-            .spawn(fleet::hold(lease?, fleet.standby_period(), lost)),
+            .spawn(fleet::hold(lease, fleet.standby_period(), lost)),
     )
 }
 
 /// The writer is done: stops holding its lease and gives it back.
-async fn let_go(holding: Option<smol::Task<()>>, lease: Option<Lease>) {
+async fn let_go(hub: &Hub, token: StreamToken, holding: Option<smol::Task<()>>) {
     drop(holding);
-    if let Some(lease) = lease {
-        let _ = lease.release().await;
+    if let Some(fleet) = &hub.fleet {
+        fleet.let_go(token).await;
     }
 }
 
@@ -312,5 +325,5 @@ pub(super) async fn read_post(
         });
     }
     stream.changed.notify(usize::MAX);
-    let_go(holding, lease).await;
+    let_go(&hub, stream.meta.token, holding).await;
 }
