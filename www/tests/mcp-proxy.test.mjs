@@ -481,8 +481,8 @@ test("a resume with another session's id, with no session, or of an unknown stre
       ["A's session, an id of another form", a.get('1.3')],
     ];
     for (const [what, pending] of refusals) {
-      const refused = await pending;
-      const body = await refused.text();
+      const refused = await within(pending, 5000, `the answer to a resume with ${what}`);
+      const body = await within(refused.text(), 5000, `the body of the answer to a resume with ${what}`);
       assert.deepEqual(
         { status: refused.status, body, type: refused.headers.get('content-type') },
         { status: 404, body: NO_SUCH_STREAM, type: 'text/plain; charset=utf-8' },
@@ -490,8 +490,12 @@ test("a resume with another session's id, with no session, or of an unknown stre
       );
     }
     // No session at all: whatever the answer, none of A's stream.
-    const anonymous = await fetch(`${proxy.url}/mcp`, { headers: { accept: 'text/event-stream', 'last-event-id': mid } });
-    const anonymousBody = await anonymous.text();
+    const anonymous = await within(
+      fetch(`${proxy.url}/mcp`, { headers: { accept: 'text/event-stream', 'last-event-id': mid } }),
+      5000,
+      'the answer to a resume with no session',
+    );
+    const anonymousBody = await within(anonymous.text(), 5000, 'the body of the answer to a resume with no session');
     assert.ok([400, 404].includes(anonymous.status), `no session: ${anonymous.status} ${anonymousBody}`);
     assert.ok(!anonymousBody.includes(token) && !anonymousBody.includes('progress'), anonymousBody);
     // The upstream never saw a Last-Event-ID: the refused GETs stopped at the proxy.
