@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use support::redis_server::{RedisServer, shared, unique_prefix};
 use tidemark::RedisConfig;
 use tidemark::proxy::{
-    LogOp, LogStorage, RedisLog, StoredStream, StreamKind, StreamMeta, TRIM_STEP,
+    COMMANDS_PER_ROUND_TRIP, LogOp, LogStorage, RedisLog, StoredStream, StreamKind, StreamMeta,
+    TRIM_STEP,
 };
 use tidemark_core::Millis;
 use tidemark_core::replay::{Identity, LogRecord, Retention, StreamToken};
@@ -223,6 +224,22 @@ fn maxlen_and_trims_bound_what_redis_keeps() {
         back.records,
         (300 + TRIM_STEP..=1000).map(record).collect::<Vec<_>>()
     );
+}
+
+#[test]
+fn a_batch_larger_than_a_round_trip_is_written_whole() {
+    let (url, _server) = shared();
+    let prefix = unique_prefix("log-large");
+    let mut log = log(&url, &prefix, 1_000_000);
+    let stream = meta(StreamKind::Get, 1);
+    let last = 2 * COMMANDS_PER_ROUND_TRIP as u64 + 5;
+    let mut ops = vec![LogOp::Open(stream.clone())];
+    ops.extend(appends(stream.token, 1..=last));
+    log.write(&ops).unwrap();
+    assert_eq!(xlen(&url, &log, stream.token), last);
+    let back = by_token(log.recover().unwrap(), stream.token);
+    assert_eq!(back.records.len() as u64, last);
+    assert_eq!(back.records.last(), Some(&record(last)));
 }
 
 #[test]

@@ -255,39 +255,44 @@ impl RedisLog {
         .map_err(|e| io_error(e, &self.shown))
     }
 
-    /// The commands of `ops`, in order (the trims last), and the trims
-    /// they write.
-    fn commands(&self, ops: &[LogOp]) -> (Vec<redis::Cmd>, TokenMap<u64>) {
-        let mut commands = Vec::with_capacity(ops.len());
+    /// The pipelines of `ops`: their commands in order (the trims last),
+    /// [`COMMANDS_PER_ROUND_TRIP`] at most in each; and the trims they write.
+    fn pipelines(&self, ops: &[LogOp]) -> (Vec<redis::Pipeline>, TokenMap<u64>) {
+        let mut pipes = Pipelines::default();
         let mut trims = TokenMap::<u64>::default();
+        // One key per stream, not per event.
+        let mut log_keys = TokenMap::<String>::default();
         for op in ops {
             match op {
                 LogOp::Open(meta) => {
                     // The meta before the token: whoever finds the token
                     // finds its meta.
-                    commands.push(
-                        redis::cmd("HSET")
-                            .arg(self.meta_key(meta.token))
-                            .arg("kind")
-                            .arg(meta.kind.as_str())
-                            .arg("target")
-                            .arg(&meta.target)
-                            .arg("identity")
-                            .arg(hex(&meta.identity.to_bytes()))
-                            .arg("created")
-                            .arg(meta.created.as_u64())
-                            .take(),
-                    );
-                    commands.push(
-                        redis::cmd("SADD")
-                            .arg(self.streams_key())
-                            .arg(meta.token.to_string())
-                            .take(),
-                    );
+                    pipes
+                        .next()
+                        .cmd("HSET")
+                        .arg(self.meta_key(meta.token))
+                        .arg("kind")
+                        .arg(meta.kind.as_str())
+                        .arg("target")
+                        .arg(&meta.target)
+                        .arg("identity")
+                        .arg(hex(&meta.identity.to_bytes()))
+                        .arg("created")
+                        .arg(meta.created.as_u64());
+                    pipes
+                        .next()
+                        .cmd("SADD")
+                        .arg(self.streams_key())
+                        .arg(meta.token.to_string());
                 }
                 LogOp::Append { token, record } => {
-                    let mut xadd = redis::cmd("XADD");
-                    xadd.arg(self.log_key(*token))
+                    let key = log_keys
+                        .entry(*token)
+                        .or_insert_with(|| self.log_key(*token));
+                    let xadd = pipes
+                        .next()
+                        .cmd("XADD")
+                        .arg(&**key)
                         .arg("MAXLEN")
                         .arg("~")
                         .arg(self.max_len)
@@ -298,33 +303,31 @@ impl RedisLog {
                         xadd.arg("upstream").arg(id);
                     }
                     xadd.arg("frame").arg(record.frame());
-                    commands.push(xadd);
                 }
                 LogOp::Trim { token, first_seq } => {
                     let trim = trims.entry(*token).or_default();
                     *trim = (*trim).max(*first_seq);
                 }
-                LogOp::End { token } => commands.push(
-                    redis::cmd("HSET")
+                LogOp::End { token } => {
+                    pipes
+                        .next()
+                        .cmd("HSET")
                         .arg(self.meta_key(*token))
                         .arg("ended")
-                        .arg(1)
-                        .take(),
-                ),
+                        .arg(1);
+                }
                 LogOp::Drop { token } => {
                     trims.remove(token);
-                    commands.push(
-                        redis::cmd("SREM")
-                            .arg(self.streams_key())
-                            .arg(token.to_string())
-                            .take(),
-                    );
-                    commands.push(
-                        redis::cmd("DEL")
-                            .arg(self.meta_key(*token))
-                            .arg(self.log_key(*token))
-                            .take(),
-                    );
+                    pipes
+                        .next()
+                        .cmd("SREM")
+                        .arg(self.streams_key())
+                        .arg(token.to_string());
+                    pipes
+                        .next()
+                        .cmd("DEL")
+                        .arg(self.meta_key(*token))
+                        .arg(self.log_key(*token));
                 }
             }
         }
@@ -333,15 +336,14 @@ impl RedisLog {
             *first_seq >= last.saturating_add(TRIM_STEP)
         });
         for (token, first_seq) in &trims {
-            commands.push(
-                redis::cmd("XTRIM")
-                    .arg(self.log_key(*token))
-                    .arg("MINID")
-                    .arg(format!("{first_seq}-0"))
-                    .take(),
-            );
+            pipes
+                .next()
+                .cmd("XTRIM")
+                .arg(self.log_key(*token))
+                .arg("MINID")
+                .arg(format!("{first_seq}-0"));
         }
-        (commands, trims)
+        (pipes.finish(), trims)
     }
 
     /// Every stored stream, without its records yet, and the tokens of
@@ -392,14 +394,9 @@ impl RedisLog {
 
 impl LogStorage for RedisLog {
     fn write(&mut self, ops: &[LogOp]) -> io::Result<()> {
-        let (commands, trims) = self.commands(ops);
-        for part in commands.chunks(COMMANDS_PER_ROUND_TRIP) {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for command in part {
-                pipe.add_command(command.clone());
-            }
-            let replies = self.send(&pipe)?;
+        let (pipes, trims) = self.pipelines(ops);
+        for pipe in &pipes {
+            let replies = self.send(pipe)?;
             for reply in replies {
                 if let Value::ServerError(error) = reply
                     && !is_written_before(error.details())
@@ -463,6 +460,37 @@ impl LogStorage for RedisLog {
 
     fn serves_while_failing(&self) -> bool {
         true
+    }
+}
+
+/// Pipelines being filled, each with at most [`COMMANDS_PER_ROUND_TRIP`]
+/// commands, every command's reply kept, errors included.
+#[derive(Default)]
+struct Pipelines {
+    full: Vec<redis::Pipeline>,
+    current: Option<redis::Pipeline>,
+}
+
+impl Pipelines {
+    /// The pipeline for the next command.
+    fn next(&mut self) -> &mut redis::Pipeline {
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|pipe| pipe.len() >= COMMANDS_PER_ROUND_TRIP)
+        {
+            self.full.extend(self.current.take());
+        }
+        self.current.get_or_insert_with(|| {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            pipe
+        })
+    }
+
+    fn finish(mut self) -> Vec<redis::Pipeline> {
+        self.full.extend(self.current);
+        self.full
     }
 }
 
