@@ -1830,82 +1830,102 @@ fn redis_stats(redis: &mut redis::Connection) -> (BTreeMap<String, u64>, f64) {
 /// What the window of the `redis` part starts or ends with.
 struct RedisSnapshot {
     at: Instant,
-    calls: BTreeMap<String, u64>,
-    redis_cpu: f64,
+    /// Redis's counters (none for the memory log).
+    redis: Option<(BTreeMap<String, u64>, f64)>,
     events_in: f64,
     log_writes: f64,
     proxy_ticks: u64,
 }
 
-fn redis_commands(sizes: &Sizes, url: &str) {
-    const RATE: u64 = 10_000;
-    let ticker = Ticker::start(Duration::from_micros(1_000_000 / RATE));
-    let proxy = Tidemark::proxy(ticker.addr, false, &redis_log(url, "rate"), None);
-    let mut redis = redis::Client::open(url)
-        .and_then(|client| client.get_connection())
-        .expect("the Redis of the bench");
-    let warmup = RATE / 5;
-    let events = ((RATE as f64 * sizes.redis_secs) as u64).max(1);
-    println!(
-        "
-Redis commands per event: one stream at {RATE} events/s (one event per upstream write) through {REDIS_PATH}, {events} events after {warmup}, load {}",
-        load_average()
-    );
-    let snapshot = |redis: &mut redis::Connection| {
-        let (calls, redis_cpu) = redis_stats(redis);
-        RedisSnapshot {
-            at: Instant::now(),
-            calls,
-            redis_cpu,
-            events_in: proxy.metric("tidemark_proxy_events_in_total"),
-            log_writes: proxy.metric("tidemark_proxy_log_writes_total"),
-            proxy_ticks: cpu_ticks(proxy.pid),
-        }
+/// Reads `events` events of a stream of `RATE` events/s through `proxy`
+/// after `warmup`, and the snapshots around them.
+fn rate_window(
+    proxy: &Tidemark,
+    mut redis: Option<&mut redis::Connection>,
+    warmup: u64,
+    events: u64,
+) -> (RedisSnapshot, RedisSnapshot) {
+    let mut snapshot = || RedisSnapshot {
+        at: Instant::now(),
+        redis: redis.as_deref_mut().map(redis_stats),
+        events_in: proxy.metric("tidemark_proxy_events_in_total"),
+        log_writes: proxy.metric("tidemark_proxy_log_writes_total"),
+        proxy_ticks: cpu_ticks(proxy.pid),
     };
     let (mut before, mut after) = (None, None);
     let read = read_stream(proxy.addr, "/ticks?redis", None, |count, _| {
         if count == warmup {
-            before = Some(snapshot(&mut redis));
+            before = Some(snapshot());
         }
         let done = count == warmup + events;
         if done {
-            after = Some(snapshot(&mut redis));
+            after = Some(snapshot());
         }
         done
     });
     assert_eq!(read.gaps, 0);
-    let (before, after) = (before.expect("a start"), after.expect("an end"));
-    let logged = after.events_in - before.events_in;
-    let seconds = (after.at - before.at).as_secs_f64();
+    (before.expect("a start"), after.expect("an end"))
+}
+
+fn redis_commands(sizes: &Sizes, url: &str) {
+    const RATE: u64 = 10_000;
+    let warmup = RATE / 5;
+    let events = ((RATE as f64 * sizes.redis_secs) as u64).max(1);
     println!(
-        "upstream rate in the window: {:.0} events/s ({logged} events in {seconds:.2} s)",
-        logged / seconds
+        "\nRedis commands per event: one stream at {RATE} events/s (one event per upstream write) through {REDIS_PATH}, {events} events after {warmup}, against the memory log; load {}",
+        load_average()
     );
-    println!("| command | calls | per event |");
-    println!("|---|---|---|");
-    let mut total = 0;
-    for (name, &calls) in &after.calls {
-        // The bench's own INFO calls are not the proxy's.
-        let calls = calls - before.calls.get(name).copied().unwrap_or(0);
-        if calls == 0 || name == "info" {
-            continue;
+    let mut redis = redis::Client::open(url)
+        .and_then(|client| client.get_connection())
+        .expect("the Redis of the bench");
+    let mut cpu = Vec::new();
+    for name in ["tidemark proxy", REDIS_PATH] {
+        let ticker = Ticker::start(Duration::from_micros(1_000_000 / RATE));
+        let on_redis = name == REDIS_PATH;
+        let args = if on_redis {
+            redis_log(url, "rate")
+        } else {
+            Vec::new()
+        };
+        let proxy = Tidemark::proxy(ticker.addr, false, &args, None);
+        let (before, after) = rate_window(&proxy, on_redis.then_some(&mut redis), warmup, events);
+        let logged = after.events_in - before.events_in;
+        let seconds = (after.at - before.at).as_secs_f64();
+        let proxy_us =
+            (after.proxy_ticks - before.proxy_ticks) as f64 / TICKS_PER_SECOND * 1e6 / logged;
+        println!(
+            "{name}: {:.0} events/s in the window ({logged} events in {seconds:.2} s), the proxy's CPU {proxy_us:.2} µs/event",
+            logged / seconds
+        );
+        cpu.push(proxy_us);
+        if let (Some((calls0, cpu0)), Some((calls1, cpu1))) = (&before.redis, &after.redis) {
+            println!("| command | calls | per event |");
+            println!("|---|---|---|");
+            let mut total = 0;
+            for (command, &calls) in calls1 {
+                // The bench's own INFO calls are not the proxy's.
+                let calls = calls - calls0.get(command).copied().unwrap_or(0);
+                if calls == 0 || command == "info" {
+                    continue;
+                }
+                total += calls;
+                println!("| {command} | {calls} | {:.3} |", calls as f64 / logged);
+            }
+            println!("| **all** | {total} | **{:.3}** |", total as f64 / logged);
+            let writes = after.log_writes - before.log_writes;
+            println!(
+                "log writes (pipelines, one round trip each): {writes}, {:.3} per event, {:.2} events per write; Redis CPU {:.2} µs/event",
+                writes / logged,
+                logged / writes,
+                (cpu1 - cpu0) * 1e6 / logged
+            );
         }
-        total += calls;
-        println!("| {name} | {calls} | {:.3} |", calls as f64 / logged);
+        if let Some(errors) = Some(proxy.errors()).filter(|e| !e.trim().is_empty()) {
+            println!("{name} stderr:\n{}", tail(&errors, 10));
+        }
     }
-    println!("| **all** | {total} | **{:.3}** |", total as f64 / logged);
-    let writes = after.log_writes - before.log_writes;
     println!(
-        "log writes (pipelines, one round trip each): {writes}, {:.3} per event, {:.2} events per write",
-        writes / logged,
-        logged / writes
+        "the proxy's CPU per event at {RATE} events/s, Redis log / memory log: {:.2}x",
+        cpu[1] / cpu[0]
     );
-    println!(
-        "CPU per event: Redis {:.2} µs, the proxy {:.2} µs",
-        (after.redis_cpu - before.redis_cpu) * 1e6 / logged,
-        (after.proxy_ticks - before.proxy_ticks) as f64 / TICKS_PER_SECOND * 1e6 / logged
-    );
-    if let Some(errors) = Some(proxy.errors()).filter(|e| !e.trim().is_empty()) {
-        println!("{REDIS_PATH} stderr:\n{}", tail(&errors, 10));
-    }
 }

@@ -29,10 +29,12 @@
 //! - **Identity**: a stream belongs to a keyed hash of the `Authorization`,
 //!   `Cookie`, `Mcp-Session-Id` and `Origin` headers and of each `--identity-header`
 //!   it was opened with; for any other identity it does not exist.
-//! - **Storage** ([`LogStorage`]): memory by default ([`MemoryLog`]); with
-//!   a durable storage, every event is written (group commits on a thread
-//!   of their own) before any client sees it, so what a client saw survives
-//!   a crash.
+//! - **Storage** ([`LogStorage`]): memory by default ([`MemoryLog`]), a
+//!   directory ([`FileLog`]) or Redis Streams ([`RedisLog`]); with a
+//!   durable storage, every event is written (group commits on a thread of
+//!   their own) before any client sees it, so what a client saw survives a
+//!   crash. While a storage on a server fails (a Redis outage), clients are
+//!   served from memory and the writes are retried until it is back.
 //! - **Connections**: the proxy's own HTTP/1.1 front reads every request
 //!   head and answers a GET without a body itself, so an idle client costs
 //!   its socket, its task and its reader (about 2 KB); anything else goes

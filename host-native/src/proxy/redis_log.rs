@@ -66,11 +66,12 @@
 //!
 //! # Reading
 //!
-//! Besides what [`LogStorage`] needs, [`read_after`](RedisLog::read_after)
-//! (`XRANGE` with an exclusive start) and [`tail`](RedisLog::tail) (`XREAD
-//! BLOCK`, on a connection of its own so that it never holds up a write)
-//! read a stream's events back, as an instance serving clients from Redis
-//! does.
+//! Besides what [`LogStorage`] needs (whose methods block: they run on the
+//! proxy's writer thread), [`read_after`](RedisLog::read_after) (`XRANGE`
+//! with an exclusive start) and [`tail`](RedisLog::tail) (`XREAD BLOCK`, on
+//! a connection of its own so that it never holds up a write) read a
+//! stream's events back, as an instance serving clients from Redis does;
+//! they are `async`, for the proxy's executor.
 
 use super::storage::{LogOp, LogStorage, StoredStream, StreamKind, StreamMeta, TokenMap};
 use crate::RedisConfig;
@@ -169,7 +170,7 @@ impl RedisLog {
     /// Up to `count` events of `token` after `after_seq`, oldest first
     /// (`XRANGE` from `(<after_seq>-0`): none for a stream Redis does not
     /// have.
-    pub fn read_after(
+    pub async fn read_after(
         &self,
         token: StreamToken,
         after_seq: u64,
@@ -183,7 +184,7 @@ impl RedisLog {
             .arg("COUNT")
             .arg(count)
             .take();
-        let reply: Value = self.block_on(&self.connection, &xrange)?;
+        let reply: Value = self.query(&self.connection, &xrange).await?;
         entries(&key, &reply)
     }
 
@@ -191,7 +192,7 @@ impl RedisLog {
     /// most [`MAX_TAIL_BLOCK`]) for one if there is none yet (`XREAD
     /// BLOCK`): empty if none came. Tails share one connection of their
     /// own, so concurrent calls wait for each other, and never for a write.
-    pub fn tail(
+    pub async fn tail(
         &self,
         token: StreamToken,
         after_seq: u64,
@@ -210,7 +211,7 @@ impl RedisLog {
             .arg(&key)
             .arg(format!("{after_seq}-0"))
             .take();
-        let reply: Value = self.block_on(&self.blocking, &xread)?;
+        let reply: Value = self.query(&self.blocking, &xread).await?;
         // Nil after the block; else per stream its key and entries, as
         // pairs (RESP2) or a map (RESP3).
         let streams: Vec<&Value> = match &reply {
@@ -232,17 +233,16 @@ impl RedisLog {
         Ok(records)
     }
 
-    /// Runs one command on `connection`, blocking.
-    fn block_on<T: redis::FromRedisValue>(
+    /// Runs one command on `connection`.
+    async fn query<T: redis::FromRedisValue>(
         &self,
         connection: &SharedConnection,
         command: &redis::Cmd,
     ) -> io::Result<T> {
-        smol::block_on(
-            connection
-                .run(|mut connection| async move { command.query_async(&mut connection).await }),
-        )
-        .map_err(|e| io_error(e, &self.shown))
+        connection
+            .run(|mut connection| async move { command.query_async(&mut connection).await })
+            .await
+            .map_err(|e| io_error(e, &self.shown))
     }
 
     /// Sends `pipe`, blocking, and gives each command's reply, server
@@ -350,7 +350,7 @@ impl RedisLog {
     /// those whose meta is missing (a `Drop` cut short, say).
     fn stored_metas(&self) -> io::Result<(Vec<StoredStream>, Vec<StreamToken>)> {
         let smembers = redis::cmd("SMEMBERS").arg(self.streams_key()).take();
-        let members: Vec<String> = self.block_on(&self.connection, &smembers)?;
+        let members: Vec<String> = smol::block_on(self.query(&self.connection, &smembers))?;
         let mut tokens = Vec::with_capacity(members.len());
         for member in &members {
             let token = StreamToken::parse(member).ok_or_else(|| {
@@ -382,7 +382,7 @@ impl RedisLog {
         let mut records: Vec<LogRecord> = Vec::new();
         loop {
             let after = records.last().map_or(0, |r| r.seq);
-            let page = self.read_after(token, after, RECOVER_PAGE)?;
+            let page = smol::block_on(self.read_after(token, after, RECOVER_PAGE))?;
             let full = page.len() == RECOVER_PAGE;
             records.extend(page);
             if !full {
