@@ -137,9 +137,9 @@ struct ProxyArgs {
     /// Keep the replay log on disk in this directory, crash-safe: after a
     /// kill -9 and a restart on it, every event a client was sent is still
     /// served. Or in Redis Streams, with a redis://[:PASSWORD@]HOST:PORT/[DB]
-    /// or redis+unix:///PATH URL, as safe and outliving the machine; during
-    /// a Redis outage live streams go on from memory and the log catches up
-    /// when Redis is back (default: in memory).
+    /// (rediss:// for TLS) or redis+unix:///PATH URL, as safe and outliving
+    /// the machine; during a Redis outage live streams go on from memory and
+    /// the log catches up when Redis is back (default: in memory).
     #[arg(long, value_name = "DIR|URL")]
     log: Option<PathBuf>,
     /// Prefix of the Redis keys of --log redis://... (several proxies or
@@ -232,7 +232,7 @@ impl ProxyArgs {
 /// `follow`'s Redis flags.
 #[derive(clap::Args)]
 struct RedisArgs {
-    /// Keep the cursor in Redis (redis://HOST:PORT/[DB]) instead of a state
+    /// Keep the cursor in Redis (redis://HOST:PORT/[DB], rediss:// for TLS) instead of a state
     /// directory, shared with other instances: only the holder of the
     /// stream's lease follows it, the others wait as standbys.
     #[arg(long, value_name = "URL")]
