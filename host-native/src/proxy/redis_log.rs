@@ -1,77 +1,6 @@
 //! [`RedisLog`]: the proxy's replay logs in Redis Streams (`tidemark proxy
-//! --log redis://HOST:PORT/[DB]`).
-//!
-//! Choose it over the file log when the log must outlive the machine, or
-//! (with the fleet to come) when several proxies serve the same streams. One
-//! proxy on one machine is better served by `--log DIR`: no server to run,
-//! and a group commit is one local `fdatasync`.
-//!
-//! # Layout
-//!
-//! Every key starts with the prefix (`--redis-prefix`, default `tidemark:`);
-//! `{token}` is the stream's token as 32 hex digits.
-//!
-//! - `{prefix}proxy:log:{token}`: a Redis Stream with one entry per event,
-//!   its entry id `<seq>-0`, and the fields `time` (milliseconds since the
-//!   Unix epoch, decimal), `upstream` (the upstream's id; absent when the
-//!   event had none) and `frame` (the SSE frame clients get, bytes as
-//!   logged). The explicit ids make Redis itself refuse a sequence number
-//!   that does not increase.
-//! - `{prefix}proxy:meta:{token}`: a hash with `kind` (`get` or `post`),
-//!   `target` (the upstream path and query), `identity` (32 hex digits),
-//!   `created` (milliseconds) and `ended` (`1`, once the stream ended).
-//! - `{prefix}proxy:streams`: the set of every stored stream's token, what
-//!   [`recover`](LogStorage::recover) reads.
-//! - `{prefix}proxy:identity-key`: the key of the proxy's identity hashes,
-//!   64 hex digits, written once with `SET NX` (the first proxy's key wins).
-//!
-//! # One round trip per batch
-//!
-//! [`write`](LogStorage::write) sends all ops of a batch in one pipeline:
-//!
-//! | op | commands |
-//! |---|---|
-//! | `Open` | `HSET meta kind .. target .. identity .. created ..`, `SADD streams token` |
-//! | `Append` | `XADD log MAXLEN ~ <retain> <seq>-0 time .. [upstream ..] frame ..` |
-//! | `Trim` | `XTRIM log MINID <first_seq>-0`, after the batch's appends, once per stream, and only once the first event moved [`TRIM_STEP`] past the last one sent |
-//! | `End` | `HSET meta ended 1` |
-//! | `Drop` | `SREM streams token`, `DEL meta log` |
-//!
-//! Only a batch of more than [`COMMANDS_PER_ROUND_TRIP`] commands (a
-//! backlog after an outage) takes more than one round trip, so that each
-//! fits in the response timeout. `MAXLEN ~` keeps a stream's entries near
-//! `--retain` at almost no cost; `XTRIM MINID` forgets what retention by
-//! bytes or age dropped, lazily: trims need not be durable, and recovery
-//! applies retention again.
-//!
-//! Every op may be written twice: the proxy retries a failed batch whole,
-//! and part of it may have reached Redis. `HSET`, `SADD`, `XTRIM`, `SREM`
-//! and `DEL` are idempotent; an `XADD` that Redis refuses because its id is
-//! not above the stream's last one was written before, and counts as
-//! written.
-//!
-//! # Outages
-//!
-//! The log holds one multiplexed connection and opens it lazily
-//! (`redis_conn` has the rules). While Redis is down or unreachable,
-//! `write` fails, and the proxy keeps serving clients from memory, live
-//! events included ([`LogStorage::serves_while_failing`]), retrying the
-//! batch until Redis takes it; it says so on stderr once when the outage
-//! begins and once when it ends, and in the `tidemark_proxy_log_up` and
-//! `tidemark_proxy_log_write_failures_total` metrics. A proxy killed during
-//! an outage loses what was not written yet. A Redis that loses data
-//! (restarted without persistence, `FLUSHDB`) loses the log as it would
-//! lose anything: run it with AOF persistence (`appendonly yes`) when the
-//! log must survive Redis restarts too.
-//!
-//! # Reading
-//!
-//! Besides what [`LogStorage`] needs (whose methods block: they run on the
-//! proxy's writer thread), [`read_after`](RedisLog::read_after) (`XRANGE`
-//! with an exclusive start) and [`tail`](RedisLog::tail) (`XREAD BLOCK`, on
-//! a connection of its own so that it never holds up a write) read a
-//! stream's events back, as an instance serving clients from Redis does;
-//! they are `async`, for the proxy's executor.
+//! --log redis://HOST:PORT/[DB]`). Its documentation describes the layout,
+//! the writes, outages and reads.
 
 use super::storage::{LogOp, LogStorage, StoredStream, StreamKind, StreamMeta, TokenMap};
 use crate::RedisConfig;
@@ -100,8 +29,81 @@ const RECOVER_PAGE: usize = 1000;
 /// reads.
 const META_PAGE: usize = 1000;
 
-/// The proxy's replay logs in Redis Streams; see the [module docs](self).
-/// Its `Debug` shows the redacted URL.
+/// The proxy's replay logs in Redis Streams. Its `Debug` shows the
+/// redacted URL.
+///
+/// Choose it over the file log when the log must outlive the machine, or
+/// (with the fleet to come) when several proxies serve the same streams. One
+/// proxy on one machine is better served by `--log DIR`: no server to run,
+/// and a group commit is one local `fdatasync`.
+///
+/// # Layout
+///
+/// Every key starts with the prefix (`--redis-prefix`, default `tidemark:`);
+/// `{token}` is the stream's token as 32 hex digits.
+///
+/// - `{prefix}proxy:log:{token}`: a Redis Stream with one entry per event,
+///   its entry id `<seq>-0`, and the fields `time` (milliseconds since the
+///   Unix epoch, decimal), `upstream` (the upstream's id; absent when the
+///   event had none) and `frame` (the SSE frame clients get, bytes as
+///   logged). The explicit ids make Redis itself refuse a sequence number
+///   that does not increase.
+/// - `{prefix}proxy:meta:{token}`: a hash with `kind` (`get` or `post`),
+///   `target` (the upstream path and query), `identity` (32 hex digits),
+///   `created` (milliseconds) and `ended` (`1`, once the stream ended).
+/// - `{prefix}proxy:streams`: the set of every stored stream's token, what
+///   [`recover`](LogStorage::recover) reads.
+/// - `{prefix}proxy:identity-key`: the key of the proxy's identity hashes,
+///   64 hex digits, written once with `SET NX` (the first proxy's key wins).
+///
+/// # One round trip per batch
+///
+/// [`write`](LogStorage::write) sends all ops of a batch in one pipeline:
+///
+/// | op | commands |
+/// |---|---|
+/// | `Open` | `HSET meta kind .. target .. identity .. created ..`, `SADD streams token` |
+/// | `Append` | `XADD log MAXLEN ~ <retain> <seq>-0 time .. [upstream ..] frame ..` |
+/// | `Trim` | `XTRIM log MINID <first_seq>-0`, after the batch's appends, once per stream, and only once the first event moved [`TRIM_STEP`] past the last one sent |
+/// | `End` | `HSET meta ended 1` |
+/// | `Drop` | `SREM streams token`, `DEL meta log` |
+///
+/// Only a batch of more than [`COMMANDS_PER_ROUND_TRIP`] commands (a
+/// backlog after an outage) takes more than one round trip, so that each
+/// fits in the response timeout. `MAXLEN ~` keeps a stream's entries near
+/// `--retain` at almost no cost; `XTRIM MINID` forgets what retention by
+/// bytes or age dropped, lazily: trims need not be durable, and recovery
+/// applies retention again.
+///
+/// Every op may be written twice: the proxy retries a failed batch whole,
+/// and part of it may have reached Redis. `HSET`, `SADD`, `XTRIM`, `SREM`
+/// and `DEL` are idempotent; an `XADD` that Redis refuses because its id is
+/// not above the stream's last one was written before, and counts as
+/// written.
+///
+/// # Outages
+///
+/// The log holds one multiplexed connection and opens it lazily
+/// (`redis_conn` has the rules). While Redis is down or unreachable,
+/// `write` fails, and the proxy keeps serving clients from memory, live
+/// events included ([`LogStorage::serves_while_failing`]), retrying the
+/// batch until Redis takes it; it says so on stderr once when the outage
+/// begins and once when it ends, and in the `tidemark_proxy_log_up` and
+/// `tidemark_proxy_log_write_failures_total` metrics. A proxy killed during
+/// an outage loses what was not written yet. A Redis that loses data
+/// (restarted without persistence, `FLUSHDB`) loses the log as it would
+/// lose anything: run it with AOF persistence (`appendonly yes`) when the
+/// log must survive Redis restarts too.
+///
+/// # Reading
+///
+/// Besides what [`LogStorage`] needs (whose methods block: they run on the
+/// proxy's writer thread), [`read_after`](RedisLog::read_after) (`XRANGE`
+/// with an exclusive start) and [`tail`](RedisLog::tail) (`XREAD BLOCK`, on
+/// a connection of its own so that it never holds up a write) read a
+/// stream's events back, as an instance serving clients from Redis does;
+/// they are `async`, for the proxy's executor.
+///
 pub struct RedisLog {
     config: RedisConfig,
     /// The redacted URL, for messages.
