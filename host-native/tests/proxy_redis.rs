@@ -191,3 +191,46 @@ fn sigterm_while_redis_is_down_gives_up_on_the_backlog_and_exits() {
     let line = proxy.stderr_line("stopping with");
     assert!(line.contains("changes not written to the log"), "{line}");
 }
+
+#[test]
+fn rediss_logs_over_tls_to_a_server_whose_certificate_is_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let redis = RedisServer::start_tls(&cert, &key);
+    let tls_url = redis.tls_url().unwrap();
+    let prefix = unique_prefix("proxy-tls");
+    let upstream = Upstream::start();
+    let args = ["--log", &tls_url, "--redis-prefix", &prefix];
+    // The system's roots, and the test's certificate (SSL_CERT_FILE).
+    let trust = [("SSL_CERT_FILE", cert.to_str().unwrap())];
+    let proxy = Proxy::start_with_env(&upstream.url(), &args, &trust);
+    let mut client = open(&proxy, "/live", &[]);
+    upstream.wait_live_requests(1);
+    upstream.emit(5);
+    let token = proxy_id(client.events(5)[0].id()).0;
+    // Written over TLS: the plain port of the same server has them.
+    assert_eq!(stored(&redis.url(), &prefix, &token), 5);
+
+    // Not trusted (the roots are another certificate): the proxy does not
+    // start, and says why.
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(dir.path().join("other.pem"), other.cert.pem()).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_tidemark"))
+        .args([
+            "proxy",
+            "--upstream",
+            &upstream.url(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(args)
+        .env("SSL_CERT_FILE", dir.path().join("other.pem"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("certificate"), "{stderr}");
+}
