@@ -621,3 +621,45 @@ fn a_writer_cut_off_from_redis_that_lost_its_lease_never_writes_its_backlog_into
         .collect();
     assert_eq!(data, expected, "the fleet's log");
 }
+
+#[test]
+fn the_streams_of_an_instance_that_died_are_dropped_from_redis_by_the_others_after_retention() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    let url = redis.url();
+    let args = [
+        "--log",
+        &url,
+        "--redis-prefix",
+        "janitor:",
+        "--lease-ms",
+        "1000",
+        "--retain-secs",
+        "1",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    let mut a = Proxy::start(&upstream.url(), &args);
+    let _b = Proxy::start(&upstream.url(), &args);
+    let (_, mut answer) = post(&a, "/chat?tokens=3");
+    let token = proxy_id(answer.rest()[0].id()).0;
+    let mut connection = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let meta = format!("janitor:proxy:meta:{token}");
+    let log = format!("janitor:proxy:log:{token}");
+    let exists = |connection: &mut redis::Connection| -> i64 {
+        redis::cmd("EXISTS")
+            .arg(&meta)
+            .arg(&log)
+            .query(connection)
+            .unwrap()
+    };
+    wait_until("A to write the stream", || exists(&mut connection) == 2);
+    a.kill9();
+    // B never had the stream; once it is past retention, B drops it.
+    wait_until("B to drop the dead instance's stream", || {
+        exists(&mut connection) == 0
+    });
+}

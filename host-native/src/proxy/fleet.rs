@@ -289,6 +289,38 @@ impl Fleet {
         }
     }
 
+    /// The janitor task: every half retention period (between 0.5 s and
+    /// 60 s), drops from the fleet's log the streams no instance has here
+    /// and nobody writes whose last event is older than retention, such as
+    /// those of an instance that died: no instance would drop them
+    /// otherwise. Runs until the hub is gone.
+    pub async fn janitor(self: Arc<Self>, hub: Weak<Hub>) {
+        let idle = Duration::from_millis(
+            hub.upgrade()
+                .map_or(0, |hub| hub.config.retention.idle.as_u64()),
+        );
+        let period = (idle / 2).clamp(Duration::from_millis(500), Duration::from_secs(60));
+        loop {
+            async_io::Timer::after(period).await;
+            let Some(hub) = hub.upgrade() else { return };
+            let before = Millis(
+                self.clock
+                    .now()
+                    .as_u64()
+                    .saturating_sub(idle.as_millis() as u64),
+            );
+            let Ok(stale) = self.redis.idle_since(before).await else {
+                continue;
+            };
+            for token in stale {
+                if hub.has(token) {
+                    continue; // this instance's sweep sees to it
+                }
+                hub.drop_if_unwritten(token);
+            }
+        }
+    }
+
     /// A mirrored stream ended: takes what is left, then ends it here.
     async fn end_mirror(&self, stream: &LoggedStream) {
         if self.catch_up(stream).await.is_err() {

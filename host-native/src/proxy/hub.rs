@@ -582,30 +582,36 @@ impl Hub {
                 }
             }
         }
-        match &self.fleet {
-            // Only if no other instance writes it now (it may have taken
-            // the stream over since): the one that holds its lease drops it.
-            Some(fleet) => {
-                for token in dropped {
-                    let fleet = fleet.clone();
-                    let writer = self.writer.clone();
-                    self.executor
-                        .spawn(async move {
-                            if fleet.take_to_drop(token).await
-                                && let Some(writer) = writer
-                            {
-                                let _ = writer.try_send(vec![LogOp::Drop { token }]);
-                            }
-                        })
-                        .detach();
-                }
-            }
-            None => {
-                for token in dropped {
-                    self.log_op(LogOp::Drop { token });
-                }
+        for token in dropped {
+            match &self.fleet {
+                Some(_) => self.drop_if_unwritten(token),
+                None => self.log_op(LogOp::Drop { token }),
             }
         }
+    }
+
+    /// Whether this instance has the stream of `token`.
+    pub fn has(&self, token: StreamToken) -> bool {
+        self.lock().by_token.contains_key(&token)
+    }
+
+    /// In a fleet, drops the stream of `token` from storage if no other
+    /// instance writes it now (it may have taken the stream over since):
+    /// only the one holding its lease may drop it.
+    pub fn drop_if_unwritten(&self, token: StreamToken) {
+        let Some(fleet) = self.fleet.clone() else {
+            return;
+        };
+        let writer = self.writer.clone();
+        self.executor
+            .spawn(async move {
+                if fleet.take_to_drop(token).await
+                    && let Some(writer) = writer
+                {
+                    let _ = writer.try_send(vec![LogOp::Drop { token }]);
+                }
+            })
+            .detach();
     }
 
     /// Ends every stream of `identity` (an MCP session the upstream ended

@@ -249,10 +249,12 @@ impl Proxy {
                     .expect("spawn a proxy thread")
             })
             .collect();
-        let tail = hub
-            .fleet
-            .clone()
-            .map(|fleet| hub.executor.spawn(fleet.tail(Arc::downgrade(&hub))));
+        let fleet_tasks = hub.fleet.clone().map(|fleet| {
+            [
+                hub.executor.spawn(fleet.clone().tail(Arc::downgrade(&hub))),
+                hub.executor.spawn(fleet.janitor(Arc::downgrade(&hub))),
+            ]
+        });
         let sweeper = hub.executor.spawn({
             let hub = hub.clone();
             async move {
@@ -295,7 +297,7 @@ impl Proxy {
         hub.executor.run(smol::future::or(accept, shutdown)).await;
         drop(listener);
         drop(sweeper);
-        drop(tail);
+        drop(fleet_tasks);
         drop(stop_workers);
         smol::unblock(move || {
             for worker in workers {

@@ -383,6 +383,50 @@ impl RedisLog {
             .ok_or_else(|| corrupt(&key, &format!("{token:?} is not a token")))
     }
 
+    /// The stored streams whose last event (or start, if they have none)
+    /// was before `before`: one `SMEMBERS`, then one round trip per
+    /// [`META_PAGE`] streams (`XREVRANGE ... COUNT 1` and the meta's
+    /// `created`).
+    pub(super) async fn idle_since(&self, before: Millis) -> io::Result<Vec<StreamToken>> {
+        let smembers = redis::cmd("SMEMBERS").arg(self.streams_key()).take();
+        let members: Vec<String> = self.query(&self.connection, &smembers).await?;
+        let tokens: Vec<StreamToken> = members
+            .iter()
+            .filter_map(|m| StreamToken::parse(m))
+            .collect();
+        let mut idle = Vec::new();
+        for page in tokens.chunks(META_PAGE) {
+            let mut pipe = redis::pipe();
+            for &token in page {
+                pipe.cmd("XREVRANGE")
+                    .arg(self.log_key(token))
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1);
+                pipe.cmd("HGET").arg(self.meta_key(token)).arg("created");
+            }
+            let replies: Vec<Value> = self
+                .connection
+                .run(|mut connection| {
+                    let pipe = &pipe;
+                    async move { pipe.query_async(&mut connection).await }
+                })
+                .await
+                .map_err(|e| io_error(e, &self.shown))?;
+            for (&token, pair) in page.iter().zip(replies.chunks(2)) {
+                let last = entries(&self.log_key(token), &pair[0])?
+                    .last()
+                    .map(|r| r.time)
+                    .or_else(|| text(&pair[1]).and_then(|t| t.parse().ok()).map(Millis));
+                if last.is_none_or(|last| last < before) {
+                    idle.push(token);
+                }
+            }
+        }
+        Ok(idle)
+    }
+
     /// Runs one command on `connection`.
     async fn query<T: redis::FromRedisValue>(
         &self,
