@@ -9,7 +9,7 @@ use event_listener::Event;
 use hyper::HeaderMap;
 use std::collections::HashMap;
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tidemark_core::replay::{Identity, IdentityKey, ReplayLog, StreamToken};
@@ -116,6 +116,9 @@ pub(super) struct Hub {
     clients: AtomicUsize,
     /// The storage writer's queue; `None` for a memory log.
     writer: Option<async_channel::Sender<Vec<LogOp>>>,
+    /// Set while a storage that serves while failing fails: appends are
+    /// shown to clients at once, not only once the writer tried them.
+    log_failing: AtomicBool,
 }
 
 impl Hub {
@@ -149,6 +152,7 @@ impl Hub {
             streams: Mutex::default(),
             clients: AtomicUsize::new(0),
             writer,
+            log_failing: AtomicBool::new(false),
         });
         let ended_on_recovery = hub.restore(recovered);
         for token in ended_on_recovery {
@@ -340,9 +344,16 @@ impl Hub {
         }
     }
 
-    /// Whether appends must wait for the writer before clients see them.
+    /// Whether appends go to the writer, to be made durable.
     pub fn is_durable(&self) -> bool {
         self.writer.is_some()
+    }
+
+    /// Whether clients see appends at once: with a memory log, or while a
+    /// storage that serves while failing fails (otherwise they see them
+    /// once the writer wrote them).
+    pub fn shows_at_once(&self) -> bool {
+        self.writer.is_none() || self.log_failing.load(Ordering::Acquire)
     }
 
     /// Lets clients see events up to the marks (the writer wrote them, or
@@ -526,6 +537,7 @@ impl Writer {
                             Ok(()) => {
                                 metrics.log_written();
                                 if failing {
+                                    set_failing(&hub, false);
                                     eprintln!(
                                         "tidemark: the log is writable again ({} changes held meanwhile written)",
                                         batch.len()
@@ -547,6 +559,9 @@ impl Writer {
                                         );
                                     }
                                     failing = true;
+                                    if serve_while_failing {
+                                        set_failing(&hub, true);
+                                    }
                                 }
                                 if queue.is_closed() {
                                     let since = *closed_at.get_or_insert_with(Instant::now);
@@ -619,6 +634,13 @@ fn compact(batch: &mut Vec<LogOp>) {
         LogOp::End { token } => floors.get(token) != Some(&DROPPED),
         LogOp::Drop { .. } => true,
     });
+}
+
+/// Says whether the storage fails, for [`Hub::shows_at_once`].
+fn set_failing(hub: &std::sync::Weak<Hub>, failing: bool) {
+    if let Some(hub) = hub.upgrade() {
+        hub.log_failing.store(failing, Ordering::Release);
+    }
 }
 
 /// Lets clients see the events appended by `ops`.

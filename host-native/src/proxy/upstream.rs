@@ -38,7 +38,8 @@ impl Connector for Primed {
 }
 
 /// Appends `batch` to the stream's log and wakes its clients (at once for
-/// a memory log; the writer wakes them once they are durable).
+/// a memory log, or while a storage that serves while failing fails; the
+/// writer wakes them once they are durable).
 fn append(hub: &Hub, stream: &LoggedStream, batch: &LogBatch) {
     if batch.is_empty() {
         return;
@@ -46,6 +47,7 @@ fn append(hub: &Hub, stream: &LoggedStream, batch: &LogBatch) {
     let now = hub.clock.now();
     let mut ops = Vec::new();
     hub.metrics.events_in(batch.len() as u64);
+    let at_once = hub.shows_at_once();
     let appended = {
         let mut state = stream.state();
         let appended = state.log.append_batch(now, batch);
@@ -61,14 +63,15 @@ fn append(hub: &Hub, stream: &LoggedStream, batch: &LogBatch) {
                     first_seq,
                 });
             }
-        } else {
+        }
+        if at_once {
             state.log.mark_durable(appended.seq);
         }
         appended
     };
     hub.metrics.log_bytes_add(appended.bytes_delta);
     hub.log_ops(ops);
-    if !hub.is_durable() {
+    if at_once {
         stream.changed.notify(usize::MAX);
     }
 }
