@@ -144,7 +144,12 @@ struct ProxyArgs {
     log: Option<PathBuf>,
     /// Prefix of the Redis keys of --log redis://... (several proxies or
     /// deployments can share one Redis under different prefixes).
-    #[arg(long, value_name = "PREFIX", default_value = "tidemark:")]
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "tidemark:",
+        requires = "log"
+    )]
     redis_prefix: String,
     /// Most events kept per stream.
     #[arg(long, default_value_t = 10_000)]
