@@ -147,7 +147,12 @@ struct ProxyArgs {
     log: Option<PathBuf>,
     /// Prefix of the Redis keys of --log redis://... (several proxies or
     /// deployments can share one Redis under different prefixes).
-    #[arg(long, value_name = "PREFIX", default_value = "tidemark:")]
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "tidemark:",
+        requires = "log"
+    )]
     redis_prefix: String,
     /// With --log redis://, time to live of a stream's lease in Redis: the
     /// instance holding it follows the upstream (or reads a POST answer),

@@ -11,6 +11,7 @@ mod support {
 }
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 use support::http::{Event, Sse, get_sse, proxy_id};
 use support::proxy::{Proxy, scrape};
 use support::redis_server::{RedisServer, shared, unique_prefix};
@@ -156,6 +157,41 @@ fn a_redis_outage_keeps_live_clients_going_and_the_log_catches_up() {
     let first = format!("{token}-1");
     let mut early = open(&proxy, "/live", &[("Last-Event-ID", &first)]);
     assert_eq!(seqs(&early.events(29), &token), numbered(2..=30));
+}
+
+#[test]
+fn a_redis_that_hangs_does_not_hold_up_live_clients() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix("proxy-hang");
+    let upstream = Upstream::start();
+    let args = ["--log", &redis.url(), "--redis-prefix", &prefix];
+    let proxy = Proxy::start(&upstream.url(), &args);
+    let mut client = open(&proxy, "/live", &[]);
+    upstream.wait_live_requests(1);
+    upstream.emit(3);
+    let token = proxy_id(client.events(3)[0].id()).0;
+
+    redis.pause(true);
+    upstream.emit(3);
+    // The write waits out its timeouts (5 s each) before the outage shows.
+    proxy.stderr_line("cannot write the log");
+    assert_eq!(seqs(&client.events(3), &token), numbered(4..=6));
+    // The writer's retries hang as long, but new events reach clients at
+    // once, not after the next retry.
+    let emitted = Instant::now();
+    upstream.emit(3);
+    assert_eq!(seqs(&client.events(3), &token), numbered(7..=9));
+    assert!(
+        emitted.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        emitted.elapsed()
+    );
+
+    redis.pause(false);
+    proxy.stderr_line("the log is writable again");
+    wait_until("the log to catch up", || {
+        stored(&redis.url(), &prefix, &token) == 9
+    });
 }
 
 #[test]

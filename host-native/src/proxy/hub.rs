@@ -10,7 +10,7 @@ use event_listener::Event;
 use hyper::HeaderMap;
 use std::collections::HashMap;
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tidemark_core::replay::{Identity, IdentityKey, ReplayLog, StreamToken};
@@ -141,6 +141,9 @@ pub(super) struct Hub {
     writer: Option<async_channel::Sender<Vec<LogOp>>>,
     /// The fleet this instance is one of, with a log in Redis.
     pub fleet: Option<Arc<Fleet>>,
+    /// Set while a storage that serves while failing fails: appends are
+    /// shown to clients at once, not only once the writer tried them.
+    log_failing: AtomicBool,
 }
 
 impl Hub {
@@ -185,6 +188,7 @@ impl Hub {
             clients: AtomicUsize::new(0),
             writer,
             fleet: fleet.map(Arc::new),
+            log_failing: AtomicBool::new(false),
         });
         let ended_on_recovery = hub.restore(recovered);
         for token in ended_on_recovery {
@@ -493,9 +497,16 @@ impl Hub {
         }
     }
 
-    /// Whether appends must wait for the writer before clients see them.
+    /// Whether appends go to the writer, to be made durable.
     pub fn is_durable(&self) -> bool {
         self.writer.is_some()
+    }
+
+    /// Whether clients see appends at once: with a memory log, or while a
+    /// storage that serves while failing fails (otherwise they see them
+    /// once the writer wrote them).
+    pub fn shows_at_once(&self) -> bool {
+        self.writer.is_none() || self.log_failing.load(Ordering::Acquire)
     }
 
     /// Lets clients see events up to the marks (the writer wrote them, or
@@ -784,6 +795,7 @@ impl Writer {
                             Ok(()) => {
                                 metrics.log_written();
                                 if failing {
+                                    set_failing(&hub, false);
                                     eprintln!(
                                         "tidemark: the log is writable again ({} changes held meanwhile written)",
                                         batch.len()
@@ -805,6 +817,9 @@ impl Writer {
                                         );
                                     }
                                     failing = true;
+                                    if serve_while_failing {
+                                        set_failing(&hub, true);
+                                    }
                                 }
                                 if queue.is_closed() {
                                     let since = *closed_at.get_or_insert_with(Instant::now);
@@ -877,6 +892,13 @@ fn compact(batch: &mut Vec<LogOp>) {
         LogOp::End { token } => floors.get(token) != Some(&DROPPED),
         LogOp::Drop { .. } => true,
     });
+}
+
+/// Says whether the storage fails, for [`Hub::shows_at_once`].
+fn set_failing(hub: &std::sync::Weak<Hub>, failing: bool) {
+    if let Some(hub) = hub.upgrade() {
+        hub.log_failing.store(failing, Ordering::Release);
+    }
 }
 
 /// Lets clients see the events appended by `ops`.

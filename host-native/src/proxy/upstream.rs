@@ -42,10 +42,10 @@ impl Connector for Primed {
 }
 
 /// Appends `batch` to the stream's log and wakes its clients (at once for
-/// a memory log; the writer wakes them once they are durable). `false`
-/// when the stream was ended meanwhile (its MCP session ended) or another
-/// instance of the fleet writes it now: nothing is appended, and the reader
-/// stops.
+/// a memory log, or while a storage that serves while failing fails; the
+/// writer wakes them once they are durable). `false` when the stream was
+/// ended meanwhile (its MCP session ended) or another instance of the fleet
+/// writes it now: nothing is appended, and the reader stops.
 fn append(hub: &Hub, stream: &LoggedStream, batch: &LogBatch) -> bool {
     if batch.is_empty() {
         let state = stream.state();
@@ -53,6 +53,7 @@ fn append(hub: &Hub, stream: &LoggedStream, batch: &LogBatch) -> bool {
     }
     let now = hub.clock.now();
     let mut ops = Vec::new();
+    let at_once = hub.shows_at_once();
     let appended = {
         let mut state = stream.state();
         // Ended meanwhile, or (in a fleet) written by another instance now.
@@ -73,14 +74,15 @@ fn append(hub: &Hub, stream: &LoggedStream, batch: &LogBatch) -> bool {
                     first_seq,
                 });
             }
-        } else {
+        }
+        if at_once {
             state.log.mark_durable(appended.seq);
         }
         appended
     };
     hub.metrics.log_bytes_add(appended.bytes_delta);
     hub.log_ops(ops);
-    if !hub.is_durable() {
+    if at_once {
         stream.changed.notify(usize::MAX);
     }
     true

@@ -123,6 +123,19 @@ impl RedisServer {
         self.port
     }
 
+    /// Stops (`SIGSTOP`) or continues (`SIGCONT`) the server: stopped, it
+    /// accepts connections (the kernel does) but answers nothing, as a
+    /// server behind a network partition.
+    pub fn pause(&self, paused: bool) {
+        let child = self.child.as_ref().expect("a running server");
+        let signal = if paused { "-STOP" } else { "-CONT" };
+        let sent = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+    }
+
     /// Kills the server (`SIGKILL`; without persistence its data is gone).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
