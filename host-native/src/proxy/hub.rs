@@ -66,6 +66,12 @@ pub(super) struct StreamState {
     /// made the stream, or took it over. A fleet's mirror does not (its
     /// writer does).
     pub writes: bool,
+    /// In a fleet: this instance writes the stream but its lease lapsed
+    /// (Redis unreachable): it serves its clients from memory, writing
+    /// nothing, until it holds the lease again.
+    pub lapsed: bool,
+    /// The last sequence number storage wrote (the writer's own count).
+    pub stored_upto: u64,
 }
 
 /// One logged stream.
@@ -242,6 +248,8 @@ impl Hub {
                         stop: false,
                         stored: true,
                         writes: true,
+                        lapsed: false,
+                        stored_upto: 0,
                     }),
                     changed: Event::new(),
                     stopping: Event::new(),
@@ -318,6 +326,7 @@ impl Hub {
         );
         self.metrics.log_bytes_add(log.bytes() as i64);
         let token = stored.meta.token;
+        let stored_upto = log.next_seq() - 1;
         if let Some(key) = &key {
             streams.gets.insert(key.clone(), token);
         }
@@ -333,6 +342,8 @@ impl Hub {
                 stop: false,
                 stored: true,
                 writes: false,
+                lapsed: false,
+                stored_upto,
             }),
             changed: Event::new(),
             stopping: Event::new(),
@@ -346,6 +357,17 @@ impl Hub {
         let mut state = stream.state();
         state.writes = true;
         state.stored = true;
+        // It caught up with Redis: storage has all of it.
+        state.stored_upto = state.log.next_seq() - 1;
+    }
+
+    /// Forgets `stream` here, leaving storage as it is (another instance
+    /// of the fleet writes it).
+    pub fn forget(&self, stream: &LoggedStream) {
+        let mut streams = self.lock();
+        if streams.by_token.contains_key(&stream.meta.token) {
+            self.remove(&mut streams, stream);
+        }
     }
 
     /// Forgets a mirrored stream nobody here reads any more (its writer
@@ -440,6 +462,8 @@ impl Hub {
                 stop: false,
                 stored: kind == StreamKind::Post,
                 writes: true,
+                lapsed: false,
+                stored_upto: 0,
             }),
             changed: Event::new(),
             stopping: Event::new(),
@@ -794,6 +818,7 @@ impl Writer {
                         match storage.write(&batch) {
                             Ok(()) => {
                                 metrics.log_written();
+                                written(&hub, &batch);
                                 if failing {
                                     set_failing(&hub, false);
                                     eprintln!(
@@ -902,6 +927,27 @@ fn set_failing(hub: &std::sync::Weak<Hub>, failing: bool) {
 }
 
 /// Lets clients see the events appended by `ops`.
+/// Records how far storage has each stream of `ops`, which it just wrote.
+fn written(hub: &std::sync::Weak<Hub>, ops: &[LogOp]) {
+    let Some(hub) = hub.upgrade() else { return };
+    if hub.fleet.is_none() {
+        return;
+    }
+    let mut marks = TokenMap::default();
+    for op in ops {
+        if let LogOp::Append { token, record } = op {
+            marks.insert(*token, record.seq);
+        }
+    }
+    let streams = hub.lock();
+    for (token, seq) in marks {
+        if let Some(stream) = streams.by_token.get(&token) {
+            let mut state = stream.state();
+            state.stored_upto = state.stored_upto.max(seq);
+        }
+    }
+}
+
 fn show(hub: &std::sync::Weak<Hub>, ops: &[LogOp]) {
     let mut marks = TokenMap::default();
     for op in ops {

@@ -5,7 +5,7 @@
 
 use super::fleet;
 use super::hub::{Hub, LoggedStream, Upstream};
-use super::storage::{LogOp, StreamKind};
+use super::storage::LogOp;
 use crate::Lease;
 use crate::{HttpBody, HttpConnector};
 use futures::StreamExt;
@@ -49,7 +49,7 @@ impl Connector for Primed {
 fn append(hub: &Hub, stream: &LoggedStream, batch: &LogBatch) -> bool {
     if batch.is_empty() {
         let state = stream.state();
-        return !state.log.is_ended() && state.writes;
+        return !state.log.is_ended() && (state.writes || state.lapsed);
     }
     let now = hub.clock.now();
     let mut ops = Vec::new();
@@ -57,12 +57,14 @@ fn append(hub: &Hub, stream: &LoggedStream, batch: &LogBatch) -> bool {
     let appended = {
         let mut state = stream.state();
         // Ended meanwhile, or (in a fleet) written by another instance now.
-        if state.log.is_ended() || !state.writes {
+        // A writer whose lease lapsed (Redis unreachable) goes on serving
+        // its clients from memory.
+        if state.log.is_ended() || !(state.writes || state.lapsed) {
             return false;
         }
         hub.metrics.events_in(batch.len() as u64);
         let appended = state.log.append_batch(now, batch);
-        if hub.is_durable() {
+        if hub.is_durable() && state.writes {
             let first = appended.seq + 1 - appended.events as u64;
             ops.extend(state.log.since(first).map(|record| LogOp::Append {
                 token: stream.meta.token,
@@ -75,11 +77,13 @@ fn append(hub: &Hub, stream: &LoggedStream, batch: &LogBatch) -> bool {
                 });
             }
         }
+        let at_once = at_once || !state.writes;
         if at_once {
             state.log.mark_durable(appended.seq);
         }
-        appended
+        (appended, at_once)
     };
+    let (appended, at_once) = appended;
     hub.metrics.log_bytes_add(appended.bytes_delta);
     hub.log_ops(ops);
     if at_once {
@@ -111,8 +115,8 @@ fn push_too_large(batch: &mut LogBatch) {
 /// first), with the request `headers`, until the linger is over or the
 /// upstream gives up.
 ///
-/// In a fleet it holds the stream's `lease` meanwhile, stops when it loses
-/// it, and lets it go at the end.
+/// In a fleet it holds the stream's `lease` meanwhile (see `fleet::hold`),
+/// and lets it go at the end.
 pub(super) async fn follow_get(
     hub: Arc<Hub>,
     stream: Arc<LoggedStream>,
@@ -179,10 +183,6 @@ pub(super) async fn follow_get(
             Either::Left((item, _)) => item,
             Either::Right(((), _)) => continue,
         };
-        if lease.as_ref().is_some_and(|lease| !lease.is_valid()) {
-            // Another instance may be the writer now: append nothing more.
-            break None;
-        }
         match item {
             Ok(StreamItem::Delivered { .. }) => {
                 append(&hub, &stream, &batch);
@@ -237,27 +237,16 @@ pub(super) async fn follow_get(
 
 /// In a fleet, the task that holds a writer's lease (see `fleet::hold`):
 /// a GET follower that loses it stops.
-fn held(hub: &Hub, stream: &Arc<LoggedStream>, lease: Option<Lease>) -> Option<smol::Task<()>> {
-    let fleet = hub.fleet.as_ref()?;
-    let token = stream.meta.token;
-    let stream = stream.clone();
-    let lost = move || {
-        let mut state = stream.state();
-        // Another instance may write it now: what this one still has
-        // queued for the log is dropped (see `hub::fence`).
-        state.writes = false;
-        if stream.meta.kind == StreamKind::Get {
-            state.stop = true;
-            drop(state);
-            stream.stopping.notify(usize::MAX);
-        }
-    };
+fn held(
+    hub: &Arc<Hub>,
+    stream: &Arc<LoggedStream>,
+    lease: Option<Lease>,
+) -> Option<smol::Task<()>> {
+    let fleet = hub.fleet.clone()?;
     let lease = lease?;
-    fleet.holding(token, lease.clone());
-    Some(
-        hub.executor
-            .spawn(fleet::hold(lease, fleet.standby_period(), lost)),
-    )
+    fleet.holding(stream.meta.token, lease.clone());
+    let task = fleet::hold(hub.clone(), fleet, stream.clone(), lease);
+    Some(hub.executor.spawn(task))
 }
 
 /// The writer is done: stops holding its lease and gives it back.
@@ -317,7 +306,7 @@ pub(super) async fn read_post(
     let ended_here = {
         let mut state = stream.state();
         state.upstream = Upstream::Idle;
-        let ended_here = !state.log.is_ended();
+        let ended_here = !state.log.is_ended() && state.writes;
         state.log.end();
         ended_here
     };
