@@ -4,8 +4,9 @@
 //! - `one stream`: one client reads one stream of
 //!   `tidemark serve --interval-ms 0 --count N` directly, through nginx
 //!   (Debian's, `proxy_buffering off`), through `tidemark proxy` (memory log)
-//!   and through `tidemark proxy --log DIR` (file log), alternating, several
-//!   rounds. Events/s at the client, and CPU per event (utime + stime from
+//!   through `tidemark proxy --log DIR` (file log) and through
+//!   `tidemark proxy --log redis://...` (Redis Streams, on a redis-server
+//!   of the bench's own), alternating, several rounds. Events/s at the client, and CPU per event (utime + stime from
 //!   `/proc/PID/stat`) of the proxy process, of nginx's worker and of the
 //!   upstream. Every round opens a new stream (its own query string), so
 //!   through the proxy it is a fresh logged GET stream read from its first
@@ -23,6 +24,11 @@
 //!   the last event and the catch-up rate, through the proxy (memory and file
 //!   log), against `tidemark serve` replaying after `Last-Event-ID` itself.
 //!
+//! - `redis`: one stream of 10,000 events/s (an upstream in this program,
+//!   one event per write every 100 µs) through `tidemark proxy --log
+//!   redis://...`: Redis commands per event (`INFO commandstats` before and
+//!   after) and the proxy's log writes (round trips) per event.
+//!
 //! `cargo bench -p tidemark --bench proxy` runs the full sizes and prints
 //! markdown tables with medians and ratios; environment variables
 //! `TIDEMARK_PROXY_EVENTS`, `_ROUNDS`, `_CLIENTS`, `_FANOUT_SECS`,
@@ -30,18 +36,24 @@
 //! `_BEHIND` (comma separated) override the sizes; `TIDEMARK_PROXY_STRACE=1`
 //! adds one `strace -c -f` run of the proxy and of nginx with syscalls per
 //! event; `TIDEMARK_PROXY_NGINX_FANOUT=0` skips nginx's fan-out;
-//! `TIDEMARK_PROXY_ONLY=one,fan,resume` picks parts. In test mode
+//! `TIDEMARK_PROXY_ONLY=one,fan,resume,redis` picks parts;
+//! `TIDEMARK_PROXY_REDIS_SECS` sets how long the `redis` part reads. In test mode
 //! (`cargo test --benches`) everything runs once at small sizes and only
-//! what each client received is asserted. nginx is skipped with a message
-//! when it is not installed, and the proxy cases when this `tidemark` has no
+//! what each client received is asserted, the Redis cases against the test
+//! command's server (`TIDEMARK_TEST_REDIS`) if there is one. nginx is
+//! skipped with a message when it is not installed, the Redis cases when
+//! redis-server is not, and the proxy cases when this `tidemark` has no
 //! `proxy` command.
 
 mod support {
     pub mod http;
+    #[path = "../../tests/support/redis_server.rs"]
+    pub mod redis_server;
     pub mod strace;
 }
 
 use smol::io::{AsyncReadExt, AsyncWriteExt};
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -67,6 +79,10 @@ struct Sizes {
     nginx_fanout: bool,
     /// `tidemark proxy` has `--log DIR`.
     file_log: bool,
+    /// The Redis for `--log redis://`, if this `tidemark proxy` has it and
+    /// a server is there.
+    redis: Option<String>,
+    redis_secs: f64,
     /// This process's open-files limit (its children inherit it).
     open_files: u64,
 }
@@ -97,6 +113,10 @@ fn main() {
         strace: env("STRACE").is_some_and(|v| v != "0"),
         nginx_fanout: env("NGINX_FANOUT").is_none_or(|v| v != "0"),
         file_log: false,
+        redis: None,
+        redis_secs: env("REDIS_SECS")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if full { 10.0 } else { 0.5 }),
         open_files: 0,
     };
     if sizes.strace && !runs("strace", &["-V"]) {
@@ -136,6 +156,27 @@ fn main() {
         println!("this tidemark proxy has no --log: the file-log cases are skipped");
     }
 
+    // The bench's own server when measuring (nothing else sends it
+    // commands), the test command's in test mode.
+    let redis_server = if !help.as_ref().is_some_and(|h| h.contains("redis://")) {
+        println!("this tidemark proxy has no --log redis://: the Redis cases are skipped");
+        None
+    } else if full && runs("redis-server", &["--version"]) {
+        let server = support::redis_server::RedisServer::start();
+        sizes.redis = Some(server.url());
+        Some(server)
+    } else if !full
+        && (std::env::var_os("TIDEMARK_TEST_REDIS").is_some()
+            || runs("redis-server", &["--version"]))
+    {
+        let (url, server) = support::redis_server::shared();
+        sizes.redis = Some(url);
+        server
+    } else {
+        println!("redis-server is not installed: the Redis cases are skipped");
+        None
+    };
+
     let only = env("ONLY");
     let part = |name: &str| {
         only.as_ref()
@@ -150,6 +191,10 @@ fn main() {
     if proxy && part("resume") {
         resume(&sizes);
     }
+    if let Some(url) = sizes.redis.as_deref().filter(|_| part("redis")) {
+        redis_commands(&sizes, url);
+    }
+    drop(redis_server);
     println!("\nload average at the end: {}", load_average());
 }
 
@@ -387,9 +432,27 @@ impl Tidemark {
         println!("tidemark did not exit within 20 s of SIGTERM: killed");
     }
 
-    /// Its metrics' event counters, if it serves metrics (read from the
-    /// address its status line gives).
+    /// Its metrics' event counters, if it serves metrics.
     fn event_metrics(&self) -> String {
+        self.metrics()
+            .lines()
+            .filter(|l| l.contains("events") && !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The value of the metric `name` (without labels), or 0.
+    fn metric(&self, name: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Its metrics, if it serves them (read from the address its status
+    /// line gives).
+    fn metrics(&self) -> String {
         let errors = std::fs::read_to_string(self.stderr.path()).unwrap_or_default();
         let Some(addr) = errors
             .lines()
@@ -404,10 +467,7 @@ impl Tidemark {
         let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         let mut text = String::new();
         let _ = stream.read_to_string(&mut text);
-        text.lines()
-            .filter(|l| l.contains("events") && !l.starts_with('#'))
-            .collect::<Vec<_>>()
-            .join("\n")
+        text
     }
 
     /// What it wrote to stderr, but its status line.
@@ -924,6 +984,11 @@ fn one_stream(sizes: &Sizes, nginx: Option<&Path>, proxy: bool) {
     let keep = keep_all(n);
     let memory = proxy.then(|| Tidemark::proxy(upstream.addr, false, &keep, None));
     let file = (proxy && sizes.file_log).then(|| Tidemark::proxy(upstream.addr, true, &keep, None));
+    let redis = sizes.redis.as_deref().map(|url| {
+        let mut args = redis_log(url, "one");
+        args.extend(keep.iter().cloned());
+        Tidemark::proxy(upstream.addr, false, &args, None)
+    });
     let new = |name, addr, middle| Path1 {
         name,
         addr,
@@ -943,6 +1008,9 @@ fn one_stream(sizes: &Sizes, nginx: Option<&Path>, proxy: bool) {
     if let Some(file) = &file {
         paths.push(new("tidemark proxy --log", file.addr, Some(file.pid)));
     }
+    if let Some(redis) = &redis {
+        paths.push(new(REDIS_PATH, redis.addr, Some(redis.pid)));
+    }
     println!(
         "\none stream, one client: `tidemark serve --interval-ms 0 --count {n}`, {} rounds, load {}",
         sizes.rounds,
@@ -961,6 +1029,7 @@ fn one_stream(sizes: &Sizes, nginx: Option<&Path>, proxy: bool) {
                 let process = match path.name {
                     "tidemark proxy" => memory.as_ref(),
                     "tidemark proxy --log" => file.as_ref(),
+                    REDIS_PATH => redis.as_ref(),
                     _ => None,
                 };
                 if let Some(process) = process {
@@ -1018,6 +1087,13 @@ fn one_stream(sizes: &Sizes, nginx: Option<&Path>, proxy: bool) {
             );
         }
     }
+    if let (Some(memory), Some(redis)) = (find("tidemark proxy"), find(REDIS_PATH)) {
+        println!(
+            "{REDIS_PATH} / memory log: events/s {:.2}x, CPU per event {:.2}x",
+            median(redis.rates.clone()) / median(memory.rates.clone()),
+            median(redis.middle_us.clone()) / median(memory.middle_us.clone())
+        );
+    }
     if let Some(direct) = find("direct") {
         for path in &paths[1..] {
             println!(
@@ -1031,6 +1107,7 @@ fn one_stream(sizes: &Sizes, nginx: Option<&Path>, proxy: bool) {
         ("nginx", nginx.as_ref().map(|(_, n)| n.errors())),
         ("proxy", memory.as_ref().map(Tidemark::errors)),
         ("proxy --log", file.as_ref().map(Tidemark::errors)),
+        (REDIS_PATH, redis.as_ref().map(Tidemark::errors)),
     ] {
         if let Some(errors) = errors.filter(|e| !e.trim().is_empty()) {
             println!("{name} stderr/error log:\n{}", tail(&errors, 10));
@@ -1071,7 +1148,21 @@ fn one_stream(sizes: &Sizes, nginx: Option<&Path>, proxy: bool) {
         }
     }
     drop(nginx);
-    drop((memory, file));
+    drop((memory, file, redis));
+}
+
+/// The one-stream row of the Redis log.
+const REDIS_PATH: &str = "tidemark proxy --log redis://";
+
+/// Proxy flags for a log in the Redis at `url`, under a prefix of this run
+/// and `part`.
+fn redis_log(url: &str, part: &str) -> Vec<String> {
+    vec![
+        "--log".into(),
+        url.into(),
+        "--redis-prefix".into(),
+        format!("tidemark-bench:{}:{part}:", std::process::id()),
+    ]
 }
 
 /// Proxy flags that keep every one of `events` small events in the log.
@@ -1701,4 +1792,140 @@ fn resume(sizes: &Sizes) {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// 4. Redis commands per event
+
+/// Calls of each command Redis has served (`INFO commandstats`), and its
+/// CPU seconds (`INFO cpu`, user + system).
+fn redis_stats(redis: &mut redis::Connection) -> (BTreeMap<String, u64>, f64) {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(redis)
+        .expect("INFO commandstats");
+    let calls = info
+        .lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(":calls=")?;
+            Some((name.to_owned(), rest.split(',').next()?.parse().ok()?))
+        })
+        .collect();
+    let cpu: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query(redis)
+        .expect("INFO cpu");
+    let seconds = cpu
+        .lines()
+        .filter_map(|line| {
+            let value = line
+                .strip_prefix("used_cpu_user:")
+                .or_else(|| line.strip_prefix("used_cpu_sys:"))?;
+            value.trim().parse::<f64>().ok()
+        })
+        .sum();
+    (calls, seconds)
+}
+
+/// What the window of the `redis` part starts or ends with.
+struct RedisSnapshot {
+    at: Instant,
+    /// Redis's counters (none for the memory log).
+    redis: Option<(BTreeMap<String, u64>, f64)>,
+    events_in: f64,
+    log_writes: f64,
+    proxy_ticks: u64,
+}
+
+/// Reads `events` events of a stream of `RATE` events/s through `proxy`
+/// after `warmup`, and the snapshots around them.
+fn rate_window(
+    proxy: &Tidemark,
+    mut redis: Option<&mut redis::Connection>,
+    warmup: u64,
+    events: u64,
+) -> (RedisSnapshot, RedisSnapshot) {
+    let mut snapshot = || RedisSnapshot {
+        at: Instant::now(),
+        redis: redis.as_deref_mut().map(redis_stats),
+        events_in: proxy.metric("tidemark_proxy_events_in_total"),
+        log_writes: proxy.metric("tidemark_proxy_log_writes_total"),
+        proxy_ticks: cpu_ticks(proxy.pid),
+    };
+    let (mut before, mut after) = (None, None);
+    let read = read_stream(proxy.addr, "/ticks?redis", None, |count, _| {
+        if count == warmup {
+            before = Some(snapshot());
+        }
+        let done = count == warmup + events;
+        if done {
+            after = Some(snapshot());
+        }
+        done
+    });
+    assert_eq!(read.gaps, 0);
+    (before.expect("a start"), after.expect("an end"))
+}
+
+fn redis_commands(sizes: &Sizes, url: &str) {
+    const RATE: u64 = 10_000;
+    let warmup = RATE / 5;
+    let events = ((RATE as f64 * sizes.redis_secs) as u64).max(1);
+    println!(
+        "\nRedis commands per event: one stream at {RATE} events/s (one event per upstream write) through {REDIS_PATH}, {events} events after {warmup}, against the memory log; load {}",
+        load_average()
+    );
+    let mut redis = redis::Client::open(url)
+        .and_then(|client| client.get_connection())
+        .expect("the Redis of the bench");
+    let mut cpu = Vec::new();
+    for name in ["tidemark proxy", REDIS_PATH] {
+        let ticker = Ticker::start(Duration::from_micros(1_000_000 / RATE));
+        let on_redis = name == REDIS_PATH;
+        let args = if on_redis {
+            redis_log(url, "rate")
+        } else {
+            Vec::new()
+        };
+        let proxy = Tidemark::proxy(ticker.addr, false, &args, None);
+        let (before, after) = rate_window(&proxy, on_redis.then_some(&mut redis), warmup, events);
+        let logged = after.events_in - before.events_in;
+        let seconds = (after.at - before.at).as_secs_f64();
+        let proxy_us =
+            (after.proxy_ticks - before.proxy_ticks) as f64 / TICKS_PER_SECOND * 1e6 / logged;
+        println!(
+            "{name}: {:.0} events/s in the window ({logged} events in {seconds:.2} s), the proxy's CPU {proxy_us:.2} µs/event",
+            logged / seconds
+        );
+        cpu.push(proxy_us);
+        if let (Some((calls0, cpu0)), Some((calls1, cpu1))) = (&before.redis, &after.redis) {
+            println!("| command | calls | per event |");
+            println!("|---|---|---|");
+            let mut total = 0;
+            for (command, &calls) in calls1 {
+                // The bench's own INFO calls are not the proxy's.
+                let calls = calls - calls0.get(command).copied().unwrap_or(0);
+                if calls == 0 || command == "info" {
+                    continue;
+                }
+                total += calls;
+                println!("| {command} | {calls} | {:.3} |", calls as f64 / logged);
+            }
+            println!("| **all** | {total} | **{:.3}** |", total as f64 / logged);
+            let writes = after.log_writes - before.log_writes;
+            println!(
+                "log writes (pipelines, one round trip each): {writes}, {:.3} per event, {:.2} events per write; Redis CPU {:.2} µs/event",
+                writes / logged,
+                logged / writes,
+                (cpu1 - cpu0) * 1e6 / logged
+            );
+        }
+        if let Some(errors) = Some(proxy.errors()).filter(|e| !e.trim().is_empty()) {
+            println!("{name} stderr:\n{}", tail(&errors, 10));
+        }
+    }
+    println!(
+        "the proxy's CPU per event at {RATE} events/s, Redis log / memory log: {:.2}x",
+        cpu[1] / cpu[0]
+    );
 }

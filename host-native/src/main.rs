@@ -139,13 +139,20 @@ struct ProxyArgs {
     listen: SocketAddr,
     /// Keep the replay log on disk in this directory, crash-safe: after a
     /// kill -9 and a restart on it, every event a client was sent is still
-    /// served. Or in Redis Streams, with a redis://HOST:PORT/[DB] URL (also
-    /// rediss://, redis+unix:///PATH): it then outlives the machine, and
-    /// a Redis outage does not stop live streams (default: in memory).
+    /// served. Or in Redis Streams, with a redis://[:PASSWORD@]HOST:PORT/[DB]
+    /// (rediss:// for TLS) or redis+unix:///PATH URL, as safe and outliving
+    /// the machine; during a Redis outage live streams go on from memory and
+    /// the log catches up when Redis is back (default: in memory).
     #[arg(long, value_name = "DIR|URL")]
     log: Option<PathBuf>,
-    /// Prefix of the Redis keys of --log redis://.
-    #[arg(long, value_name = "PREFIX", default_value = "tidemark:")]
+    /// Prefix of the Redis keys of --log redis://... (several proxies or
+    /// deployments can share one Redis under different prefixes).
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "tidemark:",
+        requires = "log"
+    )]
     redis_prefix: String,
     /// With --log redis://, time to live of a stream's lease in Redis: the
     /// instance holding it follows the upstream (or reads a POST answer),
@@ -239,7 +246,7 @@ impl ProxyArgs {
 /// `follow`'s Redis flags.
 #[derive(clap::Args)]
 struct RedisArgs {
-    /// Keep the cursor in Redis (redis://HOST:PORT/[DB]) instead of a state
+    /// Keep the cursor in Redis (redis://HOST:PORT/[DB], rediss:// for TLS) instead of a state
     /// directory, shared with other instances: only the holder of the
     /// stream's lease follows it, the others wait as standbys.
     #[arg(long, value_name = "URL")]

@@ -179,6 +179,7 @@ struct LimitLabel {
 /// | `tidemark_proxy_upstream_failures_total` | counter | |
 /// | `tidemark_proxy_log_bytes` | gauge | |
 /// | `tidemark_proxy_log_up` | gauge | |
+/// | `tidemark_proxy_log_writes_total` | counter | |
 /// | `tidemark_proxy_log_write_failures_total` | counter | |
 /// | `tidemark_proxy_refusals_total` | counter | `limit="streams\|clients\|header_bytes\|body_bytes"` |
 /// | `tidemark_proxy_fleet_mirrored_streams` | gauge | |
@@ -204,6 +205,7 @@ struct ProxyInner {
     upstream_failures: Counter,
     log_bytes: Gauge,
     log_up: Gauge,
+    log_writes: Counter,
     log_write_failures: Counter,
     refusals: [Counter; 4],
     fleet_mirrored: Gauge,
@@ -243,6 +245,7 @@ impl ProxyMetrics {
             upstream_failures: Counter::default(),
             log_bytes: Gauge::default(),
             log_up: Gauge::default(),
+            log_writes: Counter::default(),
             log_write_failures: Counter::default(),
             refusals: Limit::ALL.map(|limit| refusals.get_or_create_owned(&LimitLabel { limit })),
             fleet_mirrored: Gauge::default(),
@@ -301,6 +304,11 @@ impl ProxyMetrics {
             inner.log_up.clone(),
         );
         inner.log_up.set(1);
+        registry.register(
+            "log_writes",
+            "Batches written to the log's storage (group commits; for Redis, pipelines)",
+            inner.log_writes.clone(),
+        );
         registry.register(
             "log_write_failures",
             "Writes of a batch to the log's storage that failed (each retry counts)",
@@ -408,8 +416,9 @@ impl ProxyMetrics {
         self.inner.log_up.set(0);
     }
 
-    /// A write of the log's storage succeeded.
+    /// A batch was written to the log's storage.
     pub fn log_written(&self) {
+        self.inner.log_writes.inc();
         self.inner.log_up.set(1);
     }
 
@@ -655,6 +664,7 @@ mod tests {
             "tidemark_proxy_upstream_failures_total 0",
             "tidemark_proxy_log_bytes 0",
             "tidemark_proxy_log_up 1",
+            "tidemark_proxy_log_writes_total 0",
             "tidemark_proxy_log_write_failures_total 0",
             "tidemark_proxy_refusals_total{limit=\"streams\"} 0",
             "tidemark_proxy_refusals_total{limit=\"clients\"} 0",
@@ -724,6 +734,7 @@ mod tests {
             "tidemark_proxy_upstream_failures_total 2",
             "tidemark_proxy_log_bytes 120",
             "tidemark_proxy_log_up 1",
+            "tidemark_proxy_log_writes_total 1",
             "tidemark_proxy_log_write_failures_total 2",
             "tidemark_proxy_refusals_total{limit=\"streams\"} 1",
             "tidemark_proxy_refusals_total{limit=\"clients\"} 1",
@@ -734,7 +745,7 @@ mod tests {
         ] {
             assert!(got.contains(&line), "{line} missing from\n{text}");
         }
-        assert_eq!(got.len(), 21, "{text}");
+        assert_eq!(got.len(), 22, "{text}");
     }
 
     #[test]

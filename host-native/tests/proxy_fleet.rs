@@ -375,9 +375,17 @@ fn a_get_stream_dropped_by_retention_is_opened_anew_with_a_new_token_never_the_o
     let old = first.events(2);
     let old_token = proxy_id(old[0].id()).0;
     drop(first);
-    let metrics = a.metrics_addr();
-    wait_until("A to drop the stream", || {
-        scrape(&metrics).get("tidemark_proxy_streams{kind=\"get\"}") == Some(&0.0)
+    let mut connection = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let meta = format!("drop:proxy:meta:{old_token}");
+    wait_until("A to drop the stream from Redis", || {
+        redis::cmd("EXISTS")
+            .arg(&meta)
+            .query::<i64>(&mut connection)
+            .unwrap()
+            == 0
     });
     let mut again = get_sse(&b.addr, "/live", &[]).sse();
     upstream.wait_live_open(1);
@@ -590,22 +598,27 @@ fn a_writer_cut_off_from_redis_that_lost_its_lease_never_writes_its_backlog_into
     let token = proxy_id(on_b.events(10)[0].id()).0;
 
     partition.cut();
-    // A keeps following, with a backlog Redis never got, until its lease
-    // lapses; then B takes the stream over from the live edge.
+    // A keeps following and serving its client from memory, with a backlog
+    // Redis never gets; its lease lapses and B takes the stream over from
+    // the live edge.
     upstream.emit(10);
+    assert_eq!(
+        on_a.events(10).len(),
+        10,
+        "A's client keeps the live stream"
+    );
     let b_metrics = b.metrics_addr();
     wait_until("B to take over", || {
         scrape(&b_metrics).get("tidemark_proxy_fleet_takeovers_total") == Some(&1.0)
     });
-    upstream.wait_live_open(1); // A's follower stopped; B's follows
+    upstream.wait_live_open(2); // A's follower and B's
     upstream.emit(3);
     assert_eq!(on_b.events(3).len(), 3);
     partition.heal();
-    // A's writer gets Redis back: it must write nothing of that stream.
-    let a_metrics = a.metrics_addr();
-    wait_until("A's log to be up again", || {
-        scrape(&a_metrics).get("tidemark_proxy_log_up") == Some(&1.0)
-    });
+    // A gets Redis back, finds the lease taken: it must write nothing of
+    // that stream, and lets it go.
+    upstream.wait_live_open(1);
+    assert!(a.stderr_line("another instance writes").contains("/live"));
     upstream.emit(2);
     assert_eq!(on_b.events(2).len(), 2);
     drop(on_a);
@@ -620,4 +633,46 @@ fn a_writer_cut_off_from_redis_that_lost_its_lease_never_writes_its_backlog_into
         .chain(base + 21..=base + 25)
         .collect();
     assert_eq!(data, expected, "the fleet's log");
+}
+
+#[test]
+fn the_streams_of_an_instance_that_died_are_dropped_from_redis_by_the_others_after_retention() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    let url = redis.url();
+    let args = [
+        "--log",
+        &url,
+        "--redis-prefix",
+        "janitor:",
+        "--lease-ms",
+        "1000",
+        "--retain-secs",
+        "1",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    let mut a = Proxy::start(&upstream.url(), &args);
+    let _b = Proxy::start(&upstream.url(), &args);
+    let (_, mut answer) = post(&a, "/chat?tokens=3");
+    let token = proxy_id(answer.rest()[0].id()).0;
+    let mut connection = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let meta = format!("janitor:proxy:meta:{token}");
+    let log = format!("janitor:proxy:log:{token}");
+    let exists = |connection: &mut redis::Connection| -> i64 {
+        redis::cmd("EXISTS")
+            .arg(&meta)
+            .arg(&log)
+            .query(connection)
+            .unwrap()
+    };
+    wait_until("A to write the stream", || exists(&mut connection) == 2);
+    a.kill9();
+    // B never had the stream; once it is past retention, B drops it.
+    wait_until("B to drop the dead instance's stream", || {
+        exists(&mut connection) == 0
+    });
 }

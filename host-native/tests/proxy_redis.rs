@@ -11,6 +11,7 @@ mod support {
 }
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 use support::http::{Event, Sse, get_sse, proxy_id};
 use support::proxy::{Proxy, scrape};
 use support::redis_server::{RedisServer, shared, unique_prefix};
@@ -159,6 +160,41 @@ fn a_redis_outage_keeps_live_clients_going_and_the_log_catches_up() {
 }
 
 #[test]
+fn a_redis_that_hangs_does_not_hold_up_live_clients() {
+    let redis = RedisServer::start();
+    let prefix = unique_prefix("proxy-hang");
+    let upstream = Upstream::start();
+    let args = ["--log", &redis.url(), "--redis-prefix", &prefix];
+    let proxy = Proxy::start(&upstream.url(), &args);
+    let mut client = open(&proxy, "/live", &[]);
+    upstream.wait_live_requests(1);
+    upstream.emit(3);
+    let token = proxy_id(client.events(3)[0].id()).0;
+
+    redis.pause(true);
+    upstream.emit(3);
+    // The write waits out its timeouts (5 s each) before the outage shows.
+    proxy.stderr_line("cannot write the log");
+    assert_eq!(seqs(&client.events(3), &token), numbered(4..=6));
+    // The writer's retries hang as long, but new events reach clients at
+    // once, not after the next retry.
+    let emitted = Instant::now();
+    upstream.emit(3);
+    assert_eq!(seqs(&client.events(3), &token), numbered(7..=9));
+    assert!(
+        emitted.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        emitted.elapsed()
+    );
+
+    redis.pause(false);
+    proxy.stderr_line("the log is writable again");
+    wait_until("the log to catch up", || {
+        stored(&redis.url(), &prefix, &token) == 9
+    });
+}
+
+#[test]
 fn a_redis_that_is_down_at_start_fails_it_and_no_password_shows() {
     let output = Command::new(env!("CARGO_BIN_EXE_tidemark"))
         .args(["proxy", "--upstream", "http://127.0.0.1:1", "--listen"])
@@ -190,4 +226,47 @@ fn sigterm_while_redis_is_down_gives_up_on_the_backlog_and_exits() {
     assert!(status.success(), "{status:?}");
     let line = proxy.stderr_line("stopping with");
     assert!(line.contains("changes not written to the log"), "{line}");
+}
+
+#[test]
+fn rediss_logs_over_tls_to_a_server_whose_certificate_is_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let redis = RedisServer::start_tls(&cert, &key);
+    let tls_url = redis.tls_url().unwrap();
+    let prefix = unique_prefix("proxy-tls");
+    let upstream = Upstream::start();
+    let args = ["--log", &tls_url, "--redis-prefix", &prefix];
+    // The system's roots, and the test's certificate (SSL_CERT_FILE).
+    let trust = [("SSL_CERT_FILE", cert.to_str().unwrap())];
+    let proxy = Proxy::start_with_env(&upstream.url(), &args, &trust);
+    let mut client = open(&proxy, "/live", &[]);
+    upstream.wait_live_requests(1);
+    upstream.emit(5);
+    let token = proxy_id(client.events(5)[0].id()).0;
+    // Written over TLS: the plain port of the same server has them.
+    assert_eq!(stored(&redis.url(), &prefix, &token), 5);
+
+    // Not trusted (the roots are another certificate): the proxy does not
+    // start, and says why.
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(dir.path().join("other.pem"), other.cert.pem()).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_tidemark"))
+        .args([
+            "proxy",
+            "--upstream",
+            &upstream.url(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(args)
+        .env("SSL_CERT_FILE", dir.path().join("other.pem"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("certificate"), "{stderr}");
 }

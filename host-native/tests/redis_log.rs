@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use support::redis_server::{RedisServer, shared, unique_prefix};
 use tidemark::RedisConfig;
 use tidemark::proxy::{
-    LogOp, LogStorage, RedisLog, StoredStream, StreamKind, StreamMeta, TRIM_STEP,
+    COMMANDS_PER_ROUND_TRIP, LogOp, LogStorage, RedisLog, StoredStream, StreamKind, StreamMeta,
+    TRIM_STEP,
 };
 use tidemark_core::Millis;
 use tidemark_core::replay::{Identity, LogRecord, Retention, StreamToken};
@@ -226,6 +227,22 @@ fn maxlen_and_trims_bound_what_redis_keeps() {
 }
 
 #[test]
+fn a_batch_larger_than_a_round_trip_is_written_whole() {
+    let (url, _server) = shared();
+    let prefix = unique_prefix("log-large");
+    let mut log = log(&url, &prefix, 1_000_000);
+    let stream = meta(StreamKind::Get, 1);
+    let last = 2 * COMMANDS_PER_ROUND_TRIP as u64 + 5;
+    let mut ops = vec![LogOp::Open(stream.clone())];
+    ops.extend(appends(stream.token, 1..=last));
+    log.write(&ops).unwrap();
+    assert_eq!(xlen(&url, &log, stream.token), last);
+    let back = by_token(log.recover().unwrap(), stream.token);
+    assert_eq!(back.records.len() as u64, last);
+    assert_eq!(back.records.last(), Some(&record(last)));
+}
+
+#[test]
 fn read_after_pages_from_an_exclusive_start_and_tail_waits_for_the_next_event() {
     let (url, _server) = shared();
     let prefix = unique_prefix("log-read");
@@ -236,49 +253,47 @@ fn read_after_pages_from_an_exclusive_start_and_tail_waits_for_the_next_event() 
     writer.write(&ops).unwrap();
 
     let reader = log(&url, &prefix, 1000);
+    let read_after =
+        |after, count| smol::block_on(reader.read_after(stream.token, after, count)).unwrap();
     let seqs = |records: Vec<LogRecord>| records.iter().map(|r| r.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(read_after(0, 5)), [1, 2, 3, 4, 5]);
     assert_eq!(
-        seqs(reader.read_after(stream.token, 0, 5).unwrap()),
-        [1, 2, 3, 4, 5]
-    );
-    assert_eq!(
-        reader.read_after(stream.token, 17, 100).unwrap(),
+        read_after(17, 100),
         (18..=20).map(record).collect::<Vec<_>>()
     );
-    assert!(reader.read_after(stream.token, 20, 100).unwrap().is_empty());
+    assert!(read_after(20, 100).is_empty());
     let unknown = StreamToken::random().unwrap();
-    assert!(reader.read_after(unknown, 0, 100).unwrap().is_empty());
-
-    // What is there already comes at once.
-    assert_eq!(
-        seqs(
-            reader
-                .tail(stream.token, 18, Duration::from_secs(10))
-                .unwrap()
-        ),
-        [19, 20]
-    );
-    // Nothing new: empty after the block.
-    let started = Instant::now();
     assert!(
-        reader
-            .tail(stream.token, 20, Duration::from_millis(50))
+        smol::block_on(reader.read_after(unknown, 0, 100))
             .unwrap()
             .is_empty()
     );
+
+    let tail = |after, block| smol::block_on(reader.tail(stream.token, after, block)).unwrap();
+    // What is there already comes at once.
+    assert_eq!(seqs(tail(18, Duration::from_secs(10))), [19, 20]);
+    // Nothing new: empty after the block.
+    let started = Instant::now();
+    assert!(tail(20, Duration::from_millis(50)).is_empty());
     assert!(started.elapsed() >= Duration::from_millis(50));
     // A tail waiting for event 21 gets it as soon as it is written.
-    let (tx, rx) = std::sync::mpsc::channel();
     let tailing = std::thread::spawn(move || {
-        tx.send(()).unwrap();
         let started = Instant::now();
-        let records = reader
-            .tail(stream.token, 20, Duration::from_secs(20))
-            .unwrap();
+        let records =
+            smol::block_on(reader.tail(stream.token, 20, Duration::from_secs(20))).unwrap();
         (records, started.elapsed())
     });
-    rx.recv().unwrap();
-    // The tail may not have reached Redis yet; either way it gets event 21.
+    // Once Redis has the tail waiting (its only blocked client).
+    let mut redis = redis(&url);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info: String = redis::cmd("INFO").arg("clients").query(&mut redis).unwrap();
+        if !info.contains("blocked_clients:0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the tail never blocked: {info}");
+        std::thread::yield_now();
+    }
     writer.write(&appends(stream.token, 21..=21)).unwrap();
     let (records, waited) = tailing.join().unwrap();
     assert_eq!(records, vec![record(21)]);

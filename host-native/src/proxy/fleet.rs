@@ -44,7 +44,7 @@ use super::hub::{GetKey, Hub, LoggedStream, Upstream};
 use super::redis_log::RedisLog;
 use super::storage::{LogOp, StoredStream, StreamKind, StreamMeta, TokenMap};
 use super::upstream::follow_get;
-use crate::{Lease, RedisStore, SmolClock};
+use crate::{Lease, LeaseLost, RedisStore, SmolClock};
 use event_listener::Event;
 use std::io;
 use std::sync::{Arc, Mutex, Weak};
@@ -289,6 +289,38 @@ impl Fleet {
         }
     }
 
+    /// The janitor task: every half retention period (between 0.5 s and
+    /// 60 s), drops from the fleet's log the streams no instance has here
+    /// and nobody writes whose last event is older than retention, such as
+    /// those of an instance that died: no instance would drop them
+    /// otherwise. Runs until the hub is gone.
+    pub async fn janitor(self: Arc<Self>, hub: Weak<Hub>) {
+        let idle = Duration::from_millis(
+            hub.upgrade()
+                .map_or(0, |hub| hub.config.retention.idle.as_u64()),
+        );
+        let period = (idle / 2).clamp(Duration::from_millis(500), Duration::from_secs(60));
+        loop {
+            async_io::Timer::after(period).await;
+            let Some(hub) = hub.upgrade() else { return };
+            let before = Millis(
+                self.clock
+                    .now()
+                    .as_u64()
+                    .saturating_sub(idle.as_millis() as u64),
+            );
+            let Ok(stale) = self.redis.idle_since(before).await else {
+                continue;
+            };
+            for token in stale {
+                if hub.has(token) {
+                    continue; // this instance's sweep sees to it
+                }
+                hub.drop_if_unwritten(token);
+            }
+        }
+    }
+
     /// A mirrored stream ended: takes what is left, then ends it here.
     async fn end_mirror(&self, stream: &LoggedStream) {
         if self.catch_up(stream).await.is_err() {
@@ -326,20 +358,143 @@ pub(super) fn mirror(
     hub.executor.spawn(task).detach();
 }
 
-/// Holds `lease` for a writer until it is lost (then `lost` runs) or the
-/// task is dropped (the writer is done; the caller releases the lease). A
-/// lease not held yet (Redis was down when the writer started) is tried
-/// until it is.
-pub(super) async fn hold(lease: Lease, period: Duration, lost: impl FnOnce()) {
+/// Holds `lease` for the writer of `stream` until another instance takes
+/// it, or the task is dropped (the writer is done; the caller releases the
+/// lease). A lease not held yet (Redis was down when the writer started) is
+/// tried until it is.
+///
+/// A lease that lapses because Redis cannot be reached (an outage, or a
+/// partition) does not stop the writer: it goes on serving its own clients
+/// from memory, writing nothing to Redis, and tries the lease again. Once
+/// it holds it again, and Redis has nothing of the stream beyond what this
+/// instance wrote, it writes what it logged meanwhile and is the writer
+/// again. If another instance wrote the stream meanwhile, this one is
+/// fenced off: it stops, and forgets its copy.
+pub(super) async fn hold(
+    hub: Arc<Hub>,
+    fleet: Arc<Fleet>,
+    stream: Arc<LoggedStream>,
+    lease: Lease,
+) {
+    let period = fleet.standby_period();
     while !lease.is_valid() {
         if let Ok(true) = lease.try_acquire().await {
             break;
         }
         async_io::Timer::after(period).await;
     }
-    let why = lease.keep().await;
-    eprintln!("tidemark: lost the lease of a stream ({why:?}); another instance writes it now");
-    lost();
+    loop {
+        let why = lease.keep().await;
+        if why == LeaseLost::Taken {
+            fenced(&hub, &stream);
+            return;
+        }
+        eprintln!(
+            "tidemark: the lease of {} lapsed ({why}); serving its clients from memory, retrying",
+            stream.meta.target
+        );
+        {
+            let mut state = stream.state();
+            state.lapsed = true;
+            // Nothing more goes to Redis until the lease is back (see
+            // `hub::fence`).
+            state.writes = false;
+        }
+        loop {
+            async_io::Timer::after(period).await;
+            match lease.try_acquire().await {
+                Ok(true) => match fleet.reconcile(&hub, &stream).await {
+                    Ok(true) => break,
+                    Ok(false) => {
+                        fenced(&hub, &stream);
+                        let _ = lease.release().await;
+                        return;
+                    }
+                    Err(_) => continue,
+                },
+                Ok(false) => {
+                    fenced(&hub, &stream);
+                    return;
+                }
+                Err(_) => continue,
+            }
+        }
+        eprintln!(
+            "tidemark: the lease of {} is back; the stream's log is written again",
+            stream.meta.target
+        );
+    }
+}
+
+/// Another instance writes `stream` now: this one stops writing and
+/// following it, and forgets its copy (which may differ from the fleet's
+/// after a partition); its clients reconnect and get the fleet's.
+fn fenced(hub: &Hub, stream: &LoggedStream) {
+    eprintln!(
+        "tidemark: another instance writes {} now; this one lets it go",
+        stream.meta.target
+    );
+    {
+        let mut state = stream.state();
+        state.writes = false;
+        state.lapsed = false;
+        state.stop = true;
+    }
+    stream.stopping.notify(usize::MAX);
+    hub.forget(stream);
+}
+
+impl Fleet {
+    /// After this instance took the lease of `stream` back: whether it is
+    /// still the stream's writer, and then hands storage what it logged
+    /// meanwhile. It is if everything Redis has of the stream beyond what
+    /// this instance knows it wrote is this instance's own (writes that
+    /// timed out here but reached Redis): anything else was written by
+    /// another instance.
+    async fn reconcile(&self, hub: &Hub, stream: &LoggedStream) -> io::Result<bool> {
+        let token = stream.meta.token;
+        let mut last = stream.state().stored_upto;
+        loop {
+            let page = self
+                .redis
+                .read_after_async(token, last, CATCH_UP_PAGE)
+                .await?;
+            let full = page.len() == CATCH_UP_PAGE;
+            {
+                let state = stream.state();
+                for record in &page {
+                    let ours =
+                        state.log.since(record.seq).next().is_some_and(|own| {
+                            own.seq == record.seq && own.frame() == record.frame()
+                        });
+                    if !ours {
+                        return Ok(false);
+                    }
+                    last = record.seq;
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        let ops = {
+            let mut state = stream.state();
+            let mut ops = vec![LogOp::Open(stream.meta.clone())];
+            ops.extend(state.log.since(last + 1).map(|record| LogOp::Append {
+                token,
+                record: record.clone(),
+            }));
+            if state.log.is_ended() {
+                ops.push(LogOp::End { token });
+            }
+            state.stored_upto = last;
+            state.writes = true;
+            state.lapsed = false;
+            ops
+        };
+        hub.log_ops(ops);
+        Ok(true)
+    }
 }
 
 impl Fleet {

@@ -432,6 +432,10 @@ async fn open(
                     let _ = held.release().await;
                     return fleet_down(e);
                 }
+                let mut state = stream.state();
+                state.writes = true;
+                state.stored_upto = state.log.next_seq() - 1;
+                drop(state);
                 lease = Some(held);
             }
             Ok(false) => {

@@ -10,7 +10,7 @@ use event_listener::Event;
 use hyper::HeaderMap;
 use std::collections::HashMap;
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tidemark_core::replay::{Identity, IdentityKey, ReplayLog, StreamToken};
@@ -66,6 +66,12 @@ pub(super) struct StreamState {
     /// made the stream, or took it over. A fleet's mirror does not (its
     /// writer does).
     pub writes: bool,
+    /// In a fleet: this instance writes the stream but its lease lapsed
+    /// (Redis unreachable): it serves its clients from memory, writing
+    /// nothing, until it holds the lease again.
+    pub lapsed: bool,
+    /// The last sequence number storage wrote (the writer's own count).
+    pub stored_upto: u64,
 }
 
 /// One logged stream.
@@ -141,6 +147,9 @@ pub(super) struct Hub {
     writer: Option<async_channel::Sender<Vec<LogOp>>>,
     /// The fleet this instance is one of, with a log in Redis.
     pub fleet: Option<Arc<Fleet>>,
+    /// Set while a storage that serves while failing fails: appends are
+    /// shown to clients at once, not only once the writer tried them.
+    log_failing: AtomicBool,
 }
 
 impl Hub {
@@ -185,6 +194,7 @@ impl Hub {
             clients: AtomicUsize::new(0),
             writer,
             fleet: fleet.map(Arc::new),
+            log_failing: AtomicBool::new(false),
         });
         let ended_on_recovery = hub.restore(recovered);
         for token in ended_on_recovery {
@@ -238,6 +248,8 @@ impl Hub {
                         stop: false,
                         stored: true,
                         writes: true,
+                        lapsed: false,
+                        stored_upto: 0,
                     }),
                     changed: Event::new(),
                     stopping: Event::new(),
@@ -314,6 +326,7 @@ impl Hub {
         );
         self.metrics.log_bytes_add(log.bytes() as i64);
         let token = stored.meta.token;
+        let stored_upto = log.next_seq() - 1;
         if let Some(key) = &key {
             streams.gets.insert(key.clone(), token);
         }
@@ -329,6 +342,8 @@ impl Hub {
                 stop: false,
                 stored: true,
                 writes: false,
+                lapsed: false,
+                stored_upto,
             }),
             changed: Event::new(),
             stopping: Event::new(),
@@ -342,6 +357,17 @@ impl Hub {
         let mut state = stream.state();
         state.writes = true;
         state.stored = true;
+        // It caught up with Redis: storage has all of it.
+        state.stored_upto = state.log.next_seq() - 1;
+    }
+
+    /// Forgets `stream` here, leaving storage as it is (another instance
+    /// of the fleet writes it).
+    pub fn forget(&self, stream: &LoggedStream) {
+        let mut streams = self.lock();
+        if streams.by_token.contains_key(&stream.meta.token) {
+            self.remove(&mut streams, stream);
+        }
     }
 
     /// Forgets a mirrored stream nobody here reads any more (its writer
@@ -436,6 +462,8 @@ impl Hub {
                 stop: false,
                 stored: kind == StreamKind::Post,
                 writes: true,
+                lapsed: false,
+                stored_upto: 0,
             }),
             changed: Event::new(),
             stopping: Event::new(),
@@ -493,9 +521,16 @@ impl Hub {
         }
     }
 
-    /// Whether appends must wait for the writer before clients see them.
+    /// Whether appends go to the writer, to be made durable.
     pub fn is_durable(&self) -> bool {
         self.writer.is_some()
+    }
+
+    /// Whether clients see appends at once: with a memory log, or while a
+    /// storage that serves while failing fails (otherwise they see them
+    /// once the writer wrote them).
+    pub fn shows_at_once(&self) -> bool {
+        self.writer.is_none() || self.log_failing.load(Ordering::Acquire)
     }
 
     /// Lets clients see events up to the marks (the writer wrote them, or
@@ -582,30 +617,36 @@ impl Hub {
                 }
             }
         }
-        match &self.fleet {
-            // Only if no other instance writes it now (it may have taken
-            // the stream over since): the one that holds its lease drops it.
-            Some(fleet) => {
-                for token in dropped {
-                    let fleet = fleet.clone();
-                    let writer = self.writer.clone();
-                    self.executor
-                        .spawn(async move {
-                            if fleet.take_to_drop(token).await
-                                && let Some(writer) = writer
-                            {
-                                let _ = writer.try_send(vec![LogOp::Drop { token }]);
-                            }
-                        })
-                        .detach();
-                }
-            }
-            None => {
-                for token in dropped {
-                    self.log_op(LogOp::Drop { token });
-                }
+        for token in dropped {
+            match &self.fleet {
+                Some(_) => self.drop_if_unwritten(token),
+                None => self.log_op(LogOp::Drop { token }),
             }
         }
+    }
+
+    /// Whether this instance has the stream of `token`.
+    pub fn has(&self, token: StreamToken) -> bool {
+        self.lock().by_token.contains_key(&token)
+    }
+
+    /// In a fleet, drops the stream of `token` from storage if no other
+    /// instance writes it now (it may have taken the stream over since):
+    /// only the one holding its lease may drop it.
+    pub fn drop_if_unwritten(&self, token: StreamToken) {
+        let Some(fleet) = self.fleet.clone() else {
+            return;
+        };
+        let writer = self.writer.clone();
+        self.executor
+            .spawn(async move {
+                if fleet.take_to_drop(token).await
+                    && let Some(writer) = writer
+                {
+                    let _ = writer.try_send(vec![LogOp::Drop { token }]);
+                }
+            })
+            .detach();
     }
 
     /// Ends every stream of `identity` (an MCP session the upstream ended
@@ -777,7 +818,9 @@ impl Writer {
                         match storage.write(&batch) {
                             Ok(()) => {
                                 metrics.log_written();
+                                written(&hub, &batch);
                                 if failing {
+                                    set_failing(&hub, false);
                                     eprintln!(
                                         "tidemark: the log is writable again ({} changes held meanwhile written)",
                                         batch.len()
@@ -799,6 +842,9 @@ impl Writer {
                                         );
                                     }
                                     failing = true;
+                                    if serve_while_failing {
+                                        set_failing(&hub, true);
+                                    }
                                 }
                                 if queue.is_closed() {
                                     let since = *closed_at.get_or_insert_with(Instant::now);
@@ -873,7 +919,35 @@ fn compact(batch: &mut Vec<LogOp>) {
     });
 }
 
+/// Says whether the storage fails, for [`Hub::shows_at_once`].
+fn set_failing(hub: &std::sync::Weak<Hub>, failing: bool) {
+    if let Some(hub) = hub.upgrade() {
+        hub.log_failing.store(failing, Ordering::Release);
+    }
+}
+
 /// Lets clients see the events appended by `ops`.
+/// Records how far storage has each stream of `ops`, which it just wrote.
+fn written(hub: &std::sync::Weak<Hub>, ops: &[LogOp]) {
+    let Some(hub) = hub.upgrade() else { return };
+    if hub.fleet.is_none() {
+        return;
+    }
+    let mut marks = TokenMap::default();
+    for op in ops {
+        if let LogOp::Append { token, record } = op {
+            marks.insert(*token, record.seq);
+        }
+    }
+    let streams = hub.lock();
+    for (token, seq) in marks {
+        if let Some(stream) = streams.by_token.get(&token) {
+            let mut state = stream.state();
+            state.stored_upto = state.stored_upto.max(seq);
+        }
+    }
+}
+
 fn show(hub: &std::sync::Weak<Hub>, ops: &[LogOp]) {
     let mut marks = TokenMap::default();
     for op in ops {

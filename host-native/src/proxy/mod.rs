@@ -32,10 +32,14 @@
 //!   streams are shared per `Origin` too.
 //! - **MCP** Streamable HTTP is recognised by its headers (see `mcp.rs`):
 //!   a session's GET resumes any of its streams by `Last-Event-ID` alone.
-//! - **Storage** ([`LogStorage`]): memory by default ([`MemoryLog`]); with
-//!   a durable storage, every event is written (group commits on a thread
-//!   of their own) before any client sees it, so what a client saw survives
-//!   a crash.
+//! - **Storage** ([`LogStorage`]): memory by default ([`MemoryLog`]), a
+//!   directory ([`FileLog`]) or Redis Streams ([`RedisLog`]); with a
+//!   durable storage, every event is written (group commits on a thread of
+//!   their own) before any client sees it, so what a client saw survives a
+//!   crash. While a storage on a server fails (a Redis outage), clients are
+//!   served from memory and the writes are retried until it is back.
+//! - **Fleet**: with Redis, every instance serves every stream; one writes
+//!   each (holding its lease), the others mirror it (see `fleet.rs`).
 //! - **Connections**: the proxy's own HTTP/1.1 front reads every request
 //!   head and answers a GET without a body itself, so an idle client costs
 //!   its socket, its task and its reader (about 2 KB); anything else goes
@@ -245,10 +249,12 @@ impl Proxy {
                     .expect("spawn a proxy thread")
             })
             .collect();
-        let tail = hub
-            .fleet
-            .clone()
-            .map(|fleet| hub.executor.spawn(fleet.tail(Arc::downgrade(&hub))));
+        let fleet_tasks = hub.fleet.clone().map(|fleet| {
+            [
+                hub.executor.spawn(fleet.clone().tail(Arc::downgrade(&hub))),
+                hub.executor.spawn(fleet.janitor(Arc::downgrade(&hub))),
+            ]
+        });
         let sweeper = hub.executor.spawn({
             let hub = hub.clone();
             async move {
@@ -291,7 +297,7 @@ impl Proxy {
         hub.executor.run(smol::future::or(accept, shutdown)).await;
         drop(listener);
         drop(sweeper);
-        drop(tail);
+        drop(fleet_tasks);
         drop(stop_workers);
         smol::unblock(move || {
             for worker in workers {

@@ -1,81 +1,6 @@
 //! [`RedisLog`]: the proxy's replay logs in Redis Streams (`tidemark proxy
-//! --log redis://HOST:PORT/[DB]`).
-//!
-//! Choose it over the file log when the log must outlive the machine, or
-//! (with the fleet to come) when several proxies serve the same streams. One
-//! proxy on one machine is better served by `--log DIR`: no server to run,
-//! and a group commit is one local `fdatasync`.
-//!
-//! # Layout
-//!
-//! Every key starts with the prefix (`--redis-prefix`, default `tidemark:`);
-//! `{token}` is the stream's token as 32 hex digits.
-//!
-//! - `{prefix}proxy:log:{token}`: a Redis Stream with one entry per event,
-//!   its entry id `<seq>-0`, and the fields `time` (milliseconds since the
-//!   Unix epoch, decimal), `upstream` (the upstream's id; absent when the
-//!   event had none) and `frame` (the SSE frame clients get, bytes as
-//!   logged). The explicit ids make Redis itself refuse a sequence number
-//!   that does not increase.
-//! - `{prefix}proxy:meta:{token}`: a hash with `kind` (`get` or `post`),
-//!   `target` (the upstream path and query), `identity` (32 hex digits),
-//!   `created` (milliseconds) and `ended` (`1`, once the stream ended).
-//! - `{prefix}proxy:streams`: the set of every stored stream's token, what
-//!   [`recover`](LogStorage::recover) reads.
-//! - `{prefix}proxy:get:{hash}`: the token of the GET stream whose path,
-//!   query and identity hash to `{hash}` (32 hex digits, a keyed hash), for
-//!   a fleet of proxies to agree on it. Set, with a meta that expires
-//!   unless the stream is logged, by one script that reuses the stored
-//!   token only while its meta exists.
-//! - `{prefix}proxy:identity-key`: the key of the proxy's identity hashes,
-//!   64 hex digits, written once with `SET NX` (the first proxy's key wins).
-//!
-//! # One round trip per batch
-//!
-//! [`write`](LogStorage::write) sends all ops of a batch in one pipeline:
-//!
-//! | op | commands |
-//! |---|---|
-//! | `Open` | `HSET meta kind .. target .. identity .. created ..`, `PERSIST meta`, `SADD streams token` |
-//! | `Append` | `XADD log MAXLEN ~ <retain> <seq>-0 time .. [upstream ..] frame ..` |
-//! | `Trim` | `XTRIM log MINID <first_seq>-0`, after the batch's appends, once per stream, and only once the first event moved [`TRIM_STEP`] past the last one sent |
-//! | `End` | `HSET meta ended 1` |
-//! | `Drop` | `SREM streams token`, `DEL meta log` |
-//!
-//! Only a batch of more than [`COMMANDS_PER_ROUND_TRIP`] commands (a
-//! backlog after an outage) takes more than one round trip, so that each
-//! fits in the response timeout. `MAXLEN ~` keeps a stream's entries near
-//! `--retain` at almost no cost; `XTRIM MINID` forgets what retention by
-//! bytes or age dropped, lazily: trims need not be durable, and recovery
-//! applies retention again.
-//!
-//! Every op may be written twice: the proxy retries a failed batch whole,
-//! and part of it may have reached Redis. `HSET`, `SADD`, `XTRIM`, `SREM`
-//! and `DEL` are idempotent; an `XADD` that Redis refuses because its id is
-//! not above the stream's last one was written before, and counts as
-//! written.
-//!
-//! # Outages
-//!
-//! The log holds one multiplexed connection and opens it lazily
-//! (`redis_conn` has the rules). While Redis is down or unreachable,
-//! `write` fails, and the proxy keeps serving clients from memory, live
-//! events included ([`LogStorage::serves_while_failing`]), retrying the
-//! batch until Redis takes it; it says so on stderr once when the outage
-//! begins and once when it ends, and in the `tidemark_proxy_log_up` and
-//! `tidemark_proxy_log_write_failures_total` metrics. A proxy killed during
-//! an outage loses what was not written yet. A Redis that loses data
-//! (restarted without persistence, `FLUSHDB`) loses the log as it would
-//! lose anything: run it with AOF persistence (`appendonly yes`) when the
-//! log must survive Redis restarts too.
-//!
-//! # Reading
-//!
-//! Besides what [`LogStorage`] needs, [`read_after`](RedisLog::read_after)
-//! (`XRANGE` with an exclusive start) and [`tail`](RedisLog::tail) (`XREAD
-//! BLOCK`, on a connection of its own so that it never holds up a write)
-//! read a stream's events back, as an instance serving clients from Redis
-//! does.
+//! --log redis://HOST:PORT/[DB]`). Its documentation describes the layout,
+//! the writes, outages and reads.
 
 use super::storage::{LogOp, LogStorage, StoredStream, StreamKind, StreamMeta, TokenMap};
 use crate::RedisConfig;
@@ -122,8 +47,86 @@ const RECOVER_PAGE: usize = 1000;
 /// reads.
 const META_PAGE: usize = 1000;
 
-/// The proxy's replay logs in Redis Streams; see the [module docs](self).
-/// Its `Debug` shows the redacted URL.
+/// The proxy's replay logs in Redis Streams. Its `Debug` shows the
+/// redacted URL.
+///
+/// Choose it over the file log when the log must outlive the machine, or
+/// (with the fleet to come) when several proxies serve the same streams. One
+/// proxy on one machine is better served by `--log DIR`: no server to run,
+/// and a group commit is one local `fdatasync`.
+///
+/// # Layout
+///
+/// Every key starts with the prefix (`--redis-prefix`, default `tidemark:`);
+/// `{token}` is the stream's token as 32 hex digits.
+///
+/// - `{prefix}proxy:log:{token}`: a Redis Stream with one entry per event,
+///   its entry id `<seq>-0`, and the fields `time` (milliseconds since the
+///   Unix epoch, decimal), `upstream` (the upstream's id; absent when the
+///   event had none) and `frame` (the SSE frame clients get, bytes as
+///   logged). The explicit ids make Redis itself refuse a sequence number
+///   that does not increase.
+/// - `{prefix}proxy:meta:{token}`: a hash with `kind` (`get` or `post`),
+///   `target` (the upstream path and query), `identity` (32 hex digits),
+///   `created` (milliseconds) and `ended` (`1`, once the stream ended).
+/// - `{prefix}proxy:streams`: the set of every stored stream's token, what
+///   [`recover`](LogStorage::recover) reads.
+/// - `{prefix}proxy:get:{hash}`: the token of the GET stream whose path,
+///   query and identity hash to `{hash}` (32 hex digits, a keyed hash), for
+///   a fleet of proxies to agree on it. Set, with a
+///   meta that expires unless the stream is logged, by one script that
+///   reuses the stored token only while its meta exists.
+/// - `{prefix}proxy:identity-key`: the key of the proxy's identity hashes,
+///   64 hex digits, written once with `SET NX` (the first proxy's key wins).
+///
+/// # One round trip per batch
+///
+/// [`write`](LogStorage::write) sends all ops of a batch in one pipeline:
+///
+/// | op | commands |
+/// |---|---|
+/// | `Open` | `HSET meta kind .. target .. identity .. created ..`, `PERSIST meta`, `SADD streams token` |
+/// | `Append` | `XADD log MAXLEN ~ <retain> <seq>-0 time .. [upstream ..] frame ..` |
+/// | `Trim` | `XTRIM log MINID <first_seq>-0`, after the batch's appends, once per stream, and only once the first event moved [`TRIM_STEP`] past the last one sent |
+/// | `End` | `HSET meta ended 1` |
+/// | `Drop` | `SREM streams token`, `DEL meta log` |
+///
+/// Only a batch of more than [`COMMANDS_PER_ROUND_TRIP`] commands (a
+/// backlog after an outage) takes more than one round trip, so that each
+/// fits in the response timeout. `MAXLEN ~` keeps a stream's entries near
+/// `--retain` at almost no cost; `XTRIM MINID` forgets what retention by
+/// bytes or age dropped, lazily: trims need not be durable, and recovery
+/// applies retention again.
+///
+/// Every op may be written twice: the proxy retries a failed batch whole,
+/// and part of it may have reached Redis. `HSET`, `SADD`, `XTRIM`, `SREM`
+/// and `DEL` are idempotent; an `XADD` that Redis refuses because its id is
+/// not above the stream's last one was written before, and counts as
+/// written.
+///
+/// # Outages
+///
+/// The log holds one multiplexed connection and opens it lazily
+/// (`redis_conn` has the rules). While Redis is down or unreachable,
+/// `write` fails, and the proxy keeps serving clients from memory, live
+/// events included ([`LogStorage::serves_while_failing`]), retrying the
+/// batch until Redis takes it; it says so on stderr once when the outage
+/// begins and once when it ends, and in the `tidemark_proxy_log_up` and
+/// `tidemark_proxy_log_write_failures_total` metrics. A proxy killed during
+/// an outage loses what was not written yet. A Redis that loses data
+/// (restarted without persistence, `FLUSHDB`) loses the log as it would
+/// lose anything: run it with AOF persistence (`appendonly yes`) when the
+/// log must survive Redis restarts too.
+///
+/// # Reading
+///
+/// Besides what [`LogStorage`] needs (whose methods block: they run on the
+/// proxy's writer thread), [`read_after`](RedisLog::read_after) (`XRANGE`
+/// with an exclusive start) and [`tail`](RedisLog::tail) (`XREAD BLOCK`, on
+/// a connection of its own so that it never holds up a write) read a
+/// stream's events back, as an instance serving clients from Redis does;
+/// they are `async`, for the proxy's executor.
+///
 pub struct RedisLog {
     config: RedisConfig,
     /// The redacted URL, for messages.
@@ -197,7 +200,7 @@ impl RedisLog {
     /// Up to `count` events of `token` after `after_seq`, oldest first
     /// (`XRANGE` from `(<after_seq>-0`): none for a stream Redis does not
     /// have.
-    pub fn read_after(
+    pub async fn read_after(
         &self,
         token: StreamToken,
         after_seq: u64,
@@ -229,7 +232,7 @@ impl RedisLog {
     /// most [`MAX_TAIL_BLOCK`]) for one if there is none yet (`XREAD
     /// BLOCK`): empty if none came. Tails share one connection of their
     /// own, so concurrent calls wait for each other, and never for a write.
-    pub fn tail(
+    pub async fn tail(
         &self,
         token: StreamToken,
         after_seq: u64,
@@ -380,6 +383,50 @@ impl RedisLog {
             .ok_or_else(|| corrupt(&key, &format!("{token:?} is not a token")))
     }
 
+    /// The stored streams whose last event (or start, if they have none)
+    /// was before `before`: one `SMEMBERS`, then one round trip per
+    /// [`META_PAGE`] streams (`XREVRANGE ... COUNT 1` and the meta's
+    /// `created`).
+    pub(super) async fn idle_since(&self, before: Millis) -> io::Result<Vec<StreamToken>> {
+        let smembers = redis::cmd("SMEMBERS").arg(self.streams_key()).take();
+        let members: Vec<String> = self.query(&self.connection, &smembers).await?;
+        let tokens: Vec<StreamToken> = members
+            .iter()
+            .filter_map(|m| StreamToken::parse(m))
+            .collect();
+        let mut idle = Vec::new();
+        for page in tokens.chunks(META_PAGE) {
+            let mut pipe = redis::pipe();
+            for &token in page {
+                pipe.cmd("XREVRANGE")
+                    .arg(self.log_key(token))
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1);
+                pipe.cmd("HGET").arg(self.meta_key(token)).arg("created");
+            }
+            let replies: Vec<Value> = self
+                .connection
+                .run(|mut connection| {
+                    let pipe = &pipe;
+                    async move { pipe.query_async(&mut connection).await }
+                })
+                .await
+                .map_err(|e| io_error(e, &self.shown))?;
+            for (&token, pair) in page.iter().zip(replies.chunks(2)) {
+                let last = entries(&self.log_key(token), &pair[0])?
+                    .last()
+                    .map(|r| r.time)
+                    .or_else(|| text(&pair[1]).and_then(|t| t.parse().ok()).map(Millis));
+                if last.is_none_or(|last| last < before) {
+                    idle.push(token);
+                }
+            }
+        }
+        Ok(idle)
+    }
+
     /// Runs one command on `connection`.
     async fn query<T: redis::FromRedisValue>(
         &self,
@@ -402,42 +449,47 @@ impl RedisLog {
         .map_err(|e| io_error(e, &self.shown))
     }
 
-    /// The commands of `ops`, in order (the trims last), and the trims
-    /// they write.
-    fn commands(&self, ops: &[LogOp]) -> (Vec<redis::Cmd>, TokenMap<u64>) {
-        let mut commands = Vec::with_capacity(ops.len());
+    /// The pipelines of `ops`: their commands in order (the trims last),
+    /// [`COMMANDS_PER_ROUND_TRIP`] at most in each; and the trims they write.
+    fn pipelines(&self, ops: &[LogOp]) -> (Vec<redis::Pipeline>, TokenMap<u64>) {
+        let mut pipes = Pipelines::default();
         let mut trims = TokenMap::<u64>::default();
+        // One key per stream, not per event.
+        let mut log_keys = TokenMap::<String>::default();
         for op in ops {
             match op {
                 LogOp::Open(meta) => {
                     // The meta before the token: whoever finds the token
                     // finds its meta.
-                    commands.push(
-                        redis::cmd("HSET")
-                            .arg(self.meta_key(meta.token))
-                            .arg("kind")
-                            .arg(meta.kind.as_str())
-                            .arg("target")
-                            .arg(&meta.target)
-                            .arg("identity")
-                            .arg(hex(&meta.identity.to_bytes()))
-                            .arg("created")
-                            .arg(meta.created.as_u64())
-                            .take(),
-                    );
+                    pipes
+                        .next()
+                        .cmd("HSET")
+                        .arg(self.meta_key(meta.token))
+                        .arg("kind")
+                        .arg(meta.kind.as_str())
+                        .arg("target")
+                        .arg(&meta.target)
+                        .arg("identity")
+                        .arg(hex(&meta.identity.to_bytes()))
+                        .arg("created")
+                        .arg(meta.created.as_u64());
                     // A GET stream's meta the fleet agreed on expires
                     // unless the stream is logged.
-                    commands.push(redis::cmd("PERSIST").arg(self.meta_key(meta.token)).take());
-                    commands.push(
-                        redis::cmd("SADD")
-                            .arg(self.streams_key())
-                            .arg(meta.token.to_string())
-                            .take(),
-                    );
+                    pipes.next().cmd("PERSIST").arg(self.meta_key(meta.token));
+                    pipes
+                        .next()
+                        .cmd("SADD")
+                        .arg(self.streams_key())
+                        .arg(meta.token.to_string());
                 }
                 LogOp::Append { token, record } => {
-                    let mut xadd = redis::cmd("XADD");
-                    xadd.arg(self.log_key(*token))
+                    let key = log_keys
+                        .entry(*token)
+                        .or_insert_with(|| self.log_key(*token));
+                    let xadd = pipes
+                        .next()
+                        .cmd("XADD")
+                        .arg(&**key)
                         .arg("MAXLEN")
                         .arg("~")
                         .arg(self.max_len)
@@ -448,33 +500,31 @@ impl RedisLog {
                         xadd.arg("upstream").arg(id);
                     }
                     xadd.arg("frame").arg(record.frame());
-                    commands.push(xadd);
                 }
                 LogOp::Trim { token, first_seq } => {
                     let trim = trims.entry(*token).or_default();
                     *trim = (*trim).max(*first_seq);
                 }
-                LogOp::End { token } => commands.push(
-                    redis::cmd("HSET")
+                LogOp::End { token } => {
+                    pipes
+                        .next()
+                        .cmd("HSET")
                         .arg(self.meta_key(*token))
                         .arg("ended")
-                        .arg(1)
-                        .take(),
-                ),
+                        .arg(1);
+                }
                 LogOp::Drop { token } => {
                     trims.remove(token);
-                    commands.push(
-                        redis::cmd("SREM")
-                            .arg(self.streams_key())
-                            .arg(token.to_string())
-                            .take(),
-                    );
-                    commands.push(
-                        redis::cmd("DEL")
-                            .arg(self.meta_key(*token))
-                            .arg(self.log_key(*token))
-                            .take(),
-                    );
+                    pipes
+                        .next()
+                        .cmd("SREM")
+                        .arg(self.streams_key())
+                        .arg(token.to_string());
+                    pipes
+                        .next()
+                        .cmd("DEL")
+                        .arg(self.meta_key(*token))
+                        .arg(self.log_key(*token));
                 }
             }
         }
@@ -483,15 +533,14 @@ impl RedisLog {
             *first_seq >= last.saturating_add(TRIM_STEP)
         });
         for (token, first_seq) in &trims {
-            commands.push(
-                redis::cmd("XTRIM")
-                    .arg(self.log_key(*token))
-                    .arg("MINID")
-                    .arg(format!("{first_seq}-0"))
-                    .take(),
-            );
+            pipes
+                .next()
+                .cmd("XTRIM")
+                .arg(self.log_key(*token))
+                .arg("MINID")
+                .arg(format!("{first_seq}-0"));
         }
-        (commands, trims)
+        (pipes.finish(), trims)
     }
 
     /// Every stored stream, without its records yet, and the tokens of
@@ -530,7 +579,7 @@ impl RedisLog {
         let mut records: Vec<LogRecord> = Vec::new();
         loop {
             let after = records.last().map_or(0, |r| r.seq);
-            let page = self.read_after(token, after, RECOVER_PAGE)?;
+            let page = smol::block_on(self.read_after(token, after, RECOVER_PAGE))?;
             let full = page.len() == RECOVER_PAGE;
             records.extend(page);
             if !full {
@@ -542,14 +591,9 @@ impl RedisLog {
 
 impl LogStorage for RedisLog {
     fn write(&mut self, ops: &[LogOp]) -> io::Result<()> {
-        let (commands, trims) = self.commands(ops);
-        for part in commands.chunks(COMMANDS_PER_ROUND_TRIP) {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for command in part {
-                pipe.add_command(command.clone());
-            }
-            let replies = self.send(&pipe)?;
+        let (pipes, trims) = self.pipelines(ops);
+        for pipe in &pipes {
+            let replies = self.send(pipe)?;
             for reply in replies {
                 if let Value::ServerError(error) = reply
                     && !is_written_before(error.details())
@@ -613,6 +657,37 @@ impl LogStorage for RedisLog {
 
     fn serves_while_failing(&self) -> bool {
         true
+    }
+}
+
+/// Pipelines being filled, each with at most [`COMMANDS_PER_ROUND_TRIP`]
+/// commands, every command's reply kept, errors included.
+#[derive(Default)]
+struct Pipelines {
+    full: Vec<redis::Pipeline>,
+    current: Option<redis::Pipeline>,
+}
+
+impl Pipelines {
+    /// The pipeline for the next command.
+    fn next(&mut self) -> &mut redis::Pipeline {
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|pipe| pipe.len() >= COMMANDS_PER_ROUND_TRIP)
+        {
+            self.full.extend(self.current.take());
+        }
+        self.current.get_or_insert_with(|| {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            pipe
+        })
+    }
+
+    fn finish(mut self) -> Vec<redis::Pipeline> {
+        self.full.extend(self.current);
+        self.full
     }
 }
 

@@ -5,7 +5,7 @@
 
 use super::fleet;
 use super::hub::{Hub, LoggedStream, Upstream};
-use super::storage::{LogOp, StreamKind};
+use super::storage::LogOp;
 use crate::Lease;
 use crate::{HttpBody, HttpConnector};
 use futures::StreamExt;
@@ -42,26 +42,29 @@ impl Connector for Primed {
 }
 
 /// Appends `batch` to the stream's log and wakes its clients (at once for
-/// a memory log; the writer wakes them once they are durable). `false`
-/// when the stream was ended meanwhile (its MCP session ended) or another
-/// instance of the fleet writes it now: nothing is appended, and the reader
-/// stops.
+/// a memory log, or while a storage that serves while failing fails; the
+/// writer wakes them once they are durable). `false` when the stream was
+/// ended meanwhile (its MCP session ended) or another instance of the fleet
+/// writes it now: nothing is appended, and the reader stops.
 fn append(hub: &Hub, stream: &LoggedStream, batch: &LogBatch) -> bool {
     if batch.is_empty() {
         let state = stream.state();
-        return !state.log.is_ended() && state.writes;
+        return !state.log.is_ended() && (state.writes || state.lapsed);
     }
     let now = hub.clock.now();
     let mut ops = Vec::new();
+    let at_once = hub.shows_at_once();
     let appended = {
         let mut state = stream.state();
         // Ended meanwhile, or (in a fleet) written by another instance now.
-        if state.log.is_ended() || !state.writes {
+        // A writer whose lease lapsed (Redis unreachable) goes on serving
+        // its clients from memory.
+        if state.log.is_ended() || !(state.writes || state.lapsed) {
             return false;
         }
         hub.metrics.events_in(batch.len() as u64);
         let appended = state.log.append_batch(now, batch);
-        if hub.is_durable() {
+        if hub.is_durable() && state.writes {
             let first = appended.seq + 1 - appended.events as u64;
             ops.extend(state.log.since(first).map(|record| LogOp::Append {
                 token: stream.meta.token,
@@ -73,14 +76,17 @@ fn append(hub: &Hub, stream: &LoggedStream, batch: &LogBatch) -> bool {
                     first_seq,
                 });
             }
-        } else {
+        }
+        let at_once = at_once || !state.writes;
+        if at_once {
             state.log.mark_durable(appended.seq);
         }
-        appended
+        (appended, at_once)
     };
+    let (appended, at_once) = appended;
     hub.metrics.log_bytes_add(appended.bytes_delta);
     hub.log_ops(ops);
-    if !hub.is_durable() {
+    if at_once {
         stream.changed.notify(usize::MAX);
     }
     true
@@ -109,8 +115,8 @@ fn push_too_large(batch: &mut LogBatch) {
 /// first), with the request `headers`, until the linger is over or the
 /// upstream gives up.
 ///
-/// In a fleet it holds the stream's `lease` meanwhile, stops when it loses
-/// it, and lets it go at the end.
+/// In a fleet it holds the stream's `lease` meanwhile (see `fleet::hold`),
+/// and lets it go at the end.
 pub(super) async fn follow_get(
     hub: Arc<Hub>,
     stream: Arc<LoggedStream>,
@@ -177,10 +183,6 @@ pub(super) async fn follow_get(
             Either::Left((item, _)) => item,
             Either::Right(((), _)) => continue,
         };
-        if lease.as_ref().is_some_and(|lease| !lease.is_valid()) {
-            // Another instance may be the writer now: append nothing more.
-            break None;
-        }
         match item {
             Ok(StreamItem::Delivered { .. }) => {
                 append(&hub, &stream, &batch);
@@ -235,27 +237,16 @@ pub(super) async fn follow_get(
 
 /// In a fleet, the task that holds a writer's lease (see `fleet::hold`):
 /// a GET follower that loses it stops.
-fn held(hub: &Hub, stream: &Arc<LoggedStream>, lease: Option<Lease>) -> Option<smol::Task<()>> {
-    let fleet = hub.fleet.as_ref()?;
-    let token = stream.meta.token;
-    let stream = stream.clone();
-    let lost = move || {
-        let mut state = stream.state();
-        // Another instance may write it now: what this one still has
-        // queued for the log is dropped (see `hub::fence`).
-        state.writes = false;
-        if stream.meta.kind == StreamKind::Get {
-            state.stop = true;
-            drop(state);
-            stream.stopping.notify(usize::MAX);
-        }
-    };
+fn held(
+    hub: &Arc<Hub>,
+    stream: &Arc<LoggedStream>,
+    lease: Option<Lease>,
+) -> Option<smol::Task<()>> {
+    let fleet = hub.fleet.clone()?;
     let lease = lease?;
-    fleet.holding(token, lease.clone());
-    Some(
-        hub.executor
-            .spawn(fleet::hold(lease, fleet.standby_period(), lost)),
-    )
+    fleet.holding(stream.meta.token, lease.clone());
+    let task = fleet::hold(hub.clone(), fleet, stream.clone(), lease);
+    Some(hub.executor.spawn(task))
 }
 
 /// The writer is done: stops holding its lease and gives it back.
@@ -315,7 +306,7 @@ pub(super) async fn read_post(
     let ended_here = {
         let mut state = stream.state();
         state.upstream = Upstream::Idle;
-        let ended_here = !state.log.is_ended();
+        let ended_here = !state.log.is_ended() && state.writes;
         state.log.end();
         ended_here
     };

@@ -22,9 +22,15 @@ impl Proxy {
     /// Starts `tidemark proxy --upstream upstream --listen 127.0.0.1:0
     /// args...` and waits for its address.
     pub fn start(upstream: &str, args: &[&str]) -> Proxy {
+        Self::start_with_env(upstream, args, &[])
+    }
+
+    /// [`start`](Self::start) with more environment variables.
+    pub fn start_with_env(upstream: &str, args: &[&str], env: &[(&str, &str)]) -> Proxy {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tidemark"))
             .args(["proxy", "--upstream", upstream, "--listen", "127.0.0.1:0"])
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -14,8 +14,10 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
-    /// The persistence flags.
+    /// The flags beyond the port: persistence, TLS.
     persistence: Vec<String>,
+    /// The TLS port, if it has one.
+    tls_port: Option<u16>,
 }
 
 impl RedisServer {
@@ -42,15 +44,39 @@ impl RedisServer {
         ])
     }
 
+    /// Starts a server on a free loopback port that also takes TLS
+    /// connections on another, with the certificate and key in these PEM
+    /// files, without asking clients for certificates.
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> RedisServer {
+        let tls_port = free_port().to_string();
+        let mut server = Self::start_with(&[
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--tls-port",
+            &tls_port,
+            "--tls-cert-file",
+            cert.to_str().expect("a UTF-8 path"),
+            "--tls-key-file",
+            key.to_str().expect("a UTF-8 path"),
+            "--tls-auth-clients",
+            "no",
+        ]);
+        server.tls_port = tls_port.parse().ok();
+        server
+    }
+
+    /// Its `rediss://localhost:PORT/` URL, if it takes TLS connections.
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls_port
+            .map(|port| format!("rediss://localhost:{port}/"))
+    }
+
     fn start_with(persistence: &[&str]) -> RedisServer {
         let persistence: Vec<String> = persistence.iter().map(|&a| a.to_owned()).collect();
         for _ in 0..10 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            if let Some(server) = RedisServer::try_start(port, &persistence) {
+            if let Some(server) = RedisServer::try_start(free_port(), &persistence) {
                 return server;
             }
         }
@@ -77,6 +103,7 @@ impl RedisServer {
                     child: Some(child),
                     port,
                     persistence: persistence.to_vec(),
+                    tls_port: None,
                 });
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -94,6 +121,19 @@ impl RedisServer {
     /// The server's port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Stops (`SIGSTOP`) or continues (`SIGCONT`) the server: stopped, it
+    /// accepts connections (the kernel does) but answers nothing, as a
+    /// server behind a network partition.
+    pub fn pause(&self, paused: bool) {
+        let child = self.child.as_ref().expect("a running server");
+        let signal = if paused { "-STOP" } else { "-CONT" };
+        let sent = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
     }
 
     /// Kills the server (`SIGKILL`; without persistence its data is gone).
@@ -124,6 +164,15 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The `process_id` that the Redis on `port` reports, if one answers.
