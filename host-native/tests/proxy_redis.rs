@@ -12,40 +12,10 @@ mod support {
 
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::http::{Event, Sse, get_sse, proxy_id};
-use support::proxy::{Proxy, scrape};
+use support::http::proxy_id;
+use support::proxy::{Proxy, numbered, open, scrape, seqs, until_cut};
 use support::redis_server::{RedisServer, shared, unique_prefix};
 use support::upstream::{Upstream, wait_until};
-
-/// Opens an event stream through the proxy and checks that it is one.
-fn open(proxy: &Proxy, path: &str, headers: &[(&str, &str)]) -> Sse {
-    let response = get_sse(&proxy.addr, path, headers);
-    assert_eq!(response.status, 200, "GET {path}: {response:?}");
-    assert!(response.is_sse(), "GET {path}: {response:?}");
-    response.sse()
-}
-
-/// `(seq, data)` of each event, checking that all carry `token`.
-fn seqs(events: &[Event], token: &str) -> Vec<(u64, String)> {
-    events
-        .iter()
-        .map(|e| {
-            let (t, seq) = proxy_id(e.id());
-            assert_eq!(t, token, "an event of another stream: {e:?}");
-            (seq, e.data.clone())
-        })
-        .collect()
-}
-
-/// `(k, "k")` for each `k` in `range`.
-fn numbered(range: std::ops::RangeInclusive<u64>) -> Vec<(u64, String)> {
-    range.map(|k| (k, k.to_string())).collect()
-}
-
-/// Reads until the stream ends or fails (a killed proxy).
-fn until_cut(sse: &mut Sse) {
-    while let Ok(Some(_)) = sse.try_item() {}
-}
 
 /// How many events Redis holds for `token` under `prefix`.
 fn stored(url: &str, prefix: &str, token: &str) -> u64 {
