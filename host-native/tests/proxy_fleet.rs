@@ -38,6 +38,10 @@ fn instance(upstream: &Upstream, redis_url: &str, prefix: &str, extra: &[&str]) 
     Proxy::start(&upstream.url(), &args)
 }
 
+/// Streams that expire a second after their last event, and GET streams
+/// let go as soon as their last client here leaves.
+const SHORT_LIVED: [&str; 4] = ["--retain-secs", "1", "--linger-secs", "0"];
+
 /// A client of the feed that remembers what it got and can move.
 struct Client {
     sse: Option<Sse>,
@@ -337,14 +341,7 @@ fn a_get_stream_dropped_by_retention_is_opened_anew_with_a_new_token_never_the_o
     let redis = RedisServer::start();
     let upstream = Upstream::start();
     let url = redis.url();
-    let extra = [
-        "--lease-ms",
-        "1000",
-        "--retain-secs",
-        "1",
-        "--linger-secs",
-        "0",
-    ];
+    let extra = SHORT_LIVED;
     let prefix = "drop:";
     let a = instance(&upstream, &url, prefix, &extra);
     let b = instance(&upstream, &url, prefix, &extra);
@@ -416,14 +413,7 @@ fn an_instance_that_let_a_stream_go_never_drops_it_while_another_writes_it() {
     let redis = RedisServer::start();
     let upstream = Upstream::start();
     let url = redis.url();
-    let extra = [
-        "--lease-ms",
-        "1000",
-        "--retain-secs",
-        "1",
-        "--linger-secs",
-        "0",
-    ];
+    let extra = SHORT_LIVED;
     let prefix = "handover:";
     let a = instance(&upstream, &url, prefix, &extra);
     let b = instance(&upstream, &url, prefix, &extra);

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use support::http::proxy_id;
 use support::proxy::{Proxy, numbered, open, scrape, seqs, until_cut};
 use support::redis_server::{RedisServer, shared, unique_prefix};
-use support::upstream::{Upstream, wait_until};
+use support::upstream::{Upstream, kill_9_mid_stream_and_resume, wait_until};
 
 /// How many events Redis holds for `token` under `prefix`.
 fn stored(url: &str, prefix: &str, token: &str) -> u64 {
@@ -39,32 +39,11 @@ fn kill_9_with_a_redis_log_loses_nothing_a_client_saw() {
     let prefix = unique_prefix("proxy-kill");
     let upstream = Upstream::start();
     let args = ["--log", &url, "--redis-prefix", &prefix];
-    let mut proxy = Proxy::start(&upstream.url(), &args);
+    let proxy = kill_9_mid_stream_and_resume(&upstream, &args, |token, n| {
+        assert_eq!(stored(&url, &prefix, token), n, "written before shown");
+    });
     let line = proxy.stderr_line("tidemark: proxy on");
     assert!(line.ends_with(&format!("(log: {url})")), "{line}");
-    let mut client = open(&proxy, "/live", &[]);
-    upstream.wait_live_requests(1);
-    upstream.emit(30);
-    let seen = client.events(30);
-    let token = proxy_id(seen[0].id()).0;
-    assert_eq!(seqs(&seen, &token), numbered(1..=30));
-    assert_eq!(stored(&url, &prefix, &token), 30, "written before shown");
-
-    proxy.kill9(); // mid-stream: the stream and its upstream are open
-    until_cut(&mut client);
-    let proxy = Proxy::start(&upstream.url(), &args);
-    let last_seen = format!("{token}-30");
-    let mut resumed = open(&proxy, "/live", &[("Last-Event-ID", &last_seen)]);
-    let early_id = format!("{token}-5");
-    let mut early = open(&proxy, "/live", &[("Last-Event-ID", &early_id)]);
-    assert_eq!(seqs(&early.events(25), &token), numbered(6..=30));
-    // The restarted proxy follows the upstream again (it resumes after the
-    // stored upstream id); new events continue the stream's ids.
-    upstream.wait_live_requests(2);
-    upstream.emit(30);
-    assert_eq!(seqs(&resumed.events(30), &token), numbered(31..=60));
-    assert_eq!(seqs(&early.events(30), &token), numbered(31..=60));
-    assert_eq!(stored(&url, &prefix, &token), 60);
 }
 
 #[test]
