@@ -11,39 +11,8 @@ mod support {
 
 use std::time::{Duration, Instant};
 use support::http::{self, Event, Item, Sse, get, get_sse, proxy_id, request};
-use support::proxy::{Proxy, scrape};
-use support::upstream::{Upstream, blob, wait_until};
-
-/// Opens an event stream through the proxy and checks that it is one.
-fn open(proxy: &Proxy, path: &str, headers: &[(&str, &str)]) -> Sse {
-    let response = get_sse(&proxy.addr, path, headers);
-    assert_eq!(response.status, 200, "GET {path}: {response:?}");
-    assert!(response.is_sse(), "GET {path}: {response:?}");
-    response.sse()
-}
-
-/// `(seq, data)` of each event, checking that all carry `token`.
-fn seqs(events: &[Event], token: &str) -> Vec<(u64, String)> {
-    events
-        .iter()
-        .map(|e| {
-            let (t, seq) = proxy_id(e.id());
-            assert_eq!(t, token, "an event of another stream: {e:?}");
-            (seq, e.data.clone())
-        })
-        .collect()
-}
-
-/// `(k, "k")` for each `k` in `range`: a live-feed event the proxy
-/// numbered as the upstream did.
-fn numbered(range: std::ops::RangeInclusive<u64>) -> Vec<(u64, String)> {
-    range.map(|k| (k, k.to_string())).collect()
-}
-
-/// The token of a stream whose first event the test just read.
-fn token_of(event: &Event) -> String {
-    proxy_id(event.id()).0
-}
+use support::proxy::{Proxy, numbered, open, scrape, seqs, token_of, tokens, until_cut};
+use support::upstream::{Upstream, blob, kill_9_mid_stream_and_resume, wait_until};
 
 /// A gap signal's JSON.
 fn gap(event: &Event) -> serde_json::Value {
@@ -397,11 +366,6 @@ fn location_token(location: &str) -> &str {
     token
 }
 
-/// `(seq, data)` of chat events `range`, as the upstream sent them.
-fn tokens(range: std::ops::RangeInclusive<u64>) -> Vec<(u64, String)> {
-    range.map(|i| (i, format!("{{\"i\":{i}}}"))).collect()
-}
-
 #[test]
 fn a_post_stream_resumes_at_its_content_location_then_answers_204() {
     let upstream = Upstream::start();
@@ -463,39 +427,12 @@ fn a_post_stream_resumes_at_its_content_location_then_answers_204() {
     assert_eq!(posts[0].header("content-type"), Some("application/json"));
 }
 
-/// Reads until the stream ends or fails (a killed proxy).
-fn until_cut(sse: &mut Sse) {
-    while let Ok(Some(_)) = sse.try_item() {}
-}
-
 #[test]
 fn kill_9_with_a_log_dir_loses_nothing_a_client_saw() {
     let upstream = Upstream::start();
     let dir = tempfile::tempdir().unwrap();
     let args = ["--log", dir.path().to_str().unwrap()];
-    let mut proxy = Proxy::start(&upstream.url(), &args);
-    let mut client = open(&proxy, "/live", &[]);
-    upstream.wait_live_requests(1);
-    upstream.emit(30);
-    let seen = client.events(30);
-    let token = token_of(&seen[0]);
-    assert_eq!(seqs(&seen, &token), numbered(1..=30));
-
-    proxy.kill9(); // mid-stream: the stream and its upstream are open
-    until_cut(&mut client);
-    let proxy = Proxy::start(&upstream.url(), &args);
-    let last_seen = format!("{token}-30");
-    let mut resumed = open(&proxy, "/live", &[("Last-Event-ID", &last_seen)]);
-    let early_id = format!("{token}-5");
-    let mut early = open(&proxy, "/live", &[("Last-Event-ID", &early_id)]);
-    // What the client saw before the kill is all still there.
-    assert_eq!(seqs(&early.events(25), &token), numbered(6..=30));
-    // The restarted proxy follows the upstream again; new events continue
-    // the stream's ids, with no gap signal and nothing repeated.
-    upstream.wait_live_requests(2);
-    upstream.emit(30);
-    assert_eq!(seqs(&resumed.events(30), &token), numbered(31..=60));
-    assert_eq!(seqs(&early.events(30), &token), numbered(31..=60));
+    kill_9_mid_stream_and_resume(&upstream, &args, |_, _| {});
 }
 
 #[test]

@@ -15,7 +15,7 @@ mod support {
 
 use std::time::{Duration, Instant};
 use support::http::{Event, Sse, get_sse, proxy_id};
-use support::proxy::{Proxy, scrape};
+use support::proxy::{Proxy, scrape, seqs, tokens};
 use support::redis_server::RedisServer;
 use support::upstream::{Upstream, wait_until};
 
@@ -23,20 +23,24 @@ use support::upstream::{Upstream, wait_until};
 const FEED: &str = "/replay?drop=1000000&count=100000";
 
 fn fleet_proxy(upstream: &Upstream, redis: &RedisServer, prefix: &str) -> Proxy {
-    Proxy::start(
-        &upstream.url(),
-        &[
-            "--log",
-            &redis.url(),
-            "--redis-prefix",
-            prefix,
-            "--lease-ms",
-            "1000",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ],
-    )
+    instance(upstream, &redis.url(), prefix, &[])
 }
+
+/// An instance of the fleet on the Redis at `redis_url` with `prefix`, a
+/// 1 s lease unless `extra` says otherwise, metrics on a port of its own.
+fn instance(upstream: &Upstream, redis_url: &str, prefix: &str, extra: &[&str]) -> Proxy {
+    let mut args = vec!["--log", redis_url, "--redis-prefix", prefix];
+    if !extra.contains(&"--lease-ms") {
+        args.extend(["--lease-ms", "1000"]);
+    }
+    args.extend(["--metrics-listen", "127.0.0.1:0"]);
+    args.extend_from_slice(extra);
+    Proxy::start(&upstream.url(), &args)
+}
+
+/// Streams that expire a second after their last event, and GET streams
+/// let go as soon as their last client here leaves.
+const SHORT_LIVED: [&str; 4] = ["--retain-secs", "1", "--linger-secs", "0"];
 
 /// A client of the feed that remembers what it got and can move.
 struct Client {
@@ -215,22 +219,6 @@ fn three_instances_on_redis_every_client_gets_every_event_once_through_moves_a_k
     }
 }
 
-/// `(seq, data)` of chat events `range`, as the upstream sent them.
-fn tokens(range: std::ops::RangeInclusive<u64>) -> Vec<(u64, String)> {
-    range.map(|i| (i, format!("{{\"i\":{i}}}"))).collect()
-}
-
-fn seqs(events: &[Event], token: &str) -> Vec<(u64, String)> {
-    events
-        .iter()
-        .map(|e| {
-            let (t, seq) = proxy_id(e.id());
-            assert_eq!(t, token, "an event of another stream: {e:?}");
-            (seq, e.data.clone())
-        })
-        .collect()
-}
-
 /// A POST answered with a stream, through `proxy`: its Content-Location
 /// and the stream.
 fn post(proxy: &Proxy, path: &str) -> (String, Sse) {
@@ -353,22 +341,10 @@ fn a_get_stream_dropped_by_retention_is_opened_anew_with_a_new_token_never_the_o
     let redis = RedisServer::start();
     let upstream = Upstream::start();
     let url = redis.url();
-    let args = [
-        "--log",
-        &url,
-        "--redis-prefix",
-        "drop:",
-        "--lease-ms",
-        "1000",
-        "--retain-secs",
-        "1",
-        "--linger-secs",
-        "0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ];
-    let a = Proxy::start(&upstream.url(), &args);
-    let b = Proxy::start(&upstream.url(), &args);
+    let extra = SHORT_LIVED;
+    let prefix = "drop:";
+    let a = instance(&upstream, &url, prefix, &extra);
+    let b = instance(&upstream, &url, prefix, &extra);
     let mut first = get_sse(&a.addr, "/live", &[]).sse();
     upstream.wait_live_open(1);
     upstream.emit(2);
@@ -407,20 +383,12 @@ fn a_get_stream_dropped_by_retention_is_opened_anew_with_a_new_token_never_the_o
 fn an_instance_stopped_with_sigterm_hands_its_streams_over_at_once() {
     let redis = RedisServer::start();
     let upstream = Upstream::start();
-    let url = redis.url();
     // A lease of 30 s: a takeover within seconds can only be a handover.
-    let args = [
-        "--log",
-        &url,
-        "--redis-prefix",
-        "term:",
-        "--lease-ms",
-        "30000",
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ];
-    let mut a = Proxy::start(&upstream.url(), &args);
-    let b = Proxy::start(&upstream.url(), &args);
+    let url = redis.url();
+    let extra = ["--lease-ms", "30000"];
+    let prefix = "term:";
+    let mut a = instance(&upstream, &url, prefix, &extra);
+    let b = instance(&upstream, &url, prefix, &extra);
     let mut on_a = get_sse(&a.addr, FEED, &[]).sse();
     let mut on_b = get_sse(&b.addr, FEED, &[]).sse();
     on_b.set_timeout(Duration::from_secs(20));
@@ -445,23 +413,11 @@ fn an_instance_that_let_a_stream_go_never_drops_it_while_another_writes_it() {
     let redis = RedisServer::start();
     let upstream = Upstream::start();
     let url = redis.url();
-    let args = [
-        "--log",
-        &url,
-        "--redis-prefix",
-        "handover:",
-        "--lease-ms",
-        "1000",
-        "--retain-secs",
-        "1",
-        "--linger-secs",
-        "0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ];
-    let a = Proxy::start(&upstream.url(), &args);
-    let b = Proxy::start(&upstream.url(), &args);
-    let c = Proxy::start(&upstream.url(), &args);
+    let extra = SHORT_LIVED;
+    let prefix = "handover:";
+    let a = instance(&upstream, &url, prefix, &extra);
+    let b = instance(&upstream, &url, prefix, &extra);
+    let c = instance(&upstream, &url, prefix, &extra);
     let on_a = get_sse(&a.addr, FEED, &[]).sse();
     let mut on_b = get_sse(&b.addr, FEED, &[]).sse();
     on_b.set_timeout(Duration::from_secs(20));
@@ -565,26 +521,7 @@ fn a_writer_cut_off_from_redis_that_lost_its_lease_never_writes_its_backlog_into
             .to_owned(),
     );
     let upstream = Upstream::start();
-    let args = |url: &str| {
-        [
-            "--log",
-            url,
-            "--redis-prefix",
-            "fence:",
-            "--lease-ms",
-            "1000",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ]
-        .map(str::to_owned)
-    };
-    let start = |url: &str| {
-        let args = args(url);
-        Proxy::start(
-            &upstream.url(),
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        )
-    };
+    let start = |url: &str| instance(&upstream, url, "fence:", &[]);
     let a = start(&partition.url());
     let b = start(&redis.url());
     let c = start(&redis.url());
@@ -640,20 +577,10 @@ fn the_streams_of_an_instance_that_died_are_dropped_from_redis_by_the_others_aft
     let redis = RedisServer::start();
     let upstream = Upstream::start();
     let url = redis.url();
-    let args = [
-        "--log",
-        &url,
-        "--redis-prefix",
-        "janitor:",
-        "--lease-ms",
-        "1000",
-        "--retain-secs",
-        "1",
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ];
-    let mut a = Proxy::start(&upstream.url(), &args);
-    let _b = Proxy::start(&upstream.url(), &args);
+    let extra = ["--lease-ms", "1000", "--retain-secs", "1"];
+    let prefix = "janitor:";
+    let mut a = instance(&upstream, &url, prefix, &extra);
+    let _b = instance(&upstream, &url, prefix, &extra);
     let (_, mut answer) = post(&a, "/chat?tokens=3");
     let token = proxy_id(answer.rest()[0].id()).0;
     let mut connection = redis::Client::open(url.as_str())

@@ -14,7 +14,7 @@ mod support {
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use support::http::{Event, Item, Sse, get_sse, proxy_id, request};
-use support::proxy::Proxy;
+use support::proxy::{Proxy, seqs, token_of, tokens};
 use support::upstream::{Upstream, wait_until};
 
 const SESSION_A: (&str, &str) = ("Mcp-Session-Id", "session-a");
@@ -44,27 +44,6 @@ fn call(proxy: &Proxy, query: &str, headers: &[(&str, &str)]) -> (Sse, String) {
         .unwrap_or_else(|| panic!("a logged stream has a Content-Location: {answer:?}"))
         .to_owned();
     (answer.sse(), location)
-}
-
-/// `(seq, data)` of each event, checking that all are of `token`.
-fn seqs(events: &[Event], token: &str) -> Vec<(u64, String)> {
-    events
-        .iter()
-        .map(|e| {
-            let (t, seq) = proxy_id(e.id());
-            assert_eq!(t, token, "an event of another stream: {e:?}");
-            (seq, e.data.clone())
-        })
-        .collect()
-}
-
-/// `(seq, data)` of the upstream's answer events `range`.
-fn tokens(range: std::ops::RangeInclusive<u64>) -> Vec<(u64, String)> {
-    range.map(|i| (i, format!("{{\"i\":{i}}}"))).collect()
-}
-
-fn token_of(event: &Event) -> String {
-    proxy_id(event.id()).0
 }
 
 fn answer_done(upstream: &Upstream, n: u64) {

@@ -12,40 +12,10 @@ mod support {
 
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::http::{Event, Sse, get_sse, proxy_id};
-use support::proxy::{Proxy, scrape};
+use support::http::proxy_id;
+use support::proxy::{Proxy, numbered, open, scrape, seqs, until_cut};
 use support::redis_server::{RedisServer, shared, unique_prefix};
-use support::upstream::{Upstream, wait_until};
-
-/// Opens an event stream through the proxy and checks that it is one.
-fn open(proxy: &Proxy, path: &str, headers: &[(&str, &str)]) -> Sse {
-    let response = get_sse(&proxy.addr, path, headers);
-    assert_eq!(response.status, 200, "GET {path}: {response:?}");
-    assert!(response.is_sse(), "GET {path}: {response:?}");
-    response.sse()
-}
-
-/// `(seq, data)` of each event, checking that all carry `token`.
-fn seqs(events: &[Event], token: &str) -> Vec<(u64, String)> {
-    events
-        .iter()
-        .map(|e| {
-            let (t, seq) = proxy_id(e.id());
-            assert_eq!(t, token, "an event of another stream: {e:?}");
-            (seq, e.data.clone())
-        })
-        .collect()
-}
-
-/// `(k, "k")` for each `k` in `range`.
-fn numbered(range: std::ops::RangeInclusive<u64>) -> Vec<(u64, String)> {
-    range.map(|k| (k, k.to_string())).collect()
-}
-
-/// Reads until the stream ends or fails (a killed proxy).
-fn until_cut(sse: &mut Sse) {
-    while let Ok(Some(_)) = sse.try_item() {}
-}
+use support::upstream::{Upstream, kill_9_mid_stream_and_resume, wait_until};
 
 /// How many events Redis holds for `token` under `prefix`.
 fn stored(url: &str, prefix: &str, token: &str) -> u64 {
@@ -69,32 +39,11 @@ fn kill_9_with_a_redis_log_loses_nothing_a_client_saw() {
     let prefix = unique_prefix("proxy-kill");
     let upstream = Upstream::start();
     let args = ["--log", &url, "--redis-prefix", &prefix];
-    let mut proxy = Proxy::start(&upstream.url(), &args);
+    let proxy = kill_9_mid_stream_and_resume(&upstream, &args, |token, n| {
+        assert_eq!(stored(&url, &prefix, token), n, "written before shown");
+    });
     let line = proxy.stderr_line("tidemark: proxy on");
     assert!(line.ends_with(&format!("(log: {url})")), "{line}");
-    let mut client = open(&proxy, "/live", &[]);
-    upstream.wait_live_requests(1);
-    upstream.emit(30);
-    let seen = client.events(30);
-    let token = proxy_id(seen[0].id()).0;
-    assert_eq!(seqs(&seen, &token), numbered(1..=30));
-    assert_eq!(stored(&url, &prefix, &token), 30, "written before shown");
-
-    proxy.kill9(); // mid-stream: the stream and its upstream are open
-    until_cut(&mut client);
-    let proxy = Proxy::start(&upstream.url(), &args);
-    let last_seen = format!("{token}-30");
-    let mut resumed = open(&proxy, "/live", &[("Last-Event-ID", &last_seen)]);
-    let early_id = format!("{token}-5");
-    let mut early = open(&proxy, "/live", &[("Last-Event-ID", &early_id)]);
-    assert_eq!(seqs(&early.events(25), &token), numbered(6..=30));
-    // The restarted proxy follows the upstream again (it resumes after the
-    // stored upstream id); new events continue the stream's ids.
-    upstream.wait_live_requests(2);
-    upstream.emit(30);
-    assert_eq!(seqs(&resumed.events(30), &token), numbered(31..=60));
-    assert_eq!(seqs(&early.events(30), &token), numbered(31..=60));
-    assert_eq!(stored(&url, &prefix, &token), 60);
 }
 
 #[test]

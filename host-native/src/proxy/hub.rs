@@ -93,6 +93,36 @@ pub(super) struct LoggedStream {
 }
 
 impl LoggedStream {
+    /// A stream of `meta` shared by `key` with `log`, idle, without
+    /// clients, as of `now`; `stored` and `writes` as in [`StreamState`].
+    fn new(
+        meta: StreamMeta,
+        key: Option<GetKey>,
+        log: ReplayLog,
+        now: Millis,
+        stored: bool,
+        writes: bool,
+    ) -> Arc<Self> {
+        Arc::new(LoggedStream {
+            meta,
+            key,
+            headers: Mutex::new(default_headers()),
+            state: Mutex::new(StreamState {
+                log,
+                clients: 0,
+                left_at: now,
+                upstream: Upstream::Idle,
+                stop: false,
+                stored,
+                writes,
+                lapsed: false,
+                stored_upto: 0,
+            }),
+            changed: Event::new(),
+            stopping: Event::new(),
+        })
+    }
+
     /// The headers every client of the stream gets.
     pub fn headers(&self) -> HeaderMap {
         self.headers
@@ -236,24 +266,7 @@ impl Hub {
             }
             streams.by_token.insert(
                 token,
-                Arc::new(LoggedStream {
-                    meta: stored.meta,
-                    key,
-                    headers: Mutex::new(default_headers()),
-                    state: Mutex::new(StreamState {
-                        log,
-                        clients: 0,
-                        left_at: now,
-                        upstream: Upstream::Idle,
-                        stop: false,
-                        stored: true,
-                        writes: true,
-                        lapsed: false,
-                        stored_upto: 0,
-                    }),
-                    changed: Event::new(),
-                    stopping: Event::new(),
-                }),
+                LoggedStream::new(stored.meta, key, log, now, true, true),
             );
         }
         ended
@@ -330,24 +343,8 @@ impl Hub {
         if let Some(key) = &key {
             streams.gets.insert(key.clone(), token);
         }
-        let stream = Arc::new(LoggedStream {
-            meta: stored.meta,
-            key,
-            headers: Mutex::new(default_headers()),
-            state: Mutex::new(StreamState {
-                log,
-                clients: 0,
-                left_at: now,
-                upstream: Upstream::Idle,
-                stop: false,
-                stored: true,
-                writes: false,
-                lapsed: false,
-                stored_upto,
-            }),
-            changed: Event::new(),
-            stopping: Event::new(),
-        });
+        let stream = LoggedStream::new(stored.meta, key, log, now, true, false);
+        stream.state().stored_upto = stored_upto;
         streams.by_token.insert(token, stream.clone());
         stream
     }
@@ -444,30 +441,15 @@ impl Hub {
                 }
             }
         });
-        let stream = Arc::new(LoggedStream {
-            meta: StreamMeta {
-                token,
-                kind,
-                target,
-                identity,
-                created: now,
-            },
-            key,
-            headers: Mutex::new(default_headers()),
-            state: Mutex::new(StreamState {
-                log: ReplayLog::new(token, self.config.retention, now),
-                clients: 0,
-                left_at: now,
-                upstream: Upstream::Idle,
-                stop: false,
-                stored: kind == StreamKind::Post,
-                writes: true,
-                lapsed: false,
-                stored_upto: 0,
-            }),
-            changed: Event::new(),
-            stopping: Event::new(),
-        });
+        let meta = StreamMeta {
+            token,
+            kind,
+            target,
+            identity,
+            created: now,
+        };
+        let log = ReplayLog::new(token, self.config.retention, now);
+        let stream = LoggedStream::new(meta, key, log, now, kind == StreamKind::Post, true);
         streams.by_token.insert(token, stream.clone());
         Ok(stream)
     }

@@ -328,15 +328,7 @@ impl RedisLog {
         for &token in tokens {
             pipe.cmd("HEXISTS").arg(self.meta_key(token)).arg("ended");
         }
-        let replies: Vec<bool> = self
-            .connection
-            .run(|mut connection| {
-                let pipe = &pipe;
-                async move { pipe.query_async(&mut connection).await }
-            })
-            .await
-            .map_err(|e| io_error(e, &self.shown))?;
-        Ok(replies)
+        self.query_pipe(&pipe).await
     }
 
     /// The key naming the token of the GET stream whose keyed hash is
@@ -406,14 +398,7 @@ impl RedisLog {
                     .arg(1);
                 pipe.cmd("HGET").arg(self.meta_key(token)).arg("created");
             }
-            let replies: Vec<Value> = self
-                .connection
-                .run(|mut connection| {
-                    let pipe = &pipe;
-                    async move { pipe.query_async(&mut connection).await }
-                })
-                .await
-                .map_err(|e| io_error(e, &self.shown))?;
+            let replies: Vec<Value> = self.query_pipe(&pipe).await?;
             for (&token, pair) in page.iter().zip(replies.chunks(2)) {
                 let last = entries(&self.log_key(token), &pair[0])?
                     .last()
@@ -425,6 +410,14 @@ impl RedisLog {
             }
         }
         Ok(idle)
+    }
+
+    /// Sends `pipe` on the shared connection.
+    async fn query_pipe<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> io::Result<T> {
+        self.connection
+            .run(|mut connection| async move { pipe.query_async(&mut connection).await })
+            .await
+            .map_err(|e| io_error(e, &self.shown))
     }
 
     /// Runs one command on `connection`.
@@ -442,11 +435,7 @@ impl RedisLog {
     /// Sends `pipe`, blocking, and gives each command's reply, server
     /// errors included.
     fn send(&self, pipe: &redis::Pipeline) -> io::Result<Vec<Value>> {
-        smol::block_on(
-            self.connection
-                .run(|mut connection| async move { pipe.query_async(&mut connection).await }),
-        )
-        .map_err(|e| io_error(e, &self.shown))
+        smol::block_on(self.query_pipe(pipe))
     }
 
     /// The pipelines of `ops`: their commands in order (the trims last),
@@ -646,11 +635,7 @@ impl LogStorage for RedisLog {
             .ignore()
             .cmd("GET")
             .arg(&key);
-        let (stored,): (Option<String>,) = smol::block_on(self.connection.run(|mut connection| {
-            let pipe = &pipe;
-            async move { pipe.query_async(&mut connection).await }
-        }))
-        .map_err(|e| io_error(e, &self.shown))?;
+        let (stored,): (Option<String>,) = smol::block_on(self.query_pipe(&pipe))?;
         let stored = stored.ok_or_else(|| corrupt(&key, "it vanished right after SET NX"))?;
         unhex::<32>(&stored).ok_or_else(|| corrupt(&key, "not 64 hex digits"))
     }

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // each test binary uses its own part
 
+use super::http::{Event, Sse, get_sse, proxy_id};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -171,4 +172,46 @@ pub fn scrape(addr: &str) -> HashMap<String, f64> {
             Some((name.trim().to_owned(), value.trim().parse().ok()?))
         })
         .collect()
+}
+
+/// Opens an event stream through the proxy and checks that it is one.
+pub fn open(proxy: &Proxy, path: &str, headers: &[(&str, &str)]) -> Sse {
+    let response = get_sse(&proxy.addr, path, headers);
+    assert_eq!(response.status, 200, "GET {path}: {response:?}");
+    assert!(response.is_sse(), "GET {path}: {response:?}");
+    response.sse()
+}
+
+/// `(seq, data)` of each event, checking that all carry `token`.
+pub fn seqs(events: &[Event], token: &str) -> Vec<(u64, String)> {
+    events
+        .iter()
+        .map(|e| {
+            let (t, seq) = proxy_id(e.id());
+            assert_eq!(t, token, "an event of another stream: {e:?}");
+            (seq, e.data.clone())
+        })
+        .collect()
+}
+
+/// `(k, "k")` for each `k` in `range`: a live-feed event the proxy
+/// numbered as the upstream did.
+pub fn numbered(range: std::ops::RangeInclusive<u64>) -> Vec<(u64, String)> {
+    range.map(|k| (k, k.to_string())).collect()
+}
+
+/// `(seq, data)` of the test upstream's chat events `range`, as it sent
+/// them.
+pub fn tokens(range: std::ops::RangeInclusive<u64>) -> Vec<(u64, String)> {
+    range.map(|i| (i, format!("{{\"i\":{i}}}"))).collect()
+}
+
+/// The token of a stream whose event the test just read.
+pub fn token_of(event: &Event) -> String {
+    proxy_id(event.id()).0
+}
+
+/// Reads until the stream ends or fails (a killed proxy).
+pub fn until_cut(sse: &mut Sse) {
+    while let Ok(Some(_)) = sse.try_item() {}
 }

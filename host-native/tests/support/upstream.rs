@@ -595,3 +595,45 @@ impl State {
         self.released.get()
     }
 }
+
+/// The `kill -9` scenario of a proxy with a durable log (`args` say which):
+/// a client reads 30 live events, the proxy is killed mid-stream and started
+/// again with `args`; a client resuming after the last event it saw and one
+/// resuming from the 5th get everything from there, and the stream goes on
+/// with the same ids. `written` is called with the stream's token after the
+/// first 30 events and after the last (for the log's own checks). The
+/// restarted proxy, for more checks.
+pub fn kill_9_mid_stream_and_resume(
+    upstream: &Upstream,
+    args: &[&str],
+    mut written: impl FnMut(&str, u64),
+) -> super::proxy::Proxy {
+    use super::proxy::{Proxy, numbered, open, seqs, token_of, until_cut};
+    let mut proxy = Proxy::start(&upstream.url(), args);
+    let mut client = open(&proxy, "/live", &[]);
+    upstream.wait_live_requests(1);
+    upstream.emit(30);
+    let seen = client.events(30);
+    let token = token_of(&seen[0]);
+    assert_eq!(seqs(&seen, &token), numbered(1..=30));
+    written(&token, 30);
+
+    proxy.kill9(); // mid-stream: the stream and its upstream are open
+    until_cut(&mut client);
+    let proxy = Proxy::start(&upstream.url(), args);
+    let last_seen = format!("{token}-30");
+    let mut resumed = open(&proxy, "/live", &[("Last-Event-ID", &last_seen)]);
+    let early_id = format!("{token}-5");
+    let mut early = open(&proxy, "/live", &[("Last-Event-ID", &early_id)]);
+    // What the client saw before the kill is all still there.
+    assert_eq!(seqs(&early.events(25), &token), numbered(6..=30));
+    // The restarted proxy follows the upstream again (it resumes after the
+    // stored upstream id); new events continue the stream's ids, with no
+    // gap signal and nothing repeated.
+    upstream.wait_live_requests(2);
+    upstream.emit(30);
+    assert_eq!(seqs(&resumed.events(30), &token), numbered(31..=60));
+    assert_eq!(seqs(&early.events(30), &token), numbered(31..=60));
+    written(&token, 60);
+    proxy
+}
