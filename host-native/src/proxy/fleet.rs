@@ -61,9 +61,6 @@ const TAIL_BLOCK: Duration = Duration::from_millis(200);
 /// How often the tail task asks whether idle mirrored streams ended.
 const ENDED_CHECK: Millis = Millis(500);
 
-/// Entries one catch-up read takes.
-const CATCH_UP_PAGE: usize = 1000;
-
 /// The fleet's shared parts: the log's reads, the leases, the mirrors.
 #[derive(Debug)]
 pub(super) struct Fleet {
@@ -130,24 +127,16 @@ impl Fleet {
     /// Appends to `stream`'s log whatever Redis has after it; `Ok` once it
     /// has all Redis had.
     pub async fn catch_up(&self, stream: &LoggedStream) -> io::Result<()> {
-        loop {
-            let after = stream.state().log.next_seq() - 1;
-            let page = self
-                .redis
-                .read_after_async(stream.meta.token, after, CATCH_UP_PAGE)
-                .await?;
-            let full = page.len() == CATCH_UP_PAGE;
-            {
-                let mut state = stream.state();
-                for record in page {
-                    state.log.append_stored(record);
-                }
-            }
-            stream.changed.notify(usize::MAX);
-            if !full {
-                return Ok(());
+        let after = stream.state().log.next_seq() - 1;
+        let records = self.redis.read_all_after(stream.meta.token, after).await?;
+        {
+            let mut state = stream.state();
+            for record in records {
+                state.log.append_stored(record);
             }
         }
+        stream.changed.notify(usize::MAX);
+        Ok(())
     }
 
     fn lock_held(&self) -> std::sync::MutexGuard<'_, TokenMap<Lease>> {
@@ -454,27 +443,19 @@ impl Fleet {
     async fn reconcile(&self, hub: &Hub, stream: &LoggedStream) -> io::Result<bool> {
         let token = stream.meta.token;
         let mut last = stream.state().stored_upto;
-        loop {
-            let page = self
-                .redis
-                .read_after_async(token, last, CATCH_UP_PAGE)
-                .await?;
-            let full = page.len() == CATCH_UP_PAGE;
-            {
-                let state = stream.state();
-                for record in &page {
-                    let ours =
-                        state.log.since(record.seq).next().is_some_and(|own| {
-                            own.seq == record.seq && own.frame() == record.frame()
-                        });
-                    if !ours {
-                        return Ok(false);
-                    }
-                    last = record.seq;
+        let theirs = self.redis.read_all_after(token, last).await?;
+        {
+            let state = stream.state();
+            for record in &theirs {
+                let ours = state
+                    .log
+                    .since(record.seq)
+                    .next()
+                    .is_some_and(|own| own.seq == record.seq && own.frame() == record.frame());
+                if !ours {
+                    return Ok(false);
                 }
-            }
-            if !full {
-                break;
+                last = record.seq;
             }
         }
         let ops = {

@@ -206,16 +206,6 @@ impl RedisLog {
         after_seq: u64,
         count: usize,
     ) -> io::Result<Vec<LogRecord>> {
-        smol::block_on(self.read_after_async(token, after_seq, count))
-    }
-
-    /// [`read_after`](Self::read_after), on a task.
-    pub(super) async fn read_after_async(
-        &self,
-        token: StreamToken,
-        after_seq: u64,
-        count: usize,
-    ) -> io::Result<Vec<LogRecord>> {
         let key = self.log_key(token);
         let xrange = redis::cmd("XRANGE")
             .arg(&key)
@@ -228,6 +218,25 @@ impl RedisLog {
         entries(&key, &reply)
     }
 
+    /// Every event of `token` after `after_seq`, oldest first, read in
+    /// pages.
+    pub(super) async fn read_all_after(
+        &self,
+        token: StreamToken,
+        after_seq: u64,
+    ) -> io::Result<Vec<LogRecord>> {
+        let mut records: Vec<LogRecord> = Vec::new();
+        loop {
+            let after = records.last().map_or(after_seq, |r| r.seq);
+            let page = self.read_after(token, after, RECOVER_PAGE).await?;
+            let full = page.len() == RECOVER_PAGE;
+            records.extend(page);
+            if !full {
+                return Ok(records);
+            }
+        }
+    }
+
     /// The events of `token` after `after_seq`, waiting up to `block` (at
     /// most [`MAX_TAIL_BLOCK`]) for one if there is none yet (`XREAD
     /// BLOCK`): empty if none came. Tails share one connection of their
@@ -238,7 +247,7 @@ impl RedisLog {
         after_seq: u64,
         block: Duration,
     ) -> io::Result<Vec<LogRecord>> {
-        let records = smol::block_on(self.tail_many(&[(token, after_seq)], block))?;
+        let records = self.tail_many(&[(token, after_seq)], block).await?;
         Ok(records.into_iter().map(|(_, record)| record).collect())
     }
 
@@ -307,15 +316,8 @@ impl RedisLog {
         let Some(mut stream) = parse_meta(token, &reply).map_err(|d| corrupt(&key, &d))? else {
             return Ok(None);
         };
-        loop {
-            let after = stream.records.last().map_or(0, |r| r.seq);
-            let page = self.read_after_async(token, after, RECOVER_PAGE).await?;
-            let full = page.len() == RECOVER_PAGE;
-            stream.records.extend(page);
-            if !full {
-                return Ok(Some(stream));
-            }
-        }
+        stream.records = self.read_all_after(token, 0).await?;
+        Ok(Some(stream))
     }
 
     /// Whether each stream of `tokens` has ended, by its meta (one round
@@ -565,16 +567,7 @@ impl RedisLog {
 
     /// Every event stored of `token`, oldest first, read in pages.
     fn stored_records(&self, token: StreamToken) -> io::Result<Vec<LogRecord>> {
-        let mut records: Vec<LogRecord> = Vec::new();
-        loop {
-            let after = records.last().map_or(0, |r| r.seq);
-            let page = smol::block_on(self.read_after(token, after, RECOVER_PAGE))?;
-            let full = page.len() == RECOVER_PAGE;
-            records.extend(page);
-            if !full {
-                return Ok(records);
-            }
-        }
+        smol::block_on(self.read_all_after(token, 0))
     }
 }
 
