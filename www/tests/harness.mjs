@@ -402,3 +402,32 @@ export async function startChaosRelay(target, options) {
   };
   return relay;
 }
+
+/**
+ * Runs `tidemark mcp <url> --tool progress ...`; `lines` fills with the
+ * parsed JSON lines as they arrive, `exited` resolves with the exit code
+ * (null when killed) and stderr.
+ */
+export function runMcp(url, state, args, stdout = 'pipe') {
+  const child = spawn(tidemarkBin(), ['mcp', url, '--state', state, '--tool', 'progress', ...args], {
+    stdio: ['ignore', stdout, 'pipe'],
+  });
+  const run = { child, lines: [], stderr: '' };
+  let pending = '';
+  child.stdout?.on('data', (chunk) => {
+    pending += chunk;
+    const complete = pending.split('\n');
+    pending = complete.pop();
+    for (const line of complete) run.lines.push(JSON.parse(line));
+  });
+  child.stderr.on('data', (chunk) => (run.stderr += chunk));
+  run.exited = new Promise((resolve, reject) => {
+    child.once('error', reject);
+    child.once('exit', (code) => resolve({ code, stderr: run.stderr }));
+  });
+  return run;
+}
+
+/** The progress numbers `tidemark mcp` printed, in order. */
+export const progressOf = (run) =>
+  run.lines.filter((l) => l.message.method === 'notifications/progress').map((l) => l.message.params.progress);

@@ -8,13 +8,12 @@
 // cursor the first run had written. MCP_TEST_DEBUG=1 prints the server log.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { closeSync, openSync } from 'node:fs';
 import { mkdtemp, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startMcpServer } from '../../mcp/server.mjs';
-import { exactlyOnce, tidemarkBin } from './harness.mjs';
+import { exactlyOnce, progressOf, runMcp } from './harness.mjs';
 
 let scratch;
 before(async () => {
@@ -28,33 +27,6 @@ after(async () => {
 let states = 0;
 const newState = () => join(scratch, `state-${++states}`);
 
-/**
- * Runs `tidemark mcp <url> --tool progress ...`; `lines` fills with the
- * parsed JSON lines as they arrive, `exited` resolves with the exit code
- * (null when killed) and stderr.
- */
-function runMcp(url, state, args, stdout = 'pipe') {
-  const child = spawn(tidemarkBin(), ['mcp', url, '--state', state, '--tool', 'progress', ...args], {
-    stdio: ['ignore', stdout, 'pipe'],
-  });
-  const run = { child, lines: [], stderr: '' };
-  let pending = '';
-  child.stdout?.on('data', (chunk) => {
-    pending += chunk;
-    const complete = pending.split('\n');
-    pending = complete.pop();
-    for (const line of complete) run.lines.push(JSON.parse(line));
-  });
-  child.stderr.on('data', (chunk) => (run.stderr += chunk));
-  run.exited = new Promise((resolve, reject) => {
-    child.once('error', reject);
-    child.once('exit', (code) => resolve({ code, stderr: run.stderr }));
-  });
-  return run;
-}
-
-const progressOf = (run) =>
-  run.lines.filter((l) => l.message.method === 'notifications/progress').map((l) => l.message.params.progress);
 const resultOf = (run) => run.lines.find((l) => l.message.id === 1 && 'result' in l.message);
 /** The numeric sequence of an event id of the fixture's store, `<stream>.<seq>`. */
 const seqOf = (id) => Number(id.split('.')[1]);

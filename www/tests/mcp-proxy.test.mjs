@@ -22,7 +22,6 @@
 // server's log.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { mkdtemp, readdir, rm } from 'node:fs/promises';
 import http from 'node:http';
 import { tmpdir } from 'node:os';
@@ -34,10 +33,11 @@ import {
   exactlyOnce,
   launchBrowser,
   listen,
+  progressOf,
   relaySeed,
+  runMcp,
   startChaosRelay,
   startTidemark,
-  tidemarkBin,
 } from './harness.mjs';
 import { copyBuiltPage, pageCall } from './mcp-page.mjs';
 
@@ -242,29 +242,6 @@ test('the MCP page through tidemark proxy (cuts and reloads) to a server without
     await rm(staticDir, { recursive: true, force: true });
   }
 });
-
-/** Runs `tidemark mcp <url> --tool progress ...`, its JSON lines parsed into `lines` as they come. */
-function runMcp(url, state, args) {
-  const child = spawn(tidemarkBin(), ['mcp', url, '--state', state, '--tool', 'progress', ...args], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  const run = { child, lines: [], stderr: '' };
-  let pending = '';
-  child.stdout.on('data', (chunk) => {
-    pending += chunk;
-    const complete = pending.split('\n');
-    pending = complete.pop();
-    for (const line of complete) run.lines.push(JSON.parse(line));
-  });
-  child.stderr.on('data', (chunk) => (run.stderr += chunk));
-  run.exited = new Promise((resolve, reject) => {
-    child.once('error', reject);
-    child.once('exit', (code) => resolve({ code, stderr: run.stderr }));
-  });
-  return run;
-}
-const progressOf = (run) =>
-  run.lines.filter((l) => l.message.method === 'notifications/progress').map((l) => l.message.params.progress);
 
 test('tidemark mcp, cut and killed, through tidemark proxy to a server without an event store: one call, every progress', { timeout: 60_000 }, async () => {
   await withProxiedServer({}, async ({ server, proxy }) => {
