@@ -243,28 +243,30 @@ impl Fleet {
                     continue;
                 }
             };
-            let mut fresh = TokenMap::<usize>::default();
+            // Each mirrored stream by token, and whether it got anything.
+            let mut by_token: TokenMap<(&Arc<LoggedStream>, bool)> =
+                streams.iter().map(|s| (s.meta.token, (s, false))).collect();
             for (token, record) in records {
-                let Some(stream) = streams.iter().find(|s| s.meta.token == token) else {
+                let Some((stream, fresh)) = by_token.get_mut(&token) else {
                     continue;
                 };
-                let appended = stream.state().log.append_stored(record);
-                if let Some(appended) = appended {
+                if let Some(appended) = stream.state().log.append_stored(record) {
                     hub.metrics.log_bytes_add(appended.bytes_delta);
-                    *fresh.entry(token).or_default() += 1;
+                    *fresh = true;
                 }
             }
-            for stream in &streams {
-                if fresh.contains_key(&stream.meta.token) {
+            for (stream, fresh) in by_token.values() {
+                if *fresh {
                     stream.changed.notify(usize::MAX);
                 }
             }
             let now = self.clock.now();
             if now >= ended_checked.saturating_add(ENDED_CHECK) {
                 ended_checked = now;
-                let idle: Vec<&Arc<LoggedStream>> = streams
-                    .iter()
-                    .filter(|s| !fresh.contains_key(&s.meta.token))
+                let idle: Vec<&Arc<LoggedStream>> = by_token
+                    .values()
+                    .filter(|(_, fresh)| !fresh)
+                    .map(|&(stream, _)| stream)
                     .collect();
                 let tokens: Vec<StreamToken> = idle.iter().map(|s| s.meta.token).collect();
                 if let Ok(ended) = self.redis.ended(&tokens).await {
