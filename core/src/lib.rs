@@ -115,6 +115,7 @@ mod clock;
 mod cursor;
 mod either_store;
 mod entropy;
+pub mod fanout;
 mod fingerprint;
 #[cfg(any(test, feature = "test-util"))]
 mod flaky;

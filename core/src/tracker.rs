@@ -145,6 +145,14 @@ impl EventTracker {
         self.set_last_event_id(id, now);
     }
 
+    /// Continues the sequence of `stored`, a cursor another writer of the
+    /// same stream stored (the tab that led a shared stream before this
+    /// one), keeping this tracker's own position and window: its next
+    /// commit supersedes `stored`.
+    pub fn continue_after(&mut self, stored: &Cursor) {
+        self.seq = self.seq.max(stored.seq);
+    }
+
     fn set_last_event_id(&mut self, id: &str, now: Millis) {
         self.last_event_id.clear();
         self.last_event_id.push_str(id);
@@ -154,6 +162,14 @@ impl EventTracker {
                 self.window.insert(fp, now);
             }
         }
+    }
+
+    /// Whether `id` is in the window, without observing it.
+    pub fn has_seen(&self, id: &str) -> bool {
+        !id.is_empty()
+            && self
+                .window
+                .contains(self.fingerprint_key.fingerprint(id.as_bytes()))
     }
 
     /// Classifies one event; see the [module docs](self). O(1), no await.
@@ -287,6 +303,29 @@ mod tests {
                 duplicates: 1
             }
         );
+    }
+
+    #[test]
+    fn continue_after_takes_the_sequence_not_the_position() {
+        let mut t = tracker(16);
+        assert!(t.observe(Some("a"), Millis(1)).is_fresh());
+        t.commit();
+        let stored = Cursor {
+            key: StreamKey::new("s", "1"),
+            last_event_id: "z".into(),
+            seq: 40,
+            at: Millis(9),
+        };
+        t.continue_after(&stored);
+        assert_eq!(t.last_event_id(), Some("a"));
+        assert!(!t.has_seen("z"));
+        assert!(t.observe(Some("z"), Millis(2)).is_fresh());
+        assert!(t.has_seen("z") && t.has_seen("a") && !t.has_seen(""));
+        t.commit();
+        assert_eq!(t.seq(), 41);
+        // A stored cursor behind this tracker changes nothing.
+        t.continue_after(&Cursor { seq: 3, ..stored });
+        assert_eq!(t.seq(), 41);
     }
 
     #[test]
