@@ -58,11 +58,22 @@ export function initialize(wasm) {
  *   withCredentials?: boolean,
  *   credentials?: RequestCredentials,
  *   reconnect?: ReconnectOptions,
+ *   shared?: boolean,
  * }} ResumableEventSourceOptions
  *   `headers` go with every request (authorization, `Mcp-Session-Id`).
  *   `streamKey` names the stream's cursor (default: the URL).
  *   `credentials` is fetch's mode (default `'same-origin'`);
  *   `withCredentials: true` means `'include'`, as for `EventSource`.
+ *   `shared: true` gives every tab and worker of the origin that opens the
+ *   same `streamKey` (in the same `database`) one connection: one context
+ *   leads (it holds a Web Lock named after the key) and posts each event to
+ *   the others over a `BroadcastChannel`; when it closes, reloads or
+ *   crashes, another takes over from the last event it delivered. Each
+ *   context delivers each event once, in order. A context that joins later
+ *   gets what the leader still holds after its own cursor (the leader keeps
+ *   its last 1024 events): a reloaded tab goes on from where it was. Give
+ *   every source of one key the same `shared`, `headers` and URL. Default
+ *   `false` (see the package README for why).
  */
 
 /**
@@ -93,12 +104,19 @@ export function initialize(wasm) {
  *   connects: number, reconnects: number, delivered: number,
  *   duplicates: number, comments: number, bytes: number,
  *   lastFailure: string | null,
+ *   shared: boolean, leader: boolean, followers: number | null,
+ *   sharingWarning: string | null,
  * }} EventSourceStats
  *   Stream counters: connections opened, reconnects scheduled, fresh events
  *   delivered, replays dropped, comments (keep-alives), body bytes, and the
  *   last connection failure. They are the stream's own, as of the latest
  *   `open`, `error` or message event (replays dropped after the last fresh
- *   event show with the next one, or after `close()`).
+ *   event show with the next one, or after `close()`); a context that leads
+ *   a shared stream counts from the moment it took the lead.
+ *   Sharing: `shared` (sharing is in effect), `leader` (this context holds
+ *   the connection), `followers` (the other contexts the leader knows of;
+ *   `null` when not leading) and `sharingWarning` (why a source asked to be
+ *   shared is not: no Web Locks or BroadcastChannel here).
  */
 
 /**

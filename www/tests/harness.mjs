@@ -3,7 +3,7 @@
 // through playwright-core, and a chaos relay that cuts chosen HTTP answers.
 import { spawn } from 'node:child_process';
 import net from 'node:net';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import assert from 'node:assert/strict';
@@ -66,6 +66,24 @@ const ARGS = [
   '--disable-sync',
   '--disable-dev-shm-usage',
 ];
+
+const TYPES = { js: 'text/javascript', wasm: 'application/wasm', ts: 'text/plain', json: 'application/json' };
+
+/**
+ * A file of the package for a test server's `/tidemark/NAME`: `index.js`
+ * is the API source itself (host-wasm/js/index.js), the rest comes from the
+ * build in host-wasm/pkg. Resolves with `{ body, type }`, or null for a
+ * name that is not a file there.
+ */
+export async function packageFile(name) {
+  if (!/^[\w.-]+$/.test(name)) return null;
+  const file = name === 'index.js' ? join(root, 'host-wasm/js/index.js') : join(root, 'host-wasm/pkg', name);
+  try {
+    return { body: await readFile(file), type: TYPES[name.split('.').pop()] ?? 'application/octet-stream' };
+  } catch {
+    return null;
+  }
+}
 
 /** Debian's Chromium with a fresh profile; `close()` removes the profile. */
 export async function launchBrowser() {

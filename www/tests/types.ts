@@ -44,6 +44,14 @@ export async function example(token: string): Promise<string | undefined> {
   void [closed, stats.delivered, source.lastEventId, source.url];
   await source.close();
 
+  const shared = new ResumableEventSource('/notifications', { streamKey: 'notifications', shared: true });
+  const sharing: Partial<EventSourceStats> = shared.stats();
+  const leads: boolean | undefined = sharing.leader;
+  const followers: number | null | undefined = sharing.followers;
+  const why: string | null | undefined = sharing.sharingWarning;
+  void [leads, followers, why, sharing.shared];
+  await shared.close();
+
   const tracker = await openTracker('mcp session-1', { store: 'memory' });
   const fresh: boolean = tracker.observe('42');
   const committed: void = tracker.commit();

@@ -3,6 +3,7 @@
 
 mod js;
 mod runtime;
+mod shared;
 mod source;
 mod tracker;
 

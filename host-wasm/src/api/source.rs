@@ -2,6 +2,7 @@
 
 use super::js;
 use super::runtime::{Runtime, StoreSpec, runtime};
+use super::shared::{Followed, ShareStats, Shared};
 use super::tracker::{flush, stream_key_of};
 use crate::{CredentialsMode, FetchConnector};
 use futures::channel::oneshot;
@@ -9,6 +10,7 @@ use futures::future::{Either, select};
 use std::cell::RefCell;
 use std::pin::pin;
 use std::rc::Rc;
+use tidemark_core::sse::Event;
 use tidemark_core::{
     Backoff, Clock, Millis, ReconnectConfig, RegistryError, ResumableStream, StreamConfig,
     StreamError, StreamItem, StreamStats,
@@ -23,6 +25,8 @@ struct Settings {
     stream_key: String,
     config: StreamConfig,
     credentials: RequestCredentials,
+    /// One connection for every context of the origin (`shared: true`).
+    shared: bool,
 }
 
 impl Settings {
@@ -70,6 +74,7 @@ impl Settings {
                 ..StreamConfig::default()
             },
             credentials,
+            shared: js::get_bool(options, "shared")?.unwrap_or(false),
         })
     }
 }
@@ -82,6 +87,8 @@ struct State {
     last_event_id: Option<String>,
     runtime: Option<Rc<Runtime>>,
     close: Option<oneshot::Sender<()>>,
+    /// Sharing.
+    share: ShareStats,
 }
 
 /// Drives one resumable stream and reports its items to JavaScript
@@ -167,6 +174,7 @@ impl EventSourceDriver {
                 js::opt_str(s.last_failure.as_ref().map(ToString::to_string)),
             )
             .set("lastEventId", js::opt_str(state.last_event_id.as_ref()));
+        let fields = state.share.fields(fields);
         match &state.runtime {
             Some(runtime) => fields.extend(&runtime.stats()).build(),
             None => fields.build(),
@@ -183,11 +191,11 @@ async fn drive(
     on_event: js_sys::Function,
     on_state: &js_sys::Function,
 ) -> Option<String> {
-    let runtime = match runtime(settings.spec).await {
+    let runtime = match runtime(settings.spec.clone()).await {
         Ok(r) => r,
         Err(e) => return Some(js::message(&e.into())),
     };
-    let tracker = match runtime
+    let mut tracker = match runtime
         .registry
         .open(stream_key_of(&settings.stream_key))
         .await
@@ -203,9 +211,43 @@ async fn drive(
         Err(e) => return Some(e.to_string()),
     };
     let clock = runtime.clock.clone();
+    state.borrow_mut().runtime = Some(runtime.clone());
+    let mut shared = None;
+    if settings.shared {
+        let now = clock.now();
+        match Shared::join(
+            &settings.spec.database,
+            &settings.stream_key,
+            &mut tracker,
+            now,
+        ) {
+            Ok(joined) => shared = Some(joined),
+            Err(warning) => state.borrow_mut().share = ShareStats::unshared(warning),
+        }
+    }
+    if let Some(shared) = &mut shared {
+        state.borrow_mut().share = shared.stats();
+        let mut deliver = |event: &Event| {
+            {
+                let mut state = state.borrow_mut();
+                state.stats.delivered += 1;
+                state.last_event_id = Some(event.last_event_id.clone());
+            }
+            dispatch(&on_event, event);
+        };
+        let report = |kind: &str, detail: &JsValue| {
+            let _ = on_state.call2(&JsValue::NULL, &kind.into(), detail);
+        };
+        match shared
+            .follow(tracker, &runtime, &mut close, &mut deliver, &report)
+            .await
+        {
+            Followed::Lead(ours) => tracker = ours,
+            Followed::Stop(reason) => return reason,
+        }
+    }
     let connector = FetchConnector::new().credentials(settings.credentials);
     let mut stream = ResumableStream::new(connector, clock.clone(), url, tracker, settings.config);
-    state.borrow_mut().runtime = Some(runtime.clone());
     let sync = |stream: &ResumableStream<_, _>| {
         let mut state = state.borrow_mut();
         state.stats.clone_from(stream.stats());
@@ -223,7 +265,18 @@ async fn drive(
         }
         let next = {
             let next = pin!(stream.next());
-            match select(next, &mut close).await {
+            // While waiting, a leader answers the other contexts.
+            let closing = async {
+                match &mut shared {
+                    Some(shared) => {
+                        let _ = select(&mut close, pin!(shared.serve())).await;
+                    }
+                    None => {
+                        let _ = (&mut close).await;
+                    }
+                }
+            };
+            match select(next, pin!(closing)).await {
                 Either::Left((next, _)) => next,
                 Either::Right(_) => break None,
             }
@@ -238,14 +291,18 @@ async fn drive(
         sync(&stream);
         match item {
             StreamItem::Event(event) => {
-                let kind = JsValue::from_str(&event.event);
-                let id = JsValue::from_str(event.last_event_id.as_str());
-                let _ = on_event.call3(&JsValue::NULL, &kind, &JsValue::from_str(&event.data), &id);
+                dispatch(&on_event, &event);
                 // Listeners ran synchronously: the event is delivered.
                 stream.commit();
+                if let Some(shared) = &mut shared {
+                    shared.sent(event);
+                }
             }
             StreamItem::Open { .. } => {
                 let _ = on_state.call2(&JsValue::NULL, &"open".into(), &JsValue::NULL);
+                if let Some(shared) = &mut shared {
+                    shared.state("open", &JsValue::NULL);
+                }
             }
             StreamItem::Reconnecting {
                 failure,
@@ -258,14 +315,29 @@ async fn drive(
                     .set("attempt", attempt)
                     .build();
                 let _ = on_state.call2(&JsValue::NULL, &"error".into(), &detail);
+                if let Some(shared) = &mut shared {
+                    shared.state("error", &detail);
+                }
             }
             // An item of a newer core: nothing to report.
             _ => {}
         }
     };
+    if let Some(shared) = &mut shared {
+        shared.stopped(reason.as_deref());
+    }
     stream.commit();
     sync(&stream);
     drop(stream);
     let _ = flush(&runtime).await;
+    // Only now may another context lead: it continues this one's cursor.
+    drop(shared);
     reason
+}
+
+/// Hands a fresh event to the page's listeners (`onEvent`).
+fn dispatch(on_event: &js_sys::Function, event: &Event) {
+    let kind = JsValue::from_str(&event.event);
+    let id = JsValue::from_str(&event.last_event_id);
+    let _ = on_event.call3(&JsValue::NULL, &kind, &JsValue::from_str(&event.data), &id);
 }

@@ -1,0 +1,291 @@
+// Shared streams (`shared: true`) in real Chromium: several pages and a
+// dedicated worker of one origin open the same stream key, and the server
+// sees one connection; the leading page closes and reloads mid-stream, and
+// every page shows every event exactly once, in order. A Node `http` server
+// on 127.0.0.1 serves the pages, the worker, the package and the streams:
+// `/feed?s=NAME` is a replaying stream (ids and data `NAME:n`, one event
+// every INTERVAL ms from the moment the test lets it go, N in all), which
+// counts its connections.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { createServer } from 'node:http';
+import { launchBrowser, packageFile, until } from './harness.mjs';
+
+const INTERVAL = 10;
+const RECONNECT = { initialDelay: 50, maxDelay: 200 };
+
+/** The page: one source per `s` entry (`NAME.1` shared, `NAME.0` not);
+ * each event's data is appended to `got[NAME]` and, across reloads, to
+ * sessionStorage `shown:NAME`. */
+const PAGE = `<!doctype html>
+<meta charset="utf-8"><title>tidemark shared</title>
+<script type="module">
+  import * as tm from '/tidemark/index.js';
+  const q = new URLSearchParams(location.search);
+  globalThis.got = {};
+  globalThis.sources = {};
+  for (const entry of (q.get('s') ?? '').split(',').filter(Boolean)) {
+    const [name, shared] = entry.split('.');
+    got[name] = [];
+    const source = new tm.ResumableEventSource('/feed?s=' + name, {
+      streamKey: 'key-' + name,
+      shared: shared === '1',
+      reconnect: ${JSON.stringify(RECONNECT)},
+    });
+    source.onmessage = (e) => {
+      got[name].push(e.data);
+      const shown = sessionStorage.getItem('shown:' + name);
+      sessionStorage.setItem('shown:' + name, shown ? shown + ',' + e.data : e.data);
+    };
+    sources[name] = source;
+  }
+  globalThis.shown = (name) => (sessionStorage.getItem('shown:' + name) ?? '').split(',').filter(Boolean);
+  globalThis.ready = true;
+</script>`;
+
+/** A dedicated worker following stream `s` shared; it posts each event's data. */
+const WORKER = `
+import { ResumableEventSource } from '/tidemark/index.js';
+const name = new URL(self.location.href).searchParams.get('s');
+const source = new ResumableEventSource('/feed?s=' + name, {
+  streamKey: 'key-' + name, shared: true, reconnect: ${JSON.stringify(RECONNECT)},
+});
+source.onmessage = (e) => postMessage({ data: e.data });
+self.onmessage = () => postMessage({ stats: source.stats() });
+`;
+
+/** Creates a worker of this page and collects what it posts. */
+const WORKER_HOST = `<!doctype html><meta charset="utf-8"><script>
+  globalThis.fromWorker = [];
+  const q = new URLSearchParams(location.search);
+  globalThis.worker = new Worker('/worker.js?s=' + q.get('s'), { type: 'module' });
+  worker.onmessage = (m) => m.data.stats ? (globalThis.workerStats = m.data.stats) : fromWorker.push(m.data.data);
+  globalThis.ready = true;
+</script>`;
+
+let browser;
+let server;
+/** Stream name -> { t0, n, connections, open }. */
+const streams = new Map();
+
+async function startServer() {
+  const http = createServer(async (req, res) => {
+    const url = new URL(req.url, 'http://x');
+    const html = (body) => {
+      res.writeHead(200, { 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store' });
+      res.end(body);
+    };
+    if (url.pathname === '/page.html') return html(PAGE);
+    if (url.pathname === '/worker-host.html') return html(WORKER_HOST);
+    if (url.pathname === '/worker.js') {
+      res.writeHead(200, { 'content-type': 'text/javascript', 'cache-control': 'no-store' });
+      return res.end(WORKER);
+    }
+    if (url.pathname.startsWith('/tidemark/')) {
+      const file = await packageFile(url.pathname.slice('/tidemark/'.length));
+      if (!file) {
+        res.writeHead(404);
+        return res.end();
+      }
+      res.writeHead(200, { 'content-type': file.type, 'cache-control': 'no-store' });
+      return res.end(file.body);
+    }
+    if (url.pathname === '/feed') {
+      const name = url.searchParams.get('s');
+      const stream = streams.get(name);
+      if (!stream) {
+        res.writeHead(404);
+        return res.end();
+      }
+      stream.connections++;
+      stream.open++;
+      res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' });
+      res.flushHeaders();
+      let next = Number(req.headers['last-event-id'] ?? 0) + 1;
+      const tick = () => {
+        if (stream.t0 === undefined) return;
+        const due = Math.min(stream.n, Math.floor((Date.now() - stream.t0) / INTERVAL));
+        let out = '';
+        for (; next <= due; next++) out += `id: ${next}\ndata: ${name}:${next}\n\n`;
+        if (out) res.write(out);
+      };
+      tick();
+      const timer = setInterval(tick, INTERVAL);
+      req.on('close', () => {
+        clearInterval(timer);
+        stream.open--;
+      });
+      return;
+    }
+    res.writeHead(404);
+    res.end();
+  });
+  await new Promise((ok) => http.listen(0, '127.0.0.1', ok));
+  // Bound to port 0 and read back: the port is this server's.
+  return { url: `http://127.0.0.1:${http.address().port}`, http };
+}
+
+/** A stream of `n` events for this test; it starts with `go()`. */
+function stream(name, n) {
+  const s = { t0: undefined, n, connections: 0, open: 0, go: () => (s.t0 ??= Date.now()) };
+  streams.set(name, s);
+  return s;
+}
+
+before(async () => {
+  server = await startServer();
+  browser = await launchBrowser();
+});
+after(async () => {
+  await browser?.close();
+  server?.http.closeAllConnections();
+  await new Promise((ok) => server?.http.close(ok));
+});
+
+async function newPage(path) {
+  const page = await browser.context.newPage();
+  page.on('pageerror', (e) => console.error('page error:', e.message));
+  // SHARED_TEST_DEBUG=1 shows what the pages log.
+  if (process.env.SHARED_TEST_DEBUG) page.on('console', (m) => console.error(`${path}: ${m.text()}`));
+  await page.goto(`${server.url}${path}`);
+  await until(page, () => globalThis.ready === true, undefined, 10_000);
+  return page;
+}
+
+const count = (page, name) => page.evaluate((n) => globalThis.got[n].length, name);
+const stats = (page, name) => page.evaluate((n) => globalThis.sources[n].stats(), name);
+const ids = (data) => data.map((d) => Number(d.split(':')[1]));
+const range = (from, to) => Array.from({ length: to - from + 1 }, (_, i) => from + i);
+
+/** Polls `predicate` in Node until it holds; fails after `ms`. */
+async function waitFor(predicate, what, ms = 20_000) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    if (await predicate()) return;
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+/** The one page of `pages` that leads stream `name`. */
+async function leaderOf(pages, name) {
+  let leaders = [];
+  await waitFor(async () => {
+    leaders = [];
+    for (const page of pages) if ((await stats(page, name)).leader) leaders.push(page);
+    return leaders.length === 1;
+  }, 'one leader');
+  return leaders[0];
+}
+
+test('five pages, one connection; the leader closes, then reloads: every page shows every event once, in order', { timeout: 120_000 }, async () => {
+  const n = 700;
+  const feed = stream('five', n);
+  const pages = [];
+  for (let i = 0; i < 5; i++) pages.push(await newPage('/page.html?s=five.1'));
+  feed.go();
+  for (const page of pages) await waitFor(async () => (await count(page, 'five')) >= 40, 'events in every page');
+  assert.equal(feed.connections, 1, 'one connection for five pages');
+  assert.equal(feed.open, 1);
+
+  const first = await leaderOf(pages, 'five');
+  await waitFor(async () => (await stats(first, 'five')).followers === 4, 'the leader knows 4 followers');
+  const follower = await stats(pages.find((p) => p !== first), 'five');
+  assert.equal(follower.shared, true);
+  assert.equal(follower.leader, false);
+  assert.equal(follower.followers, null);
+  assert.equal(follower.connects, 0, 'a follower opens no connection');
+
+  // The leader closes mid-stream: another takes over from its own last event.
+  await first.close();
+  let open = pages.filter((p) => p !== first);
+  const second = await leaderOf(open, 'five');
+  assert.notEqual(second, first);
+  await waitFor(async () => (await stats(second, 'five')).followers === 3, 'the new leader knows 3 followers');
+  const at = await count(second, 'five');
+  await waitFor(async () => (await count(second, 'five')) >= at + 60, 'the new leader delivers');
+
+  // The new leader reloads mid-stream: a third takes over; the reloaded
+  // page follows, from where it was.
+  await second.reload();
+  await until(second, () => globalThis.ready === true, undefined, 10_000);
+  const third = await leaderOf(open, 'five');
+  assert.notEqual(third, second);
+
+  for (const page of open) {
+    await waitFor(async () => (await page.evaluate(() => globalThis.shown('five').length)) >= n, 'every event', 30_000).catch(async (e) => {
+      for (const p of open) console.error(JSON.stringify(await p.evaluate(() => { const g = globalThis.got.five.map((d) => Number(d.split(':')[1])); const gaps = []; for (let i = 1; i < g.length; i++) if (g[i] !== g[i - 1] + 1) gaps.push([g[i - 1], g[i]]); return { shown: globalThis.shown('five').length, n: g.length, first: g[0], gaps, leader: globalThis.sources.five.stats().leader }; })));
+      throw e;
+    });
+  }
+  await new Promise((r) => setTimeout(r, 300)); // anything repeated would show up here
+  for (const page of open.filter((p) => p !== second)) {
+    assert.deepEqual(ids(await page.evaluate(() => globalThis.got.five)), range(1, n), 'a page that stayed open');
+  }
+  assert.deepEqual(ids(await second.evaluate(() => globalThis.shown('five'))), range(1, n), 'the reloaded page, across its lives');
+  assert.equal(feed.connections, 3, 'one connection per leader');
+  for (const page of open) await page.close();
+});
+
+test('a dedicated worker shares the stream of a page, and takes it over', { timeout: 60_000 }, async () => {
+  const n = 400;
+  const feed = stream('worker', n);
+  const page = await newPage('/page.html?s=worker.1');
+  feed.go();
+  await waitFor(async () => (await count(page, 'worker')) >= 20, 'the page leads');
+  const host = await newPage('/worker-host.html?s=worker');
+  await until(host, () => globalThis.fromWorker.length >= 20);
+  assert.equal(feed.connections, 1, 'the worker follows the page');
+  await host.evaluate(() => globalThis.worker.postMessage('stats'));
+  await until(host, () => globalThis.workerStats !== undefined);
+  assert.equal(await host.evaluate(() => globalThis.workerStats.leader), false);
+  await page.close();
+  await until(host, (last) => globalThis.fromWorker.at(-1) === last, `worker:${n}`, 30_000);
+  await new Promise((r) => setTimeout(r, 300));
+  const got = ids(await host.evaluate(() => globalThis.fromWorker));
+  assert.deepEqual(got, range(got[0], n), 'the worker got each event once, in order, across the take-over');
+  assert.equal(feed.connections, 2, 'the worker leads once the page is gone');
+  await host.evaluate(() => globalThis.worker.postMessage('stats'));
+  await until(host, () => globalThis.workerStats?.leader === true);
+  await host.close();
+});
+
+test('shared and unshared sources of different keys do not cross streams', { timeout: 60_000 }, async () => {
+  const n = 150;
+  const feeds = { a: stream('a', n), b: stream('b', n), c: stream('c', n) };
+  const pages = [await newPage('/page.html?s=a.1,b.0,c.1'), await newPage('/page.html?s=c.1,a.1,b.0')];
+  Object.values(feeds).forEach((f) => f.go());
+  for (const page of pages) {
+    for (const name of ['a', 'b', 'c']) {
+      await waitFor(async () => (await count(page, name)) >= n, `${name} complete`);
+      const got = await page.evaluate((x) => globalThis.got[x], name);
+      assert.deepEqual(got, range(1, n).map((i) => `${name}:${i}`), `stream ${name} in one page`);
+    }
+  }
+  assert.equal(feeds.a.connections, 1);
+  assert.equal(feeds.c.connections, 1);
+  assert.equal(feeds.b.connections, 2, 'unshared: one connection per page');
+  assert.equal((await stats(pages[0], 'b')).shared, false);
+  for (const page of pages) await page.close();
+});
+
+test('without Web Locks each context has its own connection, warned once, and says so in stats()', { timeout: 60_000 }, async () => {
+  const n = 50;
+  const feeds = { d: stream('d', n), e: stream('e', n) };
+  const page = await browser.context.newPage();
+  const warnings = [];
+  page.on('console', (m) => m.type() === 'warning' && warnings.push(m.text()));
+  await page.addInitScript(() => delete Navigator.prototype.locks);
+  await page.goto(`${server.url}/page.html?s=d.1,e.1`);
+  await until(page, () => globalThis.ready === true);
+  Object.values(feeds).forEach((f) => f.go());
+  for (const name of ['d', 'e']) await waitFor(async () => (await count(page, name)) >= n, `${name} complete`);
+  const s = await stats(page, 'd');
+  assert.equal(s.shared, false);
+  assert.equal(s.leader, false);
+  assert.match(s.sharingWarning, /Web Locks/);
+  assert.equal(warnings.filter((w) => w.includes('shared streams')).length, 1, `one warning: ${warnings}`);
+  assert.equal(feeds.d.connections, 1);
+  assert.deepEqual(ids(await page.evaluate(() => globalThis.got.e)), range(1, n));
+  await page.close();
+});
