@@ -145,6 +145,16 @@ impl EventTracker {
         self.set_last_event_id(id, now);
     }
 
+    /// Starts over from an id the client already has, forgetting every
+    /// other id of the window: for a client whose own position is not the
+    /// stored cursor it was opened with (a reloaded browser tab that kept
+    /// its own), so that the events between the two are not taken for
+    /// replays.
+    pub fn restart_at(&mut self, id: &str, now: Millis) {
+        self.window.clear();
+        self.set_last_event_id(id, now);
+    }
+
     /// Continues the sequence of `stored`, a cursor another writer of the
     /// same stream stored (the tab that led a shared stream before this
     /// one), keeping this tracker's own position and window: its next
@@ -319,6 +329,10 @@ mod tests {
         t.continue_after(&stored);
         assert_eq!(t.last_event_id(), Some("a"));
         assert!(!t.has_seen("z"));
+        t.restart_at("b", Millis(1));
+        assert!(!t.has_seen("a") && t.has_seen("b"));
+        assert_eq!(t.last_event_id(), Some("b"));
+        t.restart_at("a", Millis(1));
         assert!(t.observe(Some("z"), Millis(2)).is_fresh());
         assert!(t.has_seen("z") && t.has_seen("a") && !t.has_seen(""));
         t.commit();

@@ -6,14 +6,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer } from 'node:http';
-import { readFile } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
-import { launchBrowser, until } from './harness.mjs';
-
-const root = resolve(import.meta.dirname, '../..');
-const pkg = join(root, 'host-wasm/pkg');
-/** The API source itself (the package's index.js is a copy of it). */
-const indexJs = join(root, 'host-wasm/js/index.js');
+import { launchBrowser, packageFile, until } from './harness.mjs';
 
 const RECONNECT = { initialDelay: 50, maxDelay: 200 };
 
@@ -59,8 +52,6 @@ self.onmessage = async (m) => {
 };
 `;
 
-const TYPES = { js: 'text/javascript', wasm: 'application/wasm', ts: 'text/plain', json: 'application/json' };
-
 /**
  * Starts the server. `route(path, handler)` scripts an endpoint:
  * `handler(req, res, record, n)` with `record` this request's entry in
@@ -81,15 +72,10 @@ async function startTestServer() {
         return res.end(WORKER);
       }
       if (url.pathname.startsWith('/tidemark/')) {
-        const name = url.pathname.slice('/tidemark/'.length);
-        if (!/^[\w.-]+$/.test(name)) throw Object.assign(new Error('bad name'), { code: 'ENOENT' });
-        const file = name === 'index.js' ? indexJs : join(pkg, name);
-        const body = await readFile(file);
-        res.writeHead(200, {
-          'content-type': TYPES[name.split('.').pop()] ?? 'application/octet-stream',
-          'cache-control': 'no-store',
-        });
-        return res.end(body);
+        const file = await packageFile(url.pathname.slice('/tidemark/'.length));
+        if (!file) throw Object.assign(new Error('no such file'), { code: 'ENOENT' });
+        res.writeHead(200, { 'content-type': file.type, 'cache-control': 'no-store' });
+        return res.end(file.body);
       }
       const handler = routes.get(url.pathname);
       if (!handler) {

@@ -195,6 +195,7 @@ test('five pages, one connection; the leader closes, then reloads: every page sh
   assert.equal(follower.leader, false);
   assert.equal(follower.followers, null);
   assert.equal(follower.connects, 0, 'a follower opens no connection');
+  for (const page of pages) assert.equal(await page.evaluate(() => globalThis.sources.five.readyState), 1, 'OPEN everywhere');
 
   // The leader closes mid-stream: another takes over from its own last event.
   await first.close();
@@ -211,6 +212,10 @@ test('five pages, one connection; the leader closes, then reloads: every page sh
   await until(second, () => globalThis.ready === true, undefined, 10_000);
   const third = await leaderOf(open, 'five');
   assert.notEqual(third, second);
+  // And a follower reloads too.
+  const reloaded = [second, open.find((p) => p !== second && p !== third)];
+  await reloaded[1].reload();
+  await until(reloaded[1], () => globalThis.ready === true, undefined, 10_000);
 
   for (const page of open) {
     await waitFor(async () => (await page.evaluate(() => globalThis.shown('five').length)) >= n, 'every event', 30_000).catch(async (e) => {
@@ -219,12 +224,33 @@ test('five pages, one connection; the leader closes, then reloads: every page sh
     });
   }
   await new Promise((r) => setTimeout(r, 300)); // anything repeated would show up here
-  for (const page of open.filter((p) => p !== second)) {
+  for (const page of open.filter((p) => !reloaded.includes(p))) {
     assert.deepEqual(ids(await page.evaluate(() => globalThis.got.five)), range(1, n), 'a page that stayed open');
   }
-  assert.deepEqual(ids(await second.evaluate(() => globalThis.shown('five'))), range(1, n), 'the reloaded page, across its lives');
+  for (const page of reloaded) {
+    assert.deepEqual(ids(await page.evaluate(() => globalThis.shown('five'))), range(1, n), 'a reloaded page, across its lives');
+  }
   assert.equal(feed.connections, 3, 'one connection per leader');
   for (const page of open) await page.close();
+});
+
+test('when the leader\'s stream stops for good, every page stops with it', { timeout: 60_000 }, async () => {
+  const feed = stream('gone', 30);
+  const pages = [await newPage('/page.html?s=gone.1'), await newPage('/page.html?s=gone.1')];
+  feed.go();
+  for (const page of pages) await until(page, () => globalThis.got.gone.length === 30);
+  // The stream is gone: the leader's reconnect gets a 404.
+  streams.delete('gone');
+  for (const page of pages) await page.evaluate(() => globalThis.sources.gone.addEventListener('error', (e) => (globalThis.stopped = e.message)));
+  const leader = await leaderOf(pages, 'gone');
+  await leader.evaluate(() => globalThis.sources.gone.stats()); // the leader is known before the cut
+  server.http.closeAllConnections();
+  for (const page of pages) {
+    await until(page, () => globalThis.sources.gone.readyState === 2);
+    assert.match(await page.evaluate(() => globalThis.stopped), /404/);
+  }
+  assert.equal(feed.connections, 1);
+  for (const page of pages) await page.close();
 });
 
 test('a dedicated worker shares the stream of a page, and takes it over', { timeout: 60_000 }, async () => {

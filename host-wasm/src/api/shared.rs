@@ -245,7 +245,8 @@ impl Shared {
             if let Ok(Some(id)) = storage.get_item(&name)
                 && !id.is_empty()
             {
-                tracker.seed_last_event_id(&id, now);
+                // Not the stored cursor: the leader wrote it, maybe ahead.
+                tracker.restart_at(&id, now);
             }
             let (key, position) = (name.clone(), position.clone());
             let save = Closure::<dyn Fn()>::new(move || {
