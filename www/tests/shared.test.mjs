@@ -178,7 +178,7 @@ async function leaderOf(pages, name) {
   return leaders[0];
 }
 
-test('five pages, one connection; the leader closes, then reloads: every page shows every event once, in order', { timeout: 120_000 }, async () => {
+test('five pages, one connection; the leader closes, then the next one and a follower reload: every page shows every event once, in order', { timeout: 120_000 }, async () => {
   const n = 700;
   const feed = stream('five', n);
   const pages = [];
@@ -232,6 +232,26 @@ test('five pages, one connection; the leader closes, then reloads: every page sh
   }
   assert.equal(feed.connections, 3, 'one connection per leader');
   for (const page of open) await page.close();
+});
+
+test('the leading page crashes: the others go on, each event once, in order', { timeout: 60_000 }, async () => {
+  const n = 400;
+  const feed = stream('crash', n);
+  const pages = [];
+  for (let i = 0; i < 3; i++) pages.push(await newPage('/page.html?s=crash.1'));
+  feed.go();
+  for (const page of pages) await waitFor(async () => (await count(page, 'crash')) >= 100, 'events in every page');
+  const leader = await leaderOf(pages, 'crash');
+  const crashed = new Promise((r) => leader.once('crash', r));
+  const cdp = await browser.context.newCDPSession(leader);
+  cdp.send('Page.crash').catch(() => {}); // never answers: the renderer is gone
+  await crashed;
+  const open = pages.filter((p) => p !== leader);
+  for (const page of open) await until(page, (last) => globalThis.got.crash.at(-1) === last, `crash:${n}`, 30_000);
+  await new Promise((r) => setTimeout(r, 300));
+  for (const page of open) assert.deepEqual(ids(await page.evaluate(() => globalThis.got.crash)), range(1, n));
+  assert.equal(feed.connections, 2, 'the next leader took over');
+  for (const page of pages) await page.close();
 });
 
 test('when the leader\'s stream stops for good, every page stops with it', { timeout: 60_000 }, async () => {
