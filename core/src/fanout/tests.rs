@@ -292,6 +292,18 @@ struct World {
 }
 
 impl World {
+    /// Three consumers before the first event; the first leads.
+    fn new() -> Self {
+        let mut world = World {
+            consumers: (0..3).map(|_| Consumer::new(None, true)).collect(),
+            produced: 0,
+            stored: None,
+            now: Millis(0),
+        };
+        world.promote(0);
+        world
+    }
+
     fn leader(&self) -> Option<usize> {
         self.consumers
             .iter()
@@ -503,19 +515,13 @@ proptest! {
     /// Every consumer open from the start delivers the whole stream, each
     /// event once, in order; every consumer that joined later delivers no
     /// event twice, not the one its cursor named, and the newest one if it
-    /// came after it joined. (A
-    /// joiner whose cursor is ahead of a new leader, itself a late joiner,
-    /// may get events from before its cursor, after it, when that leader
-    /// takes longer than the wait to reach the cursor.)
+    /// came after it joined. (A joiner whose cursor is ahead of a new
+    /// leader, itself a late joiner, may get events from before its cursor,
+    /// after it, when that leader takes longer than the wait to reach the
+    /// cursor.)
     #[test]
     fn every_open_consumer_gets_each_event_once(ops in prop::collection::vec(op(), 0..200)) {
-        let mut world = World {
-            consumers: (0..3).map(|_| Consumer::new(None, true)).collect(),
-            produced: 0,
-            stored: None,
-            now: Millis(0),
-        };
-        world.promote(0);
+        let mut world = World::new();
         for op in ops {
             world.apply(op);
         }
@@ -542,13 +548,7 @@ proptest! {
     /// once, in order, with no gap after the first.
     #[test]
     fn joiners_of_prompt_leaders_get_each_event_once_in_order(ops in prop::collection::vec(op(), 0..200)) {
-        let mut world = World {
-            consumers: (0..3).map(|_| Consumer::new(None, true)).collect(),
-            produced: 0,
-            stored: None,
-            now: Millis(0),
-        };
-        world.promote(0);
+        let mut world = World::new();
         for op in ops {
             if matches!(op, Op::Tick(_)) {
                 continue;
