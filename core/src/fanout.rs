@@ -35,9 +35,9 @@
 //!   not have that id answers `None`; what waits is then settled when it
 //!   is overdue (a joiner starts live, at most one wait late).
 //! - **A follower promoted to leader** first delivers the frames it already
-//!   received, releases what it holds, and then resumes from its own last
-//!   id, not from the stored cursor: everything after what it delivered
-//!   comes from the server. Only when it has delivered nothing and has no
+//!   received, forgets those that still wait ([`Sequencer::discard`]), and
+//!   then resumes from its own last id, not from the stored cursor:
+//!   everything after what it delivered comes from the server. Only when it has delivered nothing and has no
 //!   cursor of its own does it resume from the stored cursor.
 //! - **Only the leader commits** (moves the stored cursor); a promoted
 //!   follower first continues the sequence of the cursor the previous leader
@@ -342,13 +342,12 @@ impl Sequencer {
         }
     }
 
-    /// Settles every held frame now, as if overdue: when waiting can bring
-    /// nothing more (this consumer leads from now on, or the leader does
-    /// not have its cursor).
-    pub fn release(&mut self, tracker: &mut EventTracker, now: Millis, out: &mut Vec<Frame>) {
-        while !self.held.is_empty() {
-            self.settle_front(tracker, now, out);
-        }
+    /// Forgets the frames that wait: for a consumer that leads from now on,
+    /// whose own connection brings everything after its last event (the
+    /// frames that wait are older, or come again).
+    pub fn discard(&mut self) {
+        self.held.clear();
+        self.request = None;
     }
 
     fn settle_front(&mut self, tracker: &mut EventTracker, now: Millis, out: &mut Vec<Frame>) {

@@ -399,8 +399,9 @@ impl Shared {
                 return Followed::Stop(stop);
             }
         }
-        self.sequencer.release(&mut tracker, now, &mut out);
         self.deliver(out, deliver);
+        // What still waits is older, or comes again from the connection.
+        self.sequencer.discard();
         // The stored cursor's sequence goes on; with nothing of its own, it
         // resumes from there.
         if let Ok(Some(stored)) = runtime.registry.store().load(&self.key).await {
