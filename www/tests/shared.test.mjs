@@ -27,7 +27,7 @@ const PAGE = `<!doctype html>
   for (const entry of (q.get('s') ?? '').split(',').filter(Boolean)) {
     const [name, shared] = entry.split('.');
     got[name] = [];
-    const source = new tm.ResumableEventSource('/feed?s=' + name, {
+    const source = new tm.ResumableEventSource((q.get('base') ?? '') + '/feed?s=' + name, {
       streamKey: 'key-' + name,
       shared: shared === '1',
       reconnect: ${JSON.stringify(RECONNECT)},
@@ -90,6 +90,14 @@ async function startServer() {
       res.writeHead(200, { 'content-type': file.type, 'cache-control': 'no-store' });
       return res.end(file.body);
     }
+    if (req.method === 'OPTIONS') {
+      // The preflight of a stream of another origin (the 6-connection test).
+      res.writeHead(204, {
+        'access-control-allow-origin': '*',
+        'access-control-allow-headers': 'last-event-id, cache-control, accept',
+      });
+      return res.end();
+    }
     if (url.pathname === '/feed') {
       const name = url.searchParams.get('s');
       const stream = streams.get(name);
@@ -99,7 +107,11 @@ async function startServer() {
       }
       stream.connections++;
       stream.open++;
-      res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' });
+      res.writeHead(200, {
+        'content-type': 'text/event-stream',
+        'cache-control': 'no-cache',
+        'access-control-allow-origin': '*',
+      });
       res.flushHeaders();
       let next = Number(req.headers['last-event-id'] ?? 0) + 1;
       const tick = () => {
@@ -132,14 +144,19 @@ function stream(name, n) {
   return s;
 }
 
+/** The same server on a second port: another origin, for streams only. */
+let other;
 before(async () => {
   server = await startServer();
+  other = await startServer();
   browser = await launchBrowser();
 });
 after(async () => {
   await browser?.close();
-  server?.http.closeAllConnections();
-  await new Promise((ok) => server?.http.close(ok));
+  for (const s of [server, other]) {
+    s?.http.closeAllConnections();
+    await new Promise((ok) => s?.http.close(ok));
+  }
 });
 
 async function newPage(path) {
@@ -294,6 +311,33 @@ test('a dedicated worker shares the stream of a page, and takes it over', { time
   await host.evaluate(() => globalThis.worker.postMessage('stats'));
   await until(host, () => globalThis.workerStats?.leader === true);
   await host.close();
+});
+
+test('eight tabs of a stream on an HTTP/1.1 origin: unshared, the browser lets six connect; shared, all eight get every event', { timeout: 90_000 }, async () => {
+  const n = 300;
+  const streamsOf = (name) => streams.get(name);
+  // Unshared tabs of one key resume from each other's cursor: what tells
+  // them apart is whether they connected at all.
+  // The streams come from another origin, so that the pages themselves
+  // still load while its six connections are taken.
+  stream('six', n).go();
+  const unshared = [];
+  for (let i = 0; i < 8; i++) unshared.push(await newPage(`/page.html?s=six.0&base=${other.url}`));
+  await waitFor(async () => streamsOf('six').open === 6, 'six connections');
+  await new Promise((r) => setTimeout(r, 1000));
+  const connects = await Promise.all(unshared.map(async (p) => (await stats(p, 'six')).connects));
+  assert.equal(streamsOf('six').open, 6, 'the browser opens six connections per HTTP/1.1 host');
+  assert.equal(connects.filter((c) => c === 0).length, 2, `two tabs never connect: ${connects}`);
+  for (const page of unshared) await page.close();
+
+  const feed = stream('eight', n);
+  const shared = [];
+  for (let i = 0; i < 8; i++) shared.push(await newPage(`/page.html?s=eight.1&base=${other.url}`));
+  feed.go();
+  for (const page of shared) await until(page, (last) => globalThis.got.eight.at(-1) === last, `eight:${n}`, 30_000);
+  for (const page of shared) assert.deepEqual(ids(await page.evaluate(() => globalThis.got.eight)), range(1, n));
+  assert.equal(feed.connections, 1);
+  for (const page of shared) await page.close();
 });
 
 test('shared and unshared sources of different keys do not cross streams', { timeout: 60_000 }, async () => {
