@@ -66,6 +66,17 @@ impl<T: CredentialsMode + ?Sized> CredentialsMode for &T {
 /// connection the core gives up on never lingers (browsers allow only six
 /// HTTP/1.1 connections per server).
 ///
+/// # POST streams
+///
+/// A request with a body ([`ConnectRequest::body`]) is a `POST` of those
+/// bytes (no `Content-Type` is added: pass it among the headers). The
+/// answer's `Content-Location`, resolved against the response's URL, is
+/// [`FetchBody::content_location`], which the core resumes from (what
+/// `tidemark proxy` answers a POST stream with). Cross-origin, a script
+/// reads `Content-Location` only if the server lists it in
+/// `Access-Control-Expose-Headers`; without that the stream cannot be
+/// resumed.
+///
 /// # Globals, workers, hidden tabs
 ///
 /// `fetch` and `AbortController` come from `globalThis`, never from `window`
@@ -178,7 +189,13 @@ impl FetchConnector {
         // caller dropping this future.
         let mut guard = AbortOnDrop(Some(controller.clone()));
         let init = RequestInit::new();
-        init.set_method("GET");
+        match request.body {
+            Some(body) => {
+                init.set_method("POST");
+                init.set_body(&Uint8Array::from(body).into());
+            }
+            None => init.set_method("GET"),
+        }
         init.set_headers(&headers);
         init.set_cache(RequestCache::NoStore);
         init.set_credentials(credentials);
@@ -229,6 +246,9 @@ impl FetchConnector {
             }),
             header("content-type").as_deref(),
         )?;
+        let content_location = header("content-location")
+            .and_then(|location| web_sys::Url::new_with_base(&location, &response.url()).ok())
+            .map(|url| url.href());
         let body = response
             .body()
             .ok_or_else(|| Failure::Network("the response has no body".into()))?;
@@ -242,6 +262,7 @@ impl FetchConnector {
             controller,
             pending: None,
             ended: false,
+            content_location,
         })
     }
 }
@@ -252,6 +273,10 @@ impl Connector for FetchConnector {
 
     async fn connect(&self, request: ConnectRequest<'_>) -> Result<FetchBody, Failure> {
         self.open(request).await
+    }
+
+    fn content_location(&self, body: &FetchBody) -> Option<String> {
+        body.content_location().map(str::to_owned)
     }
 }
 
@@ -278,6 +303,16 @@ pub struct FetchBody {
     pending: Option<JsFuture>,
     /// The stream ended or failed.
     ended: bool,
+    /// The response's `Content-Location`, absolute.
+    content_location: Option<String>,
+}
+
+impl FetchBody {
+    /// The response's `Content-Location` header resolved against the
+    /// response's URL (after redirects), if it has one that is a URL.
+    pub fn content_location(&self) -> Option<&str> {
+        self.content_location.as_deref()
+    }
 }
 
 impl fmt::Debug for FetchBody {

@@ -17,7 +17,7 @@ mod clock;
 mod fetch;
 mod idb;
 
-pub use api::{EventSourceDriver, Tracker, flush_all, open_tracker};
+pub use api::{EventSourceDriver, Tracker, flush_all, forget_stream, open_tracker};
 pub use clock::BrowserClock;
 pub use fetch::{CredentialsMode, FetchBody, FetchConnector};
 pub use idb::IdbStore;

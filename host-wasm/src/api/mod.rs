@@ -2,10 +2,12 @@
 //! `js/index.js` into `ResumableEventSource` and `openTracker`.
 
 mod js;
+mod post;
 mod runtime;
 mod source;
 mod tracker;
 
+pub use post::forget_stream;
 pub use source::EventSourceDriver;
 pub use tracker::{Tracker, open_tracker};
 

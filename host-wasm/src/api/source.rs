@@ -1,6 +1,7 @@
 //! The engine behind `ResumableEventSource` (see `js/index.js`).
 
 use super::js;
+use super::post;
 use super::runtime::{Runtime, StoreSpec, runtime};
 use super::tracker::{flush, stream_key_of};
 use crate::{CredentialsMode, FetchConnector};
@@ -67,6 +68,7 @@ impl Settings {
             config: StreamConfig {
                 headers,
                 reconnect,
+                body: post::body_of(options)?,
                 ..StreamConfig::default()
             },
             credentials,
@@ -82,6 +84,8 @@ struct State {
     last_event_id: Option<String>,
     runtime: Option<Rc<Runtime>>,
     close: Option<oneshot::Sender<()>>,
+    /// See [`PostState`].
+    post: PostState,
 }
 
 /// Drives one resumable stream and reports its items to JavaScript
@@ -113,6 +117,7 @@ impl EventSourceDriver {
         let (done_tx, done_rx) = oneshot::channel();
         let state = Rc::new(RefCell::new(State {
             close: Some(close_tx),
+            post: PostState::new(settings.config.body.is_some()),
             ..State::default()
         }));
         let task_state = state.clone();
@@ -167,6 +172,7 @@ impl EventSourceDriver {
                 js::opt_str(s.last_failure.as_ref().map(ToString::to_string)),
             )
             .set("lastEventId", js::opt_str(state.last_event_id.as_ref()));
+        let fields = state.post.stats(fields);
         match &state.runtime {
             Some(runtime) => fields.extend(&runtime.stats()).build(),
             None => fields.build(),
@@ -187,11 +193,15 @@ async fn drive(
         Ok(r) => r,
         Err(e) => return Some(js::message(&e.into())),
     };
-    let tracker = match runtime
-        .registry
-        .open(stream_key_of(&settings.stream_key))
-        .await
-    {
+    let key = stream_key_of(&settings.stream_key);
+    let resume_url = match settings.config.body {
+        Some(_) => match post::prepare(&runtime, &key).await {
+            Ok(url) => url,
+            Err(e) => return Some(e),
+        },
+        None => None,
+    };
+    let tracker = match runtime.registry.open(key.clone()).await {
         Ok(t) => t,
         Err(RegistryError::AlreadyOpen(_)) => {
             return Some(format!(
@@ -205,6 +215,9 @@ async fn drive(
     let clock = runtime.clock.clone();
     let connector = FetchConnector::new().credentials(settings.credentials);
     let mut stream = ResumableStream::new(connector, clock.clone(), url, tracker, settings.config);
+    if let Some(resume_url) = resume_url {
+        stream = stream.with_resume_url(resume_url);
+    }
     state.borrow_mut().runtime = Some(runtime.clone());
     let sync = |stream: &ResumableStream<_, _>| {
         let mut state = state.borrow_mut();
@@ -213,6 +226,7 @@ async fn drive(
             (Some(ours), Some(id)) => id.clone_into(ours),
             (ours, id) => *ours = id.map(str::to_owned),
         }
+        state.post.sync(stream);
     };
     sync(&stream);
     // close() may come from a listener, between two events of one chunk.
@@ -232,6 +246,11 @@ async fn drive(
             Ok(_) if closed(&mut close) => break None,
             Ok(item) => item,
             Err(StreamError::Closed) => break None,
+            Err(StreamError::Done) => {
+                sync(&stream);
+                let _ = on_state.call2(&JsValue::NULL, &"done".into(), &JsValue::NULL);
+                break None;
+            }
             Err(error) => break Some(error.to_string()),
         };
         // Listeners read the counters of the item they hear about.
@@ -259,6 +278,8 @@ async fn drive(
                     .build();
                 let _ = on_state.call2(&JsValue::NULL, &"error".into(), &detail);
             }
+            // Stored before the answer's first event is delivered.
+            StreamItem::Resumable { url } => post::persist(&runtime, &key, &url).await,
             // An item of a newer core: nothing to report.
             _ => {}
         }
@@ -268,4 +289,39 @@ async fn drive(
     drop(stream);
     let _ = flush(&runtime).await;
     reason
+}
+
+/// The POST side of `stats()`: `method`, `resumable` (`null` until the
+/// answer to the POST says) and `resumeUrl`.
+#[derive(Default)]
+struct PostState {
+    post: bool,
+    resumable: Option<bool>,
+    resume_url: Option<String>,
+}
+
+impl PostState {
+    fn new(post: bool) -> Self {
+        PostState {
+            post,
+            ..PostState::default()
+        }
+    }
+
+    fn sync<C: tidemark_core::Connector, K: Clock>(&mut self, stream: &ResumableStream<C, K>) {
+        self.resumable = stream.resumable();
+        if self.resume_url.as_deref() != stream.resume_url() {
+            self.resume_url = stream.resume_url().map(str::to_owned);
+        }
+    }
+
+    fn stats(&self, fields: js::Fields) -> js::Fields {
+        fields
+            .set("method", if self.post { "POST" } else { "GET" })
+            .set(
+                "resumable",
+                self.resumable.map_or(JsValue::NULL, JsValue::from_bool),
+            )
+            .set("resumeUrl", js::opt_str(self.resume_url.as_ref()))
+    }
 }
