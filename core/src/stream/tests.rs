@@ -1322,3 +1322,27 @@ fn a_get_stream_ignores_content_location_and_204_stays_a_failure() {
     assert_eq!(conn.sent()[1], "GET http://x/sse after 1");
     assert_eq!((s.resumable(), s.resume_url()), (Some(true), None));
 }
+
+#[test]
+fn next_with_yields_the_resume_url_before_handing_out_the_answer() {
+    let (clock, _, mut s) = post(
+        vec![Answer::Located(
+            RESUME,
+            vec![
+                Step::Bytes("id: 1\ndata: a\n\nid: 2\ndata: b\n\n"),
+                Step::Hang,
+            ],
+        )],
+        None,
+        None,
+    );
+    assert_eq!(
+        items_with(&clock, &mut s, 4),
+        [
+            "open -".to_owned(),
+            format!("resumable {RESUME}"),
+            "1".into(),
+            "2".into()
+        ]
+    );
+}

@@ -1,5 +1,6 @@
 //! POST streams that survive a reload: the `method` and `body` options,
-//! the resume URL stored under the stream key, and `forgetStream`.
+//! the resume URL stored under the stream key, their side of `stats()`,
+//! and `forgetStream`.
 //!
 //! The rules (POST once, resume with a GET of the answer's
 //! `Content-Location`, 204 is the end) are the core's
@@ -13,7 +14,7 @@ use super::js;
 use super::runtime::{Runtime, StoreSpec, runtime};
 use super::tracker::stream_key_of;
 use js_sys::{ArrayBuffer, Uint8Array};
-use tidemark_core::{RegistryError, StreamKey};
+use tidemark_core::{Clock, Connector, RegistryError, ResumableStream, StreamKey};
 use wasm_bindgen::prelude::*;
 
 /// The POST body of the `method` and `body` options: `None` for a GET
@@ -137,4 +138,39 @@ pub async fn forget_stream(stream_key: String, options: JsValue) -> Result<(), J
         .delete_resume_url(&key)
         .await
         .map_err(|e| JsError::new(&e.to_string()))
+}
+
+/// The POST side of `stats()`: `method`, `resumable` (`null` until the
+/// answer to the POST says) and `resumeUrl`.
+#[derive(Default)]
+pub(crate) struct PostState {
+    post: bool,
+    resumable: Option<bool>,
+    resume_url: Option<String>,
+}
+
+impl PostState {
+    pub(crate) fn new(post: bool) -> Self {
+        PostState {
+            post,
+            ..PostState::default()
+        }
+    }
+
+    pub(crate) fn sync<C: Connector, K: Clock>(&mut self, stream: &ResumableStream<C, K>) {
+        self.resumable = stream.resumable();
+        if self.resume_url.as_deref() != stream.resume_url() {
+            self.resume_url = stream.resume_url().map(str::to_owned);
+        }
+    }
+
+    pub(crate) fn stats(&self, fields: js::Fields) -> js::Fields {
+        fields
+            .set("method", if self.post { "POST" } else { "GET" })
+            .set(
+                "resumable",
+                self.resumable.map_or(JsValue::NULL, JsValue::from_bool),
+            )
+            .set("resumeUrl", js::opt_str(self.resume_url.as_ref()))
+    }
 }

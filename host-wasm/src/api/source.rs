@@ -1,7 +1,7 @@
 //! The engine behind `ResumableEventSource` (see `js/index.js`).
 
 use super::js;
-use super::post;
+use super::post::{self, PostState};
 use super::runtime::{Runtime, StoreSpec, runtime};
 use super::tracker::{flush, stream_key_of};
 use crate::{CredentialsMode, FetchConnector};
@@ -289,39 +289,4 @@ async fn drive(
     drop(stream);
     let _ = flush(&runtime).await;
     reason
-}
-
-/// The POST side of `stats()`: `method`, `resumable` (`null` until the
-/// answer to the POST says) and `resumeUrl`.
-#[derive(Default)]
-struct PostState {
-    post: bool,
-    resumable: Option<bool>,
-    resume_url: Option<String>,
-}
-
-impl PostState {
-    fn new(post: bool) -> Self {
-        PostState {
-            post,
-            ..PostState::default()
-        }
-    }
-
-    fn sync<C: tidemark_core::Connector, K: Clock>(&mut self, stream: &ResumableStream<C, K>) {
-        self.resumable = stream.resumable();
-        if self.resume_url.as_deref() != stream.resume_url() {
-            self.resume_url = stream.resume_url().map(str::to_owned);
-        }
-    }
-
-    fn stats(&self, fields: js::Fields) -> js::Fields {
-        fields
-            .set("method", if self.post { "POST" } else { "GET" })
-            .set(
-                "resumable",
-                self.resumable.map_or(JsValue::NULL, JsValue::from_bool),
-            )
-            .set("resumeUrl", js::opt_str(self.resume_url.as_ref()))
-    }
 }
