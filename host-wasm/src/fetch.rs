@@ -72,7 +72,9 @@ impl<T: CredentialsMode + ?Sized> CredentialsMode for &T {
 /// bytes (no `Content-Type` is added: pass it among the headers). The
 /// answer's `Content-Location`, resolved against the response's URL, is
 /// [`FetchBody::content_location`], which the core resumes from (what
-/// `tidemark proxy` answers a POST stream with). Cross-origin, a script
+/// `tidemark proxy` answers a POST stream with). The connect timeout does
+/// not apply to a POST (see [`FetchConnector::connect_timeout`]).
+/// Cross-origin, a script
 /// reads `Content-Location` only if the server lists it in
 /// `Access-Control-Expose-Headers`; without that the stream cannot be
 /// resumed.
@@ -150,7 +152,9 @@ impl FetchConnector {
 
     /// Sets how long `connect` waits for the response headers before it
     /// aborts the request and fails with [`Failure::Network`] (default
-    /// 10 s).
+    /// 10 s). Not for a POST: it waits for its answer as long as that takes
+    /// (a service may think before it answers, and a POST given up on is
+    /// never sent again).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
@@ -215,7 +219,9 @@ impl FetchConnector {
             .dyn_into()
             .map_err(|_| Failure::Request("fetch did not return a promise".into()))?;
         let timeout_ms = self.connect_timeout.as_millis().min(i32::MAX as u128) as u32;
-        let response = {
+        let response = if request.body.is_some() {
+            JsFuture::from(promise).await
+        } else {
             let response = pin!(JsFuture::from(promise));
             match select(response, TimeoutFuture::new(timeout_ms)).await {
                 Either::Left((response, _)) => response,

@@ -66,7 +66,8 @@ const TYPES = { js: 'text/javascript', wasm: 'application/wasm', json: 'applicat
  * The upstream: the page, the package, and two POST endpoints that answer
  * with an SSE stream of tokens `t1`, `t2`, ... (no ids): `/v1/chat` streams
  * all 3,000 (one every 2 ms) and ends; `/v1/cut` streams 50 and then cuts
- * the connection. Every POST is recorded with its body.
+ * the connection; `/v1/slow` answers after 10.5 s with 20 and ends. Every
+ * POST is recorded with its body.
  */
 async function startUpstream() {
   const upstream = { posts: [], live: new Set() };
@@ -91,12 +92,15 @@ async function startUpstream() {
         return res.end('no such file');
       }
     }
-    if (req.method === 'POST' && (path === '/v1/chat' || path === '/v1/cut')) {
+    if (req.method === 'POST' && ['/v1/chat', '/v1/cut', '/v1/slow'].includes(path)) {
       const chunks = [];
       for await (const chunk of req) chunks.push(chunk);
       upstream.posts.push({ path, body: Buffer.concat(chunks).toString('utf8'), type: req.headers['content-type'] });
+      // A service that thinks before it answers: past the 10 s connect
+      // timeout of GET streams.
+      if (path === '/v1/slow') await new Promise((r) => setTimeout(r, 10_500));
       res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' });
-      const last = path === '/v1/chat' ? TOKENS : 50;
+      const last = { '/v1/chat': TOKENS, '/v1/cut': 50, '/v1/slow': 20 }[path];
       let next = 1;
       const timer = setInterval(() => {
         // Two or three tokens per 5 ms tick: about 2 ms a token.
@@ -104,7 +108,7 @@ async function startUpstream() {
         if (next > last) {
           clearInterval(timer);
           upstream.live.delete(timer);
-          if (path === '/v1/chat') res.end();
+          if (path !== '/v1/cut') res.end();
           // Once the last tokens are surely out: a cut, not a clean end.
           else setTimeout(() => res.socket.destroy(), 100);
         }
@@ -241,6 +245,16 @@ test('without the proxy a cut answer ends with an error and is not POSTed again'
   assert.match(error.message, /cannot resume: the answer to the POST had no Content-Location/);
   assert.equal(error.stats.resumable, false);
   assert.equal(upstream.posts.length - postsBefore, 1, 'never POSTed again');
+  await page.page.close();
+});
+
+test('a POST waits for a slow answer past the connect timeout, and is sent once', { timeout: 60_000 }, async () => {
+  const postsBefore = upstream.posts.length;
+  const page = await openPage(upstream.url, { path: '/v1/slow', key: 'answer-m4' });
+  await waitFor(() => page.reports.length > 0, 'the end of the stream', 30_000);
+  assert.deepEqual(page.reports.map((r) => r.kind), ['close'], 'no error');
+  assert.equal((await page.shown()).length, 20);
+  assert.equal(upstream.posts.length - postsBefore, 1);
   await page.page.close();
 });
 
