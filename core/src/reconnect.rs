@@ -22,6 +22,10 @@
 //!   nothing back off exponentially.
 //! - **Idle watchdog**: no byte for `idle_timeout` (default 45 s, three
 //!   missed 15 s keep-alives) means the connection is dead.
+//! - **Requests with a body** (a POST stream's first request) are sent
+//!   again only after an answer saying the server did not act on them
+//!   ([`Failure::may_resend_body`]: 408, 429, 503); the resumable stream
+//!   ends on any other failure of such a request instead of repeating it.
 //! - **Permanent failures** (401, 403, 404, 405, 410 and other 4xx except 408
 //!   and 429, 204 No Content, a wrong content type) stop at once with a clear
 //!   error instead of looping.
@@ -101,6 +105,27 @@ impl Failure {
             Failure::ContentType(_) | Failure::Request(_) => false,
             Failure::Network(_) | Failure::Idle(_) => true,
         }
+    }
+}
+
+impl Failure {
+    /// Whether a request with a body (a POST) that failed this way may be
+    /// sent again. Only when the server said it did not act on it: 408
+    /// (it did not receive the whole request), 429 (too many requests) and
+    /// 503 (unavailable), and a request the browser or client could not
+    /// even build. Not after a network failure (the request may have
+    /// arrived and been acted on, with the answer lost), nor after other
+    /// 5xx (a 500, or a 502/504 from a gateway, says nothing about whether
+    /// the service acted). The [`ReconnectPolicy`] still decides when, and
+    /// whether the budget of attempts allows it.
+    pub fn may_resend_body(&self) -> bool {
+        matches!(
+            self,
+            Failure::Status {
+                code: 408 | 429 | 503,
+                ..
+            } | Failure::Request(_)
+        )
     }
 }
 

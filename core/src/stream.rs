@@ -16,6 +16,11 @@
 //!
 //! - [`StreamItem::Open`]: a connection is up (a 200 `text/event-stream`
 //!   answer), with the `Last-Event-ID` it was opened with;
+//! - [`StreamItem::Resumable`]: only for a POST stream, right after the
+//!   `Open` of the POST's answer when it carries a `Content-Location`: the
+//!   URL the stream resumes from, for the host to store (durably, before it
+//!   asks for the next item) so that a later run resumes there instead of
+//!   sending the POST again;
 //! - [`StreamItem::Event`]: a fresh event, to hand to the application;
 //! - [`StreamItem::Reconnecting`]: the connection failed or could not be
 //!   made, why, when the next attempt is due, and which attempt in a row it
@@ -24,6 +29,30 @@
 //! For one connection the order is always `Open`, then its events, then
 //! `Reconnecting`; an attempt that fails before its headers yields only
 //! `Reconnecting`. A final error (`Err`) ends the sequence.
+//!
+//! # POST streams
+//!
+//! With a body ([`StreamConfig::body`]) the first request is a POST of it
+//! (no `Last-Event-ID`: it starts a new answer). A POST is never sent
+//! twice once the server may have acted on it:
+//!
+//! - its answer has a `Content-Location` ([`Connector::content_location`],
+//!   what `tidemark proxy` adds): the stream yields
+//!   [`StreamItem::Resumable`] and from then on resumes with a GET of that
+//!   URL with `Last-Event-ID`, like any GET stream. A clean end of a
+//!   connection that received data is confirmed at once (no backoff, no
+//!   `Reconnecting`) by such a GET; a `204 No Content` to it ends the
+//!   stream with [`StreamError::Done`]. A stream made with
+//!   [`ResumableStream::with_resume_url`] (the URL a previous run stored)
+//!   starts with that GET and never POSTs;
+//! - its answer has none: the stream cannot be resumed. The clean end of
+//!   the answer is [`StreamError::Done`], a broken connection
+//!   [`StreamError::Unresumable`];
+//! - it got no answer (a network failure before the response): the server
+//!   may have acted on it, so it ends with [`StreamError::Unanswered`].
+//!   Only answers saying it was not acted on (408, 429, 503; see
+//!   [`Failure::may_resend_body`]) let the policy send it again. A 204 to
+//!   the POST is [`StreamError::Done`] too.
 //!
 //! The next call to `next` (or an explicit [`ResumableStream::commit`])
 //! declares the previous event delivered and moves the cursor: a crash
@@ -65,6 +94,10 @@ pub struct ConnectRequest<'a> {
     pub headers: &'a [(String, String)],
     /// The `Last-Event-ID` header to send, if any.
     pub last_event_id: Option<&'a str>,
+    /// The request body: `Some` makes the request a POST of these bytes
+    /// (the first request of a POST stream), `None` a GET. Connectors that
+    /// cannot send a body fail such a request with [`Failure::Request`].
+    pub body: Option<&'a [u8]>,
 }
 
 /// Opens SSE connections for a [`ResumableStream`]; implemented by hosts.
@@ -82,6 +115,16 @@ pub trait Connector {
 
     /// Opens a connection.
     async fn connect(&self, request: ConnectRequest<'_>) -> Result<Self::Body, Failure>;
+
+    /// The `Content-Location` of the response `body` belongs to, as an
+    /// absolute URL (resolved against the response's URL), if it has one.
+    /// Read only for the answer to a POST: the stream resumes with a GET of
+    /// it (see the [module docs](self)). The default is `None`, for
+    /// connectors that send only GETs.
+    fn content_location(&self, body: &Self::Body) -> Option<String> {
+        let _ = body;
+        None
+    }
 }
 
 /// Why a [`ResumableStream`] stopped.
@@ -94,6 +137,16 @@ pub enum StreamError {
     Parse(ParseError),
     /// The stream was closed by [`ResumableStream::close`].
     Closed,
+    /// The server says the stream is complete: a `204 No Content` to a POST
+    /// stream's resume (or to the POST), or the clean end of a POST's
+    /// answer that cannot be resumed.
+    Done,
+    /// A POST's answer without a `Content-Location` broke: it cannot be
+    /// resumed, and the POST is never sent again.
+    Unresumable(Failure),
+    /// A POST got no answer (the failure): the server may have acted on
+    /// it, so it is not sent again.
+    Unanswered(Failure),
 }
 
 impl fmt::Display for StreamError {
@@ -102,6 +155,16 @@ impl fmt::Display for StreamError {
             StreamError::GaveUp(g) => write!(f, "{g}"),
             StreamError::Parse(e) => write!(f, "malformed stream: {e}"),
             StreamError::Closed => f.write_str("stream closed"),
+            StreamError::Done => f.write_str("the server ended the stream"),
+            StreamError::Unresumable(failure) => write!(
+                f,
+                "{failure}; cannot resume: the answer to the POST had no Content-Location"
+            ),
+            StreamError::Unanswered(failure) => write!(
+                f,
+                "{failure}; the POST got no answer and is not sent again \
+                 (the server may have acted on it)"
+            ),
         }
     }
 }
@@ -111,7 +174,8 @@ impl std::error::Error for StreamError {
         match self {
             StreamError::GaveUp(give_up) => Some(give_up),
             StreamError::Parse(error) => Some(error),
-            StreamError::Closed => None,
+            StreamError::Unresumable(failure) | StreamError::Unanswered(failure) => Some(failure),
+            StreamError::Closed | StreamError::Done => None,
         }
     }
 }
@@ -129,6 +193,10 @@ pub struct StreamConfig {
     /// yielding [`StreamItem::Skipped`], instead of ending the stream with
     /// [`StreamError::Parse`] (the default).
     pub skip_oversized: bool,
+    /// A body to POST: the stream then starts with a POST of it and never
+    /// sends it twice (see [POST streams](self#post-streams)). `None` (the
+    /// default): a GET stream.
+    pub body: Option<Vec<u8>>,
 }
 
 impl StreamConfig {
@@ -150,6 +218,15 @@ pub enum StreamItem {
         /// The `Last-Event-ID` the connection was opened with; `None` from
         /// the start of the stream.
         last_event_id: Option<String>,
+    },
+    /// A POST's answer carries a `Content-Location`: the stream resumes
+    /// from `url` (absolute) from now on. Yielded right after its `Open`,
+    /// before any event of it; a host that resumes across runs stores the
+    /// URL (see [`ResumableStream::with_resume_url`]) before it asks for the
+    /// next item.
+    Resumable {
+        /// The URL to resume from.
+        url: String,
     },
     /// A fresh event, to hand to the application.
     Event(Event),
@@ -226,6 +303,16 @@ pub struct ResumableStream<C: Connector, K> {
     skip_oversized: bool,
     /// A discarded line or event not yet reported.
     skipped: Option<ParseError>,
+    /// The body of a POST stream.
+    body: Option<Vec<u8>>,
+    /// Where a POST stream resumes (a GET), once known.
+    resume_url: Option<String>,
+    /// The POST got an answer (headers): it is never sent again.
+    answered: bool,
+    /// A [`StreamItem::Resumable`] is due before anything else.
+    announce: bool,
+    /// `stats.bytes` when the current connection opened.
+    bytes_at_open: u64,
 }
 
 impl<C: Connector, K> fmt::Debug for ResumableStream<C, K> {
@@ -270,7 +357,42 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
             read_at: Millis::ZERO,
             skip_oversized: config.skip_oversized,
             skipped: None,
+            body: config.body,
+            resume_url: None,
+            answered: false,
+            announce: false,
+            bytes_at_open: 0,
         }
+    }
+
+    /// This stream resuming from `url`, the [`StreamItem::Resumable`] URL
+    /// of an earlier run of the same POST stream: it starts with a GET of
+    /// `url` with the tracker's `Last-Event-ID` and never sends its body.
+    pub fn with_resume_url(mut self, url: impl Into<String>) -> Self {
+        self.resume_url = Some(url.into());
+        self.answered = true;
+        self
+    }
+
+    /// Where this POST stream resumes from, once known (from the answer's
+    /// `Content-Location`, or [`with_resume_url`](Self::with_resume_url)).
+    pub fn resume_url(&self) -> Option<&str> {
+        self.resume_url.as_deref()
+    }
+
+    /// Whether the stream can be resumed: `Some(true)` for a GET stream and
+    /// for a POST stream with a resume URL, `Some(false)` for a POST whose
+    /// answer had no `Content-Location`, `None` while a POST has no answer.
+    pub fn resumable(&self) -> Option<bool> {
+        match (&self.body, &self.resume_url) {
+            (None, _) | (Some(_), Some(_)) => Some(true),
+            (Some(_), None) => self.answered.then_some(false),
+        }
+    }
+
+    /// Whether the next request is the POST of the stream's body.
+    fn posting(&self) -> bool {
+        self.body.is_some() && self.resume_url.is_none()
     }
 
     /// Declares every event handed out so far delivered and moves the cursor.
@@ -322,18 +444,30 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
                     self.state = State::Connect;
                 }
                 State::Connect => {
+                    let posting = self.posting();
                     let request = ConnectRequest {
-                        url: &self.url,
+                        url: self.resume_url.as_deref().unwrap_or(&self.url),
                         headers: &self.headers,
-                        last_event_id: self.tracker.last_event_id(),
+                        last_event_id: self.tracker.last_event_id().filter(|_| !posting),
+                        body: self.body.as_deref().filter(|_| posting),
                     };
                     let connected = self.connector.connect(request).await;
                     let now = self.clock.now();
                     match connected {
                         Ok(body) => {
                             self.stats.connects += 1;
+                            self.bytes_at_open = self.stats.bytes;
                             self.policy.on_connected(now);
-                            let last_event_id = self.tracker.last_event_id().map(str::to_owned);
+                            if posting {
+                                self.answered = true;
+                                self.resume_url = self.connector.content_location(&body);
+                                self.announce = self.resume_url.is_some();
+                            }
+                            let last_event_id = self
+                                .tracker
+                                .last_event_id()
+                                .filter(|_| !posting)
+                                .map(str::to_owned);
                             let parser = match &last_event_id {
                                 Some(id) => Parser::with_last_event_id(self.limits, id),
                                 None => Parser::new(self.limits),
@@ -345,6 +479,14 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
                     }
                 }
                 State::Open(body, mut parser) => {
+                    if self.announce
+                        && let Some(url) = &self.resume_url
+                    {
+                        self.announce = false;
+                        let url = url.clone();
+                        self.state = State::Open(body, parser);
+                        return Ok(StreamItem::Resumable { url });
+                    }
                     let now = self.clock.now();
                     let drained = match sink.as_deref_mut() {
                         None => self.drain(&mut parser, now, true).map(StreamItem::Event),
@@ -418,6 +560,16 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
                             // read; an incomplete one at the end is dropped,
                             // as the specification says.
                             drop((body, parser));
+                            if self.body.is_some() {
+                                if self.resume_url.is_none() {
+                                    return self.stop(StreamError::Done);
+                                }
+                                if self.stats.bytes > self.bytes_at_open {
+                                    // Most likely the end: a GET of the
+                                    // resume URL confirms it (204) at once.
+                                    continue;
+                                }
+                            }
                             let closed = Failure::Network("the server closed the stream".into());
                             return self.fail(now, closed);
                         }
@@ -455,6 +607,9 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
     /// delivered at once. Nothing is committed before that call, not even
     /// the cursor of an id-only event, which moves with the group.
     pub fn next_ready(&mut self) -> Option<Event> {
+        if self.announce {
+            return None;
+        }
         match std::mem::replace(&mut self.state, State::Connect) {
             State::Open(body, mut parser) => {
                 let event = self.drain(&mut parser, self.read_at, false);
@@ -535,6 +690,9 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
     /// so, or stop.
     fn fail(&mut self, now: Millis, failure: Failure) -> Result<StreamItem, StreamError> {
         self.stats.last_failure = Some(failure.clone());
+        if let Some(error) = self.post_ends(&failure) {
+            return self.stop(error);
+        }
         self.failures = self.failures.saturating_add(1);
         match self.policy.on_failure(now, failure.clone()) {
             Decision::RetryAt(retry_at) => {
@@ -552,6 +710,34 @@ impl<C: Connector, K: Clock> ResumableStream<C, K> {
                 Err(error)
             }
         }
+    }
+
+    /// How `failure` ends a POST stream, if it does (see [POST
+    /// streams](self#post-streams)); `None` for a GET stream.
+    fn post_ends(&self, failure: &Failure) -> Option<StreamError> {
+        self.body.as_ref()?;
+        if let Failure::Status { code: 204, .. } = failure {
+            return Some(StreamError::Done);
+        }
+        if self.resume_url.is_some() {
+            return None;
+        }
+        if self.answered {
+            return Some(StreamError::Unresumable(failure.clone()));
+        }
+        match failure {
+            _ if failure.may_resend_body() => None,
+            Failure::Network(_) | Failure::Idle(_) => {
+                Some(StreamError::Unanswered(failure.clone()))
+            }
+            _ => Some(StreamError::GaveUp(GiveUp::Permanent(failure.clone()))),
+        }
+    }
+
+    /// Stops the stream for good with `error`.
+    fn stop(&mut self, error: StreamError) -> Result<StreamItem, StreamError> {
+        self.state = State::Stopped(error.clone());
+        Err(error)
     }
 
     /// Drops the connection; later calls to `next` return

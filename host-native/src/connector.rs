@@ -547,6 +547,13 @@ impl Connector for HttpConnector {
     type Body = HttpBody;
 
     async fn connect(&self, request: ConnectRequest<'_>) -> Result<HttpBody, Failure> {
+        if request.body.is_some() {
+            // It reads no Content-Location either: a POST stream here could
+            // never be resumed.
+            return Err(Failure::Request(
+                "this connector opens GET streams only, not POST streams".into(),
+            ));
+        }
         let mut protocol = Vec::with_capacity(3);
         protocol.push((ACCEPT.to_string(), "text/event-stream".to_owned()));
         protocol.push((CACHE_CONTROL.to_string(), "no-cache".to_owned()));

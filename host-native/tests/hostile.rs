@@ -217,6 +217,7 @@ fn a_503_with_an_http_date_in_retry_after_is_retried_no_sooner() {
                 url: &format!("http://{addr}/events"),
                 headers: &[],
                 last_event_id: None,
+                body: None,
             })
             .await
             .expect_err("a 503");

@@ -196,6 +196,7 @@ fn frames_already_in_come_as_one_chunk() {
             url: &url,
             headers: &[],
             last_event_id: None,
+            body: None,
         };
         let mut body = HttpConnector::default().connect(request).await.unwrap();
         body.next().await.unwrap().unwrap()

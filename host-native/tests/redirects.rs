@@ -196,6 +196,7 @@ async fn get(connector: &HttpConnector, url: &str) -> Result<String, Failure> {
             url,
             headers: &headers,
             last_event_id: Some("7"),
+            body: None,
         })
         .await?;
     let mut bytes = Vec::new();

@@ -3,7 +3,12 @@
 // this file gives it an EventSource-shaped face. Types (index.d.ts) are
 // generated from the JSDoc here by the package build.
 
-import init, { EventSourceDriver, flushAll, openTracker as openWasmTracker } from './tidemark_wasm.js';
+import init, {
+  EventSourceDriver,
+  flushAll,
+  forgetStream as forgetWasmStream,
+  openTracker as openWasmTracker,
+} from './tidemark_wasm.js';
 
 /** @type {Promise<void> | undefined} */
 let loading;
@@ -52,7 +57,21 @@ export function initialize(wasm) {
  */
 
 /**
- * @typedef {StoreOptions & {
+ * A POST stream: the first connection POSTs `body`; behind `tidemark proxy`
+ * the answer's `Content-Location` is stored under `streamKey` before its
+ * first event is delivered, and every reconnect, and every later page with
+ * the same `streamKey`, resumes with a GET there instead of posting again.
+ * See "POST streams that survive a reload" in the README.
+ *
+ * @typedef {object} PostOptions
+ * @property {'GET' | 'POST'} [method] `'GET'` (the default) or `'POST'`.
+ *   `'POST'` needs a `streamKey` of its own for each request (a message id).
+ * @property {string | ArrayBuffer | ArrayBufferView} [body] What to POST
+ *   (strings as UTF-8; no `content-type` is added: set it in `headers`).
+ */
+
+/**
+ * @typedef {StoreOptions & PostOptions & {
  *   headers?: Record<string, string> | [string, string][] | Headers,
  *   streamKey?: string,
  *   withCredentials?: boolean,
@@ -72,7 +91,8 @@ export function initialize(wasm) {
  *   context delivers each event once, in order. A context that joins later
  *   gets what the leader still holds after its own cursor (the leader keeps
  *   its last 1024 events): a reloaded tab goes on from where it was. Give
- *   every source of one key the same `shared`, `headers` and URL. Default
+ *   every source of one key the same `shared`, `headers` and URL; not with
+ *   `method: 'POST'` (a POST stream belongs to the context that sent it). Default
  *   `false` (see the package README for why).
  */
 
@@ -100,7 +120,18 @@ export function initialize(wasm) {
  */
 
 /**
- * @typedef {Stats & {
+ * What `stats()` says of a POST stream.
+ *
+ * @typedef {object} PostStats
+ * @property {'GET' | 'POST'} method The stream's method.
+ * @property {boolean | null} resumable Whether the stream can be resumed:
+ *   `true` for a GET stream and a POST answered with a `Content-Location`,
+ *   `false` for a POST answered without one, `null` until the POST is answered.
+ * @property {string | null} resumeUrl Where a POST stream resumes from.
+ */
+
+/**
+ * @typedef {Stats & PostStats & {
  *   connects: number, reconnects: number, delivered: number,
  *   duplicates: number, comments: number, bytes: number,
  *   lastFailure: string | null,
@@ -156,6 +187,9 @@ export function initialize(wasm) {
  * has `message`, `retryDelay` and `attempt`, see {@link ResumableErrorEvent})
  * and when the stream stops for good, as after a 404 (`readyState` is
  * `CLOSED`; the reason is in `event.message`, if any).
+ *
+ * With `method: 'POST'` (see {@link PostOptions}) `close` fires when the
+ * server ends the stream (`readyState` is `CLOSED`, no `error` follows).
  */
 export class ResumableEventSource extends EventTarget {
   static CONNECTING = /** @type {const} */ (0);
@@ -210,6 +244,9 @@ export class ResumableEventSource extends EventTarget {
               } else if (kind === 'error' && this.#readyState !== 2) {
                 this.#readyState = 0;
                 this.#fail(detail.message, detail);
+              } else if (kind === 'done' && this.#readyState !== 2) {
+                this.#readyState = 2;
+                this.dispatchEvent(new Event('close'));
               } else if (kind === 'closed') {
                 const stopped = this.#readyState !== 2;
                 this.#readyState = 2;
@@ -304,6 +341,18 @@ export class ResumableEventSource extends EventTarget {
   }
   set onerror(fn) {
     this.#setHandler('error', fn);
+  }
+
+  /**
+   * Hears the `close` event: the server ended the stream (a POST stream's
+   * end; `readyState` is `CLOSED`, no `error` follows).
+   * @returns {EventHandler | null}
+   */
+  get onclose() {
+    return this.#handler('close');
+  }
+  set onclose(fn) {
+    this.#setHandler('close', fn);
   }
 
   /**
@@ -441,6 +490,19 @@ export class Tracker {
 export async function openTracker(streamKey, options = {}) {
   await initialize();
   return new Tracker(await openWasmTracker(streamKey, options));
+}
+
+/**
+ * Forgets a stream: its cursor and, for a POST stream, its resume URL, so
+ * that the key starts afresh (a `ResumableEventSource` with it POSTs
+ * again). Rejects while the key is open in this page.
+ * @param {string} streamKey
+ * @param {StoreOptions} [options]
+ * @returns {Promise<void>}
+ */
+export async function forgetStream(streamKey, options = {}) {
+  await initialize();
+  await forgetWasmStream(streamKey, options);
 }
 
 /**

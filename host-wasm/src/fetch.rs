@@ -66,6 +66,19 @@ impl<T: CredentialsMode + ?Sized> CredentialsMode for &T {
 /// connection the core gives up on never lingers (browsers allow only six
 /// HTTP/1.1 connections per server).
 ///
+/// # POST streams
+///
+/// A request with a body ([`ConnectRequest::body`]) is a `POST` of those
+/// bytes (no `Content-Type` is added: pass it among the headers). The
+/// answer's `Content-Location`, resolved against the response's URL, is
+/// [`FetchBody::content_location`], which the core resumes from (what
+/// `tidemark proxy` answers a POST stream with). The connect timeout does
+/// not apply to a POST (see [`FetchConnector::connect_timeout`]).
+/// Cross-origin, a script
+/// reads `Content-Location` only if the server lists it in
+/// `Access-Control-Expose-Headers`; without that the stream cannot be
+/// resumed.
+///
 /// # Globals, workers, hidden tabs
 ///
 /// `fetch` and `AbortController` come from `globalThis`, never from `window`
@@ -139,7 +152,9 @@ impl FetchConnector {
 
     /// Sets how long `connect` waits for the response headers before it
     /// aborts the request and fails with [`Failure::Network`] (default
-    /// 10 s).
+    /// 10 s). Not for a POST: it waits for its answer as long as that takes
+    /// (a service may think before it answers, and a POST given up on is
+    /// never sent again).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
@@ -178,7 +193,13 @@ impl FetchConnector {
         // caller dropping this future.
         let mut guard = AbortOnDrop(Some(controller.clone()));
         let init = RequestInit::new();
-        init.set_method("GET");
+        match request.body {
+            Some(body) => {
+                init.set_method("POST");
+                init.set_body(&Uint8Array::from(body).into());
+            }
+            None => init.set_method("GET"),
+        }
         init.set_headers(&headers);
         init.set_cache(RequestCache::NoStore);
         init.set_credentials(credentials);
@@ -198,7 +219,9 @@ impl FetchConnector {
             .dyn_into()
             .map_err(|_| Failure::Request("fetch did not return a promise".into()))?;
         let timeout_ms = self.connect_timeout.as_millis().min(i32::MAX as u128) as u32;
-        let response = {
+        let response = if request.body.is_some() {
+            JsFuture::from(promise).await
+        } else {
             let response = pin!(JsFuture::from(promise));
             match select(response, TimeoutFuture::new(timeout_ms)).await {
                 Either::Left((response, _)) => response,
@@ -229,6 +252,9 @@ impl FetchConnector {
             }),
             header("content-type").as_deref(),
         )?;
+        let content_location = header("content-location")
+            .and_then(|location| web_sys::Url::new_with_base(&location, &response.url()).ok())
+            .map(|url| url.href());
         let body = response
             .body()
             .ok_or_else(|| Failure::Network("the response has no body".into()))?;
@@ -242,6 +268,7 @@ impl FetchConnector {
             controller,
             pending: None,
             ended: false,
+            content_location,
         })
     }
 }
@@ -252,6 +279,10 @@ impl Connector for FetchConnector {
 
     async fn connect(&self, request: ConnectRequest<'_>) -> Result<FetchBody, Failure> {
         self.open(request).await
+    }
+
+    fn content_location(&self, body: &FetchBody) -> Option<String> {
+        body.content_location().map(str::to_owned)
     }
 }
 
@@ -278,6 +309,16 @@ pub struct FetchBody {
     pending: Option<JsFuture>,
     /// The stream ended or failed.
     ended: bool,
+    /// The response's `Content-Location`, absolute.
+    content_location: Option<String>,
+}
+
+impl FetchBody {
+    /// The response's `Content-Location` header resolved against the
+    /// response's URL (after redirects), if it has one that is a URL.
+    pub fn content_location(&self) -> Option<&str> {
+        self.content_location.as_deref()
+    }
 }
 
 impl fmt::Debug for FetchBody {

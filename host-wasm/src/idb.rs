@@ -40,8 +40,10 @@ const CLOSED_BY_BROWSER: &str = "the browser closed the database connection (sit
 
 /// Cursors of every stream in one IndexedDB database.
 ///
-/// The database has version [`IdbStore::VERSION`] and one object store,
-/// [`IdbStore::OBJECT_STORE`]. A stream's cursor is the entry with the highest
+/// The database has version [`IdbStore::VERSION`] and two object stores:
+/// [`IdbStore::OBJECT_STORE`] for cursors, and [`IdbStore::RESUME_STORE`]
+/// for the resume URLs of POST streams (see [below](#resume-urls)). A
+/// stream's cursor is the entry with the highest
 /// `seq` under the array key `[session, stream, seq]`; its value is a plain
 /// object `{ lastEventId: string, seq: number, at: number }`, readable from
 /// JavaScript and DevTools. `seq` and `at` are stored as Numbers: `at` is
@@ -66,6 +68,18 @@ const CLOSED_BY_BROWSER: &str = "the browser closed the database connection (sit
 /// then replayed the last flush interval's events). A stored entry of the
 /// wrong shape is reported by `load` as [`StoreError::Corrupt`] until a newer
 /// cursor of that stream replaces it.
+///
+/// # Resume URLs
+///
+/// A POST stream resumes from the URL its answer named
+/// (`Content-Location`), never by posting again. That URL is stored under
+/// the array key `[session, stream]` in [`IdbStore::RESUME_STORE`] as
+/// `{ url: string, at: number }` ([`IdbStore::save_resume_url`]), in a
+/// transaction of its own with `durability: "strict"`: it is written once
+/// per POST stream, before the first event of the answer is delivered, and
+/// a reload right after that event must find it. Version 1 databases (cursors
+/// only) are upgraded in place: the upgrade adds the object store and keeps
+/// every cursor.
 ///
 /// # Connections
 ///
@@ -126,10 +140,14 @@ impl Connection {
 }
 
 impl IdbStore {
-    /// The schema version the store opens its database with.
-    pub const VERSION: u32 = 1;
+    /// The schema version the store opens its database with: 2 since the
+    /// resume URLs (version 1 had only the cursors).
+    pub const VERSION: u32 = 2;
     /// The name of the object store holding the cursors.
     pub const OBJECT_STORE: &'static str = "cursors";
+    /// The name of the object store holding the resume URLs of POST
+    /// streams.
+    pub const RESUME_STORE: &'static str = "resume";
 
     /// Opens (creating if needed) the IndexedDB database `name`.
     ///
@@ -139,8 +157,8 @@ impl IdbStore {
     ///   `globalThis.indexedDB` or may not use it, or when the open is blocked
     ///   by another connection.
     /// - [`StoreError::Corrupt`] when the database exists at a higher version
-    ///   (a newer build upgraded it) or lacks the object store (it belongs to
-    ///   something else). Such a database is left untouched.
+    ///   (a newer build upgraded it) or lacks the cursors' object store (it
+    ///   belongs to something else). Such a database is left untouched.
     /// - Anything else IndexedDB reports, mapped as in
     ///   [`IdbStore::error_from_dom_exception`].
     pub async fn open(name: &str) -> Result<IdbStore, StoreError> {
@@ -150,15 +168,27 @@ impl IdbStore {
             .open_with_u32(name, Self::VERSION)
             .map_err(|e| js_error(&doing, &e))?;
 
+        // An existing database without our cursors is someone else's.
+        let foreign = Rc::new(Cell::new(false));
         // Runs only when the database is new (or older than VERSION).
         let upgrade: Closure<dyn FnMut(JsValue)> = {
             let request = request.clone();
-            Closure::once(move |_event: JsValue| {
+            let foreign = foreign.clone();
+            Closure::once(move |event: JsValue| {
                 let Ok(result) = request.result() else { return };
                 let db: IdbDatabase = result.unchecked_into();
-                if !db.object_store_names().contains(Self::OBJECT_STORE)
-                    && db.create_object_store(Self::OBJECT_STORE).is_err()
-                {
+                let old_version = event
+                    .dyn_ref::<web_sys::IdbVersionChangeEvent>()
+                    .map_or(0.0, |e| e.old_version());
+                let has = |name: &str| db.object_store_names().contains(name);
+                if old_version > 0.0 && !has(Self::OBJECT_STORE) {
+                    foreign.set(true);
+                }
+                let created = !foreign.get()
+                    && [Self::OBJECT_STORE, Self::RESUME_STORE]
+                        .iter()
+                        .all(|name| has(name) || db.create_object_store(name).is_ok());
+                if !created {
                     // The open then fails with an AbortError.
                     if let Some(tx) = request.transaction() {
                         let _ = tx.abort();
@@ -185,13 +215,7 @@ impl IdbStore {
                     .unchecked_into();
                 if !db.object_store_names().contains(Self::OBJECT_STORE) {
                     db.close();
-                    return Err(StoreError::Corrupt {
-                        what: format!("IndexedDB database {name:?}"),
-                        detail: format!(
-                            "it has no object store {:?}: it belongs to something else",
-                            Self::OBJECT_STORE
-                        ),
-                    });
+                    return Err(foreign_database(name));
                 }
                 Ok(IdbStore::wrap(name, db))
             }
@@ -217,6 +241,11 @@ impl IdbStore {
                     "{doing}: blocked by another tab or worker that keeps an older \
                      version of the database open"
                 )))
+            }
+            Err(_) if foreign.get() => {
+                clear_open_handlers(&request);
+                drop(upgrade);
+                Err(foreign_database(name))
             }
             Err(_) => {
                 clear_open_handlers(&request);
@@ -349,12 +378,113 @@ impl IdbStore {
 
     /// A `readwrite` transaction with relaxed durability.
     fn readwrite(&self, doing: &str) -> Result<IdbTransaction, StoreError> {
+        self.readwrite_on(doing, Self::OBJECT_STORE, "relaxed")
+    }
+
+    /// A `readwrite` transaction on `store` with `durability`.
+    fn readwrite_on(
+        &self,
+        doing: &str,
+        store: &str,
+        durability: &str,
+    ) -> Result<IdbTransaction, StoreError> {
         let db = self.conn.db(doing)?;
         let options = Object::new();
-        let _ = Reflect::set(&options, &"durability".into(), &"relaxed".into());
+        let _ = Reflect::set(&options, &"durability".into(), &durability.into());
         db.unchecked_ref::<RawDatabase>()
-            .transaction_with_options(Self::OBJECT_STORE, "readwrite", &options)
+            .transaction_with_options(store, "readwrite", &options)
             .map_err(|e| js_error(doing, &e))
+    }
+
+    /// The resume URL stored for the POST stream `key`, if any (see
+    /// [Resume URLs](IdbStore#resume-urls)).
+    ///
+    /// # Errors
+    ///
+    /// What IndexedDB reports (see [`IdbStore::error_from_dom_exception`]);
+    /// [`StoreError::Corrupt`] for a stored value of the wrong shape.
+    pub async fn load_resume_url(&self, key: &StreamKey) -> Result<Option<String>, StoreError> {
+        let doing = format!("loading the resume URL of {key:?} from {:?}", self.name);
+        let tx = self
+            .conn
+            .db(&doing)?
+            .transaction_with_str(Self::RESUME_STORE)
+            .map_err(|e| js_error(&doing, &e))?;
+        let request = tx
+            .object_store(Self::RESUME_STORE)
+            .and_then(|store| store.get(&stream_prefix(key)))
+            .map_err(|e| js_error(&doing, &e))?;
+        if request_done(&request).await.is_err() {
+            return Err(request_error(&doing, &request));
+        }
+        let value = request.result().map_err(|e| js_error(&doing, &e))?;
+        if value.is_undefined() {
+            return Ok(None);
+        }
+        let url = Reflect::get(&value, &"url".into())
+            .ok()
+            .and_then(|url| url.as_string());
+        match url {
+            Some(url) => Ok(Some(url)),
+            None => Err(StoreError::Corrupt {
+                what: format!(
+                    "IndexedDB database {:?}, object store {:?}, key {key:?}",
+                    self.name,
+                    Self::RESUME_STORE
+                ),
+                detail: "expected an object { url: string, at }".into(),
+            }),
+        }
+    }
+
+    /// Stores `url` as the resume URL of the POST stream `key`, replacing
+    /// any, at `at` (milliseconds since the Unix epoch); resolves once the
+    /// transaction is durably committed.
+    pub async fn save_resume_url(
+        &self,
+        key: &StreamKey,
+        url: &str,
+        at: Millis,
+    ) -> Result<(), StoreError> {
+        let doing = format!("saving the resume URL of {key:?} to {:?}", self.name);
+        let value = Object::new();
+        let _ = Reflect::set(&value, &"url".into(), &url.into());
+        let _ = Reflect::set(&value, &"at".into(), &(at.as_u64() as f64).into());
+        self.write_resume(&doing, |store| {
+            store.put_with_key(&value, &stream_prefix(key))
+        })
+        .await
+    }
+
+    /// Deletes the resume URL of `key`, if any.
+    pub async fn delete_resume_url(&self, key: &StreamKey) -> Result<(), StoreError> {
+        let doing = format!("deleting the resume URL of {key:?} from {:?}", self.name);
+        self.write_resume(&doing, |store| store.delete(&stream_prefix(key)))
+            .await
+    }
+
+    /// One request on the resume URLs in a strictly durable transaction.
+    async fn write_resume(
+        &self,
+        doing: &str,
+        request: impl FnOnce(&IdbObjectStore) -> Result<IdbRequest, JsValue>,
+    ) -> Result<(), StoreError> {
+        let tx = self.readwrite_on(doing, Self::RESUME_STORE, "strict")?;
+        let done = transaction_done(&tx);
+        let issued = tx
+            .object_store(Self::RESUME_STORE)
+            .and_then(|store| request(&store));
+        if let Err(e) = issued {
+            let _ = tx.abort();
+            let _ = done.await;
+            return Err(js_error(doing, &e));
+        }
+        commit(&tx);
+        if done.await.is_err() {
+            return Err(transaction_error(doing, &tx));
+        }
+        self.conn.transactions.set(self.conn.transactions.get() + 1);
+        Ok(())
     }
 
     /// Issues, for every cursor of the batch, a delete of the stream's
@@ -507,6 +637,17 @@ fn factory() -> Result<IdbFactory, StoreError> {
             )),
             other => other,
         }),
+    }
+}
+
+/// What opening a database that is not ours fails with.
+fn foreign_database(name: &str) -> StoreError {
+    StoreError::Corrupt {
+        what: format!("IndexedDB database {name:?}"),
+        detail: format!(
+            "it has no object store {:?}: it belongs to something else",
+            IdbStore::OBJECT_STORE
+        ),
     }
 }
 

@@ -54,6 +54,7 @@ fn request<'a>(url: &'a str, headers: &'a [(String, String)]) -> ConnectRequest<
         url,
         headers,
         last_event_id: None,
+        body: None,
     }
 }
 
@@ -200,6 +201,7 @@ async fn last_event_id_and_custom_headers_are_sent() {
             url: &url,
             headers: &[],
             last_event_id: Some("10"),
+            body: None,
         })
         .await
         .expect("a stream");

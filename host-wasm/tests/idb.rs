@@ -167,7 +167,7 @@ async fn save_load_delete_round_trip() {
 
     // The stored value is the documented plain object.
     drop(store);
-    let (db, _) = raw_open(&name, 1, &[]).await;
+    let (db, _) = raw_open(&name, IdbStore::VERSION, &[]).await;
     let raw = raw_request(&db, false, |s| s.get(&raw_key("b", 2)).unwrap()).await;
     assert_eq!(
         Reflect::get(&raw, &"lastEventId".into()).unwrap(),
@@ -224,7 +224,7 @@ async fn an_older_seq_never_overwrites_a_newer_one() {
     // What is left: older entries are deleted by the write of a newer one
     // (a8, written after a9 in the same batch, stays until the next write).
     drop(store);
-    let (db, _) = raw_open(&name, 1, &[]).await;
+    let (db, _) = raw_open(&name, IdbStore::VERSION, &[]).await;
     let all = raw_request(&db, false, |s| s.get_all_keys().unwrap()).await;
     assert_eq!(Array::from(&all).length(), 3, "a8, a9, b1: {all:?}");
     db.close();
@@ -330,9 +330,9 @@ async fn dropping_the_store_closes_its_connection() {
     drop(store);
     // Drop also unregisters onversionchange: only an actual close lets this
     // upgrade through without a `blocked` event.
-    let (db, blocked) = raw_open(&name, 2, &[]).await;
+    let (db, blocked) = raw_open(&name, IdbStore::VERSION + 1, &[]).await;
     assert!(!blocked, "a dropped store must not block an upgrade");
-    assert_eq!(db.version(), 2.0);
+    assert_eq!(db.version(), f64::from(IdbStore::VERSION + 1));
     db.close();
     delete_db(&name).await;
 }
@@ -371,7 +371,7 @@ async fn stores_on_distinct_databases_are_independent() {
 #[wasm_bindgen_test]
 async fn a_database_at_a_higher_version_is_refused_clearly() {
     let name = unique("newer");
-    let (db, _) = raw_open(&name, 3, &[IdbStore::OBJECT_STORE]).await;
+    let (db, _) = raw_open(&name, IdbStore::VERSION + 1, &[IdbStore::OBJECT_STORE]).await;
     db.close();
     let error = IdbStore::open(&name).await.unwrap_err();
     let StoreError::Corrupt { what, detail } = &error else {
@@ -381,8 +381,8 @@ async fn a_database_at_a_higher_version_is_refused_clearly() {
     assert!(detail.contains("higher version"), "{detail}");
     assert!(!error.is_transient());
     // Left untouched.
-    let (db, _) = raw_open(&name, 3, &[]).await;
-    assert_eq!(db.version(), 3.0);
+    let (db, _) = raw_open(&name, IdbStore::VERSION + 1, &[]).await;
+    assert_eq!(db.version(), f64::from(IdbStore::VERSION + 1));
     db.close();
     delete_db(&name).await;
 }
@@ -397,6 +397,11 @@ async fn a_foreign_database_without_the_object_store_is_refused() {
         panic!("expected Corrupt, got {error:?}");
     };
     assert!(detail.contains("no object store"), "{detail}");
+    // Left untouched: not upgraded to our version, nothing of ours added.
+    let (db, _) = raw_open(&name, 1, &[]).await;
+    assert_eq!(db.version(), 1.0);
+    assert!(!db.object_store_names().contains(IdbStore::RESUME_STORE));
+    db.close();
     // Our connection was closed: deleting is not blocked.
     within(5000, "delete", delete_db(&name)).await;
 }
@@ -406,7 +411,7 @@ async fn wrongly_shaped_values_are_corrupt_until_a_newer_cursor_replaces_them() 
     let name = unique("corrupt");
     let store = IdbStore::open(&name).await.unwrap();
     drop(store);
-    let (db, _) = raw_open(&name, 1, &[]).await;
+    let (db, _) = raw_open(&name, IdbStore::VERSION, &[]).await;
     let shapes: [(&str, JsValue); 6] = [
         ("string", JsValue::from_str("not an object")),
         (
@@ -536,13 +541,18 @@ async fn an_upgrade_elsewhere_closes_the_store_without_being_blocked() {
     let store = IdbStore::open(&name).await.unwrap();
     store.save_batch(&[cursor("a", "1", 1)]).await.unwrap();
 
-    // "Another tab": a second connection asking for version 2.
-    let (db, blocked) = within(5000, "upgrade", raw_open(&name, 2, &["more"])).await;
+    // "Another tab": a second connection asking for the next version.
+    let (db, blocked) = within(
+        5000,
+        "upgrade",
+        raw_open(&name, IdbStore::VERSION + 1, &["more"]),
+    )
+    .await;
     assert!(
         !blocked,
         "the store must close before the upgrade is blocked"
     );
-    assert_eq!(db.version(), 2.0);
+    assert_eq!(db.version(), f64::from(IdbStore::VERSION + 1));
     assert!(store.is_closed());
 
     let error = store.save_batch(&[cursor("a", "2", 2)]).await.unwrap_err();
@@ -622,7 +632,7 @@ async fn chromium_has_relaxed_durability_and_commit() {
     let name = unique("features");
     let store = IdbStore::open(&name).await.unwrap();
     drop(store);
-    let (db, _) = raw_open(&name, 1, &[]).await;
+    let (db, _) = raw_open(&name, IdbStore::VERSION, &[]).await;
     let transaction: Function = Reflect::get(&db, &"transaction".into())
         .unwrap()
         .unchecked_into();
@@ -640,6 +650,118 @@ async fn chromium_has_relaxed_durability_and_commit() {
         JsValue::from_str("relaxed")
     );
     assert!(Reflect::get(&tx, &"commit".into()).unwrap().is_function());
+    db.close();
+    delete_db(&name).await;
+}
+
+#[wasm_bindgen_test]
+async fn resume_urls_round_trip_and_are_kept_apart_from_cursors() {
+    let name = unique("resume");
+    let store = IdbStore::open(&name).await.unwrap();
+    assert_eq!(store.load_resume_url(&key("a")).await.unwrap(), None);
+    let url = "http://127.0.0.1:1/_tidemark/streams/t1";
+    store
+        .save_resume_url(&key("a"), url, Millis(1_700_000_000_000))
+        .await
+        .unwrap();
+    store.save_batch(&[cursor("a", "t1-3", 3)]).await.unwrap();
+    assert_eq!(
+        store.load_resume_url(&key("a")).await.unwrap().as_deref(),
+        Some(url)
+    );
+    assert_eq!(store.load_resume_url(&key("b")).await.unwrap(), None);
+    assert_eq!(
+        store.load(&key("a")).await.unwrap(),
+        Some(cursor("a", "t1-3", 3)),
+        "the resume URL is no cursor entry"
+    );
+    // Another connection (the next page) reads it.
+    drop(store);
+    let store = IdbStore::open(&name).await.unwrap();
+    assert_eq!(
+        store.load_resume_url(&key("a")).await.unwrap().as_deref(),
+        Some(url)
+    );
+    store
+        .save_resume_url(&key("a"), "http://x/2", Millis(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.load_resume_url(&key("a")).await.unwrap().as_deref(),
+        Some("http://x/2"),
+        "replaced"
+    );
+    store.delete_resume_url(&key("a")).await.unwrap();
+    assert_eq!(store.load_resume_url(&key("a")).await.unwrap(), None);
+    assert_eq!(
+        store.load(&key("a")).await.unwrap(),
+        Some(cursor("a", "t1-3", 3)),
+        "deleting the resume URL leaves the cursor"
+    );
+    drop(store);
+    delete_db(&name).await;
+}
+
+#[wasm_bindgen_test]
+async fn a_version_1_database_is_upgraded_with_its_cursors_kept() {
+    let name = unique("upgrade");
+    // What an earlier build made: version 1, cursors only, one cursor.
+    let (db, _) = raw_open(&name, 1, &[IdbStore::OBJECT_STORE]).await;
+    let value = object(&[
+        ("lastEventId", "7".into()),
+        ("seq", 4.into()),
+        ("at", 1_700_000_000_004.0.into()),
+    ]);
+    let tx = db
+        .transaction_with_str_and_mode(
+            IdbStore::OBJECT_STORE,
+            web_sys::IdbTransactionMode::Readwrite,
+        )
+        .unwrap();
+    tx.object_store(IdbStore::OBJECT_STORE)
+        .unwrap()
+        .put_with_key(&value, &raw_key("a", 4))
+        .unwrap();
+    // Closed only once the write is done: a connection closing with a
+    // transaction still running blocks the upgrade.
+    JsFuture::from(Promise::new(&mut |resolve, reject| {
+        tx.set_oncomplete(Some(&resolve));
+        tx.set_onabort(Some(&reject));
+    }))
+    .await
+    .expect("the version 1 write");
+    db.close();
+
+    let store = IdbStore::open(&name).await.unwrap();
+    assert_eq!(
+        store.load(&key("a")).await.unwrap(),
+        Some(cursor("a", "7", 4)),
+        "the cursor survives the upgrade"
+    );
+    assert_eq!(store.load_resume_url(&key("a")).await.unwrap(), None);
+    store
+        .save_resume_url(&key("a"), "http://x/r", Millis(5))
+        .await
+        .unwrap();
+    drop(store);
+    let (db, _) = raw_open(&name, IdbStore::VERSION, &[]).await;
+    assert_eq!(db.version(), f64::from(IdbStore::VERSION));
+    assert!(db.object_store_names().contains(IdbStore::RESUME_STORE));
+    let tx = db.transaction_with_str(IdbStore::RESUME_STORE).unwrap();
+    let request = tx
+        .object_store(IdbStore::RESUME_STORE)
+        .unwrap()
+        .get(&Array::of2(&"session-1".into(), &"a".into()))
+        .unwrap();
+    let raw = settle(&request).await.unwrap();
+    assert_eq!(
+        Reflect::get(&raw, &"url".into())
+            .unwrap()
+            .as_string()
+            .as_deref(),
+        Some("http://x/r"),
+        "stored as {{ url, at }} under [session, stream]"
+    );
     db.close();
     delete_db(&name).await;
 }

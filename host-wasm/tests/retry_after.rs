@@ -92,6 +92,7 @@ async fn delay_of(retry_after: &str) -> Option<Millis> {
         url: URL,
         headers: &[],
         last_event_id: None,
+        body: None,
     };
     let opened = within(5000, "connect", FetchConnector::new().connect(request)).await;
     match opened {

@@ -5,11 +5,14 @@ import {
   openTracker,
   initialize,
   flush,
+  forgetStream,
   mcpResumption,
   type ResumableEventSourceOptions,
   type Stats,
   type EventSourceStats,
   type ResumableErrorEvent,
+  type PostOptions,
+  type PostStats,
 } from 'tidemark';
 
 export async function example(token: string): Promise<string | undefined> {
@@ -68,4 +71,26 @@ export async function example(token: string): Promise<string | undefined> {
   mcp.onprogress({ progress: 1 });
   void resumeFrom;
   return tracker.lastEventId;
+}
+
+// A POST stream that survives a reload (behind `tidemark proxy`).
+export async function post(prompt: string, messageId: string): Promise<void> {
+  const answer = new ResumableEventSource('/v1/chat', {
+    method: 'POST',
+    body: JSON.stringify({ prompt }),
+    headers: { 'content-type': 'application/json' },
+    streamKey: `answer-${messageId}`,
+  });
+  answer.onmessage = (e: MessageEvent<string>) => void e.data;
+  answer.addEventListener('close', () => {});
+  answer.onclose = (event: Event) => void event;
+  const bytes: PostOptions = { method: 'POST', body: new Uint8Array([1, 2]) };
+  const buffer: ResumableEventSourceOptions = { ...bytes, body: new ArrayBuffer(2), streamKey: 'k' };
+  const stats: Partial<EventSourceStats> = answer.stats();
+  const resumable: boolean | null | undefined = stats.resumable;
+  const resumeUrl: string | null | undefined = stats.resumeUrl;
+  const method: PostStats['method'] | undefined = stats.method;
+  void [buffer, resumable, resumeUrl, method];
+  await answer.close();
+  await forgetStream(`answer-${messageId}`, { database: 'app' });
 }

@@ -21,6 +21,8 @@ enum Step {
 /// What a scripted connection attempt answers.
 enum Answer {
     Body(Vec<Step>),
+    /// A body whose response has this `Content-Location`.
+    Located(&'static str, Vec<Step>),
     Refuse(Failure),
 }
 
@@ -31,11 +33,15 @@ struct Scripted {
     answers: Rc<RefCell<VecDeque<Answer>>>,
     requests: Rc<RefCell<Vec<Request>>>,
     open_bodies: Rc<Cell<usize>>,
+    /// The `Content-Location` of the last answer.
+    location: Rc<RefCell<Option<String>>>,
 }
 
 /// One connection attempt as the connector saw it.
 struct Request {
     at: Millis,
+    url: String,
+    body: Option<Vec<u8>>,
     last_event_id: Option<String>,
     /// Bodies still open when the attempt was made.
     open_bodies: usize,
@@ -57,7 +63,26 @@ impl Scripted {
             answers: Rc::new(RefCell::new(answers.into())),
             requests: Rc::default(),
             open_bodies: Rc::default(),
+            location: Rc::default(),
         }
+    }
+
+    /// Each request as `METHOD url [Last-Event-ID]`, and its body if any.
+    fn sent(&self) -> Vec<String> {
+        self.requests
+            .borrow()
+            .iter()
+            .map(|r| {
+                let mut line = match &r.body {
+                    Some(body) => format!("POST {} {}", r.url, String::from_utf8_lossy(body)),
+                    None => format!("GET {}", r.url),
+                };
+                if let Some(id) = &r.last_event_id {
+                    line += &format!(" after {id}");
+                }
+                line
+            })
+            .collect()
     }
 
     fn last_event_ids(&self) -> Vec<Option<String>> {
@@ -80,6 +105,8 @@ impl Connector for Scripted {
     async fn connect(&self, request: ConnectRequest<'_>) -> Result<Self::Body, Failure> {
         self.requests.borrow_mut().push(Request {
             at: self.clock.now(),
+            url: request.url.to_owned(),
+            body: request.body.map(<[u8]>::to_vec),
             last_event_id: request.last_event_id.map(str::to_owned),
             open_bodies: self.open_bodies.get(),
         });
@@ -88,10 +115,12 @@ impl Connector for Scripted {
             .borrow_mut()
             .pop_front()
             .unwrap_or(Answer::Body(vec![Step::Hang]));
-        let steps = match answer {
+        let (location, steps) = match answer {
             Answer::Refuse(failure) => return Err(failure),
-            Answer::Body(steps) => steps,
+            Answer::Body(steps) => (None, steps),
+            Answer::Located(url, steps) => (Some(url.to_owned()), steps),
         };
+        *self.location.borrow_mut() = location;
         self.open_bodies.set(self.open_bodies.get() + 1);
         let live = Live(self.open_bodies.clone());
         let clock = self.clock.clone();
@@ -116,6 +145,10 @@ impl Connector for Scripted {
             },
         );
         Ok(Box::pin(body))
+    }
+
+    fn content_location(&self, _body: &Self::Body) -> Option<String> {
+        self.location.borrow().clone()
     }
 }
 
@@ -145,6 +178,7 @@ fn config() -> StreamConfig {
         },
         limits: Limits::default(),
         skip_oversized: false,
+        body: None,
     }
 }
 
@@ -608,6 +642,7 @@ fn items(
             } => format!("retry {attempt} at {}: {failure}", retry_at.0),
             StreamItem::Skipped { error } => format!("skipped: {error}"),
             StreamItem::Delivered { events } => format!("delivered {events}"),
+            StreamItem::Resumable { url } => format!("resumable {url}"),
         })
         .collect()
 }
@@ -653,6 +688,7 @@ fn items_of(item: StreamItem) -> Option<String> {
         } => format!("retry {attempt} at {}: {failure}", retry_at.0),
         StreamItem::Skipped { error } => format!("skipped: {error}"),
         StreamItem::Event(event) => event.id.unwrap_or(event.data),
+        StreamItem::Resumable { url } => format!("resumable {url}"),
         StreamItem::Delivered { .. } => unreachable!("handled by the caller"),
     })
 }
@@ -959,4 +995,354 @@ fn next_is_cancel_safe_between_items() {
         assert!(fut.as_mut().poll(&mut cx).is_pending());
     }
     assert_eq!(items(&clock, &mut s, 1), ["2"]);
+}
+
+const RESUME: &str = "http://x/_tidemark/streams/t1";
+
+/// `items` without the jittered retry times.
+fn untimed(
+    clock: &ManualClock,
+    stream: &mut ResumableStream<Scripted, ManualClock>,
+    n: usize,
+) -> Vec<String> {
+    items(clock, stream, n)
+        .into_iter()
+        .map(|item| match item.strip_prefix("retry ") {
+            Some(rest) => {
+                let (attempt, rest) = rest.split_once(" at ").expect("a retry time");
+                let (_, failure) = rest.split_once(": ").expect("a failure");
+                format!("retry {attempt}: {failure}")
+            }
+            None => item,
+        })
+        .collect()
+}
+
+/// A POST stream of `{"q":1}` to `http://x/sse`, resuming from `resume`
+/// if given (as a later run would), its tracker at `last_id` if given.
+fn post(
+    answers: Vec<Answer>,
+    resume: Option<&str>,
+    last_id: Option<&str>,
+) -> (
+    ManualClock,
+    Scripted,
+    ResumableStream<Scripted, ManualClock>,
+) {
+    let clock = ManualClock::new();
+    let connector = Scripted::new(&clock, answers);
+    let mut tracker = tracker(64);
+    if let Some(id) = last_id {
+        assert!(tracker.observe(Some(id), Millis::ZERO).is_fresh());
+        tracker.commit();
+    }
+    let config = StreamConfig {
+        body: Some(br#"{"q":1}"#.to_vec()),
+        ..config()
+    };
+    let mut stream = ResumableStream::new(
+        connector.clone(),
+        clock.clone(),
+        "http://x/sse",
+        tracker,
+        config,
+    );
+    if let Some(url) = resume {
+        stream = stream.with_resume_url(url);
+    }
+    (clock, connector, stream)
+}
+
+#[test]
+fn a_post_stream_posts_once_then_resumes_with_a_get_of_its_content_location() {
+    let (clock, conn, mut s) = post(
+        vec![
+            Answer::Located(
+                RESUME,
+                vec![
+                    Step::Bytes("id: 1\ndata: a\n\nid: 2\ndata: b\n\n"),
+                    Step::Fail("reset"),
+                ],
+            ),
+            body(&[Step::Bytes("id: 3\ndata: c\n\n"), Step::Hang]),
+        ],
+        None,
+        None,
+    );
+    assert_eq!(s.resumable(), None, "nothing is known before the answer");
+    assert_eq!(
+        untimed(&clock, &mut s, 7),
+        [
+            "open -".to_owned(),
+            format!("resumable {RESUME}"),
+            "1".into(),
+            "2".into(),
+            "retry 1: connection failed: reset".into(),
+            "open 2".into(),
+            "3".into(),
+        ]
+    );
+    assert_eq!(
+        conn.sent(),
+        [
+            r#"POST http://x/sse {"q":1}"#.to_owned(),
+            format!("GET {RESUME} after 2")
+        ]
+    );
+    assert_eq!((s.resumable(), s.resume_url()), (Some(true), Some(RESUME)));
+}
+
+#[test]
+fn the_resume_url_comes_before_any_event_of_the_answer() {
+    let (clock, _, mut s) = post(
+        vec![Answer::Located(
+            RESUME,
+            vec![
+                Step::Bytes("id: 1\ndata: a\n\nid: 2\ndata: b\n\n"),
+                Step::Hang,
+            ],
+        )],
+        None,
+        None,
+    );
+    assert!(matches!(run(&clock, s.next()), Ok(StreamItem::Open { .. })));
+    assert!(s.next_ready().is_none(), "no event before the resume URL");
+    assert_eq!(
+        run(&clock, s.next()),
+        Ok(StreamItem::Resumable { url: RESUME.into() })
+    );
+    assert_eq!(s.tracker().seq(), 0, "nothing delivered yet");
+    assert_eq!(take(&clock, &mut s, 2), ["1", "2"]);
+}
+
+#[test]
+fn the_clean_end_is_confirmed_at_once_and_a_204_to_the_resume_is_done() {
+    let (clock, conn, mut s) = post(
+        vec![
+            Answer::Located(RESUME, vec![Step::Bytes("id: 1\ndata: a\n\n")]),
+            Answer::Refuse(Failure::Status {
+                code: 204,
+                retry_after: None,
+            }),
+        ],
+        None,
+        None,
+    );
+    assert_eq!(
+        untimed(&clock, &mut s, 3),
+        ["open -", &format!("resumable {RESUME}"), "1"]
+    );
+    assert_eq!(run(&clock, s.next()), Err(StreamError::Done));
+    assert_eq!(run(&clock, s.next()), Err(StreamError::Done), "final");
+    assert_eq!(conn.sent()[1], format!("GET {RESUME} after 1"));
+    assert_eq!(
+        conn.connect_times(),
+        [Millis::ZERO, Millis::ZERO],
+        "no backoff before confirming the end"
+    );
+    assert_eq!(s.stats().reconnects, 0);
+}
+
+#[test]
+fn a_clean_end_without_data_backs_off_before_the_next_resume() {
+    let (clock, conn, mut s) = post(
+        vec![body(&[]), body(&[Step::Hang])],
+        Some(RESUME),
+        Some("9"),
+    );
+    assert_eq!(
+        untimed(&clock, &mut s, 3),
+        [
+            "open 9",
+            "retry 1: connection failed: the server closed the stream",
+            "open 9"
+        ]
+    );
+    assert!(conn.connect_times()[1] >= Millis(1000), "backed off");
+}
+
+#[test]
+fn a_stored_resume_url_is_resumed_and_the_body_never_posted() {
+    let (clock, conn, mut s) = post(
+        vec![
+            Answer::Refuse(Failure::Network("refused".into())),
+            body(&[Step::Bytes("id: 8\ndata: h\n\n"), Step::Fail("reset")]),
+            Answer::Refuse(Failure::Status {
+                code: 204,
+                retry_after: None,
+            }),
+        ],
+        Some(RESUME),
+        Some("7"),
+    );
+    assert_eq!(s.resumable(), Some(true));
+    assert_eq!(
+        untimed(&clock, &mut s, 4),
+        [
+            "retry 1: connection failed: refused",
+            "open 7",
+            "8",
+            "retry 1: connection failed: reset"
+        ]
+    );
+    assert_eq!(run(&clock, s.next()), Err(StreamError::Done));
+    assert_eq!(
+        conn.sent(),
+        [
+            format!("GET {RESUME} after 7"),
+            format!("GET {RESUME} after 7"),
+            format!("GET {RESUME} after 8"),
+        ]
+    );
+}
+
+#[test]
+fn a_post_starts_a_new_answer_without_last_event_id() {
+    let (clock, conn, mut s) = post(
+        vec![Answer::Located(RESUME, vec![Step::Hang])],
+        None,
+        Some("old-5"),
+    );
+    assert_eq!(
+        untimed(&clock, &mut s, 2),
+        ["open -", &format!("resumable {RESUME}")]
+    );
+    assert_eq!(conn.sent(), [r#"POST http://x/sse {"q":1}"#]);
+}
+
+#[test]
+fn a_post_without_an_answer_is_not_sent_again() {
+    let (clock, conn, mut s) = post(
+        vec![Answer::Refuse(Failure::Network("reset".into()))],
+        None,
+        None,
+    );
+    let error = run(&clock, s.next()).unwrap_err();
+    assert_eq!(
+        error,
+        StreamError::Unanswered(Failure::Network("reset".into()))
+    );
+    assert!(error.to_string().contains("not sent again"), "{error}");
+    assert_eq!(run(&clock, s.next()), Err(error), "final");
+    assert_eq!(conn.sent().len(), 1);
+    assert_eq!(s.resumable(), None);
+}
+
+#[test]
+fn a_post_is_sent_again_only_after_an_answer_saying_it_was_not_acted_on() {
+    let busy = Failure::Status {
+        code: 503,
+        retry_after: Some(Millis(5000)),
+    };
+    let (clock, conn, mut s) = post(
+        vec![
+            Answer::Refuse(busy.clone()),
+            Answer::Refuse(Failure::Status {
+                code: 429,
+                retry_after: None,
+            }),
+            Answer::Located(RESUME, vec![Step::Hang]),
+        ],
+        None,
+        None,
+    );
+    let got = untimed(&clock, &mut s, 4);
+    assert!(got[0].starts_with("retry 1: "), "{got:?}");
+    assert!(got[1].starts_with("retry 2: "), "{got:?}");
+    assert_eq!(
+        got[2..],
+        ["open -".to_owned(), format!("resumable {RESUME}")]
+    );
+    assert!(
+        conn.connect_times()[1] >= Millis(5000),
+        "Retry-After honoured"
+    );
+    assert_eq!(conn.sent(), [r#"POST http://x/sse {"q":1}"#; 3]);
+
+    for code in [500, 502, 504] {
+        let failure = Failure::Status {
+            code,
+            retry_after: None,
+        };
+        let (clock, conn, mut s) = post(vec![Answer::Refuse(failure.clone())], None, None);
+        assert_eq!(
+            run(&clock, s.next()),
+            Err(StreamError::GaveUp(GiveUp::Permanent(failure))),
+            "{code} may have been acted on"
+        );
+        assert_eq!(conn.sent().len(), 1);
+    }
+}
+
+#[test]
+fn a_post_answer_without_content_location_ends_cleanly_or_cannot_resume() {
+    let (clock, conn, mut s) = post(
+        vec![body(&[Step::Bytes("data: a\n\ndata: b\n\n")])],
+        None,
+        None,
+    );
+    assert_eq!(untimed(&clock, &mut s, 3), ["open -", "a", "b"]);
+    assert_eq!(s.resumable(), Some(false));
+    assert_eq!(run(&clock, s.next()), Err(StreamError::Done));
+    assert_eq!(conn.sent().len(), 1);
+
+    let (clock, conn, mut s) = post(
+        vec![body(&[Step::Bytes("data: a\n\n"), Step::Fail("reset")])],
+        None,
+        None,
+    );
+    assert_eq!(untimed(&clock, &mut s, 2), ["open -", "a"]);
+    let error = run(&clock, s.next()).unwrap_err();
+    assert_eq!(
+        error,
+        StreamError::Unresumable(Failure::Network("reset".into()))
+    );
+    assert!(error.to_string().contains("no Content-Location"), "{error}");
+    assert_eq!(conn.sent().len(), 1, "never POSTs again");
+    assert_eq!((s.resumable(), s.resume_url()), (Some(false), None));
+}
+
+#[test]
+fn a_get_stream_ignores_content_location_and_204_stays_a_failure() {
+    let (clock, conn, mut s) = setup(
+        vec![
+            Answer::Located(RESUME, vec![Step::Bytes("id: 1\ndata: a\n\n")]),
+            Answer::Refuse(Failure::Status {
+                code: 204,
+                retry_after: None,
+            }),
+        ],
+        64,
+    );
+    assert_eq!(untimed(&clock, &mut s, 3)[..2], ["open -", "1"]);
+    assert!(matches!(
+        run(&clock, s.next()),
+        Err(StreamError::GaveUp(GiveUp::Permanent(_)))
+    ));
+    assert_eq!(conn.sent()[1], "GET http://x/sse after 1");
+    assert_eq!((s.resumable(), s.resume_url()), (Some(true), None));
+}
+
+#[test]
+fn next_with_yields_the_resume_url_before_handing_out_the_answer() {
+    let (clock, _, mut s) = post(
+        vec![Answer::Located(
+            RESUME,
+            vec![
+                Step::Bytes("id: 1\ndata: a\n\nid: 2\ndata: b\n\n"),
+                Step::Hang,
+            ],
+        )],
+        None,
+        None,
+    );
+    assert_eq!(
+        items_with(&clock, &mut s, 4),
+        [
+            "open -".to_owned(),
+            format!("resumable {RESUME}"),
+            "1".into(),
+            "2".into()
+        ]
+    );
 }

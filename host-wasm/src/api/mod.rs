@@ -2,11 +2,13 @@
 //! `js/index.js` into `ResumableEventSource` and `openTracker`.
 
 mod js;
+mod post;
 mod runtime;
 mod shared;
 mod source;
 mod tracker;
 
+pub use post::forget_stream;
 pub use source::EventSourceDriver;
 pub use tracker::{Tracker, open_tracker};
 

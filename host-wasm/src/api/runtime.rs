@@ -63,6 +63,8 @@ type AnyStore = EitherStore<IdbStore, MemStore>;
 pub(crate) struct PageStore {
     inner: RefCell<Rc<AnyStore>>,
     warned: Cell<bool>,
+    /// Resume URLs of POST streams while the store is memory.
+    resume_urls: RefCell<HashMap<StreamKey, String>>,
 }
 
 impl PageStore {
@@ -70,6 +72,49 @@ impl PageStore {
         PageStore {
             inner: RefCell::new(Rc::new(store)),
             warned: Cell::new(false),
+            resume_urls: RefCell::default(),
+        }
+    }
+
+    /// The stored resume URL of the POST stream `key` (see
+    /// [`IdbStore::load_resume_url`]).
+    pub(crate) async fn load_resume_url(
+        &self,
+        key: &StreamKey,
+    ) -> Result<Option<String>, StoreError> {
+        match &*self.current().await {
+            AnyStore::Left(idb) => idb.load_resume_url(key).await,
+            AnyStore::Right(_) => Ok(self.resume_urls.borrow().get(key).cloned()),
+        }
+    }
+
+    /// Stores the resume URL of the POST stream `key`, durably when the
+    /// store is IndexedDB.
+    pub(crate) async fn save_resume_url(
+        &self,
+        key: &StreamKey,
+        url: &str,
+        at: Millis,
+    ) -> Result<(), StoreError> {
+        match &*self.current().await {
+            AnyStore::Left(idb) => idb.save_resume_url(key, url, at).await,
+            AnyStore::Right(_) => {
+                self.resume_urls
+                    .borrow_mut()
+                    .insert(key.clone(), url.to_owned());
+                Ok(())
+            }
+        }
+    }
+
+    /// Deletes the resume URL of `key`, if any.
+    pub(crate) async fn delete_resume_url(&self, key: &StreamKey) -> Result<(), StoreError> {
+        match &*self.current().await {
+            AnyStore::Left(idb) => idb.delete_resume_url(key).await,
+            AnyStore::Right(_) => {
+                self.resume_urls.borrow_mut().remove(key);
+                Ok(())
+            }
         }
     }
 

@@ -1,6 +1,7 @@
 //! The engine behind `ResumableEventSource` (see `js/index.js`).
 
 use super::js;
+use super::post::{self, PostState};
 use super::runtime::{Runtime, StoreSpec, runtime};
 use super::shared::{Followed, ShareStats, Shared};
 use super::tracker::{flush, stream_key_of};
@@ -65,16 +66,26 @@ impl Settings {
                 reconnect.idle_timeout = Millis(idle);
             }
         }
+        let body = post::body_of(options)?;
+        let shared = js::get_bool(options, "shared")?.unwrap_or(false);
+        if shared && body.is_some() {
+            // Another context taking it over could only POST again, or
+            // guess whether the first POST was answered.
+            return Err(JsError::new(
+                "option `shared` is for GET streams: a POST stream belongs to the context                  that sent it (a reload of that page resumes it)",
+            ));
+        }
         Ok(Settings {
             spec,
             stream_key,
             config: StreamConfig {
                 headers,
                 reconnect,
+                body,
                 ..StreamConfig::default()
             },
             credentials,
-            shared: js::get_bool(options, "shared")?.unwrap_or(false),
+            shared,
         })
     }
 }
@@ -89,6 +100,8 @@ struct State {
     close: Option<oneshot::Sender<()>>,
     /// Sharing.
     share: ShareStats,
+    /// See [`PostState`].
+    post: PostState,
 }
 
 /// Drives one resumable stream and reports its items to JavaScript
@@ -120,6 +133,7 @@ impl EventSourceDriver {
         let (done_tx, done_rx) = oneshot::channel();
         let state = Rc::new(RefCell::new(State {
             close: Some(close_tx),
+            post: PostState::new(settings.config.body.is_some()),
             ..State::default()
         }));
         let task_state = state.clone();
@@ -174,7 +188,7 @@ impl EventSourceDriver {
                 js::opt_str(s.last_failure.as_ref().map(ToString::to_string)),
             )
             .set("lastEventId", js::opt_str(state.last_event_id.as_ref()));
-        let fields = state.share.fields(fields);
+        let fields = state.share.fields(state.post.stats(fields));
         match &state.runtime {
             Some(runtime) => fields.extend(&runtime.stats()).build(),
             None => fields.build(),
@@ -195,11 +209,15 @@ async fn drive(
         Ok(r) => r,
         Err(e) => return Some(js::message(&e.into())),
     };
-    let mut tracker = match runtime
-        .registry
-        .open(stream_key_of(&settings.stream_key))
-        .await
-    {
+    let key = stream_key_of(&settings.stream_key);
+    let resume_url = match settings.config.body {
+        Some(_) => match post::prepare(&runtime, &key).await {
+            Ok(url) => url,
+            Err(e) => return Some(e),
+        },
+        None => None,
+    };
+    let mut tracker = match runtime.registry.open(key.clone()).await {
         Ok(t) => t,
         Err(RegistryError::AlreadyOpen(_)) => {
             return Some(format!(
@@ -248,6 +266,9 @@ async fn drive(
     }
     let connector = FetchConnector::new().credentials(settings.credentials);
     let mut stream = ResumableStream::new(connector, clock.clone(), url, tracker, settings.config);
+    if let Some(resume_url) = resume_url {
+        stream = stream.with_resume_url(resume_url);
+    }
     let sync = |stream: &ResumableStream<_, _>| {
         let mut state = state.borrow_mut();
         state.stats.clone_from(stream.stats());
@@ -255,6 +276,7 @@ async fn drive(
             (Some(ours), Some(id)) => id.clone_into(ours),
             (ours, id) => *ours = id.map(str::to_owned),
         }
+        state.post.sync(stream);
     };
     sync(&stream);
     // close() may come from a listener, between two events of one chunk.
@@ -285,6 +307,11 @@ async fn drive(
             Ok(_) if closed(&mut close) => break None,
             Ok(item) => item,
             Err(StreamError::Closed) => break None,
+            Err(StreamError::Done) => {
+                sync(&stream);
+                let _ = on_state.call2(&JsValue::NULL, &"done".into(), &JsValue::NULL);
+                break None;
+            }
             Err(error) => break Some(error.to_string()),
         };
         // Listeners read the counters of the item they hear about.
@@ -319,6 +346,8 @@ async fn drive(
                     shared.state("error", &detail);
                 }
             }
+            // Stored before the answer's first event is delivered.
+            StreamItem::Resumable { url } => post::persist(&runtime, &key, &url).await,
             // An item of a newer core: nothing to report.
             _ => {}
         }
