@@ -232,8 +232,12 @@ impl Shared {
             .ok_or_else(|| unavailable("no navigator.locks"))?
             .unchecked_into::<LockManager>();
         let name = name_of(database, stream_key);
+        // A request given up (dropped) on the way out below is aborted.
+        let lock = LockRequest::new(&locks, &name).map_err(|e| unavailable(&e))?;
         let channel = BroadcastChannel::new(&name)
             .map_err(|e| unavailable(&format!("BroadcastChannel: {}", js::message(&e))))?;
+        // Nothing below fails: the channel's handler lives as long as
+        // `Shared`, which closes the channel first.
         let (inbox_tx, inbox) = mpsc::unbounded();
         let onmessage = Closure::<dyn FnMut(MessageEvent)>::new(move |m: MessageEvent| {
             let _ = inbox_tx.unbounded_send(m.data());
@@ -259,7 +263,6 @@ impl Shared {
                 target.add_event_listener_with_callback("pagehide", save.as_ref().unchecked_ref());
             Keep { target, save }
         });
-        let lock = LockRequest::new(&locks, &name).map_err(|e| unavailable(&e))?;
         let me = format!(
             "{:x}",
             (js_sys::Math::random() * 9_007_199_254_740_991.0) as u64
