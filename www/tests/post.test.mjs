@@ -278,7 +278,7 @@ test('method POST without a streamKey, with a body it cannot send, or shared, fa
   assert.match(failures[0].message, /streamKey.*required/);
   assert.match(failures[1].message, /body.*string, an ArrayBuffer or an ArrayBufferView/);
   assert.match(failures[2].message, /method/);
-  assert.match(failures[3].message, /`shared` is for GET streams/);
+  assert.match(failures[3].message, /`shared` is for GET streams: a POST stream belongs to the context that sent it/);
   assert.ok(failures.every((f) => f.readyState === 2));
   await page.close();
 });

@@ -72,7 +72,8 @@ impl Settings {
             // Another context taking it over could only POST again, or
             // guess whether the first POST was answered.
             return Err(JsError::new(
-                "option `shared` is for GET streams: a POST stream belongs to the context                  that sent it (a reload of that page resumes it)",
+                "option `shared` is for GET streams: a POST stream belongs to the context \
+                 that sent it (a reload of that page resumes it)",
             ));
         }
         Ok(Settings {
