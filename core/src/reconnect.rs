@@ -5,9 +5,14 @@
 //! and answers with a decision. The resumable stream driver calls it; hosts
 //! with their own loop can too.
 //!
-//! - **Backoff**: capped exponential with additive jitter. The server's
-//!   `retry:` value is a floor: the delay is at least `max(floor, backoff)`,
-//!   and jitter only adds to it (up to half again). `Retry-After` on a 429 or
+//! - **Backoff**: capped exponential with additive jitter (up to half
+//!   again). Once the server has sent `retry:`, that value is the first
+//!   step, as in a browser's `EventSource`: the reconnect after a stream
+//!   that delivered data waits the server's `retry:` plus jitter, even below
+//!   the configured first delay, and attempts in a row that fail double it
+//!   from there (so no delay is ever below it). A `retry:` below
+//!   [`MIN_RETRY`] counts as that, so that no server can make clients
+//!   reconnect in a tight loop. `Retry-After` on a 429 or
 //!   503 is honoured the same way: hosts read it with [`parse_retry_after`],
 //!   which takes delta-seconds itself and leaves the HTTP-date form to a
 //!   date parser and a wall-clock time that the host passes in (the core
@@ -33,6 +38,9 @@
 use crate::backoff::{Backoff, Rng, random_seed};
 use crate::clock::Millis;
 use core::fmt;
+
+/// The shortest reconnect delay a server's `retry:` can ask for: 50 ms.
+pub const MIN_RETRY: Millis = Millis(50);
 
 /// Settings of a [`ReconnectPolicy`].
 #[derive(Clone, Debug)]
@@ -203,7 +211,8 @@ pub struct ReconnectPolicy {
     step: u32,
     /// Attempts in a row that received nothing.
     barren: u32,
-    floor: Millis,
+    /// The server's `retry:`, if it sent one.
+    floor: Option<Millis>,
     connected_at: Option<Millis>,
     last_byte: Millis,
     got_bytes: bool,
@@ -217,7 +226,7 @@ impl ReconnectPolicy {
             config,
             step: 1,
             barren: 0,
-            floor: Millis::ZERO,
+            floor: None,
             connected_at: None,
             last_byte: Millis::ZERO,
             got_bytes: false,
@@ -238,14 +247,15 @@ impl ReconnectPolicy {
         self.barren = 0;
     }
 
-    /// The server sent `retry: ms`: the floor of every later delay.
+    /// The server sent `retry: ms`: the first backoff step from now on, and
+    /// so the floor of every later delay (at least [`MIN_RETRY`]).
     pub fn on_retry_hint(&mut self, ms: u64) {
-        self.floor = Millis(ms);
+        self.floor = Some(Millis(ms).max(MIN_RETRY));
     }
 
-    /// The server's current `retry:` floor.
+    /// The server's current `retry:` floor (zero until it sends one).
     pub fn retry_floor(&self) -> Millis {
-        self.floor
+        self.floor.unwrap_or(Millis::ZERO)
     }
 
     /// When the idle watchdog fires, while connected.
@@ -282,13 +292,21 @@ impl ReconnectPolicy {
                 last: failure,
             });
         }
-        let backoff = self.config.backoff.base_delay(self.step);
+        let configured = self.config.backoff;
+        let steps = match self.floor {
+            Some(floor) => Backoff {
+                initial: floor,
+                max: configured.max.max(floor),
+            },
+            None => configured,
+        };
+        let backoff = steps.base_delay(self.step);
         self.step = self.step.saturating_add(1);
         let asked = match failure {
             Failure::Status { retry_after, .. } => retry_after.unwrap_or(Millis::ZERO),
             _ => Millis::ZERO,
         };
-        let base = backoff.max(self.floor).max(asked);
+        let base = backoff.max(asked);
         let jitter = self.rng.up_to(base.0 / 2);
         Decision::RetryAt(now.saturating_add(base).saturating_add(Millis(jitter)))
     }
@@ -423,6 +441,62 @@ mod tests {
             );
         }
         assert_eq!(p.retry_floor(), Millis(20_000));
+    }
+
+    #[test]
+    fn server_retry_below_the_first_delay_is_the_first_step() {
+        // policy(): 1 s first delay, 8 s cap.
+        let mut p = policy();
+        p.config.max_attempts = None;
+        p.on_retry_hint(100);
+        let mut now = Millis(0);
+        // After a stream that delivered data: the server's 100 ms, not 1 s.
+        p.on_connected(now);
+        p.on_bytes(now);
+        let delay = retry_at(p.on_failure(now, net())) - now;
+        assert!(delay >= Millis(100) && delay <= Millis(150), "{delay}");
+        now = now.saturating_add(delay);
+        // Attempts in a row that fail double from there.
+        for base in [200, 400, 800, 1600, 3200, 6400, 8000, 8000] {
+            let delay = retry_at(p.on_failure(now, net())) - now;
+            assert!(
+                delay >= Millis(base) && delay <= Millis(base + base / 2),
+                "{delay} for base {base}"
+            );
+            now = now.saturating_add(delay);
+        }
+        // Data again: back to the server's value.
+        p.on_connected(now);
+        p.on_bytes(now);
+        let delay = retry_at(p.on_failure(now, net())) - now;
+        assert!(delay >= Millis(100) && delay <= Millis(150), "{delay}");
+    }
+
+    #[test]
+    fn server_retry_has_a_lower_bound() {
+        let mut p = policy();
+        for ms in [0, 1, 49] {
+            p.on_retry_hint(ms);
+            assert_eq!(p.retry_floor(), MIN_RETRY);
+            p.on_connected(Millis(0));
+            p.on_bytes(Millis(0));
+            let delay = retry_at(p.on_failure(Millis(0), net()));
+            assert!(delay >= MIN_RETRY && delay <= Millis(75), "{delay}");
+        }
+    }
+
+    #[test]
+    fn retry_after_is_a_floor_under_a_short_server_retry() {
+        let mut p = policy();
+        p.on_retry_hint(100);
+        p.on_connected(Millis(0));
+        p.on_bytes(Millis(0));
+        let busy = Failure::Status {
+            code: 503,
+            retry_after: Some(Millis(3_000)),
+        };
+        let delay = retry_at(p.on_failure(Millis(0), busy));
+        assert!(delay >= Millis(3_000) && delay <= Millis(4_500), "{delay}");
     }
 
     #[test]

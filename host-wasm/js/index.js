@@ -48,7 +48,8 @@ export function initialize(wasm) {
  *
  * @typedef {object} ReconnectOptions
  * @property {number} [initialDelay] First delay after a failure (default 250).
- *   The server's `retry:` field is a floor above it.
+ *   Once the server sends `retry:`, its value takes this place, even when
+ *   shorter (but never below 50 ms); failures in a row double it.
  * @property {number} [maxDelay] Largest delay (default 30000).
  * @property {number | null} [maxAttempts] Attempts in a row without a single
  *   byte before giving up (default 10); `null` never gives up.
