@@ -99,6 +99,14 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// The HTTP status, if the server answered with one.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Failure::Status { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
     /// Whether retrying can help. Client errors other than 408 and 429, 204
     /// No Content (the server's way of saying "stop") and a wrong content
     /// type are permanent.

@@ -169,6 +169,19 @@ impl fmt::Display for StreamError {
     }
 }
 
+impl StreamError {
+    /// The connection failure that ended the stream, if one did.
+    pub fn failure(&self) -> Option<&Failure> {
+        match self {
+            StreamError::GaveUp(GiveUp::Permanent(failure))
+            | StreamError::GaveUp(GiveUp::Exhausted { last: failure, .. })
+            | StreamError::Unresumable(failure)
+            | StreamError::Unanswered(failure) => Some(failure),
+            StreamError::Parse(_) | StreamError::Closed | StreamError::Done => None,
+        }
+    }
+}
+
 impl std::error::Error for StreamError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {

@@ -72,6 +72,15 @@ export function initialize(wasm) {
  */
 
 /**
+ * A function called instead of the global `fetch`, as `fetch(url, init)`:
+ * `url` a string, `init` a plain object (`method`, `headers` as a plain
+ * object, `body` for a POST, `cache`, `credentials`, `mode`, `redirect`,
+ * `signal`). It must resolve to a `Response` with a streaming body.
+ *
+ * @typedef {(url: string, init: RequestInit & { headers: Record<string, string> }) => Promise<Response>} FetchFunction
+ */
+
+/**
  * @typedef {StoreOptions & PostOptions & {
  *   headers?: Record<string, string> | [string, string][] | Headers,
  *   streamKey?: string,
@@ -79,7 +88,14 @@ export function initialize(wasm) {
  *   credentials?: RequestCredentials,
  *   reconnect?: ReconnectOptions,
  *   shared?: boolean,
+ *   fetch?: FetchFunction,
+ *   lastEventIdParam?: string | boolean,
  * }} ResumableEventSourceOptions
+ *   `fetch` is called for every request instead of the global `fetch` (auth
+ *   refresh, instrumentation, tests; see {@link FetchFunction}).
+ *   `lastEventIdParam` sends a resume's cursor as this query parameter
+ *   instead of the `Last-Event-ID` header, which needs a CORS preflight
+ *   cross-origin; `true` means `'lastEventID'`, the name Mercure hubs read.
  *   `headers` go with every request (authorization, `Mcp-Session-Id`).
  *   `streamKey` names the stream's cursor (default: the URL).
  *   `credentials` is fetch's mode (default `'same-origin'`);
@@ -153,20 +169,37 @@ export function initialize(wasm) {
 
 /**
  * The `error` event of a {@link ResumableEventSource}. When a connection
- * failed or could not be made (`readyState` is `CONNECTING`) it says why,
- * when the next attempt is and which attempt in a row it will be; when the
- * stream stopped for good (`readyState` is `CLOSED`) only `message` is set,
- * and only if there is a reason (none after `close()`).
+ * failed or could not be made (`readyState` is `CONNECTING`,
+ * `willReconnect` is `true`) it says why, when the next attempt is and
+ * which attempt in a row it will be; when the stream stopped for good
+ * (`readyState` is `CLOSED`, `willReconnect` is `false`) it says why, if
+ * there is a reason (none after `close()`).
  *
  * @typedef {Event & {
  *   readonly message?: string,
+ *   readonly code?: number,
+ *   readonly willReconnect?: boolean,
  *   readonly retryDelay?: number,
  *   readonly attempt?: number,
  * }} ResumableErrorEvent
  *   `message`: why the connection failed or the stream stopped.
+ *   `code`: the HTTP status of the failed response, when there was one.
+ *   `willReconnect`: whether the source tries again (else it is `CLOSED`).
  *   `retryDelay`: milliseconds until the next attempt.
  *   `attempt`: which attempt in a row the next one is: 1 after a connection
  *   that received data, counting up while attempts receive nothing.
+ */
+
+/**
+ * The events of a {@link ResumableEventSource} by type, for
+ * `addEventListener`; any other type (an `event:` field) is a
+ * `MessageEvent<string>` too.
+ *
+ * @typedef {object} ResumableEventSourceEventMap
+ * @property {MessageEvent<string>} message
+ * @property {Event} open
+ * @property {ResumableErrorEvent} error
+ * @property {Event} close
  */
 
 /** @typedef {(this: ResumableEventSource, event: MessageEvent<string>) => any} MessageHandler */
@@ -220,7 +253,8 @@ export class ResumableEventSource extends EventTarget {
     /** Whether requests carry cookies cross-origin (`credentials` wins over `withCredentials`). */
     this.withCredentials =
       options.credentials === undefined ? options.withCredentials === true : options.credentials === 'include';
-    const origin = new URL(this.url).origin;
+    // Until a response says otherwise (its URL after redirects).
+    let origin = new URL(this.url).origin;
     /** @type {(value: void) => void} */
     let closed = () => {};
     this.#closed = new Promise((resolve) => (closed = resolve));
@@ -240,18 +274,19 @@ export class ResumableEventSource extends EventTarget {
             // happen, 'closed' (`detail` the reason or null) once.
             (/** @type {string} */ kind, /** @type {any} */ detail) => {
               if (kind === 'open' && this.#readyState !== 2) {
+                if (detail?.origin) origin = detail.origin;
                 this.#readyState = 1;
                 this.dispatchEvent(new Event('open'));
               } else if (kind === 'error' && this.#readyState !== 2) {
                 this.#readyState = 0;
-                this.#fail(detail.message, detail);
+                this.#fail(detail, true);
               } else if (kind === 'done' && this.#readyState !== 2) {
                 this.#readyState = 2;
                 this.dispatchEvent(new Event('close'));
               } else if (kind === 'closed') {
                 const stopped = this.#readyState !== 2;
                 this.#readyState = 2;
-                if (stopped) this.#fail(detail);
+                if (stopped) this.#fail(detail, false);
                 closed();
               }
             },
@@ -259,31 +294,102 @@ export class ResumableEventSource extends EventTarget {
         } catch (error) {
           // Invalid options: `start` throws. Fail like a stream that stopped.
           this.#readyState = 2;
-          this.#fail(error instanceof Error ? error.message : String(error));
+          this.#fail({ message: error instanceof Error ? error.message : String(error) }, false);
           closed();
         }
       },
       (error) => {
         this.#readyState = 2;
-        this.#fail(String(error));
+        this.#fail({ message: String(error) }, false);
         closed();
       },
     );
   }
 
   /**
-   * @param {string | null} message
-   * @param {{ retryDelay: number, attempt: number }} [retry] When and which
-   *   attempt is next, while reconnecting.
+   * @param {{ message?: string, code?: number | null, retryDelay?: number, attempt?: number } | null} detail
+   *   Why (none after `close()`), and, while reconnecting, when and which
+   *   attempt is next.
+   * @param {boolean} willReconnect
    */
-  #fail(message, retry) {
+  #fail(detail, willReconnect) {
     const event = new Event('error');
-    Object.defineProperty(event, 'message', { value: message ?? undefined });
-    if (retry) {
-      Object.defineProperty(event, 'retryDelay', { value: retry.retryDelay });
-      Object.defineProperty(event, 'attempt', { value: retry.attempt });
+    /** @param {string} name @param {unknown} value */
+    const define = (name, value) => Object.defineProperty(event, name, { value, enumerable: true });
+    define('message', detail?.message ?? undefined);
+    define('code', detail?.code ?? undefined);
+    define('willReconnect', willReconnect);
+    if (willReconnect) {
+      define('retryDelay', detail?.retryDelay);
+      define('attempt', detail?.attempt);
     }
     this.dispatchEvent(event);
+  }
+
+  /**
+   * Listens for `type`: with a listener function, the event is typed by
+   * {@link ResumableEventSourceEventMap} (any other type is a
+   * `MessageEvent<string>`).
+   *
+   * @template {keyof ResumableEventSourceEventMap} K
+   * @overload
+   * @param {K} type
+   * @param {(this: ResumableEventSource, event: ResumableEventSourceEventMap[K]) => any} listener
+   * @param {boolean | AddEventListenerOptions} [options]
+   * @returns {void}
+   */
+  /**
+   * @overload
+   * @param {string} type
+   * @param {(this: ResumableEventSource, event: MessageEvent<string>) => any} listener
+   * @param {boolean | AddEventListenerOptions} [options]
+   * @returns {void}
+   */
+  /**
+   * @overload
+   * @param {string} type
+   * @param {EventListenerOrEventListenerObject | null} listener
+   * @param {boolean | AddEventListenerOptions} [options]
+   * @returns {void}
+   */
+  /**
+   * @param {string} type
+   * @param {any} listener
+   * @param {boolean | AddEventListenerOptions} [options]
+   */
+  addEventListener(type, listener, options) {
+    super.addEventListener(type, listener, options);
+  }
+
+  /**
+   * @template {keyof ResumableEventSourceEventMap} K
+   * @overload
+   * @param {K} type
+   * @param {(this: ResumableEventSource, event: ResumableEventSourceEventMap[K]) => any} listener
+   * @param {boolean | EventListenerOptions} [options]
+   * @returns {void}
+   */
+  /**
+   * @overload
+   * @param {string} type
+   * @param {(this: ResumableEventSource, event: MessageEvent<string>) => any} listener
+   * @param {boolean | EventListenerOptions} [options]
+   * @returns {void}
+   */
+  /**
+   * @overload
+   * @param {string} type
+   * @param {EventListenerOrEventListenerObject | null} listener
+   * @param {boolean | EventListenerOptions} [options]
+   * @returns {void}
+   */
+  /**
+   * @param {string} type
+   * @param {any} listener
+   * @param {boolean | EventListenerOptions} [options]
+   */
+  removeEventListener(type, listener, options) {
+    super.removeEventListener(type, listener, options);
   }
 
   /** `CONNECTING` (0), `OPEN` (1) or `CLOSED` (2). */

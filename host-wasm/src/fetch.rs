@@ -4,9 +4,11 @@ use futures::Stream;
 use futures::future::{Either, select};
 use gloo_timers::future::TimeoutFuture;
 use js_sys::{Function, Promise, Reflect, Uint8Array};
+use std::cell::RefCell;
 use std::fmt;
 use std::future::Future;
 use std::pin::{Pin, pin};
+use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tidemark_core::reconnect::{check_response, parse_retry_after};
@@ -14,8 +16,8 @@ use tidemark_core::{ConnectRequest, Connector, Failure};
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{
-    AbortController, Headers, ReadableStreamDefaultReader, Request, RequestCache,
-    RequestCredentials, RequestInit, Response,
+    AbortController, Headers, ReadableStreamDefaultReader, RequestCache, RequestCredentials,
+    RequestInit, RequestMode, RequestRedirect, Response,
 };
 
 /// A credentials mode for [`FetchConnector::credentials`]: a
@@ -58,9 +60,10 @@ impl<T: CredentialsMode + ?Sized> CredentialsMode for &T {
 /// Opens SSE connections with `fetch`.
 ///
 /// Each attempt is one `fetch` with its own `AbortController`: `GET` with
-/// `Accept: text/event-stream`, `Cache-Control: no-cache`, `Last-Event-ID`
-/// when resuming, the stream's extra headers, `cache: "no-store"` and the
-/// configured credentials mode. It resolves when the response headers are
+/// `Accept: text/event-stream`, `Last-Event-ID` when resuming (or the query
+/// parameter of [`FetchConnector::last_event_id_param`]), the stream's extra
+/// headers, `cache: "no-store"` and the configured credentials mode; no
+/// other header. It resolves when the response headers are
 /// in; the body is read with `response.body.getReader()`. Dropping the body,
 /// or the `connect` future before it resolves, aborts the request, so a
 /// connection the core gives up on never lingers (browsers allow only six
@@ -90,10 +93,14 @@ impl<T: CredentialsMode + ?Sized> CredentialsMode for &T {
 ///
 /// # Cross-origin servers
 ///
-/// `Cache-Control` and `Last-Event-ID` are not CORS-safelisted request
-/// headers, so every cross-origin request is preceded by a preflight: the
-/// server must answer `OPTIONS` allowing them (and any extra header), and
-/// must send `Access-Control-Allow-Origin`. A request the browser refuses
+/// A first connect sends only CORS-safelisted headers (`Accept`), so it
+/// needs no preflight: a server that answers with
+/// `Access-Control-Allow-Origin`, all an `EventSource` needs, is enough.
+/// `Last-Event-ID` is not safelisted: a cross-origin resume that sends it is
+/// preceded by a preflight, which the server must allow
+/// (`Access-Control-Allow-Headers: Last-Event-ID`), as must every extra
+/// header. For a server that does not, [`FetchConnector::last_event_id_param`]
+/// carries the cursor in the URL instead. A request the browser refuses
 /// for CORS fails like a network error ([`Failure::Network`]): browsers do
 /// not tell scripts why. `Retry-After` is readable on a cross-origin
 /// response only if the server lists it in `Access-Control-Expose-Headers`.
@@ -123,6 +130,13 @@ impl<T: CredentialsMode + ?Sized> CredentialsMode for &T {
 pub struct FetchConnector {
     credentials: Result<RequestCredentials, String>,
     connect_timeout: Duration,
+    /// The page's own `fetch` function, if it gave one.
+    fetch: Option<Function>,
+    /// The query parameter that carries the cursor instead of the
+    /// `Last-Event-ID` header, if any.
+    last_event_id_param: Option<String>,
+    /// The URL of the latest response, after redirects (shared by clones).
+    final_url: Rc<RefCell<Option<String>>>,
 }
 
 impl Default for FetchConnector {
@@ -138,7 +152,38 @@ impl FetchConnector {
         FetchConnector {
             credentials: Ok(RequestCredentials::SameOrigin),
             connect_timeout: Duration::from_secs(10),
+            fetch: None,
+            last_event_id_param: None,
+            final_url: Rc::default(),
         }
+    }
+
+    /// Sends every request through `fetch` instead of the global one,
+    /// called as `fetch(url, init)` like the global: `url` a string, `init`
+    /// a plain object with `method`, `headers` (a plain object of names and
+    /// values), `body` (POST only), `cache`, `credentials`, `mode`,
+    /// `redirect` and `signal`. It must resolve to a `Response` with a
+    /// streaming body; anything else is a permanent [`Failure::Request`],
+    /// and a rejection a [`Failure::Network`].
+    pub fn fetch(mut self, fetch: Function) -> Self {
+        self.fetch = Some(fetch);
+        self
+    }
+
+    /// Sends the cursor of a resumed GET as the query parameter `name`
+    /// (set on the URL, replacing one of that name) instead of the
+    /// `Last-Event-ID` header, which is not CORS-safelisted: for servers
+    /// that take the cursor there (Mercure's hub reads `lastEventID`) and do
+    /// not allow the header in a preflight.
+    pub fn last_event_id_param(mut self, name: impl Into<String>) -> Self {
+        self.last_event_id_param = Some(name.into());
+        self
+    }
+
+    /// The URL of the latest response this connector (or a clone of it)
+    /// received, after redirects: where the stream really comes from.
+    pub fn final_url(&self) -> Option<String> {
+        self.final_url.borrow().clone()
     }
 
     /// Sets the credentials mode: `omit`, `same-origin` or `include` (what
@@ -168,24 +213,40 @@ impl FetchConnector {
             ))
         })?;
         let global = js_sys::global();
-        let fetch: Function = Reflect::get(&global, &JsValue::from_str("fetch"))
-            .ok()
-            .and_then(|f| f.dyn_into().ok())
-            .ok_or_else(|| Failure::Request("no fetch in this global scope".into()))?;
-
-        let headers = Headers::new().map_err(|e| Failure::Request(describe(&e)))?;
-        let append = |name: &str, value: &str| {
-            headers
-                .append(name, value)
-                .map_err(|e| Failure::Request(format!("header {name:?}: {}", describe(&e))))
+        let fetch: Function = match &self.fetch {
+            Some(fetch) => fetch.clone(),
+            None => Reflect::get(&global, &JsValue::from_str("fetch"))
+                .ok()
+                .and_then(|f| f.dyn_into().ok())
+                .ok_or_else(|| Failure::Request("no fetch in this global scope".into()))?,
         };
-        append("Accept", "text/event-stream")?;
-        append("Cache-Control", "no-cache")?;
-        if let Some(id) = request.last_event_id {
-            append("Last-Event-ID", id)?;
+        let url = web_sys::Url::new(request.url)
+            .map_err(|e| Failure::Request(format!("{}: {}", request.url, describe(&e))))?;
+        if !matches!(url.protocol().as_str(), "http:" | "https:") {
+            return Err(Failure::Request(format!(
+                "{}: only http:// and https:// URLs are supported",
+                request.url
+            )));
         }
-        for (name, value) in request.headers {
-            append(name, value)?;
+        // Only headers the user asked for, and `Accept`, which is
+        // CORS-safelisted: a first connect needs no preflight (`cache:
+        // "no-store"` does what `Cache-Control: no-cache` would).
+        let mut fields: Vec<(&str, &str)> = vec![("Accept", "text/event-stream")];
+        match (request.last_event_id, &self.last_event_id_param) {
+            (Some(id), Some(param)) => url.search_params().set(param, id),
+            (Some(id), None) => fields.push(("Last-Event-ID", id)),
+            (None, _) => {}
+        }
+        fields.extend(request.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+        // Checked as `Headers` would (an invalid one is permanent), handed
+        // over as a plain object, which a page's own `fetch` can spread.
+        let check = Headers::new().map_err(|e| Failure::Request(describe(&e)))?;
+        let headers = js_sys::Object::new();
+        for (name, value) in fields {
+            check
+                .append(name, value)
+                .map_err(|e| Failure::Request(format!("header {name:?}: {}", describe(&e))))?;
+            let _ = Reflect::set(&headers, &name.into(), &value.into());
         }
 
         let controller = AbortController::new().map_err(|e| Failure::Request(describe(&e)))?;
@@ -203,18 +264,12 @@ impl FetchConnector {
         init.set_headers(&headers);
         init.set_cache(RequestCache::NoStore);
         init.set_credentials(credentials);
+        init.set_mode(RequestMode::Cors);
+        init.set_redirect(RequestRedirect::Follow);
         init.set_signal(Some(&controller.signal()));
-        let http_request = Request::new_with_str_and_init(request.url, &init)
-            .map_err(|e| Failure::Request(format!("{}: {}", request.url, describe(&e))))?;
-        let resolved = http_request.url();
-        if !(resolved.starts_with("http:") || resolved.starts_with("https:")) {
-            return Err(Failure::Request(format!(
-                "{resolved}: only http:// and https:// URLs are supported"
-            )));
-        }
 
         let promise: Promise = fetch
-            .call1(&global, &http_request)
+            .call2(&global, &url.href().into(), &init)
             .map_err(|e| Failure::Request(describe(&e)))?
             .dyn_into()
             .map_err(|_| Failure::Request("fetch did not return a promise".into()))?;
@@ -236,7 +291,16 @@ impl FetchConnector {
         let response: Response = response
             .map_err(|e| Failure::Network(describe(&e)))?
             .dyn_into()
-            .map_err(|_| Failure::Network("fetch resolved with something else".into()))?;
+            .map_err(|other| {
+                Failure::Request(format!(
+                    "fetch resolved with {}, not a Response",
+                    describe(&other)
+                ))
+            })?;
+        // A synthetic Response has no URL: it comes from where it was asked.
+        let final_url = Some(response.url())
+            .filter(|url| !url.is_empty())
+            .unwrap_or_else(|| url.href());
 
         let response_headers = response.headers();
         let header = |name: &str| response_headers.get(name).ok().flatten();
@@ -253,16 +317,17 @@ impl FetchConnector {
             header("content-type").as_deref(),
         )?;
         let content_location = header("content-location")
-            .and_then(|location| web_sys::Url::new_with_base(&location, &response.url()).ok())
+            .and_then(|location| web_sys::Url::new_with_base(&location, &final_url).ok())
             .map(|url| url.href());
-        let body = response
-            .body()
-            .ok_or_else(|| Failure::Network("the response has no body".into()))?;
+        let body = response.body().ok_or_else(|| {
+            Failure::Request("the response has no streaming body (a null `body`)".into())
+        })?;
         let reader: ReadableStreamDefaultReader = body
             .get_reader()
             .dyn_into()
-            .map_err(|_| Failure::Network("the body has no default reader".into()))?;
+            .map_err(|_| Failure::Request("the response body has no default reader".into()))?;
         guard.0 = None;
+        *self.final_url.borrow_mut() = Some(final_url);
         Ok(FetchBody {
             reader,
             controller,

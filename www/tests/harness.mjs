@@ -70,14 +70,14 @@ const ARGS = [
 const TYPES = { js: 'text/javascript', wasm: 'application/wasm', ts: 'text/plain', json: 'application/json' };
 
 /**
- * A file of the package for a test server's `/tidemark/NAME`: `index.js`
- * is the API source itself (host-wasm/js/index.js), the rest comes from the
- * build in host-wasm/pkg. Resolves with `{ body, type }`, or null for a
- * name that is not a file there.
+ * A file of the package for a test server's `/tidemark/NAME`, from the
+ * build in host-wasm/pkg: what the package ships (its `index.js` without
+ * comments). Resolves with `{ body, type }`, or null for a name that is not
+ * a file there.
  */
 export async function packageFile(name) {
   if (!/^[\w.-]+$/.test(name)) return null;
-  const file = name === 'index.js' ? join(root, 'host-wasm/js/index.js') : join(root, 'host-wasm/pkg', name);
+  const file = join(root, 'host-wasm/pkg', name);
   try {
     return { body: await readFile(file), type: TYPES[name.split('.').pop()] ?? 'application/octet-stream' };
   } catch {

@@ -17,7 +17,6 @@ import { launchBrowser, listen, startTidemark, until } from './harness.mjs';
 
 const root = resolve(import.meta.dirname, '../..');
 const pkg = join(root, 'host-wasm/pkg');
-const indexJs = join(root, 'host-wasm/js/index.js');
 
 const TOKENS = 3000;
 const PROMPT = JSON.stringify({ prompt: 'tell me everything' });
@@ -81,7 +80,7 @@ async function startUpstream() {
       const name = path.slice('/tidemark/'.length);
       try {
         if (!/^[\w.-]+$/.test(name)) throw new Error('bad name');
-        const file = await readFile(name === 'index.js' ? indexJs : join(pkg, name));
+        const file = await readFile(join(pkg, name));
         res.writeHead(200, {
           'content-type': TYPES[name.split('.').pop()] ?? 'application/octet-stream',
           'cache-control': 'no-store',

@@ -94,3 +94,27 @@ export async function post(prompt: string, messageId: string): Promise<void> {
   await answer.close();
   await forgetStream(`answer-${messageId}`, { database: 'app' });
 }
+
+// A drop-in EventSource: typed listeners, a fetch of one's own, the cursor
+// in the URL for servers that allow only the origin.
+export function dropIn(token: () => string): void {
+  const source = new ResumableEventSource('https://api.example/events', {
+    fetch: (url, init) => fetch(url, { ...init, headers: { ...init.headers, authorization: token() } }),
+    lastEventIdParam: 'lastEventID',
+  });
+  source.addEventListener('message', (e) => {
+    const data: string = e.data;
+    const origin: string = e.origin;
+    void [data, origin];
+  });
+  source.addEventListener('error', (e) => {
+    const code: number | undefined = e.code;
+    const message: string | undefined = e.message;
+    const again: boolean | undefined = e.willReconnect;
+    void [code, message, again];
+  });
+  source.addEventListener('update', (e) => void (e.data satisfies string));
+  source.addEventListener('open', { handleEvent: (e: Event) => void e });
+  const mercure: ResumableEventSourceOptions = { lastEventIdParam: true };
+  void mercure;
+}

@@ -13,12 +13,14 @@
 //!   `[prev, type, data, id | null, lastEventId]`;
 //! - `{t: "ask", from, after}`: a follower asks for what follows its last
 //!   id (when it joins, and when its chain breaks);
-//! - `{t: "answer", to, after, frames | null, open}`: the leader's answer
-//!   from its recent events, and whether its connection is open;
+//! - `{t: "answer", to, after, frames | null, open, detail}`: the leader's
+//!   answer from its recent events, whether its connection is open, and the
+//!   detail of its `open` (the stream's origin);
 //! - `{t: "state", kind, detail}`: the leader's connection opened
 //!   (`"open"`) or failed (`"error"`, with the detail of the error event);
-//! - `{t: "end", reason}`: the leader's stream stopped for good (a 404, the
-//!   reconnect policy gave up): every follower stops with it;
+//! - `{t: "end", reason: {message, code}}`: the leader's stream stopped for
+//!   good (a 404, the reconnect policy gave up): every follower stops with
+//!   it;
 //! - `{t: "bye"}`: a follower left (the leader recounts its followers).
 //!
 //! The leader knows its followers from the lock's queue: each follower's
@@ -32,6 +34,7 @@
 
 use super::js;
 use super::runtime::Runtime;
+use super::source::Ending;
 use futures::StreamExt;
 use futures::channel::{mpsc, oneshot};
 use gloo_timers::future::TimeoutFuture;
@@ -125,7 +128,7 @@ pub(crate) enum Followed {
     /// The lock is this context's: lead, with this tracker.
     Lead(EventTracker),
     /// The stream stopped: `close()` (`None`) or the leader's reason.
-    Stop(Option<String>),
+    Stop(Option<Ending>),
 }
 
 /// The lock request of one context: granted once, held until dropped.
@@ -198,6 +201,8 @@ pub(crate) struct Shared {
     unsent: Vec<Frame>,
     /// Whether the leader's connection is open.
     open: bool,
+    /// The detail of the leader's last `open` (its origin), for late joiners.
+    open_detail: JsValue,
     followers: Rc<Cell<u32>>,
     leading: Rc<Cell<bool>>,
     /// When the leader counts its followers again (they may leave without
@@ -285,6 +290,7 @@ impl Shared {
             recent: Recent::new(Recent::DEFAULT_FRAMES, Recent::DEFAULT_BYTES),
             unsent: Vec::new(),
             open: false,
+            open_detail: JsValue::NULL,
             followers: Rc::default(),
             leading: Rc::default(),
             recount: None,
@@ -455,7 +461,7 @@ impl Shared {
         now: Millis,
         out: &mut Vec<Frame>,
         on_state: &dyn Fn(&str, &JsValue),
-    ) -> Option<Option<String>> {
+    ) -> Option<Option<Ending>> {
         match js::get_string(message, "t").ok().flatten().as_deref() {
             Some("frames") => {
                 for frame in js::get(message, "frames")
@@ -475,7 +481,8 @@ impl Shared {
                 let open = js::get_bool(message, "open").ok().flatten() == Some(true);
                 if open && !self.open {
                     self.open = true;
-                    on_state("open", &JsValue::NULL);
+                    let detail = js::get(message, "detail").unwrap_or(JsValue::NULL);
+                    on_state("open", &detail);
                 }
             }
             Some("state") => {
@@ -488,7 +495,7 @@ impl Shared {
                 on_state(&kind, &detail);
             }
             Some("end") => {
-                return Some(js::get_string(message, "reason").ok().flatten());
+                return Some(js::get(message, "reason").map(|r| Ending::from_js(&r)));
             }
             _ => {}
         }
@@ -512,6 +519,7 @@ impl Shared {
                             frames.map_or(JsValue::NULL, |f| encode(&f).into()),
                         )
                         .set("open", self.open)
+                        .set("detail", self.open_detail.clone())
                         .build(),
                 );
                 self.count_followers();
@@ -563,6 +571,9 @@ impl Shared {
     /// The leader's connection opened or failed.
     pub(crate) fn state(&mut self, kind: &str, detail: &JsValue) {
         self.open = kind == "open";
+        if self.open {
+            self.open_detail = detail.clone();
+        }
         self.post(
             &js::Fields::new()
                 .set("t", "state")
@@ -574,14 +585,14 @@ impl Shared {
 
     /// The leader stopped; `reason` is `None` after `close()` (another
     /// context takes over), else every follower stops with it.
-    pub(crate) fn stopped(&mut self, reason: Option<&str>) {
+    pub(crate) fn stopped(&mut self, reason: Option<&Ending>) {
         let mut cx = Context::from_waker(futures::task::noop_waker_ref());
         self.poll_leader(&mut cx);
         if let Some(reason) = reason {
             self.post(
                 &js::Fields::new()
                     .set("t", "end")
-                    .set("reason", reason)
+                    .set("reason", reason.to_js())
                     .build(),
             );
         }

@@ -13,8 +13,8 @@ use std::pin::pin;
 use std::rc::Rc;
 use tidemark_core::sse::Event;
 use tidemark_core::{
-    Backoff, Clock, Millis, ReconnectConfig, RegistryError, ResumableStream, StreamConfig,
-    StreamError, StreamItem, StreamStats,
+    Backoff, Clock, Failure, Millis, ReconnectConfig, RegistryError, ResumableStream,
+    StreamConfig, StreamError, StreamItem, StreamStats,
 };
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::spawn_local;
@@ -28,6 +28,10 @@ struct Settings {
     credentials: RequestCredentials,
     /// One connection for every context of the origin (`shared: true`).
     shared: bool,
+    /// The page's own `fetch` (option `fetch`).
+    fetch: Option<js_sys::Function>,
+    /// The query parameter for the cursor (option `lastEventIdParam`).
+    last_event_id_param: Option<String>,
 }
 
 impl Settings {
@@ -66,6 +70,25 @@ impl Settings {
                 reconnect.idle_timeout = Millis(idle);
             }
         }
+        let fetch = match js::get(options, "fetch") {
+            Some(f) => Some(f.dyn_into::<js_sys::Function>().map_err(|_| {
+                JsError::new("option `fetch` must be a function, called like fetch(url, init)")
+            })?),
+            None => None,
+        };
+        let last_event_id_param = match js::get(options, "lastEventIdParam") {
+            Some(v) if v.as_bool() == Some(true) => Some("lastEventID".to_owned()),
+            Some(v) if v.as_bool() == Some(false) => None,
+            Some(v) => match v.as_string() {
+                Some(name) if !name.is_empty() => Some(name),
+                _ => {
+                    return Err(JsError::new(
+                        "option `lastEventIdParam` must be a query parameter name, or true                          for \"lastEventID\"",
+                    ));
+                }
+            },
+            None => None,
+        };
         let body = post::body_of(options)?;
         let shared = js::get_bool(options, "shared")?.unwrap_or(false);
         if shared && body.is_some() {
@@ -87,7 +110,55 @@ impl Settings {
             },
             credentials,
             shared,
+            fetch,
+            last_event_id_param,
         })
+    }
+}
+
+/// Why a stream stopped for good: the `error` event's `message`, and its
+/// `code` (the HTTP status, when the server answered with one).
+pub(crate) struct Ending {
+    pub(crate) message: String,
+    pub(crate) code: Option<u16>,
+}
+
+impl Ending {
+    fn of(error: &StreamError) -> Self {
+        Ending {
+            message: error.to_string(),
+            code: error.failure().and_then(Failure::status),
+        }
+    }
+
+    fn message(message: String) -> Self {
+        Ending {
+            message,
+            code: None,
+        }
+    }
+
+    /// `{ message, code }` (`code` `null` without a status).
+    pub(crate) fn to_js(&self) -> JsValue {
+        js::Fields::new()
+            .set("message", self.message.as_str())
+            .set("code", self.code.map_or(JsValue::NULL, JsValue::from))
+            .build()
+            .into()
+    }
+
+    /// The other way round (a leader's `end` message).
+    pub(crate) fn from_js(value: &JsValue) -> Self {
+        Ending {
+            message: js::get_string(value, "message")
+                .ok()
+                .flatten()
+                .unwrap_or_default(),
+            code: js::get_u64(value, "code")
+                .ok()
+                .flatten()
+                .and_then(|c| u16::try_from(c).ok()),
+        }
     }
 }
 
@@ -140,7 +211,7 @@ impl EventSourceDriver {
         let task_state = state.clone();
         spawn_local(async move {
             let reason = drive(url, settings, task_state, close_rx, on_event, &on_state).await;
-            let detail = reason.map_or(JsValue::NULL, |r| JsValue::from_str(&r));
+            let detail = reason.map_or(JsValue::NULL, |r| r.to_js());
             let _ = on_state.call2(&JsValue::NULL, &"closed".into(), &detail);
             let _ = done_tx.send(());
         });
@@ -205,29 +276,29 @@ async fn drive(
     mut close: oneshot::Receiver<()>,
     on_event: js_sys::Function,
     on_state: &js_sys::Function,
-) -> Option<String> {
+) -> Option<Ending> {
     let runtime = match runtime(settings.spec.clone()).await {
         Ok(r) => r,
-        Err(e) => return Some(js::message(&e.into())),
+        Err(e) => return Some(Ending::message(js::message(&e.into()))),
     };
     let key = stream_key_of(&settings.stream_key);
     let resume_url = match settings.config.body {
         Some(_) => match post::prepare(&runtime, &key).await {
             Ok(url) => url,
-            Err(e) => return Some(e),
+            Err(e) => return Some(Ending::message(e)),
         },
         None => None,
     };
     let mut tracker = match runtime.registry.open(key.clone()).await {
         Ok(t) => t,
         Err(RegistryError::AlreadyOpen(_)) => {
-            return Some(format!(
+            return Some(Ending::message(format!(
                 "streamKey {:?} is already in use by another ResumableEventSource or tracker \
                  of this page; give each stream its own streamKey",
                 settings.stream_key
-            ));
+            )));
         }
-        Err(e) => return Some(e.to_string()),
+        Err(e) => return Some(Ending::message(e.to_string())),
     };
     let clock = runtime.clock.clone();
     state.borrow_mut().runtime = Some(runtime.clone());
@@ -265,7 +336,14 @@ async fn drive(
             Followed::Stop(reason) => return reason,
         }
     }
-    let connector = FetchConnector::new().credentials(settings.credentials);
+    let mut connector = FetchConnector::new().credentials(settings.credentials);
+    if let Some(fetch) = settings.fetch {
+        connector = connector.fetch(fetch);
+    }
+    if let Some(param) = settings.last_event_id_param {
+        connector = connector.last_event_id_param(param);
+    }
+    let origin_of = connector.clone();
     let mut stream = ResumableStream::new(connector, clock.clone(), url, tracker, settings.config);
     if let Some(resume_url) = resume_url {
         stream = stream.with_resume_url(resume_url);
@@ -313,7 +391,7 @@ async fn drive(
                 let _ = on_state.call2(&JsValue::NULL, &"done".into(), &JsValue::NULL);
                 break None;
             }
-            Err(error) => break Some(error.to_string()),
+            Err(error) => break Some(Ending::of(&error)),
         };
         // Listeners read the counters of the item they hear about.
         sync(&stream);
@@ -327,9 +405,19 @@ async fn drive(
                 }
             }
             StreamItem::Open { .. } => {
-                let _ = on_state.call2(&JsValue::NULL, &"open".into(), &JsValue::NULL);
+                // Messages come from the origin of the final URL, after
+                // redirects.
+                let origin = origin_of
+                    .final_url()
+                    .and_then(|url| web_sys::Url::new(&url).ok())
+                    .map(|url| url.origin());
+                let detail: JsValue = js::Fields::new()
+                    .set("origin", js::opt_str(origin))
+                    .build()
+                    .into();
+                let _ = on_state.call2(&JsValue::NULL, &"open".into(), &detail);
                 if let Some(shared) = &mut shared {
-                    shared.state("open", &JsValue::NULL);
+                    shared.state("open", &detail);
                 }
             }
             StreamItem::Reconnecting {
@@ -339,6 +427,7 @@ async fn drive(
             } => {
                 let detail = js::Fields::new()
                     .set("message", failure.to_string())
+                    .set("code", failure.status().map_or(JsValue::NULL, JsValue::from))
                     .set("retryDelay", retry_at.saturating_sub(clock.now()).0 as f64)
                     .set("attempt", attempt)
                     .build();
@@ -354,7 +443,7 @@ async fn drive(
         }
     };
     if let Some(shared) = &mut shared {
-        shared.stopped(reason.as_deref());
+        shared.stopped(reason.as_ref());
     }
     stream.commit();
     sync(&stream);
