@@ -15,7 +15,10 @@
 //!   frames after its offset ([`ReplayLog::read`]). Events read from one
 //!   upstream chunk are appended together ([`LogBatch`],
 //!   [`ReplayLog::append_batch`]) into one shared block: one allocation per
-//!   batch, and a client's read copies whole runs of a block.
+//!   batch, and a client's read copies whole runs of a block. The log
+//!   keeps each batch as a segment (its block and a few bytes per event)
+//!   and makes a [`LogRecord`] of an event only when one is asked for
+//!   ([`ReplayLog::records`], [`ReplayLog::since`]), for storage.
 //! - **Retention** ([`Retention`]): at most `max_events` events and
 //!   `max_bytes` bytes of frames per stream, the oldest dropped first; a
 //!   stream expires `idle` after its last event (or its start, if it has
@@ -260,12 +263,14 @@ impl Default for Retention {
     }
 }
 
-/// One logged event.
+/// One logged event, as storage gets and gives it.
 ///
 /// Its bytes live in a block shared with the other events appended in the
 /// same batch ([`ReplayLog::append_batch`]): the frames one after the other,
-/// then their upstream ids. A block is freed with the last of its events,
-/// so retention may hold up to one batch's bytes more than it counts.
+/// then their upstream ids. A record the log hands out shares that block;
+/// a block is freed once the log has dropped the last of its events and no
+/// record points into it, so retention may hold up to one batch's bytes
+/// more than it counts.
 #[derive(Clone)]
 pub struct LogRecord {
     /// Its sequence number in the stream (the id's tail).
@@ -468,11 +473,24 @@ pub struct Appended {
 
 /// One stream's log: its events in order, the ids, retention, what clients
 /// may see, and where each client goes next. See the [module docs](self).
+///
+/// The events are kept as segments, one per appended batch (or stored
+/// record): a segment holds the batch's block, its first retained sequence
+/// number and its time; per event the log keeps only where its frame and
+/// its upstream id end in the block (16 bytes on 64-bit targets).
+/// Appending, reading and trimming touch no reference count per event: a
+/// block's count changes when its segment comes and goes, and when a
+/// [`LogRecord`] is handed out.
 #[derive(Clone, Debug)]
 pub struct ReplayLog {
     token: StreamToken,
     retention: Retention,
-    records: VecDeque<LogRecord>,
+    /// The retained events' batches, oldest first; none is empty, and each
+    /// runs up to the next one's `seq` (the last one up to `next_seq`).
+    segments: VecDeque<Segment>,
+    /// Per retained event, oldest first: event `first_seq() + i` is
+    /// `ends[i]`.
+    ends: VecDeque<Ends>,
     next_seq: u64,
     durable: u64,
     bytes: usize,
@@ -481,8 +499,6 @@ pub struct ReplayLog {
     /// Reused to build each appended batch's block (one allocation per
     /// batch: the block's own).
     scratch: Vec<u8>,
-    /// Reused for the frame spans of the batch being appended.
-    spans: Vec<(usize, usize)>,
     /// Reused for [`append`](Self::append)'s one-event batch.
     single: LogBatch,
     /// `id: <token>-<seq>` and LF, the first line of the frame of event
@@ -490,6 +506,54 @@ pub struct ReplayLog {
     id_line: Vec<u8>,
     id_line_seq: u64,
 }
+
+/// Events of one block, from its first retained one on.
+#[derive(Clone)]
+struct Segment {
+    /// The sequence number of its first retained event.
+    seq: u64,
+    /// When its events were appended.
+    time: Millis,
+    block: Arc<[u8]>,
+    /// Where its first retained frame starts in `block` (each later one
+    /// starts where the one before ended).
+    frame_start: usize,
+    /// Where the upstream ids start in `block`: upstream id offsets
+    /// ([`Ends::id`], `id_start`) count from here.
+    ids_at: usize,
+    /// Where its first retained event's upstream id starts (had it one),
+    /// from `ids_at`.
+    id_start: usize,
+    /// The sequence number of its newest event with an upstream id, if it
+    /// had one (retained only if not below `seq`).
+    last_id: Option<u64>,
+}
+
+impl fmt::Debug for Segment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Segment")
+            .field("seq", &self.seq)
+            .field("time", &self.time)
+            .field("block_len", &self.block.len())
+            .field("frame_start", &self.frame_start)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where one event's bytes end in its segment's block.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+struct Ends {
+    /// Where its frame ends in the block.
+    frame: usize,
+    /// Where its upstream id ends, from the segment's `ids_at`, with
+    /// [`HAS_ID`] set if it had one (without one, where the one before
+    /// ended).
+    id: usize,
+}
+
+/// The flag of [`Ends::id`] that says the event had an upstream id (offsets
+/// into a block never reach it: allocations are at most `isize::MAX` bytes).
+const HAS_ID: usize = 1 << (usize::BITS - 1);
 
 /// Where the sequence number starts in an id line: after `id: `, 32 hex
 /// digits and the dash.
@@ -501,14 +565,14 @@ impl ReplayLog {
         ReplayLog {
             token,
             retention,
-            records: VecDeque::new(),
+            segments: VecDeque::new(),
+            ends: VecDeque::new(),
             next_seq: 1,
             durable: 0,
             bytes: 0,
             last_event_at: now,
             ended: false,
             scratch: Vec::new(),
-            spans: Vec::new(),
             single: LogBatch::new(),
             id_line: Vec::new(),
             id_line_seq: u64::MAX,
@@ -535,10 +599,7 @@ impl ReplayLog {
             .map_or(0, |i| i + 1);
         let mut log = ReplayLog::new(token, retention, now);
         for record in sorted.drain(run_start..) {
-            log.next_seq = record.seq + 1;
-            log.last_event_at = record.time;
-            log.bytes += record.frame().len();
-            log.records.push_back(record);
+            log.push_record(record);
         }
         log.durable = log.next_seq - 1;
         log.ended = ended;
@@ -584,43 +645,53 @@ impl ReplayLog {
                 trimmed_to: None,
             };
         }
+        // What retention will drop for the count, dropped first: the ends
+        // never hold more than `max_events` or the batch.
+        let over = self.ends.len() + batch.len();
+        let over = over.saturating_sub(self.retention.max_events.max(1));
+        self.drop_oldest(over.min(self.ends.len()));
         let mut block = std::mem::take(&mut self.scratch);
         block.clear();
         block.reserve(batch.bodies.len() + batch.ids.len() + batch.len() * (SEQ_AT + 21));
-        self.spans.clear();
-        let mut body_start = 0;
-        for (i, &(body_end, _)) in batch.events.iter().enumerate() {
-            let start = block.len();
-            self.advance_id_line(self.next_seq + i as u64);
+        self.ends.reserve(batch.len());
+        let (mut body_start, mut id_before) = (0, 0);
+        let mut last_id = None;
+        for (i, &(body_end, id_end)) in batch.events.iter().enumerate() {
+            let seq = self.next_seq + i as u64;
+            self.advance_id_line(seq);
             block.extend_from_slice(&self.id_line);
             block.extend_from_slice(&batch.bodies[body_start..body_end]);
             body_start = body_end;
-            self.spans.push((start, block.len()));
+            let id = match id_end {
+                Some(end) => {
+                    last_id = Some(seq);
+                    id_before = end;
+                    end | HAS_ID
+                }
+                None => id_before,
+            };
+            self.ends.push_back(Ends {
+                frame: block.len(),
+                id,
+            });
         }
         let ids_at = block.len();
         block.extend_from_slice(&batch.ids);
-        let shared: Arc<[u8]> = Arc::from(&block[..]);
+        self.bytes += ids_at;
+        self.segments.push_back(Segment {
+            seq: self.next_seq,
+            time: now,
+            block: Arc::from(&block[..]),
+            frame_start: 0,
+            ids_at,
+            id_start: 0,
+            last_id,
+        });
         if block.capacity() <= KEEP_BATCH_BUFFER {
             // One huge batch does not pin its size for the stream's life.
             self.scratch = block;
         }
-        let mut id_start = 0;
-        for (&frame, &(_, id_end)) in self.spans.iter().zip(&batch.events) {
-            let upstream_id = id_end.map(|end| {
-                let span = (ids_at + id_start, ids_at + end);
-                id_start = end;
-                span
-            });
-            self.bytes += frame.1 - frame.0;
-            self.records.push_back(LogRecord {
-                seq: self.next_seq,
-                time: now,
-                block: shared.clone(),
-                frame,
-                upstream_id,
-            });
-            self.next_seq += 1;
-        }
+        self.next_seq += batch.len() as u64;
         self.last_event_at = now;
         self.trim();
         Appended {
@@ -644,14 +715,12 @@ impl ReplayLog {
         let first = self.first_seq();
         let before = self.bytes as i64;
         if record.seq > self.next_seq {
-            self.records.clear();
+            self.segments.clear();
+            self.ends.clear();
             self.bytes = 0;
         }
-        self.next_seq = record.seq + 1;
-        self.durable = record.seq;
-        self.last_event_at = record.time;
-        self.bytes += record.frame().len();
-        self.records.push_back(record);
+        self.push_record(record);
+        self.durable = self.next_seq - 1;
         self.trim();
         Some(Appended {
             seq: self.next_seq - 1,
@@ -659,6 +728,34 @@ impl ReplayLog {
             bytes_delta: self.bytes as i64 - before,
             trimmed_to: (self.first_seq() != first).then(|| self.first_seq()),
         })
+    }
+
+    /// Appends `record` as the next event (its sequence number is
+    /// `next_seq`, or the log is empty), a segment of its own: its block
+    /// is the record's.
+    fn push_record(&mut self, record: LogRecord) {
+        let (frame_start, frame_end) = record.frame;
+        // The upstream id's offsets count from the block's start.
+        let (id_start, id) = match record.upstream_id {
+            Some((start, end)) => (start, end | HAS_ID),
+            None => (0, 0),
+        };
+        self.segments.push_back(Segment {
+            seq: record.seq,
+            time: record.time,
+            block: record.block,
+            frame_start,
+            ids_at: 0,
+            id_start,
+            last_id: record.upstream_id.map(|_| record.seq),
+        });
+        self.ends.push_back(Ends {
+            frame: frame_end,
+            id,
+        });
+        self.bytes += frame_end - frame_start;
+        self.next_seq = record.seq + 1;
+        self.last_event_at = record.time;
     }
 
     /// Makes `id_line` the id line of event `seq`: an increment of the
@@ -686,30 +783,102 @@ impl ReplayLog {
         self.id_line.insert(SEQ_AT, b'1');
     }
 
+    /// Drops the oldest events past `max_events`, then the oldest while
+    /// frames are over `max_bytes`, always keeping the newest.
     fn trim(&mut self) {
-        while self.records.len() > self.retention.max_events.max(1)
-            || (self.bytes > self.retention.max_bytes && self.records.len() > 1)
-        {
-            let dropped = self.records.pop_front().expect("more than one record");
-            self.bytes -= dropped.frame().len();
+        self.drop_oldest(
+            self.ends
+                .len()
+                .saturating_sub(self.retention.max_events.max(1)),
+        );
+        while self.bytes > self.retention.max_bytes && self.ends.len() > 1 {
+            self.drop_front(1);
         }
     }
 
-    /// The retained events, oldest first.
-    pub fn records(&self) -> impl DoubleEndedIterator<Item = &LogRecord> + ExactSizeIterator {
-        self.records.iter()
+    /// Drops the `n` oldest events (`n` at most how many there are).
+    fn drop_oldest(&mut self, mut n: usize) {
+        while n > 0 {
+            let in_front = self.segment_len(0).min(n);
+            self.drop_front(in_front);
+            n -= in_front;
+        }
+    }
+
+    /// Drops the `n` oldest events, all in the front segment (`n` is at
+    /// least one and at most its length); the segment goes, and with it
+    /// the reference to its block, when its last event does.
+    fn drop_front(&mut self, n: usize) {
+        let whole = n == self.segment_len(0);
+        let last = self.ends[n - 1];
+        let front = self.segments.front_mut().expect("an event to drop");
+        self.bytes -= last.frame - front.frame_start;
+        if whole {
+            self.segments.pop_front();
+        } else {
+            front.seq += n as u64;
+            front.frame_start = last.frame;
+            front.id_start = last.id & !HAS_ID;
+        }
+        self.ends.drain(..n);
+    }
+
+    /// Events retained in segment `i`.
+    fn segment_len(&self, i: usize) -> usize {
+        let end = self.segments.get(i + 1).map_or(self.next_seq, |s| s.seq);
+        (end - self.segments[i].seq) as usize
+    }
+
+    /// The segment that holds retained event `seq`.
+    fn segment_of(&self, seq: u64) -> usize {
+        self.segments.partition_point(|s| s.seq <= seq) - 1
+    }
+
+    /// Where retained event `seq` of segment `seg` starts in the block: its
+    /// frame, and its upstream id from the segment's `ids_at`.
+    fn starts(&self, seg: &Segment, seq: u64) -> (usize, usize) {
+        if seq == seg.seq {
+            return (seg.frame_start, seg.id_start);
+        }
+        let before = self.ends[(seq - self.first_seq()) as usize - 1];
+        (before.frame, before.id & !HAS_ID)
+    }
+
+    /// Retained event `seq`, as a record of its own that shares the block.
+    fn record(&self, seq: u64) -> LogRecord {
+        let seg = &self.segments[self.segment_of(seq)];
+        let (frame_start, id_start) = self.starts(seg, seq);
+        let ends = self.ends[(seq - self.first_seq()) as usize];
+        LogRecord {
+            seq,
+            time: seg.time,
+            block: seg.block.clone(),
+            frame: (frame_start, ends.frame),
+            upstream_id: (ends.id & HAS_ID != 0)
+                .then(|| (seg.ids_at + id_start, seg.ids_at + (ends.id & !HAS_ID))),
+        }
+    }
+
+    /// The retained events, oldest first, each made when asked for (a
+    /// [`LogRecord`] sharing its batch's block).
+    pub fn records(&self) -> impl DoubleEndedIterator<Item = LogRecord> + ExactSizeIterator + '_ {
+        self.since(self.first_seq())
     }
 
     /// The last appended event, to hand to storage.
-    pub fn last(&self) -> Option<&LogRecord> {
-        self.records.back()
+    pub fn last(&self) -> Option<LogRecord> {
+        self.records().next_back()
     }
 
     /// The retained events from sequence number `seq` on (the ones just
-    /// appended, to hand to storage).
-    pub fn since(&self, seq: u64) -> impl DoubleEndedIterator<Item = &LogRecord> {
-        let skip = seq.saturating_sub(self.first_seq()) as usize;
-        self.records.range(skip.min(self.records.len())..)
+    /// appended, to hand to storage), each made when asked for.
+    pub fn since(
+        &self,
+        seq: u64,
+    ) -> impl DoubleEndedIterator<Item = LogRecord> + ExactSizeIterator + '_ {
+        let first = self.first_seq();
+        let skip = (seq.saturating_sub(first) as usize).min(self.ends.len());
+        (skip..self.ends.len()).map(move |i| self.record(first + i as u64))
     }
 
     /// Lets clients see every event up to `seq` (storage has made them
@@ -736,7 +905,7 @@ impl ReplayLog {
     /// The sequence number of the oldest retained event (the next one's if
     /// the log is empty).
     pub fn first_seq(&self) -> u64 {
-        self.records.front().map_or(self.next_seq, |r| r.seq)
+        self.segments.front().map_or(self.next_seq, |s| s.seq)
     }
 
     /// The sequence number the next appended event gets.
@@ -746,12 +915,12 @@ impl ReplayLog {
 
     /// Events retained.
     pub fn len(&self) -> usize {
-        self.records.len()
+        self.ends.len()
     }
 
     /// Whether no event is retained.
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.ends.is_empty()
     }
 
     /// Bytes of frames retained.
@@ -760,9 +929,18 @@ impl ReplayLog {
     }
 
     /// The upstream id of the newest retained event that had one: where to
-    /// resume the upstream from.
+    /// resume the upstream from. Looks at segments from the newest, not at
+    /// every event.
     pub fn upstream_id(&self) -> Option<&str> {
-        self.records.iter().rev().find_map(LogRecord::upstream_id)
+        let (seg, seq) = self.segments.iter().rev().find_map(|seg| {
+            seg.last_id
+                .filter(|&seq| seq >= seg.seq)
+                .map(|seq| (seg, seq))
+        })?;
+        let (_, start) = self.starts(seg, seq);
+        let end = self.ends[(seq - self.first_seq()) as usize].id & !HAS_ID;
+        let id = &seg.block[seg.ids_at + start..seg.ids_at + end];
+        Some(core::str::from_utf8(id).expect("stored from a str"))
     }
 
     /// When the last event was appended (or the log started).
@@ -849,33 +1027,29 @@ impl ReplayLog {
         if *next > self.durable {
             return read;
         }
-        let skip = (*next - first) as usize;
         let mut written = 0;
-        // Frames of one block lie one after the other: copy runs, not frames.
-        let mut run: Option<(&LogRecord, usize)> = None;
-        for record in self.records.range(skip..) {
-            if record.seq > self.durable || (written >= budget && read.events > 0) {
-                break;
+        // Frames of one segment lie one after the other in its block: copy
+        // runs, not frames.
+        let mut at = self.segment_of(*next);
+        while *next <= self.durable && (written < budget || read.events == 0) {
+            let seg = &self.segments[at];
+            let seg_end = self.segments.get(at + 1).map_or(self.next_seq, |s| s.seq);
+            let (start, _) = self.starts(seg, *next);
+            let from = (*next - first) as usize;
+            let mut to = (self.durable.min(seg_end - 1) - first) as usize;
+            // An event is written if what was written before it is under
+            // budget (the first one always): all of the run, or up to the
+            // first one that starts past the budget.
+            let starts_past = |k: usize| written + (self.ends[k - 1].frame - start) >= budget;
+            if to > from && starts_past(to) {
+                to = (from + 1..to).find(|&k| starts_past(k)).unwrap_or(to) - 1;
             }
-            written += record.frame.1 - record.frame.0;
-            read.events += 1;
-            *next = record.seq + 1;
-            match &mut run {
-                Some((head, end))
-                    if Arc::ptr_eq(&head.block, &record.block) && *end == record.frame.0 =>
-                {
-                    *end = record.frame.1;
-                }
-                _ => {
-                    if let Some((head, end)) = run {
-                        out.extend_from_slice(&head.block[head.frame.0..end]);
-                    }
-                    run = Some((record, record.frame.1));
-                }
-            }
-        }
-        if let Some((head, end)) = run {
-            out.extend_from_slice(&head.block[head.frame.0..end]);
+            let end = self.ends[to].frame;
+            out.extend_from_slice(&seg.block[start..end]);
+            written += end - start;
+            read.events += (to - from + 1) as u64;
+            *next += (to - from + 1) as u64;
+            at += 1;
         }
         read
     }

@@ -135,12 +135,12 @@ fn a_batch_is_appended_in_order_in_one_block() {
     assert_eq!(log.bytes(), frames);
     assert_eq!(
         appended.bytes_delta as usize,
-        frames - log.records[0].frame().len()
+        frames - log.record(1).frame().len()
     );
     let new: Vec<_> = log.since(2).collect();
     assert_eq!(new.len(), 3);
     assert!(new.iter().all(|r| Arc::ptr_eq(&r.block, &new[0].block)));
-    assert!(!Arc::ptr_eq(&log.records[0].block, &new[0].block));
+    assert!(!Arc::ptr_eq(&log.record(1).block, &new[0].block));
     assert_eq!(
         new.iter().map(|r| r.upstream_id()).collect::<Vec<_>>(),
         [Some("up-2"), None, Some("")]
@@ -150,7 +150,7 @@ fn a_batch_is_appended_in_order_in_one_block() {
         [Millis(2); 3]
     );
     assert_eq!(
-        *new[1],
+        new[1],
         LogRecord::new(
             3,
             Millis(2),
@@ -201,7 +201,7 @@ fn ids_count_up_across_digit_carries_and_restores() {
         let frame = std::str::from_utf8(record.frame()).unwrap();
         assert_eq!(frame, format!("id: {}\ndata: x\n\n", id(record.seq)));
     }
-    let records: Vec<LogRecord> = log.records().skip(997).cloned().collect();
+    let records: Vec<LogRecord> = log.records().skip(997).collect();
     let mut restored = ReplayLog::restore(TOKEN, retention(10), records, false, Millis(0));
     restored.append(Millis(1), None, "message", "y").unwrap();
     assert_eq!(
@@ -267,7 +267,7 @@ fn clients_see_only_durable_events() {
 #[test]
 fn read_budget_writes_whole_frames_and_at_least_one() {
     let log = log_of(10, 100);
-    let frame = log.records[0].frame().len();
+    let frame = log.record(1).frame().len();
     let mut next = 1;
     let mut out = Vec::new();
     assert_eq!(
@@ -420,7 +420,7 @@ fn completion_and_expiry() {
 #[test]
 fn restore_keeps_the_run_after_the_last_hole() {
     let log = log_of(8, 100);
-    let mut records: Vec<LogRecord> = log.records.iter().cloned().collect();
+    let mut records: Vec<LogRecord> = log.records().collect();
     records.remove(2); // seq 3 is missing
     records.reverse();
     let restored = ReplayLog::restore(TOKEN, retention(100), records, true, Millis(500));
@@ -432,7 +432,7 @@ fn restore_keeps_the_run_after_the_last_hole() {
     assert_eq!(restored.start(Some(&id(5))).next, 6);
     let empty = ReplayLog::restore(TOKEN, retention(5), Vec::new(), false, Millis(7));
     assert_eq!((empty.next_seq(), empty.last_event_at()), (1, Millis(7)));
-    let trimmed = ReplayLog::restore(TOKEN, retention(2), log.records.clone(), false, Millis(0));
+    let trimmed = ReplayLog::restore(TOKEN, retention(2), log.records(), false, Millis(0));
     assert_eq!(
         trimmed.first_seq(),
         7,
@@ -443,7 +443,7 @@ fn restore_keeps_the_run_after_the_last_hole() {
 #[test]
 fn a_mirror_appends_stored_records_in_order_skips_repeats_and_restarts_after_a_hole() {
     let source = log_of(10, 100);
-    let stored: Vec<LogRecord> = source.records().cloned().collect();
+    let stored: Vec<LogRecord> = source.records().collect();
     let mut mirror = ReplayLog::new(TOKEN, retention(4), Millis(0));
     for record in &stored[..3] {
         let appended = mirror.append_stored(record.clone()).unwrap();
@@ -481,6 +481,45 @@ fn a_mirror_appends_stored_records_in_order_skips_repeats_and_restarts_after_a_h
     assert_eq!(read.gap.map(|g| g.lost), Some(Some(3)));
     assert_eq!(read.events, 1);
     assert_eq!(mirror.upstream_id(), Some("u9"));
+}
+
+#[test]
+fn a_batch_is_one_segment_with_sixteen_bytes_or_less_per_event() {
+    let mut log = ReplayLog::new(TOKEN, retention(1500), Millis(0));
+    let mut batch = LogBatch::new();
+    for i in 0..1000 {
+        let upstream = (i % 3 != 0).then(|| format!("u{i}"));
+        batch.push(upstream.as_deref(), "message", "x").unwrap();
+    }
+    log.append_batch(Millis(1), &batch);
+    log.append_batch(Millis(2), &batch);
+    assert_eq!((log.segments.len(), log.len()), (2, 1500));
+    assert_eq!(log.first_seq(), 501, "the first batch is cut, not dropped");
+    assert_eq!(log.segments[0].seq, 501);
+    assert!(
+        size_of::<Ends>() <= 16,
+        "per event: where its frame and id end"
+    );
+    assert_eq!(
+        Arc::strong_count(&log.segments[0].block),
+        1,
+        "no reference per event"
+    );
+    let expected: Vec<_> = log.records().collect();
+    assert_eq!(log.upstream_id(), Some("u998"));
+    // Records given back (storage that kept them) point into the block.
+    let restored = ReplayLog::restore(TOKEN, retention(1500), expected.clone(), false, Millis(3));
+    assert!(Arc::ptr_eq(
+        &restored.segments[0].block,
+        &log.segments[0].block
+    ));
+    assert_eq!(restored.records().collect::<Vec<_>>(), expected);
+    assert_eq!(restored.upstream_id(), Some("u998"));
+    drop((expected, restored));
+    let block = Arc::downgrade(&log.segments[0].block);
+    log.append_batch(Millis(4), &batch);
+    assert!(block.upgrade().is_none(), "freed with its last event");
+    assert_eq!(log.segments.len(), 2);
 }
 
 #[test]
@@ -561,6 +600,322 @@ proptest! {
                     prop_assert_eq!(next, expected);
                 }
             }
+        }
+    }
+}
+
+/// The log's rules without segments: one entry per event, (seq, frame,
+/// upstream id, time), dropped from the front by the same retention.
+#[derive(Debug)]
+struct Model {
+    events: VecDeque<(u64, Vec<u8>, Option<String>, Millis)>,
+    next_seq: u64,
+    durable: u64,
+    retention: Retention,
+}
+
+impl Model {
+    fn new(retention: Retention) -> Self {
+        Model {
+            events: VecDeque::new(),
+            next_seq: 1,
+            durable: 0,
+            retention,
+        }
+    }
+
+    fn first(&self) -> u64 {
+        self.events.front().map_or(self.next_seq, |e| e.0)
+    }
+
+    fn bytes(&self) -> usize {
+        self.events.iter().map(|e| e.1.len()).sum()
+    }
+
+    fn push(&mut self, seq: u64, frame: Vec<u8>, upstream_id: Option<String>, time: Millis) {
+        self.events.push_back((seq, frame, upstream_id, time));
+        self.next_seq = seq + 1;
+    }
+
+    /// Applies retention and says what an append of `events` did, from the
+    /// first sequence number and bytes before it.
+    fn appended(&mut self, first: u64, bytes: usize, events: usize) -> Appended {
+        while self.events.len() > self.retention.max_events.max(1)
+            || (self.bytes() > self.retention.max_bytes && self.events.len() > 1)
+        {
+            self.events.pop_front();
+        }
+        Appended {
+            seq: self.next_seq - 1,
+            events,
+            bytes_delta: self.bytes() as i64 - bytes as i64,
+            trimmed_to: (self.first() != first).then(|| self.first()),
+        }
+    }
+
+    fn records(&self) -> Vec<LogRecord> {
+        self.events
+            .iter()
+            .map(|(seq, frame, id, time)| LogRecord::new(*seq, *time, id.as_deref(), frame))
+            .collect()
+    }
+
+    fn upstream_id(&self) -> Option<&str> {
+        self.events.iter().rev().find_map(|e| e.2.as_deref())
+    }
+
+    fn start(&self, last_event_id: Option<&str>) -> Start {
+        let first = self.first();
+        let after = match last_event_id.map(parse_event_id) {
+            None => 0,
+            Some(Some((token, seq))) if token == TOKEN && seq <= self.durable => seq,
+            Some(_) => {
+                return Start {
+                    next: first,
+                    gap: Some(Gap {
+                        reason: GapReason::Unknown,
+                        lost: None,
+                    }),
+                };
+            }
+        };
+        if after + 1 >= first {
+            Start {
+                next: after + 1,
+                gap: None,
+            }
+        } else {
+            Start {
+                next: first,
+                gap: Some(Gap {
+                    reason: GapReason::Retention,
+                    lost: Some(first - after - 1),
+                }),
+            }
+        }
+    }
+
+    fn read(&self, next: &mut u64, budget: usize, out: &mut Vec<u8>) -> Read {
+        let mut read = Read::default();
+        let first = self.first();
+        if *next < first {
+            let gap = Gap {
+                reason: GapReason::Retention,
+                lost: Some(first - *next),
+            };
+            encode_gap(out, TOKEN, first, gap);
+            read.gap = Some(gap);
+            *next = first;
+        }
+        let mut written = 0;
+        for (seq, frame, _, _) in &self.events {
+            if *seq < *next || *seq > self.durable {
+                continue;
+            }
+            if written >= budget && read.events > 0 {
+                break;
+            }
+            written += frame.len();
+            out.extend_from_slice(frame);
+            read.events += 1;
+            *next = seq + 1;
+        }
+        read
+    }
+}
+
+/// The frame the log writes for event `seq`.
+fn frame_of(seq: u64, event: &str, data: &str) -> Vec<u8> {
+    let mut frame = format!("id: {}\n", id(seq)).into_bytes();
+    let event = (event != "message" && !event.is_empty()).then_some(event);
+    encode_event(&mut frame, event, None, data).unwrap();
+    frame
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Batch(Vec<(Option<String>, &'static str, String)>),
+    Append(Option<String>, String),
+    /// A record of its own at `next_seq() + ahead` (below: a repeat;
+    /// above: after a hole).
+    Stored(i64, Option<String>, Vec<u8>),
+    Durable(i64),
+    /// From the connected client's place (`None`) or from this seq, with
+    /// a budget of so many bytes, or of the next so many frames' bytes
+    /// plus -1, 0 or 1.
+    Read(Option<u64>, Budget),
+    /// `None`: no id; `Some((seq, ours))`: an id of this stream or
+    /// another's.
+    Start(Option<(u64, bool)>),
+    /// The log rebuilt from its own records, perhaps one of them lost.
+    Restore(Option<prop::sample::Index>, bool),
+    Tick,
+}
+
+#[derive(Copy, Clone, Debug)]
+enum Budget {
+    Bytes(usize),
+    Frames(usize, isize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let upstream = || prop::option::of("[a-z0-9]{0,3}");
+    let data = || "[a-z\n]{0,6}";
+    let event = prop::sample::select(vec!["message", "", "delta"]);
+    prop_oneof![
+        4 => prop::collection::vec((upstream(), event, data()), 0..6).prop_map(Op::Batch),
+        2 => (upstream(), data()).prop_map(|(u, d)| Op::Append(u, d)),
+        2 => (prop_oneof![4 => Just(0i64), 1 => -3i64..0, 1 => 1i64..4], upstream(), "[a-z]{0,30}")
+            .prop_map(|(ahead, u, frame)| Op::Stored(ahead, u, frame.into_bytes())),
+        3 => (-3i64..2).prop_map(Op::Durable),
+        4 => (prop::option::of(0u64..60), prop_oneof![
+            (0usize..150).prop_map(Budget::Bytes),
+            (0usize..6, -1isize..=1).prop_map(|(n, plus)| Budget::Frames(n, plus)),
+        ]).prop_map(|(from, budget)| Op::Read(from, budget)),
+        1 => prop::option::of((0u64..60, prop::bool::weighted(0.8))).prop_map(Op::Start),
+        1 => (prop::option::of(any::<prop::sample::Index>()), any::<bool>())
+            .prop_map(|(lost, rev)| Op::Restore(lost, rev)),
+        1 => Just(Op::Tick),
+    ]
+}
+
+/// Everything the log tells about what it holds matches the model.
+fn same_state(log: &ReplayLog, model: &Model) -> Result<(), TestCaseError> {
+    prop_assert_eq!(log.len(), model.events.len());
+    prop_assert_eq!(log.is_empty(), model.events.is_empty());
+    prop_assert_eq!(log.first_seq(), model.first());
+    prop_assert_eq!(log.next_seq(), model.next_seq);
+    prop_assert_eq!(log.durable(), model.durable);
+    prop_assert_eq!(log.bytes(), model.bytes());
+    prop_assert_eq!(log.upstream_id(), model.upstream_id());
+    let expected = model.records();
+    prop_assert_eq!(log.records().len(), expected.len());
+    prop_assert_eq!(log.records().collect::<Vec<_>>(), expected.clone());
+    let mut reversed = expected.clone();
+    reversed.reverse();
+    prop_assert_eq!(log.records().rev().collect::<Vec<_>>(), reversed);
+    prop_assert_eq!(log.last(), expected.last().cloned());
+    for seq in model.first().saturating_sub(1)..=model.next_seq + 1 {
+        let since: Vec<_> = expected.iter().filter(|r| r.seq >= seq).cloned().collect();
+        prop_assert_eq!(log.since(seq).collect::<Vec<_>>(), since);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Segments keep every event as one record per event would: what is
+    /// retained, its bytes and ids, what each append did, and what each
+    /// client reads, byte for byte.
+    #[test]
+    fn the_log_behaves_as_one_record_per_event(
+        ops in prop::collection::vec(op(), 1..60),
+        max_events in 1usize..12,
+        max_bytes in prop_oneof![Just(usize::MAX), 0usize..400],
+    ) {
+        let retention = Retention { max_events, max_bytes, idle: Millis(1000) };
+        let mut log = ReplayLog::new(TOKEN, retention, Millis(0));
+        let mut model = Model::new(retention);
+        let mut time = 0;
+        let (mut client, mut model_client) = (1, 1);
+        for op in ops {
+            let (first, bytes) = (model.first(), model.bytes());
+            match op {
+                Op::Batch(events) => {
+                    let mut batch = LogBatch::new();
+                    for (i, (upstream, event, data)) in events.iter().enumerate() {
+                        batch.push(upstream.as_deref(), event, data).unwrap();
+                        let seq = model.next_seq + i as u64;
+                        model.events.push_back((seq, frame_of(seq, event, data), upstream.clone(), Millis(time)));
+                    }
+                    model.next_seq += events.len() as u64;
+                    let appended = log.append_batch(Millis(time), &batch);
+                    prop_assert_eq!(appended, model.appended(first, bytes, events.len()));
+                }
+                Op::Append(upstream, data) => {
+                    let appended = log.append(Millis(time), upstream.as_deref(), "message", &data).unwrap();
+                    let seq = model.next_seq;
+                    model.push(seq, frame_of(seq, "message", &data), upstream, Millis(time));
+                    prop_assert_eq!(appended, model.appended(first, bytes, 1));
+                }
+                Op::Stored(ahead, upstream, frame) => {
+                    let seq = model.next_seq.saturating_add_signed(ahead);
+                    let record = LogRecord::new(seq, Millis(time), upstream.as_deref(), &frame);
+                    let appended = log.append_stored(record);
+                    if seq < model.next_seq {
+                        prop_assert_eq!(appended, None);
+                    } else {
+                        if seq > model.next_seq {
+                            model.events.clear();
+                        }
+                        model.push(seq, frame, upstream, Millis(time));
+                        model.durable = seq;
+                        prop_assert_eq!(appended, Some(model.appended(first, bytes, 1)));
+                    }
+                }
+                Op::Durable(off) => {
+                    let seq = (model.next_seq - 1).saturating_add_signed(off);
+                    log.mark_durable(seq);
+                    model.durable = model.durable.max(seq.min(model.next_seq - 1));
+                }
+                Op::Read(from, budget) => {
+                    let (mut next, mut model_next) = match from {
+                        Some(seq) => (seq, seq),
+                        None => (client, model_client),
+                    };
+                    let budget = match budget {
+                        Budget::Bytes(n) => n,
+                        Budget::Frames(n, plus) => model
+                            .events
+                            .iter()
+                            .filter(|e| e.0 >= model_next.max(model.first()))
+                            .take(n)
+                            .map(|e| e.1.len())
+                            .sum::<usize>()
+                            .saturating_add_signed(plus),
+                    };
+                    let (mut out, mut expected) = (Vec::new(), Vec::new());
+                    let read = log.read(&mut next, budget, &mut out);
+                    prop_assert_eq!(read, model.read(&mut model_next, budget, &mut expected));
+                    prop_assert_eq!(out, expected);
+                    prop_assert_eq!(next, model_next);
+                    if from.is_none() {
+                        (client, model_client) = (next, model_next);
+                    }
+                }
+                Op::Start(at) => {
+                    let last_event_id = at.map(|(seq, ours)| event_id(if ours { TOKEN } else { OTHER }, seq));
+                    prop_assert_eq!(
+                        log.start(last_event_id.as_deref()),
+                        model.start(last_event_id.as_deref())
+                    );
+                }
+                Op::Restore(lost, rev) => {
+                    let mut records: Vec<LogRecord> = log.records().collect();
+                    // Not the newest: the next appended event keeps its seq.
+                    if let Some(lost) = lost.filter(|_| records.len() > 1) {
+                        let at = lost.index(records.len() - 1);
+                        let lost = records.remove(at).seq;
+                        model.events.retain(|e| e.0 > lost);
+                    }
+                    if rev {
+                        records.reverse();
+                    }
+                    let next_seq = log.next_seq();
+                    log = ReplayLog::restore(TOKEN, retention, records, false, Millis(time));
+                    if model.events.is_empty() {
+                        // Nothing to restore from: a new log.
+                        model.next_seq = 1;
+                        (client, model_client) = (1, 1);
+                    }
+                    prop_assert_eq!(log.next_seq(), model.next_seq);
+                    prop_assert!(model.events.is_empty() || log.next_seq() == next_seq);
+                    model.durable = model.next_seq - 1;
+                }
+                Op::Tick => time += 1,
+            }
+            same_state(&log, &model)?;
         }
     }
 }

@@ -463,10 +463,12 @@ impl Fleet {
         let ops = {
             let mut state = stream.state();
             let mut ops = vec![LogOp::Open(stream.meta.clone())];
-            ops.extend(state.log.since(last + 1).map(|record| LogOp::Append {
-                token,
-                record: record.clone(),
-            }));
+            ops.extend(
+                state
+                    .log
+                    .since(last + 1)
+                    .map(|record| LogOp::Append { token, record }),
+            );
             if state.log.is_ended() {
                 ops.push(LogOp::End { token });
             }

@@ -68,7 +68,7 @@ fn append(hub: &Hub, stream: &LoggedStream, batch: &LogBatch) -> bool {
             let first = appended.seq + 1 - appended.events as u64;
             ops.extend(state.log.since(first).map(|record| LogOp::Append {
                 token: stream.meta.token,
-                record: record.clone(),
+                record,
             }));
             if let Some(first_seq) = appended.trimmed_to {
                 ops.push(LogOp::Trim {
@@ -141,15 +141,15 @@ pub(super) async fn follow_get(
         // revival (or a restart of the proxy) has its repeats dropped.
         let state = stream.state();
         let now = hub.clock.now();
-        let ids: Vec<&str> = state
+        let with_ids: Vec<LogRecord> = state
             .log
             .records()
             .rev()
-            .filter_map(LogRecord::upstream_id)
+            .filter(|record| record.upstream_id().is_some())
             .take(window)
             .collect();
-        for id in ids.into_iter().rev() {
-            let _ = tracker.observe(Some(id), now);
+        for record in with_ids.iter().rev() {
+            let _ = tracker.observe(record.upstream_id(), now);
         }
         tracker.commit();
     }
