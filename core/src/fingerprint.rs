@@ -1,7 +1,10 @@
 //! Fixed-size keyed fingerprints of event ids.
 //!
 //! The dedup window stores 64-bit fingerprints instead of id strings: eight
-//! bytes per remembered event whatever the id length, and no allocation. The
+//! bytes per remembered event whatever the id length, and no allocation.
+//! (Canonical decimal ids that increase, the common case, it keeps as their
+//! numbers instead, which is exact and skips this hash; see `window.rs`. It
+//! fingerprints them, from their decimal strings, once any other id arrives.) The
 //! fingerprint is SipHash-1-3 under a 128-bit secret key, so a server (or
 //! anyone who can inject events) cannot craft two ids that collide and make a
 //! fresh event look like a duplicate. An accidental collision inside a window

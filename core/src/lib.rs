@@ -10,7 +10,8 @@
 //! # Pieces
 //!
 //! - [`EventTracker`]: one per stream. `observe` classifies an event as fresh
-//!   or duplicate in O(1) with a bounded window of keyed 64-bit fingerprints;
+//!   or duplicate with a bounded window of recent ids (numbers for increasing
+//!   decimal ids, keyed 64-bit fingerprints for any others);
 //!   `commit` moves the cursor once the application has the event.
 //! - [`PersistenceWorker`]: one future for all streams. Coalesces each
 //!   stream's cursor to the newest, writes every dirty stream at most once per

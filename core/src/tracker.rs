@@ -3,8 +3,9 @@
 //! # Driving contract
 //!
 //! An [`EventTracker`] is plain synchronous state; it never awaits, never reads
-//! a clock and, once its window has grown, never allocates. For every event the
-//! stream yields:
+//! a clock and, once its window has grown (and made its index, if a
+//! non-decimal id needed one), never allocates. For every event the stream
+//! yields:
 //!
 //! 1. call [`EventTracker::observe`] with the event's id (`None` when the event
 //!    had no `id` field) and the current time;
@@ -28,8 +29,13 @@
 //!   `Last-Event-ID`. The dedup window is cleared too, because a server that
 //!   resets its ids may reuse them, and dropping a fresh event is worse than
 //!   delivering a duplicate.
-//! - Any other id is a duplicate if its fingerprint is in the window, fresh
-//!   otherwise.
+//! - Any other id is a duplicate if it is in the window, fresh otherwise.
+//!   The window keeps the last distinct ids in eight bytes each. Canonical
+//!   decimal ids that increase, nearly every real stream's, are kept as their
+//!   numbers: exact, and found without hashing, since the tracker's per-event
+//!   cost was mostly hashing. Any other id is kept as its keyed 64-bit
+//!   fingerprint, and from then on so are the ids that were in the window
+//!   with it, until they age out or the window is cleared.
 
 use crate::clock::Millis;
 use crate::cursor::{Cursor, StreamKey};
@@ -90,7 +96,6 @@ pub struct TrackerStats {
 
 /// Dedup window and cursor of one stream. See the [module docs](self).
 pub struct EventTracker {
-    fingerprint_key: FingerprintKey,
     window: DedupWindow,
     last_event_id: String,
     seq: u64,
@@ -113,8 +118,7 @@ impl EventTracker {
         publisher: Option<Publisher>,
     ) -> Self {
         EventTracker {
-            fingerprint_key: config.fingerprint_key,
-            window: DedupWindow::new(config.window, config.max_age),
+            window: DedupWindow::new(config.window, config.max_age, config.fingerprint_key),
             last_event_id: String::new(),
             seq: 0,
             uncommitted: false,
@@ -167,22 +171,18 @@ impl EventTracker {
         self.last_event_id.clear();
         self.last_event_id.push_str(id);
         if !id.is_empty() {
-            let fp = self.fingerprint_key.fingerprint(id.as_bytes());
-            if !self.window.contains(fp) {
-                self.window.insert(fp, now);
-            }
+            // Already in the window or not, the id is in it now.
+            let _ = self.window.insert(id.as_bytes(), now);
         }
     }
 
     /// Whether `id` is in the window, without observing it.
     pub fn has_seen(&self, id: &str) -> bool {
-        !id.is_empty()
-            && self
-                .window
-                .contains(self.fingerprint_key.fingerprint(id.as_bytes()))
+        !id.is_empty() && self.window.contains(id.as_bytes())
     }
 
-    /// Classifies one event; see the [module docs](self). O(1), no await.
+    /// Classifies one event; see the [module docs](self). O(1) amortized
+    /// (a replayed decimal id: a binary search of the window), no await.
     #[inline]
     pub fn observe(&mut self, id: Option<&str>, now: Millis) -> Observation {
         Slot::bump(&self.slot.observed);
@@ -197,12 +197,10 @@ impl EventTracker {
             self.uncommitted = true;
             return Observation::Fresh;
         }
-        let fp = self.fingerprint_key.fingerprint(id.as_bytes());
-        if self.window.contains(fp) {
+        if !self.window.insert(id.as_bytes(), now) {
             Slot::bump(&self.slot.duplicates);
             return Observation::Duplicate;
         }
-        self.window.insert(fp, now);
         self.last_event_id.clear();
         self.last_event_id.push_str(id);
         self.uncommitted = true;
@@ -287,6 +285,8 @@ impl core::fmt::Debug for EventTracker {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use proptest::test_runner::TestCaseError;
+    use std::collections::VecDeque;
 
     fn tracker(window: usize) -> EventTracker {
         EventTracker::new(
@@ -420,6 +420,365 @@ mod tests {
         assert!(t.observe(Some("x"), Millis(100)).is_fresh());
     }
 
+    /// The reference model: a FIFO of the last `cap` distinct id strings
+    /// with their times, the age bound applied from the oldest, and the
+    /// cursor fields the tracker reports.
+    struct Model {
+        cap: usize,
+        max_age: Option<u64>,
+        window: VecDeque<(String, u64)>,
+        last_event_id: String,
+        seq: u64,
+        uncommitted: bool,
+        last_seen: u64,
+        observed: u64,
+        duplicates: u64,
+    }
+
+    impl Model {
+        fn new(cap: usize, max_age: Option<u64>) -> Self {
+            Model {
+                cap,
+                max_age,
+                window: VecDeque::new(),
+                last_event_id: String::new(),
+                seq: 0,
+                uncommitted: false,
+                last_seen: 0,
+                observed: 0,
+                duplicates: 0,
+            }
+        }
+
+        fn has_seen(&self, id: &str) -> bool {
+            self.window.iter().any(|(seen, _)| seen == id)
+        }
+
+        fn add(&mut self, id: &str, at: u64) {
+            self.window.push_back((id.to_owned(), at));
+            if self.window.len() > self.cap {
+                self.window.pop_front();
+            }
+        }
+
+        fn set_last_event_id(&mut self, id: &str, at: u64) {
+            self.last_event_id = id.to_owned();
+            if !id.is_empty() && !self.has_seen(id) {
+                self.add(id, at);
+            }
+        }
+
+        fn observe(&mut self, id: Option<&str>, now: u64) -> Observation {
+            self.observed += 1;
+            self.last_seen = self.last_seen.max(now);
+            if let Some(max_age) = self.max_age {
+                while self
+                    .window
+                    .front()
+                    .is_some_and(|&(_, at)| at.saturating_add(max_age) <= now)
+                {
+                    self.window.pop_front();
+                }
+            }
+            match id {
+                None => {}
+                Some("") => {
+                    self.window.clear();
+                    self.last_event_id.clear();
+                    self.uncommitted = true;
+                }
+                Some(id) if self.has_seen(id) => {
+                    self.duplicates += 1;
+                    return Observation::Duplicate;
+                }
+                Some(id) => {
+                    self.add(id, now);
+                    self.last_event_id = id.to_owned();
+                    self.uncommitted = true;
+                }
+            }
+            Observation::Fresh
+        }
+    }
+
+    /// Ids that are numbers only to a lax parser, and strings.
+    const ODD: [&str; 12] = [
+        "007",
+        "00",
+        "01",
+        "+1",
+        "-1",
+        " 5",
+        "5 ",
+        "1e3",
+        "0x10",
+        "18446744073709551616",
+        "99999999999999999999",
+        "184467440737095516150",
+    ];
+
+    /// How a step picks its id; resolved against the ids so far.
+    #[derive(Clone, Debug)]
+    enum Pick {
+        /// The counter, moved up by this gap (0: the current counter).
+        Next(u64),
+        /// The counter set to `u64::MAX` minus this.
+        NearMax(u64),
+        /// The id this many picks back.
+        Back(usize),
+        /// This much below the counter (which stays).
+        Below(u64),
+        /// One of [`ODD`].
+        Odd(usize),
+        /// One of a few non-numeric strings.
+        Text(u8),
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Observe(Pick),
+        NoId,
+        EmptyId,
+        Wait(u64),
+        Commit,
+        /// `seed` with a cursor of this id, sequence and age.
+        Seed(Pick, u64, u64),
+        SeedLastEventId(Pick),
+        RestartAt(Pick),
+        ContinueAfter(u64),
+    }
+
+    #[derive(Default)]
+    struct Ids {
+        counter: u64,
+        history: Vec<String>,
+    }
+
+    impl Ids {
+        fn resolve(&mut self, pick: &Pick) -> String {
+            let id = match *pick {
+                Pick::Next(gap) => {
+                    self.counter = self.counter.saturating_add(gap);
+                    self.counter.to_string()
+                }
+                Pick::NearMax(d) => {
+                    self.counter = u64::MAX - d;
+                    self.counter.to_string()
+                }
+                Pick::Back(k) if !self.history.is_empty() => {
+                    self.history[self.history.len() - 1 - k % self.history.len()].clone()
+                }
+                Pick::Back(_) => "0".to_owned(),
+                Pick::Below(d) => self.counter.saturating_sub(d).to_string(),
+                Pick::Odd(i) => ODD[i % ODD.len()].to_owned(),
+                Pick::Text(k) => format!("ev-{}", k % 6),
+            };
+            self.history.push(id.clone());
+            id
+        }
+
+        /// Ids worth asking `has_seen` about: recent ones, neighbours of the
+        /// counter, and the odd ones.
+        fn probes(&self) -> Vec<String> {
+            let mut probes: Vec<String> = self.history.iter().rev().take(48).cloned().collect();
+            for d in 0..4 {
+                probes.push(self.counter.saturating_sub(d).to_string());
+                probes.push(self.counter.saturating_add(d).to_string());
+            }
+            probes.extend(ODD.iter().map(|s| s.to_string()));
+            probes.extend((0..6).map(|k| format!("ev-{k}")));
+            probes.extend(["0", "", "1"].map(String::from));
+            probes
+        }
+    }
+
+    /// Runs `steps` through a tracker and the model, comparing everything
+    /// observable after every step.
+    fn check_against_model(
+        cap: usize,
+        max_age: Option<u64>,
+        steps: &[Step],
+    ) -> Result<(), TestCaseError> {
+        let mut t = EventTracker::new(
+            StreamKey::new("s", "1"),
+            TrackerConfig {
+                window: cap,
+                max_age: max_age.map(Millis),
+                fingerprint_key: FingerprintKey::new(7, 9),
+            },
+        );
+        let mut m = Model::new(cap, max_age);
+        let mut ids = Ids::default();
+        let mut now = 0u64;
+        for (n, step) in steps.iter().enumerate() {
+            match step {
+                Step::Observe(pick) => {
+                    let id = ids.resolve(pick);
+                    prop_assert_eq!(
+                        t.observe(Some(&id), Millis(now)),
+                        m.observe(Some(&id), now),
+                        "step {} observes {:?}",
+                        n,
+                        id
+                    );
+                }
+                Step::NoId => {
+                    prop_assert_eq!(t.observe(None, Millis(now)), m.observe(None, now));
+                }
+                Step::EmptyId => {
+                    prop_assert_eq!(t.observe(Some(""), Millis(now)), m.observe(Some(""), now));
+                }
+                Step::Wait(dt) => now += dt,
+                Step::Commit => {
+                    t.commit();
+                    if std::mem::take(&mut m.uncommitted) {
+                        m.seq += 1;
+                    }
+                }
+                Step::Seed(pick, seq, age) => {
+                    let id = ids.resolve(pick);
+                    let at = now.saturating_sub(*age);
+                    t.seed(&Cursor {
+                        key: StreamKey::new("s", "1"),
+                        last_event_id: id.clone(),
+                        seq: *seq,
+                        at: Millis(at),
+                    });
+                    m.seq = m.seq.max(*seq);
+                    m.last_seen = m.last_seen.max(at);
+                    m.set_last_event_id(&id, at);
+                }
+                Step::SeedLastEventId(pick) => {
+                    let id = ids.resolve(pick);
+                    t.seed_last_event_id(&id, Millis(now));
+                    m.set_last_event_id(&id, now);
+                }
+                Step::RestartAt(pick) => {
+                    let id = ids.resolve(pick);
+                    t.restart_at(&id, Millis(now));
+                    m.window.clear();
+                    m.set_last_event_id(&id, now);
+                }
+                Step::ContinueAfter(seq) => {
+                    t.continue_after(&Cursor {
+                        key: StreamKey::new("s", "1"),
+                        last_event_id: "elsewhere".into(),
+                        seq: *seq,
+                        at: Millis(now),
+                    });
+                    m.seq = m.seq.max(*seq);
+                }
+            }
+            prop_assert_eq!(
+                t.window_len(),
+                m.window.len(),
+                "window_len after step {}",
+                n
+            );
+            for probe in ids.probes() {
+                prop_assert_eq!(
+                    t.has_seen(&probe),
+                    m.has_seen(&probe),
+                    "has_seen({:?}) after step {}",
+                    probe,
+                    n
+                );
+            }
+            for (id, _) in &m.window {
+                prop_assert!(t.has_seen(id), "{:?} in the model's window", id);
+            }
+            let expected_id = (!m.last_event_id.is_empty()).then_some(m.last_event_id.as_str());
+            prop_assert_eq!(t.last_event_id(), expected_id);
+            prop_assert_eq!(t.seq(), m.seq);
+            prop_assert_eq!(t.has_uncommitted(), m.uncommitted);
+            prop_assert_eq!(t.cursor().at, Millis(m.last_seen));
+            prop_assert_eq!(
+                t.stats(),
+                TrackerStats {
+                    observed: m.observed,
+                    duplicates: m.duplicates
+                }
+            );
+        }
+        Ok(())
+    }
+
+    fn pick() -> impl Strategy<Value = Pick> {
+        prop_oneof![
+            12 => (1u64..4).prop_map(Pick::Next),
+            3 => (0u64..1_000_000).prop_map(Pick::Next),
+            4 => (0usize..80).prop_map(Pick::Back),
+            2 => (1u64..60).prop_map(Pick::Below),
+            1 => (0u64..30).prop_map(Pick::NearMax),
+            1 => any::<usize>().prop_map(Pick::Odd),
+            1 => any::<u8>().prop_map(Pick::Text),
+        ]
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            40 => pick().prop_map(Step::Observe),
+            1 => Just(Step::NoId),
+            1 => Just(Step::EmptyId),
+            4 => (0u64..40).prop_map(Step::Wait),
+            4 => Just(Step::Commit),
+            1 => (pick(), 0u64..100, 0u64..100).prop_map(|(p, s, a)| Step::Seed(p, s, a)),
+            1 => pick().prop_map(Step::SeedLastEventId),
+            1 => pick().prop_map(Step::RestartAt),
+            1 => (0u64..100).prop_map(Step::ContinueAfter),
+        ]
+    }
+
+    /// Sequences that leave the sorted mode at chosen points: short of a
+    /// full window, exactly full, after the ring has wrapped; with small
+    /// caps; by every kind of id that breaks the run.
+    #[test]
+    fn switching_modes_matches_the_model() {
+        let breakers = [
+            Step::Observe(Pick::Text(0)),
+            Step::Observe(Pick::Odd(0)),
+            Step::Observe(Pick::Odd(9)),
+            Step::Observe(Pick::Below(1)),
+            Step::Observe(Pick::Back(0)),
+            Step::Observe(Pick::Back(1)),
+            Step::EmptyId,
+            Step::RestartAt(Pick::Below(2)),
+            Step::SeedLastEventId(Pick::Text(1)),
+            Step::Seed(Pick::Below(3), 5, 0),
+        ];
+        for cap in [1, 2, 3, 4, 5, 8, 9, 17, 40] {
+            for max_age in [None, Some(25)] {
+                for fill in [0, 1, cap - 1, cap, cap + 1, cap + cap / 2, 3 * cap + 1] {
+                    for breaker in &breakers {
+                        let mut steps = Vec::new();
+                        for k in 0..fill {
+                            steps.push(Step::Observe(Pick::Next(1 + k as u64 % 3)));
+                            steps.push(Step::Wait(2));
+                        }
+                        // Below by the gap of the last two is in no entry
+                        // only if that gap was more than one.
+                        steps.push(Step::Observe(Pick::Next(2)));
+                        steps.push(breaker.clone());
+                        for k in 0..2 * cap + 2 {
+                            steps.push(if k % 4 == 3 {
+                                Step::Observe(Pick::Back(k % 5))
+                            } else {
+                                Step::Observe(Pick::Next(1 + k as u64 % 2))
+                            });
+                            steps.push(Step::Wait(3));
+                        }
+                        steps.push(breaker.clone());
+                        steps.push(Step::Observe(Pick::Text(3)));
+                        steps.push(Step::Observe(Pick::Below(1)));
+                        if let Err(e) = check_against_model(cap, max_age, &steps) {
+                            panic!("cap {cap}, max_age {max_age:?}, fill {fill}, {breaker:?}: {e}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     proptest! {
         /// A replay of an id within the last `window` distinct ids is always
         /// rejected; one older than that is accepted again.
@@ -438,6 +797,16 @@ mod tests {
                 let expected = if back < window { Observation::Duplicate } else { Observation::Fresh };
                 prop_assert_eq!(t.observe(Some(&id), Millis(0)), expected);
             }
+        }
+
+        /// The tracker against the reference model over mixed id sequences.
+        #[test]
+        fn matches_reference_model(
+            cap in prop_oneof![1usize..4, 1usize..48],
+            max_age in prop::option::of(1u64..300),
+            steps in prop::collection::vec(step(), 0..400),
+        ) {
+            check_against_model(cap, max_age, &steps)?;
         }
     }
 }
