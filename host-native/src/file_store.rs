@@ -12,11 +12,16 @@
 //! from a newer version, or fails its checksum is reported as
 //! [`StoreError::Corrupt`] naming the file, and the store refuses to write
 //! over it: someone has to look at it first.
+//!
+//! The directory is private: created `0700`, its files `0600` (see the
+//! crate's `private` module); an existing directory open to other users is
+//! warned about on stderr, not changed.
 
+use crate::private::{private_dir, private_file};
 use smol::lock::Mutex as AsyncMutex;
 use std::collections::HashMap;
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -49,9 +54,13 @@ impl fmt::Debug for FileStore {
 impl FileStore {
     /// Opens (creating if needed) the state directory `dir` and reads its
     /// cursors. A leftover temporary file from a crash is removed.
+    ///
+    /// A new directory is created `0700` and the cursor file `0600`; an
+    /// existing directory that grants its group or others any permission
+    /// keeps its mode and gets a warning on stderr (`chmod 700 DIR`).
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, StoreError> {
         let dir = dir.as_ref().to_path_buf();
-        fs::create_dir_all(&dir).map_err(|e| io_error(&dir, &e))?;
+        private_dir(&dir).map_err(|e| io_error(&dir, &e))?;
         let temp = dir.join(TEMP);
         match fs::remove_file(&temp) {
             Ok(()) => {}
@@ -143,6 +152,10 @@ impl Store for FileStore {
 /// instant leaves the old content or the new one: write `name.tmp`, fsync,
 /// rename it over `name`, fsync the directory. A failure says which path
 /// failed.
+///
+/// The file is private: `name.tmp` is created new with mode `0600` before
+/// the bytes go in (a leftover one, which may have another mode, is
+/// removed first), and the rename keeps that mode.
 pub(crate) fn replace_durably(
     dir: &Path,
     name: &str,
@@ -154,10 +167,13 @@ pub(crate) fn replace_durably(
         let path = path.to_path_buf();
         move |e| (path, e)
     };
-    let mut file = OpenOptions::new()
+    match fs::remove_file(&temp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err((temp, e)),
+        _ => {}
+    }
+    let mut file = private_file()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .open(&temp)
         .map_err(on(&temp))?;
     file.write_all(bytes).map_err(on(&temp))?;
@@ -394,6 +410,26 @@ mod tests {
         let store = FileStore::open(dir.path()).unwrap();
         assert_eq!(load(&store, "a"), Some(cursor("a", "5", 5)));
         assert!(!dir.path().join(TEMP).exists());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_directory_is_0700_and_the_file_0600_even_over_a_wider_leftover() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("state");
+        let store = FileStore::open(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        smol::block_on(store.save_batch(&[cursor("a", "5", 5)])).unwrap();
+        assert_eq!(mode(&store.path()), 0o600);
+        // A temporary file left with a wider mode is not written into.
+        let temp = dir.join("x.tmp");
+        fs::write(&temp, b"old").unwrap();
+        fs::set_permissions(&temp, fs::Permissions::from_mode(0o644)).unwrap();
+        replace_durably(&dir, "x", b"secret").unwrap();
+        assert_eq!(fs::read(dir.join("x")).unwrap(), b"secret");
+        assert_eq!(mode(&dir.join("x")), 0o600);
     }
 
     #[test]

@@ -8,12 +8,14 @@
 use crate::client::{self, Ended, Persistence, stop_signals, write_line};
 use crate::lease::TAKEOVER_SEQ_GAP;
 use crate::metrics::{FollowMetrics, serve_metrics};
+use crate::private::HeaderNames;
 use crate::{
     FileStore, HttpConnector, Lease, LeaseLost, NativeStore, RedisConfig, RedisStore, SmolClock,
 };
 use async_signal::Signals;
 use futures::StreamExt;
 use futures::future::{Either, select};
+use std::fmt;
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,11 +30,14 @@ use tidemark_core::{
 };
 
 /// What to follow and where to keep its cursor.
-#[derive(Clone, Debug)]
+///
+/// Its `Debug` shows the names of the headers, not their values.
+#[derive(Clone)]
 pub struct FollowOptions {
     /// The SSE URL.
     pub url: String,
-    /// The state directory of the `FileStore`.
+    /// The state directory of the `FileStore`: created `0700`, its files
+    /// `0600`.
     pub state: PathBuf,
     /// The stream's name; the cursor is kept per URL and name.
     pub stream: String,
@@ -46,6 +51,20 @@ pub struct FollowOptions {
     /// Serve [`FollowMetrics`] on `GET /metrics` at this address (port 0
     /// picks a free port; the address is said on stderr).
     pub metrics_listen: Option<SocketAddr>,
+}
+
+impl fmt::Debug for FollowOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FollowOptions")
+            .field("url", &self.url)
+            .field("state", &self.state)
+            .field("stream", &self.stream)
+            .field("headers", &HeaderNames(&self.headers))
+            .field("max_events", &self.max_events)
+            .field("redis", &self.redis)
+            .field("metrics_listen", &self.metrics_listen)
+            .finish()
+    }
 }
 
 /// Where `follow` keeps the cursor in Redis, and its lease.
@@ -415,5 +434,21 @@ mod tests {
         assert_eq!(output.source().unwrap().to_string(), "closed");
         let stream = FollowError::Stream(StreamError::Closed);
         assert_eq!(stream.to_string(), "stream closed");
+    }
+
+    #[test]
+    fn debug_shows_header_names_not_values() {
+        let options = FollowOptions {
+            url: "http://127.0.0.1:1/".into(),
+            state: "state".into(),
+            stream: "default".into(),
+            headers: vec![("Authorization".into(), "Bearer s3cr3t".into())],
+            max_events: None,
+            redis: None,
+            metrics_listen: None,
+        };
+        let shown = format!("{options:?}");
+        assert!(shown.contains("Authorization: <redacted>"), "{shown}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
     }
 }

@@ -42,6 +42,7 @@ mod lease;
 pub mod mcp;
 pub mod metrics;
 mod native_store;
+mod private;
 pub mod proxy;
 mod redis_conn;
 mod redis_store;

@@ -34,7 +34,9 @@ enum Command {
     Follow {
         /// The stream's URL (http://).
         url: String,
-        /// State directory for the cursor (default: a per-user state directory).
+        /// State directory for the cursor (default: a per-user state
+        /// directory); created 0700, its files 0600. An existing directory
+        /// open to other users gets a warning (fix: chmod 700 DIR).
         #[arg(long, conflicts_with = "redis")]
         state: Option<PathBuf>,
         /// Name of the stream; cursors are kept per URL and name.
@@ -42,7 +44,7 @@ enum Command {
         stream: String,
         /// Extra request header, as 'Name: value' (repeatable); like a
         /// credential, it is not sent after a redirect to another origin.
-        #[arg(short = 'H', long = "header", value_parser = parse_header)]
+        #[arg(short = 'H', long = "header", value_parser = HeaderParser)]
         headers: Vec<(String, String)>,
         /// Exit after this many fresh events.
         #[arg(long)]
@@ -67,7 +69,9 @@ enum Command {
         #[arg(long, default_value = "{}", value_parser = parse_arguments)]
         arguments: serde_json::Value,
         /// State directory for cursors and unfinished calls (default: a
-        /// per-user state directory).
+        /// per-user state directory); created 0700, its files 0600, as the
+        /// records hold the Mcp-Session-Id. An existing directory open to
+        /// other users gets a warning (fix: chmod 700 DIR).
         #[arg(long)]
         state: Option<PathBuf>,
         /// Name of the call: a run with the same URL and name resumes it.
@@ -75,7 +79,7 @@ enum Command {
         name: String,
         /// Extra request header, as 'Name: value' (repeatable); like a
         /// credential, it is not sent after a redirect to another origin.
-        #[arg(short = 'H', long = "header", value_parser = parse_header)]
+        #[arg(short = 'H', long = "header", value_parser = HeaderParser)]
         headers: Vec<(String, String)>,
         /// Forget an unfinished call of this name and start a new one.
         #[arg(long)]
@@ -142,7 +146,10 @@ struct ProxyArgs {
     /// served. Or in Redis Streams, with a redis://[:PASSWORD@]HOST:PORT/[DB]
     /// (rediss:// for TLS) or redis+unix:///PATH URL, as safe and outliving
     /// the machine; during a Redis outage live streams go on from memory and
-    /// the log catches up when Redis is back (default: in memory).
+    /// the log catches up when Redis is back (default: in memory). A
+    /// directory is created 0700 and its files 0600 (they hold events and
+    /// the identity key); an existing one open to other users gets a
+    /// warning (fix: chmod 700 DIR).
     #[arg(long, value_name = "DIR|URL")]
     log: Option<PathBuf>,
     /// Prefix of the Redis keys of --log redis://... (several proxies or
@@ -282,12 +289,35 @@ impl RedisArgs {
     }
 }
 
-fn parse_header(value: &str) -> Result<(String, String), String> {
-    match value.split_once(':') {
-        Some((name, value)) if !name.trim().is_empty() => {
-            Ok((name.trim().to_owned(), value.trim().to_owned()))
-        }
-        _ => Err(format!("expected 'Name: value', got {value:?}")),
+/// Parses `--header 'Name: value'`. Unlike clap's usual message, a refusal
+/// does not repeat the argument: it may be a credential.
+#[derive(Clone)]
+struct HeaderParser;
+
+impl clap::builder::TypedValueParser for HeaderParser {
+    type Value = (String, String);
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Self::Value, clap::Error> {
+        let parsed = value
+            .to_str()
+            .and_then(|value| value.split_once(':'))
+            .filter(|(name, _)| !name.trim().is_empty());
+        let Some((name, value)) = parsed else {
+            let arg = arg.map_or_else(|| "--header".to_owned(), |arg| arg.to_string());
+            let message = format!(
+                "invalid value for '{arg}': expected 'Name: value' (the value given is not \
+                 shown: it may be a credential)\n"
+            );
+            return Err(
+                clap::Error::raw(clap::error::ErrorKind::ValueValidation, message).with_cmd(cmd),
+            );
+        };
+        Ok((name.trim().to_owned(), value.trim().to_owned()))
     }
 }
 

@@ -373,3 +373,66 @@ fn follow_says_at_once_that_the_connection_is_lost_and_when_it_is_back() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn a_new_state_dir_is_0700_and_its_cursor_file_0600() {
+    let server = Server::start(&["--count", "10", "--interval-ms", "1"]);
+    let root = tempfile::tempdir().unwrap();
+    let state = root.path().join("parent/state");
+    assert_eq!(
+        follow(&server.events_url(), &state, 10),
+        (1..=10).collect::<Vec<_>>()
+    );
+    assert_eq!(mode(&root.path().join("parent")), 0o700);
+    assert_eq!(mode(&state), 0o700);
+    let names: Vec<_> = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(!names.is_empty());
+    for path in names {
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+    }
+}
+
+#[test]
+fn an_existing_state_dir_open_to_others_gets_one_warning_and_still_works() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = Server::start(&["--count", "10", "--interval-ms", "1"]);
+    let state = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(state.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let output = Command::new(BIN)
+        .args(["follow", &server.events_url(), "--max-events", "10"])
+        .arg("--state")
+        .arg(state.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout).lines().count(), 10);
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("warning")).collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(warnings[0].contains("mode 0755"), "{stderr}");
+    let fix = format!("chmod 700 {}", state.path().display());
+    assert!(warnings[0].contains(&fix), "{stderr}");
+    assert_eq!(mode(state.path()), 0o755, "the mode is left to its owner");
+    assert_eq!(mode(&state.path().join("cursors.tdm")), 0o600);
+    // A private directory gets no warning.
+    std::fs::set_permissions(state.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let output = Command::new(BIN)
+        .args(["follow", &server.events_url(), "--max-events", "1"])
+        .arg("--state")
+        .arg(state.path())
+        .arg("--stream")
+        .arg("other")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+}

@@ -435,6 +435,65 @@ fn kill_9_with_a_log_dir_loses_nothing_a_client_saw() {
     kill_9_mid_stream_and_resume(&upstream, &args, |_, _| {});
 }
 
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn a_new_log_dir_is_0700_and_every_file_in_it_0600() {
+    let upstream = Upstream::start();
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("log");
+    let proxy = Proxy::start(&upstream.url(), &["--log", dir.to_str().unwrap()]);
+    let mut client = open(&proxy, "/live", &[]);
+    upstream.wait_live_requests(1);
+    upstream.emit(5);
+    let token = token_of(&client.events(5)[0]);
+    assert!(!token.is_empty());
+    assert_eq!(mode(&dir), 0o700);
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let names: Vec<_> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for expected in ["lock", "identity.key"] {
+        assert!(names.iter().any(|n| n == expected), "{names:?}");
+    }
+    assert!(names.iter().any(|n| n.starts_with("segment-")), "{names:?}");
+    for file in &files {
+        assert_eq!(mode(file), 0o600, "{}", file.display());
+    }
+    assert!(
+        !proxy.stderr().iter().any(|l| l.contains("warning")),
+        "{:?}",
+        proxy.stderr()
+    );
+}
+
+#[test]
+fn an_existing_log_dir_open_to_others_gets_a_warning_and_still_works() {
+    use std::os::unix::fs::PermissionsExt;
+    let upstream = Upstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let proxy = Proxy::start(&upstream.url(), &["--log", dir.path().to_str().unwrap()]);
+    let warning = proxy.stderr_line("warning");
+    assert!(warning.contains("mode 0755"), "{warning}");
+    let fix = format!("chmod 700 {}", dir.path().display());
+    assert!(warning.contains(&fix), "{warning}");
+    let mut client = open(&proxy, "/live", &[]);
+    upstream.wait_live_requests(1);
+    upstream.emit(5);
+    let seen = client.events(5);
+    assert_eq!(seqs(&seen, &token_of(&seen[0])), numbered(1..=5));
+    assert_eq!(mode(dir.path()), 0o755, "the mode is left to its owner");
+    assert_eq!(mode(&dir.path().join("identity.key")), 0o600);
+}
+
 #[test]
 fn a_resume_older_than_retention_or_unknown_gets_the_gap_signal() {
     let upstream = Upstream::start();

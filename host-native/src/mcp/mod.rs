@@ -55,12 +55,14 @@ mod session;
 pub use session::{PROTOCOL_VERSION, RESUMABLE_VERSIONS};
 
 use crate::client::{self, Ended, Persistence, stop_signals, write_line};
+use crate::private::{HeaderNames, Redacted};
 use crate::{HttpConnector, NativeStore};
 use connector::CallConnector;
 use hyper::body::Bytes;
 use record::{Record, read_record, record_path, remove_record, write_record};
 use serde_json::{Value, json};
 use std::cell::Cell;
+use std::fmt;
 use std::io;
 use std::io::Write;
 use std::path::PathBuf;
@@ -74,11 +76,14 @@ use tidemark_core::{
 };
 
 /// Which tool to call, on which server, and where to keep the call's state.
-#[derive(Clone, Debug)]
+///
+/// Its `Debug` shows the names of the headers, not their values.
+#[derive(Clone)]
 pub struct McpOptions {
     /// The MCP endpoint (Streamable HTTP), e.g. `http://127.0.0.1:3000/mcp`.
     pub url: String,
-    /// The state directory (cursors, and the records of unfinished calls).
+    /// The state directory (cursors, and the records of unfinished calls,
+    /// which hold the session id): created `0700`, its files `0600`.
     pub state: PathBuf,
     /// The call's name: a run with the same URL and name resumes the
     /// unfinished call instead of starting one.
@@ -93,7 +98,23 @@ pub struct McpOptions {
     pub new: bool,
 }
 
+impl fmt::Debug for McpOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("McpOptions")
+            .field("url", &self.url)
+            .field("state", &self.state)
+            .field("name", &self.name)
+            .field("tool", &self.tool)
+            .field("arguments", &self.arguments)
+            .field("headers", &HeaderNames(&self.headers))
+            .field("new", &self.new)
+            .finish()
+    }
+}
+
 /// Why a call stopped without its result.
+///
+/// Messages never hold a session id whole, only its first characters.
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum McpError {
@@ -101,7 +122,7 @@ pub enum McpError {
     #[error("state: {0}")]
     Store(#[source] StoreError),
     /// The call's stream could not be opened in the registry.
-    #[error(transparent)]
+    #[error("{}", registry_message(.0))]
     Registry(RegistryError),
     /// `initialize` or `notifications/initialized` failed.
     #[error("initializing the session: {0}")]
@@ -123,7 +144,7 @@ pub enum McpError {
          to start it again)"
     )]
     SessionGone {
-        /// The lost session.
+        /// The lost session, redacted: its first characters and `…`.
         session: String,
     },
     /// The stream carried no event id before it broke or this process
@@ -144,6 +165,15 @@ pub enum McpError {
     /// Writing the output failed.
     #[error("writing output: {0}")]
     Output(#[source] io::Error),
+}
+
+/// A registry error without the stream's key, which holds the session id.
+fn registry_message(error: &RegistryError) -> String {
+    match error {
+        RegistryError::AlreadyOpen(_) => "the call's stream is already open".into(),
+        RegistryError::StillOpen(_) => "the call's stream is still open".into(),
+        other => other.to_string(),
+    }
 }
 
 /// The exit status of `tidemark mcp`: success when the call's result
@@ -212,7 +242,11 @@ async fn run<W: Write>(
             record
         }
     };
-    let session = record.session.as_deref().unwrap_or("(none)");
+    // Only a prefix of the session goes to stderr: the id is a credential.
+    let session = match &record.session {
+        Some(session) => Redacted(session).to_string(),
+        None => "(none)".to_owned(),
+    };
     let tracker = registry
         .open(record.stream_key())
         .await
@@ -291,9 +325,7 @@ async fn run<W: Write>(
         Ended::Signal | Ended::Lease(_) => return Err(McpError::Stopped),
         Ended::Stream(_) if unresumable.get() => return Err(McpError::Unresumable),
         Ended::Stream(e) if record.session.is_some() && status_of(&e) == Some(404) => {
-            return Err(McpError::SessionGone {
-                session: session.to_owned(),
-            });
+            return Err(McpError::SessionGone { session });
         }
         Ended::Stream(e) => return Err(McpError::Stream(e)),
     };
@@ -329,7 +361,10 @@ async fn forget(
     headers: &[(String, String)],
 ) {
     if let Err(e) = registry.remove(&record.stream_key()).await {
-        eprintln!("tidemark: removing the call's cursor: {e}");
+        eprintln!(
+            "tidemark: removing the call's cursor: {}",
+            registry_message(&e)
+        );
     }
     session::end(http, record, headers).await;
 }

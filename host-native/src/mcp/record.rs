@@ -2,15 +2,18 @@
 //! session, kept in the state directory until the result arrives.
 
 use crate::file_store::{io_error, replace_durably};
+use crate::private::{Redacted, private_dir};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::fmt;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use tidemark_core::{StoreError, StreamKey};
 
-/// The record of an unfinished call, as JSON in `mcp/<hash>.json`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The record of an unfinished call, as JSON in `mcp/<hash>.json` (mode
+/// `0600` in a `0700` directory: the session id works like a bearer token).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct Record {
     /// The MCP endpoint.
@@ -26,6 +29,20 @@ pub(super) struct Record {
     pub(super) session: Option<String>,
     /// The protocol revision the server answered `initialize` with.
     pub(super) protocol_version: String,
+}
+
+/// The session id as a prefix only.
+impl fmt::Debug for Record {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Record")
+            .field("url", &self.url)
+            .field("name", &self.name)
+            .field("tool", &self.tool)
+            .field("arguments", &self.arguments)
+            .field("session", &self.session.as_deref().map(Redacted))
+            .field("protocol_version", &self.protocol_version)
+            .finish()
+    }
 }
 
 impl Record {
@@ -84,10 +101,12 @@ pub(super) fn read_record(path: &Path) -> Result<Option<Record>, StoreError> {
         })
 }
 
-/// Writes `record` durably (temp file, fsync, rename).
+/// Writes `record` durably (temp file, fsync, rename), privately: the
+/// directory `0700` if it is new (a warning if it exists and is open to
+/// others), the file `0600`.
 pub(super) fn write_record(path: &Path, record: &Record) -> Result<(), StoreError> {
     let dir = path.parent().expect("a record path has a directory");
-    fs::create_dir_all(dir).map_err(|e| io_error(dir, &e))?;
+    private_dir(dir).map_err(|e| io_error(dir, &e))?;
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -130,6 +149,29 @@ mod tests {
         remove_record(&path).unwrap();
         assert_eq!(read_record(&path).unwrap(), None);
         remove_record(&path).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_record_is_0600_in_a_0700_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().unwrap();
+        let path = record_path(dir.path(), "u", "n");
+        write_record(&path, &record()).unwrap();
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
+        assert_eq!(mode(&path), 0o600);
+    }
+
+    #[test]
+    fn debug_shows_a_prefix_of_the_session_only() {
+        let record = Record {
+            session: Some("0123456789abcdef-secret".into()),
+            ..record()
+        };
+        let shown = format!("{record:?}");
+        assert!(shown.contains("01234567…"), "{shown}");
+        assert!(!shown.contains("89abcdef"), "{shown}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use super::storage::{LogOp, LogStorage, StoredStream, StreamKind, StreamMeta, TokenMap};
 use crate::file_store::replace_durably;
+use crate::private::{private_dir, private_file};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::fs::{self, File, OpenOptions, TryLockError};
@@ -33,6 +34,12 @@ const TAG_DROP: u8 = 5;
 /// checksummed segments, group commits, compaction.
 ///
 /// # The directory
+///
+/// It is private: created `0700` (with any missing parent), and every file
+/// in it `0600`, set as the file is created. The identity key is a secret,
+/// and the events are whatever the upstream sent. An existing directory
+/// that grants its group or others any permission keeps its mode and gets
+/// one warning on stderr (`chmod 700 DIR` fixes it).
 ///
 /// - `lock`: held with an exclusive lock while a [`FileLog`] is open, so a
 ///   second proxy on the same directory fails at start instead of writing
@@ -235,7 +242,7 @@ impl FileLog {
         segment_bytes: u64,
     ) -> io::Result<FileLog> {
         let dir = dir.as_ref().to_path_buf();
-        fs::create_dir_all(&dir).map_err(|e| at(&dir, e))?;
+        private_dir(&dir).map_err(|e| at(&dir, e))?;
         let lock = lock_dir(&dir)?;
         remove_if_present(&dir.join(KEY_TEMP))?;
 
@@ -827,7 +834,7 @@ fn decode_key(bytes: &[u8]) -> Option<[u8; 32]> {
 /// Takes the directory's lock, or says who holds it.
 fn lock_dir(dir: &Path) -> io::Result<File> {
     let path = dir.join(LOCK);
-    let file = OpenOptions::new()
+    let file = private_file()
         .read(true)
         .write(true)
         .create(true)
@@ -855,7 +862,7 @@ fn lock_dir(dir: &Path) -> io::Result<File> {
 fn create_segment(dir: &Path, id: u64) -> io::Result<File> {
     let path = segment_path(dir, id);
     let made = (|| {
-        let mut file = OpenOptions::new()
+        let mut file = private_file()
             .write(true)
             .create(true)
             .truncate(true)
