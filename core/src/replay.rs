@@ -39,7 +39,7 @@
 use crate::clock::Millis;
 use crate::entropy::{EntropyError, random_u64s};
 use crate::fingerprint::FingerprintKey;
-use crate::sse::{EncodeError, encode_event};
+use crate::sse::{EncodeError, encode_event, find_line_end};
 use core::fmt;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -368,7 +368,17 @@ impl LogBatch {
         data: &str,
     ) -> Result<(), EncodeError> {
         let event = (event != "message" && !event.is_empty()).then_some(event);
-        encode_event(&mut self.bodies, event, None, data)?;
+        if event.is_none() && !data.is_empty() && find_line_end(data.as_bytes()).is_none() {
+            // A message of one line, as nearly all are: `encode_event`'s
+            // bytes, written directly.
+            let bodies = &mut self.bodies;
+            bodies.reserve(data.len() + 8);
+            bodies.extend_from_slice(b"data: ");
+            bodies.extend_from_slice(data.as_bytes());
+            bodies.extend_from_slice(b"\n\n");
+        } else {
+            encode_event(&mut self.bodies, event, None, data)?;
+        }
         let id_end = upstream_id.map(|id| {
             self.ids.extend_from_slice(id.as_bytes());
             self.ids.len()

@@ -12,7 +12,7 @@
 //! for an id, NUL, which a client ignores) is refused with an [`EncodeError`]
 //! and nothing is written.
 
-use super::split_lines;
+use super::{find_line_end, split_lines};
 use std::fmt;
 
 /// A field that cannot be written as given.
@@ -59,8 +59,13 @@ pub fn encode_event(
     if let Some(id) = id {
         field(out, b"id", id);
     }
-    for line in split_lines(data) {
-        field(out, b"data", line);
+    if find_line_end(data.as_bytes()).is_none() {
+        // One line, as nearly all data is: no splitting.
+        field(out, b"data", data);
+    } else {
+        for line in split_lines(data) {
+            field(out, b"data", line);
+        }
     }
     out.push(b'\n');
     Ok(())
@@ -84,12 +89,14 @@ pub fn encode_retry(out: &mut Vec<u8>, ms: u64) {
 
 /// `name: value` and a line end; the space keeps a value's own leading space,
 /// and is left out when there is no value.
+#[inline]
 fn field(out: &mut Vec<u8>, name: &[u8], value: &str) {
     out.extend_from_slice(name);
-    out.push(b':');
-    if !value.is_empty() {
-        out.push(b' ');
+    if value.is_empty() {
+        out.extend_from_slice(b":\n");
+    } else {
+        out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
+        out.push(b'\n');
     }
-    out.push(b'\n');
 }
