@@ -237,7 +237,12 @@ impl FetchConnector {
             (Some(id), None) => fields.push(("Last-Event-ID", id)),
             (None, _) => {}
         }
-        fields.extend(request.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+        fields.extend(
+            request
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str())),
+        );
         // Checked as `Headers` would (an invalid one is permanent), handed
         // over as a plain object, which a page's own `fetch` can spread.
         let check = Headers::new().map_err(|e| Failure::Request(describe(&e)))?;

@@ -13,8 +13,8 @@ use std::pin::pin;
 use std::rc::Rc;
 use tidemark_core::sse::Event;
 use tidemark_core::{
-    Backoff, Clock, Failure, Millis, ReconnectConfig, RegistryError, ResumableStream,
-    StreamConfig, StreamError, StreamItem, StreamStats,
+    Backoff, Clock, Failure, Millis, ReconnectConfig, RegistryError, ResumableStream, StreamConfig,
+    StreamError, StreamItem, StreamStats,
 };
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::spawn_local;
@@ -427,7 +427,10 @@ async fn drive(
             } => {
                 let detail = js::Fields::new()
                     .set("message", failure.to_string())
-                    .set("code", failure.status().map_or(JsValue::NULL, JsValue::from))
+                    .set(
+                        "code",
+                        failure.status().map_or(JsValue::NULL, JsValue::from),
+                    )
                     .set("retryDelay", retry_at.saturating_sub(clock.now()).0 as f64)
                     .set("attempt", attempt)
                     .build();
