@@ -12,13 +12,16 @@
 //! Run: `cargo bench -p tidemark-core --bench log_path`.
 //! Instruction counts: with `TIDEMARK_LOG_PATH=<path>:<n>` the binary skips
 //! criterion and runs the whole input `n` times (`path` is `borrowed` or
-//! `owned`) inside `log_path::run_*`:
+//! `owned`) inside `log_path::run_borrowed` or `log_path::run_owned`:
 //!
 //! ```text
 //! BIN=$(ls -t target/release/deps/log_path-* | grep -v '\.d$' | head -1)
 //! TIDEMARK_LOG_PATH=borrowed:1 valgrind --tool=callgrind \
-//!     --callgrind-out-file=/dev/null --toggle-collect='log_path::run_*' $BIN
+//!     --callgrind-out-file=/dev/null --toggle-collect='log_path::run_borrowed' $BIN
 //! ```
+//!
+//! (The exact name: a pattern such as `run_*` also matches the closures
+//! inside, and entering one would switch collection off.)
 
 use criterion::{Criterion, Throughput, criterion_group};
 use std::fmt::Write;
