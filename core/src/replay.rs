@@ -47,6 +47,11 @@ use std::sync::Arc;
 /// The event type of the gap signal.
 pub const GAP_EVENT: &str = "tidemark-gap";
 
+/// The bytes of one batch: its frames, then its upstream ids, shared by
+/// its segment and the records made from it. An `Arc` of the `Vec` the
+/// batch was written into, so that making it copies nothing.
+type Block = Arc<Vec<u8>>;
+
 /// The random name of one logged stream: 128 bits, written as 32 lowercase
 /// hex digits in ids and paths.
 #[derive(Copy, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -128,6 +133,11 @@ fn write_id(out: &mut Vec<u8>, token: StreamToken, seq: u64) {
     token.write_hex(out);
     out.push(b'-');
     write_decimal(out, seq);
+}
+
+/// How many decimal digits `n` has.
+fn decimal_len(n: u64) -> usize {
+    n.checked_ilog10().map_or(1, |log| log as usize + 1)
 }
 
 fn write_decimal(out: &mut Vec<u8>, n: u64) {
@@ -277,7 +287,7 @@ pub struct LogRecord {
     pub seq: u64,
     /// When it was appended.
     pub time: Millis,
-    block: Arc<[u8]>,
+    block: Block,
     /// Where its frame lies in `block`.
     frame: (usize, usize),
     /// Where its upstream id lies in `block`, if it had one.
@@ -295,7 +305,7 @@ impl LogRecord {
         LogRecord {
             seq,
             time,
-            block: Arc::from(block),
+            block: Arc::new(block),
             frame: (0, frame.len()),
             upstream_id: upstream_id.map(|id| (frame.len(), frame.len() + id.len())),
         }
@@ -506,9 +516,6 @@ pub struct ReplayLog {
     bytes: usize,
     last_event_at: Millis,
     ended: bool,
-    /// Reused to build each appended batch's block (one allocation per
-    /// batch: the block's own).
-    scratch: Vec<u8>,
     /// Reused for [`append`](Self::append)'s one-event batch.
     single: LogBatch,
     /// `id: <token>-<seq>` and LF, the first line of the frame of event
@@ -524,7 +531,7 @@ struct Segment {
     seq: u64,
     /// When its events were appended.
     time: Millis,
-    block: Arc<[u8]>,
+    block: Block,
     /// Where its first retained frame starts in `block` (each later one
     /// starts where the one before ended).
     frame_start: usize,
@@ -582,7 +589,6 @@ impl ReplayLog {
             bytes: 0,
             last_event_at: now,
             ended: false,
-            scratch: Vec::new(),
             single: LogBatch::new(),
             id_line: Vec::new(),
             id_line_seq: u64::MAX,
@@ -660,9 +666,12 @@ impl ReplayLog {
         let over = self.ends.len() + batch.len();
         let over = over.saturating_sub(self.retention.max_events.max(1));
         self.drop_oldest(over.min(self.ends.len()));
-        let mut block = std::mem::take(&mut self.scratch);
-        block.clear();
-        block.reserve(batch.bodies.len() + batch.ids.len() + batch.len() * (SEQ_AT + 21));
+        // Exactly the block's size, so that it is moved into the segment as
+        // it is: no copy, no spare capacity held for the log's life.
+        let id_lines: usize = (0..batch.len() as u64)
+            .map(|i| SEQ_AT + 1 + decimal_len(self.next_seq + i))
+            .sum();
+        let mut block = Vec::with_capacity(id_lines + batch.bodies.len() + batch.ids.len());
         self.ends.reserve(batch.len());
         let (mut body_start, mut id_before) = (0, 0);
         let mut last_id = None;
@@ -687,20 +696,17 @@ impl ReplayLog {
         }
         let ids_at = block.len();
         block.extend_from_slice(&batch.ids);
+        debug_assert_eq!(block.len(), block.capacity(), "the block is sized exactly");
         self.bytes += ids_at;
         self.segments.push_back(Segment {
             seq: self.next_seq,
             time: now,
-            block: Arc::from(&block[..]),
+            block: Arc::new(block),
             frame_start: 0,
             ids_at,
             id_start: 0,
             last_id,
         });
-        if block.capacity() <= KEEP_BATCH_BUFFER {
-            // One huge batch does not pin its size for the stream's life.
-            self.scratch = block;
-        }
         self.next_seq += batch.len() as u64;
         self.last_event_at = now;
         self.trim();
