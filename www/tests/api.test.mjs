@@ -6,7 +6,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer } from 'node:http';
-import { launchBrowser, packageFile, until } from './harness.mjs';
+import { launchBrowser, servePackage, until } from './harness.mjs';
 
 const RECONNECT = { initialDelay: 50, maxDelay: 200 };
 
@@ -71,12 +71,7 @@ async function startTestServer() {
         res.writeHead(200, { 'content-type': 'text/javascript', 'cache-control': 'no-store' });
         return res.end(WORKER);
       }
-      if (url.pathname.startsWith('/tidemark/')) {
-        const file = await packageFile(url.pathname.slice('/tidemark/'.length));
-        if (!file) throw Object.assign(new Error('no such file'), { code: 'ENOENT' });
-        res.writeHead(200, { 'content-type': file.type, 'cache-control': 'no-store' });
-        return res.end(file.body);
-      }
+      if (await servePackage(url.pathname, res)) return;
       const handler = routes.get(url.pathname);
       if (!handler) {
         res.writeHead(404, { 'content-type': 'text/plain' });
@@ -89,7 +84,7 @@ async function startTestServer() {
       res.on('close', () => (record.closed = true));
       handler(req, res, record, records.length);
     } catch (error) {
-      res.writeHead(error.code === 'ENOENT' ? 404 : 500, { 'content-type': 'text/plain' });
+      res.writeHead(500, { 'content-type': 'text/plain' });
       res.end(String(error));
     }
   });

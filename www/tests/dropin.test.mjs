@@ -7,7 +7,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer } from 'node:http';
-import { launchBrowser, packageFile, until } from './harness.mjs';
+import { launchBrowser, servePackage, until } from './harness.mjs';
 
 const PAGE = `<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>tidemark drop-in test</title>
@@ -39,12 +39,7 @@ async function startOrigin({ cors }) {
         res.writeHead(200, { 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store' });
         return res.end(PAGE);
       }
-      if (url.pathname.startsWith('/tidemark/')) {
-        const file = await packageFile(url.pathname.slice('/tidemark/'.length));
-        if (!file) throw Object.assign(new Error('no such file'), { code: 'ENOENT' });
-        res.writeHead(200, { 'content-type': file.type, 'cache-control': 'no-store' });
-        return res.end(file.body);
-      }
+      if (await servePackage(url.pathname, res)) return;
       const handler = routes.get(url.pathname);
       if (req.method === 'OPTIONS' && !handler?.preflight) {
         res.writeHead(405, { 'content-type': 'text/plain' });
@@ -56,7 +51,7 @@ async function startOrigin({ cors }) {
       }
       handler(req, res, records.filter((r) => r.method !== 'OPTIONS').length, url);
     } catch (error) {
-      res.writeHead(error.code === 'ENOENT' ? 404 : 500, { 'content-type': 'text/plain' });
+      res.writeHead(500, { 'content-type': 'text/plain' });
       res.end(String(error));
     }
   });

@@ -85,6 +85,23 @@ export async function packageFile(name) {
   }
 }
 
+/**
+ * Answers a test server's `GET /tidemark/NAME` with that file of the
+ * package (404 if there is none). Resolves with whether `pathname` was one.
+ */
+export async function servePackage(pathname, res) {
+  if (!pathname.startsWith('/tidemark/')) return false;
+  const file = await packageFile(pathname.slice('/tidemark/'.length));
+  if (!file) {
+    res.writeHead(404, { 'content-type': 'text/plain' });
+    res.end('no such file');
+  } else {
+    res.writeHead(200, { 'content-type': file.type, 'cache-control': 'no-store' });
+    res.end(file.body);
+  }
+  return true;
+}
+
 /** Debian's Chromium with a fresh profile; `close()` removes the profile. */
 export async function launchBrowser() {
   const profile = await mkdtemp(join(tmpdir(), 'tidemark-chromium-'));

@@ -11,12 +11,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer } from 'node:http';
-import { readFile } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
-import { launchBrowser, listen, startTidemark, until } from './harness.mjs';
-
-const root = resolve(import.meta.dirname, '../..');
-const pkg = join(root, 'host-wasm/pkg');
+import { launchBrowser, listen, servePackage, startTidemark, until } from './harness.mjs';
 
 const TOKENS = 3000;
 const PROMPT = JSON.stringify({ prompt: 'tell me everything' });
@@ -59,7 +54,6 @@ const PAGE = `<!doctype html>
   answer.onerror = (e) => report({ kind: 'error', message: e.message ?? null, stats: answer.stats() });
 </script>`;
 
-const TYPES = { js: 'text/javascript', wasm: 'application/wasm', json: 'application/json' };
 
 /**
  * The upstream: the page, the package, and two POST endpoints that answer
@@ -76,21 +70,7 @@ async function startUpstream() {
       res.writeHead(200, { 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store' });
       return res.end(PAGE);
     }
-    if (path.startsWith('/tidemark/')) {
-      const name = path.slice('/tidemark/'.length);
-      try {
-        if (!/^[\w.-]+$/.test(name)) throw new Error('bad name');
-        const file = await readFile(join(pkg, name));
-        res.writeHead(200, {
-          'content-type': TYPES[name.split('.').pop()] ?? 'application/octet-stream',
-          'cache-control': 'no-store',
-        });
-        return res.end(file);
-      } catch {
-        res.writeHead(404, { 'content-type': 'text/plain' });
-        return res.end('no such file');
-      }
-    }
+    if (await servePackage(path, res)) return;
     if (req.method === 'POST' && ['/v1/chat', '/v1/cut', '/v1/slow'].includes(path)) {
       const chunks = [];
       for await (const chunk of req) chunks.push(chunk);

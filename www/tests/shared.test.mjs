@@ -9,7 +9,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer } from 'node:http';
-import { launchBrowser, packageFile, until } from './harness.mjs';
+import { launchBrowser, servePackage, until } from './harness.mjs';
 
 const INTERVAL = 10;
 const RECONNECT = { initialDelay: 50, maxDelay: 200 };
@@ -81,15 +81,7 @@ async function startServer() {
       res.writeHead(200, { 'content-type': 'text/javascript', 'cache-control': 'no-store' });
       return res.end(WORKER);
     }
-    if (url.pathname.startsWith('/tidemark/')) {
-      const file = await packageFile(url.pathname.slice('/tidemark/'.length));
-      if (!file) {
-        res.writeHead(404);
-        return res.end();
-      }
-      res.writeHead(200, { 'content-type': file.type, 'cache-control': 'no-store' });
-      return res.end(file.body);
-    }
+    if (await servePackage(url.pathname, res)) return;
     if (req.method === 'OPTIONS') {
       // The preflight of a stream of another origin (the 6-connection test).
       res.writeHead(204, {
