@@ -23,10 +23,12 @@ const PAGE = `<!doctype html>
   import * as tm from '/tidemark/index.js';
   const q = new URLSearchParams(location.search);
   globalThis.got = {};
+  globalThis.origins = {};
   globalThis.sources = {};
   for (const entry of (q.get('s') ?? '').split(',').filter(Boolean)) {
     const [name, shared] = entry.split('.');
     got[name] = [];
+    origins[name] = new Set();
     const source = new tm.ResumableEventSource((q.get('base') ?? '') + '/feed?s=' + name, {
       streamKey: 'key-' + name,
       shared: shared === '1',
@@ -34,6 +36,7 @@ const PAGE = `<!doctype html>
     });
     source.onmessage = (e) => {
       got[name].push(e.data);
+      origins[name].add(e.origin);
       const shown = sessionStorage.getItem('shown:' + name);
       sessionStorage.setItem('shown:' + name, shown ? shown + ',' + e.data : e.data);
     };
@@ -328,6 +331,9 @@ test('eight tabs of a stream on an HTTP/1.1 origin: unshared, the browser lets s
   feed.go();
   for (const page of shared) await until(page, (last) => globalThis.got.eight.at(-1) === last, `eight:${n}`, 30_000);
   for (const page of shared) assert.deepEqual(ids(await page.evaluate(() => globalThis.got.eight)), range(1, n));
+  // Leader and followers alike: messages come from the stream's origin,
+  // not the page's.
+  for (const page of shared) assert.deepEqual(await page.evaluate(() => [...globalThis.origins.eight]), [other.url]);
   assert.equal(feed.connections, 1);
   for (const page of shared) await page.close();
 });
