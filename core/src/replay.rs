@@ -40,6 +40,7 @@ use crate::clock::Millis;
 use crate::entropy::{EntropyError, random_u64s};
 use crate::fingerprint::FingerprintKey;
 use crate::sse::{EncodeError, encode_event, find_line_end};
+use crate::window::{decimal, numeric};
 use core::fmt;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -141,32 +142,14 @@ fn decimal_len(n: u64) -> usize {
 }
 
 fn write_decimal(out: &mut Vec<u8>, n: u64) {
-    let mut digits = [0u8; 20];
-    let mut n = n;
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(decimal(n, &mut [0; 20]));
 }
 
 /// The stream and sequence number an id names, if it is one of the log's
 /// ids (`<32 hex digits>-<decimal>`, no sign, no leading zeros but for 0).
 pub fn parse_event_id(id: &str) -> Option<(StreamToken, u64)> {
     let (token, seq) = id.split_once('-')?;
-    let token = StreamToken::parse(token)?;
-    if seq.is_empty()
-        || !seq.bytes().all(|b| b.is_ascii_digit())
-        || (seq.len() > 1 && seq.starts_with('0'))
-    {
-        return None;
-    }
-    Some((token, seq.parse().ok()?))
+    Some((StreamToken::parse(token)?, numeric(seq.as_bytes())?))
 }
 
 /// A keyed 128-bit hash of credentials: which identity a stream belongs to.

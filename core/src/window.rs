@@ -361,9 +361,10 @@ fn index_len(ring_len: usize) -> usize {
     (ring_len * 2).next_power_of_two()
 }
 
-/// The number a canonical decimal `u64` id names, if it is one.
+/// The number a canonical decimal `u64` id names, if it is one (also the
+/// sequence numbers of the replay log's ids).
 #[inline]
-fn numeric(id: &[u8]) -> Option<u64> {
+pub(crate) fn numeric(id: &[u8]) -> Option<u64> {
     let valid_start = match id {
         [b'0'] => true,
         [b'1'..=b'9', ..] => id.len() < 20 || (id.len() == 20 && id <= U64_MAX_DECIMAL),
@@ -389,7 +390,7 @@ fn numeric(id: &[u8]) -> Option<u64> {
 const U64_MAX_DECIMAL: &[u8] = b"18446744073709551615";
 
 /// The canonical decimal string of `n`, written at the end of `buf`.
-fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+pub(crate) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();
     loop {
         i -= 1;

@@ -7,7 +7,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer } from 'node:http';
-import { launchBrowser, servePackage, until } from './harness.mjs';
+import { launchBrowser, listen, servePackage, until } from './harness.mjs';
 
 const PAGE = `<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>tidemark drop-in test</title>
@@ -55,11 +55,7 @@ async function startOrigin({ cors }) {
       res.end(String(error));
     }
   });
-  await new Promise((ok, fail) => {
-    server.once('error', fail);
-    server.listen(0, '127.0.0.1', ok);
-  });
-  const { port } = server.address();
+  const port = await listen(server);
   return {
     url: `http://127.0.0.1:${port}`,
     route(path, handler) {
