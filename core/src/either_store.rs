@@ -1,6 +1,8 @@
 //! One store type for a store chosen at run time.
 
 use crate::cursor::{Cursor, StreamKey};
+use crate::fingerprint::FingerprintKey;
+use crate::saved_window::{SavedWindow, WindowChange};
 use crate::store::{Store, StoreError};
 
 /// Either of two stores: every call goes to the one it holds.
@@ -38,6 +40,30 @@ impl<A: Store, B: Store> Store for EitherStore<A, B> {
         match self {
             EitherStore::Left(store) => store.delete(key).await,
             EitherStore::Right(store) => store.delete(key).await,
+        }
+    }
+    async fn window_key(&self) -> Result<Option<FingerprintKey>, StoreError> {
+        match self {
+            EitherStore::Left(store) => store.window_key().await,
+            EitherStore::Right(store) => store.window_key().await,
+        }
+    }
+
+    async fn load_window(&self, key: &StreamKey) -> Result<Option<SavedWindow>, StoreError> {
+        match self {
+            EitherStore::Left(store) => store.load_window(key).await,
+            EitherStore::Right(store) => store.load_window(key).await,
+        }
+    }
+
+    async fn save_with_windows(
+        &self,
+        cursors: &[Cursor],
+        windows: &[WindowChange],
+    ) -> Result<(), StoreError> {
+        match self {
+            EitherStore::Left(store) => store.save_with_windows(cursors, windows).await,
+            EitherStore::Right(store) => store.save_with_windows(cursors, windows).await,
         }
     }
 }

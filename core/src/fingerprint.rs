@@ -60,6 +60,25 @@ impl FingerprintKey {
         Ok(FingerprintKey { k0, k1 })
     }
 
+    /// The key as 16 bytes, for a store that keeps it (see
+    /// [`Store::window_key`](crate::Store::window_key)); the inverse of
+    /// [`FingerprintKey::from_bytes`].
+    pub fn to_bytes(&self) -> [u8; 16] {
+        let mut bytes = [0; 16];
+        bytes[..8].copy_from_slice(&self.k0.to_le_bytes());
+        bytes[8..].copy_from_slice(&self.k1.to_le_bytes());
+        bytes
+    }
+
+    /// The key of 16 bytes that [`FingerprintKey::to_bytes`] gave.
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        let (k0, k1) = bytes.split_at(8);
+        FingerprintKey {
+            k0: u64::from_le_bytes(k0.try_into().expect("8 bytes")),
+            k1: u64::from_le_bytes(k1.try_into().expect("8 bytes")),
+        }
+    }
+
     /// The fingerprint of `id` under this key.
     #[inline]
     pub fn fingerprint(&self, id: &[u8]) -> u64 {
@@ -131,6 +150,14 @@ mod tests {
             std_hasher.write(&data);
             assert_eq!(siphash13(0, 0, &data), std_hasher.finish(), "len {len}");
         }
+    }
+
+    #[test]
+    fn bytes_round_trip() {
+        let key = FingerprintKey::new(0x0102_0304_0506_0708, u64::MAX - 5);
+        assert_eq!(FingerprintKey::from_bytes(key.to_bytes()), key);
+        assert_eq!(key.to_bytes()[0], 0x08);
+        assert_ne!(key.to_bytes(), FingerprintKey::new(1, 2).to_bytes());
     }
 
     #[test]

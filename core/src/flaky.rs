@@ -3,6 +3,8 @@
 use crate::backoff::Rng;
 use crate::clock::{Clock, Millis};
 use crate::cursor::{Cursor, StreamKey};
+use crate::fingerprint::FingerprintKey;
+use crate::saved_window::{SavedWindow, WindowChange};
 use crate::store::{Store, StoreError};
 use std::sync::Mutex;
 
@@ -145,5 +147,29 @@ impl<S: Store, C: Clock> Store for FlakyStore<S, C> {
     async fn delete(&self, key: &StreamKey) -> Result<(), StoreError> {
         self.before().await?;
         self.inner.delete(key).await
+    }
+    async fn window_key(&self) -> Result<Option<FingerprintKey>, StoreError> {
+        self.before().await?;
+        self.inner.window_key().await
+    }
+
+    async fn load_window(&self, key: &StreamKey) -> Result<Option<SavedWindow>, StoreError> {
+        self.before().await?;
+        self.inner.load_window(key).await
+    }
+
+    async fn save_with_windows(
+        &self,
+        cursors: &[Cursor],
+        windows: &[WindowChange],
+    ) -> Result<(), StoreError> {
+        let lost_ack = self.before().await?;
+        self.inner.save_with_windows(cursors, windows).await?;
+        if lost_ack {
+            return Err(StoreError::Unavailable(
+                "injected lost acknowledgement".into(),
+            ));
+        }
+        Ok(())
     }
 }

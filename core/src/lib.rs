@@ -123,6 +123,7 @@ mod flaky;
 pub mod reconnect;
 mod registry;
 pub mod replay;
+mod saved_window;
 mod slot;
 pub mod sse;
 mod store;
@@ -143,6 +144,7 @@ pub use fingerprint::FingerprintKey;
 pub use flaky::{FlakyConfig, FlakyStore};
 pub use reconnect::{Decision, Failure, GiveUp, ReconnectConfig, ReconnectPolicy};
 pub use registry::{Config, Registry, RegistryError, Stats, persistence};
+pub use saved_window::{SavedWindow, WindowChange};
 pub use store::{MemStore, Store, StoreError, merge_newest};
 pub use stream::{
     ConnectRequest, Connector, ResumableStream, StreamConfig, StreamError, StreamItem, StreamStats,

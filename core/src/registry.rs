@@ -2,6 +2,8 @@
 
 use crate::clock::{Clock, Millis};
 use crate::cursor::{Cursor, StreamKey};
+use crate::fingerprint::FingerprintKey;
+use crate::saved_window::WindowChange;
 use crate::slot::{Publisher, Slot};
 use crate::store::{Store, StoreError};
 use crate::tracker::{EventTracker, TrackerConfig};
@@ -124,6 +126,9 @@ pub struct Registry<S> {
     handle: WorkerHandle,
     config: TrackerConfig,
     shared: Arc<Shared>,
+    /// The store's window key, once asked: `Some(None)` if it keeps no
+    /// windows.
+    window_key: Mutex<Option<Option<FingerprintKey>>>,
 }
 
 impl<S: fmt::Debug> fmt::Debug for Registry<S> {
@@ -170,20 +175,37 @@ impl<S: Store> Registry<S> {
             handle,
             config,
             shared: Arc::default(),
+            window_key: Mutex::new(None),
         }
+    }
+
+    /// The store's window key, asked of the store once.
+    async fn window_key(&self) -> Result<Option<FingerprintKey>, StoreError> {
+        let known = *self.window_key.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(key) = known {
+            return Ok(key);
+        }
+        let key = self.store.window_key().await?;
+        *self.window_key.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);
+        Ok(key)
     }
 
     /// Opens `key`: a tracker seeded from its newest cursor (the stored one,
     /// or one this process committed and has not written yet) whose commits
-    /// are persisted. Only the cursor's id carries over into the new dedup
-    /// window. Needs only the store, not a running worker. Fails if the stream is already open, or if the
-    /// stored cursor cannot be loaded (resuming without it would replay or
-    /// skip; the caller decides whether to retry or start fresh with
+    /// are persisted. If the store keeps windows, the tracker also starts
+    /// with the stream's window (the stored one plus what this process has
+    /// not written yet), fingerprinting under the store's key instead of
+    /// [`TrackerConfig::fingerprint_key`]; otherwise only the cursor's id
+    /// is in the new window. Needs only the store, not a running worker.
+    /// Fails if the stream is already open, or if the stored cursor or
+    /// window cannot be loaded (resuming without them would replay or skip;
+    /// the caller decides whether to retry or start fresh with
     /// [`EventTracker::new`]).
     pub async fn open(&self, key: StreamKey) -> Result<EventTracker, RegistryError> {
         if self.handle.is_stopped() {
             return Err(RegistryError::WorkerStopped);
         }
+        let window_key = self.window_key().await.map_err(RegistryError::Store)?;
         let slot = {
             let mut slots = self.shared.slots();
             match slots.live(&key) {
@@ -199,14 +221,28 @@ impl<S: Store> Registry<S> {
             }
         };
         slot.open.store(true, Relaxed);
+        slot.keeps_windows.store(window_key.is_some(), Relaxed);
         // A closed stream's last commit may not be written yet: its slot
         // still has it, and it is newer than what the store holds.
         let unwritten = slot.peek();
+        let unwritten_window = slot.unwritten_window();
         let publisher = Publisher {
             tx: self.handle.tx.clone(),
             registry: self.shared.clone(),
         };
-        let mut tracker = EventTracker::with_slot(self.config.clone(), slot, Some(publisher));
+        let mut config = self.config.clone();
+        if let Some(window_key) = window_key {
+            config.fingerprint_key = window_key;
+        }
+        let mut tracker = EventTracker::with_slot(config, slot, Some(publisher));
+        if window_key.is_some() {
+            let stored = self.store.load_window(&key).await;
+            let mut window = stored.map_err(RegistryError::Store)?.unwrap_or_default();
+            if let Some(unwritten) = &unwritten_window {
+                window.span.apply(unwritten);
+            }
+            tracker.restore_window(&window.span);
+        }
         let stored = self.store.load(&key).await.map_err(RegistryError::Store)?;
         let newest = stored
             .into_iter()
@@ -261,6 +297,20 @@ impl<S: Store> Registry<S> {
             .values()
             .filter_map(Weak::upgrade)
             .filter_map(|slot| slot.committed())
+            .collect()
+    }
+
+    /// The unwritten window change of every stream this registry tracks,
+    /// for a host that writes [`Registry::newest_cursors`] itself: pass both
+    /// to [`Store::save_with_windows`]. Writing them again beside the
+    /// worker is harmless: stores skip entries they already have.
+    pub fn newest_windows(&self) -> Vec<WindowChange> {
+        let slots = self.shared.slots();
+        slots
+            .map
+            .values()
+            .filter_map(Weak::upgrade)
+            .filter_map(|slot| slot.window_change())
             .collect()
     }
 

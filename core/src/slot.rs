@@ -8,6 +8,12 @@
 //! flushes, which marks it clean again. Coalescing is therefore free: whatever
 //! was written last before the snapshot is what gets persisted.
 //!
+//! When the store keeps windows, a commit also adds the window's new entries
+//! to the slot's window change, which keeps everything not yet written
+//! (through failed writes too) until the worker confirms a write of it; a
+//! change that outgrows the window collapses to the window itself. See
+//! `saved_window.rs`.
+//!
 //! The worker holds a slot from the moment it is queued until its cursor is
 //! written (through failed attempts and retries too). The registry keeps only
 //! a weak reference, so while a closed stream still has an unwritten cursor
@@ -16,6 +22,8 @@
 
 use crate::clock::Millis;
 use crate::cursor::{Cursor, StreamKey};
+use crate::saved_window::{Span, WindowChange};
+use crate::window::DedupWindow;
 use crate::worker::Msg;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -29,6 +37,8 @@ pub(crate) struct Slot {
     pub(crate) duplicates: AtomicU64,
     /// Whether a tracker of a registry holds this slot.
     pub(crate) open: AtomicBool,
+    /// Whether the store keeps windows, so commits hand over window changes.
+    pub(crate) keeps_windows: AtomicBool,
 }
 
 #[derive(Default)]
@@ -37,6 +47,8 @@ struct SlotState {
     seq: u64,
     at: Millis,
     queued: bool,
+    /// The window's entries not yet written.
+    window: Option<Span>,
 }
 
 impl Slot {
@@ -47,6 +59,7 @@ impl Slot {
             observed: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             open: AtomicBool::new(false),
+            keeps_windows: AtomicBool::new(false),
         }
     }
 
@@ -59,8 +72,19 @@ impl Slot {
     /// Stores the newest cursor; returns true when the slot was clean and the
     /// caller must queue it. Reuses the id buffer, so a warm slot does not
     /// allocate.
-    pub(crate) fn publish(&self, last_event_id: &str, seq: u64, at: Millis) -> bool {
+    /// With `window`, also adds the window's entries since the marks given
+    /// (see [`DedupWindow::export`]) to the unwritten window change.
+    pub(crate) fn publish(
+        &self,
+        last_event_id: &str,
+        seq: u64,
+        at: Millis,
+        window: Option<(&DedupWindow, (u64, u64))>,
+    ) -> bool {
         let mut state = self.lock();
+        if let Some((window, since)) = window {
+            window.export(since, &mut state.window);
+        }
         state.last_event_id.clear();
         state.last_event_id.push_str(last_event_id);
         state.seq = seq;
@@ -85,6 +109,31 @@ impl Slot {
         (cursor.seq > 0).then_some(cursor)
     }
 
+    /// The window change not yet written, if any.
+    pub(crate) fn window_change(&self) -> Option<WindowChange> {
+        let span = self.lock().window.clone()?;
+        Some(WindowChange {
+            key: self.key.clone(),
+            span,
+        })
+    }
+
+    /// The unwritten window entries, for a tracker reopening the stream.
+    pub(crate) fn unwritten_window(&self) -> Option<Span> {
+        self.lock().window.clone()
+    }
+
+    /// Forgets the window entries a store now has: those of `change`.
+    pub(crate) fn confirm_window(&self, change: &WindowChange) {
+        let mut state = self.lock();
+        if let Some(pending) = &mut state.window {
+            pending.confirm(change.span.epoch, change.span.end);
+            if !pending.reset && pending.entries.is_empty() {
+                state.window = None;
+            }
+        }
+    }
+
     /// Takes the newest cursor and marks the slot clean.
     pub(crate) fn snapshot(&self) -> Cursor {
         self.lock().queued = false;
@@ -105,8 +154,15 @@ pub(crate) struct Publisher {
 }
 
 impl Publisher {
-    pub(crate) fn publish(&self, slot: &Arc<Slot>, last_event_id: &str, seq: u64, at: Millis) {
-        if slot.publish(last_event_id, seq, at)
+    pub(crate) fn publish(
+        &self,
+        slot: &Arc<Slot>,
+        last_event_id: &str,
+        seq: u64,
+        at: Millis,
+        window: Option<(&DedupWindow, (u64, u64))>,
+    ) {
+        if slot.publish(last_event_id, seq, at, window)
             && self.tx.try_send(Msg::Dirty(slot.clone())).is_err()
         {
             self.registry.note_rejected();

@@ -9,8 +9,17 @@
 //! older ones ([`Cursor::supersedes`]); together with the worker's ordering
 //! this is what guarantees that a persisted cursor never moves backwards, even
 //! when writes are retried or several writers race.
+//!
+//! A store may also keep each stream's dedup window, so that a tracker opened
+//! after a restart or a page reload drops what the server replays, not only
+//! resumes from the cursor. Such a store has a [`Store::window_key`] of its
+//! own, takes window changes with the cursors in
+//! [`Store::save_with_windows`] and hands the window back in
+//! [`Store::load_window`]; see [`SavedWindow`] for what to keep.
 
 use crate::cursor::{Cursor, StreamKey};
+use crate::fingerprint::FingerprintKey;
+use crate::saved_window::{SavedWindow, WindowChange};
 use core::fmt;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -81,7 +90,17 @@ impl std::error::Error for StoreError {}
 ///   whichever of the stored and the given cursor has the higher `seq`. A
 ///   batch holds at most one cursor per key.
 /// - `load` returns the newest saved cursor of a key.
-/// - `delete` forgets a key; deleting a missing key is not an error.
+/// - `delete` forgets a key (and its window); deleting a missing key is not
+///   an error.
+/// - A store that keeps windows returns the same [`Store::window_key`] every
+///   time, in every process that opens it: a random key made on first use
+///   and kept in the store, never derived from anything guessable. It folds
+///   every change of [`Store::save_with_windows`] into the stream's
+///   [`SavedWindow`] ([`SavedWindow::apply`], which skips what it already
+///   has, so a change written twice is harmless) and returns that from
+///   [`Store::load_window`].
+///
+/// The window methods have defaults for a store that keeps cursors only.
 #[allow(async_fn_in_trait)]
 pub trait Store {
     /// The stored cursor of `key`, if any.
@@ -90,6 +109,32 @@ pub trait Store {
     async fn save_batch(&self, cursors: &[Cursor]) -> Result<(), StoreError>;
     /// Forgets `key`.
     async fn delete(&self, key: &StreamKey) -> Result<(), StoreError>;
+
+    /// The key that fingerprints the ids of this store's windows, or `None`
+    /// (the default) if the store keeps no windows: then a tracker opened
+    /// from it starts with only its cursor's id in the window.
+    async fn window_key(&self) -> Result<Option<FingerprintKey>, StoreError> {
+        Ok(None)
+    }
+
+    /// The stored window of `key`, if any. Only asked of a store with a
+    /// [`Store::window_key`].
+    async fn load_window(&self, key: &StreamKey) -> Result<Option<SavedWindow>, StoreError> {
+        let _ = key;
+        Ok(None)
+    }
+
+    /// Saves every cursor as [`Store::save_batch`] does and, in the same
+    /// write, every window change (at most one per stream). The default
+    /// saves the cursors only.
+    async fn save_with_windows(
+        &self,
+        cursors: &[Cursor],
+        windows: &[WindowChange],
+    ) -> Result<(), StoreError> {
+        let _ = windows;
+        self.save_batch(cursors).await
+    }
 }
 
 macro_rules! forward_store {
@@ -104,6 +149,22 @@ macro_rules! forward_store {
             async fn delete(&self, key: &StreamKey) -> Result<(), StoreError> {
                 (**self).delete(key).await
             }
+            async fn window_key(&self) -> Result<Option<FingerprintKey>, StoreError> {
+                (**self).window_key().await
+            }
+            async fn load_window(
+                &self,
+                key: &StreamKey,
+            ) -> Result<Option<SavedWindow>, StoreError> {
+                (**self).load_window(key).await
+            }
+            async fn save_with_windows(
+                &self,
+                cursors: &[Cursor],
+                windows: &[WindowChange],
+            ) -> Result<(), StoreError> {
+                (**self).save_with_windows(cursors, windows).await
+            }
         }
     )*};
 }
@@ -111,17 +172,30 @@ macro_rules! forward_store {
 forward_store!(&S, Rc<S>, Arc<S>);
 
 /// An in-memory store, for tests and for hosts that want dedup without
-/// durability.
-#[derive(Default)]
+/// durability. It keeps windows too, under a random key of its own (none if
+/// the platform has no entropy source), so a stream closed and opened again
+/// in the same process keeps its window.
 pub struct MemStore {
     inner: Mutex<MemInner>,
+    key: Option<FingerprintKey>,
+}
+
+impl Default for MemStore {
+    fn default() -> Self {
+        MemStore {
+            inner: Mutex::default(),
+            key: FingerprintKey::try_random().ok(),
+        }
+    }
 }
 
 #[derive(Default)]
 struct MemInner {
     cursors: HashMap<StreamKey, Cursor>,
+    windows: HashMap<StreamKey, SavedWindow>,
     batches: u64,
     cursors_written: u64,
+    window_entries_written: u64,
 }
 
 impl fmt::Debug for MemStore {
@@ -131,6 +205,7 @@ impl fmt::Debug for MemStore {
             .field("streams", &inner.cursors.len())
             .field("batches", &inner.batches)
             .field("cursors_written", &inner.cursors_written)
+            .field("keeps_windows", &self.key.is_some())
             .finish()
     }
 }
@@ -164,6 +239,25 @@ impl MemStore {
     pub fn cursors_written(&self) -> u64 {
         self.inner().cursors_written
     }
+
+    /// A store that keeps no windows, like a store written before windows
+    /// were kept: trackers opened from it start with only the cursor's id.
+    pub fn without_windows() -> Self {
+        MemStore {
+            key: None,
+            ..MemStore::default()
+        }
+    }
+
+    /// The stored window of `key`, without awaiting.
+    pub fn window(&self, key: &StreamKey) -> Option<SavedWindow> {
+        self.inner().windows.get(key).cloned()
+    }
+
+    /// How many window entries the batches carried.
+    pub fn window_entries_written(&self) -> u64 {
+        self.inner().window_entries_written
+    }
 }
 
 /// Applies a batch to an in-memory map of stored cursors the way the
@@ -195,7 +289,36 @@ impl Store for MemStore {
     }
 
     async fn delete(&self, key: &StreamKey) -> Result<(), StoreError> {
-        self.inner().cursors.remove(key);
+        let mut inner = self.inner();
+        inner.cursors.remove(key);
+        inner.windows.remove(key);
+        Ok(())
+    }
+
+    async fn window_key(&self) -> Result<Option<FingerprintKey>, StoreError> {
+        Ok(self.key)
+    }
+
+    async fn load_window(&self, key: &StreamKey) -> Result<Option<SavedWindow>, StoreError> {
+        Ok(self.window(key))
+    }
+
+    async fn save_with_windows(
+        &self,
+        cursors: &[Cursor],
+        windows: &[WindowChange],
+    ) -> Result<(), StoreError> {
+        let mut inner = self.inner();
+        inner.batches += 1;
+        inner.cursors_written += cursors.len() as u64;
+        merge_newest(&mut inner.cursors, cursors);
+        if self.key.is_some() {
+            for change in windows {
+                inner.window_entries_written += change.len() as u64;
+                let saved = inner.windows.entry(change.key().clone()).or_default();
+                saved.apply(change);
+            }
+        }
         Ok(())
     }
 }

@@ -40,6 +40,7 @@
 use crate::clock::Millis;
 use crate::cursor::{Cursor, StreamKey};
 use crate::fingerprint::FingerprintKey;
+use crate::saved_window::Span;
 use crate::slot::{Publisher, Slot};
 use crate::window::DedupWindow;
 use std::sync::Arc;
@@ -97,6 +98,9 @@ pub struct TrackerStats {
 /// Dedup window and cursor of one stream. See the [module docs](self).
 pub struct EventTracker {
     window: DedupWindow,
+    /// The window's marks as of the last commit that handed its entries to
+    /// the slot.
+    exported: (u64, u64),
     last_event_id: String,
     seq: u64,
     uncommitted: bool,
@@ -119,6 +123,7 @@ impl EventTracker {
     ) -> Self {
         EventTracker {
             window: DedupWindow::new(config.window, config.max_age, config.fingerprint_key),
+            exported: (0, 0),
             last_event_id: String::new(),
             seq: 0,
             uncommitted: false,
@@ -131,6 +136,13 @@ impl EventTracker {
     /// The stream this tracker follows.
     pub fn key(&self) -> &StreamKey {
         &self.slot.key
+    }
+
+    /// Starts with a stored window: its ids count as seen, and the entries
+    /// handed to the store from now on continue it.
+    pub(crate) fn restore_window(&mut self, saved: &Span) {
+        self.window.restore(saved);
+        self.exported = self.window.marks();
     }
 
     /// Starts from a stored cursor: its id counts as seen, and new cursors
@@ -217,7 +229,19 @@ impl EventTracker {
         }
         self.seq += 1;
         if let Some(publisher) = &self.publisher {
-            publisher.publish(&self.slot, &self.last_event_id, self.seq, self.last_seen);
+            let window = self
+                .slot
+                .keeps_windows
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .then_some((&self.window, self.exported));
+            publisher.publish(
+                &self.slot,
+                &self.last_event_id,
+                self.seq,
+                self.last_seen,
+                window,
+            );
+            self.exported = self.window.marks();
         }
     }
 

@@ -51,6 +51,7 @@
 
 use crate::clock::Millis;
 use crate::fingerprint::FingerprintKey;
+use crate::saved_window::{Entry, Span};
 
 /// The largest window a tracker supports: ring positions are stored as `u16`,
 /// with `u16::MAX` meaning "empty".
@@ -72,6 +73,11 @@ pub(crate) struct DedupWindow {
     hashed: usize,
     /// Ring positions of the fingerprints; empty until the first one.
     index: Box<[u16]>,
+    /// How many times the window was cleared, and how many entries it ever
+    /// added: where its content stands, for persistence (see
+    /// `saved_window.rs`).
+    epoch: u64,
+    pushed: u64,
 }
 
 impl DedupWindow {
@@ -89,6 +95,8 @@ impl DedupWindow {
             len: 0,
             hashed: 0,
             index: Box::default(),
+            epoch: 0,
+            pushed: 0,
         }
     }
 
@@ -104,6 +112,72 @@ impl DedupWindow {
         self.head = 0;
         self.len = 0;
         self.hashed = 0;
+        self.epoch += 1;
+    }
+
+    /// The epoch (clears so far) and push count: the window's position.
+    pub(crate) fn marks(&self) -> (u64, u64) {
+        (self.epoch, self.pushed)
+    }
+
+    /// Adds to `pending` (the change not yet written) the entries added
+    /// since the window stood at `since`, a value of [`Self::marks`]: the
+    /// newest entries, or, when the window was cleared since or has already
+    /// dropped some of them, its whole content as a reset.
+    pub(crate) fn export(&self, since: (u64, u64), pending: &mut Option<Span>) {
+        let (epoch, pushed) = since;
+        let added = self.pushed - pushed;
+        if epoch == self.epoch && added == 0 {
+            return;
+        }
+        let reset = epoch != self.epoch || added > self.len as u64;
+        let first = if reset { 0 } else { self.len - added as usize };
+        let mut span = Span {
+            reset,
+            cap: self.cap,
+            epoch: self.epoch,
+            end: self.pushed,
+            entries: Vec::with_capacity(self.len - first),
+            times: Vec::new(),
+        };
+        for k in first..self.len {
+            let value = self.at(k);
+            span.entries.push(if k < self.hashed {
+                Entry::Fingerprint(value)
+            } else {
+                Entry::Number(value)
+            });
+        }
+        if self.max_age.is_some() {
+            span.times.extend(
+                (first..self.len).map(|k| self.times[wrap(self.head + k, self.times.len())]),
+            );
+        }
+        match pending {
+            Some(pending) => pending.apply(&span),
+            None => *pending = Some(span),
+        }
+    }
+
+    /// Replaces the content with a saved window's, oldest entry first, and
+    /// takes its position. Entries saved without times count as ancient
+    /// under an age bound, so they are forgotten at the next `expire`.
+    pub(crate) fn restore(&mut self, saved: &Span) {
+        self.clear();
+        let mut digits = [0; 20];
+        for (k, entry) in saved.entries.iter().enumerate() {
+            let at = saved.times.get(k).copied().unwrap_or(Millis::ZERO);
+            match *entry {
+                Entry::Number(n) => {
+                    let _ = self.insert(decimal(n, &mut digits), at);
+                }
+                Entry::Fingerprint(fp) => {
+                    let _ = self.insert_fingerprint(fp, at);
+                }
+            }
+        }
+        self.epoch = saved.epoch;
+        self.pushed = saved.end;
     }
 
     /// Whether `id` is in the window.
@@ -134,7 +208,11 @@ impl DedupWindow {
                 return false;
             }
         }
-        let fp = self.key.fingerprint(id);
+        self.insert_fingerprint(self.key.fingerprint(id), now)
+    }
+
+    /// Adds the fingerprint `fp` unless it is in the window.
+    fn insert_fingerprint(&mut self, fp: u64, now: Millis) -> bool {
         if self.hashed > 0 && self.index_contains(fp) {
             return false;
         }
@@ -208,6 +286,7 @@ impl DedupWindow {
             self.times[pos] = now;
         }
         self.len += 1;
+        self.pushed += 1;
     }
 
     /// Allocates the index, for the first fingerprint.

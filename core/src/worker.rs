@@ -46,6 +46,7 @@
 use crate::backoff::{Backoff, Rng, random_seed};
 use crate::clock::{Clock, Millis};
 use crate::cursor::{Cursor, StreamKey};
+use crate::saved_window::WindowChange;
 use crate::slot::Slot;
 use crate::store::{Store, StoreError};
 use core::fmt;
@@ -258,9 +259,30 @@ pub(crate) struct Batch {
     pub(crate) cursors: Vec<Cursor>,
     slots: Vec<Arc<Slot>>,
     attempts: Vec<u32>,
+    /// The unwritten window changes of the batch's streams, and the index
+    /// in `slots` of each.
+    pub(crate) windows: Vec<WindowChange>,
+    window_slots: Vec<usize>,
 }
 
 impl Batch {
+    /// Takes the unwritten window change of every stream in the batch.
+    fn take_windows(&mut self) {
+        for (i, slot) in self.slots.iter().enumerate() {
+            if let Some(change) = slot.window_change() {
+                self.windows.push(change);
+                self.window_slots.push(i);
+            }
+        }
+    }
+
+    /// Tells each stream that its window change is written.
+    fn confirm_windows(&self) {
+        for (change, &i) in self.windows.iter().zip(&self.window_slots) {
+            self.slots[i].confirm_window(change);
+        }
+    }
+
     fn push(
         &mut self,
         positions: &mut HashMap<StreamKey, usize>,
@@ -372,6 +394,7 @@ impl Scheduler {
         if batch.cursors.is_empty() {
             return None;
         }
+        batch.take_windows();
         self.last_batch = Some(now);
         Some(batch)
     }
@@ -379,7 +402,10 @@ impl Scheduler {
     /// Records the outcome of writing `batch`: failed cursors are scheduled
     /// for retry unless a newer cursor of their stream is already pending.
     pub(crate) fn on_result(&mut self, batch: Batch, result: &Result<(), StoreError>, now: Millis) {
-        let Err(error) = result else { return };
+        let Err(error) = result else {
+            batch.confirm_windows();
+            return;
+        };
         let entries = batch
             .cursors
             .into_iter()
@@ -574,7 +600,7 @@ impl<S: Store, C: Clock> PersistenceWorker<S, C> {
     /// Writes one batch and records the outcome; returns how many cursors
     /// were written and the error, if any.
     async fn write(&mut self, batch: Batch) -> (usize, Option<StoreError>) {
-        let save = self.store.save_batch(&batch.cursors);
+        let save = self.store.save_with_windows(&batch.cursors, &batch.windows);
         let result = bounded(save, &self.clock, &self.stop, &mut self.deadline)
             .await
             .unwrap_or_else(|| Err(cut_off()));
@@ -625,7 +651,7 @@ impl<S: Store, C: Clock> PersistenceWorker<S, C> {
             let last_try = now >= deadline;
             if let Some(batch) = self.sched.take(now, first || last_try) {
                 let n = batch.cursors.len();
-                let save = self.store.save_batch(&batch.cursors);
+                let save = self.store.save_with_windows(&batch.cursors, &batch.windows);
                 let outcome = bounded(save, &self.clock, &self.stop, &mut self.deadline).await;
                 match outcome {
                     Some(result) => {

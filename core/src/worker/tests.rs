@@ -44,7 +44,7 @@ fn down() -> Result<(), StoreError> {
 fn first_write_is_immediate_then_at_most_once_per_interval() {
     let mut s = Scheduler::new(&config());
     let a = slot("a");
-    assert!(a.publish("1", 1, Millis(0)));
+    assert!(a.publish("1", 1, Millis(0), None));
     s.on_dirty(a.clone());
     assert_eq!(s.poll_timeout(), Some(Millis(0)));
     let batch = s.poll_batch(Millis(0)).unwrap();
@@ -52,10 +52,10 @@ fn first_write_is_immediate_then_at_most_once_per_interval() {
     s.on_result(batch, &Ok(()), Millis(0));
     assert_eq!(s.poll_timeout(), None, "nothing left to write");
 
-    assert!(a.publish("2", 2, Millis(10)));
+    assert!(a.publish("2", 2, Millis(10), None));
     s.on_dirty(a.clone());
     assert!(
-        !a.publish("3", 3, Millis(20)),
+        !a.publish("3", 3, Millis(20), None),
         "a queued slot is not queued twice"
     );
     assert_eq!(s.poll_timeout(), Some(Millis(250)));
@@ -67,7 +67,7 @@ fn first_write_is_immediate_then_at_most_once_per_interval() {
         "coalesced to the newest"
     );
     assert!(
-        a.publish("4", 4, Millis(260)),
+        a.publish("4", 4, Millis(260), None),
         "the snapshot cleaned the slot"
     );
 }
@@ -76,7 +76,7 @@ fn first_write_is_immediate_then_at_most_once_per_interval() {
 fn failed_write_backs_off_and_newer_cursor_replaces_the_retry() {
     let mut s = Scheduler::new(&config());
     let a = slot("a");
-    a.publish("1", 1, Millis(0));
+    a.publish("1", 1, Millis(0), None);
     s.on_dirty(a.clone());
     let batch = s.poll_batch(Millis(0)).unwrap();
     s.on_result(batch, &down(), Millis(0));
@@ -87,7 +87,7 @@ fn failed_write_backs_off_and_newer_cursor_replaces_the_retry() {
         "the retry (due within 100 ms) waits for the flush interval"
     );
 
-    a.publish("2", 2, Millis(100));
+    a.publish("2", 2, Millis(100), None);
     s.on_dirty(a.clone());
     let batch = s.poll_batch(Millis(250)).unwrap();
     assert_eq!(ids(&batch), [("2".to_string(), 2)], "only the newer cursor");
@@ -109,7 +109,7 @@ fn failed_write_backs_off_and_newer_cursor_replaces_the_retry() {
 fn permanent_errors_retry_at_the_maximum_delay() {
     let mut s = Scheduler::new(&config());
     let a = slot("a");
-    a.publish("1", 1, Millis(0));
+    a.publish("1", 1, Millis(0), None);
     s.on_dirty(a);
     let batch = s.poll_batch(Millis(0)).unwrap();
     let corrupt = Err(StoreError::Corrupt {
@@ -124,7 +124,7 @@ fn permanent_errors_retry_at_the_maximum_delay() {
 fn stale_failure_never_replaces_a_newer_retry() {
     let mut s = Scheduler::new(&config());
     let a = slot("a");
-    a.publish("2", 2, Millis(0));
+    a.publish("2", 2, Millis(0), None);
     s.on_dirty(a.clone());
     let newer = s.take(Millis(0), true).unwrap();
     s.on_result(newer, &down(), Millis(0));
@@ -148,13 +148,13 @@ fn stale_failure_never_replaces_a_newer_retry() {
 fn forget_drops_pending_work_of_a_stream() {
     let mut s = Scheduler::new(&config());
     let (a, b) = (slot("a"), slot("b"));
-    a.publish("1", 1, Millis(0));
-    b.publish("1", 1, Millis(0));
+    a.publish("1", 1, Millis(0), None);
+    b.publish("1", 1, Millis(0), None);
     s.on_dirty(a.clone());
     s.on_dirty(b.clone());
     let batch = s.take(Millis(0), true).unwrap();
     s.on_result(batch, &down(), Millis(0));
-    a.publish("2", 2, Millis(1));
+    a.publish("2", 2, Millis(1), None);
     s.on_dirty(a.clone());
     s.forget(&a.key);
     let batch = s.take(Millis(0), true).unwrap();
@@ -240,7 +240,7 @@ proptest! {
             match op {
                 Op::Commit(i) => {
                     newest[i] += 1;
-                    if slots[i].publish(&newest[i].to_string(), newest[i], now) {
+                    if slots[i].publish(&newest[i].to_string(), newest[i], now, None) {
                         s.on_dirty(slots[i].clone());
                     }
                 }
