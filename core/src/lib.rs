@@ -15,7 +15,7 @@
 //!   `commit` moves the cursor once the application has the event.
 //! - [`PersistenceWorker`]: one future for all streams. Coalesces each
 //!   stream's cursor to the newest, writes every dirty stream at most once per
-//!   flush interval in a single [`Store::save_batch`], retries failures from a
+//!   flush interval in a single [`Store::save_with_windows`], retries failures from a
 //!   min-heap with capped exponential backoff and jitter, and shuts down with
 //!   a report.
 //! - [`Registry`]: opens trackers seeded from the store and wired to the
@@ -44,6 +44,14 @@
 //! - Across a crash delivery is at-least-once; what is redelivered is bounded
 //!   by the flush interval (250 ms by default), like a consumer offset
 //!   auto-commit. After a graceful shutdown nothing is redelivered.
+//! - With a store that keeps windows ([`Store::window_key`]; `MemStore` and
+//!   the hosts' file and IndexedDB stores do), each stream's dedup window is
+//!   written with its cursor (only the ids added since the last write, see
+//!   [`WindowChange`]) and a tracker opened from the store starts with it:
+//!   after a graceful shutdown nothing is redelivered whatever the server
+//!   replays within the window, and after a crash replays of ids older than
+//!   the last flush are still dropped. A store without windows keeps the
+//!   cursor only.
 //! - The persisted cursor of a stream never moves backwards: every cursor
 //!   carries a per-stream sequence number, a newer cursor replaces a pending
 //!   retry, and stores keep the highest sequence.

@@ -94,13 +94,31 @@ impl Slot {
 
     /// The newest cursor, leaving the slot as it is.
     pub(crate) fn peek(&self) -> Cursor {
-        let state = self.lock();
+        self.cursor(&self.lock())
+    }
+
+    fn cursor(&self, state: &SlotState) -> Cursor {
         Cursor {
             key: self.key.clone(),
             last_event_id: state.last_event_id.clone(),
             seq: state.seq,
             at: state.at,
         }
+    }
+
+    fn window(&self, state: &SlotState) -> Option<WindowChange> {
+        Some(WindowChange {
+            key: self.key.clone(),
+            span: state.window.clone()?,
+        })
+    }
+
+    /// The newest cursor and the window change not yet written as of it
+    /// (one moment: the window is never ahead of the cursor), leaving the
+    /// slot as it is.
+    pub(crate) fn peek_with_window(&self) -> (Cursor, Option<WindowChange>) {
+        let state = self.lock();
+        (self.cursor(&state), self.window(&state))
     }
 
     /// The newest cursor, if the stream ever committed or was seeded.
@@ -111,11 +129,7 @@ impl Slot {
 
     /// The window change not yet written, if any.
     pub(crate) fn window_change(&self) -> Option<WindowChange> {
-        let span = self.lock().window.clone()?;
-        Some(WindowChange {
-            key: self.key.clone(),
-            span,
-        })
+        self.window(&self.lock())
     }
 
     /// The unwritten window entries, for a tracker reopening the stream.
@@ -134,10 +148,12 @@ impl Slot {
         }
     }
 
-    /// Takes the newest cursor and marks the slot clean.
-    pub(crate) fn snapshot(&self) -> Cursor {
-        self.lock().queued = false;
-        self.peek()
+    /// Takes the newest cursor, with the window change not yet written as
+    /// of it, and marks the slot clean.
+    pub(crate) fn snapshot(&self) -> (Cursor, Option<WindowChange>) {
+        let mut state = self.lock();
+        state.queued = false;
+        (self.cursor(&state), self.window(&state))
     }
 
     /// Bumps a single-writer counter without a read-modify-write instruction.

@@ -55,7 +55,9 @@ pub struct TrackerConfig {
     pub max_age: Option<Millis>,
     /// The fingerprint key; share one key per process. Default: a random key
     /// ([`FingerprintKey::random`], which panics where the platform has no
-    /// entropy source).
+    /// entropy source). A [`Registry`](crate::Registry) over a store that
+    /// keeps windows uses the store's key instead, so that stored windows
+    /// mean the same after a restart.
     pub fingerprint_key: FingerprintKey,
 }
 

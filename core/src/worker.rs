@@ -9,13 +9,17 @@
 //! never waits. The worker collects queued slots and, at most once per flush
 //! interval, snapshots every one of them (the newest cursor of each stream,
 //! however many commits happened in between) and writes them with a single
-//! [`Store::save_batch`]. A stream that goes quiet is still flushed: its slot
-//! stays queued until the next flush takes it.
+//! [`Store::save_with_windows`], together with each stream's window entries
+//! not yet written (for a store that keeps windows; see `saved_window.rs`).
+//! A stream that goes quiet is still flushed: its slot stays queued until the
+//! next flush takes it.
 //!
 //! A failed batch puts each of its cursors into a retry min-heap ordered by
 //! due time, with capped exponential backoff and jitter per stream. A newer
 //! cursor for the same stream replaces a pending retry (and inherits its
-//! attempt count), so an older value is never written after a newer one.
+//! attempt count), so an older value is never written after a newer one. A
+//! retry writes its slot's newest cursor, with the window as of that cursor;
+//! window entries stay in the slot until a write of them succeeds.
 //! Retries ride in the same batches as fresh cursors, and batches stay at
 //! least one flush interval apart, so a store outage costs at most one write
 //! attempt per interval. The worker never gives up on the newest cursor while
@@ -259,17 +263,18 @@ pub(crate) struct Batch {
     pub(crate) cursors: Vec<Cursor>,
     slots: Vec<Arc<Slot>>,
     attempts: Vec<u32>,
-    /// The unwritten window changes of the batch's streams, and the index
-    /// in `slots` of each.
+    /// The unwritten window change of each entry, taken with its cursor.
+    window_of: Vec<Option<WindowChange>>,
+    /// The window changes of the batch, and the index in `slots` of each.
     pub(crate) windows: Vec<WindowChange>,
     window_slots: Vec<usize>,
 }
 
 impl Batch {
-    /// Takes the unwritten window change of every stream in the batch.
-    fn take_windows(&mut self) {
-        for (i, slot) in self.slots.iter().enumerate() {
-            if let Some(change) = slot.window_change() {
+    /// Lines the window changes up for the store.
+    fn seal(&mut self) {
+        for (i, change) in std::mem::take(&mut self.window_of).into_iter().enumerate() {
+            if let Some(change) = change {
                 self.windows.push(change);
                 self.window_slots.push(i);
             }
@@ -286,7 +291,7 @@ impl Batch {
     fn push(
         &mut self,
         positions: &mut HashMap<StreamKey, usize>,
-        cursor: Cursor,
+        (cursor, window): (Cursor, Option<WindowChange>),
         slot: Arc<Slot>,
         attempts: u32,
     ) {
@@ -294,12 +299,14 @@ impl Batch {
             Some(&i) if self.cursors[i].seq >= cursor.seq => {}
             Some(&i) => {
                 self.cursors[i] = cursor;
+                self.window_of[i] = window;
                 self.slots[i] = slot;
                 self.attempts[i] = self.attempts[i].max(attempts);
             }
             None => {
                 positions.insert(cursor.key.clone(), self.cursors.len());
                 self.cursors.push(cursor);
+                self.window_of.push(window);
                 self.slots.push(slot);
                 self.attempts.push(attempts);
             }
@@ -379,9 +386,9 @@ impl Scheduler {
         let mut batch = Batch::default();
         let mut positions = HashMap::new();
         for slot in std::mem::take(&mut self.dirty) {
-            let cursor = slot.snapshot();
-            let attempts = self.retries.remove(&cursor.key).map_or(0, |r| r.attempts);
-            batch.push(&mut positions, cursor, slot, attempts);
+            let taken = slot.snapshot();
+            let attempts = self.retries.remove(&taken.0.key).map_or(0, |r| r.attempts);
+            batch.push(&mut positions, taken, slot, attempts);
         }
         while let Some(due) = self.next_retry_due() {
             if due > now && !all_retries {
@@ -389,12 +396,20 @@ impl Scheduler {
             }
             let Reverse((_, _, key)) = self.heap.pop().expect("peeked");
             let retry = self.retries.remove(&key).expect("live entry");
-            batch.push(&mut positions, retry.cursor, retry.slot, retry.attempts);
+            // The slot's newest cursor (the failed one, or a newer commit
+            // whose message is still on its way), with the window as of it.
+            let taken = retry.slot.peek_with_window();
+            let taken = if taken.0.seq >= retry.cursor.seq {
+                taken
+            } else {
+                (retry.cursor, None)
+            };
+            batch.push(&mut positions, taken, retry.slot, retry.attempts);
         }
         if batch.cursors.is_empty() {
             return None;
         }
-        batch.take_windows();
+        batch.seal();
         self.last_batch = Some(now);
         Some(batch)
     }

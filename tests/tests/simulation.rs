@@ -16,14 +16,21 @@
 //!   client reconnects with `tracker.last_event_id()` and the server resumes
 //!   either right after that id or, being a server that replays too much, from
 //!   a random earlier point, down to the oldest event the tracker can still
-//!   recognise (the first event of its lifetime, or the oldest id still in its
-//!   dedup window, whichever is later). Windows are sometimes small (8 to 64
-//!   ids), so replays reach exactly to the window's edge.
+//!   recognise: the oldest id still in its dedup window, and, when the store
+//!   keeps no windows, not before the first event of its lifetime. So servers
+//!   also rewind on the first connection after a restart, into the window the
+//!   last lifetime stored. Windows are sometimes small (8 to 64 ids), so
+//!   replays reach exactly to the window's edge. Ids are `1, 2, 3, ...`, or
+//!   for a third of the seeds `ev1, ev2, ...`, which the window keeps as
+//!   fingerprints under the store's key (each lifetime's tracker
+//!   configuration has a different key, which the store's must override).
 //! - **Application.** Fresh events go to a per-stream queue and are delivered
 //!   (recorded) later, or immediately, depending on the seed; the application
 //!   calls `tracker.commit()` only when everything it observed has been
 //!   delivered, as the tracker's driving contract asks.
-//! - **Store.** A `MemStore` is the durable state and survives crashes. The
+//! - **Store.** A `MemStore` is the durable state and survives crashes; for
+//!   three seeds in four it keeps the dedup windows too (the others model a
+//!   store that keeps cursors only). The
 //!   worker writes to it through an auditing wrapper (which records every
 //!   successful write) inside a `FlakyStore` with seeded failures, lost
 //!   acknowledgements (written, but reported failed), latency and outages
@@ -52,12 +59,16 @@
 //!   not seen in this lifetime a duplicate; and the store never holds a cursor
 //!   past an event that was not delivered (checked at every write).
 //! - `[duplicate]` Within one process lifetime no id is delivered twice, and
-//!   the tracker calls every replay inside its window a duplicate.
+//!   the tracker calls every replay inside its window a duplicate, including,
+//!   when the store keeps windows, the replays of ids the last lifetime
+//!   delivered: after a graceful restart nothing is delivered again,
+//!   whatever the server replays within the window.
 //! - `[redelivery]` A restarted process resumes exactly from the persisted
 //!   cursor: nothing at or before it is delivered again, so what is
 //!   redelivered after a crash is only what came after the last successful
-//!   write. After a complete graceful shutdown the store holds every stream's
-//!   last committed cursor, so nothing is redelivered at all.
+//!   write (the stored window is never ahead of the stored cursor). After a
+//!   complete graceful shutdown the store holds every stream's last committed
+//!   cursor and window, so nothing is redelivered at all.
 //! - `[monotonic]` Per stream, the persisted `seq` never decreases and the
 //!   persisted id never decreases numerically; every written cursor is one the
 //!   application committed (same seq, same id).
@@ -102,8 +113,8 @@ use std::time::Instant;
 use tidemark_core::{
     Backoff, Clock, Config, Cursor, EventTracker, FingerprintKey, FlakyConfig, FlakyStore,
     FlushReport, ManualClock, MemStore, Millis, Observation, Registry, RegistryError, Rng,
-    ShutdownReport, Store, StoreError, StreamKey, TrackerConfig, WorkerConfig, WorkerStopped,
-    persistence,
+    SavedWindow, ShutdownReport, Store, StoreError, StreamKey, TrackerConfig, WindowChange,
+    WorkerConfig, WorkerStopped, persistence,
 };
 
 const DEFAULT_SEEDS: u64 = 1200;
@@ -117,6 +128,9 @@ const DEFAULT_SEEDS: u64 = 1200;
 struct Audited {
     mem: Rc<MemStore>,
     batches: Rc<RefCell<Vec<AuditedBatch>>>,
+    /// Whether the store keeps dedup windows (a store written before
+    /// windows were kept does not).
+    windows: bool,
 }
 
 struct AuditedBatch {
@@ -132,7 +146,30 @@ impl Store for Audited {
     }
 
     async fn save_batch(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
-        self.mem.save_batch(cursors).await?;
+        self.save_with_windows(cursors, &[]).await
+    }
+
+    async fn delete(&self, key: &StreamKey) -> Result<(), StoreError> {
+        self.mem.delete(key).await
+    }
+
+    async fn window_key(&self) -> Result<Option<FingerprintKey>, StoreError> {
+        if !self.windows {
+            return Ok(None);
+        }
+        self.mem.window_key().await
+    }
+
+    async fn load_window(&self, key: &StreamKey) -> Result<Option<SavedWindow>, StoreError> {
+        self.mem.load_window(key).await
+    }
+
+    async fn save_with_windows(
+        &self,
+        cursors: &[Cursor],
+        windows: &[WindowChange],
+    ) -> Result<(), StoreError> {
+        self.mem.save_with_windows(cursors, windows).await?;
         let stored = cursors
             .iter()
             .map(|c| self.mem.get(&c.key).expect("just written"))
@@ -142,10 +179,6 @@ impl Store for Audited {
             stored,
         });
         Ok(())
-    }
-
-    async fn delete(&self, key: &StreamKey) -> Result<(), StoreError> {
-        self.mem.delete(key).await
     }
 }
 
@@ -163,12 +196,28 @@ impl Store for Attempts {
     }
 
     async fn save_batch(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
-        self.starts.borrow_mut().push(self.clock.now());
-        self.flaky.save_batch(cursors).await
+        self.save_with_windows(cursors, &[]).await
     }
 
     async fn delete(&self, key: &StreamKey) -> Result<(), StoreError> {
         self.flaky.delete(key).await
+    }
+
+    async fn window_key(&self) -> Result<Option<FingerprintKey>, StoreError> {
+        self.flaky.window_key().await
+    }
+
+    async fn load_window(&self, key: &StreamKey) -> Result<Option<SavedWindow>, StoreError> {
+        self.flaky.load_window(key).await
+    }
+
+    async fn save_with_windows(
+        &self,
+        cursors: &[Cursor],
+        windows: &[WindowChange],
+    ) -> Result<(), StoreError> {
+        self.starts.borrow_mut().push(self.clock.now());
+        self.flaky.save_with_windows(cursors, windows).await
     }
 }
 
@@ -194,6 +243,8 @@ enum Sabotage {
     SlowFlush,
     /// The worker flushes twice as often as the checker assumes.
     FastFlush,
+    /// The store drops the dedup windows the checker assumes it keeps.
+    ForgetWindows,
 }
 
 #[derive(Clone, Debug)]
@@ -213,6 +264,12 @@ struct Params {
     deliver_max: u64,
     commit_per_mille: u32,
     window: usize,
+    /// Whether the store keeps the dedup windows, so that a restarted
+    /// tracker recognises what the last one delivered.
+    windows: bool,
+    /// Ids are `ev1`, `ev2`, ... (kept as fingerprints, under the store's
+    /// key) instead of `1`, `2`, ... (kept as numbers).
+    named_ids: bool,
     flush_interval: Millis,
     retry: Backoff,
     healthy: bool,
@@ -246,6 +303,8 @@ impl Params {
         } else {
             1024
         };
+        let windows = between(0, 4) != 0 || sabotage == Sabotage::ForgetWindows;
+        let named_ids = between(0, 3) == 0;
         let flush_interval = Millis(between(20, 300));
         let initial = between(20, 300);
         let retry = Backoff {
@@ -275,6 +334,8 @@ impl Params {
             deliver_max,
             commit_per_mille,
             window,
+            windows,
+            named_ids,
             flush_interval,
             retry,
             healthy,
@@ -334,7 +395,9 @@ struct Stream {
 /// A stream's tracker and connection in the current lifetime.
 struct Open {
     tracker: EventTracker,
-    /// The id the tracker resumed from at open.
+    /// The oldest id the tracker recognised at open: the one it resumed
+    /// from, or, with windows kept, the first id ever (the restored window
+    /// holds the last `window` ids up to the resumed one).
     floor: u64,
     /// The highest id this tracker observed (starts at `floor`).
     observed_hi: u64,
@@ -424,8 +487,18 @@ struct Sim {
     totals: Totals,
 }
 
+/// The id of event `n`: `ev{n}` when ids are named, else `{n}`.
+fn name_id(named: bool, n: u64) -> String {
+    if named {
+        format!("ev{n}")
+    } else {
+        n.to_string()
+    }
+}
+
 /// An event id as a number; the empty id (no cursor) is 0.
 fn id_num(id: &str) -> u64 {
+    let id = id.strip_prefix("ev").unwrap_or(id);
     if id.is_empty() {
         return 0;
     }
@@ -459,6 +532,7 @@ impl Sim {
         let audited = Audited {
             mem: mem.clone(),
             batches: audit.clone(),
+            windows: p.windows && sabotage != Sabotage::ForgetWindows,
         };
         let store = Rc::new(Attempts {
             flaky: FlakyStore::new(audited, clock.clone(), p.flaky.clone()),
@@ -508,6 +582,11 @@ impl Sim {
                 ..Totals::default()
             },
         }
+    }
+
+    /// The id of event `n` as the servers send it.
+    fn id(&self, n: u64) -> String {
+        name_id(self.p.named_ids, n)
     }
 
     fn now(&self) -> Millis {
@@ -908,7 +987,7 @@ impl Sim {
             .as_ref()
             .map_or((0, 0), |c| (c.seq, id_num(&c.last_event_id)));
         if self.p.sabotage == Sabotage::ResumeBeforeCursor && stored_id > 2 {
-            tracker.seed_last_event_id(&(stored_id - 2).to_string(), self.now());
+            tracker.seed_last_event_id(&self.id(stored_id - 2), self.now());
         }
         let resume = tracker.last_event_id().map_or(0, id_num);
         let s = &self.streams[i];
@@ -946,7 +1025,7 @@ impl Sim {
         });
         self.streams[i].open = Some(Open {
             tracker,
-            floor: resume,
+            floor: if self.p.windows { 1 } else { resume },
             observed_hi: resume,
             pending: VecDeque::new(),
             next: None,
@@ -1202,7 +1281,8 @@ impl Sim {
             ));
         }
         // The oldest id the tracker still recognises: its window holds the
-        // seeded id and every id observed since, the last `window` of them.
+        // seeded id (or, with windows kept, the window it was opened with)
+        // and every id observed since, the last `window` of them.
         let first = open.floor.max(1);
         let lo = first.max((resume + 1).saturating_sub(self.p.window as u64));
         let exact = resume + 1;
@@ -1237,6 +1317,7 @@ impl Sim {
     fn read_one(&mut self, i: usize) -> Result<(), Stop> {
         let now = self.now();
         let idless = self.chance(self.p.idless_per_mille);
+        let named = self.p.named_ids;
         let s = &mut self.streams[i];
         let produced = s.produced;
         let open = s.open.as_mut().expect("open");
@@ -1253,7 +1334,7 @@ impl Sim {
             }
             open.next = Some(next + 1);
             open.observed += 1;
-            let observation = open.tracker.observe(Some(&next.to_string()), now);
+            let observation = open.tracker.observe(Some(&name_id(named, next)), now);
             let expect_fresh = next > open.observed_hi;
             let hi = open.observed_hi;
             match (observation, expect_fresh) {
@@ -1461,7 +1542,7 @@ impl Sim {
         };
         let id = id_num(&stored.last_event_id);
         let rogue = Cursor {
-            last_event_id: id.saturating_sub(3).to_string(),
+            last_event_id: self.id(id.saturating_sub(3)),
             seq: stored.seq + 1,
             ..stored
         };
@@ -1646,7 +1727,7 @@ fn simulation() {
 fn sabotage_is_detected() {
     // A delivered duplicate of the restart cursor's own id is reported as a
     // redelivery, any other as a duplicate.
-    let cases: [(Sabotage, &[&str]); 6] = [
+    let cases: [(Sabotage, &[&str]); 7] = [
         (
             Sabotage::DeliverDuplicates,
             &["[duplicate]", "[redelivery]"],
@@ -1656,6 +1737,7 @@ fn sabotage_is_detected() {
         (Sabotage::ForeignWrite, &["[monotonic]"]),
         (Sabotage::SlowFlush, &["[lag]"]),
         (Sabotage::FastFlush, &["[rate]"]),
+        (Sabotage::ForgetWindows, &["[duplicate]"]),
     ];
     for (sabotage, tags) in cases {
         let caught = (0..200).find_map(|seed| run_seed(seed, sabotage, false, false).err());

@@ -131,12 +131,15 @@ fn stale_failure_never_replaces_a_newer_retry() {
     let mut older = Batch::default();
     older.push(
         &mut HashMap::new(),
-        Cursor {
-            key: a.key.clone(),
-            last_event_id: "1".into(),
-            seq: 1,
-            at: Millis(0),
-        },
+        (
+            Cursor {
+                key: a.key.clone(),
+                last_event_id: "1".into(),
+                seq: 1,
+                at: Millis(0),
+            },
+            None,
+        ),
         a.clone(),
         0,
     );
