@@ -131,7 +131,7 @@ mod flaky;
 pub mod reconnect;
 mod registry;
 pub mod replay;
-mod saved_window;
+pub mod saved_window;
 mod slot;
 pub mod sse;
 mod store;
