@@ -107,9 +107,15 @@ impl Slot {
     }
 
     fn window(&self, state: &SlotState) -> Option<WindowChange> {
+        let span = state.window.as_ref()?;
+        if !span.reset && span.entries.is_empty() {
+            return None;
+        }
+        let mut span = span.clone();
+        span.trim();
         Some(WindowChange {
             key: self.key.clone(),
-            span: state.window.clone()?,
+            span,
         })
     }
 
@@ -134,17 +140,14 @@ impl Slot {
 
     /// The unwritten window entries, for a tracker reopening the stream.
     pub(crate) fn unwritten_window(&self) -> Option<Span> {
-        self.lock().window.clone()
+        self.window(&self.lock()).map(|change| change.span)
     }
 
-    /// Forgets the window entries a store now has: those of `change`.
+    /// Forgets the window entries a store now has: those of `change`. The
+    /// emptied change keeps its buffer for the next commits.
     pub(crate) fn confirm_window(&self, change: &WindowChange) {
-        let mut state = self.lock();
-        if let Some(pending) = &mut state.window {
+        if let Some(pending) = &mut self.lock().window {
             pending.confirm(change.span.epoch, change.span.end);
-            if !pending.reset && pending.entries.is_empty() {
-                state.window = None;
-            }
         }
     }
 

@@ -123,7 +123,10 @@ impl DedupWindow {
     /// Adds to `pending` (the change not yet written) the entries added
     /// since the window stood at `since`, a value of [`Self::marks`]: the
     /// newest entries, or, when the window was cleared since or has already
-    /// dropped some of them, its whole content as a reset.
+    /// dropped some of them, its whole content as a reset. The usual case, a
+    /// few entries after those `pending` ends with, appends in place without
+    /// allocating once `pending` has grown; it is trimmed to the window's
+    /// bound only when twice that, so that each commit costs O(1).
     pub(crate) fn export(&self, since: (u64, u64), pending: &mut Option<Span>) {
         let (epoch, pushed) = since;
         let added = self.pushed - pushed;
@@ -132,14 +135,33 @@ impl DedupWindow {
         }
         let reset = epoch != self.epoch || added > self.len as u64;
         let first = if reset { 0 } else { self.len - added as usize };
-        let mut span = Span {
-            reset,
-            cap: self.cap,
-            epoch: self.epoch,
-            end: self.pushed,
-            entries: Vec::with_capacity(self.len - first),
-            times: Vec::new(),
-        };
+        match pending {
+            Some(p) if !reset && p.epoch == self.epoch && p.end == pushed => {
+                self.push_entries(first, p);
+                if p.entries.len() >= 2 * self.cap {
+                    p.trim();
+                }
+            }
+            _ => {
+                let mut span = Span {
+                    reset,
+                    cap: self.cap,
+                    epoch: self.epoch,
+                    end: pushed,
+                    ..Span::default()
+                };
+                self.push_entries(first, &mut span);
+                match pending {
+                    Some(p) => p.apply(&span),
+                    None => *pending = Some(span),
+                }
+            }
+        }
+    }
+
+    /// Appends the entries from the `first` oldest on to `span`, moving its
+    /// end to the window's.
+    fn push_entries(&self, first: usize, span: &mut Span) {
         for k in first..self.len {
             let value = self.at(k);
             span.entries.push(if k < self.hashed {
@@ -149,14 +171,18 @@ impl DedupWindow {
             });
         }
         if self.max_age.is_some() {
+            if span.times.len() < span.entries.len() - (self.len - first) {
+                // Entries from before an age bound was set have no time.
+                let missing = span.entries.len() - (self.len - first) - span.times.len();
+                span.times
+                    .extend(std::iter::repeat_n(Millis::ZERO, missing));
+            }
             span.times.extend(
                 (first..self.len).map(|k| self.times[wrap(self.head + k, self.times.len())]),
             );
         }
-        match pending {
-            Some(pending) => pending.apply(&span),
-            None => *pending = Some(span),
-        }
+        span.end = self.pushed;
+        span.cap = self.cap;
     }
 
     /// Replaces the content with a saved window's, oldest entry first, and
