@@ -2,7 +2,10 @@
 //! and, when the event is fresh, `commit()`.
 //!
 //! The tracker is opened from a [`Registry`] wired to a `PersistenceWorker`
-//! (`MemStore`, `ManualClock`, default config). The worker is spawned on a
+//! (`MemStore`, `ManualClock`, default config), so each commit also hands
+//! the window's new entry to the slot for the store (`tidemark`); the case
+//! `tidemark_cursor_only` uses a `MemStore` that keeps no windows, the cost
+//! of a commit before windows were stored. The worker is spawned on a
 //! `LocalPool` that runs only to open the tracker; it does not run while
 //! timing: a
 //! commit only copies the cursor into the stream's slot, and the first commit
@@ -28,7 +31,7 @@
 //! (`cargo test -p tidemark-core --benches` runs every case once).
 //!
 //! Instruction counts: with
-//! `TIDEMARK_OBSERVE_EVENTS=<ours|seed|seed+recv>:<numeric|uuid>:<n>` the
+//! `TIDEMARK_OBSERVE_EVENTS=<ours|ours-cursor|seed|seed+recv>:<numeric|uuid>:<n>` the
 //! binary skips criterion, builds the same fixture (including the warm-up
 //! pass that fills both windows) and then runs `n` events through
 //! `ours_chunk`, or `seed_chunk` plus `seed_drain`. Under callgrind, collect
@@ -133,13 +136,15 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn new(kind: IdKind) -> Self {
+    /// With `windows`, over a store that keeps windows.
+    fn new(kind: IdKind, windows: bool) -> Self {
         let (ids, replays) = id_stream(kind);
-        let (registry, worker) = persistence(
-            Rc::new(MemStore::new()),
-            ManualClock::new(),
-            Config::default(),
-        );
+        let store = if windows {
+            MemStore::new()
+        } else {
+            MemStore::without_windows()
+        };
+        let (registry, worker) = persistence(Rc::new(store), ManualClock::new(), Config::default());
         let mut pool = LocalPool::new();
         pool.spawner()
             .spawn_local(async move {
@@ -288,9 +293,13 @@ fn bench_observe(c: &mut Criterion) {
     let mut group = c.benchmark_group("observe_commit");
     group.throughput(Throughput::Elements(1));
     for kind in [IdKind::Numeric, IdKind::Uuid] {
-        let mut fixture = Fixture::new(kind);
+        let mut fixture = Fixture::new(kind, true);
         group.bench_function(BenchmarkId::new("tidemark", kind.name()), |b| {
             b.iter_custom(|iters| fixture.time_ours(iters))
+        });
+        let mut cursor_only = Fixture::new(kind, false);
+        group.bench_function(BenchmarkId::new("tidemark_cursor_only", kind.name()), |b| {
+            b.iter_custom(|iters| cursor_only.time_ours(iters))
         });
         group.bench_function(BenchmarkId::new("seed_baseline", kind.name()), |b| {
             b.iter_custom(|iters| fixture.time_seed(iters, false))
@@ -313,14 +322,14 @@ fn count_mode(spec: &str) {
             IdKind::parse(kind).expect("kind is numeric or uuid"),
             n.parse::<u64>().expect("n is a number"),
         ),
-        _ => panic!("TIDEMARK_OBSERVE_EVENTS=<ours|seed|seed+recv>:<numeric|uuid>:<n>"),
+        _ => panic!("TIDEMARK_OBSERVE_EVENTS=<ours|ours-cursor|seed|seed+recv>:<numeric|uuid>:<n>"),
     };
-    let mut fixture = Fixture::new(kind);
+    let mut fixture = Fixture::new(kind, which != "ours-cursor");
     let elapsed = match which {
-        "ours" => fixture.time_ours(n),
+        "ours" | "ours-cursor" => fixture.time_ours(n),
         "seed" => fixture.time_seed(n, false),
         "seed+recv" => fixture.time_seed(n, true),
-        _ => panic!("implementation is ours, seed or seed+recv"),
+        _ => panic!("implementation is ours, ours-cursor, seed or seed+recv"),
     };
     println!(
         "{which} {}: {n} events in {elapsed:?} ({:.1} ns/event)",

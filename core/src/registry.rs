@@ -221,7 +221,6 @@ impl<S: Store> Registry<S> {
             }
         };
         slot.open.store(true, Relaxed);
-        slot.keeps_windows.store(window_key.is_some(), Relaxed);
         // A closed stream's last commit may not be written yet: its slot
         // still has it, and it is newer than what the store holds.
         let unwritten = slot.peek();
@@ -229,6 +228,7 @@ impl<S: Store> Registry<S> {
         let publisher = Publisher {
             tx: self.handle.tx.clone(),
             registry: self.shared.clone(),
+            keeps_windows: window_key.is_some(),
         };
         let mut config = self.config.clone();
         if let Some(window_key) = window_key {

@@ -53,6 +53,7 @@ use crate::clock::Millis;
 use crate::cursor::StreamKey;
 use crate::window::MAX_WINDOW;
 use core::fmt;
+use std::collections::VecDeque;
 
 /// One remembered id: a canonical decimal number, or a keyed fingerprint.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -63,7 +64,9 @@ pub(crate) enum Entry {
     Fingerprint(u64),
 }
 
-/// Entries with push indexes `end - entries.len()..end` of one epoch.
+/// Entries with push indexes `end - len..end` of one epoch, oldest first,
+/// in rings, so that dropping the oldest is O(1): sixteen bytes an entry
+/// (twenty-four with times).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Span {
     /// Whether this is the whole content as of `end` (replaces what was
@@ -73,14 +76,92 @@ pub(crate) struct Span {
     pub(crate) cap: usize,
     pub(crate) epoch: u64,
     pub(crate) end: u64,
-    pub(crate) entries: Vec<Entry>,
-    /// Parallel to `entries`, or empty when entries carry no times.
-    pub(crate) times: Vec<Millis>,
+    entries: VecDeque<Entry>,
+    /// Parallel to `entries`, or empty when the entries carry no times.
+    times: VecDeque<Millis>,
 }
 
 impl Span {
+    /// No entries, ending at `end` of `epoch`.
+    pub(crate) fn new(reset: bool, cap: usize, epoch: u64, end: u64) -> Span {
+        Span {
+            reset,
+            cap,
+            epoch,
+            end,
+            ..Span::default()
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
     pub(crate) fn start(&self) -> u64 {
-        self.end - self.entries.len() as u64
+        self.end - self.len() as u64
+    }
+
+    /// The `i`th oldest entry.
+    pub(crate) fn entry(&self, i: usize) -> Entry {
+        self.entries[i]
+    }
+
+    /// The time of the `i`th oldest entry, if the entries carry times.
+    pub(crate) fn time(&self, i: usize) -> Option<Millis> {
+        self.times.get(i).copied()
+    }
+
+    /// Every entry, oldest first.
+    #[cfg(test)]
+    pub(crate) fn entries(&self) -> Vec<Entry> {
+        self.entries.iter().copied().collect()
+    }
+
+    /// Every time, oldest first (empty if the entries carry none).
+    #[cfg(test)]
+    pub(crate) fn times(&self) -> Vec<Millis> {
+        self.times.iter().copied().collect()
+    }
+
+    /// Appends an entry, without moving `end`. The entries carry times only
+    /// while every one has one: entries from before get none (an age bound
+    /// forgets them at once, which never drops a fresh event), and an entry
+    /// without a time drops them all.
+    #[inline]
+    pub(crate) fn push(&mut self, entry: Entry, at: Option<Millis>) {
+        match at {
+            Some(at) => {
+                if self.times.len() < self.entries.len() {
+                    self.times.resize(self.entries.len(), Millis::ZERO);
+                }
+                self.times.push_back(at);
+            }
+            None if !self.times.is_empty() => self.times.clear(),
+            None => {}
+        }
+        self.entries.push_back(entry);
+    }
+
+    /// Appends an entry to a span without times, keeping the newest `cap`.
+    #[inline]
+    pub(crate) fn push_one(&mut self, entry: Entry, cap: usize) {
+        debug_assert!(
+            self.times.is_empty(),
+            "a span of a window without an age bound"
+        );
+        self.entries.push_back(entry);
+        if self.entries.len() > cap {
+            self.entries.pop_front();
+            self.reset = true;
+        }
+    }
+
+    #[inline]
+    fn pop_front(&mut self) {
+        self.entries.pop_front();
+        if !self.times.is_empty() {
+            self.times.pop_front();
+        }
     }
 
     /// Folds `newer` in; see the [module docs](self).
@@ -98,19 +179,9 @@ impl Span {
             self.reset = keep_reset || newer.reset;
             return;
         }
-        let skip = (self.end.saturating_sub(newer.start()) as usize).min(newer.entries.len());
-        self.entries.extend_from_slice(&newer.entries[skip..]);
-        match (self.times.is_empty(), newer.times.is_empty()) {
-            (_, false) => {
-                // Entries stored without times get none: an age bound
-                // forgets them at once, which never drops a fresh event.
-                let missing = self.entries.len() - (newer.entries.len() - skip) - self.times.len();
-                self.times
-                    .extend(std::iter::repeat_n(Millis::ZERO, missing));
-                self.times.extend_from_slice(&newer.times[skip..]);
-            }
-            (false, true) => self.times.clear(),
-            (true, true) => {}
+        let skip = (self.end.saturating_sub(newer.start()) as usize).min(newer.len());
+        for i in skip..newer.len() {
+            self.push(newer.entry(i), newer.time(i));
         }
         self.end = newer.end;
         self.cap = newer.cap;
@@ -119,14 +190,11 @@ impl Span {
 
     /// Keeps the newest `cap` entries. A change that had to drop entries
     /// holds every entry the window has: it becomes a reset.
+    #[inline]
     pub(crate) fn trim(&mut self) {
         let cap = self.cap.clamp(1, MAX_WINDOW);
-        if self.entries.len() > cap {
-            let excess = self.entries.len() - cap;
-            self.entries.drain(..excess);
-            if !self.times.is_empty() {
-                self.times.drain(..excess);
-            }
+        while self.len() > cap {
+            self.pop_front();
             self.reset = true;
         }
     }
@@ -138,10 +206,9 @@ impl Span {
         }
         // The store has the window as of `end`: what is left are entries
         // to add after it.
-        let written = ((end - self.start()) as usize).min(self.entries.len());
-        self.entries.drain(..written);
-        if !self.times.is_empty() {
-            self.times.drain(..written);
+        let written = ((end - self.start()) as usize).min(self.len());
+        for _ in 0..written {
+            self.pop_front();
         }
         self.reset = false;
     }
@@ -152,17 +219,19 @@ impl Span {
         put_varint(out, self.cap as u64);
         put_varint(out, self.epoch);
         put_varint(out, self.start());
-        put_varint(out, self.entries.len() as u64);
-        let mut rest = &self.entries[..];
+        put_varint(out, self.len() as u64);
         let mut previous = 0u64;
-        while let Some(first) = rest.first() {
-            let fingerprints = matches!(first, Entry::Fingerprint(_));
-            let len = rest
-                .iter()
-                .take_while(|e| matches!(e, Entry::Fingerprint(_)) == fingerprints)
+        let mut i = 0;
+        let is_fingerprint = |e: &Entry| matches!(e, Entry::Fingerprint(_));
+        while i < self.len() {
+            let fingerprints = is_fingerprint(&self.entries[i]);
+            let run = self
+                .entries
+                .range(i..)
+                .take_while(|e| is_fingerprint(e) == fingerprints)
                 .count();
-            put_varint(out, (len as u64) << 1 | u64::from(fingerprints));
-            for entry in &rest[..len] {
+            put_varint(out, (run as u64) << 1 | u64::from(fingerprints));
+            for entry in self.entries.range(i..i + run) {
                 match *entry {
                     Entry::Fingerprint(fp) => out.extend_from_slice(&fp.to_le_bytes()),
                     Entry::Number(n) => {
@@ -171,7 +240,7 @@ impl Span {
                     }
                 }
             }
-            rest = &rest[len..];
+            i += run;
         }
         let mut previous = 0u64;
         for at in &self.times {
@@ -201,12 +270,13 @@ impl Span {
             .checked_add(count)
             .ok_or("window positions overflow")?;
         let count = count as usize;
-        let mut entries = Vec::with_capacity(count);
+        let mut span = Span::new(flags & 1 != 0, cap as usize, epoch, end);
+        span.entries.reserve_exact(count);
         let mut previous = 0u64;
-        while entries.len() < count {
+        while span.len() < count {
             let run = take_varint(input)?;
             let len = (run >> 1) as usize;
-            if len == 0 || len > count - entries.len() {
+            if len == 0 || len > count - span.len() {
                 return Err("a window run does not fit its record".into());
             }
             for _ in 0..len {
@@ -215,30 +285,22 @@ impl Span {
                         .split_first_chunk::<8>()
                         .ok_or("window record ends inside a fingerprint")?;
                     *input = rest;
-                    entries.push(Entry::Fingerprint(u64::from_le_bytes(*bytes)));
+                    span.push(Entry::Fingerprint(u64::from_le_bytes(*bytes)), None);
                 } else {
                     previous = previous.wrapping_add(unzigzag(take_varint(input)?));
-                    entries.push(Entry::Number(previous));
+                    span.push(Entry::Number(previous), None);
                 }
             }
         }
-        let mut times = Vec::new();
         if flags & 0b10 != 0 {
-            times.reserve_exact(count);
+            span.times.reserve_exact(count);
             let mut previous = 0u64;
             for _ in 0..count {
                 previous = previous.wrapping_add(unzigzag(take_varint(input)?));
-                times.push(Millis(previous));
+                span.times.push_back(Millis(previous));
             }
         }
-        Ok(Span {
-            reset: flags & 1 != 0,
-            cap: cap as usize,
-            epoch,
-            end,
-            entries,
-            times,
-        })
+        Ok(span)
     }
 }
 
@@ -260,12 +322,12 @@ impl WindowChange {
 
     /// How many entries the change carries.
     pub fn len(&self) -> usize {
-        self.span.entries.len()
+        self.span.len()
     }
 
     /// Whether the change carries no entries (a reset to an empty window).
     pub fn is_empty(&self) -> bool {
-        self.span.entries.is_empty()
+        self.span.len() == 0
     }
 
     /// Whether the change replaces the stored window instead of adding to
@@ -320,12 +382,12 @@ impl SavedWindow {
 
     /// How many ids it remembers.
     pub fn len(&self) -> usize {
-        self.span.entries.len()
+        self.span.len()
     }
 
     /// Whether it remembers no id.
     pub fn is_empty(&self) -> bool {
-        self.span.entries.is_empty()
+        self.span.len() == 0
     }
 
     /// Folds `change` in: appends its new entries, or replaces everything

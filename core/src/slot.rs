@@ -37,8 +37,6 @@ pub(crate) struct Slot {
     pub(crate) duplicates: AtomicU64,
     /// Whether a tracker of a registry holds this slot.
     pub(crate) open: AtomicBool,
-    /// Whether the store keeps windows, so commits hand over window changes.
-    pub(crate) keeps_windows: AtomicBool,
 }
 
 #[derive(Default)]
@@ -59,7 +57,6 @@ impl Slot {
             observed: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             open: AtomicBool::new(false),
-            keeps_windows: AtomicBool::new(false),
         }
     }
 
@@ -108,14 +105,12 @@ impl Slot {
 
     fn window(&self, state: &SlotState) -> Option<WindowChange> {
         let span = state.window.as_ref()?;
-        if !span.reset && span.entries.is_empty() {
+        if !span.reset && span.len() == 0 {
             return None;
         }
-        let mut span = span.clone();
-        span.trim();
         Some(WindowChange {
             key: self.key.clone(),
-            span,
+            span: span.clone(),
         })
     }
 
@@ -170,6 +165,8 @@ impl Slot {
 pub(crate) struct Publisher {
     pub(crate) tx: async_channel::Sender<Msg>,
     pub(crate) registry: Arc<crate::registry::Shared>,
+    /// Whether the store keeps windows, so commits hand over window changes.
+    pub(crate) keeps_windows: bool,
 }
 
 impl Publisher {

@@ -103,6 +103,9 @@ pub struct EventTracker {
     /// The window's marks as of the last commit that handed its entries to
     /// the slot.
     exported: (u64, u64),
+    /// Whether commits hand the window's entries to the slot (the store
+    /// keeps windows).
+    keeps_window: bool,
     last_event_id: String,
     seq: u64,
     uncommitted: bool,
@@ -126,6 +129,7 @@ impl EventTracker {
         EventTracker {
             window: DedupWindow::new(config.window, config.max_age, config.fingerprint_key),
             exported: (0, 0),
+            keeps_window: publisher.as_ref().is_some_and(|p| p.keeps_windows),
             last_event_id: String::new(),
             seq: 0,
             uncommitted: false,
@@ -231,11 +235,7 @@ impl EventTracker {
         }
         self.seq += 1;
         if let Some(publisher) = &self.publisher {
-            let window = self
-                .slot
-                .keeps_windows
-                .load(std::sync::atomic::Ordering::Relaxed)
-                .then_some((&self.window, self.exported));
+            let window = self.keeps_window.then_some((&self.window, self.exported));
             publisher.publish(
                 &self.slot,
                 &self.last_event_id,

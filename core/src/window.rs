@@ -123,11 +123,34 @@ impl DedupWindow {
     /// Adds to `pending` (the change not yet written) the entries added
     /// since the window stood at `since`, a value of [`Self::marks`]: the
     /// newest entries, or, when the window was cleared since or has already
-    /// dropped some of them, its whole content as a reset. The usual case, a
-    /// few entries after those `pending` ends with, appends in place without
-    /// allocating once `pending` has grown; it is trimmed to the window's
-    /// bound only when twice that, so that each commit costs O(1).
+    /// dropped some of them, its whole content as a reset. `pending` never
+    /// holds more than the window's bound: when it would, it becomes the
+    /// window itself, a reset. The usual case, one entry after those
+    /// `pending` ends with, is an O(1) append that does not allocate once
+    /// `pending` has grown.
+    #[inline]
     pub(crate) fn export(&self, since: (u64, u64), pending: &mut Option<Span>) {
+        if self.max_age.is_none()
+            && let Some(p) = pending
+            && (self.epoch, self.pushed.wrapping_sub(1)) == since
+            && (p.epoch, p.end, p.cap) == (since.0, since.1, self.cap)
+        {
+            let k = self.len - 1;
+            let value = self.at(k);
+            let entry = if k < self.hashed {
+                Entry::Fingerprint(value)
+            } else {
+                Entry::Number(value)
+            };
+            p.push_one(entry, self.cap);
+            p.end = self.pushed;
+            return;
+        }
+        self.export_any(since, pending);
+    }
+
+    #[cold]
+    fn export_any(&self, since: (u64, u64), pending: &mut Option<Span>) {
         let (epoch, pushed) = since;
         let added = self.pushed - pushed;
         if epoch == self.epoch && added == 0 {
@@ -136,20 +159,9 @@ impl DedupWindow {
         let reset = epoch != self.epoch || added > self.len as u64;
         let first = if reset { 0 } else { self.len - added as usize };
         match pending {
-            Some(p) if !reset && p.epoch == self.epoch && p.end == pushed => {
-                self.push_entries(first, p);
-                if p.entries.len() >= 2 * self.cap {
-                    p.trim();
-                }
-            }
+            Some(p) if !reset && (p.epoch, p.end) == since => self.push_entries(first, p),
             _ => {
-                let mut span = Span {
-                    reset,
-                    cap: self.cap,
-                    epoch: self.epoch,
-                    end: pushed,
-                    ..Span::default()
-                };
+                let mut span = Span::new(reset, self.cap, self.epoch, pushed);
                 self.push_entries(first, &mut span);
                 match pending {
                     Some(p) => p.apply(&span),
@@ -160,29 +172,22 @@ impl DedupWindow {
     }
 
     /// Appends the entries from the `first` oldest on to `span`, moving its
-    /// end to the window's.
+    /// end to the window's, and keeps it within the window's bound.
+    #[inline]
     fn push_entries(&self, first: usize, span: &mut Span) {
         for k in first..self.len {
-            let value = self.at(k);
-            span.entries.push(if k < self.hashed {
+            let pos = wrap(self.head + k, self.ring.len());
+            let value = self.ring[pos];
+            let entry = if k < self.hashed {
                 Entry::Fingerprint(value)
             } else {
                 Entry::Number(value)
-            });
-        }
-        if self.max_age.is_some() {
-            if span.times.len() < span.entries.len() - (self.len - first) {
-                // Entries from before an age bound was set have no time.
-                let missing = span.entries.len() - (self.len - first) - span.times.len();
-                span.times
-                    .extend(std::iter::repeat_n(Millis::ZERO, missing));
-            }
-            span.times.extend(
-                (first..self.len).map(|k| self.times[wrap(self.head + k, self.times.len())]),
-            );
+            };
+            span.push(entry, self.max_age.map(|_| self.times[pos]));
         }
         span.end = self.pushed;
         span.cap = self.cap;
+        span.trim();
     }
 
     /// Replaces the content with a saved window's, oldest entry first, and
@@ -191,9 +196,12 @@ impl DedupWindow {
     pub(crate) fn restore(&mut self, saved: &Span) {
         self.clear();
         let mut digits = [0; 20];
-        for (k, entry) in saved.entries.iter().enumerate() {
-            let at = saved.times.get(k).copied().unwrap_or(Millis::ZERO);
-            match *entry {
+        for k in 0..saved.len() {
+            let at = saved.time(k).unwrap_or(Millis::ZERO);
+            // As the window did when the entry came: an id that aged out
+            // and came again is in the saved window twice.
+            self.expire(at);
+            match saved.entry(k) {
                 Entry::Number(n) => {
                     let _ = self.insert(decimal(n, &mut digits), at);
                 }
