@@ -1,10 +1,13 @@
-//! Cursors in IndexedDB: [`IdbStore`].
+//! Cursors and dedup windows in IndexedDB: [`IdbStore`].
 
-use js_sys::{Array, Function, Object, Promise, Reflect};
+use js_sys::{Array, Function, Object, Promise, Reflect, Uint8Array};
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::fmt;
 use std::rc::Rc;
-use tidemark_core::{Cursor, Millis, Store, StoreError, StreamKey};
+use tidemark_core::{
+    Cursor, FingerprintKey, Millis, SavedWindow, Store, StoreError, StreamKey, WindowChange,
+};
 use wasm_bindgen::closure::Closure;
 use wasm_bindgen::prelude::wasm_bindgen;
 use wasm_bindgen::{JsCast, JsValue};
@@ -19,11 +22,12 @@ extern "C" {
     /// `web_sys_unstable_apis`.
     type RawDatabase;
 
-    /// `IDBDatabase.transaction(name, mode, options)`.
+    /// `IDBDatabase.transaction(names, mode, options)`, `names` a string
+    /// or an array of them.
     #[wasm_bindgen(method, catch, js_name = transaction)]
     fn transaction_with_options(
         this: &RawDatabase,
-        store_name: &str,
+        store_names: &JsValue,
         mode: &str,
         options: &Object,
     ) -> Result<IdbTransaction, JsValue>;
@@ -32,17 +36,22 @@ extern "C" {
 /// The largest integer a JavaScript Number holds exactly: 2^53 - 1.
 const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
 
+/// The key of the fingerprint key's record in [`IdbStore::META_STORE`].
+const WINDOW_KEY_RECORD: &str = "windowKey";
+
 const CLOSED_BY_CALLER: &str = "the store was closed";
 const CLOSED_BY_VERSION_CHANGE: &str = "the database connection was closed because another tab or \
      worker is upgrading or deleting the database (a version change); reopen the store";
 const CLOSED_BY_BROWSER: &str = "the browser closed the database connection (site data \
      cleared or a storage failure); reopen the store";
 
-/// Cursors of every stream in one IndexedDB database.
+/// Cursors and dedup windows of every stream in one IndexedDB database.
 ///
-/// The database has version [`IdbStore::VERSION`] and two object stores:
-/// [`IdbStore::OBJECT_STORE`] for cursors, and [`IdbStore::RESUME_STORE`]
-/// for the resume URLs of POST streams (see [below](#resume-urls)). A
+/// The database has version [`IdbStore::VERSION`] and four object stores:
+/// [`IdbStore::OBJECT_STORE`] for cursors, [`IdbStore::WINDOW_STORE`] for
+/// dedup windows and [`IdbStore::META_STORE`] for the key that fingerprints
+/// them (see [below](#dedup-windows)), and [`IdbStore::RESUME_STORE`] for
+/// the resume URLs of POST streams (see [below](#resume-urls)). A
 /// stream's cursor is the entry with the highest
 /// `seq` under the array key `[session, stream, seq]`; its value is a plain
 /// object `{ lastEventId: string, seq: number, at: number }`, readable from
@@ -53,7 +62,8 @@ const CLOSED_BY_BROWSER: &str = "the browser closed the database connection (sit
 ///
 /// # Writes
 ///
-/// A flush is one `readwrite` transaction for the whole batch, opened with
+/// A flush is one `readwrite` transaction for the whole batch, cursors and
+/// windows together, opened with
 /// `{ durability: "relaxed" }` (the data reaches the OS, not necessarily the
 /// disk, before `complete` fires: a tab crash loses nothing, a power cut may
 /// lose the last flush, which the core's at-least-once replay covers). For
@@ -69,6 +79,34 @@ const CLOSED_BY_BROWSER: &str = "the browser closed the database connection (sit
 /// wrong shape is reported by `load` as [`StoreError::Corrupt`] until a newer
 /// cursor of that stream replaces it.
 ///
+/// # Dedup windows
+///
+/// The store keeps windows ([`Store::window_key`] is `Some`): a tracker
+/// opened from it after a reload drops what the server replays, not only
+/// resumes from the cursor. A stream's window is one value under the array
+/// key `[session, stream]` in [`IdbStore::WINDOW_STORE`]: a `Uint8Array`
+/// holding the whole window in the core's encoding
+/// ([`SavedWindow::encode`]: about one byte per consecutive numeric id,
+/// eight per fingerprint). Writing the whole window reads nothing: the store
+/// keeps in memory the window of every stream it has loaded
+/// ([`Store::load_window`], which the registry calls when it opens a
+/// stream) or written, folds each [`WindowChange`] into it, and puts the
+/// result beside the cursor in the flush's transaction. (A change of a
+/// stream this store never loaded and that is not a reset starts that
+/// window afresh: the older stored entries are replaced, which can only
+/// make a later reload drop fewer replays.)
+///
+/// The fingerprint key is 16 random bytes from `crypto.getRandomValues`
+/// ([`FingerprintKey::try_random`]), a `Uint8Array` under the key
+/// `"windowKey"` in [`IdbStore::META_STORE`], made on first use: `add`ed in
+/// a strictly durable transaction, then read back, so tabs opening the
+/// database at once all get the one that was added first. It never leaves
+/// the database (it is not derived from anything, nor sent anywhere).
+///
+/// Databases of versions 1 (cursors only) and 2 (with resume URLs) are
+/// upgraded in place: the upgrade adds the missing object stores and keeps
+/// everything else, so their cursors resume, with windows from then on.
+///
 /// # Resume URLs
 ///
 /// A POST stream resumes from the URL its answer named
@@ -77,9 +115,7 @@ const CLOSED_BY_BROWSER: &str = "the browser closed the database connection (sit
 /// `{ url: string, at: number }` ([`IdbStore::save_resume_url`]), in a
 /// transaction of its own with `durability: "strict"`: it is written once
 /// per POST stream, before the first event of the answer is delivered, and
-/// a reload right after that event must find it. Version 1 databases (cursors
-/// only) are upgraded in place: the upgrade adds the object store and keeps
-/// every cursor.
+/// a reload right after that event must find it.
 ///
 /// # Connections
 ///
@@ -101,6 +137,11 @@ const CLOSED_BY_BROWSER: &str = "the browser closed the database connection (sit
 pub struct IdbStore {
     name: String,
     conn: Rc<Connection>,
+    /// The window of every stream loaded or written through this store, as
+    /// stored (or about to be).
+    windows: RefCell<HashMap<StreamKey, SavedWindow>>,
+    /// The fingerprint key, once read.
+    key: Cell<Option<FingerprintKey>>,
     // Registered as the database's `onversionchange` and `onclose`; kept
     // alive as long as the store, unregistered on drop.
     _on_version_change: Closure<dyn FnMut(JsValue)>,
@@ -113,6 +154,8 @@ struct Connection {
     closed: RefCell<Option<&'static str>>,
     transactions: Cell<u64>,
     cursors_written: Cell<u64>,
+    windows_written: Cell<u64>,
+    window_bytes_written: Cell<u64>,
 }
 
 impl Connection {
@@ -140,14 +183,20 @@ impl Connection {
 }
 
 impl IdbStore {
-    /// The schema version the store opens its database with: 2 since the
-    /// resume URLs (version 1 had only the cursors).
-    pub const VERSION: u32 = 2;
+    /// The schema version the store opens its database with: 3 since the
+    /// dedup windows (version 2 added the resume URLs to version 1's
+    /// cursors).
+    pub const VERSION: u32 = 3;
     /// The name of the object store holding the cursors.
     pub const OBJECT_STORE: &'static str = "cursors";
     /// The name of the object store holding the resume URLs of POST
     /// streams.
     pub const RESUME_STORE: &'static str = "resume";
+    /// The name of the object store holding the streams' dedup windows.
+    pub const WINDOW_STORE: &'static str = "windows";
+    /// The name of the object store holding the fingerprint key of the
+    /// windows (under the key `"windowKey"`).
+    pub const META_STORE: &'static str = "meta";
 
     /// Opens (creating if needed) the IndexedDB database `name`.
     ///
@@ -185,9 +234,14 @@ impl IdbStore {
                     foreign.set(true);
                 }
                 let created = !foreign.get()
-                    && [Self::OBJECT_STORE, Self::RESUME_STORE]
-                        .iter()
-                        .all(|name| has(name) || db.create_object_store(name).is_ok());
+                    && [
+                        Self::OBJECT_STORE,
+                        Self::RESUME_STORE,
+                        Self::WINDOW_STORE,
+                        Self::META_STORE,
+                    ]
+                    .iter()
+                    .all(|name| has(name) || db.create_object_store(name).is_ok());
                 if !created {
                     // The open then fails with an AbortError.
                     if let Some(tx) = request.transaction() {
@@ -277,6 +331,8 @@ impl IdbStore {
             closed: RefCell::new(None),
             transactions: Cell::new(0),
             cursors_written: Cell::new(0),
+            windows_written: Cell::new(0),
+            window_bytes_written: Cell::new(0),
         });
         let on_version_change = {
             let conn = Rc::clone(&conn);
@@ -296,6 +352,8 @@ impl IdbStore {
         IdbStore {
             name: name.to_owned(),
             conn,
+            windows: RefCell::default(),
+            key: Cell::new(None),
             _on_version_change: on_version_change,
             _on_close: on_close,
         }
@@ -332,8 +390,24 @@ impl IdbStore {
         &self.name
     }
 
-    /// How many `readwrite` transactions (one per non-empty `save_batch`, one
-    /// per `delete`) completed.
+    /// A new connection to the same database, for a store whose connection
+    /// was closed under it (see [`IdbStore::is_closed`]). It takes over the
+    /// windows this store keeps in memory, so its writes keep folding into
+    /// them.
+    ///
+    /// # Errors
+    ///
+    /// As [`IdbStore::open`].
+    pub async fn reopen(&self) -> Result<IdbStore, StoreError> {
+        let reopened = IdbStore::open(&self.name).await?;
+        *reopened.windows.borrow_mut() = self.windows.take();
+        reopened.key.set(self.key.get());
+        Ok(reopened)
+    }
+
+    /// How many `readwrite` transactions (one per non-empty flush, one per
+    /// `delete`, one per resume URL written or deleted, one when the
+    /// window key is made) completed.
     pub fn transactions(&self) -> u64 {
         self.conn.transactions.get()
     }
@@ -342,6 +416,18 @@ impl IdbStore {
     /// batch).
     pub fn cursors_written(&self) -> u64 {
         self.conn.cursors_written.get()
+    }
+
+    /// How many windows completed transactions wrote (one per stream whose
+    /// window changed, per batch).
+    pub fn windows_written(&self) -> u64 {
+        self.conn.windows_written.get()
+    }
+
+    /// How many bytes of windows completed transactions wrote (the
+    /// encoded windows, without keys).
+    pub fn window_bytes_written(&self) -> u64 {
+        self.conn.window_bytes_written.get()
     }
 
     /// Whether the connection is closed, by [`IdbStore::close`], by a
@@ -376,24 +462,100 @@ impl IdbStore {
         )
     }
 
-    /// A `readwrite` transaction with relaxed durability.
+    /// A `readwrite` transaction on the cursors and the windows, with
+    /// relaxed durability.
     fn readwrite(&self, doing: &str) -> Result<IdbTransaction, StoreError> {
-        self.readwrite_on(doing, Self::OBJECT_STORE, "relaxed")
+        let stores = Array::of2(&Self::OBJECT_STORE.into(), &Self::WINDOW_STORE.into());
+        self.readwrite_on(doing, &stores, "relaxed")
     }
 
-    /// A `readwrite` transaction on `store` with `durability`.
+    /// A `readwrite` transaction on `stores` (a name or an array of names)
+    /// with `durability`.
     fn readwrite_on(
         &self,
         doing: &str,
-        store: &str,
+        stores: &JsValue,
         durability: &str,
     ) -> Result<IdbTransaction, StoreError> {
         let db = self.conn.db(doing)?;
         let options = Object::new();
         let _ = Reflect::set(&options, &"durability".into(), &durability.into());
         db.unchecked_ref::<RawDatabase>()
-            .transaction_with_options(store, "readwrite", &options)
+            .transaction_with_options(stores, "readwrite", &options)
             .map_err(|e| js_error(doing, &e))
+    }
+
+    /// One `get` of `key` in `store`, in a read-only transaction of its own:
+    /// the value, `undefined` if there is none.
+    async fn read(&self, doing: &str, store: &str, key: &JsValue) -> Result<JsValue, StoreError> {
+        let tx = self
+            .conn
+            .db(doing)?
+            .transaction_with_str(store)
+            .map_err(|e| js_error(doing, &e))?;
+        let request = tx
+            .object_store(store)
+            .and_then(|store| store.get(key))
+            .map_err(|e| js_error(doing, &e))?;
+        if request_done(&request).await.is_err() {
+            return Err(request_error(doing, &request));
+        }
+        request.result().map_err(|e| js_error(doing, &e))
+    }
+
+    /// The stored fingerprint key, if any.
+    async fn read_key(&self, doing: &str) -> Result<Option<FingerprintKey>, StoreError> {
+        let value = self
+            .read(doing, Self::META_STORE, &WINDOW_KEY_RECORD.into())
+            .await?;
+        if value.is_undefined() {
+            return Ok(None);
+        }
+        let bytes: Option<[u8; 16]> = value
+            .dyn_ref::<Uint8Array>()
+            .and_then(|bytes| bytes.to_vec().try_into().ok());
+        match bytes {
+            Some(bytes) => Ok(Some(FingerprintKey::from_bytes(bytes))),
+            None => Err(StoreError::Corrupt {
+                what: format!(
+                    "IndexedDB database {:?}, object store {:?}, key {WINDOW_KEY_RECORD:?}",
+                    self.name,
+                    Self::META_STORE
+                ),
+                detail: "expected a Uint8Array of 16 bytes".into(),
+            }),
+        }
+    }
+
+    /// Puts every window change of a batch, folded into the window this
+    /// store keeps of its stream; returns how many windows and bytes it
+    /// wrote. Reads nothing, like [`IdbStore::write_all`].
+    fn write_windows(
+        &self,
+        doing: &str,
+        tx: &IdbTransaction,
+        changes: &[WindowChange],
+    ) -> Result<(u64, u64), StoreError> {
+        if changes.is_empty() {
+            return Ok((0, 0));
+        }
+        let store = tx
+            .object_store(Self::WINDOW_STORE)
+            .map_err(|e| js_error(doing, &e))?;
+        let mut windows = self.windows.borrow_mut();
+        let mut bytes = Vec::new();
+        let mut written = 0;
+        for change in changes {
+            let window = windows.entry(change.key().clone()).or_default();
+            window.apply(change);
+            bytes.clear();
+            window.encode(&mut bytes);
+            store
+                .put_with_key(&Uint8Array::from(&bytes[..]), &stream_prefix(change.key()))
+                .map_err(|e| js_error(doing, &e))?;
+            written += bytes.len() as u64;
+        }
+        Ok((changes.len() as u64, written))
     }
 
     /// The resume URL stored for the POST stream `key`, if any (see
@@ -469,7 +631,7 @@ impl IdbStore {
         doing: &str,
         request: impl FnOnce(&IdbObjectStore) -> Result<IdbRequest, JsValue>,
     ) -> Result<(), StoreError> {
-        let tx = self.readwrite_on(doing, Self::RESUME_STORE, "strict")?;
+        let tx = self.readwrite_on(doing, &Self::RESUME_STORE.into(), "strict")?;
         let done = transaction_done(&tx);
         let issued = tx
             .object_store(Self::RESUME_STORE)
@@ -566,19 +728,152 @@ impl Store for IdbStore {
     }
 
     async fn save_batch(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
+        self.save_with_windows(cursors, &[]).await
+    }
+
+    async fn delete(&self, key: &StreamKey) -> Result<(), StoreError> {
+        let doing = format!("deleting {key:?} from IndexedDB database {:?}", self.name);
+        let tx = self.readwrite(&doing)?;
+        let done = transaction_done(&tx);
+        let deleted = entries_of(key).and_then(|range| {
+            object_store(&doing, &tx)
+                .map_err(|e| JsValue::from_str(&e.to_string()))?
+                .delete(&range)?;
+            tx.object_store(Self::WINDOW_STORE)?
+                .delete(&stream_prefix(key))
+        });
+        if let Err(e) = deleted {
+            let _ = tx.abort();
+            let _ = done.await;
+            return Err(js_error(&doing, &e));
+        }
+        self.windows.borrow_mut().remove(key);
+        commit(&tx);
+        if done.await.is_err() {
+            return Err(transaction_error(&doing, &tx));
+        }
+        self.conn.transactions.set(self.conn.transactions.get() + 1);
+        Ok(())
+    }
+
+    async fn window_key(&self) -> Result<Option<FingerprintKey>, StoreError> {
+        if let Some(key) = self.key.get() {
+            return Ok(Some(key));
+        }
+        let doing = format!(
+            "reading the window key of IndexedDB database {:?}",
+            self.name
+        );
+        let key = match self.read_key(&doing).await? {
+            Some(key) => key,
+            None => {
+                // First use: add a key unless another tab or worker just
+                // did (then the add fails), and use whichever is stored.
+                let made = FingerprintKey::try_random().map_err(|e| StoreError::Backend {
+                    message: format!("making the window key of {:?}: {e}", self.name),
+                    transient: false,
+                })?;
+                let doing = format!("adding a window key to IndexedDB database {:?}", self.name);
+                let tx = self.readwrite_on(&doing, &Self::META_STORE.into(), "strict")?;
+                let done = transaction_done(&tx);
+                let added = tx.object_store(Self::META_STORE).and_then(|store| {
+                    store.add_with_key(
+                        &Uint8Array::from(&made.to_bytes()[..]),
+                        &WINDOW_KEY_RECORD.into(),
+                    )
+                });
+                if added.is_err() {
+                    let _ = tx.abort();
+                }
+                commit(&tx);
+                if done.await.is_ok() {
+                    self.conn.transactions.set(self.conn.transactions.get() + 1);
+                }
+                self.read_key(&doing)
+                    .await?
+                    .ok_or_else(|| StoreError::Backend {
+                        message: format!("{doing}: the key was not stored"),
+                        transient: true,
+                    })?
+            }
+        };
+        self.key.set(Some(key));
+        Ok(Some(key))
+    }
+
+    async fn load_window(&self, key: &StreamKey) -> Result<Option<SavedWindow>, StoreError> {
+        let doing = format!(
+            "loading the window of {key:?} from IndexedDB database {:?}",
+            self.name
+        );
+        let value = self
+            .read(&doing, Self::WINDOW_STORE, &stream_prefix(key))
+            .await?;
+        let corrupt = |detail: String| StoreError::Corrupt {
+            what: format!(
+                "IndexedDB database {:?}, object store {:?}, key {key:?}",
+                self.name,
+                Self::WINDOW_STORE
+            ),
+            detail,
+        };
+        let stored = if value.is_undefined() {
+            None
+        } else {
+            let bytes = value
+                .dyn_ref::<Uint8Array>()
+                .ok_or_else(|| corrupt("expected a Uint8Array".into()))?
+                .to_vec();
+            Some(bytes)
+        };
+        let mut windows = self.windows.borrow_mut();
+        // What this store wrote (or is writing) is folded with what is
+        // stored: a change written twice is harmless.
+        let window = match (windows.get_mut(key), stored) {
+            (Some(known), Some(bytes)) => {
+                let mut input = &bytes[..];
+                while !input.is_empty() {
+                    known.apply_encoded(&mut input).map_err(corrupt)?;
+                }
+                known.clone()
+            }
+            (Some(known), None) => known.clone(),
+            (None, Some(bytes)) => {
+                let window = SavedWindow::decode(&bytes).map_err(corrupt)?;
+                windows.insert(key.clone(), window.clone());
+                window
+            }
+            (None, None) => {
+                windows.insert(key.clone(), SavedWindow::new());
+                return Ok(None);
+            }
+        };
+        Ok(Some(window))
+    }
+
+    async fn save_with_windows(
+        &self,
+        cursors: &[Cursor],
+        windows: &[WindowChange],
+    ) -> Result<(), StoreError> {
         // Two cursors of one key (the worker never sends them) would be
         // fine too: each deletes only what is below its own `seq`.
-        if cursors.is_empty() {
+        if cursors.is_empty() && windows.is_empty() {
             return Ok(());
         }
         let doing = format!(
-            "saving {} cursors to IndexedDB database {:?}",
+            "saving {} cursors and {} windows to IndexedDB database {:?}",
             cursors.len(),
+            windows.len(),
             self.name
         );
         let tx = self.readwrite(&doing)?;
         let done = transaction_done(&tx);
-        let written = match self.write_all(&doing, &tx, cursors) {
+        let written = self.write_all(&doing, &tx, cursors).and_then(|cursors| {
+            let (windows, bytes) = self.write_windows(&doing, &tx, windows)?;
+            Ok((cursors, windows, bytes))
+        });
+        let (cursors, windows, bytes) = match written {
             Ok(written) => written,
             Err(error) => {
                 // Roll back whatever was written; fails harmlessly if the
@@ -592,32 +887,14 @@ impl Store for IdbStore {
         if done.await.is_err() {
             return Err(transaction_error(&doing, &tx));
         }
-        self.conn.transactions.set(self.conn.transactions.get() + 1);
-        self.conn
-            .cursors_written
-            .set(self.conn.cursors_written.get() + written);
-        Ok(())
-    }
-
-    async fn delete(&self, key: &StreamKey) -> Result<(), StoreError> {
-        let doing = format!("deleting {key:?} from IndexedDB database {:?}", self.name);
-        let tx = self.readwrite(&doing)?;
-        let done = transaction_done(&tx);
-        let deleted = entries_of(key).and_then(|range| {
-            object_store(&doing, &tx)
-                .map_err(|e| JsValue::from_str(&e.to_string()))?
-                .delete(&range)
-        });
-        if let Err(e) = deleted {
-            let _ = tx.abort();
-            let _ = done.await;
-            return Err(js_error(&doing, &e));
-        }
-        commit(&tx);
-        if done.await.is_err() {
-            return Err(transaction_error(&doing, &tx));
-        }
-        self.conn.transactions.set(self.conn.transactions.get() + 1);
+        let conn = &self.conn;
+        conn.transactions.set(conn.transactions.get() + 1);
+        conn.cursors_written
+            .set(conn.cursors_written.get() + cursors);
+        conn.windows_written
+            .set(conn.windows_written.get() + windows);
+        conn.window_bytes_written
+            .set(conn.window_bytes_written.get() + bytes);
         Ok(())
     }
 }

@@ -118,7 +118,7 @@ test('a store that fails mid-stream shows in stats, does not stop the stream, an
     await page.evaluate(
       () =>
         new Promise((resolve, reject) => {
-          const request = indexedDB.open('tidemark', 3);
+          const request = indexedDB.open('tidemark', 4);
           request.onsuccess = () => resolve((globalThis.newerApp = request.result));
           request.onerror = () => reject(request.error);
         }),
