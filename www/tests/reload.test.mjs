@@ -67,6 +67,45 @@ test('reloading mid-stream shows every event exactly once', { timeout: 180_000 }
   }
 });
 
+test('reloading against a server that rewinds 30 events shows every event once, in order', { timeout: 180_000 }, async () => {
+  // Each reconnect, a reload's included, gets the 30 events before its
+  // Last-Event-ID again: only the dedup window the reloaded page restores
+  // from IndexedDB (written on pagehide with the cursor) keeps them out.
+  const n = 1500;
+  const server = await startServer([
+    '--count', String(n), '--interval-ms', '5', '--drop-every', '200', '--rewind', '30', '--retry-ms', '50',
+  ]);
+  try {
+    const page = await browser.context.newPage();
+    const watcher = await watch(page);
+    const cdp = await browser.context.newCDPSession(page);
+    await cdp.send('Emulation.setCPUThrottlingRate', { rate: 4 });
+    await page.goto(`${server.url}/`);
+    const reloads = 6;
+    let replaysDropped = 0;
+    for (let i = 1; i <= reloads; i++) {
+      const target = Math.floor((n * i) / (reloads + 1));
+      while (watcher.progress.count < target) await page.waitForTimeout(20);
+      await page.reload();
+      // The reloaded page's first connection resumes with a replay of 30.
+      await until(page, () => globalThis.demo?.source.stats().duplicates >= 29);
+      replaysDropped += await page.evaluate(() => globalThis.demo.source.stats().duplicates);
+    }
+    await until(page, (max) => globalThis.demo?.shown.at(-1) === String(max), n, 60_000);
+    await page.waitForTimeout(300);
+    const all = await watcher.all();
+    exactlyOnce(all, n);
+    assert.deepEqual(all, Array.from({ length: n }, (_, i) => i + 1), 'in order');
+    assert.ok(replaysDropped >= reloads * 29, `replays dropped after reloads: ${replaysDropped}`);
+    const stats = await page.evaluate(() => globalThis.demo.source.stats());
+    assert.equal(stats.store, 'indexeddb');
+    assert.ok(stats.windowBytesWritten > 0, `window bytes written: ${stats.windowBytesWritten}`);
+    await page.close();
+  } finally {
+    await server.stop();
+  }
+});
+
 test('a plain <script type="module"> page imports the package without a bundler', { timeout: 60_000 }, async () => {
   const server = await startServer(['--count', '20', '--interval-ms', '5']);
   try {
