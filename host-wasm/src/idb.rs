@@ -83,18 +83,22 @@ const CLOSED_BY_BROWSER: &str = "the browser closed the database connection (sit
 ///
 /// The store keeps windows ([`Store::window_key`] is `Some`): a tracker
 /// opened from it after a reload drops what the server replays, not only
-/// resumes from the cursor. A stream's window is one value under the array
-/// key `[session, stream]` in [`IdbStore::WINDOW_STORE`]: a `Uint8Array`
-/// holding the whole window in the core's encoding
-/// ([`SavedWindow::encode`]: about one byte per consecutive numeric id,
-/// eight per fingerprint). Writing the whole window reads nothing: the store
-/// keeps in memory the window of every stream it has loaded
-/// ([`Store::load_window`], which the registry calls when it opens a
-/// stream) or written, folds each [`WindowChange`] into it, and puts the
-/// result beside the cursor in the flush's transaction. (A change of a
-/// stream this store never loaded and that is not a reset starts that
-/// window afresh: the older stored entries are replaced, which can only
-/// make a later reload drop fewer replays.)
+/// resumes from the cursor. A stream's window is kept in
+/// [`IdbStore::WINDOW_STORE`] as `Uint8Array` records in the core's encoding
+/// ([`SavedWindow`]: about one byte per consecutive numeric id, eight per
+/// fingerprint): the whole window under the array key `[session, stream]`,
+/// and after it the changes of later flushes, each under
+/// `[session, stream, seq]` with the `seq` of the cursor it was written
+/// with; [`Store::load_window`] folds them in key order. A flush appends
+/// only what each stream's window gained, and reads nothing: the store
+/// keeps in memory the window of every stream it has loaded (the registry
+/// loads it when it opens a stream) or written, and once a stream's
+/// appended records outweigh its whole window (or 1 KiB, or number 64) the
+/// flush writes the whole window instead and deletes the records in the
+/// same transaction. So a flush writes at most about twice what the windows
+/// gained, and a stream has at most 65 records. A reset (the window was
+/// cleared) is written whole. A stream this store never loaded only gets
+/// records appended until a store loads it.
 ///
 /// The fingerprint key is 16 random bytes from `crypto.getRandomValues`
 /// ([`FingerprintKey::try_random`]), a `Uint8Array` under the key
@@ -139,7 +143,7 @@ pub struct IdbStore {
     conn: Rc<Connection>,
     /// The window of every stream loaded or written through this store, as
     /// stored (or about to be).
-    windows: RefCell<HashMap<StreamKey, SavedWindow>>,
+    windows: RefCell<HashMap<StreamKey, Known>>,
     /// The fingerprint key, once read.
     key: Cell<Option<FingerprintKey>>,
     // Registered as the database's `onversionchange` and `onclose`; kept
@@ -147,6 +151,35 @@ pub struct IdbStore {
     _on_version_change: Closure<dyn FnMut(JsValue)>,
     _on_close: Closure<dyn FnMut(JsValue)>,
 }
+
+/// What an [`IdbStore`] knows of a stream's stored window.
+struct Known {
+    /// The fold of every record stored (or being stored).
+    window: SavedWindow,
+    /// Bytes of the whole window last written (or of every record loaded).
+    whole: u64,
+    /// Bytes and number of the change records appended since.
+    appended: u64,
+    records: u32,
+}
+
+impl Known {
+    /// `window`, just written whole as `bytes`.
+    fn whole(window: SavedWindow, bytes: &[u8]) -> Known {
+        Known {
+            window,
+            whole: bytes.len() as u64,
+            appended: 0,
+            records: 0,
+        }
+    }
+}
+
+/// Appended change records are folded into one whole window once they
+/// outweigh it, or this many bytes for a small window...
+const COMPACT_BELOW: u64 = 1024;
+/// ... or once there are this many.
+const MAX_RECORDS: u32 = 64;
 
 struct Connection {
     db: IdbDatabase,
@@ -485,9 +518,24 @@ impl IdbStore {
             .map_err(|e| js_error(doing, &e))
     }
 
-    /// One `get` of `key` in `store`, in a read-only transaction of its own:
-    /// the value, `undefined` if there is none.
-    async fn read(&self, doing: &str, store: &str, key: &JsValue) -> Result<JsValue, StoreError> {
+    /// One request on the windows, in a read-only transaction of its
+    /// own: its result.
+    async fn read(
+        &self,
+        doing: &str,
+        request: impl FnOnce(&IdbObjectStore) -> Result<IdbRequest, JsValue>,
+    ) -> Result<JsValue, StoreError> {
+        self.read_from(doing, Self::WINDOW_STORE, request).await
+    }
+
+    /// One request on `store`, in a read-only transaction of its own: its
+    /// result.
+    async fn read_from(
+        &self,
+        doing: &str,
+        store: &str,
+        request: impl FnOnce(&IdbObjectStore) -> Result<IdbRequest, JsValue>,
+    ) -> Result<JsValue, StoreError> {
         let tx = self
             .conn
             .db(doing)?
@@ -495,7 +543,7 @@ impl IdbStore {
             .map_err(|e| js_error(doing, &e))?;
         let request = tx
             .object_store(store)
-            .and_then(|store| store.get(key))
+            .and_then(|store| request(&store))
             .map_err(|e| js_error(doing, &e))?;
         if request_done(&request).await.is_err() {
             return Err(request_error(doing, &request));
@@ -506,7 +554,9 @@ impl IdbStore {
     /// The stored fingerprint key, if any.
     async fn read_key(&self, doing: &str) -> Result<Option<FingerprintKey>, StoreError> {
         let value = self
-            .read(doing, Self::META_STORE, &WINDOW_KEY_RECORD.into())
+            .read_from(doing, Self::META_STORE, |store| {
+                store.get(&WINDOW_KEY_RECORD.into())
+            })
             .await?;
         if value.is_undefined() {
             return Ok(None);
@@ -527,13 +577,18 @@ impl IdbStore {
         }
     }
 
-    /// Puts every window change of a batch, folded into the window this
-    /// store keeps of its stream; returns how many windows and bytes it
-    /// wrote. Reads nothing, like [`IdbStore::write_all`].
+    /// Puts every window change of a batch: appended as a record of its
+    /// own under `[session, stream, seq]` (the seq of the stream's cursor in
+    /// the batch), or, for a reset and once the appended records outweigh
+    /// the whole window, the whole window under `[session, stream]` in
+    /// place of every record (see [Dedup windows](IdbStore#dedup-windows)).
+    /// Returns how many windows and bytes it wrote. Reads nothing, like
+    /// [`IdbStore::write_all`].
     fn write_windows(
         &self,
         doing: &str,
         tx: &IdbTransaction,
+        cursors: &[Cursor],
         changes: &[WindowChange],
     ) -> Result<(u64, u64), StoreError> {
         if changes.is_empty() {
@@ -542,17 +597,53 @@ impl IdbStore {
         let store = tx
             .object_store(Self::WINDOW_STORE)
             .map_err(|e| js_error(doing, &e))?;
-        let mut windows = self.windows.borrow_mut();
+        let mut known = self.windows.borrow_mut();
         let mut bytes = Vec::new();
         let mut written = 0;
         for change in changes {
-            let window = windows.entry(change.key().clone()).or_default();
-            window.apply(change);
+            let key = change.key();
+            let seq = cursors.iter().find(|c| &c.key == key).map(|c| c.seq);
             bytes.clear();
-            window.encode(&mut bytes);
-            store
-                .put_with_key(&Uint8Array::from(&bytes[..]), &stream_prefix(change.key()))
-                .map_err(|e| js_error(doing, &e))?;
+            let append = match (known.get_mut(key), seq) {
+                (Some(stored), Some(seq)) if !change.is_reset() => {
+                    stored.window.apply(change);
+                    change.encode(&mut bytes);
+                    let appended = stored.appended + bytes.len() as u64;
+                    if appended <= stored.whole.max(COMPACT_BELOW) && stored.records < MAX_RECORDS {
+                        stored.appended = appended;
+                        stored.records += 1;
+                        Some(seq)
+                    } else {
+                        bytes.clear();
+                        stored.window.encode(&mut bytes);
+                        *stored = Known::whole(std::mem::take(&mut stored.window), &bytes);
+                        None
+                    }
+                }
+                // A window this store never loaded: what is stored is not
+                // known here, so only a reset may replace it.
+                (None, Some(seq)) if !change.is_reset() => {
+                    change.encode(&mut bytes);
+                    Some(seq)
+                }
+                (stored, _) => {
+                    let mut window = stored
+                        .map(|s| std::mem::take(&mut s.window))
+                        .unwrap_or_default();
+                    window.apply(change);
+                    window.encode(&mut bytes);
+                    known.insert(key.clone(), Known::whole(window, &bytes));
+                    None
+                }
+            };
+            let value = Uint8Array::from(&bytes[..]);
+            let put = match append {
+                Some(seq) => store.put_with_key(&value, &entry_key(key, seq)),
+                None => entries_of(key)
+                    .and_then(|all| store.delete(&all))
+                    .and_then(|_| store.put_with_key(&value, &stream_prefix(key))),
+            };
+            put.map_err(|e| js_error(doing, &e))?;
             written += bytes.len() as u64;
         }
         Ok((changes.len() as u64, written))
@@ -739,8 +830,7 @@ impl Store for IdbStore {
             object_store(&doing, &tx)
                 .map_err(|e| JsValue::from_str(&e.to_string()))?
                 .delete(&range)?;
-            tx.object_store(Self::WINDOW_STORE)?
-                .delete(&stream_prefix(key))
+            tx.object_store(Self::WINDOW_STORE)?.delete(&range)
         });
         if let Err(e) = deleted {
             let _ = tx.abort();
@@ -806,9 +896,11 @@ impl Store for IdbStore {
             "loading the window of {key:?} from IndexedDB database {:?}",
             self.name
         );
-        let value = self
-            .read(&doing, Self::WINDOW_STORE, &stream_prefix(key))
-            .await?;
+        let range = entries_of(key).map_err(|e| js_error(&doing, &e))?;
+        let records: Array = self
+            .read(&doing, |store| store.get_all_with_key(&range))
+            .await?
+            .unchecked_into();
         let corrupt = |detail: String| StoreError::Corrupt {
             what: format!(
                 "IndexedDB database {:?}, object store {:?}, key {key:?}",
@@ -817,38 +909,39 @@ impl Store for IdbStore {
             ),
             detail,
         };
-        let stored = if value.is_undefined() {
-            None
-        } else {
-            let bytes = value
-                .dyn_ref::<Uint8Array>()
-                .ok_or_else(|| corrupt("expected a Uint8Array".into()))?
+        // The whole window first, then the changes appended after it, in
+        // the order they were written.
+        let mut window = SavedWindow::new();
+        let mut bytes = 0;
+        for record in records.iter() {
+            let record = record
+                .dyn_into::<Uint8Array>()
+                .map_err(|_| corrupt("expected a Uint8Array".into()))?
                 .to_vec();
-            Some(bytes)
-        };
-        let mut windows = self.windows.borrow_mut();
-        // What this store wrote (or is writing) is folded with what is
-        // stored: a change written twice is harmless.
-        let window = match (windows.get_mut(key), stored) {
-            (Some(known), Some(bytes)) => {
-                let mut input = &bytes[..];
-                while !input.is_empty() {
-                    known.apply_encoded(&mut input).map_err(corrupt)?;
-                }
-                known.clone()
+            bytes += record.len() as u64;
+            let mut input = &record[..];
+            while !input.is_empty() {
+                window.apply_encoded(&mut input).map_err(corrupt)?;
             }
-            (Some(known), None) => known.clone(),
-            (None, Some(bytes)) => {
-                let window = SavedWindow::decode(&bytes).map_err(corrupt)?;
-                windows.insert(key.clone(), window.clone());
-                window
-            }
-            (None, None) => {
-                windows.insert(key.clone(), SavedWindow::new());
-                return Ok(None);
-            }
-        };
-        Ok(Some(window))
+        }
+        let mut known = self.windows.borrow_mut();
+        // What this store wrote (or is writing) is folded in too: a change
+        // written twice is harmless.
+        if let Some(written) = known.get(key) {
+            let written = written.window.to_bytes();
+            window.apply_encoded(&mut &written[..]).map_err(corrupt)?;
+        }
+        let found = records.length() > 0 || known.contains_key(key);
+        known.insert(
+            key.clone(),
+            Known {
+                window: window.clone(),
+                whole: bytes,
+                appended: 0,
+                records: records.length().saturating_sub(1),
+            },
+        );
+        Ok(found.then_some(window))
     }
 
     async fn save_with_windows(
@@ -869,9 +962,9 @@ impl Store for IdbStore {
         );
         let tx = self.readwrite(&doing)?;
         let done = transaction_done(&tx);
-        let written = self.write_all(&doing, &tx, cursors).and_then(|cursors| {
-            let (windows, bytes) = self.write_windows(&doing, &tx, windows)?;
-            Ok((cursors, windows, bytes))
+        let written = self.write_all(&doing, &tx, cursors).and_then(|written| {
+            let (windows, bytes) = self.write_windows(&doing, &tx, cursors, windows)?;
+            Ok((written, windows, bytes))
         });
         let (cursors, windows, bytes) = match written {
             Ok(written) => written,

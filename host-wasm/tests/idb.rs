@@ -1028,3 +1028,47 @@ async fn a_stored_window_of_the_wrong_shape_is_corrupt() {
     drop(store);
     delete_db(&name).await;
 }
+
+#[wasm_bindgen_test]
+async fn flushes_append_what_changed_and_fold_it_into_few_records() {
+    let name = unique("window-records");
+    let page = Page::start(&name).await;
+    let mut tracker = page.registry.open(key("a")).await.unwrap();
+    let mut per_flush = Vec::new();
+    for n in 1..=300u64 {
+        page.feed(&mut tracker, &ids(n..=n));
+        let before = page.store.window_bytes_written();
+        page.registry.worker().flush().await.unwrap();
+        per_flush.push(page.store.window_bytes_written() - before);
+    }
+    // One new id per flush: a record of a few bytes, and now and then the
+    // whole window.
+    per_flush.sort_unstable();
+    assert!(
+        per_flush[150] < 16,
+        "median bytes per flush {}",
+        per_flush[150]
+    );
+    assert!(per_flush[299] >= 64, "the whole window is written at times");
+    drop(tracker);
+    drop(page.stop().await);
+    let (db, _) = raw_open(&name, IdbStore::VERSION, &[]).await;
+    let tx = db.transaction_with_str(IdbStore::WINDOW_STORE).unwrap();
+    let count = settle(
+        &tx.object_store(IdbStore::WINDOW_STORE)
+            .unwrap()
+            .count()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert!(count.as_f64().unwrap() <= 65.0, "{count:?} records");
+    db.close();
+
+    let page = Page::start(&name).await;
+    let mut tracker = page.registry.open(key("a")).await.unwrap();
+    assert_eq!(page.feed(&mut tracker, &ids(1..=305)), ids(301..=305));
+    drop(tracker);
+    drop(page.stop().await);
+    delete_db(&name).await;
+}
