@@ -167,6 +167,9 @@ impl DedupWindow {
         let mut digits = [0; 20];
         for (k, entry) in saved.entries.iter().enumerate() {
             let at = saved.times.get(k).copied().unwrap_or(Millis::ZERO);
+            // An id that aged out and came again is saved twice: the older
+            // one goes first, as it did in the window that was saved.
+            self.expire(at);
             match *entry {
                 Entry::Number(n) => {
                     let _ = self.insert(decimal(n, &mut digits), at);
