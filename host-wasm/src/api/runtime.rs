@@ -4,7 +4,8 @@
 //! [`Registry`] and one persistence worker, so a page with many streams still
 //! makes at most one IndexedDB transaction per flush interval. Runtimes live
 //! as long as the page; on `pagehide` (and when the page is hidden) every
-//! runtime flushes, so a reload loses nothing that was delivered.
+//! runtime flushes cursors and dedup windows, so a reload loses nothing that
+//! was delivered and repeats nothing.
 
 use super::js;
 use crate::{BrowserClock, IdbStore};
@@ -211,9 +212,10 @@ impl Runtime {
                 }
             }
         };
-        // The default key comes from `crypto.getRandomValues` too, but
-        // panics (an abort in the package) where there is none: say so as
-        // an error instead.
+        // Both stores fingerprint with a key of their own (the registry
+        // asks them); a tracker config still needs one. The default comes
+        // from `crypto.getRandomValues` too, but panics (an abort in the
+        // package) where there is none: say so as an error instead.
         let fingerprint_key = FingerprintKey::try_random().map_err(|e| e.to_string())?;
         let config = Config {
             tracker: TrackerConfig {
