@@ -434,8 +434,36 @@ impl IdbStore {
     pub async fn reopen(&self) -> Result<IdbStore, StoreError> {
         let reopened = IdbStore::open(&self.name).await?;
         *reopened.windows.borrow_mut() = self.windows.take();
-        reopened.key.set(self.key.get());
+        if let Some(key) = self.key.get() {
+            // The windows go on under this key; a database deleted and made
+            // anew gets it back, unless another tab added one first.
+            let _ = reopened.add_key(key).await;
+            reopened.key.set(Some(key));
+        }
         Ok(reopened)
+    }
+
+    /// Adds `key` as the window key unless the database has one (then the
+    /// add fails, harmlessly), in a strictly durable transaction; returns
+    /// what it was doing, for errors.
+    async fn add_key(&self, key: FingerprintKey) -> Result<String, StoreError> {
+        let doing = format!("adding a window key to IndexedDB database {:?}", self.name);
+        let tx = self.readwrite_on(&doing, &Self::META_STORE.into(), "strict")?;
+        let done = transaction_done(&tx);
+        let added = tx.object_store(Self::META_STORE).and_then(|store| {
+            store.add_with_key(
+                &Uint8Array::from(&key.to_bytes()[..]),
+                &WINDOW_KEY_RECORD.into(),
+            )
+        });
+        if added.is_err() {
+            let _ = tx.abort();
+        }
+        commit(&tx);
+        if done.await.is_ok() {
+            self.conn.transactions.set(self.conn.transactions.get() + 1);
+        }
+        Ok(doing)
     }
 
     /// How many `readwrite` transactions (one per non-empty flush, one per
@@ -863,22 +891,7 @@ impl Store for IdbStore {
                     message: format!("making the window key of {:?}: {e}", self.name),
                     transient: false,
                 })?;
-                let doing = format!("adding a window key to IndexedDB database {:?}", self.name);
-                let tx = self.readwrite_on(&doing, &Self::META_STORE.into(), "strict")?;
-                let done = transaction_done(&tx);
-                let added = tx.object_store(Self::META_STORE).and_then(|store| {
-                    store.add_with_key(
-                        &Uint8Array::from(&made.to_bytes()[..]),
-                        &WINDOW_KEY_RECORD.into(),
-                    )
-                });
-                if added.is_err() {
-                    let _ = tx.abort();
-                }
-                commit(&tx);
-                if done.await.is_ok() {
-                    self.conn.transactions.set(self.conn.transactions.get() + 1);
-                }
+                let doing = self.add_key(made).await?;
                 self.read_key(&doing)
                     .await?
                     .ok_or_else(|| StoreError::Backend {

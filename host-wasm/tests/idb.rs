@@ -1072,3 +1072,23 @@ async fn flushes_append_what_changed_and_fold_it_into_few_records() {
     drop(page.stop().await);
     delete_db(&name).await;
 }
+
+#[wasm_bindgen_test]
+async fn a_reopened_store_keeps_its_key_even_in_a_database_made_anew() {
+    let name = unique("window-reopen");
+    let store = IdbStore::open(&name).await.unwrap();
+    let key = store.window_key().await.unwrap().unwrap();
+    // Another tab deletes the database: the store closes; a reopen makes it
+    // anew, with the key the store's windows go on under.
+    within(5000, "delete", IdbStore::delete_database(&name))
+        .await
+        .unwrap();
+    assert!(store.is_closed());
+    let reopened = store.reopen().await.unwrap();
+    assert_eq!(reopened.window_key().await.unwrap(), Some(key));
+    drop((store, reopened));
+    let fresh = IdbStore::open(&name).await.unwrap();
+    assert_eq!(fresh.window_key().await.unwrap(), Some(key));
+    drop(fresh);
+    delete_db(&name).await;
+}
