@@ -167,13 +167,14 @@ impl EventTracker {
         self.set_last_event_id(id, now);
     }
 
-    /// Starts over from an id the client already has, forgetting every
-    /// other id of the window: for a client whose own position is not the
-    /// stored cursor it was opened with (a reloaded browser tab that kept
-    /// its own), so that the events between the two are not taken for
-    /// replays.
+    /// Starts over from an id the client already has, forgetting the ids
+    /// the window got after it (every other id, if it is not in the
+    /// window): for a client whose own position is not the stored cursor it
+    /// was opened with (a reloaded browser tab that kept its own), so that
+    /// the events between the two are not taken for replays, while replays
+    /// of what came before it still are.
     pub fn restart_at(&mut self, id: &str, now: Millis) {
-        self.window.clear();
+        self.window.keep_through(id.as_bytes());
         self.set_last_event_id(id, now);
     }
 
@@ -366,6 +367,25 @@ mod tests {
         // A stored cursor behind this tracker changes nothing.
         t.continue_after(&Cursor { seq: 3, ..stored });
         assert_eq!(t.seq(), 41);
+    }
+
+    #[test]
+    fn restart_at_keeps_what_came_before_the_id() {
+        for ids in [["7", "8", "9", "10"], ["u-a", "8", "u-c", "10"]] {
+            let mut t = tracker(16);
+            for id in ids {
+                assert!(t.observe(Some(id), Millis(1)).is_fresh());
+            }
+            t.commit();
+            t.restart_at(ids[1], Millis(2));
+            assert!(t.has_seen(ids[0]) && t.has_seen(ids[1]), "{ids:?}");
+            assert!(!t.has_seen(ids[2]) && !t.has_seen(ids[3]), "{ids:?}");
+            assert_eq!(t.last_event_id(), Some(ids[1]));
+            // The newest id: nothing to forget.
+            t.restart_at(ids[1], Millis(2));
+            assert!(t.has_seen(ids[0]));
+            assert!(t.observe(Some(ids[2]), Millis(3)).is_fresh());
+        }
     }
 
     #[test]
@@ -682,7 +702,10 @@ mod tests {
                 Step::RestartAt(pick) => {
                     let id = ids.resolve(pick);
                     t.restart_at(&id, Millis(now));
-                    m.window.clear();
+                    match m.window.iter().rposition(|(seen, _)| *seen == id) {
+                        Some(at) => m.window.truncate(at + 1),
+                        None => m.window.clear(),
+                    }
                     m.set_last_event_id(&id, now);
                 }
                 Step::ContinueAfter(seq) => {

@@ -115,6 +115,39 @@ impl DedupWindow {
         self.epoch += 1;
     }
 
+    /// Forgets the ids added after `id`, keeping `id` and every id before
+    /// it, or forgets every id when `id` is not in the window. A window
+    /// that lost ids starts a new epoch, so stores replace what they keep.
+    pub(crate) fn keep_through(&mut self, id: &[u8]) {
+        let number = numeric(id);
+        let fp = self.key.fingerprint(id);
+        let found = (0..self.len).rev().find(|&k| {
+            let value = self.at(k);
+            if k < self.hashed {
+                value == fp
+            } else {
+                Some(value) == number
+            }
+        });
+        let Some(last) = found else {
+            self.clear();
+            return;
+        };
+        let dropped = self.len - (last + 1);
+        if dropped == 0 {
+            return;
+        }
+        let mut content = None;
+        // Another epoch than the window's: the whole content.
+        self.export((self.epoch.wrapping_add(1), 0), &mut content);
+        let Some(mut span) = content else {
+            return;
+        };
+        span.truncate(last + 1);
+        self.restore(&span);
+        self.epoch += 1;
+    }
+
     /// The epoch (clears so far) and push count: the window's position.
     pub(crate) fn marks(&self) -> (u64, u64) {
         (self.epoch, self.pushed)

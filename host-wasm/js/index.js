@@ -124,6 +124,8 @@ export function initialize(wasm) {
  *   IndexedDB was asked for.
  * @property {number} storeTransactions Write transactions made (of the current
  *   IndexedDB connection; batches for the memory store).
+ * @property {number | null} windowBytesWritten Bytes of dedup windows written
+ *   (of the current IndexedDB connection; `null` for the memory store).
  * @property {number} openStreams Streams open in this page on this store.
  * @property {number} eventsObserved Events seen on every stream of the store.
  * @property {number} duplicatesDropped Replays dropped on every stream of the store.

@@ -1,10 +1,13 @@
-//! Cursors in IndexedDB: [`IdbStore`].
+//! Cursors and dedup windows in IndexedDB: [`IdbStore`].
 
-use js_sys::{Array, Function, Object, Promise, Reflect};
+use js_sys::{Array, Function, Object, Promise, Reflect, Uint8Array};
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::fmt;
 use std::rc::Rc;
-use tidemark_core::{Cursor, Millis, Store, StoreError, StreamKey};
+use tidemark_core::{
+    Cursor, FingerprintKey, Millis, SavedWindow, Store, StoreError, StreamKey, WindowChange,
+};
 use wasm_bindgen::closure::Closure;
 use wasm_bindgen::prelude::wasm_bindgen;
 use wasm_bindgen::{JsCast, JsValue};
@@ -19,11 +22,12 @@ extern "C" {
     /// `web_sys_unstable_apis`.
     type RawDatabase;
 
-    /// `IDBDatabase.transaction(name, mode, options)`.
+    /// `IDBDatabase.transaction(names, mode, options)`, `names` a string
+    /// or an array of them.
     #[wasm_bindgen(method, catch, js_name = transaction)]
     fn transaction_with_options(
         this: &RawDatabase,
-        store_name: &str,
+        store_names: &JsValue,
         mode: &str,
         options: &Object,
     ) -> Result<IdbTransaction, JsValue>;
@@ -32,17 +36,22 @@ extern "C" {
 /// The largest integer a JavaScript Number holds exactly: 2^53 - 1.
 const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
 
+/// The key of the fingerprint key's record in [`IdbStore::META_STORE`].
+const WINDOW_KEY_RECORD: &str = "windowKey";
+
 const CLOSED_BY_CALLER: &str = "the store was closed";
 const CLOSED_BY_VERSION_CHANGE: &str = "the database connection was closed because another tab or \
      worker is upgrading or deleting the database (a version change); reopen the store";
 const CLOSED_BY_BROWSER: &str = "the browser closed the database connection (site data \
      cleared or a storage failure); reopen the store";
 
-/// Cursors of every stream in one IndexedDB database.
+/// Cursors and dedup windows of every stream in one IndexedDB database.
 ///
-/// The database has version [`IdbStore::VERSION`] and two object stores:
-/// [`IdbStore::OBJECT_STORE`] for cursors, and [`IdbStore::RESUME_STORE`]
-/// for the resume URLs of POST streams (see [below](#resume-urls)). A
+/// The database has version [`IdbStore::VERSION`] and four object stores:
+/// [`IdbStore::OBJECT_STORE`] for cursors, [`IdbStore::WINDOW_STORE`] for
+/// dedup windows and [`IdbStore::META_STORE`] for the key that fingerprints
+/// them (see [below](#dedup-windows)), and [`IdbStore::RESUME_STORE`] for
+/// the resume URLs of POST streams (see [below](#resume-urls)). A
 /// stream's cursor is the entry with the highest
 /// `seq` under the array key `[session, stream, seq]`; its value is a plain
 /// object `{ lastEventId: string, seq: number, at: number }`, readable from
@@ -53,7 +62,8 @@ const CLOSED_BY_BROWSER: &str = "the browser closed the database connection (sit
 ///
 /// # Writes
 ///
-/// A flush is one `readwrite` transaction for the whole batch, opened with
+/// A flush is one `readwrite` transaction for the whole batch, cursors and
+/// windows together, opened with
 /// `{ durability: "relaxed" }` (the data reaches the OS, not necessarily the
 /// disk, before `complete` fires: a tab crash loses nothing, a power cut may
 /// lose the last flush, which the core's at-least-once replay covers). For
@@ -69,6 +79,38 @@ const CLOSED_BY_BROWSER: &str = "the browser closed the database connection (sit
 /// wrong shape is reported by `load` as [`StoreError::Corrupt`] until a newer
 /// cursor of that stream replaces it.
 ///
+/// # Dedup windows
+///
+/// The store keeps windows ([`Store::window_key`] is `Some`): a tracker
+/// opened from it after a reload drops what the server replays, not only
+/// resumes from the cursor. A stream's window is kept in
+/// [`IdbStore::WINDOW_STORE`] as `Uint8Array` records in the core's encoding
+/// ([`SavedWindow`]: about one byte per consecutive numeric id, eight per
+/// fingerprint): the whole window under the array key `[session, stream]`,
+/// and after it the changes of later flushes, each under
+/// `[session, stream, seq]` with the `seq` of the cursor it was written
+/// with; [`Store::load_window`] folds them in key order. A flush appends
+/// only what each stream's window gained, and reads nothing: the store
+/// keeps in memory the window of every stream it has loaded (the registry
+/// loads it when it opens a stream) or written, and once a stream's
+/// appended records outweigh its whole window (or 1 KiB, or number 64) the
+/// flush writes the whole window instead and deletes the records in the
+/// same transaction. So a flush writes at most about twice what the windows
+/// gained, and a stream has at most 65 records. A reset (the window was
+/// cleared) is written whole. A stream this store never loaded only gets
+/// records appended until a store loads it.
+///
+/// The fingerprint key is 16 random bytes from `crypto.getRandomValues`
+/// ([`FingerprintKey::try_random`]), a `Uint8Array` under the key
+/// `"windowKey"` in [`IdbStore::META_STORE`], made on first use: `add`ed in
+/// a strictly durable transaction, then read back, so tabs opening the
+/// database at once all get the one that was added first. It never leaves
+/// the database (it is not derived from anything, nor sent anywhere).
+///
+/// Databases of versions 1 (cursors only) and 2 (with resume URLs) are
+/// upgraded in place: the upgrade adds the missing object stores and keeps
+/// everything else, so their cursors resume, with windows from then on.
+///
 /// # Resume URLs
 ///
 /// A POST stream resumes from the URL its answer named
@@ -77,9 +119,7 @@ const CLOSED_BY_BROWSER: &str = "the browser closed the database connection (sit
 /// `{ url: string, at: number }` ([`IdbStore::save_resume_url`]), in a
 /// transaction of its own with `durability: "strict"`: it is written once
 /// per POST stream, before the first event of the answer is delivered, and
-/// a reload right after that event must find it. Version 1 databases (cursors
-/// only) are upgraded in place: the upgrade adds the object store and keeps
-/// every cursor.
+/// a reload right after that event must find it.
 ///
 /// # Connections
 ///
@@ -101,11 +141,45 @@ const CLOSED_BY_BROWSER: &str = "the browser closed the database connection (sit
 pub struct IdbStore {
     name: String,
     conn: Rc<Connection>,
+    /// The window of every stream loaded or written through this store, as
+    /// stored (or about to be).
+    windows: RefCell<HashMap<StreamKey, Known>>,
+    /// The fingerprint key, once read.
+    key: Cell<Option<FingerprintKey>>,
     // Registered as the database's `onversionchange` and `onclose`; kept
     // alive as long as the store, unregistered on drop.
     _on_version_change: Closure<dyn FnMut(JsValue)>,
     _on_close: Closure<dyn FnMut(JsValue)>,
 }
+
+/// What an [`IdbStore`] knows of a stream's stored window.
+struct Known {
+    /// The fold of every record stored (or being stored).
+    window: SavedWindow,
+    /// Bytes of the whole window last written (or of every record loaded).
+    whole: u64,
+    /// Bytes and number of the change records appended since.
+    appended: u64,
+    records: u32,
+}
+
+impl Known {
+    /// `window`, just written whole as `bytes`.
+    fn whole(window: SavedWindow, bytes: &[u8]) -> Known {
+        Known {
+            window,
+            whole: bytes.len() as u64,
+            appended: 0,
+            records: 0,
+        }
+    }
+}
+
+/// Appended change records are folded into one whole window once they
+/// outweigh it, or this many bytes for a small window...
+const COMPACT_BELOW: u64 = 1024;
+/// ... or once there are this many.
+const MAX_RECORDS: u32 = 64;
 
 struct Connection {
     db: IdbDatabase,
@@ -113,6 +187,8 @@ struct Connection {
     closed: RefCell<Option<&'static str>>,
     transactions: Cell<u64>,
     cursors_written: Cell<u64>,
+    windows_written: Cell<u64>,
+    window_bytes_written: Cell<u64>,
 }
 
 impl Connection {
@@ -140,14 +216,20 @@ impl Connection {
 }
 
 impl IdbStore {
-    /// The schema version the store opens its database with: 2 since the
-    /// resume URLs (version 1 had only the cursors).
-    pub const VERSION: u32 = 2;
+    /// The schema version the store opens its database with: 3 since the
+    /// dedup windows (version 2 added the resume URLs to version 1's
+    /// cursors).
+    pub const VERSION: u32 = 3;
     /// The name of the object store holding the cursors.
     pub const OBJECT_STORE: &'static str = "cursors";
     /// The name of the object store holding the resume URLs of POST
     /// streams.
     pub const RESUME_STORE: &'static str = "resume";
+    /// The name of the object store holding the streams' dedup windows.
+    pub const WINDOW_STORE: &'static str = "windows";
+    /// The name of the object store holding the fingerprint key of the
+    /// windows (under the key `"windowKey"`).
+    pub const META_STORE: &'static str = "meta";
 
     /// Opens (creating if needed) the IndexedDB database `name`.
     ///
@@ -185,9 +267,14 @@ impl IdbStore {
                     foreign.set(true);
                 }
                 let created = !foreign.get()
-                    && [Self::OBJECT_STORE, Self::RESUME_STORE]
-                        .iter()
-                        .all(|name| has(name) || db.create_object_store(name).is_ok());
+                    && [
+                        Self::OBJECT_STORE,
+                        Self::RESUME_STORE,
+                        Self::WINDOW_STORE,
+                        Self::META_STORE,
+                    ]
+                    .iter()
+                    .all(|name| has(name) || db.create_object_store(name).is_ok());
                 if !created {
                     // The open then fails with an AbortError.
                     if let Some(tx) = request.transaction() {
@@ -277,6 +364,8 @@ impl IdbStore {
             closed: RefCell::new(None),
             transactions: Cell::new(0),
             cursors_written: Cell::new(0),
+            windows_written: Cell::new(0),
+            window_bytes_written: Cell::new(0),
         });
         let on_version_change = {
             let conn = Rc::clone(&conn);
@@ -296,6 +385,8 @@ impl IdbStore {
         IdbStore {
             name: name.to_owned(),
             conn,
+            windows: RefCell::default(),
+            key: Cell::new(None),
             _on_version_change: on_version_change,
             _on_close: on_close,
         }
@@ -332,8 +423,52 @@ impl IdbStore {
         &self.name
     }
 
-    /// How many `readwrite` transactions (one per non-empty `save_batch`, one
-    /// per `delete`) completed.
+    /// A new connection to the same database, for a store whose connection
+    /// was closed under it (see [`IdbStore::is_closed`]). It takes over the
+    /// windows this store keeps in memory, so its writes keep folding into
+    /// them.
+    ///
+    /// # Errors
+    ///
+    /// As [`IdbStore::open`].
+    pub async fn reopen(&self) -> Result<IdbStore, StoreError> {
+        let reopened = IdbStore::open(&self.name).await?;
+        *reopened.windows.borrow_mut() = self.windows.take();
+        if let Some(key) = self.key.get() {
+            // The windows go on under this key; a database deleted and made
+            // anew gets it back, unless another tab added one first.
+            let _ = reopened.add_key(key).await;
+            reopened.key.set(Some(key));
+        }
+        Ok(reopened)
+    }
+
+    /// Adds `key` as the window key unless the database has one (then the
+    /// add fails, harmlessly), in a strictly durable transaction; returns
+    /// what it was doing, for errors.
+    async fn add_key(&self, key: FingerprintKey) -> Result<String, StoreError> {
+        let doing = format!("adding a window key to IndexedDB database {:?}", self.name);
+        let tx = self.readwrite_on(&doing, &Self::META_STORE.into(), "strict")?;
+        let done = transaction_done(&tx);
+        let added = tx.object_store(Self::META_STORE).and_then(|store| {
+            store.add_with_key(
+                &Uint8Array::from(&key.to_bytes()[..]),
+                &WINDOW_KEY_RECORD.into(),
+            )
+        });
+        if added.is_err() {
+            let _ = tx.abort();
+        }
+        commit(&tx);
+        if done.await.is_ok() {
+            self.conn.transactions.set(self.conn.transactions.get() + 1);
+        }
+        Ok(doing)
+    }
+
+    /// How many `readwrite` transactions (one per non-empty flush, one per
+    /// `delete`, one per resume URL written or deleted, one when the
+    /// window key is made) completed.
     pub fn transactions(&self) -> u64 {
         self.conn.transactions.get()
     }
@@ -342,6 +477,18 @@ impl IdbStore {
     /// batch).
     pub fn cursors_written(&self) -> u64 {
         self.conn.cursors_written.get()
+    }
+
+    /// How many windows completed transactions wrote (one per stream whose
+    /// window changed, per batch).
+    pub fn windows_written(&self) -> u64 {
+        self.conn.windows_written.get()
+    }
+
+    /// How many bytes of windows completed transactions wrote (the
+    /// encoded windows, without keys).
+    pub fn window_bytes_written(&self) -> u64 {
+        self.conn.window_bytes_written.get()
     }
 
     /// Whether the connection is closed, by [`IdbStore::close`], by a
@@ -376,24 +523,158 @@ impl IdbStore {
         )
     }
 
-    /// A `readwrite` transaction with relaxed durability.
+    /// A `readwrite` transaction on the cursors and the windows, with
+    /// relaxed durability.
     fn readwrite(&self, doing: &str) -> Result<IdbTransaction, StoreError> {
-        self.readwrite_on(doing, Self::OBJECT_STORE, "relaxed")
+        let stores = Array::of2(&Self::OBJECT_STORE.into(), &Self::WINDOW_STORE.into());
+        self.readwrite_on(doing, &stores, "relaxed")
     }
 
-    /// A `readwrite` transaction on `store` with `durability`.
+    /// A `readwrite` transaction on `stores` (a name or an array of names)
+    /// with `durability`.
     fn readwrite_on(
         &self,
         doing: &str,
-        store: &str,
+        stores: &JsValue,
         durability: &str,
     ) -> Result<IdbTransaction, StoreError> {
         let db = self.conn.db(doing)?;
         let options = Object::new();
         let _ = Reflect::set(&options, &"durability".into(), &durability.into());
         db.unchecked_ref::<RawDatabase>()
-            .transaction_with_options(store, "readwrite", &options)
+            .transaction_with_options(stores, "readwrite", &options)
             .map_err(|e| js_error(doing, &e))
+    }
+
+    /// One request on the windows, in a read-only transaction of its
+    /// own: its result.
+    async fn read(
+        &self,
+        doing: &str,
+        request: impl FnOnce(&IdbObjectStore) -> Result<IdbRequest, JsValue>,
+    ) -> Result<JsValue, StoreError> {
+        self.read_from(doing, Self::WINDOW_STORE, request).await
+    }
+
+    /// One request on `store`, in a read-only transaction of its own: its
+    /// result.
+    async fn read_from(
+        &self,
+        doing: &str,
+        store: &str,
+        request: impl FnOnce(&IdbObjectStore) -> Result<IdbRequest, JsValue>,
+    ) -> Result<JsValue, StoreError> {
+        let tx = self
+            .conn
+            .db(doing)?
+            .transaction_with_str(store)
+            .map_err(|e| js_error(doing, &e))?;
+        let request = tx
+            .object_store(store)
+            .and_then(|store| request(&store))
+            .map_err(|e| js_error(doing, &e))?;
+        if request_done(&request).await.is_err() {
+            return Err(request_error(doing, &request));
+        }
+        request.result().map_err(|e| js_error(doing, &e))
+    }
+
+    /// The stored fingerprint key, if any.
+    async fn read_key(&self, doing: &str) -> Result<Option<FingerprintKey>, StoreError> {
+        let value = self
+            .read_from(doing, Self::META_STORE, |store| {
+                store.get(&WINDOW_KEY_RECORD.into())
+            })
+            .await?;
+        if value.is_undefined() {
+            return Ok(None);
+        }
+        let bytes: Option<[u8; 16]> = value
+            .dyn_ref::<Uint8Array>()
+            .and_then(|bytes| bytes.to_vec().try_into().ok());
+        match bytes {
+            Some(bytes) => Ok(Some(FingerprintKey::from_bytes(bytes))),
+            None => Err(StoreError::Corrupt {
+                what: format!(
+                    "IndexedDB database {:?}, object store {:?}, key {WINDOW_KEY_RECORD:?}",
+                    self.name,
+                    Self::META_STORE
+                ),
+                detail: "expected a Uint8Array of 16 bytes".into(),
+            }),
+        }
+    }
+
+    /// Puts every window change of a batch: appended as a record of its
+    /// own under `[session, stream, seq]` (the seq of the stream's cursor in
+    /// the batch), or, for a reset and once the appended records outweigh
+    /// the whole window, the whole window under `[session, stream]` in
+    /// place of every record (see [Dedup windows](IdbStore#dedup-windows)).
+    /// Returns how many windows and bytes it wrote. Reads nothing, like
+    /// [`IdbStore::write_all`].
+    fn write_windows(
+        &self,
+        doing: &str,
+        tx: &IdbTransaction,
+        cursors: &[Cursor],
+        changes: &[WindowChange],
+    ) -> Result<(u64, u64), StoreError> {
+        if changes.is_empty() {
+            return Ok((0, 0));
+        }
+        let store = tx
+            .object_store(Self::WINDOW_STORE)
+            .map_err(|e| js_error(doing, &e))?;
+        let mut known = self.windows.borrow_mut();
+        let mut bytes = Vec::new();
+        let mut written = 0;
+        for change in changes {
+            let key = change.key();
+            let seq = cursors.iter().find(|c| &c.key == key).map(|c| c.seq);
+            bytes.clear();
+            let append = match (known.get_mut(key), seq) {
+                (Some(stored), Some(seq)) if !change.is_reset() => {
+                    stored.window.apply(change);
+                    change.encode(&mut bytes);
+                    let appended = stored.appended + bytes.len() as u64;
+                    if appended <= stored.whole.max(COMPACT_BELOW) && stored.records < MAX_RECORDS {
+                        stored.appended = appended;
+                        stored.records += 1;
+                        Some(seq)
+                    } else {
+                        bytes.clear();
+                        stored.window.encode(&mut bytes);
+                        *stored = Known::whole(std::mem::take(&mut stored.window), &bytes);
+                        None
+                    }
+                }
+                // A window this store never loaded: what is stored is not
+                // known here, so only a reset may replace it.
+                (None, Some(seq)) if !change.is_reset() => {
+                    change.encode(&mut bytes);
+                    Some(seq)
+                }
+                (stored, _) => {
+                    let mut window = stored
+                        .map(|s| std::mem::take(&mut s.window))
+                        .unwrap_or_default();
+                    window.apply(change);
+                    window.encode(&mut bytes);
+                    known.insert(key.clone(), Known::whole(window, &bytes));
+                    None
+                }
+            };
+            let value = Uint8Array::from(&bytes[..]);
+            let put = match append {
+                Some(seq) => store.put_with_key(&value, &entry_key(key, seq)),
+                None => entries_of(key)
+                    .and_then(|all| store.delete(&all))
+                    .and_then(|_| store.put_with_key(&value, &stream_prefix(key))),
+            };
+            put.map_err(|e| js_error(doing, &e))?;
+            written += bytes.len() as u64;
+        }
+        Ok((changes.len() as u64, written))
     }
 
     /// The resume URL stored for the POST stream `key`, if any (see
@@ -469,7 +750,7 @@ impl IdbStore {
         doing: &str,
         request: impl FnOnce(&IdbObjectStore) -> Result<IdbRequest, JsValue>,
     ) -> Result<(), StoreError> {
-        let tx = self.readwrite_on(doing, Self::RESUME_STORE, "strict")?;
+        let tx = self.readwrite_on(doing, &Self::RESUME_STORE.into(), "strict")?;
         let done = transaction_done(&tx);
         let issued = tx
             .object_store(Self::RESUME_STORE)
@@ -566,19 +847,139 @@ impl Store for IdbStore {
     }
 
     async fn save_batch(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
+        self.save_with_windows(cursors, &[]).await
+    }
+
+    async fn delete(&self, key: &StreamKey) -> Result<(), StoreError> {
+        let doing = format!("deleting {key:?} from IndexedDB database {:?}", self.name);
+        let tx = self.readwrite(&doing)?;
+        let done = transaction_done(&tx);
+        let deleted = entries_of(key).and_then(|range| {
+            object_store(&doing, &tx)
+                .map_err(|e| JsValue::from_str(&e.to_string()))?
+                .delete(&range)?;
+            tx.object_store(Self::WINDOW_STORE)?.delete(&range)
+        });
+        if let Err(e) = deleted {
+            let _ = tx.abort();
+            let _ = done.await;
+            return Err(js_error(&doing, &e));
+        }
+        self.windows.borrow_mut().remove(key);
+        commit(&tx);
+        if done.await.is_err() {
+            return Err(transaction_error(&doing, &tx));
+        }
+        self.conn.transactions.set(self.conn.transactions.get() + 1);
+        Ok(())
+    }
+
+    async fn window_key(&self) -> Result<Option<FingerprintKey>, StoreError> {
+        if let Some(key) = self.key.get() {
+            return Ok(Some(key));
+        }
+        let doing = format!(
+            "reading the window key of IndexedDB database {:?}",
+            self.name
+        );
+        let key = match self.read_key(&doing).await? {
+            Some(key) => key,
+            None => {
+                // First use: add a key unless another tab or worker just
+                // did (then the add fails), and use whichever is stored.
+                let made = FingerprintKey::try_random().map_err(|e| StoreError::Backend {
+                    message: format!("making the window key of {:?}: {e}", self.name),
+                    transient: false,
+                })?;
+                let doing = self.add_key(made).await?;
+                self.read_key(&doing)
+                    .await?
+                    .ok_or_else(|| StoreError::Backend {
+                        message: format!("{doing}: the key was not stored"),
+                        transient: true,
+                    })?
+            }
+        };
+        self.key.set(Some(key));
+        Ok(Some(key))
+    }
+
+    async fn load_window(&self, key: &StreamKey) -> Result<Option<SavedWindow>, StoreError> {
+        let doing = format!(
+            "loading the window of {key:?} from IndexedDB database {:?}",
+            self.name
+        );
+        let range = entries_of(key).map_err(|e| js_error(&doing, &e))?;
+        let records: Array = self
+            .read(&doing, |store| store.get_all_with_key(&range))
+            .await?
+            .unchecked_into();
+        let corrupt = |detail: String| StoreError::Corrupt {
+            what: format!(
+                "IndexedDB database {:?}, object store {:?}, key {key:?}",
+                self.name,
+                Self::WINDOW_STORE
+            ),
+            detail,
+        };
+        // The whole window first, then the changes appended after it, in
+        // the order they were written.
+        let mut window = SavedWindow::new();
+        let mut bytes = 0;
+        for record in records.iter() {
+            let record = record
+                .dyn_into::<Uint8Array>()
+                .map_err(|_| corrupt("expected a Uint8Array".into()))?
+                .to_vec();
+            bytes += record.len() as u64;
+            let mut input = &record[..];
+            while !input.is_empty() {
+                window.apply_encoded(&mut input).map_err(corrupt)?;
+            }
+        }
+        let mut known = self.windows.borrow_mut();
+        // What this store wrote (or is writing) is folded in too: a change
+        // written twice is harmless.
+        if let Some(written) = known.get(key) {
+            let written = written.window.to_bytes();
+            window.apply_encoded(&mut &written[..]).map_err(corrupt)?;
+        }
+        let found = records.length() > 0 || known.contains_key(key);
+        known.insert(
+            key.clone(),
+            Known {
+                window: window.clone(),
+                whole: bytes,
+                appended: 0,
+                records: records.length().saturating_sub(1),
+            },
+        );
+        Ok(found.then_some(window))
+    }
+
+    async fn save_with_windows(
+        &self,
+        cursors: &[Cursor],
+        windows: &[WindowChange],
+    ) -> Result<(), StoreError> {
         // Two cursors of one key (the worker never sends them) would be
         // fine too: each deletes only what is below its own `seq`.
-        if cursors.is_empty() {
+        if cursors.is_empty() && windows.is_empty() {
             return Ok(());
         }
         let doing = format!(
-            "saving {} cursors to IndexedDB database {:?}",
+            "saving {} cursors and {} windows to IndexedDB database {:?}",
             cursors.len(),
+            windows.len(),
             self.name
         );
         let tx = self.readwrite(&doing)?;
         let done = transaction_done(&tx);
-        let written = match self.write_all(&doing, &tx, cursors) {
+        let written = self.write_all(&doing, &tx, cursors).and_then(|written| {
+            let (windows, bytes) = self.write_windows(&doing, &tx, cursors, windows)?;
+            Ok((written, windows, bytes))
+        });
+        let (cursors, windows, bytes) = match written {
             Ok(written) => written,
             Err(error) => {
                 // Roll back whatever was written; fails harmlessly if the
@@ -592,32 +993,14 @@ impl Store for IdbStore {
         if done.await.is_err() {
             return Err(transaction_error(&doing, &tx));
         }
-        self.conn.transactions.set(self.conn.transactions.get() + 1);
-        self.conn
-            .cursors_written
-            .set(self.conn.cursors_written.get() + written);
-        Ok(())
-    }
-
-    async fn delete(&self, key: &StreamKey) -> Result<(), StoreError> {
-        let doing = format!("deleting {key:?} from IndexedDB database {:?}", self.name);
-        let tx = self.readwrite(&doing)?;
-        let done = transaction_done(&tx);
-        let deleted = entries_of(key).and_then(|range| {
-            object_store(&doing, &tx)
-                .map_err(|e| JsValue::from_str(&e.to_string()))?
-                .delete(&range)
-        });
-        if let Err(e) = deleted {
-            let _ = tx.abort();
-            let _ = done.await;
-            return Err(js_error(&doing, &e));
-        }
-        commit(&tx);
-        if done.await.is_err() {
-            return Err(transaction_error(&doing, &tx));
-        }
-        self.conn.transactions.set(self.conn.transactions.get() + 1);
+        let conn = &self.conn;
+        conn.transactions.set(conn.transactions.get() + 1);
+        conn.cursors_written
+            .set(conn.cursors_written.get() + cursors);
+        conn.windows_written
+            .set(conn.windows_written.get() + windows);
+        conn.window_bytes_written
+            .set(conn.window_bytes_written.get() + bytes);
         Ok(())
     }
 }

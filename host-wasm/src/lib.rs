@@ -1,8 +1,8 @@
 //! tidemark in the browser: the host behind the `tidemark` npm package.
 //!
 //! - [`BrowserClock`]: `performance.now()` and gloo-timers.
-//! - [`IdbStore`]: cursors in IndexedDB, one readwrite transaction per flush, and
-//!   the resume URLs of POST streams.
+//! - [`IdbStore`]: cursors and dedup windows in IndexedDB, one readwrite
+//!   transaction per flush, and the resume URLs of POST streams.
 //! - [`FetchConnector`]: `fetch` with a streaming body, one `AbortController`
 //!   per attempt.
 //! - The JavaScript API (`ResumableEventSource`, `openTracker`,

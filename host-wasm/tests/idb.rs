@@ -7,11 +7,15 @@ use js_sys::{Array, Function, Object, Promise, Reflect};
 use std::cell::Cell;
 use std::future::Future;
 use std::rc::Rc;
-use tidemark_core::{Cursor, Millis, Store, StoreError, StreamKey};
-use tidemark_wasm::IdbStore;
+use tidemark_core::{
+    Clock, Config, Cursor, EventTracker, Millis, Registry, Store, StoreError, StreamKey,
+    TrackerConfig, persistence,
+};
+use tidemark_wasm::{BrowserClock, IdbStore};
 use wasm_bindgen::closure::Closure;
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
+use wasm_bindgen_futures::spawn_local;
 use wasm_bindgen_test::{wasm_bindgen_test, wasm_bindgen_test_configure};
 use web_sys::{DomException, IdbDatabase, IdbFactory, IdbRequest};
 
@@ -763,5 +767,328 @@ async fn a_version_1_database_is_upgraded_with_its_cursors_kept() {
         "stored as {{ url, at }} under [session, stream]"
     );
     db.close();
+    delete_db(&name).await;
+}
+
+/// One page's persistence: a registry over an `IdbStore` of `name`, its
+/// worker running.
+struct Page {
+    store: Rc<IdbStore>,
+    registry: Registry<Rc<IdbStore>>,
+    clock: BrowserClock,
+}
+
+impl Page {
+    async fn start(name: &str) -> Page {
+        let store = Rc::new(IdbStore::open(name).await.unwrap());
+        let clock = BrowserClock::new();
+        let (registry, worker) = persistence(store.clone(), clock.clone(), Config::default());
+        spawn_local(async move {
+            worker.run().await;
+        });
+        Page {
+            store,
+            registry,
+            clock,
+        }
+    }
+
+    /// Feeds `ids` as a server sends them; returns those delivered.
+    fn feed(&self, tracker: &mut EventTracker, ids: &[String]) -> Vec<String> {
+        let mut delivered = Vec::new();
+        for id in ids {
+            if tracker.observe(Some(id), self.clock.now()).is_fresh() {
+                delivered.push(id.clone());
+                tracker.commit();
+            }
+        }
+        delivered
+    }
+
+    /// A graceful stop: everything committed is written.
+    async fn stop(self) -> Rc<IdbStore> {
+        let deadline = self.clock.now() + Millis(5000);
+        let report = within(6000, "shutdown", self.registry.shutdown(deadline))
+            .await
+            .unwrap();
+        assert!(report.is_complete());
+        self.store
+    }
+}
+
+fn ids(range: std::ops::RangeInclusive<u64>) -> Vec<String> {
+    range.map(|n| n.to_string()).collect()
+}
+
+/// Ids that are not decimal numbers: the window keeps their fingerprints.
+fn uuids(range: std::ops::RangeInclusive<u64>) -> Vec<String> {
+    range
+        .map(|n| format!("5f0c{n:04x}-4b1e-4c7a-9d2e-{:012x}", n * 2_654_435_761))
+        .collect()
+}
+
+#[wasm_bindgen_test]
+async fn a_window_survives_a_reopen_so_a_rewinding_server_repeats_nothing() {
+    let name = unique("window");
+    for make in [ids as fn(_) -> Vec<String>, uuids] {
+        IdbStore::delete_database(&name).await.unwrap();
+        let page = Page::start(&name).await;
+        let mut tracker = page.registry.open(key("a")).await.unwrap();
+        assert_eq!(page.feed(&mut tracker, &make(1..=100)), make(1..=100));
+        let before = page.store.transactions();
+        page.registry.worker().flush().await.unwrap();
+        assert_eq!(
+            page.store.transactions(),
+            before + 1,
+            "cursors and windows in one transaction"
+        );
+        assert!(page.store.windows_written() >= 1);
+        drop(tracker);
+        let store = page.stop().await;
+        let bytes = store.window_bytes_written();
+        assert!(bytes > 0);
+        drop(store);
+
+        // The next page: the server sends the last 30 again, then more.
+        let page = Page::start(&name).await;
+        let mut tracker = page.registry.open(key("a")).await.unwrap();
+        assert_eq!(
+            tracker.last_event_id(),
+            make(100..=100).first().map(|s| &**s)
+        );
+        let delivered = page.feed(&mut tracker, &[make(71..=100), make(101..=110)].concat());
+        assert_eq!(delivered, make(101..=110), "no replay delivered again");
+        drop(tracker);
+        drop(page.stop().await);
+    }
+    delete_db(&name).await;
+}
+
+#[wasm_bindgen_test]
+async fn without_its_window_a_reopened_stream_would_repeat_the_replay() {
+    // The test above can fail: a tracker resuming from the cursor alone
+    // (what the store did before windows) delivers the replay again.
+    let name = unique("no-window");
+    let page = Page::start(&name).await;
+    let mut tracker = page.registry.open(key("a")).await.unwrap();
+    page.feed(&mut tracker, &ids(1..=100));
+    drop(tracker);
+    let store = page.stop().await;
+    let cursor = store.load(&key("a")).await.unwrap().unwrap();
+    let mut bare = EventTracker::new(key("a"), TrackerConfig::default());
+    bare.seed(&cursor);
+    let delivered: Vec<String> = ids(71..=100)
+        .into_iter()
+        .filter(|id| bare.observe(Some(id), Millis(1)).is_fresh())
+        .collect();
+    assert_eq!(delivered, ids(71..=99));
+    drop(store);
+    delete_db(&name).await;
+}
+
+#[wasm_bindgen_test]
+async fn delete_forgets_the_window() {
+    let name = unique("window-delete");
+    let page = Page::start(&name).await;
+    let mut tracker = page.registry.open(key("a")).await.unwrap();
+    page.feed(&mut tracker, &ids(1..=10));
+    drop(tracker);
+    let store = page.stop().await;
+    assert_eq!(
+        store.load_window(&key("a")).await.unwrap().unwrap().len(),
+        10
+    );
+    store.delete(&key("a")).await.unwrap();
+    assert_eq!(store.load_window(&key("a")).await.unwrap(), None);
+    drop(store);
+    let store = IdbStore::open(&name).await.unwrap();
+    assert_eq!(store.load_window(&key("a")).await.unwrap(), None);
+    assert_eq!(store.load(&key("a")).await.unwrap(), None);
+    drop(store);
+    delete_db(&name).await;
+}
+
+#[wasm_bindgen_test]
+async fn the_window_key_is_made_once_and_stays_across_reopens() {
+    let name = unique("window-key");
+    // Two tabs opening the new database at once agree on one key.
+    let (first, second) = futures::future::join(IdbStore::open(&name), IdbStore::open(&name)).await;
+    let (first, second) = (first.unwrap(), second.unwrap());
+    let (a, b) = futures::future::join(first.window_key(), second.window_key()).await;
+    let key = a.unwrap().expect("IdbStore keeps windows");
+    assert_eq!(b.unwrap(), Some(key));
+    drop((first, second));
+    let store = IdbStore::open(&name).await.unwrap();
+    assert_eq!(store.window_key().await.unwrap(), Some(key));
+    drop(store);
+    // Stored as 16 bytes under "windowKey", and nowhere else.
+    let (db, _) = raw_open(&name, IdbStore::VERSION, &[]).await;
+    let tx = db.transaction_with_str(IdbStore::META_STORE).unwrap();
+    let meta = tx.object_store(IdbStore::META_STORE).unwrap();
+    let raw = settle(&meta.get(&"windowKey".into()).unwrap())
+        .await
+        .unwrap();
+    let bytes: Vec<u8> = raw.unchecked_into::<js_sys::Uint8Array>().to_vec();
+    assert_eq!(bytes, key.to_bytes());
+    let count = settle(&meta.count().unwrap()).await.unwrap();
+    assert_eq!(count.as_f64(), Some(1.0));
+    db.close();
+    // A new database has a new key.
+    delete_db(&name).await;
+    let store = IdbStore::open(&name).await.unwrap();
+    assert_ne!(store.window_key().await.unwrap(), Some(key));
+    drop(store);
+    delete_db(&name).await;
+}
+
+#[wasm_bindgen_test]
+async fn a_version_2_database_is_upgraded_and_its_windowless_cursor_resumes() {
+    let name = unique("upgrade-2");
+    // What the previous build made: version 2, cursors and resume URLs.
+    let (db, _) = raw_open(&name, 2, &[IdbStore::OBJECT_STORE, IdbStore::RESUME_STORE]).await;
+    let value = object(&[
+        ("lastEventId", "40".into()),
+        ("seq", 40.into()),
+        ("at", 1_700_000_000_040.0.into()),
+    ]);
+    let tx = db
+        .transaction_with_str_and_mode(
+            IdbStore::OBJECT_STORE,
+            web_sys::IdbTransactionMode::Readwrite,
+        )
+        .unwrap();
+    tx.object_store(IdbStore::OBJECT_STORE)
+        .unwrap()
+        .put_with_key(&value, &raw_key("a", 40))
+        .unwrap();
+    // Closed only once the write is done (see the version 1 test).
+    JsFuture::from(Promise::new(&mut |resolve, reject| {
+        tx.set_oncomplete(Some(&resolve));
+        tx.set_onabort(Some(&reject));
+    }))
+    .await
+    .expect("the version 2 write");
+    db.close();
+
+    let page = Page::start(&name).await;
+    assert!(page.store.window_key().await.unwrap().is_some());
+    assert_eq!(page.store.load_window(&key("a")).await.unwrap(), None);
+    let mut tracker = page.registry.open(key("a")).await.unwrap();
+    assert_eq!(tracker.last_event_id(), Some("40"));
+    // Resumes: the cursor's id is known, what follows is delivered.
+    assert_eq!(page.feed(&mut tracker, &ids(40..=50)), ids(41..=50));
+    drop(tracker);
+    drop(page.stop().await);
+
+    // From now on it keeps the window.
+    let page = Page::start(&name).await;
+    let mut tracker = page.registry.open(key("a")).await.unwrap();
+    assert_eq!(page.feed(&mut tracker, &ids(41..=55)), ids(51..=55));
+    drop(tracker);
+    drop(page.stop().await);
+    let (db, _) = raw_open(&name, IdbStore::VERSION, &[]).await;
+    assert_eq!(db.version(), 3.0);
+    for store in [
+        IdbStore::WINDOW_STORE,
+        IdbStore::META_STORE,
+        IdbStore::RESUME_STORE,
+    ] {
+        assert!(db.object_store_names().contains(store), "{store}");
+    }
+    db.close();
+    delete_db(&name).await;
+}
+
+#[wasm_bindgen_test]
+async fn a_stored_window_of_the_wrong_shape_is_corrupt() {
+    let name = unique("window-corrupt");
+    drop(IdbStore::open(&name).await.unwrap());
+    let (db, _) = raw_open(&name, IdbStore::VERSION, &[]).await;
+    let tx = db
+        .transaction_with_str_and_mode(
+            IdbStore::WINDOW_STORE,
+            web_sys::IdbTransactionMode::Readwrite,
+        )
+        .unwrap();
+    let windows = tx.object_store(IdbStore::WINDOW_STORE).unwrap();
+    let prefix = |s: &str| JsValue::from(Array::of2(&"session-1".into(), &s.into()));
+    settle(&windows.put_with_key(&"text".into(), &prefix("a")).unwrap())
+        .await
+        .unwrap();
+    let torn = js_sys::Uint8Array::from(&[1u8, 0x80][..]);
+    settle(&windows.put_with_key(&torn, &prefix("b")).unwrap())
+        .await
+        .unwrap();
+    db.close();
+    let store = IdbStore::open(&name).await.unwrap();
+    for stream in ["a", "b"] {
+        let error = store.load_window(&key(stream)).await.unwrap_err();
+        assert!(matches!(error, StoreError::Corrupt { .. }), "{error:?}");
+    }
+    drop(store);
+    delete_db(&name).await;
+}
+
+#[wasm_bindgen_test]
+async fn flushes_append_what_changed_and_fold_it_into_few_records() {
+    let name = unique("window-records");
+    let page = Page::start(&name).await;
+    let mut tracker = page.registry.open(key("a")).await.unwrap();
+    let mut per_flush = Vec::new();
+    for n in 1..=300u64 {
+        page.feed(&mut tracker, &ids(n..=n));
+        let before = page.store.window_bytes_written();
+        page.registry.worker().flush().await.unwrap();
+        per_flush.push(page.store.window_bytes_written() - before);
+    }
+    // One new id per flush: a record of a few bytes, and now and then the
+    // whole window.
+    per_flush.sort_unstable();
+    assert!(
+        per_flush[150] < 16,
+        "median bytes per flush {}",
+        per_flush[150]
+    );
+    assert!(per_flush[299] >= 64, "the whole window is written at times");
+    drop(tracker);
+    drop(page.stop().await);
+    let (db, _) = raw_open(&name, IdbStore::VERSION, &[]).await;
+    let tx = db.transaction_with_str(IdbStore::WINDOW_STORE).unwrap();
+    let count = settle(
+        &tx.object_store(IdbStore::WINDOW_STORE)
+            .unwrap()
+            .count()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert!(count.as_f64().unwrap() <= 65.0, "{count:?} records");
+    db.close();
+
+    let page = Page::start(&name).await;
+    let mut tracker = page.registry.open(key("a")).await.unwrap();
+    assert_eq!(page.feed(&mut tracker, &ids(1..=305)), ids(301..=305));
+    drop(tracker);
+    drop(page.stop().await);
+    delete_db(&name).await;
+}
+
+#[wasm_bindgen_test]
+async fn a_reopened_store_keeps_its_key_even_in_a_database_made_anew() {
+    let name = unique("window-reopen");
+    let store = IdbStore::open(&name).await.unwrap();
+    let key = store.window_key().await.unwrap().unwrap();
+    // Another tab deletes the database: the store closes; a reopen makes it
+    // anew, with the key the store's windows go on under.
+    within(5000, "delete", IdbStore::delete_database(&name))
+        .await
+        .unwrap();
+    assert!(store.is_closed());
+    let reopened = store.reopen().await.unwrap();
+    assert_eq!(reopened.window_key().await.unwrap(), Some(key));
+    drop((store, reopened));
+    let fresh = IdbStore::open(&name).await.unwrap();
+    assert_eq!(fresh.window_key().await.unwrap(), Some(key));
+    drop(fresh);
     delete_db(&name).await;
 }

@@ -108,7 +108,9 @@ async function startServer() {
         'access-control-allow-origin': '*',
       });
       res.flushHeaders();
-      let next = Number(req.headers['last-event-id'] ?? 0) + 1;
+      // A resuming connection gets `rewind` events before its Last-Event-ID again.
+      const last = req.headers['last-event-id'];
+      let next = last === undefined ? 1 : Math.max(1, Number(last) + 1 - stream.rewind);
       const tick = () => {
         if (stream.t0 === undefined) return;
         const due = Math.min(stream.n, Math.floor((Date.now() - stream.t0) / INTERVAL));
@@ -133,8 +135,8 @@ async function startServer() {
 }
 
 /** A stream of `n` events for this test; it starts with `go()`. */
-function stream(name, n) {
-  const s = { t0: undefined, n, connections: 0, open: 0, go: () => (s.t0 ??= Date.now()) };
+function stream(name, n, rewind = 0) {
+  const s = { t0: undefined, n, rewind, connections: 0, open: 0, go: () => (s.t0 ??= Date.now()) };
   streams.set(name, s);
   return s;
 }
@@ -244,6 +246,43 @@ test('five pages, one connection; the leader closes, then the next one and a fol
   }
   assert.equal(feed.connections, 3, 'one connection per leader');
   for (const page of open) await page.close();
+});
+
+test('a server that rewinds 30 events: a reloaded lone page, then each of two leaders reloading, show every event once, in order', { timeout: 120_000 }, async () => {
+  // Each resuming connection gets the 30 events before its Last-Event-ID
+  // again. A context that leads after a reload opened the stream from
+  // IndexedDB with its window; one that took over had its own window too.
+  const n = 900;
+  const feed = stream('rewind', n, 30);
+  const a = await newPage('/page.html?s=rewind.1');
+  feed.go();
+  const shownBy = (page) => page.evaluate(() => globalThis.shown('rewind').length);
+  await waitFor(async () => (await shownBy(a)) >= 100, 'events in the lone page');
+  await a.reload();
+  await until(a, () => globalThis.ready === true, undefined, 10_000);
+  await waitFor(async () => (await shownBy(a)) >= 250, 'events after the reload');
+  assert.ok(feed.connections >= 2, 'the reloaded page connected itself');
+  const b = await newPage('/page.html?s=rewind.1');
+  await waitFor(async () => (await count(b, 'rewind')) >= 20, 'events in the second page');
+  for (const page of [a, b]) {
+    const leader = await leaderOf([a, b], 'rewind');
+    await waitFor(async () => (await stats(leader, 'rewind')).followers === 1, 'the leader knows its follower');
+    const at = await shownBy(leader);
+    await waitFor(async () => (await shownBy(leader)) >= at + 100, 'the leader delivers');
+    await leader.reload();
+    await until(leader, () => globalThis.ready === true, undefined, 10_000);
+    assert.notEqual(await leaderOf([a, b], 'rewind'), leader, 'the other page took over');
+    void page;
+  }
+  for (const page of [a, b]) {
+    await waitFor(async () => (await page.evaluate(() => globalThis.shown('rewind').at(-1))) === `rewind:${n}`, 'the last event', 30_000);
+  }
+  await new Promise((r) => setTimeout(r, 300));
+  assert.deepEqual(ids(await a.evaluate(() => globalThis.shown('rewind'))), range(1, n), 'the first page, across its reloads');
+  const second = ids(await b.evaluate(() => globalThis.shown('rewind')));
+  assert.deepEqual(second, range(second[0], n), 'the second page, from where it joined');
+  assert.ok(feed.connections >= 4, `connections: ${feed.connections}`);
+  for (const page of [a, b]) await page.close();
 });
 
 test('the leading page crashes: the others go on, each event once, in order', { timeout: 60_000 }, async () => {

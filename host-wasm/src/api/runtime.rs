@@ -4,7 +4,8 @@
 //! [`Registry`] and one persistence worker, so a page with many streams still
 //! makes at most one IndexedDB transaction per flush interval. Runtimes live
 //! as long as the page; on `pagehide` (and when the page is hidden) every
-//! runtime flushes, so a reload loses nothing that was delivered.
+//! runtime flushes cursors and dedup windows, so a reload loses nothing that
+//! was delivered and repeats nothing.
 
 use super::js;
 use crate::{BrowserClock, IdbStore};
@@ -14,8 +15,8 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use tidemark_core::{
-    Clock, Config, Cursor, EitherStore, FingerprintKey, MemStore, Millis, Registry, Stats, Store,
-    StoreError, StreamKey, TrackerConfig, persistence,
+    Clock, Config, Cursor, EitherStore, FingerprintKey, MemStore, Millis, Registry, SavedWindow,
+    Stats, Store, StoreError, StreamKey, TrackerConfig, WindowChange, persistence,
 };
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::spawn_local;
@@ -124,13 +125,27 @@ impl PageStore {
         let current = self.inner.borrow().clone();
         if let AnyStore::Left(idb) = &*current
             && idb.is_closed()
-            && let Ok(reopened) = IdbStore::open(idb.name()).await
+            && let Ok(reopened) = idb.reopen().await
         {
             let reopened = Rc::new(AnyStore::Left(reopened));
             *self.inner.borrow_mut() = reopened.clone();
             return reopened;
         }
         current
+    }
+}
+
+impl PageStore {
+    /// Says once on the console that writes fail.
+    fn warn_once(&self, result: &Result<(), StoreError>) {
+        if let Err(error) = result
+            && !self.warned.replace(true)
+        {
+            web_sys::console::warn_1(&JsValue::from_str(&format!(
+                "tidemark: cursors cannot be written ({error}); the stream goes on, \
+                 the newest cursors stay in memory and are retried"
+            )));
+        }
     }
 }
 
@@ -141,19 +156,34 @@ impl Store for PageStore {
 
     async fn save_batch(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
         let result = self.current().await.save_batch(cursors).await;
-        if let Err(error) = &result
-            && !self.warned.replace(true)
-        {
-            web_sys::console::warn_1(&JsValue::from_str(&format!(
-                "tidemark: cursors cannot be written ({error}); the stream goes on, \
-                 the newest cursors stay in memory and are retried"
-            )));
-        }
+        self.warn_once(&result);
         result
     }
 
     async fn delete(&self, key: &StreamKey) -> Result<(), StoreError> {
         self.current().await.delete(key).await
+    }
+
+    async fn window_key(&self) -> Result<Option<FingerprintKey>, StoreError> {
+        self.current().await.window_key().await
+    }
+
+    async fn load_window(&self, key: &StreamKey) -> Result<Option<SavedWindow>, StoreError> {
+        self.current().await.load_window(key).await
+    }
+
+    async fn save_with_windows(
+        &self,
+        cursors: &[Cursor],
+        windows: &[WindowChange],
+    ) -> Result<(), StoreError> {
+        let result = self
+            .current()
+            .await
+            .save_with_windows(cursors, windows)
+            .await;
+        self.warn_once(&result);
+        result
     }
 }
 
@@ -182,9 +212,10 @@ impl Runtime {
                 }
             }
         };
-        // The default key comes from `crypto.getRandomValues` too, but
-        // panics (an abort in the package) where there is none: say so as
-        // an error instead.
+        // Both stores fingerprint with a key of their own (the registry
+        // asks them); a tracker config still needs one. The default comes
+        // from `crypto.getRandomValues` too, but panics (an abort in the
+        // package) where there is none: say so as an error instead.
         let fingerprint_key = FingerprintKey::try_random().map_err(|e| e.to_string())?;
         let config = Config {
             tracker: TrackerConfig {
@@ -208,16 +239,18 @@ impl Runtime {
         }))
     }
 
-    /// Writes the newest cursor of every stream now, in this task's
-    /// microtasks: straight to the store, because the worker may be waiting
-    /// for a write in progress, whose answer a page being unloaded never
-    /// gets; and through the worker too, which then knows they are written.
+    /// Writes the newest cursor and window of every stream now, in this
+    /// task's microtasks: straight to the store, because the worker may be
+    /// waiting for a write in progress, whose answer a page being unloaded
+    /// never gets; and through the worker too, which then knows they are
+    /// written.
     pub(crate) fn write_now(&self) {
         let cursors = self.registry.newest_cursors();
-        if !cursors.is_empty() {
+        let windows = self.registry.newest_windows();
+        if !cursors.is_empty() || !windows.is_empty() {
             let store = self.registry.store().clone();
             spawn_local(async move {
-                let _ = store.save_batch(&cursors).await;
+                let _ = store.save_with_windows(&cursors, &windows).await;
             });
         }
         let handle = self.registry.worker().clone();
@@ -235,15 +268,20 @@ impl Runtime {
             rejected_commits,
             worker,
         } = self.registry.stats();
-        let (store, transactions) = match &**self.registry.store().inner.borrow() {
-            AnyStore::Left(s) => ("indexeddb", s.transactions()),
-            AnyStore::Right(s) => ("memory", s.batches()),
+        let (store, transactions, window_bytes) = match &**self.registry.store().inner.borrow() {
+            AnyStore::Left(s) => (
+                "indexeddb",
+                s.transactions(),
+                Some(s.window_bytes_written()),
+            ),
+            AnyStore::Right(s) => ("memory", s.batches(), None),
         };
         js::Fields::new()
             .set("store", store)
             .set("database", self.spec.database.as_str())
             .set("storeWarning", js::opt_str(self.warning.as_ref()))
             .set("storeTransactions", transactions as f64)
+            .set("windowBytesWritten", window_bytes.map(|b| b as f64))
             .set("openStreams", open_streams as f64)
             .set("eventsObserved", events_observed as f64)
             .set("duplicatesDropped", duplicates_dropped as f64)
