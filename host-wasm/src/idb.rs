@@ -1201,7 +1201,14 @@ fn decode(key: &StreamKey, value: &JsValue) -> Result<Cursor, String> {
         if (0.0..=MAX_SAFE_INTEGER).contains(&n) && n.fract() == 0.0 {
             Ok(n as u64)
         } else {
-            Err(format!("{name} is {n}, not a whole number in 0..=2^53-1"))
+            // JavaScript's own formatting: Rust's float formatting would
+            // add 7 KB to the package for this one message.
+            let shown = js_sys::Number::from(n)
+                .to_string(10)
+                .map_or_else(|_| "NaN".into(), String::from);
+            Err(format!(
+                "{name} is {shown}, not a whole number in 0..=2^53-1"
+            ))
         }
     };
     Ok(Cursor {
