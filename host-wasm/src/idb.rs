@@ -1204,7 +1204,7 @@ fn decode(key: &StreamKey, value: &JsValue) -> Result<Cursor, String> {
             // JavaScript's own formatting: Rust's float formatting would
             // add 7 KB to the package for this one message.
             let shown = js_sys::Number::from(n)
-                .to_string(10)
+                .to_string_with_radix(10)
                 .map_or_else(|_| "NaN".into(), String::from);
             Err(format!(
                 "{name} is {shown}, not a whole number in 0..=2^53-1"
