@@ -1178,3 +1178,53 @@ fn follow_without_redis_window_repeats_the_rewind_after_a_restart_as_before() {
         "{ids:?}"
     );
 }
+
+#[test]
+fn kill_9_with_redis_window_repeats_only_what_arrived_since_the_last_flush() {
+    let (redis, _server) = shared();
+    let prefix = unique_prefix("window-kill");
+    let source = Server::start(&[
+        "--count",
+        "2000",
+        "--interval-ms",
+        "1",
+        "--drop-every",
+        "200",
+        "--rewind",
+        "30",
+        "--retry-ms",
+        "5",
+    ]);
+    let args = ["--redis-prefix", &prefix, "--redis-window", "--no-lease"];
+    let mut first = Vec::new();
+    let mut killed = Follower::start(&source.events_url(), &redis, &args);
+    killed.read_until(&mut first, Duration::from_secs(30), |ids| ids.len() >= 500);
+    killed.child.kill().unwrap(); // SIGKILL: no last flush
+    killed.child.wait().unwrap();
+    killed.read_until(&mut first, Duration::from_secs(5), |_| false);
+    let last_printed = *first.last().unwrap();
+    let store = store(&redis, &prefix);
+    let key = StreamKey::new(source.events_url(), "default");
+    let flushed: u64 = smol::block_on(store.load(&key))
+        .unwrap()
+        .unwrap()
+        .last_event_id
+        .parse()
+        .unwrap();
+
+    let mut second = Vec::new();
+    let mut follower = Follower::start(&source.events_url(), &redis, &args);
+    follower.read_until(&mut second, Duration::from_secs(30), |ids| {
+        ids.last() == Some(&2000)
+    });
+    follower.signal("-TERM");
+    follower.read_until(&mut second, Duration::from_secs(20), |_| false);
+    assert!(follower.child.wait().unwrap().success());
+
+    assert_eq!(first, (1..=last_printed).collect::<Vec<_>>());
+    // The server re-sent 30 events before the cursor: the stored window
+    // dropped them. What repeats is what was printed after the last flush.
+    assert_eq!(second, (flushed + 1..=2000).collect::<Vec<_>>());
+    let repeated = last_printed - flushed;
+    assert!(repeated < 300, "{repeated} repeated (250 ms of events)");
+}
