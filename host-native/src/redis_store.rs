@@ -227,6 +227,14 @@ impl Fold {
     }
 }
 
+/// The fold of `key`, a new one ([`Fold::unknown`]) if there is none.
+fn fold_of<'a>(folds: &'a mut HashMap<StreamKey, Fold>, key: &StreamKey) -> &'a mut Fold {
+    if !folds.contains_key(key) {
+        folds.insert(key.clone(), Fold::unknown());
+    }
+    folds.get_mut(key).expect("inserted")
+}
+
 /// One window write of a flush, and what to learn from its reply.
 enum WindowWrite {
     /// `APPEND` of a record of `len` bytes.
@@ -412,9 +420,7 @@ return redis.call('GET', key)
                 record.clear();
                 change.encode(&mut record);
                 let name = self.window_key_of(change.key());
-                let fold = folds
-                    .entry(change.key().clone())
-                    .or_insert_with(Fold::unknown);
+                let fold = fold_of(&mut folds, change.key());
                 if fold.due(record.len()) {
                     let mut folded = fold.window.clone();
                     folded.apply(change);
@@ -447,9 +453,7 @@ return redis.call('GET', key)
     ) -> Result<(), StoreError> {
         let mut folds = self.folds();
         for ((change, write), reply) in windows.iter().zip(writes).zip(replies) {
-            let fold = folds
-                .entry(change.key().clone())
-                .or_insert_with(Fold::unknown);
+            let fold = fold_of(&mut folds, change.key());
             match (write, reply) {
                 (WindowWrite::Append { len }, Value::Int(now)) => {
                     let now = *now as usize;
