@@ -94,11 +94,13 @@ pub const CURSORS_PER_SCRIPT: usize = 1000;
 pub const CURSORS_PER_ROUND_TRIP: usize = 100 * CURSORS_PER_SCRIPT;
 
 /// A stream's window string is compacted (its fold written in place of its
-/// records) when it has grown past this many times its folded size.
-pub const COMPACT_GROWTH: usize = 2;
+/// records) when it has grown past this many times its folded size, and
+/// past [`COMPACT_MIN_BYTES`].
+pub(crate) const COMPACT_GROWTH: usize = 2;
 
-/// ... and past this many bytes: small windows are left to grow a little.
-pub const COMPACT_MIN_BYTES: usize = 512;
+/// The length below which a window string is never compacted: small
+/// windows are left to grow a little.
+pub(crate) const COMPACT_MIN_BYTES: usize = 512;
 
 /// Where and how a [`RedisStore`] keeps cursors. Its `Debug` shows the
 /// [redacted URL](Self::redacted_url).
