@@ -1,16 +1,15 @@
 //! `RedisStore` against a real `redis-server` on loopback:
 //!
 //! 1. `flush`: one flush of 100,000 dirty cursors (100,000 trackers of one
-//!    `Registry`, one commit each, then `WorkerHandle::flush`), median of 5.
+//!    `Registry`, one commit each, then `WorkerHandle::flush`), median of 5,
+//!    by a store keeping cursors only and by one keeping windows too
+//!    (`RedisConfig::windows`), with the bytes Redis received per flush.
 //!    Baseline in the same run: the same 100,000 hashes written with a plain
 //!    pipeline of `HSET`s in one round trip, without the sequence guard.
-//! 2. `rate`: events per Redis command with 100 streams fed at 100,000
-//!    events/s for 5 s through the persistence worker (250 ms flush
-//!    interval), counting the commands Redis processed (`INFO`).
-//! 3. `window`: what storing each stream's dedup window with its cursor would
-//!    cost per flush: the store's script against the same script also writing
-//!    a full window snapshot (1024 fingerprints, 8 KiB) per stream, for 100
-//!    and 10,000 dirty streams, median of 11 flushes each.
+//! 2. `rate`: 100 streams fed at 100,000 events/s for 5 s through the
+//!    persistence worker (250 ms flush interval), cursors only and with
+//!    windows, one after the other: events per Redis command, the time of
+//!    each store write (median) and the bytes Redis received per flush.
 //!
 //! Run: `cargo bench -p tidemark --bench redis` (starts its own
 //! `redis-server`). Under `cargo test` it runs each part briefly against the
@@ -20,10 +19,13 @@
 #[path = "../tests/support/redis_server.rs"]
 mod redis_server;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tidemark::{CURSORS_PER_SCRIPT, RedisConfig, RedisStore, SmolClock};
-use tidemark_core::{Clock, Config, Cursor, Millis, Store, StreamKey, WorkerConfig, persistence};
+use tidemark_core::{
+    Clock, Config, Cursor, FingerprintKey, Millis, SavedWindow, Store, StoreError, StreamKey,
+    WindowChange, WorkerConfig, persistence,
+};
 
 const SESSION: &str = "2f1c6b1e-6a51-4a7e-9f0e-7d3c2b1a0f9e";
 
@@ -53,16 +55,77 @@ fn info(redis: &mut redis::Connection, section: &str, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn flush(url: &str, prefix: &str, streams: usize, rounds: usize) {
+/// A store that times each write of the store it wraps.
+struct Timed<S> {
+    inner: S,
+    writes: Mutex<Vec<Duration>>,
+}
+
+impl<S: Store> Store for Timed<S> {
+    async fn load(&self, key: &StreamKey) -> Result<Option<Cursor>, StoreError> {
+        self.inner.load(key).await
+    }
+    async fn save_batch(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
+        self.save_with_windows(cursors, &[]).await
+    }
+    async fn delete(&self, key: &StreamKey) -> Result<(), StoreError> {
+        self.inner.delete(key).await
+    }
+    async fn window_key(&self) -> Result<Option<FingerprintKey>, StoreError> {
+        self.inner.window_key().await
+    }
+    async fn load_window(&self, key: &StreamKey) -> Result<Option<SavedWindow>, StoreError> {
+        self.inner.load_window(key).await
+    }
+    async fn save_with_windows(
+        &self,
+        cursors: &[Cursor],
+        windows: &[WindowChange],
+    ) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let result = self.inner.save_with_windows(cursors, windows).await;
+        self.writes.lock().unwrap().push(started.elapsed());
+        result
+    }
+}
+
+/// What one way of storing cost per flush.
+struct Cost {
+    time: Duration,
+    bytes: u64,
+}
+
+fn label(windows: bool) -> &'static str {
+    if windows {
+        "cursors + windows"
+    } else {
+        "cursors only     "
+    }
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    a / b.max(1e-9)
+}
+
+fn flush(url: &str, prefix: &str, streams: usize, rounds: usize, windows: bool) -> Cost {
     let clock = SmolClock::new();
     let store = Arc::new(
         RedisStore::new(RedisConfig {
-            prefix: format!("{prefix}flush:"),
+            prefix: format!("{prefix}flush-{windows}:"),
             timeout: Duration::from_secs(30),
+            windows,
             ..RedisConfig::new(url)
         })
         .unwrap(),
     );
+    let mut redis = redis::Client::open(url).unwrap().get_connection().unwrap();
+    // Loaded first, so that no flush is sent twice (after a NOSCRIPT).
+    for script in [RedisStore::SAVE_SCRIPT, RedisStore::COMPACT_SCRIPT] {
+        redis::Script::new(script)
+            .prepare_invoke()
+            .load(&mut redis)
+            .unwrap();
+    }
     let config = Config {
         worker: WorkerConfig {
             flush_interval: Millis::from_secs(3600),
@@ -83,7 +146,9 @@ fn flush(url: &str, prefix: &str, streams: usize, rounds: usize) {
     let mut worker = Some(worker);
     let mut running = None;
     let mut times = Vec::new();
+    let mut bytes = Vec::new();
     for round in 0..rounds {
+        let received = info(&mut redis, "stats", "total_net_input_bytes");
         for (s, tracker) in trackers.iter_mut().enumerate() {
             let id = format!("{s}-{round}");
             assert!(tracker.observe(Some(&id), clock.now()).is_fresh());
@@ -99,8 +164,16 @@ fn flush(url: &str, prefix: &str, streams: usize, rounds: usize) {
         }
         let report = smol::block_on(handle.flush()).unwrap();
         times.push(started.elapsed());
+        // Less the INFO request itself (about 40 bytes).
+        bytes.push(info(&mut redis, "stats", "total_net_input_bytes") - received);
         let written = handle.stats().cursors_written - before;
         assert_eq!(written, streams as u64, "{report:?}");
+    }
+    if windows {
+        // Every stream's window has every id of the rounds.
+        let key = StreamKey::new(SESSION, "stream-0");
+        let window = smol::block_on(store.load_window(&key)).unwrap().unwrap();
+        assert_eq!(window.len(), rounds);
     }
     let last = smol::block_on(store.load(&StreamKey::new(SESSION, "stream-0")))
         .unwrap()
@@ -116,8 +189,17 @@ fn flush(url: &str, prefix: &str, streams: usize, rounds: usize) {
             worker.await;
         }
     });
+    bytes.sort_unstable();
+    Cost {
+        time: median(times),
+        bytes: bytes[bytes.len() / 2],
+    }
+}
 
-    // Baseline: the same hashes, one plain pipeline, no guard, no script.
+/// The same hashes as `flush` writes, one plain pipeline, no guard, no
+/// script: the floor of a flush of cursors.
+fn hset_baseline(url: &str, prefix: &str, streams: usize, rounds: usize) -> Duration {
+    let clock = SmolClock::new();
     let mut redis = redis::Client::open(url).unwrap().get_connection().unwrap();
     let mut base = Vec::new();
     for round in 0..rounds {
@@ -138,34 +220,52 @@ fn flush(url: &str, prefix: &str, streams: usize, rounds: usize) {
         let () = pipe.query(&mut redis).unwrap();
         base.push(started.elapsed());
     }
-    let (flush, base) = (median(times), median(base));
-    println!("flush: {streams} dirty cursors to Redis, median of {rounds}");
+    median(base)
+}
+
+fn flushes(url: &str, prefix: &str, streams: usize, rounds: usize) {
+    let plain = flush(url, prefix, streams, rounds, false);
+    let windowed = flush(url, prefix, streams, rounds, true);
+    let base = hset_baseline(url, prefix, streams, rounds);
+    println!("flush: {streams} dirty streams to Redis, median of {rounds} flushes");
+    for (windows, cost) in [(false, &plain), (true, &windowed)] {
+        println!(
+            "  {}  {:.1} ms, {} B received by Redis ({:.1} B per stream; flush/baseline {:.2}x)",
+            label(windows),
+            ms(cost.time),
+            cost.bytes,
+            cost.bytes as f64 / streams as f64,
+            ratio(cost.time.as_secs_f64(), base.as_secs_f64()),
+        );
+    }
     println!(
-        "  RedisStore flush       {:.1} ms ({} scripts in one pipeline; target <= 1 s for 100k)",
-        ms(flush),
+        "  baseline: HSET pipeline {:.1} ms ({} scripts in one pipeline; target <= 1 s for 100k)",
+        ms(base),
         streams.div_ceil(CURSORS_PER_SCRIPT)
     );
     println!(
-        "  baseline: HSET pipeline {:.1} ms (flush/baseline {:.2}x)",
-        ms(base),
-        flush.as_secs_f64() / base.as_secs_f64().max(1e-9)
+        "  windows / cursors only: {:.2}x the time, {:.2}x the bytes",
+        ratio(windowed.time.as_secs_f64(), plain.time.as_secs_f64()),
+        ratio(windowed.bytes as f64, plain.bytes as f64)
     );
 }
 
-fn rate(url: &str, prefix: &str, seconds: u64) {
+fn rate(url: &str, prefix: &str, seconds: u64, windows: bool) -> Cost {
     const STREAMS: usize = 100;
     const PER_MS: usize = 100; // 100,000 events/s
     let clock = SmolClock::new();
-    let store = Arc::new(
-        RedisStore::new(RedisConfig {
-            prefix: format!("{prefix}rate:"),
+    let store = Arc::new(Timed {
+        inner: RedisStore::new(RedisConfig {
+            prefix: format!("{prefix}rate-{windows}:"),
+            windows,
             ..RedisConfig::new(url)
         })
         .unwrap(),
-    );
-    let (registry, worker) = persistence(store, clock, Config::default());
+        writes: Mutex::default(),
+    });
+    let (registry, worker) = persistence(store.clone(), clock, Config::default());
     let mut redis = redis::Client::open(url).unwrap().get_connection().unwrap();
-    let (events, commands, evalsha, batches, elapsed) = smol::block_on(async {
+    let (events, commands, evalsha, batches, received, elapsed) = smol::block_on(async {
         let mut trackers = Vec::with_capacity(STREAMS);
         for s in 0..STREAMS {
             let key = StreamKey::new(SESSION, format!("rate-{s}"));
@@ -175,6 +275,7 @@ fn rate(url: &str, prefix: &str, seconds: u64) {
         let before = (
             info(&mut redis, "stats", "total_commands_processed"),
             info(&mut redis, "commandstats", "cmdstat_evalsha"),
+            info(&mut redis, "stats", "total_net_input_bytes"),
         );
         let started = Instant::now();
         let mut events = 0u64;
@@ -198,11 +299,17 @@ fn rate(url: &str, prefix: &str, seconds: u64) {
         // The second INFO is itself counted before it answers.
         let commands = info(&mut redis, "stats", "total_commands_processed") - before.0 - 2;
         let evalsha = info(&mut redis, "commandstats", "cmdstat_evalsha") - before.1;
+        // Less the INFO requests in between (about 40 bytes each).
+        let received = info(&mut redis, "stats", "total_net_input_bytes") - before.2;
         let batches = registry.stats().worker.batches;
-        (events, commands, evalsha, batches, elapsed)
+        (events, commands, evalsha, batches, received, elapsed)
     });
     let rate = events as f64 / elapsed.as_secs_f64();
-    println!("rate: {STREAMS} streams, {events} events in {elapsed:.2?} ({rate:.0} events/s)");
+    let write = median(store.writes.lock().unwrap().clone());
+    println!(
+        "rate, {}: {STREAMS} streams, {events} events in {elapsed:.2?} ({rate:.0} events/s)",
+        label(windows).trim_end()
+    );
     println!(
         "  {batches} flushes, {evalsha} EVALSHA, {commands} commands processed by Redis \
          (scripts' inner commands included)"
@@ -212,117 +319,35 @@ fn rate(url: &str, prefix: &str, seconds: u64) {
         events as f64 / evalsha.max(1) as f64,
         events as f64 / commands.max(1) as f64
     );
-}
-
-/// The store's script ([`RedisStore::SAVE_SCRIPT`]) with a window snapshot
-/// per stream as a fourth value, so that the two differ only by the window.
-fn save_with_window() -> String {
-    let edits = [
-        ("3 * i - 1", "4 * i - 2"),
-        ("ARGV[at + 2])", "ARGV[at + 2], 'window', ARGV[at + 3])"),
-    ];
-    edits
-        .iter()
-        .fold(RedisStore::SAVE_SCRIPT.to_owned(), |script, (from, to)| {
-            assert_eq!(
-                script.matches(from).count(),
-                1,
-                "RedisStore::SAVE_SCRIPT changed: edit the window variant ({from:?})"
-            );
-            script.replace(from, to)
-        })
-}
-
-fn window(url: &str, prefix: &str, streams: usize, rounds: usize) {
-    let store = RedisStore::new(RedisConfig {
-        prefix: format!("{prefix}window-plain:"),
-        ..RedisConfig::new(url)
-    })
-    .unwrap();
-    // Keys of the same length, apart from the store's.
-    let snapshots = RedisStore::new(RedisConfig {
-        prefix: format!("{prefix}window-snaps:"),
-        ..RedisConfig::new(url)
-    })
-    .unwrap();
-    let script = redis::Script::new(&save_with_window());
-    let snapshot = vec![0xA5u8; 1024 * 8];
-    let mut redis = redis::Client::open(url).unwrap().get_connection().unwrap();
-    let cursors = |round: u64| -> Vec<Cursor> {
-        (0..streams)
-            .map(|s| Cursor {
-                key: StreamKey::new(SESSION, format!("w-{s}")),
-                last_event_id: format!("{s}-{round}"),
-                seq: round + 1,
-                at: Millis(1_700_000_000_000 + round),
-            })
-            .collect()
-    };
-    let mut plain = Vec::new();
-    let mut with_window = Vec::new();
-    let mut bytes = (0, 0);
-    for round in 0..rounds as u64 {
-        let batch = cursors(round);
-        let started = Instant::now();
-        smol::block_on(store.save_batch(&batch)).unwrap();
-        plain.push(started.elapsed());
-
-        let pipeline = |window: Option<&[u8]>| {
-            let mut pipe = redis::pipe();
-            for chunk in batch.chunks(CURSORS_PER_SCRIPT) {
-                let mut call = script.prepare_invoke();
-                call.arg(0);
-                for cursor in chunk {
-                    call.key(snapshots.cursor_key(&cursor.key))
-                        .arg(cursor.seq)
-                        .arg(cursor.last_event_id.as_str())
-                        .arg(cursor.at.as_u64());
-                    if let Some(window) = window {
-                        call.arg(window);
-                    }
-                }
-                pipe.invoke_script(&call);
-            }
-            pipe
-        };
-        let pipe = pipeline(Some(&snapshot));
-        if round == 0 {
-            script.prepare_invoke().load(&mut redis).unwrap();
-            // The store's request has the same shape without the windows.
-            bytes = (
-                pipeline(None).get_packed_pipeline().len(),
-                pipe.get_packed_pipeline().len(),
-            );
+    let bytes = received / batches.max(1);
+    println!(
+        "  store write {:.2} ms (median of {batches}), {bytes} B received by Redis per flush",
+        ms(write)
+    );
+    if windows {
+        let mut stored = 0u64;
+        for s in 0..STREAMS {
+            let key = store
+                .inner
+                .window_key_of(&StreamKey::new(SESSION, format!("rate-{s}")));
+            let len: u64 = redis::cmd("STRLEN").arg(key).query(&mut redis).unwrap();
+            stored += len;
         }
-        let started = Instant::now();
-        let stale: Vec<u64> = pipe.query(&mut redis).unwrap();
-        with_window.push(started.elapsed());
-        assert_eq!(stale.iter().sum::<u64>(), 0);
+        println!(
+            "  window strings stored: {:.0} B per stream",
+            stored as f64 / STREAMS as f64
+        );
     }
-    // The window variant writes what the store writes, and the window.
-    let last = cursors(rounds as u64 - 1).swap_remove(0);
-    let (seq, id, at, window): (u64, String, u64, Vec<u8>) = redis::cmd("HMGET")
-        .arg(snapshots.cursor_key(&last.key))
-        .arg(&["seq", "id", "at", "window"][..])
-        .query(&mut redis)
-        .unwrap();
-    assert_eq!(
-        (seq, id, at),
-        (last.seq, last.last_event_id, last.at.as_u64())
-    );
-    assert_eq!(window, snapshot);
-    let (plain, with_window) = (median(plain), median(with_window));
-    println!("window: {streams} dirty streams, median of {rounds} flushes");
+    Cost { time: write, bytes }
+}
+
+fn rates(url: &str, prefix: &str, seconds: u64) {
+    let plain = rate(url, prefix, seconds, false);
+    let windowed = rate(url, prefix, seconds, true);
     println!(
-        "  cursor only            {:.2} ms per flush ({} B on the wire)",
-        ms(plain),
-        bytes.0
-    );
-    println!(
-        "  cursor + 8 KiB window  {:.2} ms per flush ({} B on the wire), {:.1}x",
-        ms(with_window),
-        bytes.1,
-        with_window.as_secs_f64() / plain.as_secs_f64().max(1e-9)
+        "  rate, windows / cursors only: {:.2}x the store write time, {:.2}x the bytes per flush",
+        ratio(windowed.time.as_secs_f64(), plain.time.as_secs_f64()),
+        ratio(windowed.bytes as f64, plain.bytes as f64)
     );
 }
 
@@ -338,14 +363,11 @@ fn main() {
     };
     let prefix = redis_server::unique_prefix("bench");
     if test_mode {
-        flush(&url, &prefix, 2_500, 2);
-        rate(&url, &prefix, 1);
-        window(&url, &prefix, 100, 3);
+        flushes(&url, &prefix, 2_500, 2);
+        rates(&url, &prefix, 1);
     } else {
-        flush(&url, &prefix, 100_000, 5);
-        rate(&url, &prefix, 5);
-        window(&url, &prefix, 100, 11);
-        window(&url, &prefix, 10_000, 11);
+        flushes(&url, &prefix, 100_000, 5);
+        rates(&url, &prefix, 5);
     }
     if server.is_none() {
         // The test command's server: leave it as it was found.

@@ -70,7 +70,8 @@ impl fmt::Debug for FollowOptions {
 /// Where `follow` keeps the cursor in Redis, and its lease.
 #[derive(Clone, Debug)]
 pub struct RedisFollow {
-    /// The server, key prefix and cursor TTL.
+    /// The server, key prefix, cursor TTL and whether windows are kept
+    /// too ([`RedisConfig::windows`]).
     pub store: RedisConfig,
     /// Time to live of the stream's lease: how long a standby waits after the
     /// holder dies (10 s in the CLI). `None`: no lease, for one consumer per

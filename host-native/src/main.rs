@@ -265,6 +265,15 @@ struct RedisArgs {
     /// write (default: never).
     #[arg(long, requires = "redis")]
     redis_ttl_secs: Option<u64>,
+    /// Keep the stream's dedup window in Redis too, beside the cursor: a
+    /// restarted instance, or a standby taking over, then drops what the
+    /// server replays from before its Last-Event-ID, instead of printing it
+    /// again. Each flush appends the window's new ids in the same round
+    /// trip as the cursor (a few bytes per event). The windows of every
+    /// instance with the same --redis-prefix share one random key kept in
+    /// Redis. Without it only the cursor is kept, as before.
+    #[arg(long, requires = "redis")]
+    redis_window: bool,
     /// Time to live of the stream's lease in Redis, renewed every third of
     /// it; a standby takes over at most this long after the holder dies.
     #[arg(long, default_value_t = 10_000, requires = "redis")]
@@ -282,6 +291,7 @@ impl RedisArgs {
             store: RedisConfig {
                 prefix: self.redis_prefix,
                 ttl: self.redis_ttl_secs.map(Duration::from_secs),
+                windows: self.redis_window,
                 ..RedisConfig::new(url)
             },
             lease_ttl: (!self.no_lease).then(|| Duration::from_millis(self.lease_ms)),

@@ -13,7 +13,33 @@
 //! map to distinct keys) with the fields `seq`, `id` and `at`. The prefix is
 //! configurable (default `tidemark:`), so several deployments can share one
 //! Redis. With a TTL, every write of a stream resets its expiry, so only
-//! abandoned streams expire.
+//! abandoned streams expire. With [`RedisConfig::windows`], each stream also
+//! has its window at `{prefix}window:{n}:{session}:{stream}` (a string), and
+//! the prefix one fingerprint key at `{prefix}window-key`; see below.
+//!
+//! # Dedup windows (optional)
+//!
+//! With [`RedisConfig::windows`] (`follow --redis-window`) the store also
+//! keeps each stream's dedup window, so that a process opening the stream
+//! after a restart or a takeover drops what the server replays instead of
+//! only resuming from the cursor. The window is a string at
+//! `{prefix}window:{n}:{session}:{stream}` holding
+//! [`SavedWindow`] records one after another: each flush `APPEND`s the
+//! stream's [`WindowChange`] (usually a few bytes) in the same pipeline as the
+//! cursor scripts, so windows cost no extra round trip. When the string has
+//! grown past [`COMPACT_GROWTH`] times its folded size (and past
+//! [`COMPACT_MIN_BYTES`]), the store writes the folded window instead, with a
+//! script that does so only if the string is still the one this store folded
+//! (its length is the one the last reply gave), and otherwise appends and
+//! reads the string back to fold it again: another instance's records are
+//! never overwritten. For that the store keeps, per stream it loaded or
+//! wrote, the fold in memory. The TTL applies to windows as to cursors;
+//! `delete` removes both.
+//!
+//! The fingerprint key of every window is one random 16-byte value at
+//! `{prefix}window-key`, shared by every instance with the same prefix: the
+//! first to need it creates it (`SET NX`) and every one reads it back. It
+//! never expires, and the store never shows it.
 //!
 //! # One round trip per flush, guarded by `seq`
 //!
@@ -45,12 +71,16 @@
 
 use crate::redis_conn::SharedConnection;
 use redis::aio::MultiplexedConnection;
-use redis::{ErrorKind, RedisResult, Script, ServerErrorKind};
+use redis::{ErrorKind, FromRedisValue, RedisResult, Script, ServerErrorKind, Value};
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
-use tidemark_core::{Cursor, Millis, Store, StoreError, StreamKey};
+use tidemark_core::{
+    Cursor, FingerprintKey, Millis, SavedWindow, Store, StoreError, StreamKey, WindowChange,
+};
 use url::Url;
 
 /// The most cursors one script writes; larger batches are split into several
@@ -62,6 +92,15 @@ pub const CURSORS_PER_SCRIPT: usize = 1000;
 /// default 5 s response timeout, which a flush of every stream of a large
 /// fleet in one pipeline would exceed on every retry.
 pub const CURSORS_PER_ROUND_TRIP: usize = 100 * CURSORS_PER_SCRIPT;
+
+/// A stream's window string is compacted (its fold written in place of its
+/// records) when it has grown past this many times its folded size, and
+/// past [`COMPACT_MIN_BYTES`].
+pub(crate) const COMPACT_GROWTH: usize = 2;
+
+/// The length below which a window string is never compacted: small
+/// windows are left to grow a little.
+pub(crate) const COMPACT_MIN_BYTES: usize = 512;
 
 /// Where and how a [`RedisStore`] keeps cursors. Its `Debug` shows the
 /// [redacted URL](Self::redacted_url).
@@ -81,6 +120,10 @@ pub struct RedisConfig {
     /// response). A flush must fit in it: a batch so large that Redis takes
     /// longer to run it fails every time.
     pub timeout: Duration,
+    /// Keep each stream's dedup window beside its cursor, under a
+    /// fingerprint key kept in Redis (default: no, cursors only). See the
+    /// [module docs](crate::redis_store#dedup-windows-optional).
+    pub windows: bool,
 }
 
 impl RedisConfig {
@@ -91,6 +134,7 @@ impl RedisConfig {
             prefix: "tidemark:".into(),
             ttl: None,
             timeout: Duration::from_secs(5),
+            windows: false,
         }
     }
 
@@ -136,6 +180,7 @@ impl fmt::Debug for RedisConfig {
             .field("prefix", &self.prefix)
             .field("ttl", &self.ttl)
             .field("timeout", &self.timeout)
+            .field("windows", &self.windows)
             .finish()
     }
 }
@@ -146,7 +191,58 @@ pub struct RedisStore {
     config: RedisConfig,
     connection: SharedConnection,
     save: Script,
+    compact: Script,
     stale_cursors: AtomicU64,
+    /// The fleet's fingerprint key, once read from Redis.
+    window_key: Mutex<Option<FingerprintKey>>,
+    /// What this store knows of each window string it loaded or wrote.
+    folds: Mutex<HashMap<StreamKey, Fold>>,
+}
+
+/// What a store knows of one stream's window string in Redis.
+struct Fold {
+    /// The fold of the records this store loaded and wrote.
+    window: SavedWindow,
+    /// The string's length, as the last reply gave it.
+    len: usize,
+    /// Its length when it was last loaded or compacted.
+    base: usize,
+    /// Whether `window` is the fold of the whole string: no one else wrote
+    /// it since this store last read or compacted it.
+    exact: bool,
+}
+
+impl Fold {
+    /// A window this store knows nothing of.
+    fn unknown() -> Self {
+        Fold {
+            window: SavedWindow::new(),
+            len: 0,
+            base: 0,
+            exact: false,
+        }
+    }
+
+    /// Whether writing `more` bytes should compact the string instead.
+    fn due(&self, more: usize) -> bool {
+        self.len + more > COMPACT_GROWTH * self.base.max(COMPACT_MIN_BYTES / COMPACT_GROWTH)
+    }
+}
+
+/// The fold of `key`, a new one ([`Fold::unknown`]) if there is none.
+fn fold_of<'a>(folds: &'a mut HashMap<StreamKey, Fold>, key: &StreamKey) -> &'a mut Fold {
+    if !folds.contains_key(key) {
+        folds.insert(key.clone(), Fold::unknown());
+    }
+    folds.get_mut(key).expect("inserted")
+}
+
+/// One window write of a flush, and what to learn from its reply.
+enum WindowWrite {
+    /// `APPEND` of a record of `len` bytes.
+    Append { len: usize },
+    /// The compaction script, writing `folded` if the string is as expected.
+    Compact { folded: SavedWindow },
 }
 
 impl fmt::Debug for RedisStore {
@@ -188,6 +284,29 @@ end
 return stale
 ";
 
+    /// The Lua script that compacts a window string: KEYS[1] is the window
+    /// key; ARGV[1] the length the string must have (-1: unknown), ARGV[2]
+    /// the folded window, ARGV[3] the record to append instead, ARGV[4] the
+    /// TTL in milliseconds (0: none). Returns the new length if it wrote the
+    /// fold, else (after appending the record) the whole string.
+    pub const COMPACT_SCRIPT: &str = r"
+local key = KEYS[1]
+local ttl = tonumber(ARGV[4])
+if redis.call('STRLEN', key) == tonumber(ARGV[1]) then
+  if ttl > 0 then
+    redis.call('SET', key, ARGV[2], 'PX', ttl)
+  else
+    redis.call('SET', key, ARGV[2])
+  end
+  return #ARGV[2]
+end
+redis.call('APPEND', key, ARGV[3])
+if ttl > 0 then
+  redis.call('PEXPIRE', key, ttl)
+end
+return redis.call('GET', key)
+";
+
     /// A store on the server of `config`. Checks the URL; connects on first
     /// use, so a server that is down now is not an error yet.
     pub fn new(config: RedisConfig) -> Result<Self, StoreError> {
@@ -201,7 +320,10 @@ return stale
             config,
             connection,
             save: Script::new(Self::SAVE_SCRIPT),
+            compact: Script::new(Self::COMPACT_SCRIPT),
             stale_cursors: AtomicU64::new(0),
+            window_key: Mutex::new(None),
+            folds: Mutex::default(),
         })
     }
 
@@ -213,6 +335,18 @@ return stale
     /// The key of `stream`'s cursor.
     pub fn cursor_key(&self, stream: &StreamKey) -> String {
         self.key("cursor", stream)
+    }
+
+    /// The key of `stream`'s window (kept only with
+    /// [`RedisConfig::windows`]).
+    pub fn window_key_of(&self, stream: &StreamKey) -> String {
+        self.key("window", stream)
+    }
+
+    /// The key of the fingerprint key that every window of this prefix is
+    /// kept under.
+    pub fn fingerprint_key_name(&self) -> String {
+        format!("{}window-key", self.config.prefix)
     }
 
     /// The key `{prefix}{kind}:{n}:{session}:{stream}` of `stream`.
@@ -244,23 +378,133 @@ return stale
         self.connection.run(request).await
     }
 
-    async fn save(
+    async fn save<T: FromRedisValue>(
         &self,
         mut connection: MultiplexedConnection,
         pipe: &redis::Pipeline,
-    ) -> RedisResult<Vec<u64>> {
+    ) -> RedisResult<T> {
         match pipe.query_async(&mut connection).await {
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                // A restarted or flushed Redis has forgotten the script.
+                // A restarted or flushed Redis has forgotten the scripts. (The
+                // rest of the pipeline ran: the cursor guard and the folding
+                // of window records make running it again harmless.)
                 self.save.load_async(&mut connection).await?;
+                if self.config.windows {
+                    self.compact.load_async(&mut connection).await?;
+                }
                 pipe.query_async(&mut connection).await
             }
             result => result,
         }
     }
 
+    fn ttl_ms(&self) -> u128 {
+        self.config.ttl.map_or(0, |t| t.as_millis().max(1))
+    }
+
+    fn folds(&self) -> MutexGuard<'_, HashMap<StreamKey, Fold>> {
+        self.folds.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds the writes of `windows` to `pipe`: an `APPEND` of each change,
+    /// or a compaction where the string has grown enough.
+    fn window_writes(
+        &self,
+        pipe: &mut redis::Pipeline,
+        windows: &[WindowChange],
+    ) -> Vec<WindowWrite> {
+        let ttl = self.ttl_ms();
+        let mut folds = self.folds();
+        let mut record = Vec::new();
+        windows
+            .iter()
+            .map(|change| {
+                record.clear();
+                change.encode(&mut record);
+                let name = self.window_key_of(change.key());
+                let fold = fold_of(&mut folds, change.key());
+                if fold.due(record.len()) {
+                    let mut folded = fold.window.clone();
+                    folded.apply(change);
+                    let expected = if fold.exact { fold.len as i64 } else { -1 };
+                    let mut call = self.compact.prepare_invoke();
+                    call.key(name)
+                        .arg(expected)
+                        .arg(folded.to_bytes())
+                        .arg(&record[..])
+                        .arg(ttl.to_string());
+                    pipe.invoke_script(&call);
+                    WindowWrite::Compact { folded }
+                } else {
+                    pipe.cmd("APPEND").arg(&name).arg(&record[..]);
+                    if ttl > 0 {
+                        pipe.cmd("PEXPIRE").arg(&name).arg(ttl.to_string()).ignore();
+                    }
+                    WindowWrite::Append { len: record.len() }
+                }
+            })
+            .collect()
+    }
+
+    /// Learns from the replies to `writes` what the window strings hold now.
+    fn window_written(
+        &self,
+        windows: &[WindowChange],
+        writes: Vec<WindowWrite>,
+        replies: &[Value],
+    ) -> Result<(), StoreError> {
+        let mut folds = self.folds();
+        for ((change, write), reply) in windows.iter().zip(writes).zip(replies) {
+            let fold = fold_of(&mut folds, change.key());
+            match (write, reply) {
+                (WindowWrite::Append { len }, Value::Int(now)) => {
+                    let now = *now as usize;
+                    // Anything else written meanwhile is not in the fold.
+                    fold.exact &= now == fold.len + len;
+                    fold.len = now;
+                    fold.window.apply(change);
+                }
+                (WindowWrite::Compact { folded }, Value::Int(now)) => {
+                    fold.window = folded;
+                    fold.len = *now as usize;
+                    fold.base = fold.len;
+                    fold.exact = true;
+                }
+                (WindowWrite::Compact { .. }, Value::BulkString(bytes)) => {
+                    let name = self.window_key_of(change.key());
+                    fold.window =
+                        SavedWindow::decode(bytes).map_err(|detail| StoreError::Corrupt {
+                            what: format!("redis key {name}"),
+                            detail,
+                        })?;
+                    fold.len = bytes.len();
+                    fold.exact = true;
+                }
+                (_, reply) => {
+                    fold.exact = false;
+                    return Err(StoreError::Backend {
+                        message: format!("redis: unexpected reply to a window write: {reply:?}"),
+                        transient: true,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After a failed write: the strings of `windows` may or may not have
+    /// their records now.
+    fn window_unknown(&self, windows: &[WindowChange]) {
+        let mut folds = self.folds();
+        for change in windows {
+            if let Some(fold) = folds.get_mut(change.key()) {
+                fold.exact = false;
+            }
+        }
+    }
+
     fn save_pipeline(&self, cursors: &[Cursor]) -> redis::Pipeline {
-        let ttl = self.config.ttl.map_or(0, |t| t.as_millis().max(1));
+        let ttl = self.ttl_ms();
         let mut pipe = redis::pipe();
         for chunk in cursors.chunks(CURSORS_PER_SCRIPT) {
             let mut call = self.save.prepare_invoke();
@@ -314,19 +558,148 @@ impl Store for RedisStore {
         // retry: the seq guard makes that harmless.
         for part in cursors.chunks(CURSORS_PER_ROUND_TRIP) {
             let pipe = self.save_pipeline(part);
-            let stale = self.run(|connection| self.save(connection, &pipe)).await?;
+            let stale: Vec<u64> = self.run(|connection| self.save(connection, &pipe)).await?;
             self.stale_cursors.fetch_add(stale.iter().sum(), Relaxed);
         }
         Ok(())
     }
 
     async fn delete(&self, key: &StreamKey) -> Result<(), StoreError> {
-        let del = redis::cmd("DEL").arg(self.cursor_key(key)).take();
+        let del = redis::cmd("DEL")
+            .arg(self.cursor_key(key))
+            .arg(self.window_key_of(key))
+            .take();
         self.run(|mut connection| {
             let del = &del;
-            async move { del.query_async(&mut connection).await }
+            async move { del.query_async::<()>(&mut connection).await }
         })
-        .await
+        .await?;
+        self.folds().remove(key);
+        Ok(())
+    }
+
+    async fn window_key(&self) -> Result<Option<FingerprintKey>, StoreError> {
+        if !self.config.windows {
+            return Ok(None);
+        }
+        if let Some(key) = *self.window_key.lock().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(Some(key));
+        }
+        let fresh = FingerprintKey::try_random().map_err(|e| StoreError::Backend {
+            message: format!("cannot make a window key: {e}"),
+            transient: false,
+        })?;
+        let name = self.fingerprint_key_name();
+        // Whoever comes first sets it; everyone reads the one that is there.
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(&name)
+            .arg(&fresh.to_bytes()[..])
+            .arg("NX")
+            .ignore()
+            .cmd("GET")
+            .arg(&name);
+        let (stored,): (Option<Vec<u8>>,) = self
+            .run(|mut connection| {
+                let pipe = &pipe;
+                async move { pipe.query_async(&mut connection).await }
+            })
+            .await?;
+        let stored = stored.ok_or_else(|| StoreError::Backend {
+            message: format!("redis key {name} vanished as it was set"),
+            transient: true,
+        })?;
+        let bytes: [u8; 16] = stored.try_into().map_err(|_| StoreError::Corrupt {
+            what: format!("redis key {name}"),
+            detail: "not a 16-byte key".into(),
+        })?;
+        let key = FingerprintKey::from_bytes(bytes);
+        *self.window_key.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);
+        Ok(Some(key))
+    }
+
+    async fn load_window(&self, key: &StreamKey) -> Result<Option<SavedWindow>, StoreError> {
+        if !self.config.windows {
+            return Ok(None);
+        }
+        let name = self.window_key_of(key);
+        let get = redis::cmd("GET").arg(&name).take();
+        let stored: Option<Vec<u8>> = self
+            .run(|mut connection| {
+                let get = &get;
+                async move { get.query_async(&mut connection).await }
+            })
+            .await?;
+        let Some(bytes) = stored else {
+            let fold = Fold {
+                exact: true,
+                ..Fold::unknown()
+            };
+            self.folds().insert(key.clone(), fold);
+            return Ok(None);
+        };
+        let window = SavedWindow::decode(&bytes).map_err(|detail| StoreError::Corrupt {
+            what: format!("redis key {name}"),
+            detail,
+        })?;
+        let fold = Fold {
+            window: window.clone(),
+            len: bytes.len(),
+            base: window.to_bytes().len(),
+            exact: true,
+        };
+        self.folds().insert(key.clone(), fold);
+        Ok(Some(window))
+    }
+
+    async fn save_with_windows(
+        &self,
+        cursors: &[Cursor],
+        windows: &[WindowChange],
+    ) -> Result<(), StoreError> {
+        if !self.config.windows || windows.is_empty() {
+            return self.save_batch(cursors).await;
+        }
+        // Windows travel with the cursors, each part in one round trip.
+        let per = CURSORS_PER_ROUND_TRIP;
+        let parts = cursors.len().max(windows.len()).div_ceil(per);
+        let part = |items: usize, i: usize| (i * per).min(items)..((i + 1) * per).min(items);
+        for i in 0..parts {
+            let cursors = &cursors[part(cursors.len(), i)];
+            let windows = &windows[part(windows.len(), i)];
+            let mut pipe = self.save_pipeline(cursors);
+            let scripts = cursors.len().div_ceil(CURSORS_PER_SCRIPT);
+            let writes = self.window_writes(&mut pipe, windows);
+            let replies: Vec<Value> =
+                match self.run(|connection| self.save(connection, &pipe)).await {
+                    Ok(replies) => replies,
+                    Err(e) => {
+                        self.window_unknown(windows);
+                        return Err(e);
+                    }
+                };
+            if replies.len() != scripts + writes.len() {
+                self.window_unknown(windows);
+                return Err(StoreError::Backend {
+                    message: format!(
+                        "redis: {} replies to a pipeline of {} requests",
+                        replies.len(),
+                        scripts + writes.len()
+                    ),
+                    transient: true,
+                });
+            }
+            let stale: u64 = replies[..scripts]
+                .iter()
+                .map(|r| match r {
+                    Value::Int(n) => *n as u64,
+                    _ => 0,
+                })
+                .sum();
+            self.stale_cursors.fetch_add(stale, Relaxed);
+            self.window_written(windows, writes, &replies[scripts..])?;
+        }
+        Ok(())
     }
 }
 

@@ -77,6 +77,11 @@ fn usage_errors_exit_2_and_failures_exit_1() {
         .output()
         .unwrap();
     assert_eq!(header.status.code(), Some(2));
+    let window_without_redis = Command::new(BIN)
+        .args(["follow", "http://127.0.0.1:1/", "--redis-window"])
+        .output()
+        .unwrap();
+    assert_eq!(window_without_redis.status.code(), Some(2));
 
     let server = Server::start(&[]);
     let state = tempfile::tempdir().unwrap();

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use support::redis_server::{RedisServer, shared, unique_prefix};
 use support::serve::Server;
 use tidemark::{Lease, LeaseLost, RedisConfig, RedisStore, SmolClock};
-use tidemark_core::{Cursor, Millis, Store, StoreError, StreamKey};
+use tidemark_core::{Clock, Cursor, Millis, SavedWindow, Store, StoreError, StreamKey};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidemark");
 
@@ -767,4 +767,464 @@ fn an_instance_that_loses_its_lease_stops_delivering_and_waits_as_a_standby() {
     // It resumed right after the last event it wrote: the stored cursor.
     assert_eq!(ids[0], 1);
     assert!(contiguous(&ids), "an id is missing or repeated");
+}
+
+// Dedup windows (`RedisConfig::windows`, `follow --redis-window`).
+
+fn windowed(url: &str, prefix: &str) -> Arc<RedisStore> {
+    Arc::new(
+        RedisStore::new(RedisConfig {
+            prefix: prefix.into(),
+            timeout: Duration::from_secs(2),
+            windows: true,
+            ..RedisConfig::new(url)
+        })
+        .unwrap(),
+    )
+}
+
+fn numbers(range: std::ops::RangeInclusive<u64>) -> Vec<String> {
+    range.map(|n| n.to_string()).collect()
+}
+
+fn uuid(n: u64) -> String {
+    format!("{n:08x}-4f1c-8a2e-b5d3-{:012x}", n * 7919)
+}
+
+/// One process's life over `store`: a registry and its worker, stream
+/// `stream` opened, each of `ids` observed and the fresh ones committed, a
+/// flush after every `flush_every` ids, then a graceful shutdown. Returns the
+/// fresh ids, as an application would have received them.
+fn session(
+    store: &Arc<RedisStore>,
+    stream: &str,
+    ids: &[String],
+    flush_every: usize,
+) -> Vec<String> {
+    let clock = SmolClock::new();
+    smol::block_on(async {
+        let (registry, worker) =
+            tidemark_core::persistence(store.clone(), clock, tidemark_core::Config::default());
+        let worker = smol::spawn(worker.run());
+        let mut tracker = registry
+            .open(StreamKey::new("session:1", stream))
+            .await
+            .unwrap();
+        let mut fresh = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            if tracker.observe(Some(id), clock.now()).is_fresh() {
+                fresh.push(id.clone());
+                tracker.commit();
+            }
+            if (i + 1) % flush_every == 0 {
+                let report = registry.worker().flush().await.unwrap();
+                assert_eq!(report.error, None);
+            }
+        }
+        drop(tracker);
+        let report = registry
+            .shutdown(clock.now() + Millis::from_secs(5))
+            .await
+            .unwrap();
+        assert!(report.is_complete(), "{report:?}");
+        worker.await;
+        fresh
+    })
+}
+
+fn window_bytes(url: &str, store: &RedisStore, stream: &str) -> Option<Vec<u8>> {
+    redis::cmd("GET")
+        .arg(store.window_key_of(&StreamKey::new("session:1", stream)))
+        .query(&mut sync_connection(url))
+        .unwrap()
+}
+
+#[test]
+fn windows_survive_a_new_store_instance_whose_tracker_drops_the_replay() {
+    let (url, _server) = shared();
+    let prefix = unique_prefix("window-survive");
+    let all: Vec<String> = (0..400).map(uuid).collect();
+    let first = windowed(&url, &prefix);
+    assert_eq!(session(&first, "a", &all[..200], 7), &all[..200]);
+    // Another store, as another process or another instance of the fleet
+    // would open: it has the window, under the same key.
+    let second = windowed(&url, &prefix);
+    assert_eq!(session(&second, "a", &all[150..300], 7), &all[200..300]);
+    let numeric = numbers(1..=100);
+    assert_eq!(session(&second, "n", &numeric, 10), numeric);
+    assert_eq!(
+        session(&windowed(&url, &prefix), "n", &numbers(60..=110), 10),
+        numbers(101..=110)
+    );
+    // Without windows, the same Redis resumes from the cursor only, as
+    // before: the rewind repeats but for the cursor's own id.
+    let plain = Arc::new(store(&url, &prefix));
+    assert_eq!(smol::block_on(plain.window_key()).unwrap(), None);
+    let mut expected = all[290..299].to_vec();
+    expected.extend_from_slice(&all[300..310]);
+    assert_eq!(session(&plain, "a", &all[290..310], 7), expected);
+}
+
+#[test]
+fn every_instance_of_a_fleet_shares_one_random_key_kept_in_redis() {
+    let (url, _server) = shared();
+    let prefix = unique_prefix("window-key");
+    // Many instances asking at once for a key no one made yet.
+    let keys: Vec<[u8; 16]> = (0..8)
+        .map(|_| {
+            let store = windowed(&url, &prefix);
+            std::thread::spawn(move || {
+                smol::block_on(store.window_key())
+                    .unwrap()
+                    .unwrap()
+                    .to_bytes()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    assert!(keys.iter().all(|k| *k == keys[0]), "one key for all");
+    let name = windowed(&url, &prefix).fingerprint_key_name();
+    assert_eq!(name, format!("{prefix}window-key"));
+    let mut redis = sync_connection(&url);
+    let stored: Vec<u8> = redis::cmd("GET").arg(&name).query(&mut redis).unwrap();
+    assert_eq!(stored, keys[0]);
+    assert_ne!(keys[0], [0; 16]);
+    // Another prefix is another deployment, with a key of its own.
+    let other = windowed(&url, &unique_prefix("window-key-other"));
+    let other = smol::block_on(other.window_key()).unwrap().unwrap();
+    assert_ne!(other.to_bytes(), keys[0]);
+    // The store never shows it.
+    let store = windowed(&url, &prefix);
+    smol::block_on(store.window_key()).unwrap();
+    let shown = format!("{store:?}");
+    assert!(shown.contains("windows: true"), "{shown}");
+    for byte in keys[0].chunks(4) {
+        let hex: String = byte.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(!shown.contains(&hex), "{shown}");
+    }
+    // A foreign value there is corrupt, not silently replaced.
+    let broken = unique_prefix("window-key-broken");
+    let () = redis::cmd("SET")
+        .arg(format!("{broken}window-key"))
+        .arg("short")
+        .query(&mut redis)
+        .unwrap();
+    let error = smol::block_on(windowed(&url, &broken).window_key()).unwrap_err();
+    assert!(matches!(error, StoreError::Corrupt { .. }), "{error}");
+}
+
+#[test]
+fn a_cursor_written_without_windows_opens_and_resumes_with_them() {
+    let (url, _server) = shared();
+    let prefix = unique_prefix("window-old");
+    let plain = Arc::new(store(&url, &prefix));
+    assert_eq!(session(&plain, "a", &numbers(1..=50), 10).len(), 50);
+    let windowed = windowed(&url, &prefix);
+    let key = StreamKey::new("session:1", "a");
+    assert_eq!(smol::block_on(windowed.load_window(&key)).unwrap(), None);
+    // It resumes after the cursor; only the cursor's id was known of the
+    // old window.
+    let mut expected = numbers(41..=49);
+    expected.extend(numbers(51..=60));
+    assert_eq!(session(&windowed, "a", &numbers(41..=60), 10), expected);
+    // From now on the window is kept.
+    assert_eq!(
+        session(&windowed, "a", &numbers(41..=70), 10),
+        numbers(61..=70)
+    );
+    assert_eq!(load(&windowed, "a").unwrap().last_event_id, "70");
+}
+
+#[test]
+fn compaction_keeps_the_window_and_bounds_what_is_stored() {
+    let (url, _server) = shared();
+    let prefix = unique_prefix("window-compact");
+    let store = windowed(&url, &prefix);
+    let mut longest = 0;
+    for part in 0..30u64 {
+        let ids = numbers(part * 100 + 1..=part * 100 + 100);
+        assert_eq!(session(&store, "a", &ids, 5), ids);
+        longest = longest.max(window_bytes(&url, &store, "a").unwrap().len());
+    }
+    let stored = window_bytes(&url, &store, "a").unwrap();
+    let window = SavedWindow::decode(&stored).unwrap();
+    assert_eq!(window.len(), 1024, "a full window (the default bound)");
+    let folded = window.to_bytes().len();
+    // 600 flushes of five ids (a record of about 11 bytes each) were
+    // appended; the string never grew much past twice its fold.
+    assert!(longest <= 2 * folded + 64, "{longest} B, fold {folded} B");
+    assert!(longest < 600 * 11, "{longest}");
+    // What a new instance loads drops the whole window's worth of replays.
+    let replay = numbers(3001 - 1024..=3010);
+    assert_eq!(
+        session(&windowed(&url, &prefix), "a", &replay, 50),
+        numbers(3001..=3010)
+    );
+}
+
+#[test]
+fn a_compaction_never_overwrites_what_another_instance_wrote() {
+    let (url, _server) = shared();
+    let prefix = unique_prefix("window-race");
+    let clock = SmolClock::new();
+    let first = windowed(&url, &prefix);
+    assert_eq!(session(&first, "a", &numbers(1..=100), 10).len(), 100);
+    smol::block_on(async {
+        // Instance A has the stream open (and its window folded in memory)...
+        let a = windowed(&url, &prefix);
+        let (registry, worker) =
+            tidemark_core::persistence(a.clone(), clock, tidemark_core::Config::default());
+        let worker = smol::spawn(worker.run());
+        let mut tracker = registry
+            .open(StreamKey::new("session:1", "a"))
+            .await
+            .unwrap();
+        let mut feed = |ids: std::ops::RangeInclusive<u64>| {
+            for id in ids {
+                assert!(
+                    tracker
+                        .observe(Some(&id.to_string()), clock.now())
+                        .is_fresh()
+                );
+                tracker.commit();
+            }
+        };
+        feed(101..=110);
+        registry.worker().flush().await.unwrap();
+        // ... when instance B sees the server start its ids again (an empty
+        // id resets them) and delivers 1 to 5 of the new sequence.
+        let b = windowed(&url, &prefix);
+        let mut reset = vec![String::new()];
+        reset.extend(numbers(1..=5));
+        assert_eq!(session(&b, "a", &reset, 10), reset);
+        // A goes on writing the old sequence, long enough to compact.
+        let mut last = window_bytes(&url, &a, "a").unwrap().len();
+        let mut shrank = false;
+        for part in 0..60u64 {
+            feed(111 + part * 10..=120 + part * 10);
+            registry.worker().flush().await.unwrap();
+            let now = window_bytes(&url, &a, "a").unwrap().len();
+            shrank |= now < last;
+            last = now;
+        }
+        assert!(shrank, "A compacted the string");
+        drop(tracker);
+        registry
+            .shutdown(clock.now() + Millis::from_secs(5))
+            .await
+            .unwrap();
+        worker.await;
+    });
+    // B's reset is kept: 6 to 10 of the new sequence were never delivered,
+    // and are fresh. (Overwriting it with A's fold would drop them.)
+    let third = windowed(&url, &prefix);
+    assert_eq!(session(&third, "a", &numbers(1..=10), 10), numbers(6..=10));
+}
+
+#[test]
+fn delete_removes_the_window_and_the_ttl_covers_it() {
+    let (url, _server) = shared();
+    let prefix = unique_prefix("window-ttl");
+    let store = Arc::new(
+        RedisStore::new(RedisConfig {
+            prefix: prefix.clone(),
+            ttl: Some(Duration::from_secs(60)),
+            windows: true,
+            ..RedisConfig::new(&url)
+        })
+        .unwrap(),
+    );
+    assert_eq!(session(&store, "a", &numbers(1..=1000), 3).len(), 1000);
+    let key = StreamKey::new("session:1", "a");
+    let mut redis = sync_connection(&url);
+    for name in [store.cursor_key(&key), store.window_key_of(&key)] {
+        let pttl: i64 = redis::cmd("PTTL").arg(&name).query(&mut redis).unwrap();
+        assert!(pttl > 50_000 && pttl <= 60_000, "{name}: {pttl}");
+    }
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(store.fingerprint_key_name())
+        .query(&mut redis)
+        .unwrap();
+    assert_eq!(pttl, -1, "the key outlives every window");
+    smol::block_on(store.delete(&key)).unwrap();
+    let exists: u64 = redis::cmd("EXISTS")
+        .arg(store.cursor_key(&key))
+        .arg(store.window_key_of(&key))
+        .query(&mut redis)
+        .unwrap();
+    assert_eq!(exists, 0);
+    assert_eq!(smol::block_on(store.load_window(&key)).unwrap(), None);
+    // Opened again, the stream starts from nothing.
+    assert_eq!(session(&store, "a", &numbers(1..=3), 3), numbers(1..=3));
+}
+
+#[test]
+fn windows_wait_out_a_redis_restart_like_cursors() {
+    let mut server = RedisServer::start();
+    let url = server.url();
+    let prefix = unique_prefix("window-restart");
+    let store = windowed(&url, &prefix);
+    let clock = SmolClock::new();
+    smol::block_on(async {
+        let (registry, worker) =
+            tidemark_core::persistence(store.clone(), clock, tidemark_core::Config::default());
+        let worker = smol::spawn(worker.run());
+        let mut tracker = registry
+            .open(StreamKey::new("session:1", "a"))
+            .await
+            .unwrap();
+        for id in 1..=50 {
+            assert!(
+                tracker
+                    .observe(Some(&id.to_string()), clock.now())
+                    .is_fresh()
+            );
+            tracker.commit();
+        }
+        assert_eq!(registry.worker().flush().await.unwrap().error, None);
+        server.stop();
+        for id in 51..=100 {
+            assert!(
+                tracker
+                    .observe(Some(&id.to_string()), clock.now())
+                    .is_fresh()
+            );
+            tracker.commit();
+        }
+        let failed = registry.worker().flush().await.unwrap();
+        assert!(
+            matches!(failed.error, Some(StoreError::Unavailable(_))),
+            "{failed:?}"
+        );
+        // Back, empty: what was not written yet is written now.
+        server.restart();
+        drop(tracker);
+        let report = registry
+            .shutdown(clock.now() + Millis::from_secs(10))
+            .await
+            .unwrap();
+        assert!(report.is_complete(), "{report:?}");
+        worker.await;
+    });
+    let again = windowed(&url, &prefix);
+    assert_eq!(
+        session(&again, "a", &numbers(51..=110), 10),
+        numbers(101..=110)
+    );
+}
+
+/// Runs `follow --redis` (with `args`) against a server that re-sends 30
+/// events before Last-Event-ID and drops every 200, stopping it with SIGTERM
+/// after every 150 ids until all `count` are in; returns every id printed
+/// and the number of runs.
+fn restarted_follower(count: u64, args: &[&str]) -> (Vec<u64>, u64) {
+    let (redis, _server) = shared();
+    let prefix = unique_prefix("window-follow");
+    let source = Server::start(&[
+        "--count",
+        &count.to_string(),
+        "--interval-ms",
+        "1",
+        "--drop-every",
+        "200",
+        "--rewind",
+        "30",
+        "--retry-ms",
+        "5",
+    ]);
+    let mut ids: Vec<u64> = Vec::new();
+    let mut runs = 0;
+    while ids.last() != Some(&count) {
+        runs += 1;
+        assert!(runs <= 20, "{runs} runs for {count} ids: {ids:?}");
+        let mut follower = Follower::start(
+            &source.events_url(),
+            &redis,
+            &[&["--redis-prefix", &prefix], args].concat(),
+        );
+        let target = ids.len() + 150;
+        follower.read_until(&mut ids, Duration::from_secs(30), |ids| {
+            ids.len() >= target || ids.last() == Some(&count)
+        });
+        follower.signal("-TERM");
+        follower.read_until(&mut ids, Duration::from_secs(20), |_| false);
+        assert!(follower.child.wait().unwrap().success());
+    }
+    (ids, runs)
+}
+
+#[test]
+fn follow_with_redis_window_restarted_five_times_prints_every_id_once() {
+    let (ids, runs) = restarted_follower(900, &["--redis-window"]);
+    assert!(runs >= 6, "{runs} runs");
+    assert_eq!(ids, (1..=900).collect::<Vec<_>>(), "every id exactly once");
+}
+
+#[test]
+fn follow_without_redis_window_repeats_the_rewind_after_a_restart_as_before() {
+    let (ids, runs) = restarted_follower(450, &[]);
+    let mut unique = ids.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique, (1..=450).collect::<Vec<_>>(), "nothing lost");
+    // The server re-sends 30 events before the cursor; only the cursor's id
+    // is known to a restarted process.
+    assert!(runs >= 3, "{runs} runs");
+    assert_eq!(
+        ids.len() - unique.len(),
+        29 * (runs as usize - 1),
+        "{ids:?}"
+    );
+}
+
+#[test]
+fn kill_9_with_redis_window_repeats_only_what_arrived_since_the_last_flush() {
+    let (redis, _server) = shared();
+    let prefix = unique_prefix("window-kill");
+    let source = Server::start(&[
+        "--count",
+        "2000",
+        "--interval-ms",
+        "1",
+        "--drop-every",
+        "200",
+        "--rewind",
+        "30",
+        "--retry-ms",
+        "5",
+    ]);
+    let args = ["--redis-prefix", &prefix, "--redis-window", "--no-lease"];
+    let mut first = Vec::new();
+    let mut killed = Follower::start(&source.events_url(), &redis, &args);
+    killed.read_until(&mut first, Duration::from_secs(30), |ids| ids.len() >= 500);
+    killed.child.kill().unwrap(); // SIGKILL: no last flush
+    killed.child.wait().unwrap();
+    killed.read_until(&mut first, Duration::from_secs(5), |_| false);
+    let last_printed = *first.last().unwrap();
+    let store = store(&redis, &prefix);
+    let key = StreamKey::new(source.events_url(), "default");
+    let flushed: u64 = smol::block_on(store.load(&key))
+        .unwrap()
+        .unwrap()
+        .last_event_id
+        .parse()
+        .unwrap();
+
+    let mut second = Vec::new();
+    let mut follower = Follower::start(&source.events_url(), &redis, &args);
+    follower.read_until(&mut second, Duration::from_secs(30), |ids| {
+        ids.last() == Some(&2000)
+    });
+    follower.signal("-TERM");
+    follower.read_until(&mut second, Duration::from_secs(20), |_| false);
+    assert!(follower.child.wait().unwrap().success());
+
+    assert_eq!(first, (1..=last_printed).collect::<Vec<_>>());
+    // The server re-sent 30 events before the cursor: the stored window
+    // dropped them. What repeats is what was printed after the last flush.
+    assert_eq!(second, (flushed + 1..=2000).collect::<Vec<_>>());
+    let repeated = last_printed - flushed;
+    assert!(repeated < 300, "{repeated} repeated (250 ms of events)");
 }
