@@ -22,10 +22,11 @@
 //! window gained since the last flush ([`WindowChange`] records, one
 //! appended frame and one fsync per flush, before the cursors are
 //! written), folded in memory into one [`SavedWindow`] per stream. Once the
-//! log has grown to four times the size of its fold (and past 1 MiB), a
-//! flush compacts it: the fold, one record per stream, goes to
-//! `windows.tdm.tmp`, which is fsynced and renamed over the log. Deleting a
-//! stream appends a record that forgets its window.
+//! log has grown to four times the size of its fold (and past 1 MiB, with
+//! at least two records per stream), a flush compacts it: the fold, one
+//! record per stream, goes to `windows.tdm.tmp`, which is fsynced and
+//! renamed over the log. Deleting a stream appends a record that forgets
+//! its window.
 //!
 //! The log's header holds the random key that fingerprints the windows'
 //! ids ([`Store::window_key`]), made from the OS's entropy the first time a
@@ -242,14 +243,14 @@ impl FileStore {
     async fn append(
         &self,
         windows: &Windows,
-        frame: Vec<u8>,
+        (frame, items): (Vec<u8>, usize),
         applied: impl FnOnce(&mut WindowLog),
     ) -> Result<(), StoreError> {
         let to = windows.log().append_to();
         let len = frame.len();
         let result = smol::unblock(move || window_log::append(&to, &frame)).await;
         let mut log = windows.log();
-        log.appended(&result, len);
+        log.appended(&result, len, items);
         result?;
         applied(&mut log);
         Ok(())
@@ -287,7 +288,7 @@ impl Store for FileStore {
         if let Some(windows) = &self.windows
             && windows.log().has(key)
         {
-            let frame = WindowLog::forget_frame(key);
+            let frame = (WindowLog::forget_frame(key), 1);
             self.append(windows, frame, |log| log.forget(key)).await?;
         }
         if !self.state().contains_key(key) {
@@ -319,7 +320,7 @@ impl Store for FileStore {
         let _writing = self.writing.lock().await;
         let windows = self.windows.as_ref().filter(|_| !changes.is_empty());
         if let Some(windows) = windows {
-            let frame = WindowLog::changes_frame(changes);
+            let frame = (WindowLog::changes_frame(changes), changes.len());
             self.append(windows, frame, |log| log.apply(changes))
                 .await?;
         }

@@ -34,9 +34,10 @@ enum Command {
     Follow {
         /// The stream's URL (http://).
         url: String,
-        /// State directory for the cursor (default: a per-user state
-        /// directory); created 0700, its files 0600. An existing directory
-        /// open to other users gets a warning (fix: chmod 700 DIR).
+        /// State directory for the cursor and the dedup window (default: a
+        /// per-user state directory); created 0700, its files 0600. An
+        /// existing directory open to other users gets a warning (fix:
+        /// chmod 700 DIR).
         #[arg(long, conflicts_with = "redis")]
         state: Option<PathBuf>,
         /// Name of the stream; cursors are kept per URL and name.

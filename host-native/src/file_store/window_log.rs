@@ -55,6 +55,9 @@ pub(super) struct WindowLog {
     /// The size of the fold as last measured: the log is compacted when it
     /// grows [`GROWTH`] times past it.
     folded: u64,
+    /// Items in the log: with fewer than two per stream a compaction
+    /// cannot halve it, so the fold is not even measured.
+    items: u64,
     /// See [`COMPACT_MIN`]; smaller in tests.
     compact_min: u64,
 }
@@ -63,13 +66,14 @@ impl WindowLog {
     /// Reads the log in `dir`, or creates it with a new random key.
     pub(super) fn open(dir: &Path) -> Result<WindowLog, StoreError> {
         let path = dir.join(WINDOWS);
-        let (key, windows, len, tail) = match std::fs::read(&path) {
+        let (key, windows, len, items, tail) = match std::fs::read(&path) {
             Ok(bytes) => {
-                let (key, windows, len) = decode(&bytes).map_err(|detail| StoreError::Corrupt {
+                let decoded = decode(&bytes).map_err(|detail| StoreError::Corrupt {
                     what: path.display().to_string(),
                     detail,
                 })?;
-                (key, windows, len, len < bytes.len())
+                let (key, windows, len, items) = decoded;
+                (key, windows, len, items, len < bytes.len())
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let key = FingerprintKey::try_random().map_err(|e| StoreError::Backend {
@@ -78,7 +82,7 @@ impl WindowLog {
                 })?;
                 let header = header(&key);
                 replace_durably(dir, WINDOWS, &header).map_err(|(path, e)| io_error(&path, &e))?;
-                (key, HashMap::new(), header.len(), false)
+                (key, HashMap::new(), header.len(), 0, false)
             }
             Err(e) => return Err(io_error(&path, &e)),
         };
@@ -89,6 +93,7 @@ impl WindowLog {
             len: len as u64,
             tail,
             folded: 0,
+            items,
             compact_min: COMPACT_MIN,
         })
     }
@@ -130,11 +135,18 @@ impl WindowLog {
         }
     }
 
-    /// Records how an [`append`] of `frame_len` bytes went.
-    pub(super) fn appended(&mut self, result: &Result<(), StoreError>, frame_len: usize) {
+    /// Records how an [`append`] of `frame_len` bytes holding `items`
+    /// items went.
+    pub(super) fn appended(
+        &mut self,
+        result: &Result<(), StoreError>,
+        frame_len: usize,
+        items: usize,
+    ) {
         match result {
             Ok(()) => {
                 self.len += frame_len as u64;
+                self.items += items as u64;
                 self.tail = false;
             }
             Err(_) => self.tail = true,
@@ -162,9 +174,12 @@ impl WindowLog {
 
     /// The whole fold as a log, if the log has grown enough past the fold
     /// that writing it is worth it. Measuring the fold encodes it, at most
-    /// once each time the log grows [`GROWTH`] times.
+    /// once each time the log grows [`GROWTH`] times (or after a failed
+    /// rewrite).
     pub(super) fn compaction(&mut self) -> Option<Vec<u8>> {
-        if self.len < self.compact_min.max(GROWTH * self.folded) {
+        if self.len < self.compact_min.max(GROWTH * self.folded)
+            || self.items < 2 * self.windows.len() as u64
+        {
             return None;
         }
         let mut out = header(&self.key);
@@ -174,14 +189,21 @@ impl WindowLog {
             item(&mut out, CHANGE, key, |out| window.encode(out));
         }
         let out = frame_end(out, start);
-        self.folded = out.len() as u64;
-        // Worth a rewrite only if it at least halves the log.
-        (self.folded * 2 <= self.len).then_some(out)
+        // Worth a rewrite only if it at least halves the log; if it does
+        // not, or the rewrite fails, the next flush measures again.
+        if out.len() as u64 * 2 <= self.len {
+            Some(out)
+        } else {
+            self.folded = out.len() as u64;
+            None
+        }
     }
 
     /// Records that the compacted log of `len` bytes replaced the file.
     pub(super) fn compacted(&mut self, len: usize) {
         self.len = len as u64;
+        self.items = self.windows.len() as u64;
+        self.folded = len as u64;
         self.tail = false;
     }
 
@@ -254,10 +276,10 @@ fn item(out: &mut Vec<u8>, kind: u8, key: &StreamKey, record: impl FnOnce(&mut V
     }
 }
 
-type Decoded = (FingerprintKey, HashMap<StreamKey, SavedWindow>, usize);
+type Decoded = (FingerprintKey, HashMap<StreamKey, SavedWindow>, usize, u64);
 
-/// The key, the fold and how many bytes hold whole frames (the rest is a
-/// torn tail).
+/// The key, the fold, how many bytes hold whole frames (the rest is a torn
+/// tail) and how many items they hold.
 fn decode(bytes: &[u8]) -> Result<Decoded, String> {
     if !bytes.starts_with(MAGIC) {
         return Err("not a tidemark window file (unknown header)".into());
@@ -279,16 +301,18 @@ fn decode(bytes: &[u8]) -> Result<Decoded, String> {
     }
     let mut windows = HashMap::new();
     let mut at = HEADER_LEN;
+    let mut items = 0;
     while at < bytes.len() {
         let rest = &bytes[at..];
         let whole = frame(rest).map_err(|detail| format!("{detail} in the frame at byte {at}"))?;
         let Some(payload) = whole else {
             break; // a torn tail
         };
-        fold(payload, &mut windows).map_err(|detail| format!("frame at byte {at}: {detail}"))?;
+        items += fold(payload, &mut windows)
+            .map_err(|detail| format!("frame at byte {at}: {detail}"))?;
         at += FRAME_HEAD + payload.len();
     }
-    Ok((FingerprintKey::from_bytes(key), windows, at))
+    Ok((FingerprintKey::from_bytes(key), windows, at, items))
 }
 
 /// The payload of the frame at the start of `rest`, `None` if `rest` is a
@@ -319,9 +343,12 @@ fn frame(rest: &[u8]) -> Result<Option<&[u8]>, String> {
     Ok(Some(&rest[FRAME_HEAD..end]))
 }
 
-fn fold(payload: &[u8], windows: &mut HashMap<StreamKey, SavedWindow>) -> Result<(), String> {
+/// Folds the items of `payload` in; returns how many there were.
+fn fold(payload: &[u8], windows: &mut HashMap<StreamKey, SavedWindow>) -> Result<u64, String> {
     let mut r = Reader(payload);
+    let mut items = 0;
     while !r.0.is_empty() {
+        items += 1;
         let kind = r.take(1)?[0];
         let key = StreamKey::new(r.text()?, r.text()?);
         match kind {
@@ -339,5 +366,5 @@ fn fold(payload: &[u8], windows: &mut HashMap<StreamKey, SavedWindow>) -> Result
             _ => return Err(format!("unknown item kind {kind}")),
         }
     }
-    Ok(())
+    Ok(items)
 }
