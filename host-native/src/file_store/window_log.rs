@@ -98,14 +98,17 @@ impl WindowLog {
         })
     }
 
+    /// The key that fingerprints the windows' ids.
     pub(super) fn key(&self) -> FingerprintKey {
         self.key
     }
 
+    /// The stored window of `key`, if any.
     pub(super) fn window(&self, key: &StreamKey) -> Option<SavedWindow> {
         self.windows.get(key).cloned()
     }
 
+    /// Whether `key` has a stored window.
     pub(super) fn has(&self, key: &StreamKey) -> bool {
         self.windows.contains_key(key)
     }
