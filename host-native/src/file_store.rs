@@ -787,6 +787,42 @@ mod tests {
         }
 
         #[test]
+        fn a_failed_append_is_cut_off_before_the_next_one() {
+            let dir = tempfile::tempdir().unwrap();
+            let store = open(dir.path());
+            assert_eq!(run(&store, "a", 1..=10), range(1..=10));
+            let path = store.windows_path();
+            let good = fs::read(&path).unwrap();
+            // A directory where the log was: every append fails.
+            fs::remove_file(&path).unwrap();
+            fs::create_dir(&path).unwrap();
+            let clock = SmolClock::new();
+            let (registry, worker) = persistence(store.clone(), clock, config());
+            smol::block_on(async {
+                let worker = smol::spawn(worker.run());
+                let mut tracker = registry.open(key("a")).await.unwrap();
+                assert!(tracker.observe(Some("11"), clock.now()).is_fresh());
+                tracker.commit();
+                drop(tracker);
+                let report = registry
+                    .shutdown(clock.now() + Millis::from_secs(1))
+                    .await
+                    .unwrap();
+                assert!(!report.is_complete(), "{report:?}");
+                worker.await;
+            });
+            assert_eq!(load(&store, "a").unwrap().last_event_id, "10");
+            // The log is back, with what a half-done append left.
+            fs::remove_dir(&path).unwrap();
+            fs::write(&path, [&good[..], &[0xab; 5000][..]].concat()).unwrap();
+            assert_eq!(run(&store, "a", 1..=20), range(11..=20));
+            let bytes = fs::read(&path).unwrap();
+            assert_eq!(&bytes[..good.len()], &good[..]);
+            assert!(bytes.len() < good.len() + 1000, "{} bytes", bytes.len());
+            assert_eq!(run(&open(dir.path()), "a", 1..=21), [21]);
+        }
+
+        #[test]
         fn damage_before_the_last_frame_is_corrupt_and_left_alone() {
             let dir = tempfile::tempdir().unwrap();
             assert_eq!(run(&open(dir.path()), "a", 1..=50), range(1..=50));
