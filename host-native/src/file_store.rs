@@ -21,12 +21,14 @@
 //! go to a second file, `windows.tdm`: an append-only log of what each
 //! window gained since the last flush ([`WindowChange`] records, one
 //! appended frame and one fsync per flush, before the cursors are
-//! written), folded in memory into one [`SavedWindow`] per stream. Once the
-//! log has grown to four times the size of its fold (and past 1 MiB, with
-//! at least two records per stream), a flush compacts it: the fold, one
-//! record per stream, goes to `windows.tdm.tmp`, which is fsynced and
-//! renamed over the log. Deleting a stream appends a record that forgets
-//! its window.
+//! written). In memory each stream keeps its records encoded (a byte per
+//! consecutive decimal id, eight per other id), folded into one record
+//! whenever they double, and decoded into a [`SavedWindow`] when a tracker
+//! opens the stream. Once the log has grown to four times the size of its
+//! fold (and past 1 MiB, with at least two records per stream), a flush
+//! compacts it: the fold, one record per stream, goes to `windows.tdm.tmp`,
+//! which is fsynced and renamed over the log. Deleting a stream appends a
+//! record that forgets its window.
 //!
 //! The log's header holds the random key that fingerprints the windows'
 //! ids ([`Store::window_key`]), made from the OS's entropy the first time a
@@ -244,7 +246,7 @@ impl FileStore {
         &self,
         windows: &Windows,
         (frame, items): (Vec<u8>, usize),
-        applied: impl FnOnce(&mut WindowLog),
+        applied: impl FnOnce(&mut WindowLog) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let to = windows.log().append_to();
         let len = frame.len();
@@ -252,14 +254,13 @@ impl FileStore {
         let mut log = windows.log();
         log.appended(&result, len, items);
         result?;
-        applied(&mut log);
-        Ok(())
+        applied(&mut log)
     }
 
     /// Rewrites the window log as its fold if it has grown enough past it.
     /// The caller holds `writing`.
     async fn compact(&self, windows: &Windows) -> Result<(), StoreError> {
-        let Some(bytes) = windows.log().compaction() else {
+        let Some(bytes) = windows.log().compaction()? else {
             return Ok(());
         };
         let dir = self.dir.clone();
@@ -289,7 +290,11 @@ impl Store for FileStore {
             && windows.log().has(key)
         {
             let frame = (WindowLog::forget_frame(key), 1);
-            self.append(windows, frame, |log| log.forget(key)).await?;
+            self.append(windows, frame, |log| {
+                log.forget(key);
+                Ok(())
+            })
+            .await?;
         }
         if !self.state().contains_key(key) {
             return Ok(());
@@ -305,7 +310,10 @@ impl Store for FileStore {
     }
 
     async fn load_window(&self, key: &StreamKey) -> Result<Option<SavedWindow>, StoreError> {
-        Ok(self.windows.as_ref().and_then(|w| w.log().window(key)))
+        match &self.windows {
+            Some(windows) => windows.log().window(key),
+            None => Ok(None),
+        }
     }
 
     /// Appends the window changes to the log (one frame, one fsync), then

@@ -12,7 +12,8 @@
 //! ```
 //!
 //! Integers are little-endian; a record is one [`WindowChange`] as the core
-//! encodes it. Each flush appends one frame and fsyncs the file; a
+//! encodes it. In memory, each stream keeps its records the same way
+//! ([`Records`]). Each flush appends one frame and fsyncs the file; a
 //! compaction writes the fold (one reset record per stream) to a
 //! temporary file and renames it over the log.
 //!
@@ -42,11 +43,11 @@ const GROWTH: u64 = 4;
 /// ...and at least this big.
 const COMPACT_MIN: u64 = 1 << 20;
 
-/// The fold of `windows.tdm` and where the next frame goes.
+/// Each stream's records in `windows.tdm`, and where the next frame goes.
 pub(super) struct WindowLog {
     dir: PathBuf,
     key: FingerprintKey,
-    windows: HashMap<StreamKey, SavedWindow>,
+    windows: HashMap<StreamKey, Records>,
     /// Bytes of the file that hold the header and whole frames.
     len: u64,
     /// Whether the file may hold bytes past `len` (a torn tail, or an
@@ -104,8 +105,19 @@ impl WindowLog {
     }
 
     /// The stored window of `key`, if any.
-    pub(super) fn window(&self, key: &StreamKey) -> Option<SavedWindow> {
-        self.windows.get(key).cloned()
+    pub(super) fn window(&self, key: &StreamKey) -> Result<Option<SavedWindow>, StoreError> {
+        let Some(records) = self.windows.get(key) else {
+            return Ok(None);
+        };
+        let window = SavedWindow::decode(&records.bytes).map_err(|e| self.corrupt(e))?;
+        Ok(Some(window))
+    }
+
+    fn corrupt(&self, detail: String) -> StoreError {
+        StoreError::Corrupt {
+            what: self.dir.join(WINDOWS).display().to_string(),
+            detail,
+        }
     }
 
     /// Whether `key` has a stored window.
@@ -156,18 +168,18 @@ impl WindowLog {
         }
     }
 
-    /// Folds durable changes in.
-    pub(super) fn apply(&mut self, changes: &[WindowChange]) {
+    /// Adds durable changes to their streams' records.
+    pub(super) fn apply(&mut self, changes: &[WindowChange]) -> Result<(), StoreError> {
         for change in changes {
-            match self.windows.get_mut(change.key()) {
-                Some(window) => window.apply(change),
-                None => {
-                    let mut window = SavedWindow::new();
-                    window.apply(change);
-                    self.windows.insert(change.key().clone(), window);
-                }
+            let records = match self.windows.get_mut(change.key()) {
+                Some(records) => records,
+                None => self.windows.entry(change.key().clone()).or_default(),
+            };
+            if let Err(e) = records.push(|out| change.encode(out)) {
+                return Err(self.corrupt(e));
             }
         }
+        Ok(())
     }
 
     /// Forgets a durably deleted stream.
@@ -179,26 +191,36 @@ impl WindowLog {
     /// that writing it is worth it. Measuring the fold encodes it, at most
     /// once each time the log grows [`GROWTH`] times (or after a failed
     /// rewrite).
-    pub(super) fn compaction(&mut self) -> Option<Vec<u8>> {
+    pub(super) fn compaction(&mut self) -> Result<Option<Vec<u8>>, StoreError> {
         if self.len < self.compact_min.max(GROWTH * self.folded)
             || self.items < 2 * self.windows.len() as u64
         {
-            return None;
+            return Ok(None);
         }
         let mut out = header(&self.key);
         let start = out.len();
         out.extend_from_slice(&[0; FRAME_HEAD]);
-        for (key, window) in &self.windows {
-            item(&mut out, CHANGE, key, |out| window.encode(out));
+        let mut failed = None;
+        for (key, records) in &mut self.windows {
+            if let Err(e) = records.refold() {
+                failed = Some(e);
+                break;
+            }
+            item(&mut out, CHANGE, key, |out| {
+                out.extend_from_slice(&records.bytes)
+            });
+        }
+        if let Some(e) = failed {
+            return Err(self.corrupt(e));
         }
         let out = frame_end(out, start);
         // Worth a rewrite only if it at least halves the log; if it does
         // not, or the rewrite fails, the next flush measures again.
         if out.len() as u64 * 2 <= self.len {
-            Some(out)
+            Ok(Some(out))
         } else {
             self.folded = out.len() as u64;
-            None
+            Ok(None)
         }
     }
 
@@ -279,7 +301,47 @@ fn item(out: &mut Vec<u8>, kind: u8, key: &StreamKey, record: impl FnOnce(&mut V
     }
 }
 
-type Decoded = (FingerprintKey, HashMap<StreamKey, SavedWindow>, usize, u64);
+/// A stream's window as the records that fold into it: its fold as of the
+/// last refold, then the changes added since. Encoded, a window costs a
+/// byte per consecutive decimal id and eight per other id, where a
+/// [`SavedWindow`] costs sixteen and more; a stream's records are refolded
+/// whenever they have doubled, so they stay within twice the fold.
+#[derive(Default)]
+struct Records {
+    bytes: Vec<u8>,
+    /// The length of `bytes` after the last refold.
+    folded: usize,
+}
+
+/// Records shorter than this are not refolded.
+const REFOLD_MIN: usize = 256;
+
+impl Records {
+    /// Adds one record, which `record` writes, and refolds if the records
+    /// have doubled.
+    fn push(&mut self, record: impl FnOnce(&mut Vec<u8>)) -> Result<(), String> {
+        record(&mut self.bytes);
+        if self.bytes.len() > 2 * self.folded.max(REFOLD_MIN) {
+            self.refold()?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the records by their fold, one record.
+    fn refold(&mut self) -> Result<(), String> {
+        if self.bytes.len() == self.folded {
+            return Ok(());
+        }
+        let window = SavedWindow::decode(&self.bytes)?;
+        self.bytes.clear();
+        window.encode(&mut self.bytes);
+        self.bytes.shrink_to_fit();
+        self.folded = self.bytes.len();
+        Ok(())
+    }
+}
+
+type Decoded = (FingerprintKey, HashMap<StreamKey, Records>, usize, u64);
 
 /// The key, the fold, how many bytes hold whole frames (the rest is a torn
 /// tail) and how many items they hold.
@@ -346,8 +408,9 @@ fn frame(rest: &[u8]) -> Result<Option<&[u8]>, String> {
     Ok(Some(&rest[FRAME_HEAD..end]))
 }
 
-/// Folds the items of `payload` in; returns how many there were.
-fn fold(payload: &[u8], windows: &mut HashMap<StreamKey, SavedWindow>) -> Result<u64, String> {
+/// Adds the items of `payload` to their streams' records, checking that
+/// each record reads whole; returns how many items there were.
+fn fold(payload: &[u8], windows: &mut HashMap<StreamKey, Records>) -> Result<u64, String> {
     let mut r = Reader(payload);
     let mut items = 0;
     while !r.0.is_empty() {
@@ -357,11 +420,16 @@ fn fold(payload: &[u8], windows: &mut HashMap<StreamKey, SavedWindow>) -> Result
         match kind {
             CHANGE => {
                 let len = r.u32()? as usize;
-                let mut record = r.take(len)?;
-                windows.entry(key).or_default().apply_encoded(&mut record)?;
-                if !record.is_empty() {
+                let record = r.take(len)?;
+                let mut rest = record;
+                SavedWindow::new().apply_encoded(&mut rest)?;
+                if !rest.is_empty() {
                     return Err("a window record is shorter than its length".into());
                 }
+                windows
+                    .entry(key)
+                    .or_default()
+                    .push(|out| out.extend_from_slice(record))?;
             }
             FORGET => {
                 windows.remove(&key);
