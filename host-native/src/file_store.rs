@@ -883,6 +883,7 @@ mod tests {
             let kept = smol::block_on(store.load_window(&key("a")))
                 .unwrap()
                 .unwrap();
+            assert_eq!(kept.len(), 1024, "the newest 1,024 of 2,000 ids");
             // 20 rounds x 20 flushes of 5 ids appended one record each;
             // a compacted window is one record.
             assert!(grown < 20 * 20 * 60, "{sizes:?}");
