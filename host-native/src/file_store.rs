@@ -216,12 +216,32 @@ impl FileStore {
         &self,
         change: impl FnOnce(&mut HashMap<StreamKey, Cursor>),
     ) -> Result<(), StoreError> {
+        let next = self.next_state(change);
+        self.write_state(next, || Ok(())).await
+    }
+
+    /// A copy of the state with `change` applied, and its encoding.
+    fn next_state(
+        &self,
+        change: impl FnOnce(&mut HashMap<StreamKey, Cursor>),
+    ) -> (HashMap<StreamKey, Cursor>, Vec<u8>) {
         let mut next = self.state().clone();
         change(&mut next);
         let bytes = encode(next.values());
+        (next, bytes)
+    }
+
+    /// Writes a [`next_state`](Self::next_state) and keeps it once it is
+    /// durable; `meanwhile` runs while the file is written. The caller
+    /// holds `writing`.
+    async fn write_state(
+        &self,
+        (next, bytes): (HashMap<StreamKey, Cursor>, Vec<u8>),
+        meanwhile: impl FnOnce() -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let dir = self.dir.clone();
         let stale = self.stale_windows.load(Relaxed);
-        smol::unblock(move || {
+        let writing = smol::unblock(move || {
             if stale {
                 // The directory fsync after the rename makes this durable.
                 let path = dir.join(WINDOWS);
@@ -233,28 +253,26 @@ impl FileStore {
                 }
             }
             replace_durably(&dir, STATE, &bytes).map_err(|(path, e)| io_error(&path, &e))
-        })
-        .await?;
+        });
+        let meanwhile = meanwhile();
+        writing.await?;
         self.stale_windows.store(false, Relaxed);
         *self.state() = next;
-        Ok(())
+        meanwhile
     }
 
-    /// Appends `frame` to the window log and, once it is durable, lets
-    /// `applied` fold it in. The caller holds `writing`.
-    async fn append(
-        &self,
-        windows: &Windows,
-        (frame, items): (Vec<u8>, usize),
-        applied: impl FnOnce(&mut WindowLog) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
+    /// Appends the frame that forgets `key` to the window log and, once it
+    /// is durable, forgets the window. The caller holds `writing`.
+    async fn forget(&self, windows: &Windows, key: &StreamKey) -> Result<(), StoreError> {
+        let frame = WindowLog::forget_frame(key);
         let to = windows.log().append_to();
         let len = frame.len();
         let result = smol::unblock(move || window_log::append(&to, &frame)).await;
         let mut log = windows.log();
-        log.appended(&result, len, items);
+        log.appended(&result, len, 1);
         result?;
-        applied(&mut log)
+        log.forget(key);
+        Ok(())
     }
 
     /// Rewrites the window log as its fold if it has grown enough past it.
@@ -289,12 +307,7 @@ impl Store for FileStore {
         if let Some(windows) = &self.windows
             && windows.log().has(key)
         {
-            let frame = (WindowLog::forget_frame(key), 1);
-            self.append(windows, frame, |log| {
-                log.forget(key);
-                Ok(())
-            })
-            .await?;
+            self.forget(windows, key).await?;
         }
         if !self.state().contains_key(key) {
             return Ok(());
@@ -326,17 +339,23 @@ impl Store for FileStore {
         changes: &[WindowChange],
     ) -> Result<(), StoreError> {
         let _writing = self.writing.lock().await;
-        let windows = self.windows.as_ref().filter(|_| !changes.is_empty());
-        if let Some(windows) = windows {
-            let frame = (WindowLog::changes_frame(changes), changes.len());
-            self.append(windows, frame, |log| log.apply(changes))
-                .await?;
-        }
-        self.rewrite(|state| merge_newest(state, cursors)).await?;
-        if let Some(windows) = windows {
-            self.compact(windows).await?;
-        }
-        Ok(())
+        let Some(windows) = self.windows.as_ref().filter(|_| !changes.is_empty()) else {
+            return self.rewrite(|state| merge_newest(state, cursors)).await;
+        };
+        // The two files are written one after the other, the work around
+        // them meanwhile: the cursors are encoded while the frame is
+        // appended, the changes folded in while the cursors are written.
+        let frame = WindowLog::changes_frame(changes);
+        let to = windows.log().append_to();
+        let len = frame.len();
+        let appending = smol::unblock(move || window_log::append(&to, &frame));
+        let next = self.next_state(|state| merge_newest(state, cursors));
+        let appended = appending.await;
+        windows.log().appended(&appended, len, changes.len());
+        appended?;
+        self.write_state(next, || windows.log().apply(changes))
+            .await?;
+        self.compact(windows).await
     }
 }
 

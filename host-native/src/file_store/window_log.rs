@@ -170,12 +170,12 @@ impl WindowLog {
 
     /// Adds durable changes to their streams' records.
     pub(super) fn apply(&mut self, changes: &[WindowChange]) -> Result<(), StoreError> {
+        let mut record = Vec::new();
         for change in changes {
-            let records = match self.windows.get_mut(change.key()) {
-                Some(records) => records,
-                None => self.windows.entry(change.key().clone()).or_default(),
-            };
-            if let Err(e) = records.push(|out| change.encode(out)) {
+            record.clear();
+            change.encode(&mut record);
+            let records = self.windows.entry(change.key().clone()).or_default();
+            if let Err(e) = records.push(&record) {
                 return Err(self.corrupt(e));
             }
         }
@@ -317,10 +317,12 @@ struct Records {
 const REFOLD_MIN: usize = 256;
 
 impl Records {
-    /// Adds one record, which `record` writes, and refolds if the records
-    /// have doubled.
-    fn push(&mut self, record: impl FnOnce(&mut Vec<u8>)) -> Result<(), String> {
-        record(&mut self.bytes);
+    /// Adds one record, and refolds if the records have doubled.
+    fn push(&mut self, record: &[u8]) -> Result<(), String> {
+        if self.bytes.is_empty() {
+            self.bytes.reserve_exact(record.len());
+        }
+        self.bytes.extend_from_slice(record);
         if self.bytes.len() > 2 * self.folded.max(REFOLD_MIN) {
             self.refold()?;
         }
@@ -426,10 +428,7 @@ fn fold(payload: &[u8], windows: &mut HashMap<StreamKey, Records>) -> Result<u64
                 if !rest.is_empty() {
                     return Err("a window record is shorter than its length".into());
                 }
-                windows
-                    .entry(key)
-                    .or_default()
-                    .push(|out| out.extend_from_slice(record))?;
+                windows.entry(key).or_default().push(record)?;
             }
             FORGET => {
                 windows.remove(&key);
