@@ -36,8 +36,8 @@ use tidemark_core::{
 pub struct FollowOptions {
     /// The SSE URL.
     pub url: String,
-    /// The state directory of the `FileStore`: created `0700`, its files
-    /// `0600`.
+    /// The state directory of the `FileStore` (the cursor and the dedup
+    /// window): created `0700`, its files `0600`.
     pub state: PathBuf,
     /// The stream's name; the cursor is kept per URL and name.
     pub stream: String,

@@ -5,8 +5,8 @@
 //! - [`SmolClock`]: the core's [`Clock`](tidemark_core::Clock) on async-io
 //!   timers, counting milliseconds since the Unix epoch so that persisted
 //!   cursor times mean something across restarts.
-//! - [`FileStore`]: a crash-safe [`Store`](tidemark_core::Store) in one state
-//!   directory.
+//! - [`FileStore`]: a crash-safe [`Store`](tidemark_core::Store) of cursors
+//!   and dedup windows in one state directory.
 //! - [`RedisStore`]: cursors in Redis, shared by a fleet of instances, with
 //!   [`Lease`]s so that one instance at a time follows a stream;
 //!   [`NativeStore`] is either store.

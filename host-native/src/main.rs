@@ -34,9 +34,10 @@ enum Command {
     Follow {
         /// The stream's URL (http://).
         url: String,
-        /// State directory for the cursor (default: a per-user state
-        /// directory); created 0700, its files 0600. An existing directory
-        /// open to other users gets a warning (fix: chmod 700 DIR).
+        /// State directory for the cursor and the dedup window (default: a
+        /// per-user state directory); created 0700, its files 0600. An
+        /// existing directory open to other users gets a warning (fix:
+        /// chmod 700 DIR).
         #[arg(long, conflicts_with = "redis")]
         state: Option<PathBuf>,
         /// Name of the stream; cursors are kept per URL and name.
@@ -68,10 +69,10 @@ enum Command {
         /// The tool's arguments, a JSON object.
         #[arg(long, default_value = "{}", value_parser = parse_arguments)]
         arguments: serde_json::Value,
-        /// State directory for cursors and unfinished calls (default: a
-        /// per-user state directory); created 0700, its files 0600, as the
-        /// records hold the Mcp-Session-Id. An existing directory open to
-        /// other users gets a warning (fix: chmod 700 DIR).
+        /// State directory for cursors, dedup windows and unfinished calls
+        /// (default: a per-user state directory); created 0700, its files
+        /// 0600, as the records hold the Mcp-Session-Id. An existing
+        /// directory open to other users gets a warning (fix: chmod 700 DIR).
         #[arg(long)]
         state: Option<PathBuf>,
         /// Name of the call: a run with the same URL and name resumes it.
