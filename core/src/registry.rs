@@ -3,7 +3,7 @@
 use crate::clock::{Clock, Millis};
 use crate::cursor::{Cursor, StreamKey};
 use crate::fingerprint::FingerprintKey;
-use crate::saved_window::WindowChange;
+use crate::saved_window::{Span, WindowChange};
 use crate::slot::{Publisher, Slot};
 use crate::store::{Store, StoreError};
 use crate::tracker::{EventTracker, TrackerConfig};
@@ -235,19 +235,26 @@ impl<S: Store> Registry<S> {
             config.fingerprint_key = window_key;
         }
         let mut tracker = EventTracker::with_slot(config, slot, Some(publisher));
+        let stored = self.store.load(&key).await.map_err(RegistryError::Store)?;
+        let newest = stored
+            .into_iter()
+            .chain((unwritten.seq > 0).then_some(unwritten))
+            .max_by_key(|c| c.seq);
         if window_key.is_some() {
             let stored = self.store.load_window(&key).await;
             let mut window = stored.map_err(RegistryError::Store)?.unwrap_or_default();
             if let Some(unwritten) = &unwritten_window {
                 window.span.apply(unwritten);
             }
+            if newest.as_ref().is_some_and(|c| c.seq > window.span.seq) {
+                // A writer that kept no window moved the cursor since: the
+                // window may hold ids from before a reset. Start empty, in
+                // an epoch after it, so the next write replaces it.
+                let (cap, epoch) = (window.span.cap, window.span.epoch + 1);
+                window.span = Span::new(true, cap, epoch, 0);
+            }
             tracker.restore_window(&window.span);
         }
-        let stored = self.store.load(&key).await.map_err(RegistryError::Store)?;
-        let newest = stored
-            .into_iter()
-            .chain((unwritten.seq > 0).then_some(unwritten))
-            .max_by_key(|c| c.seq);
         if let Some(cursor) = newest {
             tracker.seed(&cursor);
         }

@@ -36,8 +36,8 @@
 //! LEB128 varints; signed ones are zigzag-encoded first.
 //!
 //! ```text
-//! record  = flags:u8 cap:varint epoch:varint start:varint count:varint
-//!           runs times?
+//! record  = flags:u8 cap:varint epoch:varint seq:varint start:varint
+//!           count:varint runs times?
 //! flags   = bit 0: reset; bit 1: entries carry times; others zero
 //! runs    = run*, covering `count` entries in order
 //! run     = (len << 1 | kind):varint, then `len` entries:
@@ -46,6 +46,12 @@
 //!           of the record (the first from 0)
 //! times   = count zigzag deltas of milliseconds, the first from 0
 //! ```
+//!
+//! `seq` is the sequence number of the cursor committed with the record's
+//! newest entry. A store keeps it with the window; a stored cursor with a
+//! higher `seq` was written by a writer that kept no window (an older
+//! version, a store opened without windows), so the window is stale, and
+//! the registry starts the stream with an empty one instead.
 //!
 //! Consecutive ids cost one byte each; a fingerprint costs eight.
 
@@ -76,6 +82,9 @@ pub(crate) struct Span {
     pub(crate) cap: usize,
     pub(crate) epoch: u64,
     pub(crate) end: u64,
+    /// The `seq` of the cursor committed with the newest entries: a stored
+    /// cursor past it was written by someone who kept no window.
+    pub(crate) seq: u64,
     entries: VecDeque<Entry>,
     /// Parallel to `entries`, or empty when the entries carry no times.
     times: VecDeque<Millis>,
@@ -182,9 +191,10 @@ impl Span {
             // A change of an epoch whose reset never arrived (it went to
             // another store) cannot be placed after what is here; its own
             // entries are all that is known of that epoch.
-            let keep_reset = self.reset;
+            let (keep_reset, seq) = (self.reset, self.seq);
             *self = newer.clone();
             self.reset = keep_reset || newer.reset;
+            self.seq = seq.max(newer.seq);
             return;
         }
         let skip = (self.end.saturating_sub(newer.start()) as usize).min(newer.len());
@@ -192,6 +202,7 @@ impl Span {
             self.push(newer.entry(i), newer.time(i));
         }
         self.end = newer.end;
+        self.seq = self.seq.max(newer.seq);
         self.cap = newer.cap;
         self.trim();
     }
@@ -226,6 +237,7 @@ impl Span {
         out.push(u8::from(self.reset) | u8::from(timed) << 1);
         put_varint(out, self.cap as u64);
         put_varint(out, self.epoch);
+        put_varint(out, self.seq);
         put_varint(out, self.start());
         put_varint(out, self.len() as u64);
         let mut previous = 0u64;
@@ -267,6 +279,7 @@ impl Span {
             return Err(format!("window bound {cap} is out of range"));
         }
         let epoch = take_varint(input)?;
+        let seq = take_varint(input)?;
         let start = take_varint(input)?;
         let count = take_varint(input)?;
         if count > MAX_WINDOW as u64 {
@@ -279,6 +292,7 @@ impl Span {
             .ok_or("window positions overflow")?;
         let count = count as usize;
         let mut span = Span::new(flags & 1 != 0, cap as usize, epoch, end);
+        span.seq = seq;
         span.entries.reserve_exact(count);
         let mut previous = 0u64;
         while span.len() < count {

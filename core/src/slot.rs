@@ -81,6 +81,9 @@ impl Slot {
         let mut state = self.lock();
         if let Some((window, since)) = window {
             window.export(since, &mut state.window);
+            if let Some(change) = &mut state.window {
+                change.seq = seq;
+            }
         }
         state.last_event_id.clear();
         state.last_event_id.push_str(last_event_id);

@@ -69,7 +69,7 @@ fn decoding_rejects_what_it_cannot_read() {
     );
     // 70,000 entries
     assert!(
-        SavedWindow::decode(&[1, 1, 0, 0, 0xf0, 0xa2, 0x04])
+        SavedWindow::decode(&[1, 1, 0, 0, 0, 0xf0, 0xa2, 0x04])
             .unwrap_err()
             .contains("more than")
     );
@@ -452,6 +452,74 @@ mod registry {
             p.feed(&mut t, &ids(35..=41)),
             ["35", "36", "37", "38", "39", "41"]
         );
+        drop(t);
+        p.stop();
+    }
+
+    /// The same data, through a store that keeps no windows (an older
+    /// version, a store opened without them).
+    struct CursorsOnly(Rc<MemStore>);
+
+    impl crate::store::Store for CursorsOnly {
+        async fn load(&self, key: &StreamKey) -> Result<Option<crate::Cursor>, crate::StoreError> {
+            self.0.load(key).await
+        }
+        async fn save_batch(&self, cursors: &[crate::Cursor]) -> Result<(), crate::StoreError> {
+            self.0.save_batch(cursors).await
+        }
+        async fn delete(&self, key: &StreamKey) -> Result<(), crate::StoreError> {
+            self.0.delete(key).await
+        }
+    }
+
+    #[test]
+    fn a_window_left_behind_by_a_writer_without_windows_is_not_used() {
+        let mem = Rc::new(MemStore::new());
+        let clock = ManualClock::new();
+        let mut p = start(&mem, &clock);
+        let mut t = p.open();
+        assert_eq!(p.feed(&mut t, &ids(1..=50)).len(), 50);
+        drop(t);
+        p.stop();
+        // A writer that keeps no window: the server resets its ids.
+        {
+            let store = Rc::new(CursorsOnly(mem.clone()));
+            let (registry, worker) = persistence(store, clock.clone(), Config::default());
+            let mut pool = LocalPool::new();
+            pool.spawner()
+                .spawn_local(async move {
+                    worker.run().await;
+                })
+                .unwrap();
+            let mut t = pool
+                .run_until(registry.open(StreamKey::new("s", "a")))
+                .unwrap();
+            assert!(t.observe(Some(""), clock.now()).is_fresh());
+            t.commit();
+            for id in ids(1..=10) {
+                assert!(t.observe(Some(&id), clock.now()).is_fresh());
+                t.commit();
+            }
+            drop(t);
+            let deadline = clock.now() + Millis(1000);
+            assert!(
+                pool.run_until(registry.shutdown(deadline))
+                    .unwrap()
+                    .is_complete()
+            );
+        }
+        // The window of before the reset would drop 11..=20 as replays.
+        let mut p = start(&mem, &clock);
+        let mut t = p.open();
+        assert_eq!(t.last_event_id(), Some("10"));
+        let delivered = p.feed(&mut t, &ids(1..=20));
+        assert!(delivered.ends_with(&ids(11..=20)), "{delivered:?}");
+        // From now on the window is kept again.
+        drop(t);
+        p.stop();
+        let mut p = start(&mem, &clock);
+        let mut t = p.open();
+        assert!(p.feed(&mut t, &ids(1..=20)).is_empty());
         drop(t);
         p.stop();
     }
