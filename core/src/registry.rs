@@ -228,7 +228,6 @@ impl<S: Store> Registry<S> {
         let publisher = Publisher {
             tx: self.handle.tx.clone(),
             registry: self.shared.clone(),
-            keeps_windows: window_key.is_some(),
         };
         let mut config = self.config.clone();
         if let Some(window_key) = window_key {

@@ -165,14 +165,6 @@ impl Span {
         }
     }
 
-    /// Keeps the oldest `len` entries, moving `end` back to the last kept.
-    pub(crate) fn truncate(&mut self, len: usize) {
-        let dropped = self.len().saturating_sub(len);
-        self.entries.truncate(len);
-        self.times.truncate(len);
-        self.end -= dropped as u64;
-    }
-
     #[inline]
     fn pop_front(&mut self) {
         self.entries.pop_front();

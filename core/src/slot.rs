@@ -45,8 +45,11 @@ struct SlotState {
     seq: u64,
     at: Millis,
     queued: bool,
-    /// The window's entries not yet written.
-    window: Option<Span>,
+    /// The window's entries not yet written; it ends where the window stood
+    /// at the last commit. `None` when the store keeps no windows (the
+    /// registry starts it when it does, [`Slot::start_window`]). Boxed, to
+    /// keep an idle slot small.
+    window: Option<Box<Span>>,
 }
 
 impl Slot {
@@ -69,18 +72,21 @@ impl Slot {
     /// Stores the newest cursor; returns true when the slot was clean and the
     /// caller must queue it. Reuses the id buffer, so a warm slot does not
     /// allocate.
-    /// With `window`, also adds the window's entries since the marks given
-    /// (see [`DedupWindow::export`]) to the unwritten window change.
+    /// If the slot keeps a window change (the store keeps windows), also
+    /// adds `window`'s entries since the last commit to it (see
+    /// [`DedupWindow::export`]).
     pub(crate) fn publish(
         &self,
         last_event_id: &str,
         seq: u64,
         at: Millis,
-        window: Option<(&DedupWindow, (u64, u64))>,
+        window: Option<&DedupWindow>,
     ) -> bool {
         let mut state = self.lock();
-        if let Some((window, since)) = window {
-            window.export(since, &mut state.window);
+        if let Some(window) = window
+            && state.window.is_some()
+        {
+            window.export(&mut state.window);
             if let Some(change) = &mut state.window {
                 change.seq = seq;
             }
@@ -113,8 +119,17 @@ impl Slot {
         }
         Some(WindowChange {
             key: self.key.clone(),
-            span: span.clone(),
+            span: (**span).clone(),
         })
+    }
+
+    /// Starts the window change of a tracker opened with a window standing
+    /// at `marks` (epoch, entries pushed), unless the slot still has one
+    /// not written, which ends there.
+    pub(crate) fn start_window(&self, (epoch, end): (u64, u64), cap: usize) {
+        self.lock()
+            .window
+            .get_or_insert_with(|| Box::new(Span::new(false, cap, epoch, end)));
     }
 
     /// The newest cursor and the window change not yet written as of it
@@ -168,8 +183,6 @@ impl Slot {
 pub(crate) struct Publisher {
     pub(crate) tx: async_channel::Sender<Msg>,
     pub(crate) registry: Arc<crate::registry::Shared>,
-    /// Whether the store keeps windows, so commits hand over window changes.
-    pub(crate) keeps_windows: bool,
 }
 
 impl Publisher {
@@ -179,7 +192,7 @@ impl Publisher {
         last_event_id: &str,
         seq: u64,
         at: Millis,
-        window: Option<(&DedupWindow, (u64, u64))>,
+        window: Option<&DedupWindow>,
     ) {
         if slot.publish(last_event_id, seq, at, window)
             && self.tx.try_send(Msg::Dirty(slot.clone())).is_err()

@@ -100,12 +100,6 @@ pub struct TrackerStats {
 /// Dedup window and cursor of one stream. See the [module docs](self).
 pub struct EventTracker {
     window: DedupWindow,
-    /// The window's marks as of the last commit that handed its entries to
-    /// the slot.
-    exported: (u64, u64),
-    /// Whether commits hand the window's entries to the slot (the store
-    /// keeps windows).
-    keeps_window: bool,
     last_event_id: String,
     seq: u64,
     uncommitted: bool,
@@ -128,8 +122,6 @@ impl EventTracker {
     ) -> Self {
         EventTracker {
             window: DedupWindow::new(config.window, config.max_age, config.fingerprint_key),
-            exported: (0, 0),
-            keeps_window: publisher.as_ref().is_some_and(|p| p.keeps_windows),
             last_event_id: String::new(),
             seq: 0,
             uncommitted: false,
@@ -148,7 +140,8 @@ impl EventTracker {
     /// handed to the store from now on continue it.
     pub(crate) fn restore_window(&mut self, saved: &Span) {
         self.window.restore(saved);
-        self.exported = self.window.marks();
+        self.slot
+            .start_window(self.window.marks(), self.window.cap());
     }
 
     /// Starts from a stored cursor: its id counts as seen, and new cursors
@@ -236,7 +229,7 @@ impl EventTracker {
         }
         self.seq += 1;
         if let Some(publisher) = &self.publisher {
-            let window = self.keeps_window.then_some((&self.window, self.exported));
+            let window = Some(&self.window);
             publisher.publish(
                 &self.slot,
                 &self.last_event_id,
@@ -244,7 +237,6 @@ impl EventTracker {
                 self.last_seen,
                 window,
             );
-            self.exported = self.window.marks();
         }
     }
 

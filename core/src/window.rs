@@ -133,19 +133,29 @@ impl DedupWindow {
             self.clear();
             return;
         };
-        let dropped = self.len - (last + 1);
-        if dropped == 0 {
+        if last + 1 == self.len {
             return;
         }
-        let mut content = None;
-        // Another epoch than the window's: the whole content.
-        self.export((self.epoch.wrapping_add(1), 0), &mut content);
-        let Some(mut span) = content else {
-            return;
-        };
-        span.truncate(last + 1);
-        self.restore(&span);
+        // Drop the newest entries: the run's numbers, then fingerprints.
+        while self.len > last + 1 {
+            let k = self.len - 1;
+            if k < self.hashed {
+                self.unindex(wrap(self.head + k, self.ring.len()));
+            }
+            self.len -= 1;
+        }
         self.epoch += 1;
+    }
+
+    /// The count bound.
+    pub(crate) fn cap(&self) -> usize {
+        self.cap
+    }
+
+    /// Whether entries carry times (there is an age bound).
+    #[inline]
+    fn timed(&self) -> bool {
+        self.max_age.is_some()
     }
 
     /// The epoch (clears so far) and push count: the window's position.
@@ -153,20 +163,21 @@ impl DedupWindow {
         (self.epoch, self.pushed)
     }
 
-    /// Adds to `pending` (the change not yet written) the entries added
-    /// since the window stood at `since`, a value of [`Self::marks`]: the
-    /// newest entries, or, when the window was cleared since or has already
-    /// dropped some of them, its whole content as a reset. `pending` never
+    /// Adds to `pending` (the change not yet written, which ends where the
+    /// window stood at the last export) the entries added since: the newest
+    /// entries, or, when the window was cleared since or has already dropped
+    /// some of them, its whole content as a reset. `pending` never
     /// holds more than the window's bound: when it would, it becomes the
     /// window itself, a reset. The usual case, one entry after those
     /// `pending` ends with, is an O(1) append that does not allocate once
     /// `pending` has grown.
     #[inline]
-    pub(crate) fn export(&self, since: (u64, u64), pending: &mut Option<Span>) {
-        if self.max_age.is_none()
-            && let Some(p) = pending
-            && (self.epoch, self.pushed.wrapping_sub(1)) == since
-            && (p.epoch, p.end, p.cap) == (since.0, since.1, self.cap)
+    pub(crate) fn export(&self, pending: &mut Option<Box<Span>>) {
+        if let Some(p) = pending
+            && p.end.wrapping_add(1) == self.pushed
+            && p.epoch == self.epoch
+            && p.cap == self.cap
+            && !self.timed()
         {
             let k = self.len - 1;
             let value = self.at(k);
@@ -179,11 +190,14 @@ impl DedupWindow {
             p.end = self.pushed;
             return;
         }
-        self.export_any(since, pending);
+        self.export_any(pending);
     }
 
     #[cold]
-    fn export_any(&self, since: (u64, u64), pending: &mut Option<Span>) {
+    fn export_any(&self, pending: &mut Option<Box<Span>>) {
+        // Where the window stood at the last export: where `pending` ends
+        // (no `pending`: everything, as a reset).
+        let since = pending.as_ref().map_or((u64::MAX, 0), |p| (p.epoch, p.end));
         let (epoch, pushed) = since;
         let added = self.pushed - pushed;
         if epoch == self.epoch && added == 0 {
@@ -198,7 +212,7 @@ impl DedupWindow {
                 self.push_entries(first, &mut span);
                 match pending {
                     Some(p) => p.apply(&span),
-                    None => *pending = Some(span),
+                    None => *pending = Some(Box::new(span)),
                 }
             }
         }
@@ -216,7 +230,7 @@ impl DedupWindow {
             } else {
                 Entry::Number(value)
             };
-            span.push(entry, self.max_age.map(|_| self.times[pos]));
+            span.push(entry, self.timed().then(|| self.times[pos]));
         }
         span.end = self.pushed;
         span.cap = self.cap;
@@ -349,7 +363,7 @@ impl DedupWindow {
     #[inline]
     fn put(&mut self, pos: usize, value: u64, now: Millis) {
         self.ring[pos] = value;
-        if self.max_age.is_some() {
+        if self.timed() {
             self.times[pos] = now;
         }
         self.len += 1;
@@ -423,7 +437,11 @@ impl DedupWindow {
 
     /// Removes the oldest entry, a fingerprint, from the index.
     fn unindex_oldest(&mut self) {
-        let pos = self.head;
+        self.unindex(self.head);
+    }
+
+    /// Removes the fingerprint at ring position `pos` from the index.
+    fn unindex(&mut self, pos: usize) {
         let mask = self.mask();
         let mut i = self.home(self.ring[pos]);
         while self.index[i] != pos as u16 {
@@ -471,7 +489,7 @@ impl DedupWindow {
             ring.push(self.at(k));
         }
         ring.resize(new_len, 0);
-        if self.max_age.is_some() {
+        if self.timed() {
             times.reserve_exact(new_len);
             for k in 0..self.len {
                 times.push(self.times[wrap(self.head + k, self.times.len())]);

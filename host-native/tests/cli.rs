@@ -152,18 +152,7 @@ fn stored_cursor(state: &std::path::Path, url: &str) -> u64 {
 fn kill_9_repeats_only_what_was_not_flushed_and_loses_nothing() {
     // A server that replays 30 events before Last-Event-ID on every
     // connection: the stored window drops those a restart would repeat.
-    let server = Server::start(&[
-        "--count",
-        "500",
-        "--interval-ms",
-        "2",
-        "--drop-every",
-        "200",
-        "--rewind",
-        "30",
-        "--retry-ms",
-        "5",
-    ]);
+    let server = Server::rewinding(500, 2);
     let url = server.events_url();
     let state = tempfile::tempdir().unwrap();
     let mut expected_start = 1;
@@ -227,18 +216,7 @@ fn kill_9_repeats_only_what_was_not_flushed_and_loses_nothing() {
 fn sigterm_restarts_against_a_rewinding_server_repeat_nothing() {
     // Every connection (a drop's or a restart's) replays 30 events before
     // Last-Event-ID; the window kept in the state directory drops them.
-    let server = Server::start(&[
-        "--count",
-        "1200",
-        "--interval-ms",
-        "1",
-        "--drop-every",
-        "200",
-        "--rewind",
-        "30",
-        "--retry-ms",
-        "5",
-    ]);
+    let server = Server::rewinding(1200, 1);
     let url = server.events_url();
     let state = tempfile::tempdir().unwrap();
     let mut all = Vec::new();

@@ -174,14 +174,15 @@ proptest! {
         let key = FingerprintKey::new(3, 4);
         let max_age = max_age.map(Millis);
         let mut window = DedupWindow::new(cap, max_age, key);
-        let mut exported = window.marks();
-        let mut pending: Option<Span> = None;
+        // As a slot does: the change not yet written ends where the window
+        // stood at the last commit.
+        let mut pending = Some(Box::new(Span::new(false, cap, 0, 0)));
         // What the store holds: records appended, or the fold rewritten.
         let mut stored: Vec<u8> = Vec::new();
         let mut now = 0u64;
         let mut next = 1000u64;
-        let write = |pending: &mut Option<Span>, stored: &mut Vec<u8>| {
-            if let Some(change) = pending.clone() {
+        let write = |pending: &mut Option<Box<Span>>, stored: &mut Vec<u8>| {
+            if let Some(change) = pending.clone().filter(|c| c.reset || c.len() > 0) {
                 if append_log {
                     change.encode(stored);
                 } else {
@@ -207,8 +208,7 @@ proptest! {
                     let _ = window.insert(next.to_string().as_bytes(), Millis(now));
                 }
                 Op::Commit => {
-                    window.export(exported, &mut pending);
-                    exported = window.marks();
+                    window.export(&mut pending);
                 }
                 Op::Write { fails } => {
                     if !fails {
@@ -222,7 +222,7 @@ proptest! {
             }
         }
         // A graceful stop: commit, then write everything.
-        window.export(exported, &mut pending);
+        window.export(&mut pending);
         write(&mut pending, &mut stored);
         prop_assert!(pending.as_ref().is_none_or(|p| !p.reset && p.len() == 0));
 

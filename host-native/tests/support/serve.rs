@@ -37,6 +37,27 @@ impl Server {
         Server { child, addr }
     }
 
+    /// A server of `count` events, one every `interval_ms`, that drops the
+    /// connection every 200 events and, as naive servers re-send "recent
+    /// history", replays the 30 events before `Last-Event-ID` on every
+    /// reconnect (`retry: 5`).
+    #[allow(dead_code)] // for the tests of restarts against such a server
+    pub fn rewinding(count: u64, interval_ms: u64) -> Server {
+        let (count, interval) = (count.to_string(), interval_ms.to_string());
+        Self::start(&[
+            "--count",
+            &count,
+            "--interval-ms",
+            &interval,
+            "--drop-every",
+            "200",
+            "--rewind",
+            "30",
+            "--retry-ms",
+            "5",
+        ])
+    }
+
     /// The URL of its event stream.
     pub fn events_url(&self) -> String {
         format!("http://{}/events", self.addr)
