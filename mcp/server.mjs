@@ -130,7 +130,10 @@ export async function startMcpServer(options = {}) {
   /** session id -> { transport, server, running: Set<request id> } */
   const sessions = new Map();
   const log = {
-    /** `{ session, lastEventId, at }` for every GET that carried Last-Event-ID. */
+    /**
+     * `{ session, lastEventId, protocolVersion, at }` for every GET that
+     * carried Last-Event-ID (`protocolVersion` its MCP-Protocol-Version).
+     */
     resumes: [],
     /** `{ at, streams }` for every cut: how many streams it closed. */
     cuts: [],
@@ -138,6 +141,8 @@ export async function startMcpServer(options = {}) {
     sessions: [],
     /** Errors the SDK reported (transport and server). */
     errors: [],
+    /** `{ session, id, method }` of every request POSTed. */
+    requests: [],
     /** How many `tools/call` requests were POSTed. */
     calls: 0,
     /** How many pings (the tool's `ping` option) the clients answered. */
@@ -189,12 +194,20 @@ export async function startMcpServer(options = {}) {
     const sessionId = req.headers['mcp-session-id'];
     const session = typeof sessionId === 'string' ? sessions.get(sessionId) : undefined;
     if (req.method === 'GET' && req.headers['last-event-id'] !== undefined) {
-      log.resumes.push({ session: sessionId, lastEventId: req.headers['last-event-id'], at: Date.now() });
+      log.resumes.push({
+        session: sessionId,
+        lastEventId: req.headers['last-event-id'],
+        protocolVersion: req.headers['mcp-protocol-version'],
+        at: Date.now(),
+      });
     }
     if (req.method === 'POST') {
       const parsed = await readJson(req);
       if (!parsed.ok) return jsonError(res, 400, 'Parse error: invalid JSON');
       if (parsed.body?.method === 'tools/call') log.calls++;
+      if (parsed.body?.method !== undefined && parsed.body?.id !== undefined) {
+        log.requests.push({ session: sessionId, id: parsed.body.id, method: parsed.body.method });
+      }
       if (session) return session.transport.handleRequest(req, res, parsed.body);
       if (sessionId === undefined && isInitializeRequest(parsed.body)) {
         const transport = await newSession();
@@ -279,6 +292,15 @@ export async function startMcpServer(options = {}) {
     url,
     log,
     cut,
+    /**
+     * Forgets a session as a restarted server would: its requests get 404
+     * from now on, and its running calls stop.
+     */
+    async forget(id) {
+      const session = sessions.get(id);
+      sessions.delete(id);
+      await session?.server.close().catch(() => {});
+    },
     /** Active sessions' ids. */
     sessions: () => [...sessions.keys()],
     async close() {

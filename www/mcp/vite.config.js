@@ -1,4 +1,5 @@
-// Builds the MCP page (www/mcp) into www/dist/mcp, which the fixture server
+// Builds the MCP page (www/mcp) and the page www/tests/mcp-transport.test.mjs
+// drives (test.html) into www/dist/mcp, which the fixture server
 // (mcp/server.mjs) serves next to its /mcp endpoint:
 //   npx vite build --config www/mcp/vite.config.js
 // Its own config, since www/vite.config.js builds the other pages. Build it
@@ -15,5 +16,11 @@ export default defineConfig({
     outDir: resolve(here, '../dist/mcp'),
     emptyOutDir: true,
     target: 'es2022',
+    rollupOptions: {
+      input: {
+        page: resolve(here, 'index.html'),
+        test: resolve(here, 'test.html'),
+      },
+    },
   },
 });

@@ -9,7 +9,7 @@ import { join, resolve } from 'node:path';
 import assert from 'node:assert/strict';
 import { chromium } from 'playwright-core';
 
-const root = resolve(import.meta.dirname, '../..');
+export const root = resolve(import.meta.dirname, '../..');
 /** The demo and benchmark pages, built by `npm run build` in www/. */
 export const dist = join(root, 'www/dist');
 

@@ -1,5 +1,6 @@
-// Type-checked by tests/run.sh (`tsc --noEmit`) against the installed
-// package's generated index.d.ts: the API as a TypeScript user writes it.
+// Type-checked by tests/run.sh (`tsc --noEmit --strict`) against the installed
+// package's generated index.d.ts and mcp.d.ts: the API as a TypeScript user
+// writes it.
 import {
   ResumableEventSource,
   openTracker,
@@ -14,6 +15,15 @@ import {
   type PostOptions,
   type PostStats,
 } from 'tidemark';
+import {
+  resumableTransport,
+  ResumableTransport,
+  type PendingRequest,
+  type ResumableTransportOptions,
+} from 'tidemark/mcp';
+import { Client } from '@modelcontextprotocol/sdk/client/index.js';
+import type { Transport } from '@modelcontextprotocol/sdk/shared/transport.js';
+import type { CallToolResult, Progress } from '@modelcontextprotocol/sdk/types.js';
 
 export async function example(token: string): Promise<string | undefined> {
   await initialize();
@@ -117,4 +127,40 @@ export function dropIn(token: () => string): void {
   source.addEventListener('open', { handleEvent: (e: Event) => void e });
   const mercure: ResumableEventSourceOptions = { lastEventIdParam: true };
   void mercure;
+}
+
+// tidemark/mcp: the README recipe, typed. The transport is an SDK Transport.
+export async function mcpCall(show: (p: Progress) => void): Promise<string> {
+  const options: ResumableTransportOptions = {
+    key: 'my-app',
+    database: 'app',
+    requestInit: { headers: { authorization: 'Bearer x' } },
+    reconnectionOptions: { initialReconnectionDelay: 100, maxReconnectionDelay: 2000, reconnectionDelayGrowFactor: 1.5, maxRetries: 5 },
+    reconnect: { maxAttempts: null },
+  };
+  const transport: ResumableTransport = await resumableTransport('/mcp', options);
+  const asSdk: Transport = transport;
+  void asSdk;
+  const client = new Client({ name: 'my-app', version: '1.0.0' });
+  await client.connect(transport);
+  const pending: PendingRequest[] = transport.pending();
+  const [earlier] = pending;
+  if (earlier) {
+    earlier.onprogress = show;
+    const id: number | string = earlier.id;
+    const method: string = earlier.method;
+    const from: string | undefined = earlier.resumedFrom;
+    void [id, method, from];
+    const result = (await earlier.result) as CallToolResult;
+    return JSON.stringify(result.content);
+  }
+  const result = await client.callTool({ name: 'progress', arguments: { count: 3 } }, undefined, { onprogress: show });
+  const resumable: boolean = transport.resumable;
+  const dropped: number = transport.stats().replaysDropped;
+  const cursors: (string | undefined)[] = transport.inFlight().map((r) => r.lastEventId);
+  void [resumable, dropped, cursors];
+  await transport.terminateSession();
+  await transport.forget();
+  await transport.close();
+  return JSON.stringify(result.content);
 }
