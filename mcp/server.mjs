@@ -115,17 +115,20 @@ function buildMcpServer({ running, stopping, log }) {
  * Starts the server on 127.0.0.1.
  * @param {{ port?: number, staticDir?: string, retryInterval?: number,
  *   replay?: 'after' | 'inclusive', jsonResponse?: boolean,
- *   resumable?: boolean }} [options]
+ *   resumable?: boolean, conflicts?: number }} [options]
  *   `retryInterval` (ms) goes out as `retry:` on every stream's priming
  *   event: how long the client waits before it resumes a cut stream.
  *   `jsonResponse` answers each POST with plain JSON instead of an SSE
  *   stream (the SDK's `enableJsonResponse`): no progress, nothing to resume.
  *   `resumable: false` runs without an event store: no event ids.
+ *   `conflicts: N` answers the first N resumes (GETs with Last-Event-ID)
+ *   with 409, as a server that still holds the stream's old connection.
  */
 export async function startMcpServer(options = {}) {
   const staticDir = resolve(options.staticDir ?? defaultStaticDir);
   const retryInterval = options.retryInterval ?? 100;
   const replay = options.replay ?? 'after';
+  let conflicts = options.conflicts ?? 0;
   const stopper = new AbortController();
   /** session id -> { transport, server, running: Set<request id> } */
   const sessions = new Map();
@@ -143,6 +146,8 @@ export async function startMcpServer(options = {}) {
     errors: [],
     /** `{ session, id, method }` of every request POSTed. */
     requests: [],
+    /** `{ session, requestId }` of every `notifications/cancelled` POSTed. */
+    cancelled: [],
     /** How many `tools/call` requests were POSTed. */
     calls: 0,
     /** How many pings (the tool's `ping` option) the clients answered. */
@@ -208,12 +213,20 @@ export async function startMcpServer(options = {}) {
       if (parsed.body?.method !== undefined && parsed.body?.id !== undefined) {
         log.requests.push({ session: sessionId, id: parsed.body.id, method: parsed.body.method });
       }
+      if (parsed.body?.method === 'notifications/cancelled') {
+        log.cancelled.push({ session: sessionId, requestId: parsed.body.params?.requestId });
+      }
       if (session) return session.transport.handleRequest(req, res, parsed.body);
       if (sessionId === undefined && isInitializeRequest(parsed.body)) {
         const transport = await newSession();
         return transport.handleRequest(req, res, parsed.body);
       }
       return jsonError(res, sessionId === undefined ? 400 : 404, sessionId === undefined ? 'No session' : 'Session not found');
+    }
+    if (req.method === 'GET' && req.headers['last-event-id'] !== undefined && conflicts > 0) {
+      // As a server that still holds the stream's old connection answers.
+      conflicts--;
+      return jsonError(res, 409, 'Conflict: the stream already has a connection');
     }
     if (req.method === 'GET' || req.method === 'DELETE') {
       if (!session) return jsonError(res, sessionId === undefined ? 400 : 404, 'Session not found');

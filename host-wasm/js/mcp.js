@@ -46,6 +46,8 @@ import { forgetStream, openTracker, ResumableEventSource } from './index.js';
 const UNRESUMABLE_FROM = '2026-07-28';
 /** Request ids reserved at a time in the stored session (A). */
 const ID_BLOCK = 10_000;
+/** `409`s in a row before a resumed request fails (about a minute of waits). */
+const MAX_CONFLICTS = 10;
 /** How long a new transport waits for another context to let go of its key. */
 const LOCK_WAIT_MS = 3_000;
 
@@ -92,6 +94,10 @@ const LOCK_WAIT_MS = 3_000;
  *   `McpError` for an error response, and with an `Error` when the request
  *   cannot be resumed (the session is gone, the page went away before the
  *   answer's first event id, the stream failed for good).
+ * @property {(reason?: string) => Promise<void>} cancel Gives the request up:
+ *   `result` rejects, the server gets `notifications/cancelled`, and it is
+ *   no longer kept (a request whose answer never comes is otherwise resumed
+ *   by every page).
  * @property {((progress: Progress) => void) | null} onprogress Receives each
  *   progress notification of the request once (`progress`, `total`,
  *   `message`). Those that arrive before it is set are kept and handed to
@@ -195,7 +201,7 @@ class SessionStore {
    */
   #run(mode, act) {
     return new Promise((resolve, reject) => {
-      const tx = /** @type {IDBDatabase} */ (this.#db).transaction('sessions', mode);
+      const tx = /** @type {IDBDatabase} */ (this.#db).transaction('sessions', mode, { durability: 'relaxed' });
       const request = act(tx.objectStore('sessions'));
       tx.oncomplete = () => resolve(request.result);
       tx.onerror = () => reject(new Error(`tidemark/mcp: IndexedDB: ${tx.error}`));
@@ -203,6 +209,8 @@ class SessionStore {
     });
   }
 }
+
+let unlockedWarned = false;
 
 /**
  * Holds the Web Lock of a key while a transport has it, so that two
@@ -214,7 +222,13 @@ class SessionStore {
  */
 function holdKey(name, key) {
   const locks = globalThis.navigator?.locks;
-  if (!locks) return Promise.resolve(() => {});
+  if (!locks) {
+    if (!unlockedWarned) {
+      unlockedWarned = true;
+      console.warn('tidemark/mcp: no Web Locks here (not a secure context?): two tabs with one key would drive one session at once');
+    }
+    return Promise.resolve(() => {});
+  }
   return new Promise((resolve, reject) => {
     locks
       .request(name, { signal: AbortSignal.timeout(LOCK_WAIT_MS) }, () => new Promise((release) => resolve(() => release(undefined))))
@@ -250,7 +264,9 @@ const isResponse = (message) =>
  * @property {number | string} clientId The Client's id of the request.
  * @property {number} wireId Its id on the wire (A).
  * @property {string} streamKey Its tracker's key.
- * @property {import('./index.js').Tracker | undefined} tracker Its stream's tracker.
+ * @property {import('./index.js').Tracker | undefined} tracker Its stream's tracker, once open.
+ * @property {Promise<import('./index.js').Tracker> | undefined} opening The tracker, opening.
+ * @property {string[]} early Ids observed before the tracker was open.
  */
 
 /**
@@ -403,7 +419,7 @@ export class ResumableTransport {
     const own = [...this.#byWire.values()].map((live) => ({
       id: live.wireId,
       method: this.#saved?.requests[live.wireId]?.method,
-      lastEventId: live.tracker?.lastEventId,
+      lastEventId: live.tracker ? live.tracker.lastEventId : live.early.at(-1),
       resumed: false,
     }));
     const resumed = this.#unanswered().map((r) => ({ id: r.id, method: r.method, lastEventId: r.source?.lastEventId, resumed: true }));
@@ -423,8 +439,8 @@ export class ResumableTransport {
 
   /**
    * Called by `client.connect`. With a stored session it restores the
-   * protocol version (D) and resumes the requests an earlier page left in
-   * flight (C).
+   * protocol version (D), resumes the requests an earlier page left in
+   * flight (C), and opens the session's GET stream.
    * @returns {Promise<void>}
    */
   async start() {
@@ -432,19 +448,22 @@ export class ResumableTransport {
     if (!this.#saved) return;
     this.#inner.setProtocolVersion(this.#saved.protocolVersion);
     for (const pending of this.#resumed.values()) this.#resume(pending);
+    // The session's own GET stream, which the SDK opens only after
+    // `initialize` (server notifications and requests outside any call).
+    this.#inner.resumeStream(/** @type {any} */ (undefined)).catch(() => {});
   }
 
   /**
    * Called by the Client. A request gets its own wire id (A); one of a
-   * resumable session is kept in the store, and its stream's cursor in a
-   * tracker, before it is POSTed, until its answer arrives.
+   * resumable session is kept in the store before it is POSTed, and its
+   * stream's cursor in a tracker, until its answer arrives.
    * @param {JSONRPCMessage} message
    * @param {TransportSendOptions} [options]
    * @returns {Promise<void>}
    */
   async send(message, options) {
     // Messages leave in the order the Client sent them, although a request
-    // waits for its record and tracker first.
+    // waits for its record to be written first.
     const before = this.#sending;
     /** @type {() => void} */
     let ready = () => {};
@@ -474,7 +493,7 @@ export class ResumableTransport {
     const wireId = this.#nextWire++;
     const clientId = message.id;
     /** @type {Live} */
-    const live = { clientId, wireId, streamKey: '', tracker: undefined };
+    const live = { clientId, wireId, streamKey: '', tracker: undefined, opening: undefined, early: [] };
     const wire = { ...message, id: wireId };
     if (message.params?._meta?.progressToken === clientId) {
       wire.params = { ...message.params, _meta: { ...message.params._meta, progressToken: wireId } };
@@ -485,17 +504,39 @@ export class ResumableTransport {
     if (saved) {
       live.streamKey = streamKey(this.#key, saved.sessionId, wireId);
       saved.requests[wireId] = { id: wireId, method: message.method, params: message.params };
-      // Kept before it is sent: after a reload it is resumed or reported,
-      // never sent again.
-      const [tracker] = await Promise.all([openTracker(live.streamKey, this.#storeOptions), this.#save()]);
-      live.tracker = tracker;
+      // The tracker opens while the request is on its way: its key is new,
+      // so what arrives before it is open is fresh (bar repeats among
+      // those), and it observes those ids once open.
+      live.opening = openTracker(live.streamKey, this.#storeOptions).then((tracker) => {
+        for (const id of live.early) tracker.observe(id);
+        // Each was handed to the Client in its own task, before this.
+        if (live.early.length > 0) tracker.commit();
+        live.early = [];
+        live.tracker = tracker;
+        return tracker;
+      });
+      live.opening.catch((error) => this.onerror?.(error));
+      // Kept from before it is sent (the write is queued ahead of the
+      // POST): after a reload it is resumed or reported, never sent again.
+      this.#save().catch((error) => this.onerror?.(error));
     }
     /** @type {TransportSendOptions} */
     const sendOptions = { ...options };
-    if (live.tracker) {
-      const tracker = live.tracker;
+    if (live.opening) {
       sendOptions.onresumptiontoken = (token) => {
-        const fresh = tracker.observe(token);
+        // Cancelled or timed out while its stream goes on: nothing to keep.
+        if (this.#byWire.get(live.wireId) !== live) return;
+        // An event of another stream with an id and no message, whose
+        // microtask has not run yet: handled.
+        const previous = this.#event;
+        if (previous?.fresh && previous.live !== live) this.#commit(previous.live);
+        let fresh;
+        if (live.tracker) {
+          fresh = live.tracker.observe(token);
+        } else {
+          fresh = !live.early.includes(token);
+          if (fresh) live.early.push(token);
+        }
         if (!fresh) this.#replaysDropped++;
         const event = { live, fresh };
         this.#event = event;
@@ -529,7 +570,7 @@ export class ResumableTransport {
   async close() {
     this.#closing = true;
     const closing = [...this.#resumed.values()].map((r) => r.source?.close());
-    for (const live of this.#byWire.values()) closing.push(live.tracker?.close());
+    for (const live of this.#byWire.values()) closing.push(live.opening?.then((tracker) => tracker.close()));
     await this.#inner.close();
     await Promise.allSettled(closing);
     await this.#writes;
@@ -643,12 +684,17 @@ export class ResumableTransport {
    * @param {JSONRPCMessage} message
    */
   #receive(message) {
-    const event = this.#event;
+    let event = this.#event;
     this.#event = undefined;
     const owner = this.#owner(message);
-    if (event && (!owner || owner === event.live) && !event.fresh) return;
+    if (event && owner && owner !== event.live) {
+      // The event before was another stream's, with no message: handled.
+      if (event.fresh) this.#commit(event.live);
+      event = undefined;
+    }
+    if (event && !event.fresh) return;
     this.onmessage?.(owner ? this.#toClient(message, owner) : message);
-    if (event?.fresh && (!owner || owner === event.live)) this.#commit(event.live);
+    if (event?.fresh) this.#commit(event.live);
     if (owner && isResponse(message)) this.#finish(owner);
   }
 
@@ -686,11 +732,14 @@ export class ResumableTransport {
    */
   async #cancel(message, options) {
     const live = this.#byClient.get(message.params?.requestId);
-    const out = live ? { ...message, params: { ...message.params, requestId: live.wireId } } : message;
+    // The SDK also cancels requests already answered (an abort signal
+    // fired later): their ids are no longer on the wire, and as sent the
+    // Client's id could name another page's request.
+    if (!live) return;
     try {
-      await this.#inner.send(out, options);
+      await this.#inner.send({ ...message, params: { ...message.params, requestId: live.wireId } }, options);
     } finally {
-      if (live) this.#finish(live);
+      this.#finish(live);
     }
   }
 
@@ -708,14 +757,11 @@ export class ResumableTransport {
       delete saved.requests[live.wireId];
       this.#save().catch((error) => this.onerror?.(error));
     }
-    const tracker = live.tracker;
-    if (tracker) {
-      this.#commit(live);
-      tracker
-        .close()
-        .then(() => forgetStream(live.streamKey, this.#storeOptions))
-        .catch((error) => this.onerror?.(error));
-    }
+    this.#commit(live);
+    live.opening
+      ?.then((tracker) => tracker.close())
+      .then(() => forgetStream(live.streamKey, this.#storeOptions))
+      .catch((error) => this.onerror?.(error));
   }
 
   /**
@@ -743,6 +789,7 @@ export class ResumableTransport {
       held: [],
       handler: null,
       done: false,
+      cancel: (reason) => this.#cancelResumed(pending, reason),
       get onprogress() {
         return this.handler;
       },
@@ -777,7 +824,6 @@ export class ResumableTransport {
       if (tokens) headers.authorization = `Bearer ${tokens.access_token}`;
       headers['mcp-session-id'] = /** @type {string} */ (this.#inner.sessionId);
       headers['mcp-protocol-version'] = /** @type {string} */ (this.#inner.protocolVersion);
-      if (pending.done) return;
       /** @type {import('./index.js').ResumableEventSourceOptions} */
       const sourceOptions = { streamKey: pending.streamKey, headers };
       if (this.#storeOptions.store) sourceOptions.store = this.#storeOptions.store;
@@ -785,26 +831,45 @@ export class ResumableTransport {
       if (this.#options.fetch) sourceOptions.fetch = /** @type {any} */ (this.#options.fetch);
       if (this.#options.requestInit?.credentials) sourceOptions.credentials = this.#options.requestInit.credentials;
       if (this.#options.reconnect) sourceOptions.reconnect = this.#options.reconnect;
-      const source = new ResumableEventSource(this.#url, sourceOptions);
-      pending.source = source;
-      source.onmessage = (event) => {
-        let message;
-        try {
-          message = JSON.parse(event.data);
-        } catch {
-          this.onerror?.(new Error(`tidemark/mcp: a resumed stream sent an event that is not JSON: ${event.data.slice(0, 200)}`));
-          return;
-        }
-        this.#deliverResumed(pending, message);
-      };
-      source.onerror = (event) => {
-        if (source.readyState !== ResumableEventSource.CLOSED || pending.done) return;
-        if (event.code === 404) return this.#sessionGone();
-        this.#fail(pending, new Error(`tidemark/mcp: resuming ${pending.method} (request ${pending.id}) failed: ${event.message}`));
-      };
+      this.#connect(pending, sourceOptions, 0);
     } catch (error) {
       this.#fail(pending, error instanceof Error ? error : new Error(String(error)));
     }
+  }
+
+  /**
+   * Reads an earlier page's request from its stored cursor. A `409` (the
+   * server still holds the old page's connection to the stream) is tried
+   * again, 250 ms later and doubling, for about a minute.
+   * @param {Resumed} pending
+   * @param {import('./index.js').ResumableEventSourceOptions} sourceOptions
+   * @param {number} conflicts `409`s so far.
+   */
+  #connect(pending, sourceOptions, conflicts) {
+    if (pending.done || this.#closing) return;
+    const source = new ResumableEventSource(this.#url, sourceOptions);
+    pending.source = source;
+    source.onmessage = (event) => {
+      let message;
+      try {
+        message = JSON.parse(event.data);
+      } catch {
+        this.onerror?.(new Error(`tidemark/mcp: a resumed stream sent an event that is not JSON: ${event.data.slice(0, 200)}`));
+        return;
+      }
+      this.#deliverResumed(pending, message);
+    };
+    source.onerror = (event) => {
+      if (source.readyState !== ResumableEventSource.CLOSED || pending.done || this.#closing) return;
+      if (event.code === 404) return this.#sessionGone();
+      if (event.code === 409 && conflicts < MAX_CONFLICTS) {
+        const delay = Math.min(250 * 2 ** conflicts, 8_000);
+        // Its cursor is written once closed; the next one starts from it.
+        source.close().then(() => setTimeout(() => this.#connect(pending, sourceOptions, conflicts + 1), delay));
+        return;
+      }
+      this.#fail(pending, new Error(`tidemark/mcp: resuming ${pending.method} (request ${pending.id}) failed: ${event.message}`));
+    };
   }
 
   /**
@@ -830,6 +895,22 @@ export class ResumableTransport {
     } else {
       this.onmessage?.(message);
     }
+  }
+
+  /**
+   * The app gives up an earlier page's request: the server is told
+   * (`notifications/cancelled`), and it is no longer kept.
+   * @param {Resumed} pending
+   * @param {string | undefined} reason
+   */
+  async #cancelResumed(pending, reason) {
+    if (pending.done) return;
+    this.#fail(pending, new Error(`tidemark/mcp: ${pending.method} (request ${pending.id}) cancelled${reason ? `: ${reason}` : ''}`));
+    await this.#inner.send({
+      jsonrpc: '2.0',
+      method: 'notifications/cancelled',
+      params: { requestId: pending.wireId, ...(reason ? { reason } : {}) },
+    });
   }
 
   /**
@@ -875,6 +956,7 @@ export class ResumableTransport {
     );
     for (const pending of this.#resumed.values()) this.#fail(pending, error);
     this.#saved = undefined;
+    this.#resumable = false;
     this.#save()
       .then(() => this.#forgetCursors(saved))
       .catch(() => {});

@@ -5,6 +5,7 @@
 // arguments: `progress:<tag>` (the progress numbers, in order),
 // `result:<tag>`, `error:<tag>`.
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
+import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
 import { resumableTransport } from 'tidemark/mcp';
 
 const reconnectionOptions = {
@@ -50,6 +51,9 @@ const page = {
 
   /** A transport with `key`, for a test that drives it without a Client. */
   rawTransport: (key) => resumableTransport('/mcp', { key }),
+
+  /** The SDK's own transport and Client, the baseline of www/tests/bench-mcp.mjs. */
+  sdk: { Client, StreamableHTTPClientTransport },
 
   /** Calls the `progress` tool with `tag` (not awaited: what it delivers lands in sessionStorage). */
   call(tag, count, intervalMs) {

@@ -6,7 +6,8 @@
 // one workaround for SDK 1.32.2 (the letters are those of host-wasm/js/mcp.js):
 // (A) request ids unique in the session across loads, (B) a replayed
 // answer reaching `pending()`, (C) a resumed stream cut before its first
-// event, (D) the protocol version on a resumed session, (E) replays dropped.
+// event, (D) the protocol version on a resumed session, (E) replays dropped;
+// and a late cancel of an answered request, which must not reach the wire.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer } from 'node:http';
@@ -180,6 +181,60 @@ test('a server that re-sends the Last-Event-ID event, cut and reloaded: the repl
       exactlyOnce((await state(page, ['dup'])).dup.progress, 40);
       const dropped = await page.evaluate(() => globalThis.mcpTest.transport.stats().replaysDropped);
       assert.ok(dropped >= 1, `the resumed stream's replay dropped: ${dropped}`);
+    } finally {
+      await page.close();
+    }
+  });
+});
+
+test('a resume answered 409 (the server still holds the old connection) is tried again until it resumes', { timeout: 60_000 }, async () => {
+  await withServer({ conflicts: 2 }, async (server) => {
+    const page = await openPage(server.url);
+    try {
+      await open(page);
+      call(page, 'busy', 30, 50);
+      await waitState(page, ['busy'], (s) => s.busy.progress.length >= 5, 'the call under way');
+      await page.reload();
+      await until(page, () => globalThis.mcpTest !== undefined, undefined, 10_000);
+      const opened = await open(page);
+      const s = await waitState(page, ['busy'], (s) => s.busy.result || s.busy.error, 'the result');
+      assert.equal(s.busy.result, 'done: 30 steps', JSON.stringify(s));
+      exactlyOnce(s.busy.progress, 30);
+      const resumes = server.log.resumes.map((r) => r.lastEventId);
+      assert.deepEqual(resumes.slice(0, 3), Array(3).fill(opened.pending[0].resumedFrom), 'two 409s, then the resume, each from the cursor');
+      assert.equal(server.log.calls, 1);
+    } finally {
+      await page.close();
+    }
+  });
+});
+
+test('cancelling: a late cancel of an answered request reaches no one; pending.cancel() gives an earlier call up', { timeout: 60_000 }, async () => {
+  await withServer({}, async (server) => {
+    const page = await openPage(server.url);
+    try {
+      const { sessionId } = await open(page);
+      call(page, 'kept', 40, 40);
+      call(page, 'dropped', 400, 40);
+      await waitState(page, ['kept', 'dropped'], (s) => s.kept.progress.length >= 3 && s.dropped.progress.length >= 3, 'both under way');
+      await page.reload();
+      await until(page, () => globalThis.mcpTest !== undefined, undefined, 10_000);
+      const opened = await open(page);
+      const byTag = Object.fromEntries(opened.pending.map((p) => [p.tag, p]));
+      // The SDK sends notifications/cancelled for a request of its own even
+      // after its answer (a late abort). This page's Client's ids start at
+      // 0 again, so as sent it would name the earlier page's call.
+      await page.evaluate(async (id) => {
+        await globalThis.mcpTest.transport.send({ jsonrpc: '2.0', method: 'notifications/cancelled', params: { requestId: id } });
+      }, byTag.kept.id);
+      await page.evaluate((id) => globalThis.mcpTest.transport.pending().find((p) => p.id === id).cancel('enough'), byTag.dropped.id);
+      const s = await waitState(page, ['kept', 'dropped'], (s) => s.kept.result && s.dropped.error, 'a result and a cancel');
+      assert.equal(s.kept.result, 'done: 40 steps');
+      exactlyOnce(s.kept.progress, 40);
+      assert.match(s.dropped.error, /tools\/call \(request \d+\) cancelled: enough/);
+      assert.deepEqual(server.log.cancelled, [{ session: sessionId, requestId: byTag.dropped.id }], 'only the call given up');
+      await page.waitForTimeout(100);
+      assert.deepEqual((await page.evaluate(() => globalThis.mcpTest.stored())).requests, {});
     } finally {
       await page.close();
     }
