@@ -42,6 +42,12 @@ async function openPage(origin) {
   return Object.assign(page, { seen });
 }
 
+/** Reloads the page and waits for its script. */
+async function reload(page) {
+  await page.reload();
+  await until(page, () => globalThis.mcpTestReady === true, undefined, 10_000);
+}
+
 const open = (page, key, options) => page.evaluate(([k, o]) => globalThis.mcpTest.open(k, o), [key, options]);
 const call = (page, tag, count, intervalMs) =>
   page.evaluate(([t, n, ms]) => globalThis.mcpTest.call(t, n, ms), [tag, count, intervalMs]);
@@ -75,8 +81,7 @@ test('two calls in flight across a reload: each progress once, both results, one
       call(page, 'a', 40, 40);
       call(page, 'b', 30, 60);
       await waitState(page, ['a', 'b'], (s) => s.a.progress.length >= 5 && s.b.progress.length >= 5, 'both calls under way');
-      await page.reload();
-      await until(page, () => globalThis.mcpTest !== undefined, undefined, 10_000);
+      await reload(page);
       const second = await open(page);
       assert.equal(second.sessionId, first.sessionId, 'the same session, without initialize');
       assert.deepEqual(second.pending.map((p) => p.tag).sort(), ['a', 'b']);
@@ -139,8 +144,7 @@ test('a resumed stream cut before its first event resumes from the stored cursor
       const { sessionId } = await open(page);
       call(page, 'slow', 12, 400);
       await waitState(page, ['slow'], (s) => s.slow.progress.length >= 2, 'the call under way');
-      await page.reload();
-      await until(page, () => globalThis.mcpTest !== undefined, undefined, 10_000);
+      await reload(page);
       const before = server.log.resumes.length;
       const opened = await open(page);
       const deadline = Date.now() + 5_000;
@@ -172,8 +176,7 @@ test('a server that re-sends the Last-Event-ID event, cut and reloaded: the repl
       await waitState(page, ['dup'], (s) => s.dup.progress.length >= 12, 'progress after the cut');
       const droppedLive = await page.evaluate(() => globalThis.mcpTest.transport.stats().replaysDropped);
       assert.ok(droppedLive >= 1, `a replay dropped on this page's own stream: ${droppedLive}`);
-      await page.reload();
-      await until(page, () => globalThis.mcpTest !== undefined, undefined, 10_000);
+      await reload(page);
       await open(page);
       const s = await waitState(page, ['dup'], (s) => s.dup.result || s.dup.error, 'the result');
       await page.waitForTimeout(200);
@@ -194,8 +197,7 @@ test('a resume answered 409 (the server still holds the old connection) is tried
       await open(page);
       call(page, 'busy', 30, 50);
       await waitState(page, ['busy'], (s) => s.busy.progress.length >= 5, 'the call under way');
-      await page.reload();
-      await until(page, () => globalThis.mcpTest !== undefined, undefined, 10_000);
+      await reload(page);
       const opened = await open(page);
       const s = await waitState(page, ['busy'], (s) => s.busy.result || s.busy.error, 'the result');
       assert.equal(s.busy.result, 'done: 30 steps', JSON.stringify(s));
@@ -217,8 +219,7 @@ test('cancelling: a late cancel of an answered request reaches no one; pending.c
       call(page, 'kept', 40, 40);
       call(page, 'dropped', 400, 40);
       await waitState(page, ['kept', 'dropped'], (s) => s.kept.progress.length >= 3 && s.dropped.progress.length >= 3, 'both under way');
-      await page.reload();
-      await until(page, () => globalThis.mcpTest !== undefined, undefined, 10_000);
+      await reload(page);
       const opened = await open(page);
       const byTag = Object.fromEntries(opened.pending.map((p) => [p.tag, p]));
       // The SDK sends notifications/cancelled for a request of its own even
@@ -281,8 +282,7 @@ test('a call whose answer had no event id when the page went away: reported afte
       call(page, 'json', 10, 100);
       const deadline = Date.now() + 5_000;
       while (server.log.calls === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
-      await page.reload();
-      await until(page, () => globalThis.mcpTest !== undefined, undefined, 10_000);
+      await reload(page);
       const opened = await open(page);
       assert.deepEqual(opened.pending.map((p) => [p.tag, p.resumedFrom]), [['json', undefined]]);
       const s = await waitState(page, ['json'], (s) => s.json.error || s.json.result, 'the error');
