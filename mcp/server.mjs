@@ -26,7 +26,7 @@ import { extname, join, resolve, sep } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { McpServer } from '@modelcontextprotocol/sdk/server/mcp.js';
 import { StreamableHTTPServerTransport } from '@modelcontextprotocol/sdk/server/streamableHttp.js';
-import { EmptyResultSchema, isInitializeRequest } from '@modelcontextprotocol/sdk/types.js';
+import { ElicitResultSchema, EmptyResultSchema, isInitializeRequest } from '@modelcontextprotocol/sdk/types.js';
 import { z } from 'zod';
 import { MonotonicEventStore } from './event-store.mjs';
 
@@ -71,14 +71,16 @@ function buildMcpServer({ running, stopping, log }) {
     {
       description:
         'Sends `count` progress notifications, one every `intervalMs`, then returns. ' +
-        'With `ping`, it also pings the client halfway and waits for the answer.',
+        'With `ping`, it also pings the client halfway and waits for the answer; ' +
+        'with `ask`, it asks the user (elicitation/create) halfway and waits up to 30 s.',
       inputSchema: {
         count: z.number().int().min(1).max(100_000),
         intervalMs: z.number().int().min(0).max(60_000),
         ping: z.boolean().optional(),
+        ask: z.boolean().optional(),
       },
     },
-    async ({ count, intervalMs, ping }, extra) => {
+    async ({ count, intervalMs, ping, ask }, extra) => {
       const progressToken = extra._meta?.progressToken;
       running.add(extra.requestId);
       // The call ends with the server, or when the client cancels it.
@@ -90,6 +92,14 @@ function buildMcpServer({ running, stopping, log }) {
           if (ping && i === Math.ceil(count / 2)) {
             await extra.sendRequest({ method: 'ping' }, EmptyResultSchema, { timeout: 10_000 });
             log.pings++;
+          }
+          if (ask && i === Math.ceil(count / 2)) {
+            const answer = await extra.sendRequest(
+              { method: 'elicitation/create', params: { message: 'go on?', requestedSchema: { type: 'object', properties: {} } } },
+              ElicitResultSchema,
+              { timeout: 30_000 },
+            );
+            log.answers.push(answer.action);
           }
           if (progressToken === undefined) continue;
           // Sent with relatedRequestId = this call: on the call's own stream,
@@ -150,6 +160,8 @@ export async function startMcpServer(options = {}) {
     cancelled: [],
     /** How many `tools/call` requests were POSTed. */
     calls: 0,
+    /** The answers (`action`) to the tool's elicitations (its `ask` option). */
+    answers: [],
     /** How many pings (the tool's `ping` option) the clients answered. */
     pings: 0,
   };

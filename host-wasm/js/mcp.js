@@ -113,7 +113,15 @@ const LOCK_WAIT_MS = 3_000;
  * @property {string} sessionId
  * @property {string} protocolVersion
  * @property {number} nextId The first request id no page has reserved yet.
- * @property {Record<string, { id: number, method: string, params: unknown }>} requests
+ * @property {Record<string, SavedRequest>} requests
+ */
+
+/**
+ * A request in flight, as stored: `asked` holds the server's requests on its
+ * stream (elicitation, sampling) that the Client has not answered yet, by
+ * their id, to hand to the next page's Client.
+ *
+ * @typedef {{ id: number, method: string, params: unknown, asked?: Record<string, unknown> }} SavedRequest
  */
 
 /**
@@ -448,6 +456,14 @@ export class ResumableTransport {
     if (!this.#saved) return;
     this.#inner.setProtocolVersion(this.#saved.protocolVersion);
     for (const pending of this.#resumed.values()) this.#resume(pending);
+    // What the server asked on those streams and the last page did not
+    // answer: the streams resume after it, so this page's Client gets it here.
+    const asked = Object.values(this.#saved.requests).flatMap((r) => Object.values(r.asked ?? {}));
+    if (asked.length > 0) {
+      queueMicrotask(() => {
+        for (const message of asked) this.onmessage?.(/** @type {JSONRPCMessage} */ (message));
+      });
+    }
     // The session's own GET stream, which the SDK opens only after
     // `initialize` (server notifications and requests outside any call).
     this.#inner.resumeStream(/** @type {any} */ (undefined)).catch(() => {});
@@ -471,6 +487,7 @@ export class ResumableTransport {
     await before;
     if (!isRequest(message)) {
       ready();
+      if (isResponse(message)) this.#answered(message.id);
       if (!Array.isArray(message) && 'method' in message && message.method === 'notifications/cancelled') {
         return this.#cancel(message, options);
       }
@@ -693,6 +710,8 @@ export class ResumableTransport {
       event = undefined;
     }
     if (event && !event.fresh) return;
+    // Kept until the Client answers: the cursor passes it now.
+    if (event?.fresh && isRequest(message)) this.#ask(event.live.wireId, message);
     this.onmessage?.(owner ? this.#toClient(message, owner) : message);
     if (event?.fresh) this.#commit(event.live);
     if (owner && isResponse(message)) this.#finish(owner);
@@ -765,7 +784,7 @@ export class ResumableTransport {
   }
 
   /**
-   * @param {{ id: number, method: string, params: unknown }} record
+   * @param {SavedRequest} record
    * @param {string | undefined} cursor
    * @returns {Resumed}
    */
@@ -893,7 +912,34 @@ export class ResumableTransport {
       if (pending.handler) pending.handler(progress);
       else pending.held.push(progress);
     } else {
+      if (isRequest(message)) this.#ask(pending.wireId, message);
       this.onmessage?.(message);
+    }
+  }
+
+  /**
+   * A server's request on the stream of request `wireId`: kept with it
+   * until the Client answers, so that a page reloaded before the answer
+   * hands it to its own Client (the stream resumes after it).
+   * @param {number} wireId
+   * @param {{ id: number | string }} message
+   */
+  #ask(wireId, message) {
+    const record = this.#saved?.requests[wireId];
+    if (!record) return;
+    record.asked = { ...record.asked, [String(message.id)]: message };
+    this.#save().catch((error) => this.onerror?.(error));
+  }
+
+  /**
+   * The Client answered the server's request `id`: it is no longer kept.
+   * @param {number | string} id
+   */
+  #answered(id) {
+    for (const record of Object.values(this.#saved?.requests ?? {})) {
+      if (record.asked?.[String(id)] === undefined) continue;
+      delete record.asked[String(id)];
+      this.#save().catch((error) => this.onerror?.(error));
     }
   }
 

@@ -6,6 +6,7 @@
 // `result:<tag>`, `error:<tag>`.
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
+import { ElicitRequestSchema } from '@modelcontextprotocol/sdk/types.js';
 import { resumableTransport } from 'tidemark/mcp';
 
 const reconnectionOptions = {
@@ -29,10 +30,21 @@ const page = {
   /** The `pending()` of this load, as `{ id, method, tag, resumedFrom }`. */
   pending: [],
 
-  /** Opens the transport with `key` (and `options`), connects a Client, and takes over the pending calls. */
-  async open(key = 'test', options = {}) {
+  /** The server's questions (elicitation/create) this load received. */
+  asked: 0,
+
+  /**
+   * Opens the transport with `key` (and `options`), connects a Client, and
+   * takes over the pending calls. The Client answers the server's questions
+   * (`elicitation/create`) at once, or with `answer: 'never'` not at all.
+   */
+  async open(key = 'test', options = {}, answer = 'now') {
     const transport = await resumableTransport('/mcp', { key, reconnectionOptions, ...options });
-    const client = new Client({ name: 'tidemark-mcp-test', version: '0.1.0' });
+    const client = new Client({ name: 'tidemark-mcp-test', version: '0.1.0' }, { capabilities: { elicitation: {} } });
+    client.setRequestHandler(ElicitRequestSchema, () => {
+      page.asked++;
+      return answer === 'never' ? new Promise(() => {}) : { action: 'accept', content: {} };
+    });
     client.onerror = (error) => page.errors.push(String(error?.message ?? error));
     await client.connect(transport);
     page.transport = transport;
@@ -56,9 +68,9 @@ const page = {
   sdk: { Client, StreamableHTTPClientTransport },
 
   /** Calls the `progress` tool with `tag` (not awaited: what it delivers lands in sessionStorage). */
-  call(tag, count, intervalMs) {
+  call(tag, count, intervalMs, ask = false) {
     page.client
-      .callTool({ name: 'progress', arguments: { count, intervalMs, tag } }, undefined, {
+      .callTool({ name: 'progress', arguments: { count, intervalMs, tag, ...(ask ? { ask } : {}) } }, undefined, {
         onprogress: (p) => append(`progress:${tag}`, p.progress),
         timeout: 120_000,
       })

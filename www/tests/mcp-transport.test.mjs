@@ -48,9 +48,10 @@ async function reload(page) {
   await until(page, () => globalThis.mcpTestReady === true, undefined, 10_000);
 }
 
-const open = (page, key, options) => page.evaluate(([k, o]) => globalThis.mcpTest.open(k, o), [key, options]);
-const call = (page, tag, count, intervalMs) =>
-  page.evaluate(([t, n, ms]) => globalThis.mcpTest.call(t, n, ms), [tag, count, intervalMs]);
+const open = (page, key, options, answer) =>
+  page.evaluate(([k, o, a]) => globalThis.mcpTest.open(k, o, a), [key, options, answer]);
+const call = (page, tag, count, intervalMs, ask) =>
+  page.evaluate(([t, n, ms, a]) => globalThis.mcpTest.call(t, n, ms, a), [tag, count, intervalMs, ask]);
 const state = (page, tags) => page.evaluate((t) => globalThis.mcpTest.state(t), tags);
 
 /** Waits until `check(state)` holds for the calls of `tags`, polling. */
@@ -242,6 +243,28 @@ test('cancelling: a late cancel of an answered request reaches no one; pending.c
   });
 });
 
+test('a question of the server left unanswered by a reloaded page goes to the next page\'s Client, which answers it', { timeout: 60_000 }, async () => {
+  await withServer({}, async (server) => {
+    const page = await openPage(server.url);
+    try {
+      await open(page, 'test', {}, 'never');
+      call(page, 'ask', 20, 40, true);
+      await until(page, () => globalThis.mcpTest.asked === 1, undefined, 20_000);
+      await page.waitForTimeout(300); // the cursor written past the question
+      await reload(page);
+      await open(page, 'test', {}, 'now');
+      const s = await waitState(page, ['ask'], (s) => s.ask.result || s.ask.error, 'the result');
+      assert.equal(s.ask.result, 'done: 20 steps', JSON.stringify(s));
+      exactlyOnce(s.ask.progress, 20);
+      assert.equal(await page.evaluate(() => globalThis.mcpTest.asked), 1, 'asked once on this page');
+      assert.deepEqual(server.log.answers, ['accept']);
+      assert.equal(server.log.calls, 1);
+    } finally {
+      await page.close();
+    }
+  });
+});
+
 test('a session the server forgot: the pending call fails clearly and nothing stays stored', { timeout: 60_000 }, async () => {
   await withServer({}, async (server) => {
     const page = await openPage(server.url);
@@ -369,7 +392,7 @@ async function unresumableServer() {
   return { url: `http://127.0.0.1:${port}`, posts, close: () => new Promise((r) => http.close(r)) };
 }
 
-test('a 2026-07-28 server: said once, nothing kept, the transport as the SDK has it', { timeout: 30_000 }, async () => {
+test('a 2026-07-28 server: said once, nothing kept, the transport as the SDK has it', { timeout: 60_000 }, async () => {
   const server = await unresumableServer();
   const page = await openPage(server.url);
   try {
@@ -383,7 +406,10 @@ test('a 2026-07-28 server: said once, nothing kept, the transport as the SDK has
       const send = async (message) => {
         await transport.send(message);
         const deadline = Date.now() + 5_000;
-        while (!got.some((m) => m.id === message.id) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+        while (!got.some((m) => m.id === message.id)) {
+          if (Date.now() > deadline) throw new Error(`no answer to ${message.id} in 5 s: ${JSON.stringify(got)}`);
+          await new Promise((r) => setTimeout(r, 10));
+        }
       };
       await send({ jsonrpc: '2.0', id: 0, method: 'initialize', params: { protocolVersion: '2026-07-28', capabilities: {}, clientInfo: { name: 't', version: '1' } } });
       transport.setProtocolVersion('2026-07-28');
