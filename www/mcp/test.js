@@ -100,10 +100,19 @@ const page = {
       open.onerror = () => reject(open.error);
       open.onsuccess = () => {
         const db = open.result;
-        if (!db.objectStoreNames.contains('sessions')) return resolve(null);
+        if (!db.objectStoreNames.contains('sessions')) {
+          db.close();
+          return resolve(null);
+        }
         const get = db.transaction('sessions').objectStore('sessions').get(key);
-        get.onsuccess = () => resolve(get.result ?? null);
-        get.onerror = () => reject(get.error);
+        get.onsuccess = () => {
+          resolve(get.result ?? null);
+          db.close();
+        };
+        get.onerror = () => {
+          reject(get.error);
+          db.close();
+        };
       };
     });
   },

@@ -389,7 +389,14 @@ async function unresumableServer() {
     }
   });
   const port = await listen(http);
-  return { url: `http://127.0.0.1:${port}`, posts, close: () => new Promise((r) => http.close(r)) };
+  return {
+    url: `http://127.0.0.1:${port}`,
+    posts,
+    close: () => {
+      http.closeAllConnections();
+      return new Promise((r) => http.close(r));
+    },
+  };
 }
 
 test('a 2026-07-28 server: said once, nothing kept, the transport as the SDK has it', { timeout: 60_000 }, async () => {
@@ -397,14 +404,20 @@ test('a 2026-07-28 server: said once, nothing kept, the transport as the SDK has
   const page = await openPage(server.url);
   try {
     // SDK 1.32.2's Client refuses 2026-07-28 at initialize, so the page
-    // drives the transport as a Client that speaks it would.
-    const result = await page.evaluate(async () => {
+    // drives the transport as a Client that speaks it would. It says where
+    // it is in `step`, for a run that stops midway.
+    const steps = page.evaluate(async () => {
+      const step = (s) => (globalThis.step = s);
+      step('open');
       const transport = await globalThis.mcpTest.rawTransport('plain');
+      step('start');
       const got = [];
       transport.onmessage = (m) => got.push(m);
       await transport.start();
       const send = async (message) => {
+        step(`send ${message.id}`);
         await transport.send(message);
+        step(`answer ${message.id}`);
         const deadline = Date.now() + 5_000;
         while (!got.some((m) => m.id === message.id)) {
           if (Date.now() > deadline) throw new Error(`no answer to ${message.id} in 5 s: ${JSON.stringify(got)}`);
@@ -415,8 +428,17 @@ test('a 2026-07-28 server: said once, nothing kept, the transport as the SDK has
       transport.setProtocolVersion('2026-07-28');
       await send({ jsonrpc: '2.0', id: 1, method: 'tools/call', params: { name: 'x', arguments: {} } });
       await send({ jsonrpc: '2.0', id: 2, method: 'tools/call', params: { name: 'x', arguments: {} } });
+      step('stored');
       return { got, resumable: transport.resumable, pending: transport.pending().length, stored: await globalThis.mcpTest.stored('plain') };
     });
+    let timer;
+    const stuck = new Promise((_, reject) => {
+      timer = setTimeout(async () => {
+        const at = await page.evaluate(() => globalThis.step).catch((e) => e.message);
+        reject(new Error(`stuck at ${at}: ${JSON.stringify(server.posts)}`));
+      }, 20_000);
+    });
+    const result = await Promise.race([steps, stuck]).finally(() => clearTimeout(timer));
     assert.deepEqual(result.got.map((m) => [m.id, m.result?.content?.[0]?.text ?? m.result?.protocolVersion]), [
       [0, '2026-07-28'],
       [1, 'answer 1'],
