@@ -109,7 +109,9 @@ const TAG_DROP: u8 = 5;
 /// compacted after a write (one segment per write, so a write may take the
 /// time of copying one segment's live records): its live records are
 /// written again at the end of the log (per stream: the `Open`, the `Trim`,
-/// the events oldest first, the `End`) and made durable, and only then is
+/// the events oldest first, the `End`; the events' records are copied from
+/// the old segment as they are, checksum checked, and one that no longer
+/// reads back is reported on stderr and dropped) and made durable, and only then is
 /// the old segment deleted (and the directory fsynced, before anything that
 /// relies on the deletion). A crash between the two leaves both copies,
 /// which recovery reads as one.
@@ -155,16 +157,21 @@ struct Segment {
     live: u64,
 }
 
-/// Where one record is stored: its segment and its framed length.
+/// Where one record is stored: its segment, where it starts there, and
+/// its framed length.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 struct Loc {
     seg: u64,
+    offset: u64,
     len: u64,
 }
 
-#[derive(Debug)]
+/// A retained event: its sequence number and its record on disk. The event
+/// itself is not kept here (the proxy's memory log has it); compaction
+/// copies the record from the disk.
+#[derive(Copy, Clone, Debug)]
 struct Stored {
-    record: LogRecord,
+    seq: u64,
     loc: Loc,
 }
 
@@ -300,19 +307,17 @@ impl FileLog {
             #[cfg(test)]
             faults: tests::Faults::default(),
         };
-        for (token, entry) in replay.entries {
+        for (token, mut entry) in replay.entries {
             let Some((meta, open)) = entry.meta else {
                 continue; // records of a stream whose Open is lost: dead
             };
-            let records: VecDeque<Stored> = entry
+            let (kept, records): (Vec<LogRecord>, VecDeque<Stored>) = entry
                 .records
-                .into_values()
-                .filter(|s| s.record.seq >= entry.floor)
-                .collect();
-            let next_seq = records
-                .back()
-                .map_or(1, |s| s.record.seq + 1)
-                .max(entry.floor);
+                .split_off(&entry.floor)
+                .into_iter()
+                .map(|(seq, (record, loc))| (record, Stored { seq, loc }))
+                .unzip();
+            let next_seq = records.back().map_or(1, |s| s.seq + 1).max(entry.floor);
             log.live(open, true);
             for stored in &records {
                 log.live(stored.loc, true);
@@ -322,7 +327,7 @@ impl FileLog {
             }
             log.recovered.push(StoredStream {
                 meta: meta.clone(),
-                records: records.iter().map(|s| s.record.clone()).collect(),
+                records: kept,
                 ended: entry.end.is_some(),
             });
             let stream = Stream {
@@ -455,7 +460,7 @@ impl FileLog {
                 let trim = stream.live_trim();
                 stream.next_seq = record.seq + 1;
                 stream.records.push_back(Stored {
-                    record: record.clone(),
+                    seq: record.seq,
                     loc,
                 });
                 // Appends go to the newest segment: most are in it already.
@@ -476,11 +481,7 @@ impl FileLog {
                 stream.next_seq = stream.next_seq.max(*first_seq);
                 let previous = stream.trim.replace(loc);
                 stream.segs.insert(loc.seg);
-                while stream
-                    .records
-                    .front()
-                    .is_some_and(|s| s.record.seq < *first_seq)
-                {
+                while stream.records.front().is_some_and(|s| s.seq < *first_seq) {
                     dead.push(stream.records.pop_front().expect("front").loc);
                 }
                 let trim = stream.live_trim();
@@ -692,6 +693,9 @@ impl FileLog {
         }
         let mut buf = Vec::new();
         let mut moves = Vec::new();
+        // The oldest segment's bytes, read once if an event is to be moved.
+        let mut old = None;
+        let mut lost = Vec::new();
         for (token, stream) in &self.streams {
             if stream.open.seg == oldest {
                 let len = encode_open(&mut buf, &stream.meta)?;
@@ -707,8 +711,20 @@ impl FileLog {
             }
             for (i, stored) in stream.records.iter().enumerate() {
                 if stored.loc.seg == oldest {
-                    let len = encode_append(&mut buf, *token, &stored.record)?;
-                    moves.push((*token, Move::Record(i), len));
+                    let bytes = match &old {
+                        Some(bytes) => bytes,
+                        None => {
+                            let path = segment_path(&self.dir, oldest);
+                            old.insert(fs::read(&path).map_err(|e| at(&path, e))?)
+                        }
+                    };
+                    match moved_record(bytes, stored.loc, *token, stored.seq) {
+                        Some(record) => {
+                            buf.extend_from_slice(record);
+                            moves.push((*token, Move::Record(i), stored.loc.len));
+                        }
+                        None => lost.push((*token, i)),
+                    }
                 }
             }
             if stream.end.is_some_and(|end| end.seg == oldest) {
@@ -716,10 +732,36 @@ impl FileLog {
                 moves.push((*token, Move::End, len));
             }
         }
+        if !lost.is_empty() {
+            report(
+                &segment_path(&self.dir, oldest),
+                format!(
+                    "no longer reads back {} retained event(s) (changed on disk since it \
+                     was written); compaction drops them",
+                    lost.len()
+                ),
+            );
+        }
+        // Dropped from the back, so that the indices of the moves before
+        // stay right.
+        for &(token, i) in lost.iter().rev() {
+            let stream = self.streams.get_mut(&token).expect("a live stream");
+            let gone = stream.records.remove(i).expect("a retained event");
+            for (t, what, _) in &mut moves {
+                if let Move::Record(j) = what
+                    && *t == token
+                    && *j > i
+                {
+                    *j -= 1;
+                }
+            }
+            self.live(gone.loc, false);
+        }
         if !buf.is_empty() {
-            let (seg, _) = self.append(&buf)?;
+            let (seg, mut offset) = self.append(&buf)?;
             for (token, what, len) in moves {
-                let new = Loc { seg, len };
+                let new = Loc { seg, offset, len };
+                offset += len;
                 let stream = self.streams.get_mut(&token).expect("a live stream");
                 stream.segs.insert(seg);
                 let old = match what {
@@ -779,9 +821,10 @@ impl LogStorage for FileLog {
         if planned.is_empty() {
             return Ok(());
         }
-        let (seg, _) = self.append(&buf)?;
+        let (seg, mut offset) = self.append(&buf)?;
         for (op, len) in planned {
-            self.apply(op, Loc { seg, len });
+            self.apply(op, Loc { seg, offset, len });
+            offset += len;
         }
         self.maintain();
         Ok(())
@@ -1027,6 +1070,13 @@ enum Bad {
 
 /// The op at the start of `bytes` and its framed length.
 fn parse_record(bytes: &[u8]) -> Result<(LogOp, usize), Bad> {
+    let (payload, end) = framed(bytes)?;
+    decode_op(payload).map(|op| (op, end)).ok_or(Bad::Corrupt)
+}
+
+/// The payload of the record at the start of `bytes`, checksum checked,
+/// and the record's framed length.
+fn framed(bytes: &[u8]) -> Result<(&[u8], usize), Bad> {
     if bytes.len() < FRAME_LEN {
         return Err(Bad::Torn);
     }
@@ -1042,9 +1092,22 @@ fn parse_record(bytes: &[u8]) -> Result<(LogOp, usize), Bad> {
     if hasher.finalize() != crc {
         return Err(Bad::Corrupt);
     }
-    decode_op(&bytes[FRAME_LEN..end])
-        .map(|op| (op, end))
-        .ok_or(Bad::Corrupt)
+    Ok((&bytes[FRAME_LEN..end], end))
+}
+
+/// The record at `loc` in `segment` (its bytes), as compaction copies it:
+/// whole, its checksum right, and the `Append` of event `seq` of `token`
+/// (the fields it starts with). `None` if it is not.
+fn moved_record(segment: &[u8], loc: Loc, token: StreamToken, seq: u64) -> Option<&[u8]> {
+    let start = usize::try_from(loc.offset).ok()?;
+    let record = segment.get(start..start.checked_add(usize::try_from(loc.len).ok()?)?)?;
+    let (payload, end) = framed(record).ok()?;
+    let mut fields = Reader(payload);
+    let ours = end == record.len()
+        && fields.u8()? == TAG_APPEND
+        && fields.token()? == token
+        && fields.u64()? == seq;
+    ours.then_some(record)
 }
 
 fn decode_op(payload: &[u8]) -> Option<LogOp> {
@@ -1135,8 +1198,8 @@ impl<'a> Reader<'a> {
 #[derive(Default)]
 struct Entry {
     meta: Option<(StreamMeta, Loc)>,
-    /// The newest copy of each event.
-    records: BTreeMap<u64, Stored>,
+    /// The newest copy of each event, and where it is.
+    records: BTreeMap<u64, (LogRecord, Loc)>,
     floor: u64,
     trim: Option<Loc>,
     end: Option<Loc>,
@@ -1198,6 +1261,7 @@ impl Replay {
                         op,
                         Loc {
                             seg: id,
+                            offset: offset as u64,
                             len: len as u64,
                         },
                     );
@@ -1263,7 +1327,7 @@ impl Replay {
             },
             LogOp::Append { record, .. } => {
                 entry.append_segs.insert(loc.seg);
-                entry.records.insert(record.seq, Stored { record, loc });
+                entry.records.insert(record.seq, (record, loc));
             }
             LogOp::Trim { first_seq, .. } => {
                 if first_seq >= entry.floor {

@@ -765,6 +765,9 @@ fn fence(hub: &std::sync::Weak<Hub>, batch: &mut Vec<LogOp>) {
     });
 }
 
+/// Ops the writer's batch keeps room for between writes.
+const KEEP_WRITER_OPS: usize = 1 << 16;
+
 impl Writer {
     fn start(
         mut storage: Box<dyn LogStorage>,
@@ -847,6 +850,9 @@ impl Writer {
                     }
                     show(&hub, &batch[shown..]);
                     batch.clear();
+                    // A backlog (a slow disk, an outage) does not pin its
+                    // size for the proxy's life.
+                    batch.shrink_to(KEEP_WRITER_OPS);
                 }
             })
             .expect("spawn the log writer thread");

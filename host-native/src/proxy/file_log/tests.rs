@@ -207,3 +207,47 @@ fn a_newer_format_is_refused() {
     assert_eq!(error.kind(), io::ErrorKind::InvalidData);
     assert!(error.to_string().contains("version 2"), "{error}");
 }
+
+#[test]
+fn compaction_drops_an_event_changed_on_disk_and_moves_the_rest_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = FileLog::open_with_segment_bytes(dir.path(), 600).unwrap();
+    log.write(&[open(1), open(3), append(1, 1), append(1, 2)])
+        .unwrap();
+    // Bit rot in event 1's record, after it was written.
+    let loc = log.streams[&token(1)].records[0].loc;
+    assert_eq!(loc.seg, 1);
+    let path = segment_path(dir.path(), 1);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[(loc.offset + loc.len) as usize - 3] ^= 0x20;
+    fs::write(&path, bytes).unwrap();
+    // Stream 3's events, trimmed as they come, make dead bytes dominate
+    // until the first segment is compacted.
+    let mut seq = 2;
+    while log.segments.contains_key(&1) {
+        seq += 1;
+        assert!(seq < 100, "the first segment was never compacted");
+        let mut batch = vec![append(1, seq)];
+        batch.extend((1..=4).map(|i| append(3, seq * 4 + i)));
+        batch.push(LogOp::Trim {
+            token: token(3),
+            first_seq: seq * 4 + 4,
+        });
+        log.write(&batch).unwrap();
+    }
+    assert!(!path.exists());
+    let kept: Vec<u64> = log.streams[&token(1)]
+        .records
+        .iter()
+        .map(|s| s.seq)
+        .collect();
+    assert_eq!(kept, (2..=seq).collect::<Vec<_>>());
+    let live = log.live_bytes();
+    drop(log);
+
+    let mut log = FileLog::open_with_segment_bytes(dir.path(), 600).unwrap();
+    let streams = log.recover().unwrap();
+    assert_eq!(seqs(&streams[0]), (2..=seq).collect::<Vec<_>>());
+    assert_eq!(streams[0].records[0], record(1, 2), "moved as written");
+    assert_eq!(log.live_bytes(), live, "the lost event was booked dead");
+}
