@@ -139,6 +139,18 @@ fn a_failed_fsync_returns_err_and_the_retry_stores_each_op_once() {
     assert_eq!(seqs(&streams[0]), [1, 2]);
 }
 
+/// Event `seq` of stream 1, kept, and four events of stream 3, trimmed:
+/// a batch of which dead bytes come to dominate.
+fn kept_and_trimmed(seq: u64) -> Vec<LogOp> {
+    let mut batch = vec![append(1, seq)];
+    batch.extend((1..=4).map(|i| append(3, seq * 4 + i)));
+    batch.push(LogOp::Trim {
+        token: token(3),
+        first_seq: seq * 4 + 4,
+    });
+    batch
+}
+
 #[test]
 fn a_crash_mid_compaction_recovers_without_duplicates() {
     let dir = tempfile::tempdir().unwrap();
@@ -153,13 +165,7 @@ fn a_crash_mid_compaction_recovers_without_duplicates() {
     while !log.compaction_failed {
         seq += 1;
         assert!(seq < 100, "compaction never started");
-        let mut batch = vec![append(1, seq)];
-        batch.extend((1..=4).map(|i| append(3, seq * 4 + i)));
-        batch.push(LogOp::Trim {
-            token: token(3),
-            first_seq: seq * 4 + 4,
-        });
-        log.write(&batch).unwrap();
+        log.write(&kept_and_trimmed(seq)).unwrap();
     }
     let oldest = *log.segments.keys().next().unwrap();
     assert!(segment_path(dir.path(), oldest).exists());
@@ -227,13 +233,7 @@ fn compaction_drops_an_event_changed_on_disk_and_moves_the_rest_as_written() {
     while log.segments.contains_key(&1) {
         seq += 1;
         assert!(seq < 100, "the first segment was never compacted");
-        let mut batch = vec![append(1, seq)];
-        batch.extend((1..=4).map(|i| append(3, seq * 4 + i)));
-        batch.push(LogOp::Trim {
-            token: token(3),
-            first_seq: seq * 4 + 4,
-        });
-        log.write(&batch).unwrap();
+        log.write(&kept_and_trimmed(seq)).unwrap();
     }
     assert!(!path.exists());
     let kept: Vec<u64> = log.streams[&token(1)]
