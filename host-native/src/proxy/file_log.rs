@@ -732,31 +732,6 @@ impl FileLog {
                 moves.push((*token, Move::End, len));
             }
         }
-        if !lost.is_empty() {
-            report(
-                &segment_path(&self.dir, oldest),
-                format!(
-                    "no longer reads back {} retained event(s) (changed on disk since it \
-                     was written); compaction drops them",
-                    lost.len()
-                ),
-            );
-        }
-        // Dropped from the back, so that the indices of the moves before
-        // stay right.
-        for &(token, i) in lost.iter().rev() {
-            let stream = self.streams.get_mut(&token).expect("a live stream");
-            let gone = stream.records.remove(i).expect("a retained event");
-            for (t, what, _) in &mut moves {
-                if let Move::Record(j) = what
-                    && *t == token
-                    && *j > i
-                {
-                    *j -= 1;
-                }
-            }
-            self.live(gone.loc, false);
-        }
         if !buf.is_empty() {
             let (seg, mut offset) = self.append(&buf)?;
             for (token, what, len) in moves {
@@ -776,6 +751,24 @@ impl FileLog {
                 self.live(old, false);
                 self.live(new, true);
             }
+        }
+        if !lost.is_empty() {
+            report(
+                &segment_path(&self.dir, oldest),
+                format!(
+                    "no longer reads back {} retained event(s) (changed on disk since it \
+                     was written); compaction drops them",
+                    lost.len()
+                ),
+            );
+        }
+        // Dropped once the moves are booked (they name events by index),
+        // each stream's from its newest, so that the indices still to come
+        // stay right.
+        for &(token, i) in lost.iter().rev() {
+            let stream = self.streams.get_mut(&token).expect("a live stream");
+            let gone = stream.records.remove(i).expect("a retained event");
+            self.live(gone.loc, false);
         }
         #[cfg(test)]
         if self.faults.crash_mid_compaction {
