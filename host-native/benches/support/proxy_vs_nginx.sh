@@ -12,6 +12,8 @@
 # the client never falls behind retention) below EVENTS shows the steady
 # state of a log at its retention, whose memory is reused; the client may
 # then get gap events, so its events/s is not comparable, only the CPU.
+# PROXY_ARGS adds flags to the proxy (e.g. PROXY_ARGS="--log DIR", a new
+# directory); TIDEMARK_BIN picks the binary (to compare two builds).
 # Needs nginx, perf and curl; loopback only; stops by itself.
 set -euo pipefail
 events=${1:-3000000}
@@ -42,7 +44,8 @@ address() {
 pids+=($!)
 upstream=$(address "$dir/serve.out")
 
-"$bin" proxy --upstream "http://$upstream" --listen 127.0.0.1:0 --retain "$retain" \
+# shellcheck disable=SC2086 # PROXY_ARGS is a list of flags
+"$bin" proxy --upstream "http://$upstream" --listen 127.0.0.1:0 ${PROXY_ARGS:-} --retain "$retain" \
     --max-stream-bytes $((events * 256)) >"$dir/proxy.out" 2>"$dir/proxy.err" &
 proxy=$!
 pids+=("$proxy")
